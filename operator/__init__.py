@@ -1,0 +1,1 @@
+"""Argosy operator: reconciles ``InferenceService`` resources (see issue tracker; not yet built)."""

@@ -1,0 +1,46 @@
+"""Attention metadata for one engine step (vLLM's field names)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Where one step's tokens sit in the paged KV cache.
+
+    The step's sequences are ordered decodes first (``query_len == 1``), then prefill
+    chunks. Token ``t`` of the flattened step belongs to sequence ``s`` when
+    ``query_start_loc[s] <= t < query_start_loc[s+1]``.
+
+    Attributes:
+        slot_mapping: ``[num_tokens] int64``: cache slot (``block_id * block_size + offset``)
+            where each new token's K/V is written; -1 marks padding (skipped).
+        block_tables: ``[num_seqs, max_blocks_per_seq] int32``: physical block ids per
+            sequence, padded with 0 past the sequence's blocks.
+        seq_lens: ``[num_seqs] int32``: context length incl. this step's new tokens.
+        query_start_loc: ``[num_seqs + 1] int32``: prefix sums of query lengths.
+        max_query_len: longest query in the step (tokens).
+        max_seq_len: longest context in the step (tokens).
+        num_decodes: number of leading sequences with exactly one new token.
+        seq_lens_cpu / query_lens_cpu: the same lengths as Python lists, so CPU-side
+            code never syncs with the device to read them.
+        has_padding: whether ``slot_mapping`` contains -1 entries.
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    num_decodes: int
+    seq_lens_cpu: list[int]
+    query_lens_cpu: list[int]
+    has_padding: bool = False
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)

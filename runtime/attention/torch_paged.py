@@ -1,0 +1,94 @@
+"""Pure-torch paged attention: the CPU backend and the oracle for the Triton kernels.
+
+Algorithm: PagedAttention (Kwon et al., "Efficient Memory Management for Large
+Language Model Serving with PagedAttention", SOSP 2023): keys and values live in
+fixed-size blocks; a sequence's context is the concatenation of the blocks listed in
+its block table. Each step gathers the blocks it needs transiently and runs
+``scaled_dot_product_attention``; no per-request KV tensor outlives the step.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .metadata import AttentionMetadata
+
+
+def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Write the step's new keys/values into the paged cache.
+
+    Args:
+        key, value: ``[num_tokens, num_kv_heads, head_dim]``, cache dtype.
+        kv_cache: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (modified in place).
+        meta: ``slot_mapping`` gives the flat slot of each token; -1 entries are skipped.
+    """
+    kc = kv_cache[0].view(-1, kv_cache.shape[-2], kv_cache.shape[-1])
+    vc = kv_cache[1].view(-1, kv_cache.shape[-2], kv_cache.shape[-1])
+    slots = meta.slot_mapping
+    if meta.has_padding:
+        valid = slots >= 0
+        slots, key, value = slots[valid], key[valid], value[valid]
+    kc.index_copy_(0, slots, key)
+    vc.index_copy_(0, slots, value)
+
+
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, nblk]`` block ids -> ``[B, num_kv_heads, length, head_dim]`` context."""
+    b = block_table.shape[0]
+    x = cache[block_table]  # [B, nblk, block_size, kvh, d]
+    x = x.reshape(b, -1, cache.shape[-2], cache.shape[-1])[:, :length]
+    return x.transpose(1, 2)
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention of the step's queries over each sequence's paged context.
+
+    Queries of a sequence are its newest ``query_len`` tokens; query ``i`` attends to
+    context positions ``<= seq_len - query_len + i`` (causal within the new tokens, full
+    over cached ones). GQA maps query head ``h`` to KV head ``h // (H / H_kv)``.
+
+    Args:
+        query: ``[num_tokens, num_heads, head_dim]``.
+        kv_cache: ``[2, num_blocks, block_size, num_kv_heads, head_dim]``, already holding
+            this step's keys/values (call :func:`store_kv` first).
+        meta: step metadata (decodes first).
+        scale: softmax scale, usually ``head_dim ** -0.5``.
+    Returns:
+        ``[num_tokens, num_heads, head_dim]`` in the query's dtype.
+    """
+    kc, vc = kv_cache[0], kv_cache[1]
+    block_size = kc.shape[1]
+    out = torch.empty_like(query)
+    nd = meta.num_decodes
+    if nd:
+        max_len = max(meta.seq_lens_cpu[:nd])
+        nblk = -(-max_len // block_size)
+        bt = meta.block_tables[:nd, :nblk]
+        k = _gather(kc, bt, max_len)
+        v = _gather(vc, bt, max_len)
+        q = query[:nd].unsqueeze(2)  # [nd, H, 1, d]
+        if min(meta.seq_lens_cpu[:nd]) == max_len:
+            mask = None
+        else:
+            mask = (torch.arange(max_len, device=query.device)[None, :] < meta.seq_lens[:nd, None]).view(nd, 1, 1, max_len)
+        out[:nd] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True).squeeze(2)
+    start = nd
+    for s in range(nd, meta.num_seqs):
+        qlen, slen = meta.query_lens_cpu[s], meta.seq_lens_cpu[s]
+        end = start + qlen
+        nblk = -(-slen // block_size)
+        bt = meta.block_tables[s : s + 1, :nblk]
+        k = _gather(kc, bt, slen)
+        v = _gather(vc, bt, slen)
+        q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, qlen, d]
+        ctx = slen - qlen
+        if ctx == 0:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            pos_q = torch.arange(ctx, slen, device=query.device)
+            mask = torch.arange(slen, device=query.device)[None, :] <= pos_q[:, None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:end] = o.squeeze(0).transpose(0, 1)
+        start = end
+    return out

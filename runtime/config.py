@@ -1,0 +1,221 @@
+"""Engine configuration with vLLM's flag names.
+
+``EngineArgs`` is the flat set of user-facing knobs (one field per ``argosy serve``
+flag, named as ``vllm serve`` names them); ``EngineArgs.create_configs`` splits it
+into the per-concern configs the engine's parts consume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+#: Default KV cache size on CPU when ``--kv-cache-memory`` is not given (bytes).
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30  # 1 GiB
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Map a ``--dtype`` value to a torch dtype.
+
+    ``auto`` is float32 on CPU (exact agreement with the Hugging Face fp32 reference;
+    bfloat16 is faster on AMX CPUs and can be asked for explicitly) and bfloat16 on
+    CUDA.
+
+    Raises:
+        ValueError: unknown dtype name.
+    """
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown --dtype {name!r}; choose one of auto, {', '.join(sorted(_DTYPES))}") from None
+
+
+@dataclass
+class ModelConfig:
+    """Architecture hyper-parameters of a Llama-family decoder (HF ``LlamaConfig`` names)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    #: HF ``rope_scaling`` dict (``rope_type`` "llama3" / "linear" supported) or None.
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple[int, ...] = ()
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    architecture: str = "LlamaForCausalLM"
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache settings. ``num_gpu_blocks`` is filled in after memory profiling."""
+
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: Optional[int] = None  # bytes; CPU (and explicit override on CUDA)
+    enable_prefix_caching: bool = True
+    num_blocks: Optional[int] = None
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous-batching limits, all in tokens or sequences."""
+
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+    #: Bound on the waiting queue; requests beyond it are refused (HTTP 503). None = unbounded.
+    max_waiting_requests: Optional[int] = None
+
+
+@dataclass
+class EngineArgs:
+    """All engine flags, named as in ``vllm serve`` (``--max-num-seqs`` -> ``max_num_seqs``)."""
+
+    model: Optional[str] = None
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    served_model_name: Optional[str] = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: Optional[int] = None
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: Optional[int] = None
+    num_gpu_blocks_override: Optional[int] = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_num_batched_tokens: Optional[int] = None
+    max_num_seqs: int = 256
+    max_waiting_requests: Optional[int] = None
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    enforce_eager: bool = False
+    num_threads: Optional[int] = None
+
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """Register the engine flags on ``parser`` (names and meanings follow ``vllm serve``)."""
+        d = EngineArgs()
+        g = parser.add_argument_group("engine")
+        g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+        g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for hub ids")
+        g.add_argument("--served-model-name", default=None, help="model name reported by the API (default: the model's)")
+        g.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+        g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
+        g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens (prompt + output); default: the model's")
+        g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
+        g.add_argument("--gpu-memory-utilization", type=float, default=d.gpu_memory_utilization,
+                       help="fraction of GPU memory for weights, activations and KV cache (CUDA)")
+        g.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
+                       help="KV cache size in bytes (suffixes KiB/MiB/GiB accepted); default 1GiB on CPU")
+        g.add_argument("--num-gpu-blocks-override", type=int, default=None, help="force the number of KV blocks (testing)")
+        g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
+                       help="reuse KV blocks of shared prompt prefixes (default on)")
+        g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=d.enable_chunked_prefill,
+                       help="split long prefills across steps to share the token budget with decodes (default on)")
+        g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per engine step")
+        g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="max sequences per engine step")
+        g.add_argument("--max-waiting-requests", type=int, default=None,
+                       help="refuse new requests with HTTP 503 while this many are waiting (default unbounded)")
+        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size, help="tensor-parallel ranks")
+        g.add_argument("--seed", type=int, default=d.seed, help="engine random seed")
+        g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+        g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> "EngineArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    def resolve_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def scheduler_config(self, model_max_len: int) -> SchedulerConfig:
+        """Build the scheduler config; ``model_max_len`` is the model's trained context (tokens).
+
+        Raises:
+            ValueError: ``--max-model-len`` above the model's limit, or a token budget that
+                cannot hold one max-length prompt when chunked prefill is off.
+        """
+        max_model_len = self.max_model_len or model_max_len
+        if max_model_len > model_max_len:
+            raise ValueError(f"--max-model-len {max_model_len} exceeds the model's context length {model_max_len}")
+        if self.max_num_batched_tokens is not None:
+            budget = self.max_num_batched_tokens
+        elif self.enable_chunked_prefill:
+            budget = 2048
+        else:
+            budget = max(max_model_len, 2048)
+        if not self.enable_chunked_prefill and budget < max_model_len:
+            raise ValueError(
+                f"--max-num-batched-tokens ({budget}) is smaller than --max-model-len ({max_model_len}) "
+                "with chunked prefill disabled: long prompts could never be scheduled"
+            )
+        if budget < 1 or self.max_num_seqs < 1:
+            raise ValueError("--max-num-batched-tokens and --max-num-seqs must be positive")
+        return SchedulerConfig(
+            max_num_batched_tokens=budget,
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=max_model_len,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            max_waiting_requests=self.max_waiting_requests,
+        )
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            block_size=self.block_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory=self.kv_cache_memory,
+            enable_prefix_caching=self.enable_prefix_caching,
+            num_blocks=self.num_gpu_blocks_override,
+        )
+
+
+def _parse_bytes(text: str) -> int:
+    """Parse ``"512MiB"``, ``"2GiB"``, ``"1G"`` or a plain integer into bytes."""
+    t = text.strip().lower().replace(" ", "")
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "k": 10**3, "m": 10**6, "g": 10**9,
+             "kb": 10**3, "mb": 10**6, "gb": 10**9}
+    for suffix in sorted(units, key=len, reverse=True):
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * units[suffix])
+    return int(t)
+
+
+def default_num_threads() -> int:
+    """Cores available to this process (respects CPU affinity / container cpusets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1

@@ -1,0 +1,254 @@
+"""The synchronous engine: one ``step()`` = schedule, run the model, sample, update."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..config import EngineArgs, ModelConfig, SchedulerConfig, default_num_threads, resolve_dtype
+from ..loader import Checkpoint, load_checkpoint
+from ..models import LlamaForCausalLM
+from ..worker.model_runner import ModelRunner, kv_bytes_per_block, num_kv_blocks
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache_manager import KVCacheManager
+from .request import Request, RequestStatus
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+
+logger = logging.getLogger("argosy.engine")
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request.
+
+    Attributes:
+        request_id: the request.
+        new_token_ids: tokens generated this step (0 or 1 per step).
+        new_text: text that became final this step (may be empty while held back).
+        text: all final text so far.
+        finished / finish_reason: ``"stop" | "length" | "abort" | "error"`` once finished.
+        stop_reason: the stop string or stop token id that ended it (None for EOS).
+        num_prompt_tokens / num_output_tokens / num_cached_tokens: token counts.
+        logprobs: per new token ``(token_id, logprob, [(top_id, top_logprob), ...])``.
+        arrival_time / first_scheduled_time / first_token_time: ``time.monotonic()`` seconds.
+    """
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    text: str
+    finished: bool
+    finish_reason: Optional[str]
+    stop_reason: object
+    num_prompt_tokens: int
+    num_output_tokens: int
+    num_cached_tokens: int
+    output_token_ids: list[int]
+    logprobs: list = field(default_factory=list)
+    arrival_time: float = 0.0
+    first_scheduled_time: Optional[float] = None
+    first_token_time: Optional[float] = None
+
+
+@dataclass
+class EngineStats:
+    """Monotonic counters since start (feed ``/metrics``)."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    computed_tokens: int = 0  # tokens run through the model (prefill + decode)
+    finished: dict = field(default_factory=lambda: {"stop": 0, "length": 0, "abort": 0, "error": 0})
+    steps: int = 0
+
+
+class LLMEngine:
+    """Owns scheduler, KV cache, model runner, sampler and detokenizers.
+
+    Not thread-safe: drive it from one thread (``AsyncLLM`` runs it on its own thread).
+
+    Args:
+        args: engine flags.
+        checkpoint: an already opened checkpoint (default: ``load_checkpoint(args.model)``).
+    Raises:
+        ModelLoadError: the model cannot be loaded.
+        ValueError: inconsistent flags (e.g. KV cache too small for ``--max-model-len``).
+    """
+
+    def __init__(self, args: EngineArgs, checkpoint: Optional[Checkpoint] = None):
+        t0 = time.monotonic()
+        self.args = args
+        self.device = args.resolve_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(args.num_threads or default_num_threads())
+        if args.tensor_parallel_size != 1:
+            raise ValueError("--tensor-parallel-size > 1 is not supported yet")
+        self.checkpoint = checkpoint or load_checkpoint(args.model, args.tokenizer, args.revision)
+        self.model_config: ModelConfig = self.checkpoint.config
+        self.tokenizer = self.checkpoint.tokenizer
+        self._fast_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None) or self.tokenizer
+        self.served_model_name = args.served_model_name or self.checkpoint.name
+        self.dtype = resolve_dtype(args.dtype, self.device)
+        self.scheduler_config: SchedulerConfig = args.scheduler_config(self.model_config.max_position_embeddings)
+        cache_cfg = args.cache_config()
+
+        model = LlamaForCausalLM(self.model_config, self.dtype, self.device, self.scheduler_config.max_model_len)
+        model.load_weights(self.checkpoint.weights())
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.num_blocks = num_kv_blocks(self.model_config, cache_cfg, self.dtype, self.device, weight_bytes)
+        self.block_size = cache_cfg.block_size
+        capacity = self.num_blocks * self.block_size
+        max_len = self.scheduler_config.max_model_len
+        if capacity < max_len:
+            raise ValueError(
+                f"KV cache holds {capacity} tokens ({self.num_blocks} blocks) but --max-model-len is {max_len}; "
+                "raise --kv-cache-memory / --gpu-memory-utilization or lower --max-model-len"
+            )
+        self.kv = KVCacheManager(self.num_blocks, self.block_size, cache_cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv)
+        self.runner = ModelRunner(model, self.num_blocks, self.block_size, self.device, self.kv.get_block_ids)
+        self.sampler = Sampler(self.model_config.vocab_size, args.seed)
+        self.detok: dict[str, IncrementalDetokenizer] = {}
+        self.stats = EngineStats()
+        self.load_time_s = time.monotonic() - t0
+        kv_gib = self.num_blocks * kv_bytes_per_block(self.model_config, self.block_size, self.dtype) / 2**30
+        logger.info(
+            "model %s (%s, %d layers, %.0fM params) dtype=%s device=%s | KV cache %d blocks x %d tokens = %d tokens "
+            "(%.2f GiB) | max_model_len=%d -> max concurrency at max length %.1fx | max_num_seqs=%d "
+            "max_num_batched_tokens=%d chunked_prefill=%s prefix_caching=%s | loaded in %.1fs",
+            self.served_model_name, self.checkpoint.path, self.model_config.num_hidden_layers,
+            weight_bytes / self.dtype.itemsize / 1e6, str(self.dtype).removeprefix("torch."), self.device,
+            self.num_blocks, self.block_size, capacity, kv_gib, max_len, capacity / max_len,
+            self.scheduler_config.max_num_seqs, self.scheduler_config.max_num_batched_tokens,
+            self.scheduler_config.enable_chunked_prefill, cache_cfg.enable_prefix_caching, self.load_time_s,
+        )
+
+    # ------------------------------------------------------------------ API
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler_config.max_model_len
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: Optional[float] = None) -> Request:
+        """Queue a tokenized prompt.
+
+        Raises:
+            ValueError: empty prompt, prompt too long for ``max_model_len``, token id out
+                of range, or duplicate request id.
+        """
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"duplicate request id {request_id}")
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise ValueError("prompt is empty")
+        if n >= self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n} tokens in the prompt, leaving no room for output tokens. Please reduce the length of the prompt."
+            )
+        vocab = self.model_config.vocab_size
+        if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        room = self.max_model_len - n
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion). "
+                "Please reduce the length of the prompt or max_tokens."
+            )
+        max_tokens = room if params.max_tokens is None else params.max_tokens
+        req = Request(request_id, prompt_token_ids, params, self.model_config.eos_token_ids, max_tokens, arrival_time)
+        self.detok[request_id] = IncrementalDetokenizer(
+            self._fast_tokenizer, req.prompt_token_ids, params.stop_strings,
+            params.include_stop_str_in_output, params.skip_special_tokens,
+        )
+        self.scheduler.add_request(req)
+        self.stats.prompt_tokens += n
+        return req
+
+    def abort_request(self, request_ids) -> list[RequestOutput]:
+        """Abort requests (unknown ids ignored); their blocks are freed at once."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        outs = []
+        for req in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED):
+            outs.append(self._output(req, [], []))
+        return outs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns outputs for requests that got a token or finished."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        now = time.monotonic()
+        for req, _ in sched.scheduled:
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+        logits, reqs = self.runner.execute(sched)
+        sampled_map: dict[str, int] = {}
+        lp_map: dict[str, object] = {}
+        if reqs:
+            out = self.sampler(logits, reqs)
+            for r, t, lp in zip(reqs, out.token_ids, out.logprobs):
+                sampled_map[r.request_id] = t
+                if lp is not None:
+                    lp_map[r.request_id] = lp
+        self.stats.steps += 1
+        self.stats.computed_tokens += sched.num_scheduled_tokens
+        got = self.scheduler.update(sched, sampled_map)
+        now = time.monotonic()
+        outputs = []
+        for req in got:
+            tok = req.output_token_ids[-1]
+            self.stats.generation_tokens += 1
+            if req.first_token_time is None:
+                req.first_token_time = now
+            req.last_token_time = now
+            lps = []
+            if req.request_id in lp_map:
+                lp, top = lp_map[req.request_id]
+                lps = [(tok, lp, top)]
+            det = self.detok[req.request_id]
+            hit = det.append(tok)
+            if hit is not None and not req.status.finished:
+                req.stop_reason = hit
+                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            elif hit is not None:
+                req.stop_reason = hit
+                req.status = RequestStatus.FINISHED_STOPPED
+            outputs.append(self._output(req, [tok], lps))
+        return outputs
+
+    def _output(self, req: Request, new_ids: list[int], lps: list) -> RequestOutput:
+        finished = req.status.finished
+        det = self.detok.get(req.request_id)
+        new_text = det.take(finished) if det else ""
+        text = det.output_text[: det.emitted] if det else ""
+        if finished:
+            self.detok.pop(req.request_id, None)
+            self.stats.finished[req.status.value] = self.stats.finished.get(req.status.value, 0) + 1
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=new_ids,
+            new_text=new_text,
+            text=text,
+            finished=finished,
+            finish_reason=req.status.value if finished else None,
+            stop_reason=req.stop_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=req.num_output_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            output_token_ids=req.output_token_ids,
+            logprobs=lps,
+            arrival_time=req.arrival_time,
+            first_scheduled_time=req.first_scheduled_time,
+            first_token_time=req.first_token_time,
+        )

@@ -1,0 +1,271 @@
+"""Paged KV cache bookkeeping: block pool, per-request block tables, prefix caching.
+
+Design after vLLM V1's ``KVCacheManager`` / ``BlockPool`` (Kwon et al., SOSP 2023 for
+paging; automatic prefix caching as in vLLM's design doc): a block is a fixed run of
+``block_size`` token slots. A request owns a list of block ids (its block table);
+blocks are reference counted so requests with a common prefix share them.
+
+Prefix caching: once a block is full, its hash chains the parent block's hash with the
+block's token ids, so equal hashes mean equal prefixes. A hit is verified against the
+stored token ids and parent hash (a 64-bit hash collision never yields wrong KV).
+Freed blocks keep their hash and sit in an LRU free queue; they are reused on a hit or
+evicted (hash dropped) when a fresh block is needed, least recently freed first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Optional, Sequence
+
+
+class KVCacheBlock:
+    """Metadata of one physical block (the data lives in the model runner's cache tensors)."""
+
+    __slots__ = ("block_id", "ref_cnt", "block_hash", "parent_hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_cnt = 0
+        self.block_hash: Optional[int] = None
+        self.parent_hash: Optional[int] = None
+        self.token_ids: Optional[tuple[int, ...]] = None
+
+    def reset_hash(self) -> None:
+        self.block_hash = self.parent_hash = self.token_ids = None
+
+
+def hash_block(parent_hash: Optional[int], token_ids: tuple[int, ...], extra: object = None) -> int:
+    """Chained block hash: ``hash((parent_hash, token_ids, extra))`` (``extra``: adapter id, ...)."""
+    return hash((parent_hash, token_ids, extra))
+
+
+class KVCacheManager:
+    """Allocates and frees KV blocks for requests.
+
+    Args:
+        num_blocks: physical blocks in the cache.
+        block_size: tokens per block.
+        enable_caching: automatic prefix caching on/off.
+
+    Counters (monotonic, for metrics): ``prefix_cache_queries`` and ``prefix_cache_hits``
+    in tokens (vLLM's ``vllm:prefix_cache_queries_total`` / ``..._hits_total``).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
+        # LRU free queue: front = next to hand out / evict.
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.req_blocks: dict[str, list[int]] = {}
+        self.req_hashes: dict[str, list[int]] = {}
+        self.req_num_cached: dict[str, int] = {}
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks held by requests, in [0, 1] (``vllm:kv_cache_usage_perc``)."""
+        return 1.0 - len(self.free_queue) / self.num_blocks
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        """The request's block table (empty if it holds none)."""
+        return self.req_blocks.get(request_id, [])
+
+    def _block_hashes(self, request_id: str, token_ids: Sequence[int], num_full: int) -> list[int]:
+        hashes = self.req_hashes.setdefault(request_id, [])
+        bs = self.block_size
+        while len(hashes) < num_full:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block(parent, tuple(token_ids[i * bs : (i + 1) * bs])))
+        return hashes
+
+    def get_computed_blocks(self, request_id: str, token_ids: Sequence[int]) -> tuple[list[int], int]:
+        """Longest verified cached prefix of ``token_ids``.
+
+        At most ``len(token_ids) - 1`` tokens are reported as computed, so the last
+        prompt token is always run through the model to produce logits.
+
+        Returns:
+            ``(block_ids, num_computed_tokens)``; the blocks are not yet referenced
+            (pass them to :meth:`allocate_slots`).
+        """
+        if not self.enable_caching:
+            return [], 0
+        n = len(token_ids)
+        num_full = (n - 1) // self.block_size
+        hashes = self._block_hashes(request_id, token_ids, num_full)
+        hits: list[int] = []
+        parent = None
+        bs = self.block_size
+        for i in range(num_full):
+            bid = self.cached.get(hashes[i])
+            if bid is None:
+                break
+            blk = self.blocks[bid]
+            if blk.parent_hash != parent or blk.token_ids != tuple(token_ids[i * bs : (i + 1) * bs]):
+                break  # hash collision: treat as a miss
+            hits.append(bid)
+            parent = hashes[i]
+        self.prefix_cache_queries += n
+        self.prefix_cache_hits += len(hits) * bs
+        return hits, len(hits) * bs
+
+    # --------------------------------------------------------------- mutations
+    def allocate_slots(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
+                       num_new_tokens: int, new_computed_blocks: Sequence[int] = ()) -> bool:
+        """Make room for ``num_new_tokens`` more tokens of a request.
+
+        Args:
+            request_id: the request.
+            token_ids: all of the request's known tokens (prompt + output).
+            num_computed_tokens: tokens already in the cache for this request, excluding
+                ``new_computed_blocks``.
+            num_new_tokens: tokens to be computed this step.
+            new_computed_blocks: prefix-cache hits from :meth:`get_computed_blocks`
+                (first allocation only).
+        Returns:
+            False, with nothing changed, when not enough free blocks exist.
+        """
+        blocks = self.req_blocks.setdefault(request_id, [])
+        bs = self.block_size
+        total = num_computed_tokens + len(new_computed_blocks) * bs + num_new_tokens
+        need = -(-total // bs) - len(blocks) - len(new_computed_blocks)
+        reviving = sum(1 for b in new_computed_blocks if self.blocks[b].ref_cnt == 0)
+        if need + reviving > len(self.free_queue):
+            if not blocks:
+                del self.req_blocks[request_id]
+            return False
+        for bid in new_computed_blocks:
+            blk = self.blocks[bid]
+            if blk.ref_cnt == 0:
+                del self.free_queue[bid]
+            blk.ref_cnt += 1
+            blocks.append(bid)
+        for _ in range(max(need, 0)):
+            bid, _ = self.free_queue.popitem(last=False)
+            blk = self.blocks[bid]
+            if blk.block_hash is not None:
+                if self.cached.get(blk.block_hash) == bid:
+                    del self.cached[blk.block_hash]
+                blk.reset_hash()
+            blk.ref_cnt = 1
+            blocks.append(bid)
+        if self.enable_caching:
+            self._cache_full_blocks(request_id, token_ids, total, blocks)
+        return True
+
+    def _cache_full_blocks(self, request_id: str, token_ids: Sequence[int], total: int, blocks: list[int]) -> None:
+        num_full = min(total, len(token_ids)) // self.block_size
+        start = self.req_num_cached.get(request_id, 0)
+        if num_full <= start:
+            return
+        hashes = self._block_hashes(request_id, token_ids, num_full)
+        bs = self.block_size
+        for i in range(start, num_full):
+            blk = self.blocks[blocks[i]]
+            if blk.block_hash is None and hashes[i] not in self.cached:
+                blk.block_hash = hashes[i]
+                blk.parent_hash = hashes[i - 1] if i else None
+                blk.token_ids = tuple(token_ids[i * bs : (i + 1) * bs])
+                self.cached[hashes[i]] = blk.block_id
+        self.req_num_cached[request_id] = num_full
+
+    def free(self, request_id: str) -> None:
+        """Release the request's blocks (preemption or finish). Idempotent.
+
+        Blocks are released tail first so that, among equally old blocks, a prefix's
+        later blocks are evicted before its earlier ones; blocks without a hash go to
+        the front of the free queue (reused first, nothing to lose).
+        """
+        blocks = self.req_blocks.pop(request_id, None)
+        self.req_hashes.pop(request_id, None)
+        self.req_num_cached.pop(request_id, None)
+        if not blocks:
+            return
+        for bid in reversed(blocks):
+            blk = self.blocks[bid]
+            blk.ref_cnt -= 1
+            if blk.ref_cnt < 0:  # pragma: no cover - guarded by the property tests
+                raise RuntimeError(f"double free of KV block {bid}")
+            if blk.ref_cnt == 0:
+                self.free_queue[bid] = None
+                if blk.block_hash is None:
+                    self.free_queue.move_to_end(bid, last=False)
+
+    def fork(self, parent_id: str, child_id: str, num_tokens: int) -> Optional[tuple[int, int]]:
+        """Give ``child_id`` the parent's first ``num_tokens`` tokens of KV.
+
+        Full blocks are shared (ref count + 1); a partially filled last block is
+        copy-on-write: the child gets a fresh block and the caller must copy the
+        returned ``(src_block, dst_block)`` pair's data.
+
+        Returns:
+            The copy pair, or None when no copy is needed.
+        Raises:
+            ValueError: child already holds blocks; MemoryError: no free block for the copy.
+        """
+        if self.req_blocks.get(child_id):
+            raise ValueError(f"request {child_id} already holds KV blocks")
+        parent = self.req_blocks.get(parent_id, [])
+        n_full, partial = divmod(num_tokens, self.block_size)
+        if n_full + (1 if partial else 0) > len(parent):
+            raise ValueError(f"parent {parent_id} holds fewer than {num_tokens} tokens")
+        if partial and not self.free_queue:
+            raise MemoryError("no free KV block for copy-on-write")
+        child = list(parent[:n_full])
+        for bid in child:
+            self.blocks[bid].ref_cnt += 1
+        copy = None
+        if partial:
+            bid, _ = self.free_queue.popitem(last=False)
+            blk = self.blocks[bid]
+            if blk.block_hash is not None:
+                if self.cached.get(blk.block_hash) == bid:
+                    del self.cached[blk.block_hash]
+                blk.reset_hash()
+            blk.ref_cnt = 1
+            child.append(bid)
+            copy = (parent[n_full], bid)
+        self.req_blocks[child_id] = child
+        if parent_id in self.req_hashes:
+            self.req_hashes[child_id] = list(self.req_hashes[parent_id][:n_full])
+            self.req_num_cached[child_id] = min(self.req_num_cached.get(parent_id, 0), n_full)
+        return copy
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached hash of free blocks. Returns False if blocks are still in use."""
+        if len(self.free_queue) != self.num_blocks:
+            return False
+        for blk in self.blocks:
+            blk.reset_hash()
+        self.cached.clear()
+        return True
+
+    def check_invariants(self) -> None:
+        """Assert internal consistency (tests): ref counts match holders, the free queue
+        holds exactly the unreferenced blocks, and the hash map points at hashed blocks.
+
+        Raises:
+            AssertionError: naming the broken invariant.
+        """
+        refs = [0] * self.num_blocks
+        for rid, blocks in self.req_blocks.items():
+            assert len(set(blocks)) == len(blocks), f"{rid} holds a block twice"
+            for b in blocks:
+                refs[b] += 1
+        for blk in self.blocks:
+            assert blk.ref_cnt == refs[blk.block_id], f"block {blk.block_id}: ref_cnt {blk.ref_cnt} != holders {refs[blk.block_id]}"
+            assert (blk.ref_cnt == 0) == (blk.block_id in self.free_queue), f"block {blk.block_id} free-queue mismatch"
+        for h, bid in self.cached.items():
+            assert self.blocks[bid].block_hash == h, f"hash map entry for block {bid} is stale"

@@ -1,0 +1,218 @@
+"""Continuous-batching scheduler (vLLM V1 style: one token budget per step).
+
+Each step, running requests are served first (in arrival order), then waiting ones,
+until ``max_num_batched_tokens`` is spent or ``max_num_seqs`` sequences run. Every
+request just advances ``num_computed_tokens``, so a decode (1 token), a prefill chunk
+(up to the remaining budget), a prefix-cache hit (skips whole blocks) and a recompute
+after preemption are the same operation. When blocks run out, the lowest-priority
+running request (latest arrival) is preempted: its blocks are freed and it goes back
+to the front of the waiting queue to be recomputed later (Kwon et al., SOSP 2023, §4.5
+"recomputation"). Pure bookkeeping: no tensors.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from ..config import SchedulerConfig
+from .kv_cache_manager import KVCacheManager
+from .request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """What to compute this step.
+
+    Attributes:
+        scheduled: ``(request, num_new_tokens)`` in scheduling order.
+        num_scheduled_tokens: sum of ``num_new_tokens`` (tokens).
+        preempted: requests preempted while building this step.
+    """
+
+    scheduled: list[tuple[Request, int]] = field(default_factory=list)
+    num_scheduled_tokens: int = 0
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Decides each step's batch.
+
+    Args:
+        config: token budget, sequence limit, model length, chunked prefill.
+        kv_cache: the block manager (shared with nobody else).
+    """
+
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+        self.config = config
+        self.kv = kv_cache
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._running_keys: list[tuple[float, int]] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+        self._seq = 0
+        self._order: dict[str, int] = {}
+
+    # --------------------------------------------------------------- intake
+    def add_request(self, req: Request) -> None:
+        """Queue a request (priority = arrival order)."""
+        self._seq += 1
+        self._order[req.request_id] = self._seq
+        self.requests[req.request_id] = req
+        # Keep waiting ordered by arrival: a request never jumps ahead of an older one.
+        key = (req.arrival_time, self._seq)
+        if not self.waiting or self._key(self.waiting[-1]) <= key:
+            self.waiting.append(req)
+        else:
+            items = list(self.waiting)
+            keys = [self._key(r) for r in items]
+            items.insert(bisect.bisect_right(keys, key), req)
+            self.waiting = deque(items)
+
+    def _key(self, req: Request) -> tuple[float, int]:
+        return (req.arrival_time, self._order[req.request_id])
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -------------------------------------------------------------- schedule
+    def schedule(self) -> SchedulerOutput:
+        """Build one step's batch. See the module docstring for the policy."""
+        cfg = self.config
+        out = SchedulerOutput()
+        budget = cfg.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:  # defensive: nothing to compute (should not happen)
+                i += 1
+                continue
+            while not self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, n):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break
+            out.scheduled.append((req, n))
+            budget -= n
+            i += 1
+
+        if not out.preempted:
+            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
+                req = self.waiting[0]
+                hits, num_hit = [], 0
+                if req.num_computed_tokens == 0:
+                    hits, num_hit = self.kv.get_computed_blocks(req.request_id, req.all_token_ids)
+                n = req.num_tokens - num_hit - req.num_computed_tokens
+                if n > budget and not cfg.enable_chunked_prefill:
+                    break
+                n = min(n, budget)
+                if not self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, n, hits):
+                    break
+                self.waiting.popleft()
+                if req.status is RequestStatus.WAITING:
+                    req.num_cached_tokens = num_hit
+                req.num_computed_tokens += num_hit
+                req.status = RequestStatus.RUNNING
+                key = self._key(req)
+                pos = bisect.bisect_right(self._running_keys, key)
+                self._running_keys.insert(pos, key)
+                self.running.insert(pos, req)
+                out.scheduled.append((req, n))
+                budget -= n
+        out.num_scheduled_tokens = cfg.max_num_batched_tokens - budget
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self._remove_running(req)
+        self.kv.free(req.request_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _remove_running(self, req: Request) -> None:
+        pos = bisect.bisect_left(self._running_keys, self._key(req))
+        if pos < len(self.running) and self.running[pos] is req:
+            del self.running[pos]
+            del self._running_keys[pos]
+
+    # ---------------------------------------------------------------- update
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Request]:
+        """Account a finished step.
+
+        Args:
+            out: the step's schedule.
+            sampled: request id -> sampled token, for requests that reached the end of
+                their known tokens this step.
+        Returns:
+            Requests that received a new token this step (finished ones have a
+            finished status and no blocks).
+        """
+        got_token = []
+        for req, n in out.scheduled:
+            if req.status is not RequestStatus.RUNNING:
+                continue
+            req.num_computed_tokens += n
+            tok = sampled.get(req.request_id)
+            if tok is None:
+                continue
+            req.append_output_token(tok)
+            got_token.append(req)
+            status = self._check_stop(req, tok)
+            if status is not None:
+                self.finish_request(req.request_id, status)
+        return got_token
+
+    def _check_stop(self, req: Request, tok: int) -> Optional[RequestStatus]:
+        sp = req.sampling_params
+        if req.num_output_tokens >= sp.min_tokens:
+            if not sp.ignore_eos and tok in req.eos_token_ids:
+                req.stop_reason = None
+                return RequestStatus.FINISHED_STOPPED
+            if tok in sp.stop_token_ids:
+                req.stop_reason = tok
+                return RequestStatus.FINISHED_STOPPED
+        if req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Optional[Request]:
+        """Finish (stop, length, abort) a request wherever it is; frees its blocks.
+        Unknown or already finished ids are ignored (returns None)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        if req.status is RequestStatus.RUNNING:
+            self._remove_running(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        req.status = status
+        self.kv.free(request_id)
+        self._order.pop(request_id, None)
+        return req
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        return [r for r in (self.finish_request(i, status) for i in request_ids) if r is not None]

@@ -1,0 +1,40 @@
+"""Types shared by the loaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..config import ModelConfig
+
+#: Architectures the Llama implementation serves (HF ``architectures`` / GGUF ``general.architecture``).
+SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+class ModelLoadError(Exception):
+    """A model could not be loaded; the message is one line naming the problem and the path."""
+
+
+@dataclass
+class Checkpoint:
+    """A loadable model.
+
+    Attributes:
+        config: architecture hyper-parameters.
+        weights: callable returning an iterator of ``(hf_name, tensor)``; tensors are
+            float32 (dequantized GGUF) or the checkpoint's dtype (safetensors), on CPU, in
+            Hugging Face layout (``[out_features, in_features]`` for linear weights).
+        tokenizer: a ``transformers`` tokenizer (``PreTrainedTokenizerBase``) with
+            ``chat_template`` set when the checkpoint ships one.
+        name: default served model name.
+        path: local file or directory the checkpoint was read from.
+    """
+
+    config: ModelConfig
+    weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    tokenizer: Any
+    name: str
+    path: str

@@ -1,0 +1,212 @@
+"""GGUF checkpoints through the ``gguf`` package.
+
+Metadata keys and tensor names follow the GGUF spec
+(https://github.com/ggml-org/ggml/blob/master/docs/gguf.md). Quantized tensors are
+dequantized with ``gguf.quants.dequantize`` to float32. llama.cpp's converter stores
+``attn_q``/``attn_k`` rows permuted for its interleaved rotary embedding; we undo that
+so the weights match the Hugging Face layout (rotate-half RoPE).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from .base import Checkpoint, ModelLoadError, SUPPORTED_MODEL_TYPES
+
+logger = logging.getLogger(__name__)
+
+_LAYER_MAP = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_MAP = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+def _open(path: str):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError/struct errors/IndexError on bad files
+        raise ModelLoadError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    v = f.contents()
+    return v
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """Hugging Face parameter name for a GGUF tensor name, or None if unused."""
+    if gguf_name in _GLOBAL_MAP:
+        return _GLOBAL_MAP[gguf_name]
+    m = _BLK.match(gguf_name)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's ``permute`` of q/k projection rows.
+
+    llama.cpp's ``convert_hf_to_gguf.py`` reshapes rows as ``[n_head, 2, d/2]`` and swaps
+    the last two axes so that rotary pairs are adjacent; this is the inverse.
+
+    Args:
+        w: ``[n_head * head_dim, ...]`` rows in GGUF order (or the bias ``[n_head*head_dim]``).
+        n_head: number of heads in this projection (query heads for q, KV heads for k).
+    Returns:
+        Array of the same shape in Hugging Face order.
+    """
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def read_config(reader, path: str) -> ModelConfig:
+    """Build a :class:`ModelConfig` from GGUF metadata.
+
+    Raises:
+        ModelLoadError: unsupported architecture or missing required keys.
+    """
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"{path}: unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+
+    def req(key):
+        v = _field(reader, f"{arch}.{key}")
+        if v is None:
+            raise ModelLoadError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return v
+
+    hidden = int(req("embedding_length"))
+    n_head = int(req("attention.head_count"))
+    n_kv = int(_field(reader, f"{arch}.attention.head_count_kv", n_head))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens.data) if tokens is not None else 0))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // n_head))
+    rope_scaling = None
+    st = _field(reader, f"{arch}.rope.scaling.type")
+    if st == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))}
+    names = {t.name for t in reader.tensors}
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    return ModelConfig(
+        hidden_size=hidden,
+        intermediate_size=int(req("feed_forward_length")),
+        num_hidden_layers=int(req("block_count")),
+        num_attention_heads=n_head,
+        num_key_value_heads=n_kv,
+        vocab_size=vocab,
+        head_dim=head_dim,
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        bos_token_id=None if bos is None else int(bos),
+        eos_token_ids=() if eos is None else (int(eos),),
+        attention_bias="blk.0.attn_q.bias" in names,
+        architecture="LlamaForCausalLM",
+    )
+
+
+def iter_weights(reader, cfg: ModelConfig, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, float32 tensor)`` for every tensor the Llama model uses."""
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ModelLoadError(f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from None
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if arr.size != int(np.prod(shape)):
+            raise ModelLoadError(f"{path}: tensor {t.name} has {arr.size} values, expected shape {shape} (truncated file?)")
+        arr = arr.reshape(shape)
+        if t.name.endswith(("attn_q.weight", "attn_q.bias")):
+            arr = unpermute_qk(arr, cfg.num_attention_heads)
+        elif t.name.endswith(("attn_k.weight", "attn_k.bias")):
+            arr = unpermute_qk(arr, cfg.num_key_value_heads)
+        yield name, torch.from_numpy(np.array(arr, dtype=np.float32, copy=not arr.flags.writeable, order="C"))
+
+
+def _tokenizer_cache_dir(path: str) -> Path:
+    st = os.stat(path)
+    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    root = Path(os.environ.get("ARGOSY_CACHE_DIR", Path.home() / ".cache" / "argosy"))
+    return root / "gguf-tokenizers" / key
+
+
+def load_tokenizer(path: str):
+    """The GGUF file's tokenizer and chat template, converted by ``transformers``.
+
+    The conversion (merges -> ``tokenizer.json``) takes seconds, so the result is saved
+    under ``$ARGOSY_CACHE_DIR`` (default ``~/.cache/argosy``) keyed by path, size and
+    mtime, and reloaded from there next time.
+    """
+    from transformers import AutoTokenizer
+
+    cache = _tokenizer_cache_dir(path)
+    if (cache / "tokenizer.json").exists():
+        try:
+            return AutoTokenizer.from_pretrained(str(cache))
+        except Exception:  # a damaged cache is rebuilt below
+            logger.warning("tokenizer cache %s unreadable; rebuilding", cache)
+    p = Path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: cannot build tokenizer from GGUF metadata ({type(e).__name__}: {e})") from None
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(str(cache))
+    except OSError as e:  # read-only home: fine, just slower next time
+        logger.info("not caching tokenizer at %s: %s", cache, e)
+    return tok
+
+
+def load_gguf(path: str) -> Checkpoint:
+    """Load a GGUF file (metadata, tokenizer, lazy weights).
+
+    Raises:
+        ModelLoadError: invalid file, unsupported architecture or tokenizer.
+    """
+    reader = _open(path)
+    cfg = read_config(reader, path)
+    tok = load_tokenizer(path)
+    if tok.eos_token_id is not None and tok.eos_token_id not in cfg.eos_token_ids:
+        cfg.eos_token_ids = cfg.eos_token_ids + (int(tok.eos_token_id),)
+    name = Path(path).name
+    if name.endswith(".gguf"):
+        name = name[: -len(".gguf")]
+    return Checkpoint(config=cfg, weights=lambda: iter_weights(reader, cfg, path), tokenizer=tok, name=name, path=path)

@@ -1,0 +1,100 @@
+"""Hugging Face model directories: ``config.json``, ``*.safetensors``, ``tokenizer.json``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..config import ModelConfig
+from .base import Checkpoint, ModelLoadError, SUPPORTED_HF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
+
+
+def read_config(path: Path) -> ModelConfig:
+    """Parse ``config.json`` into a :class:`ModelConfig`.
+
+    Raises:
+        ModelLoadError: missing/invalid JSON or an unsupported architecture.
+    """
+    cfg_path = path / "config.json"
+    try:
+        c = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: no config.json (not a Hugging Face model directory)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{cfg_path}: unreadable config ({e})") from None
+    archs = c.get("architectures") or []
+    if not (set(archs) & set(SUPPORTED_HF_ARCHITECTURES)) and c.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ModelLoadError(
+            f"{path}: unsupported architecture {archs or c.get('model_type')!r} "
+            f"(supported: {', '.join(SUPPORTED_HF_ARCHITECTURES)})"
+        )
+    try:
+        n_head = int(c["num_attention_heads"])
+        hidden = int(c["hidden_size"])
+        eos = c.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        rope_params = c.get("rope_parameters") or {}
+        rope_scaling = c.get("rope_scaling") or (rope_params if rope_params.get("rope_type", "default") != "default" else None)
+        return ModelConfig(
+            hidden_size=hidden,
+            intermediate_size=int(c["intermediate_size"]),
+            num_hidden_layers=int(c["num_hidden_layers"]),
+            num_attention_heads=n_head,
+            num_key_value_heads=int(c.get("num_key_value_heads") or n_head),
+            vocab_size=int(c["vocab_size"]),
+            head_dim=int(c.get("head_dim") or hidden // n_head),
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(c.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            bos_token_id=c.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            attention_bias=bool(c.get("attention_bias", False)),
+            mlp_bias=bool(c.get("mlp_bias", False)),
+            architecture=(archs or ["LlamaForCausalLM"])[0],
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelLoadError(f"{cfg_path}: missing or invalid field {e}") from None
+
+
+def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from every ``*.safetensors`` file, one tensor at a time."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors weights")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():
+                    yield name, st.get_tensor(name)
+        except ModelLoadError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"{f}: corrupt safetensors file ({e})") from None
+
+
+def load_hf_dir(path: str, tokenizer_path: str | None = None) -> Checkpoint:
+    """Load a Hugging Face model directory.
+
+    Raises:
+        ModelLoadError: missing files, unsupported architecture or unreadable tokenizer.
+    """
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    cfg = read_config(p)
+    if not any(p.glob("*.safetensors")):
+        raise ModelLoadError(f"{path}: no *.safetensors weights")
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer_path or str(p))
+    except Exception as e:
+        raise ModelLoadError(f"{tokenizer_path or path}: cannot load tokenizer ({type(e).__name__}: {e})") from None
+    if tok.eos_token_id is not None and tok.eos_token_id not in cfg.eos_token_ids:
+        cfg.eos_token_ids = cfg.eos_token_ids + (int(tok.eos_token_id),)
+    return Checkpoint(config=cfg, weights=lambda: iter_weights(p), tokenizer=tok, name=p.name, path=str(p))

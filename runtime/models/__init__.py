@@ -1,0 +1,5 @@
+"""Model implementations."""
+
+from .llama import LlamaForCausalLM
+
+__all__ = ["LlamaForCausalLM"]
