@@ -133,16 +133,13 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return self.scheduler_config.max_model_len
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    arrival_time: Optional[float] = None) -> Request:
-        """Queue a tokenized prompt.
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Validate a request against the engine's limits without changing any state.
 
         Raises:
-            ValueError: empty prompt, prompt too long for ``max_model_len``, token id out
-                of range, or duplicate request id.
+            ValueError: empty prompt, prompt (+ ``max_tokens``) longer than
+                ``max_model_len``, or a token id out of range.
         """
-        if request_id in self.scheduler.requests:
-            raise ValueError(f"duplicate request id {request_id}")
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("prompt is empty")
@@ -154,13 +151,25 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        room = self.max_model_len - n
-        if params.max_tokens is not None and params.max_tokens > room:
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
                 f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion). "
                 "Please reduce the length of the prompt or max_tokens."
             )
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    arrival_time: Optional[float] = None) -> Request:
+        """Queue a tokenized prompt.
+
+        Raises:
+            ValueError: see :meth:`check_request`; or a duplicate request id.
+        """
+        if request_id in self.scheduler.requests:
+            raise ValueError(f"duplicate request id {request_id}")
+        self.check_request(prompt_token_ids, params)
+        n = len(prompt_token_ids)
+        room = self.max_model_len - n
         max_tokens = room if params.max_tokens is None else params.max_tokens
         req = Request(request_id, prompt_token_ids, params, self.model_config.eos_token_ids, max_tokens, arrival_time)
         self.detok[request_id] = IncrementalDetokenizer(

@@ -1,0 +1,170 @@
+"""The ``argosy`` command line.
+
+``argosy serve [MODEL]`` loads a model and serves the OpenAI-compatible API. Each
+subcommand registers itself with an ``_add_<name>`` function that sets ``func`` on its
+parser; ``main`` dispatches to it and returns its exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from typing import Optional, Sequence
+
+logger = logging.getLogger("argosy.server")
+
+#: Exit code for bad input (unknown model, inconsistent flags), as argparse uses.
+EXIT_USAGE = 2
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    """Print ``argosy: error: <message>`` (one line) to stderr and return ``code``."""
+    one_line = " ".join(str(message).split("\n")).strip()
+    print(f"argosy: error: {one_line}", file=sys.stderr, flush=True)
+    return code
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%Y-%m-%d %H:%M:%S",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+# ------------------------------------------------------------------------- serve
+def _add_serve(sub) -> None:
+    from .config import EngineArgs
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over the OpenAI-compatible HTTP API",
+        description="Load MODEL (a GGUF file, a Hugging Face model directory or hub id; default: the bundled "
+                    "SmolLM2-135M-Instruct) and serve /v1/chat/completions, /v1/completions and friends.",
+    )
+    p.add_argument("model_tag", nargs="?", metavar="MODEL", default=None, help="model to serve (same as --model)")
+    p.add_argument("--model", default=None, help="model to serve (GGUF file, HF directory or hub id)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 = any free port)")
+    p.add_argument("--api-key", default=os.environ.get("ARGOSY_API_KEY") or os.environ.get("VLLM_API_KEY"),
+                   help="require 'Authorization: Bearer <key>' on /v1/* (default: $ARGOSY_API_KEY or $VLLM_API_KEY)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds to let in-flight requests finish before aborting them (default 30)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
+                   help="log level (default info)")
+    EngineArgs.add_cli_args(p)
+    p.set_defaults(func=_cmd_serve)
+
+
+def _cmd_serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    _setup_logging(ns.log_level)
+    if ns.model_tag and ns.model and ns.model_tag != ns.model:
+        return _fail(f"two different models given: {ns.model_tag!r} and --model {ns.model!r}")
+    ns.model = ns.model or ns.model_tag
+    if ns.shutdown_timeout < 0:
+        return _fail("--shutdown-timeout must be non-negative")
+
+    from .config import EngineArgs
+    from .core.engine import LLMEngine
+    from .loader import ModelLoadError
+
+    try:
+        engine = LLMEngine(EngineArgs.from_cli_args(ns))
+    except (ModelLoadError, ValueError) as e:
+        return _fail(str(e))
+    return asyncio.run(_serve(engine, ns))
+
+
+async def _serve(engine, ns: argparse.Namespace) -> int:
+    """Run the HTTP server until SIGTERM/SIGINT, then drain and exit (returns the exit code).
+
+    Shutdown: new requests get 503 and /health turns 503; in-flight requests get up to
+    ``--shutdown-timeout`` seconds; the rest fail when the engine stops. A second signal
+    skips the wait.
+    """
+    from aiohttp import web
+
+    from .core.async_llm import AsyncLLM
+    from .server.app import build_app, drain, num_inflight
+
+    loop = asyncio.get_running_loop()
+    async_llm = AsyncLLM(engine)
+    app = build_app(async_llm, ns)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0)
+    await runner.setup()
+    site = web.TCPSite(runner, ns.host, ns.port)
+    try:
+        await site.start()
+    except OSError as e:
+        await loop.run_in_executor(None, async_llm.shutdown)
+        await runner.cleanup()
+        return _fail(f"cannot listen on {ns.host}:{ns.port}: {e.strerror or e}", 1)
+    port = ns.port
+    server = getattr(site, "_server", None)
+    if server is not None and server.sockets:
+        port = server.sockets[0].getsockname()[1]
+    logger.info("Argosy %s serving %s on http://%s:%d (API: /v1/chat/completions, /v1/completions)",
+                _version(), engine.served_model_name, ns.host, port)
+
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    def on_signal(signame: str) -> None:
+        if stop.is_set():
+            logger.warning("%s again: aborting in-flight requests now", signame)
+            force.set()
+        else:
+            logger.info("%s received: shutting down", signame)
+            stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    await stop.wait()
+
+    busy = num_inflight(app)
+    if busy:
+        logger.info("draining %d in-flight request(s) (up to %.0fs)", busy, ns.shutdown_timeout)
+    if not await drain(app, ns.shutdown_timeout, force):
+        logger.warning("aborting %d request(s) still in flight", num_inflight(app))
+    await loop.run_in_executor(None, async_llm.shutdown)
+    await runner.cleanup()
+    logger.info("server stopped")
+    return 0
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# -------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    """The ``argosy`` parser with every subcommand registered."""
+    parser = argparse.ArgumentParser(prog="argosy", description="Argosy LLM inference runtime")
+    parser.add_argument("--version", action="version", version=f"argosy {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_serve(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``argosy`` console script.
+
+    Returns:
+        The process exit code: 0 on success (including a graceful SIGTERM shutdown),
+        2 when the model cannot be loaded or flags are inconsistent (one
+        ``argosy: error: ...`` line on stderr).
+    """
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    return ns.func(ns, parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

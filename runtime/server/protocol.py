@@ -1,0 +1,240 @@
+"""Request bodies of the OpenAI-compatible API, as pydantic v2 models.
+
+Types are checked strictly (``"max_tokens": "5"`` or ``"stream": 1`` is a 400, as
+with OpenAI), unknown fields are ignored (SDKs send many), and each request knows how
+to turn itself into :class:`SamplingParams`. Semantic range checks that
+``SamplingParams`` already performs (temperature >= 0, max_tokens >= 1, ...) are left
+to it; the few checks here protect the engine thread from values it cannot survive
+(seed outside 64 bits, NaN, huge ``n``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..core.sampling_params import SamplingParams
+
+#: Largest ``n`` accepted (each choice is a separate engine request).
+MAX_N = 128
+#: Largest number of top log-probabilities per token (the engine's limit).
+MAX_LOGPROBS = 20
+
+_SEED = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+_TOKEN_ID = Annotated[int, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(_Strict):
+    """``stream_options``: ``include_usage`` adds a last chunk carrying ``usage``."""
+
+    include_usage: Optional[bool] = False
+
+
+class TextContentPart(_Strict):
+    """A ``{"type": "text", "text": ...}`` content part (the only kind supported)."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    """One conversation turn; ``content`` is a string, a list of text parts, or null."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Union[str, list[TextContentPart], None] = None
+    name: Optional[str] = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, v):
+        if isinstance(v, list):
+            for part in v:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise ValueError(f"only text content parts are supported, got type {kind!r}")
+        return v
+
+    def text(self) -> str:
+        """The content as one string (text parts joined with newlines)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(p.text for p in self.content)
+
+    def to_template(self) -> dict:
+        """The dict handed to ``tokenizer.apply_chat_template``."""
+        d = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            d["name"] = self.name
+        return d
+
+
+class SamplingRequest(_Strict):
+    """Sampling fields shared by chat and completions (OpenAI's plus vLLM's extras)."""
+
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    stream: Optional[bool] = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[str, list[str], None] = None
+    seed: Optional[_SEED] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    user: Optional[str] = None
+    # vLLM extras
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    stop_token_ids: Optional[list[_TOKEN_ID]] = None
+    ignore_eos: Optional[bool] = False
+    min_tokens: Optional[Annotated[int, Field(ge=0)]] = None
+    skip_special_tokens: Optional[bool] = True
+    include_stop_str_in_output: Optional[bool] = False
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        """True when the stream must end with a usage chunk."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _effective_max_tokens(self) -> Optional[int]:
+        return self.max_tokens
+
+    def _num_logprobs(self) -> Optional[int]:
+        return None
+
+    def to_sampling_params(self, default_max_tokens: Optional[int]) -> SamplingParams:
+        """Build the engine's parameters.
+
+        Args:
+            default_max_tokens: used when the request gives none (None = up to
+                ``max_model_len``).
+        Raises:
+            ValueError: a value out of range; the message starts with the field name.
+        """
+        max_tokens = self._effective_max_tokens()
+        opt = {
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+            "min_tokens": self.min_tokens,
+        }
+        return SamplingParams(
+            n=self.n,
+            seed=self.seed,
+            stop=self.stop,
+            stop_token_ids=list(self.stop_token_ids or []),
+            max_tokens=default_max_tokens if max_tokens is None else max_tokens,
+            ignore_eos=bool(self.ignore_eos),
+            logprobs=self._num_logprobs(),
+            skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens,
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            **{k: v for k, v in opt.items() if v is not None},
+        )
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """``POST /v1/chat/completions`` body. Default ``max_tokens``: up to ``max_model_len``."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]] = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    def _effective_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def _num_logprobs(self) -> Optional[int]:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_messages(self) -> list[dict]:
+        """The conversation in the form chat templates expect."""
+        return [m.to_template() for m in self.messages]
+
+
+PromptInput = Union[str, list[str], list[int], list[list[int]]]
+
+
+class CompletionRequest(SamplingRequest):
+    """``POST /v1/completions`` body. Default ``max_tokens``: 16 (as OpenAI).
+
+    ``prompt`` is a string, a list of strings, a token-id list or a list of token-id
+    lists; every prompt yields ``n`` choices. ``suffix`` is not supported (400), and
+    ``echo`` cannot be combined with ``logprobs`` (prompt log-probabilities are not
+    computed).
+    """
+
+    prompt: PromptInput
+    max_tokens: Optional[int] = 16
+    echo: Optional[bool] = False
+    logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]] = None
+    suffix: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _unsupported(self):
+        if self.suffix:
+            raise ValueError("suffix is not supported")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo together with logprobs is not supported (no prompt logprobs)")
+        return self
+
+    def _num_logprobs(self) -> Optional[int]:
+        return self.logprobs
+
+    def prompt_list(self) -> list[Union[str, list[int]]]:
+        """Normalize ``prompt`` into a list of prompts (strings or token-id lists)."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]
+        if not p:
+            return [[]]
+        return list(p)
+
+
+class TokenizeRequest(_Strict):
+    """``POST /tokenize``: either ``prompt`` (text) or ``messages`` (a chat)."""
+
+    model: Optional[str] = None
+    prompt: Optional[str] = None
+    messages: Optional[Annotated[list[ChatMessage], Field(min_length=1)]] = None
+    add_special_tokens: Optional[bool] = True
+    add_generation_prompt: Optional[bool] = True
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(_Strict):
+    """``POST /detokenize``: token ids back to text."""
+
+    model: Optional[str] = None
+    tokens: list[_TOKEN_ID]

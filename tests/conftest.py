@@ -1,0 +1,70 @@
+"""Shared fixtures: the bundled model, loaded once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from argosy.runtime.loader import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(model_path):
+    """The bundled GGUF opened once (weights are read lazily on each load)."""
+    from argosy.runtime.loader import load_checkpoint
+
+    return load_checkpoint(model_path)
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_path):
+    """Hugging Face transformers' own Llama loaded from the same GGUF: the oracle."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(model_path), gguf_file=os.path.basename(model_path), dtype=torch.float32
+    )
+    m.eval()
+    return m
+
+
+@pytest.fixture(scope="session")
+def make_engine(checkpoint):
+    """Factory for engines on the bundled model sharing one opened checkpoint."""
+    from argosy.runtime.config import EngineArgs
+    from argosy.runtime.core.engine import LLMEngine
+
+    def make(**kw):
+        kw.setdefault("dtype", "float32")
+        kw.setdefault("max_model_len", 1024)
+        kw.setdefault("kv_cache_memory", 128 << 20)
+        return LLMEngine(EngineArgs(**kw), checkpoint=checkpoint)
+
+    return make
+
+
+def run_to_completion(engine, prompts, params) -> dict[str, list[int]]:
+    """Add ``prompts`` (token-id lists) to ``engine`` and step until all finish.
+
+    Returns request id (``"0"``, ``"1"``, ...) -> generated token ids.
+    """
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, params if not isinstance(params, list) else params[i])
+    done: dict[str, list[int]] = {}
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.output_token_ids)
+        steps += 1
+        assert steps < 100_000, "engine did not finish"
+    return done
