@@ -67,6 +67,14 @@ class AsyncLLM:
     def num_unfinished(self) -> int:
         return len(self._streams)
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting for the engine: queued in the scheduler plus those still in
+        the inbox (so a burst cannot overshoot ``--max-waiting-requests``)."""
+        with self._lock:
+            pending = sum(1 for c in self._inbox if c[0] == "add")
+        return self.engine.scheduler.num_waiting + pending
+
     # --------------------------------------------------------------- request
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Validate without queuing (thread-safe: reads configuration only).
@@ -149,12 +157,15 @@ class AsyncLLM:
                     continue
                 try:
                     eng.add_request(rid, ids, params, arrival)
-                except ValueError as e:
-                    self._deliver(rid, e)
+                except Exception as e:  # a bad request must never kill the loop
+                    self._deliver(rid, e if isinstance(e, ValueError) else ValueError(f"invalid request: {e}"))
                     with self._lock:
                         self._streams.pop(rid, None)
             else:
-                eng.abort_request([cmd[1]])
+                now = time.monotonic()
+                for out in eng.abort_request([cmd[1]]):
+                    for obs in self.output_observers:
+                        obs(out, now)
 
     def _run(self) -> None:
         eng = self.engine

@@ -26,7 +26,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Union
+from typing import AsyncIterator, Optional
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -172,6 +172,7 @@ class _TokenText:
         self._cache: dict[int, tuple[str, list[int]]] = {}
 
     def get(self, token_id: int) -> tuple[str, list[int]]:
+        """``(text, utf8_bytes)`` of one token (text has U+FFFD for partial characters)."""
         hit = self._cache.get(token_id)
         if hit is not None:
             return hit
@@ -217,7 +218,7 @@ def _admit(state: ServerState) -> None:
     if not state.async_llm.is_running:
         raise ApiError(503, "the engine is not running")
     limit = state.max_waiting_requests
-    if limit is not None and state.engine.scheduler.num_waiting >= limit:
+    if limit is not None and state.async_llm.num_waiting >= limit:
         raise ApiError(503, f"too many requests waiting ({limit}); retry later")
 
 
@@ -271,6 +272,7 @@ class Choice:
     text_offset: int = 0  # legacy logprobs: characters emitted so far
 
     def update(self, out: RequestOutput) -> None:
+        """Fold one engine output into this choice."""
         self.text += out.new_text
         self.num_tokens = out.num_output_tokens
         self.logprobs.extend(out.logprobs)
@@ -523,10 +525,15 @@ async def _stream(request: web.Request, state: ServerState, choices: list[Choice
                         await send({**base, "choices": [part]})
             if include_usage:
                 await send({**base, "choices": [], "usage": usage(choices)})
+        except ConnectionError:
+            raise
         except EngineDeadError as e:
             await send(error_body(503, f"the engine stopped before the request finished ({e})"))
         except ValueError as e:
             await send(error_body(400, str(e)))
+        except Exception as e:  # headers are sent: report in the stream, keep serving
+            logger.exception("unexpected error while streaming %s", request.path)
+            await send(error_body(500, f"internal server error ({type(e).__name__}: {e})"))
         await send(b"[DONE]")
         await resp.write_eof()
     except ConnectionError:

@@ -13,12 +13,15 @@ All times are seconds; every series carries the ``model_name`` label.
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+logger = logging.getLogger("argosy.server")
 
 #: ``Content-Type`` of the text exposition.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -111,8 +114,15 @@ class ServerMetrics:
     def observe(self, out, now: float) -> None:
         """Feed one :class:`RequestOutput` (``now``: ``time.monotonic()`` of the step).
 
-        Called on the engine thread; must not raise.
+        Called on the engine thread; never raises (an exception there would stop the
+        engine loop).
         """
+        try:
+            self._observe(out, now)
+        except Exception:  # pragma: no cover - defensive
+            logger.exception("metrics observer failed")
+
+    def _observe(self, out, now: float) -> None:
         rid = out.request_id
         with self._lock:
             if out.new_token_ids:
