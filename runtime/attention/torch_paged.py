@@ -34,10 +34,14 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, met
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """``[B, nblk]`` block ids -> ``[B, num_kv_heads, length, head_dim]`` context."""
+    """``[B, nblk]`` block ids -> ``[B, num_kv_heads, length, head_dim]`` context (a view).
+
+    ``index_select`` copies whole blocks (contiguous rows), several times faster on CPU
+    than advanced indexing.
+    """
     b = block_table.shape[0]
-    x = cache[block_table]  # [B, nblk, block_size, kvh, d]
-    x = x.reshape(b, -1, cache.shape[-2], cache.shape[-1])[:, :length]
+    x = torch.index_select(cache, 0, block_table.reshape(-1))  # [B*nblk, block_size, kvh, d]
+    x = x.view(b, -1, cache.shape[-2], cache.shape[-1])[:, :length]
     return x.transpose(1, 2)
 
 
@@ -67,12 +71,15 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
         bt = meta.block_tables[:nd, :nblk]
         k = _gather(kc, bt, max_len)
         v = _gather(vc, bt, max_len)
-        q = query[:nd].unsqueeze(2)  # [nd, H, 1, d]
+        # GQA for one query token: the g query heads sharing a KV head become g query
+        # rows of that head ([nd, kvh, g, d]); K/V are never expanded.
+        h, kvh, d = query.shape[1], k.shape[1], query.shape[2]
+        q = query[:nd].view(nd, kvh, h // kvh, d)
         if min(meta.seq_lens_cpu[:nd]) == max_len:
             mask = None
         else:
             mask = (torch.arange(max_len, device=query.device)[None, :] < meta.seq_lens[:nd, None]).view(nd, 1, 1, max_len)
-        out[:nd] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True).squeeze(2)
+        out[:nd] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).view(nd, h, d)
     start = nd
     for s in range(nd, meta.num_seqs):
         qlen, slen = meta.query_lens_cpu[s], meta.seq_lens_cpu[s]
