@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"argosy {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_serve(sub)
+    from . import download  # light: no torch import
+
+    download.add_parser(sub)
     return parser
 
 

@@ -70,10 +70,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half rotary embedding with a precomputed cos/sin table.
-
-    ``forward(positions [T] int64, q [T, H, D], k [T, Hkv, D])`` -> rotated ``(q, k)``.
-    """
+    """Rotate-half rotary embedding with a precomputed cos/sin table
+    (``[max_positions, head_dim]`` each, in the model dtype)."""
 
     def __init__(self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device):
         super().__init__()
@@ -83,10 +81,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos().to(dtype=dtype, device=device), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype=dtype, device=device), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``positions [T]`` -> ``(cos, sin)``, each ``[T, 1, head_dim]`` (computed once per step)."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x [T, heads, head_dim]`` (q and k heads may be stacked in one call)."""
+        return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -101,7 +103,7 @@ def _linear_param(out_f: int, in_f: int, dtype, device) -> nn.Parameter:
 class LlamaAttention(nn.Module):
     """GQA self-attention with fused QKV projection over the paged cache."""
 
-    def __init__(self, cfg: ModelConfig, rope: RotaryEmbedding, dtype, device):
+    def __init__(self, cfg: ModelConfig, dtype, device):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
@@ -116,16 +118,14 @@ class LlamaAttention(nn.Module):
             else None
         )
         self.o_proj = _linear_param(cfg.hidden_size, self.q_size, dtype, device)
-        self.rope = rope
 
-    def forward(self, positions, hidden, kv_cache, meta: AttentionMetadata):
+    def forward(self, rope_cs, hidden, kv_cache, meta: AttentionMetadata):
         t = hidden.shape[0]
         qkv = F.linear(hidden, self.qkv_proj, self.qkv_bias)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = self.rope(positions, q, k)
+        # q and k heads rotated together: [T, H + H_kv, D]
+        qk = RotaryEmbedding.apply(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), *rope_cs)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         store_kv(k, v, kv_cache, meta)
         o = paged_attention(q, kv_cache, meta, self.scale)
         return F.linear(o.reshape(t, self.q_size), self.o_proj)
@@ -147,15 +147,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope, dtype, device):
+    def __init__(self, cfg: ModelConfig, dtype, device):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(cfg, rope, dtype, device)
+        self.self_attn = LlamaAttention(cfg, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, dtype, device)
 
-    def forward(self, positions, x, kv_cache, meta):
-        x = x + self.self_attn(positions, self.input_layernorm(x), kv_cache, meta)
+    def forward(self, rope_cs, x, kv_cache, meta):
+        x = x + self.self_attn(rope_cs, self.input_layernorm(x), kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -173,9 +173,9 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.dtype = dtype
-        rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings, dtype, device)
+        self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings, dtype, device)
         self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, rope, dtype, device) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.lm_head = None if cfg.tie_word_embeddings else _linear_param(cfg.vocab_size, cfg.hidden_size, dtype, device)
 
@@ -192,8 +192,9 @@ class LlamaForCausalLM(nn.Module):
             Final hidden states ``[num_tokens, hidden_size]`` (after the last norm).
         """
         x = F.embedding(input_ids, self.embed_tokens)
+        rope_cs = self.rope.cos_sin(positions)
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(positions, x, cache, meta)
+            x = layer(rope_cs, x, cache, meta)
         return self.norm(x)
 
     @torch.inference_mode()

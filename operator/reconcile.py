@@ -1,0 +1,292 @@
+"""Reconcile as a pure function: (InferenceService, observed children) -> (manifests, status).
+
+The kopf shell reads the InferenceService and, for every role :func:`desired_children`
+returns, the live object of the same kind and name (None when absent); it calls
+:func:`reconcile`, server-side applies ``manifests_to_apply`` in order, deletes
+:func:`orphans`, and patches ``status``. Nothing here does I/O or reads the clock.
+
+Gating: the Deployment and its autoscaler are applied only once ``ModelCached`` is True.
+Until then a new service has no server pods (which would only crash-loop on a half-filled
+volume); a service whose model changes keeps its old Deployment, untouched and serving the
+old model, until the new one is in the cache, so a model switch has no gap. Other spec
+edits made while a download runs wait for it too.
+
+Status follows the Kubernetes API conventions ("typical status properties"): conditions
+with ``type``, ``status`` (True/False/Unknown), CamelCase ``reason``, ``message``,
+``lastTransitionTime`` (changes only when ``status`` does) and ``observedGeneration``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Mapping, Optional
+
+import pydantic
+
+from . import api, render
+from .render import common
+from .settings import OperatorSettings
+
+READY = "Ready"
+MODEL_CACHED = "ModelCached"
+WORKLOAD_READY = "WorkloadReady"
+SCALING_READY = "ScalingReady"
+CONDITION_TYPES = (READY, MODEL_CACHED, WORKLOAD_READY, SCALING_READY)
+
+#: Roles held back until the model is cached.
+GATED_ROLES = (render.ROLE_DEPLOYMENT, render.ROLE_AUTOSCALER)
+
+
+@dataclass
+class Cond:
+    """A condition before timestamps: status ``"True"``, ``"False"`` or ``"Unknown"``."""
+
+    status: str
+    reason: str
+    message: str = ""
+
+
+@dataclass
+class ReconcileResult:
+    """What the shell should do.
+
+    Attributes:
+        manifests_to_apply: children to server-side apply, in this order.
+        status: the new ``status`` of the InferenceService.
+        children: every desired child by role, applied or held back (the shell reads the
+            live objects of these names for the next call).
+    """
+
+    manifests_to_apply: list[dict]
+    status: dict
+    children: dict[str, dict] = field(default_factory=dict)
+
+
+def desired_children(isvc: dict, settings: OperatorSettings) -> dict[str, dict]:
+    """Every child an InferenceService should have, by role (``{}`` for an invalid spec).
+
+    Raises:
+        ValueError: the object has no ``metadata.uid``.
+    """
+    try:
+        parsed = api.parse(isvc)
+    except pydantic.ValidationError:
+        return {}
+    return render.render_children(parsed, settings)
+
+
+def _cond_of(obj: Optional[dict], type_: str) -> Optional[dict]:
+    for cond in ((obj or {}).get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_:
+            return cond
+    return None
+
+
+def _same_object(observed: Optional[dict], desired: Optional[dict]) -> Optional[dict]:
+    # Observed objects count only when kind and name are the ones now desired (a Job of the
+    # previous model, a ScaledObject after a switch to hpa are not "ours" any more).
+    if observed is None or desired is None:
+        return None
+    if observed.get("kind") != desired["kind"]:
+        return None
+    if (observed.get("metadata") or {}).get("name") != desired["metadata"]["name"]:
+        return None
+    return observed
+
+
+def model_cached(isvc: api.InferenceService, job: Optional[dict], claim: Optional[dict]) -> Cond:
+    """``ModelCached`` from the prefetch Job (and the cache claim, for its message)."""
+    plan = common.model_plan(isvc)
+    if plan.claim is None:
+        return Cond("True", "CacheDisabled", "the cache is disabled: each server downloads the model at startup")
+    if isvc.spec.model.uri.startswith("pvc://"):
+        return Cond("True", "ModelOnVolume", f"the model is read from claim {plan.claim}")
+    if not plan.prefetch:
+        return Cond("True", "PrefetchDisabled", f"claim {plan.claim} is expected to hold the model already")
+    if job is None:
+        return Cond("False", "Downloading", "creating the prefetch Job")
+    name = job["metadata"]["name"]
+    status = job.get("status") or {}
+    complete, failed = _cond_of(job, "Complete"), _cond_of(job, "Failed")
+    if (complete and complete.get("status") == "True") or (status.get("succeeded") or 0) >= 1:
+        return Cond("True", "Downloaded", f"Job {name} downloaded {isvc.spec.model.uri}")
+    if failed and failed.get("status") == "True":
+        detail = failed.get("message") or failed.get("reason") or "failed"
+        return Cond("False", "DownloadFailed", f"Job {name}: {detail} (kubectl logs job/{name})")
+    if claim is not None and (claim.get("status") or {}).get("phase") == "Pending":
+        return Cond("False", "Downloading", f"Job {name} is waiting for claim {plan.claim} to bind")
+    return Cond("False", "Downloading", f"Job {name} is downloading {isvc.spec.model.uri}")
+
+
+def workload_ready(isvc: api.InferenceService, dep: Optional[dict], desired: dict, gated: bool) -> Cond:
+    """``WorkloadReady`` from the Deployment: its controller has seen the current generation, it runs
+    the current pod template (spec-hash annotation), and at least one replica is available (or
+    zero replicas are wanted)."""
+    if dep is None:
+        if gated:
+            return Cond("False", "WaitingForModel", "the Deployment is created once the model is cached")
+        return Cond("False", "Creating", "creating the Deployment")
+    meta, spec, status = dep.get("metadata") or {}, dep.get("spec") or {}, dep.get("status") or {}
+    available = status.get("availableReplicas") or 0
+    wanted = spec.get("replicas", status.get("replicas", 1))  # the live object always has spec.replicas
+    have_hash = ((spec.get("template") or {}).get("metadata") or {}).get("annotations", {}).get(
+        common.SPEC_HASH_ANNOTATION)
+    want_hash = desired["spec"]["template"]["metadata"]["annotations"][common.SPEC_HASH_ANNOTATION]
+    if have_hash != want_hash:
+        if gated:
+            return Cond("False", "WaitingForModel",
+                        f"serving the previous spec ({available} replicas available) until the new model is cached")
+        return Cond("False", "Updating", "applying the new pod template")
+    if (status.get("observedGeneration") or 0) < (meta.get("generation") or 0):
+        return Cond("False", "Progressing", "the Deployment controller has not seen the latest spec yet")
+    progressing = _cond_of(dep, "Progressing")
+    if progressing and progressing.get("reason") == "ProgressDeadlineExceeded":
+        return Cond("False", "ProgressDeadlineExceeded", progressing.get("message", ""))
+    if wanted == 0:
+        return Cond("True", "ScaledToZero", "0 replicas wanted")
+    if available >= 1:
+        return Cond("True", "Available", f"{available}/{wanted} replicas available")
+    return Cond("False", "NoReplicasAvailable", f"0/{wanted} replicas available (pulling, scheduling or loading)")
+
+
+def scaling_ready(isvc: api.InferenceService, scaler: Optional[dict], gated: bool) -> Cond:
+    """``ScalingReady`` from the KEDA ScaledObject's ``Ready`` condition or the HPA's ``AbleToScale``
+    and ``ScalingActive`` conditions; True (``NoAutoscaler``) without an autoscaler."""
+    kind = isvc.spec.scaling.autoscaler
+    if kind == "none":
+        return Cond("True", "NoAutoscaler", f"fixed at {isvc.spec.scaling.min_replicas} replicas")
+    if scaler is None:
+        if gated:
+            return Cond("Unknown", "WaitingForModel", "the autoscaler is created with the Deployment")
+        return Cond("Unknown", "Creating", f"creating the {'ScaledObject' if kind == 'keda' else 'HPA'}")
+    if kind == "keda":
+        ready = _cond_of(scaler, "Ready")
+        if ready is None or ready.get("status") not in ("True", "False"):
+            return Cond("Unknown", "Pending", "KEDA has not reported on the ScaledObject yet")
+        if ready["status"] == "True":
+            return Cond("True", "ScaledObjectReady", ready.get("message", ""))
+        return Cond("False", ready.get("reason") or "ScaledObjectNotReady", ready.get("message", ""))
+    able, active = _cond_of(scaler, "AbleToScale"), _cond_of(scaler, "ScalingActive")
+    for cond in (able, active):
+        if cond is not None and cond.get("status") == "False":
+            return Cond("False", cond.get("reason") or "HPANotActive", cond.get("message", ""))
+    if able and active and able.get("status") == active.get("status") == "True":
+        return Cond("True", "HPAActive", active.get("message", ""))
+    return Cond("Unknown", "Pending", "the HPA has not reported yet")
+
+
+def _ready(parts: list[tuple[str, Cond]]) -> Cond:
+    for type_, cond in parts:
+        if cond.status != "True":
+            return Cond("False", cond.reason, f"{type_}: {cond.message}" if cond.message else type_)
+    return Cond("True", "Ready", "serving")
+
+
+def _timestamp(now: datetime) -> str:
+    if now.tzinfo is None:
+        now = now.replace(tzinfo=timezone.utc)
+    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def conditions(new: list[tuple[str, Cond]], previous: list[dict], now: datetime,
+               generation: Optional[int]) -> list[dict]:
+    """Condition dicts; ``lastTransitionTime`` is kept from ``previous`` when ``status`` is unchanged."""
+    before = {c.get("type"): c for c in previous or []}
+    out = []
+    for type_, cond in new:
+        old = before.get(type_)
+        since = old["lastTransitionTime"] if (
+            old and old.get("status") == cond.status and old.get("lastTransitionTime")) else _timestamp(now)
+        entry = {"type": type_, "status": cond.status, "reason": cond.reason, "message": cond.message,
+                 "lastTransitionTime": since}
+        if generation is not None:
+            entry["observedGeneration"] = generation
+        out.append(entry)
+    return out
+
+
+def reconcile(isvc: dict, observed: Mapping[str, Optional[dict]], settings: OperatorSettings, *,
+              now: datetime) -> ReconcileResult:
+    """Compute the children to apply and the status of one InferenceService.
+
+    Args:
+        isvc: the InferenceService as read from the API server (needs ``metadata.uid``).
+        observed: live children by role (``render.ROLE_*``), None or missing when absent.
+        settings: operator settings.
+        now: the time to stamp on conditions that change.
+
+    Returns:
+        A :class:`ReconcileResult`. An invalid spec (which the CRD's validation should have
+        stopped) gives no manifests and ``Ready=False`` with reason ``InvalidSpec``.
+
+    Raises:
+        ValueError: ``metadata.uid`` is missing.
+    """
+    meta = isvc.get("metadata") or {}
+    generation = meta.get("generation")
+    previous = (isvc.get("status") or {}).get("conditions") or []
+    try:
+        parsed = api.parse(isvc)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        cond = Cond("False", "InvalidSpec", f"{where}: {first.get('msg')}" if where else str(first.get("msg")))
+        status = {"observedGeneration": generation,
+                  "conditions": conditions([(READY, cond)], previous, now, generation)}
+        return ReconcileResult([], status)
+
+    children = render.render_children(parsed, settings)
+    seen = {role: _same_object(observed.get(role), children.get(role)) for role in render.ROLES}
+
+    cached = model_cached(parsed, seen[render.ROLE_PREFETCH], seen[render.ROLE_CACHE])
+    gated = cached.status != "True"
+    apply = [m for role, m in children.items() if not (gated and role in GATED_ROLES)]
+
+    dep = seen[render.ROLE_DEPLOYMENT]
+    parts = [
+        (MODEL_CACHED, cached),
+        (WORKLOAD_READY, workload_ready(parsed, dep, children[render.ROLE_DEPLOYMENT], gated)),
+        (SCALING_READY, scaling_ready(parsed, seen[render.ROLE_AUTOSCALER], gated)),
+    ]
+    dep_status = (dep or {}).get("status") or {}
+    status = {
+        "observedGeneration": generation,
+        "conditions": conditions([(READY, _ready(parts))] + parts, previous, now, generation),
+        "replicas": dep_status.get("replicas") or 0,
+        "readyReplicas": dep_status.get("readyReplicas") or 0,
+        "selector": render.selector_string(parsed),
+        "url": render.url(parsed, settings),
+    }
+    return ReconcileResult(apply, status, children)
+
+
+def orphans(isvc: dict, owned: list[dict], settings: OperatorSettings) -> list[dict]:
+    """Owned objects that are no longer desired and should be deleted: the Job of a previous
+    model, a ScaledObject after a switch to hpa (or the reverse), the cache claim after a
+    switch to an existing claim, a Deployment's autoscaler after a switch to none.
+
+    Args:
+        owned: live objects whose controller ownerReference is this InferenceService (the
+            shell lists them by the ``serving.argosy.dev/inferenceservice`` label; objects
+            controlled by anything else, such as KEDA's own HPA, are ignored here).
+
+    Returns:
+        The subset of ``owned`` to delete (none when the spec is invalid).
+    """
+    uid = (isvc.get("metadata") or {}).get("uid")
+    desired = desired_children(isvc, settings)
+    if not desired:
+        return []
+    keep = {(m["apiVersion"].split("/")[0] if "/" in m["apiVersion"] else "", m["kind"], m["metadata"]["name"])
+            for m in desired.values()}
+    out = []
+    for obj in owned:
+        refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+        if not any(r.get("controller") and r.get("uid") == uid for r in refs):
+            continue
+        av = obj.get("apiVersion", "")
+        key = (av.split("/")[0] if "/" in av else "", obj.get("kind"), obj["metadata"].get("name"))
+        if key not in keep:
+            out.append(obj)
+    return out

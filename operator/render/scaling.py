@@ -1,0 +1,110 @@
+"""Autoscaling: a KEDA ScaledObject (Prometheus triggers) or an autoscaling/v2 HPA (pod metrics)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .. import api
+from ..settings import OperatorSettings
+from . import common as c
+
+#: The runtime's gauges (vLLM names) the autoscalers act on.
+WAITING_METRIC = "vllm:num_requests_waiting"
+KV_CACHE_METRIC = "vllm:kv_cache_usage_perc"
+
+
+def _number(value: float) -> str:
+    # KEDA thresholds are strings; "5" rather than "5.0".
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def _quantity(value: float) -> str:
+    # Kubernetes quantity: whole numbers as is, fractions in milli-units (0.8 -> "800m").
+    return str(int(value)) if float(value).is_integer() else f"{round(value * 1000)}m"
+
+
+def _targets(isvc: api.InferenceService) -> list[tuple[str, str, float]]:
+    """(name, Prometheus metric, per-replica target) of each enabled target (0 disables one)."""
+    t = isvc.spec.scaling.targets
+    out = []
+    if t.waiting_requests:
+        out.append(("waiting-requests", WAITING_METRIC, t.waiting_requests))
+    if t.kv_cache_usage:
+        out.append(("kv-cache-usage", KV_CACHE_METRIC, t.kv_cache_usage))
+    return out
+
+
+def promql(isvc: api.InferenceService, settings: OperatorSettings, metric: str) -> str:
+    """Sum of ``metric`` over this InferenceService's pods (namespace and Service matchers)."""
+    return f"sum({metric}{c.promql_selector(isvc, settings)})"
+
+
+def scaled_object(isvc: api.InferenceService, settings: OperatorSettings) -> dict:
+    """KEDA ``ScaledObject`` (keda.sh/v1alpha1) scaling the Deployment on the summed gauges.
+
+    Each trigger uses ``metricType: AverageValue``: replicas = ceil(sum / target), so the
+    target is per replica. ``cooldownPeriod`` governs scaling to ``idleReplicaCount`` and is
+    also the HPA's scale-down stabilization window.
+    """
+    s = isvc.spec.scaling
+    address = s.prometheus.server_address or settings.prometheus_server_address
+    triggers = [{
+        "type": "prometheus",
+        "name": name,
+        "metricType": "AverageValue",
+        "metadata": {"serverAddress": address, "query": promql(isvc, settings, metric),
+                     "threshold": _number(target)},
+    } for name, metric, target in _targets(isvc)]
+    spec = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": isvc.metadata.name},
+        "pollingInterval": settings.keda_polling_interval,
+        "cooldownPeriod": s.cooldown_period,
+        "minReplicaCount": s.min_replicas,
+        "maxReplicaCount": s.max_replicas,
+        "advanced": {"horizontalPodAutoscalerConfig": {
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": s.cooldown_period}}}},
+        "triggers": triggers,
+    }
+    if s.idle_replica_count is not None:
+        spec["idleReplicaCount"] = s.idle_replica_count
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": c.metadata(isvc, isvc.metadata.name, c.AUTOSCALER),
+        "spec": spec,
+    }
+
+
+def horizontal_pod_autoscaler(isvc: api.InferenceService, settings: OperatorSettings) -> dict:
+    """autoscaling/v2 HPA on ``Pods`` metrics (served by Prometheus Adapter under
+    ``settings.hpa_*_metric`` names). A Pods metric is averaged over the target's own pods,
+    so it covers this InferenceService only."""
+    s = isvc.spec.scaling
+    names = {WAITING_METRIC: settings.hpa_waiting_metric, KV_CACHE_METRIC: settings.hpa_kv_cache_metric}
+    metrics = [{
+        "type": "Pods",
+        "pods": {"metric": {"name": names[metric]},
+                 "target": {"type": "AverageValue", "averageValue": _quantity(target)}},
+    } for _, metric, target in _targets(isvc)]
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": c.metadata(isvc, isvc.metadata.name, c.AUTOSCALER),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": isvc.metadata.name},
+            "minReplicas": s.min_replicas,
+            "maxReplicas": s.max_replicas,
+            "metrics": metrics,
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": s.cooldown_period}},
+        },
+    }
+
+
+def autoscaler(isvc: api.InferenceService, settings: OperatorSettings) -> Optional[dict]:
+    """The ScaledObject or HPA ``spec.scaling.autoscaler`` asks for, or None for ``none``."""
+    kind = isvc.spec.scaling.autoscaler
+    if kind == "keda":
+        return scaled_object(isvc, settings)
+    if kind == "hpa":
+        return horizontal_pod_autoscaler(isvc, settings)
+    return None

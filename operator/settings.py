@@ -1,0 +1,78 @@
+"""Operator-wide settings: what is the same for every InferenceService a deployment manages."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+DEFAULT_RUNTIME_IMAGE = "ghcr.io/argosy-dev/argosy-runtime:0.1.0"
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """Defaults and cluster facts the renderers need (times in seconds).
+
+    Every field can be set from the environment as ``ARGOSY_<FIELD NAME IN UPPER CASE>``
+    (see :meth:`from_env`); the Helm chart sets them on the operator's Deployment.
+    """
+
+    #: Runtime image when ``spec.runtime.image`` is not set.
+    runtime_image: str = DEFAULT_RUNTIME_IMAGE
+    #: imagePullPolicy of runtime containers (None: the Kubernetes default for the tag).
+    image_pull_policy: Optional[str] = None
+    #: Prometheus the KEDA scaler queries when ``spec.scaling.prometheus.serverAddress`` is not set
+    #: (the Prometheus Operator's ``prometheus-operated`` Service in namespace ``monitoring``).
+    prometheus_server_address: str = "http://prometheus-operated.monitoring.svc:9090"
+    #: Labels that the scrape adds to every series and that, together, pick one
+    #: InferenceService's pods: a ServiceMonitor adds ``namespace`` and ``service``.
+    prometheus_namespace_label: str = "namespace"
+    prometheus_service_label: str = "service"
+    #: Render a ServiceMonitor per InferenceService (needs the Prometheus Operator's CRDs).
+    service_monitor: bool = True
+    #: Pod metric names under which Prometheus Adapter serves the runtime's gauges to an
+    #: HPA (custom.metrics.k8s.io names cannot contain the colon of the Prometheus names).
+    hpa_waiting_metric: str = "vllm_num_requests_waiting"
+    hpa_kv_cache_metric: str = "vllm_kv_cache_usage_perc"
+    #: KEDA pollingInterval.
+    keda_polling_interval: int = 15
+    #: Kubernetes cluster DNS domain, for ``status.url``.
+    cluster_domain: str = "cluster.local"
+    #: Longest model load before the startup probe gives up and the pod restarts.
+    startup_timeout: int = 1800
+    #: preStop sleep so endpoints stop sending traffic before the server gets SIGTERM.
+    pre_stop_sleep: int = 10
+    #: Extra margin of terminationGracePeriodSeconds over preStop + shutdown timeout.
+    termination_margin: int = 15
+    #: uid/gid of runtime containers (the runtime image's non-root user); also the fsGroup.
+    run_as_user: int = 1000
+    #: Prefetch Job retries before it is marked failed.
+    prefetch_backoff_limit: int = 3
+    #: CPU and memory the prefetch Job requests.
+    prefetch_cpu: str = "500m"
+    prefetch_memory: str = "2Gi"
+
+    @classmethod
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "OperatorSettings":
+        """Settings from ``ARGOSY_*`` variables, defaults for the rest.
+
+        Raises:
+            ValueError: a variable for an integer or boolean field has another value.
+        """
+        env = os.environ if environ is None else environ
+        kw = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"ARGOSY_{f.name.upper()}")
+            if raw is None:
+                continue
+            if isinstance(f.default, bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(f"ARGOSY_{f.name.upper()}={raw!r} is not true or false")
+                kw[f.name] = raw.lower() in ("true", "1")
+                continue
+            try:
+                kw[f.name] = int(raw) if isinstance(f.default, int) else raw
+            except ValueError:
+                raise ValueError(f"ARGOSY_{f.name.upper()}={raw!r} is not an integer") from None
+        return cls(**kw)
