@@ -1,0 +1,1 @@
+"""End-to-end tests: whole processes and a real cluster (see e2e/README.md)."""
