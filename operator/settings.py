@@ -52,13 +52,21 @@ class OperatorSettings:
     #: CPU and memory the prefetch Job requests.
     prefetch_cpu: str = "500m"
     prefetch_memory: str = "2Gi"
+    #: Seconds between two passes of the operator's resync loop, which reconciles every
+    #: InferenceService again and so refreshes its status from the children (Deployment,
+    #: Job, autoscaler) and repairs drift.
+    resync_interval: float = 15.0
+    #: First delay in seconds before retrying after an API error or a 409 conflict; it doubles
+    #: on each retry up to ``retry_max_delay``.
+    retry_delay: float = 2.0
+    retry_max_delay: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "OperatorSettings":
         """Settings from ``ARGOSY_*`` variables, defaults for the rest.
 
         Raises:
-            ValueError: a variable for an integer or boolean field has another value.
+            ValueError: a variable for a numeric or boolean field has another value.
         """
         env = os.environ if environ is None else environ
         kw = {}
@@ -71,8 +79,9 @@ class OperatorSettings:
                     raise ValueError(f"ARGOSY_{f.name.upper()}={raw!r} is not true or false")
                 kw[f.name] = raw.lower() in ("true", "1")
                 continue
+            number = float if isinstance(f.default, float) else int if isinstance(f.default, int) else None
             try:
-                kw[f.name] = int(raw) if isinstance(f.default, int) else raw
+                kw[f.name] = number(raw) if number else raw
             except ValueError:
-                raise ValueError(f"ARGOSY_{f.name.upper()}={raw!r} is not an integer") from None
+                raise ValueError(f"ARGOSY_{f.name.upper()}={raw!r} is not a number") from None
         return cls(**kw)

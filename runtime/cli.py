@@ -39,9 +39,16 @@ def _setup_logging(level: str) -> None:
 
 
 # ------------------------------------------------------------------------- serve
-def _add_serve(sub) -> None:
-    from .config import EngineArgs
-
+def _add_serve(sub, engine_flags: bool = True) -> None:
+    """Register ``serve``. Its engine flags come from :class:`EngineArgs`, which imports torch:
+    without ``engine_flags`` (another subcommand runs) or without torch, ``serve`` is
+    registered bare, so ``argosy download`` and ``argosy operator`` never import torch."""
+    EngineArgs = None
+    if engine_flags:
+        try:
+            from .config import EngineArgs
+        except ImportError as e:  # no torch: the operator image
+            _missing_runtime.append(str(e))
     p = sub.add_parser(
         "serve",
         help="serve a model over the OpenAI-compatible HTTP API",
@@ -58,8 +65,20 @@ def _add_serve(sub) -> None:
                    help="on SIGTERM, seconds to let in-flight requests finish before aborting them (default 30)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                    help="log level (default info)")
+    if EngineArgs is None:
+        p.add_argument("engine_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        p.set_defaults(func=_cmd_serve_unavailable)
+        return
     EngineArgs.add_cli_args(p)
     p.set_defaults(func=_cmd_serve)
+
+
+_missing_runtime: list[str] = []
+
+
+def _cmd_serve_unavailable(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    detail = f" ({_missing_runtime[-1]})" if _missing_runtime else ""
+    return _fail(f"`argosy serve` needs the runtime extra: pip install 'argosy[runtime]'{detail}")
 
 
 def _cmd_serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -144,16 +163,28 @@ def _version() -> str:
 
 
 # -------------------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
-    """The ``argosy`` parser with every subcommand registered."""
+#: Subcommands that must not import torch (they run in images without it).
+LIGHT_COMMANDS = ("download", "operator")
+
+
+def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
+    """The ``argosy`` parser with every subcommand registered (``serve_flags=False`` leaves out
+    ``serve``'s engine flags, which import torch)."""
     parser = argparse.ArgumentParser(prog="argosy", description="Argosy LLM inference runtime")
     parser.add_argument("--version", action="version", version=f"argosy {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    _add_serve(sub)
+    _add_serve(sub, engine_flags=serve_flags)
     from . import download  # light: no torch import
 
     download.add_parser(sub)
+    from ..operator import main as operator_main  # light: kopf loads only when it runs
+
+    operator_main.add_parser(sub)
     return parser
+
+
+def _command(argv: Sequence[str]) -> Optional[str]:
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -164,7 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         2 when the model cannot be loaded or flags are inconsistent (one
         ``argosy: error: ...`` line on stderr).
     """
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(serve_flags=_command(argv) not in LIGHT_COMMANDS)
     ns = parser.parse_args(argv)
     return ns.func(ns, parser)
 

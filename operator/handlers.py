@@ -1,0 +1,266 @@
+"""The kopf shell around the pure core: read, :func:`~argosy.operator.reconcile.reconcile`, write.
+
+One function, :func:`converge`, does a whole pass for one InferenceService: read it and
+its children, reconcile, server-side apply the children (field manager
+``argosy-operator``), delete orphans, patch ``status`` through the status subresource, and
+post a core/v1 Event for every condition whose status changed.
+
+kopf calls it from the create, update and resume handlers. The update handler fires on
+spec changes only: a label or status change does not reconcile, and the pod template's
+spec hash changes only with the spec, so nothing else rolls the Deployment. A resync loop
+calls it for every served InferenceService each ``resync_interval`` seconds: that is how
+status follows the Deployment, the prefetch Job and the autoscaler, how the Deployment
+appears once the model is cached, and how drift (a deleted child) is repaired. The loop
+walks a kopf index; it is not a kopf timer because kopf puts a finalizer on every object
+with a timer or daemon, and deletion here is garbage collection: every child carries a
+controller ownerReference, so there is no finalizer and no delete handler, and an
+InferenceService can be deleted while the operator is down.
+
+In the handlers, API errors, 409 conflicts and connection failures become
+:class:`kopf.TemporaryError` with a delay that doubles per retry (``retry_delay`` to
+``retry_max_delay``); other 4xx answers become :class:`kopf.PermanentError`. The resync
+loop logs a failed pass and tries again on its next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections import defaultdict
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+import kopf
+
+from . import api, reconcile
+from .kube import Kube, KindNotServed, load_api_client
+from .render import ISVC_LABEL
+from .settings import OperatorSettings
+
+logger = logging.getLogger("argosy.operator")
+
+#: Prefix of kopf's own annotations on InferenceServices (progress, last handled spec).
+KOPF_PREFIX = "kopf.serving.argosy.dev"
+#: Every kind the operator may create, for finding orphans (by the InferenceService label).
+CHILD_KINDS = (
+    ("v1", "PersistentVolumeClaim"),
+    ("batch/v1", "Job"),
+    ("v1", "Service"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("policy/v1", "PodDisruptionBudget"),
+    ("apps/v1", "Deployment"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),
+)
+#: Condition reasons reported as Warning events.
+WARNING_REASONS = frozenset({"DownloadFailed", "ProgressDeadlineExceeded", "InvalidSpec"})
+#: HTTP codes worth retrying soon (Kubernetes API conventions: 409 is an optimistic-lock conflict).
+TRANSIENT_CODES = frozenset({404, 408, 409, 429, 500, 502, 503, 504})
+
+
+class Context:
+    """What the handlers share: operator settings, the API client, per-object locks.
+
+    Args:
+        settings: operator settings (renderers, resync interval, retry delays).
+        api_client: a ``kubernetes.client.ApiClient``; default: in-cluster config, else kubeconfig.
+        connection: what kopf's login returns (a :class:`kopf.ConnectionInfo`); default:
+            kopf's login through the ``kubernetes`` client's configuration.
+        discovery_cache: file for the DynamicClient's discovery cache (default: its temp file).
+    """
+
+    def __init__(self, settings: OperatorSettings, *, api_client: Any = None,
+                 connection: Optional[kopf.ConnectionInfo] = None, discovery_cache: Optional[str] = None):
+        self.settings = settings
+        self.connection = connection
+        self._api_client = api_client
+        self._discovery_cache = discovery_cache
+        self._kube: Optional[Kube] = None
+        self._guard = threading.Lock()
+        self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        self.resync_task: Optional[asyncio.Task] = None
+
+    @property
+    def kube(self) -> Kube:
+        """The API client wrapper, created on first use."""
+        with self._guard:
+            if self._kube is None:
+                self._kube = Kube(self._api_client or load_api_client(), cache_file=self._discovery_cache)
+            return self._kube
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        """The lock that keeps passes over one InferenceService from overlapping."""
+        with self._guard:
+            return self._locks[(namespace, name)]
+
+    def retry_delay(self, retry: int) -> float:
+        """Seconds before retry number ``retry`` (0 for the first): doubling, capped."""
+        s = self.settings
+        return min(s.retry_delay * (2 ** max(0, retry)), s.retry_max_delay)
+
+
+def transition_events(previous: Optional[list[dict]], current: list[dict]) -> list[tuple[str, str, str]]:
+    """Events for conditions whose ``status`` changed (or that are new), as (type, reason, message).
+
+    A condition turning False is a ``Warning`` when it was True before or its reason is in
+    :data:`WARNING_REASONS`; everything else is ``Normal``.
+    """
+    before = {c.get("type"): c for c in previous or []}
+    out = []
+    for cond in current:
+        old = before.get(cond["type"])
+        if old is not None and old.get("status") == cond["status"]:
+            continue
+        warning = cond["status"] == "False" and (
+            cond["reason"] in WARNING_REASONS or (old is not None and old.get("status") == "True"))
+        text = f"{cond['type']} is {cond['status']}"
+        if cond.get("message"):
+            text += f": {cond['message']}"
+        out.append(("Warning" if warning else "Normal", cond["reason"], text[:1024]))
+    return out
+
+
+def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.Logger] = None,
+             now: Optional[datetime] = None) -> Optional[dict]:
+    """One reconcile pass over the InferenceService ``namespace/name``.
+
+    Returns:
+        The status written (or already there), None when the object is gone or being deleted.
+
+    Raises:
+        kubernetes.dynamic.exceptions.DynamicApiError: an API call failed.
+        KindNotServed: a child's kind is not served by the cluster.
+    """
+    log = log or logger
+    kube = ctx.kube
+    with ctx.lock(namespace, name):
+        isvc = kube.get(api.API_VERSION, api.KIND, namespace, name)
+        if isvc is None or isvc["metadata"].get("deletionTimestamp"):
+            return None
+        wanted = reconcile.desired_children(isvc, ctx.settings)
+        observed = {role: kube.get(m["apiVersion"], m["kind"], namespace, m["metadata"]["name"])
+                    for role, m in wanted.items()}
+        result = reconcile.reconcile(isvc, observed, ctx.settings, now=now or datetime.now(timezone.utc))
+        for manifest in result.manifests_to_apply:
+            kube.apply(manifest)
+        if wanted:
+            owned = [obj for api_version, kind in CHILD_KINDS
+                     for obj in kube.list(api_version, kind, namespace, f"{ISVC_LABEL}={name}")]
+            for obj in reconcile.orphans(isvc, owned, ctx.settings):
+                log.info("deleting %s %s, no longer part of the service", obj["kind"], obj["metadata"]["name"])
+                kube.delete(obj)
+        previous = isvc.get("status") or {}
+        if {k: previous.get(k) for k in result.status} != result.status:
+            kube.patch_status(api.API_VERSION, api.KIND, namespace, name, result.status)
+        for type_, reason, message in transition_events(previous.get("conditions"), result.status["conditions"]):
+            log.log(logging.WARNING if type_ == "Warning" else logging.INFO, "%s: %s", reason, message)
+            try:
+                kube.post_event(isvc, type_, reason, message)
+            except Exception as e:  # noqa: BLE001 - an event is not worth a retry of the whole pass
+                log.warning("could not post the %s event: %s", reason, e)
+        return result.status
+
+
+def _summary(exc: BaseException) -> str:
+    # DynamicApiError.summary() is "CODE: message"; other errors print as themselves.
+    summary = getattr(exc, "summary", None)
+    return f"{type(exc).__name__}: {summary() if callable(summary) else exc}"
+
+
+def _transient(exc: BaseException) -> bool:
+    status = getattr(exc, "status", None)
+    if isinstance(status, int):
+        return status in TRANSIENT_CODES
+    import urllib3
+
+    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSError))
+
+
+def handle(ctx: Context, namespace: str, name: str, retry: int, log: logging.Logger) -> None:
+    """Run :func:`converge` for a kopf handler, mapping failures to kopf's retry errors.
+
+    Raises:
+        kopf.TemporaryError: a transient API failure or a kind the cluster does not serve (yet).
+        kopf.PermanentError: the API server rejected a request for good (e.g. 403, 422).
+    """
+    try:
+        converge(ctx, namespace, name, log=log)
+    except KindNotServed as e:
+        raise kopf.TemporaryError(str(e), delay=ctx.settings.retry_max_delay) from e
+    except Exception as e:  # noqa: BLE001 - classified below
+        summary = _summary(e)
+        if _transient(e):
+            raise kopf.TemporaryError(f"will retry: {summary}", delay=ctx.retry_delay(retry)) from e
+        raise kopf.PermanentError(summary) from e
+
+
+async def resync_loop(ctx: Context, index: Any) -> None:
+    """Every ``resync_interval`` seconds, :func:`converge` each InferenceService in ``index``
+    (a kopf index keyed by (namespace, name)), one at a time, in a worker thread. Failures are
+    logged; the next round retries. Runs until cancelled."""
+    while True:
+        await asyncio.sleep(ctx.settings.resync_interval)
+        for namespace, name in list(index):
+            try:
+                await asyncio.to_thread(converge, ctx, namespace, name)
+            except Exception as e:  # noqa: BLE001 - logged, retried next round
+                logger.warning("resync of %s/%s failed, retrying in %gs: %s", namespace, name,
+                               ctx.settings.resync_interval, _summary(e))
+
+
+def kopf_settings(ctx: Context) -> kopf.OperatorSettings:
+    """kopf's settings for this operator: bookkeeping in annotations under :data:`KOPF_PREFIX`
+    (status fields outside the CRD's schema would be pruned); kopf's own events only for
+    warnings and errors, such as a handler failing (the operator posts its own on condition
+    changes)."""
+    settings = kopf.OperatorSettings()
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=KOPF_PREFIX)
+    settings.posting.level = logging.WARNING
+    if hasattr(settings.posting, "loggers"):  # kopf >= 1.38 posts nothing from its logs by default
+        settings.posting.loggers = True
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    return settings
+
+
+def build_registry(ctx: Context) -> kopf.OperatorRegistry:
+    """A kopf registry with the operator's handlers bound to ``ctx``."""
+    registry = kopf.OperatorRegistry()
+    resource = (api.GROUP, api.VERSION, api.PLURAL)
+
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> Optional[kopf.ConnectionInfo]:
+        return ctx.connection or kopf.login_via_client(**kwargs)
+
+    @kopf.on.create(*resource, registry=registry)
+    def created(namespace: str, name: str, retry: int, logger: logging.Logger, **_: Any) -> None:
+        handle(ctx, namespace, name, retry, logger)
+
+    @kopf.on.update(*resource, field="spec", registry=registry)
+    def spec_changed(namespace: str, name: str, retry: int, logger: logging.Logger, **_: Any) -> None:
+        handle(ctx, namespace, name, retry, logger)
+
+    @kopf.on.resume(*resource, registry=registry)
+    def resumed(namespace: str, name: str, retry: int, logger: logging.Logger, **_: Any) -> None:
+        handle(ctx, namespace, name, retry, logger)
+
+    @kopf.index(*resource, id="inference_services", registry=registry)
+    def inference_services(namespace: str, name: str, **_: Any) -> dict:
+        return {(namespace, name): True}
+
+    @kopf.on.startup(registry=registry)
+    async def start_resync(inference_services: Any, **_: Any) -> None:
+        ctx.resync_task = asyncio.create_task(resync_loop(ctx, inference_services))
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_resync(**_: Any) -> None:
+        if ctx.resync_task is not None:
+            ctx.resync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ctx.resync_task
+            ctx.resync_task = None
+
+    return registry

@@ -1,0 +1,178 @@
+"""The few Kubernetes API calls the operator makes, through the ``kubernetes`` client's DynamicClient.
+
+Every call is synchronous (the kopf handlers that use it run in kopf's thread pool) and
+works on plain dicts. Children are written with server-side apply (``PATCH`` with
+``application/apply-patch+yaml``, ``fieldManager=argosy-operator``, ``force=true``: the
+operator is the authority on the fields it sets, Kubernetes "Server-Side Apply" docs);
+status goes through the ``status`` subresource as a JSON merge patch.
+
+Errors come out as ``kubernetes.dynamic.exceptions.DynamicApiError`` (with ``.status``,
+the HTTP code), ``urllib3`` errors for connection failures, and :class:`KindNotServed`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+#: Field manager of everything the operator applies (Kubernetes "Server-Side Apply").
+FIELD_MANAGER = "argosy-operator"
+#: Seconds before a kind the cluster did not serve is looked up again (e.g. KEDA installed later).
+MISSING_KIND_RECHECK = 300.0
+
+
+class KindNotServed(RuntimeError):
+    """The cluster does not serve ``apiVersion``/``kind`` (e.g. KEDA's CRDs are not installed)."""
+
+    def __init__(self, api_version: str, kind: str):
+        super().__init__(f"the cluster does not serve {kind} ({api_version}); install its CRDs or change the spec")
+        self.api_version, self.kind = api_version, kind
+
+
+def load_api_client() -> Any:
+    """An ``ApiClient`` from the in-cluster service account, else from the kubeconfig (the
+    same order kopf's own login uses).
+
+    Raises:
+        kubernetes.config.ConfigException: neither is available.
+    """
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+class Kube:
+    """get / list / apply / delete / patch_status for objects given as dicts.
+
+    Args:
+        api_client: a configured ``kubernetes.client.ApiClient``.
+        cache_file: where the DynamicClient caches discovery (default: its file in the temp dir).
+    """
+
+    def __init__(self, api_client: Any, *, cache_file: Optional[str] = None, field_manager: str = FIELD_MANAGER):
+        self._api_client = api_client
+        self._cache_file = cache_file
+        self.field_manager = field_manager
+        self._lock = threading.Lock()
+        self._dynamic: Any = None
+        self._resources: dict[tuple[str, str], Any] = {}
+        self._missing: dict[tuple[str, str], float] = {}
+
+    def _client(self) -> Any:
+        if self._dynamic is None:
+            from kubernetes import dynamic
+
+            self._dynamic = dynamic.DynamicClient(self._api_client, cache_file=self._cache_file)
+        return self._dynamic
+
+    def resource(self, api_version: str, kind: str) -> Optional[Any]:
+        """The discovered API resource for ``apiVersion``/``kind``, None when the cluster does not serve it."""
+        from kubernetes.dynamic.exceptions import ResourceNotFoundError
+
+        key = (api_version, kind)
+        with self._lock:
+            if key in self._resources:
+                return self._resources[key]
+            if time.monotonic() - self._missing.get(key, -MISSING_KIND_RECHECK) < MISSING_KIND_RECHECK:
+                return None
+            try:
+                found = self._client().resources.get(api_version=api_version, kind=kind)
+            except ResourceNotFoundError:
+                self._missing[key] = time.monotonic()
+                return None
+            self._resources[key] = found
+            return found
+
+    def _served(self, api_version: str, kind: str) -> Any:
+        res = self.resource(api_version, kind)
+        if res is None:
+            raise KindNotServed(api_version, kind)
+        return res
+
+    def get(self, api_version: str, kind: str, namespace: Optional[str], name: str) -> Optional[dict]:
+        """The object, or None when it (or its kind) does not exist."""
+        from kubernetes.dynamic.exceptions import NotFoundError
+
+        res = self.resource(api_version, kind)
+        if res is None:
+            return None
+        try:
+            return res.get(name=name, namespace=namespace).to_dict()
+        except NotFoundError:
+            return None
+
+    def list(self, api_version: str, kind: str, namespace: Optional[str], label_selector: str) -> list[dict]:
+        """Objects matching a label selector (``[]`` when the kind is not served)."""
+        res = self.resource(api_version, kind)
+        if res is None:
+            return []
+        items = res.get(namespace=namespace, label_selector=label_selector).to_dict().get("items") or []
+        for item in items:  # list items may come without them
+            item.setdefault("apiVersion", api_version)
+            item.setdefault("kind", kind)
+        return items
+
+    def apply(self, manifest: dict) -> dict:
+        """Server-side apply ``manifest`` as :attr:`field_manager`, taking over conflicting fields.
+
+        Raises:
+            KindNotServed: the cluster does not serve the manifest's kind.
+        """
+        res = self._served(manifest["apiVersion"], manifest["kind"])
+        meta = manifest["metadata"]
+        return self._client().server_side_apply(
+            res, body=manifest, name=meta["name"], namespace=meta.get("namespace"),
+            field_manager=self.field_manager, force_conflicts=True).to_dict()
+
+    def delete(self, obj: dict, propagation: str = "Background") -> None:
+        """Delete an object and (``Background``) its dependents; a missing object is fine."""
+        from kubernetes.dynamic.exceptions import NotFoundError
+
+        res = self.resource(obj["apiVersion"], obj["kind"])
+        if res is None:
+            return
+        meta = obj["metadata"]
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
+        if meta.get("uid"):
+            body["preconditions"] = {"uid": meta["uid"]}
+        try:
+            res.delete(name=meta["name"], namespace=meta.get("namespace"), body=body)
+        except NotFoundError:
+            pass
+
+    def post_event(self, obj: dict, type_: str, reason: str, message: str) -> dict:
+        """Create a core/v1 Event about ``obj`` (``type_`` ``Normal`` or ``Warning``, CamelCase
+        ``reason``), the kind ``kubectl describe`` lists, reported by :attr:`field_manager`."""
+        meta = obj["metadata"]
+        now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta.get("namespace") or "default"},
+            "involvedObject": {"apiVersion": obj["apiVersion"], "kind": obj["kind"], "name": meta["name"],
+                               "namespace": meta.get("namespace"), "uid": meta.get("uid"),
+                               "resourceVersion": meta.get("resourceVersion")},
+            "type": type_, "reason": reason, "message": message[:1024],
+            "source": {"component": self.field_manager}, "reportingComponent": self.field_manager,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        res = self._served("v1", "Event")
+        return self._client().create(res, body=event, namespace=event["metadata"]["namespace"]).to_dict()
+
+    def patch_status(self, api_version: str, kind: str, namespace: Optional[str], name: str, status: dict) -> dict:
+        """JSON-merge-patch ``status`` through the ``status`` subresource.
+
+        Raises:
+            KindNotServed: the kind (or its status subresource) is not served.
+        """
+        res = self._served(api_version, kind)
+        sub = res.subresources.get("status") if getattr(res, "subresources", None) else None
+        if sub is None:
+            raise KindNotServed(f"{api_version} (status subresource)", kind)
+        return self._client().patch(sub, body={"status": status}, name=name, namespace=namespace,
+                                    content_type="application/merge-patch+json").to_dict()

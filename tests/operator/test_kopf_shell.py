@@ -1,0 +1,365 @@
+"""The kopf shell, run in-process against the API stand-in; the test plays the kubelet and
+the controllers (Job, Deployment, KEDA) by writing the children's status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import kopf
+import kubernetes
+import pytest
+import yaml
+
+from argosy.operator import api
+from argosy.operator.handlers import Context, build_registry, kopf_settings, transition_events
+from argosy.operator.kube import FIELD_MANAGER, Kube
+from argosy.operator.render import ISVC_LABEL, SPEC_HASH_ANNOTATION
+from argosy.operator.settings import OperatorSettings
+
+from .apiserver_standin import MERGE_PATCH, StandIn
+from .specs import SMOL
+
+NS = "ml"
+ISVCS = f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{NS}/{api.PLURAL}"
+CRDS = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions"
+KINDS = {
+    "PersistentVolumeClaim": f"/api/v1/namespaces/{NS}/persistentvolumeclaims",
+    "Job": f"/apis/batch/v1/namespaces/{NS}/jobs",
+    "Service": f"/api/v1/namespaces/{NS}/services",
+    "ServiceMonitor": f"/apis/monitoring.coreos.com/v1/namespaces/{NS}/servicemonitors",
+    "PodDisruptionBudget": f"/apis/policy/v1/namespaces/{NS}/poddisruptionbudgets",
+    "Deployment": f"/apis/apps/v1/namespaces/{NS}/deployments",
+    "ScaledObject": f"/apis/keda.sh/v1alpha1/namespaces/{NS}/scaledobjects",
+    "HorizontalPodAutoscaler": f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers",
+}
+FAST = OperatorSettings(resync_interval=0.3, retry_delay=0.1, retry_max_delay=0.5)
+
+
+@pytest.fixture
+def cluster(crd):
+    with StandIn() as standin:
+        assert standin.http("POST", CRDS, crd)[0] == 201
+        assert standin.http("POST", "/api/v1/namespaces", {"metadata": {"name": NS}})[0] == 201
+        yield standin
+
+
+def _api_client(url: str) -> kubernetes.client.ApiClient:
+    config = kubernetes.client.Configuration()
+    config.host = url
+    return kubernetes.client.ApiClient(config)
+
+
+class RunningOperator:
+    """The operator (kopf's ``operator()`` coroutine) in a thread, pointed at the stand-in."""
+
+    def __init__(self, standin: StandIn, workdir, settings: OperatorSettings = FAST):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.ctx = Context(settings, api_client=_api_client(standin.url),
+                           connection=kopf.ConnectionInfo(server=standin.url, insecure=True),
+                           discovery_cache=str(workdir / "discovery.json"))
+        self.stop_flag, self.ready_flag = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run, name="operator", daemon=True)
+
+    def _run(self) -> None:
+        asyncio.run(kopf.operator(registry=build_registry(self.ctx), settings=kopf_settings(self.ctx),
+                                  standalone=True, namespaces=[NS], stop_flag=self.stop_flag,
+                                  ready_flag=self.ready_flag))
+
+    def __enter__(self) -> "RunningOperator":
+        self.thread.start()
+        assert self.ready_flag.wait(20), "the operator did not start"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_flag.set()
+        self.thread.join(20)
+        assert not self.thread.is_alive(), "the operator did not stop"
+
+
+def wait_for(probe, what: str, timeout: float = 20.0):
+    """Poll ``probe`` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def children(standin: StandIn, name: str = "llm") -> dict[str, list[dict]]:
+    out = {}
+    for kind, path in KINDS.items():
+        status, listing = standin.http("GET", path, query={"labelSelector": f"{ISVC_LABEL}={name}"})
+        assert status == 200
+        if listing["items"]:
+            out[kind] = listing["items"]
+    return out
+
+
+def isvc(standin: StandIn, name: str = "llm") -> dict:
+    return standin.http("GET", f"{ISVCS}/{name}")[1]
+
+
+def condition(obj: dict, type_: str) -> dict:
+    return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), {})
+
+
+def is_true(standin: StandIn, type_: str, name: str = "llm") -> bool:
+    return condition(isvc(standin, name), type_).get("status") == "True"
+
+
+def one(standin: StandIn, kind: str, name: str = "llm") -> dict:
+    return wait_for(lambda: (children(standin, name).get(kind) or [None])[0], f"a {kind}")
+
+
+def play_deployment(standin: StandIn, ready: int = 1) -> None:
+    """The Deployment controller and kubelet: the current generation is rolled out and available."""
+    dep = one(standin, "Deployment")
+    status = {"observedGeneration": dep["metadata"]["generation"], "replicas": ready, "readyReplicas": ready,
+              "availableReplicas": ready, "updatedReplicas": ready}
+    code, _ = standin.http("PATCH", f"{KINDS['Deployment']}/{dep['metadata']['name']}/status", {"status": status},
+                           content_type=MERGE_PATCH)
+    assert code == 200
+
+
+def template_hash(dep: dict) -> str:
+    return dep["spec"]["template"]["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+
+
+def patch_isvc(standin: StandIn, patch: dict, name: str = "llm") -> dict:
+    code, obj = standin.http("PATCH", f"{ISVCS}/{name}", patch, content_type=MERGE_PATCH)
+    assert code == 200, obj
+    return obj
+
+
+def _new_isvc(name: str, spec: dict) -> dict:
+    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name}, "spec": spec}
+
+
+def test_lifecycle_cache_ready_roll_faults_and_delete(cluster, tmp_path):
+    s = cluster
+    spec = {"model": {"uri": SMOL}, "scaling": {"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 3}}
+    with RunningOperator(s, tmp_path):
+        code, created = s.http("POST", ISVCS, _new_isvc("llm", spec))
+        assert code == 201
+        uid = created["metadata"]["uid"]
+
+        # the cache and prefetch Job come first; the Deployment waits for the model
+        job = one(s, "Job")
+        wait_for(lambda: condition(isvc(s), "ModelCached").get("reason") == "Downloading", "ModelCached=False")
+        kids = children(s)
+        assert set(kids) == {"PersistentVolumeClaim", "Job", "Service", "ServiceMonitor", "PodDisruptionBudget"}
+        for kind, objs in kids.items():
+            (obj,) = objs
+            (ref,) = obj["metadata"]["ownerReferences"]
+            assert (ref["uid"], ref["controller"], ref["kind"]) == (uid, True, api.KIND), kind
+            managers = {(m["manager"], m["operation"]) for m in obj["metadata"]["managedFields"]}
+            assert (FIELD_MANAGER, "Apply") in managers, kind
+        assert not isvc(s)["metadata"].get("finalizers")  # deletion is garbage collection
+        assert not is_true(s, "Ready")
+
+        # the Job controller reports success: the model is cached, the Deployment and ScaledObject appear
+        s.http("PATCH", f"{KINDS['Job']}/{job['metadata']['name']}/status",
+               {"status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}},
+               content_type=MERGE_PATCH)
+        wait_for(lambda: is_true(s, "ModelCached"), "ModelCached=True")
+        dep = one(s, "Deployment")
+        assert "replicas" not in dep["spec"]  # KEDA owns replicas
+        scaled = one(s, "ScaledObject")
+        s.http("PATCH", f"{KINDS['ScaledObject']}/{scaled['metadata']['name']}/status",
+               {"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "ScaledObjectReady"}]}},
+               content_type=MERGE_PATCH)
+
+        # pods become available: Ready, for the current generation
+        play_deployment(s)
+        wait_for(lambda: is_true(s, "Ready"), "Ready=True")
+        status = isvc(s)["status"]
+        assert status["observedGeneration"] == 1 and status["readyReplicas"] == 1
+        assert condition(isvc(s), "Ready")["observedGeneration"] == 1
+        events = s.http("GET", f"/api/v1/namespaces/{NS}/events")[1]["items"]
+        reasons = {e["reason"] for e in events if e["involvedObject"].get("uid") == uid}
+        assert {"Downloading", "Downloaded", "Ready"} <= reasons
+
+        # a spec edit rolls the Deployment; Ready waits for the rollout
+        before = template_hash(one(s, "Deployment"))
+        assert patch_isvc(s, {"spec": {"runtime": {"maxNumSeqs": 64}}})["metadata"]["generation"] == 2
+        dep = wait_for(lambda: (d := one(s, "Deployment")) and template_hash(d) != before and d, "a rollout")
+        args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert args[args.index("--max-num-seqs") + 1] == "64"
+        wait_for(lambda: isvc(s)["status"]["observedGeneration"] == 2 and not is_true(s, "Ready"),
+                 "Ready=False during the rollout")
+        play_deployment(s)
+        wait_for(lambda: is_true(s, "Ready"), "Ready=True after the rollout")
+
+        # a label on the InferenceService changes nothing downstream
+        dep = one(s, "Deployment")
+        assert patch_isvc(s, {"metadata": {"labels": {"team": "a"}}})["metadata"]["generation"] == 2
+        time.sleep(5 * FAST.resync_interval)
+        after = one(s, "Deployment")
+        assert after["metadata"]["resourceVersion"] == dep["metadata"]["resourceVersion"]
+        assert is_true(s, "Ready")
+
+        # a 409 on the Deployment and a 500 on the status: retried until converged
+        conflict = s.fail_next("deployments", 409, times=2, verbs=("patch",))
+        error = s.fail_next("inferenceservices", 500, times=1, verbs=("patch",), subresource="status")
+        before = template_hash(after)
+        patch_isvc(s, {"spec": {"runtime": {"maxNumSeqs": 128}}})
+        wait_for(lambda: template_hash(one(s, "Deployment")) != before, "the rollout despite a 409")
+        wait_for(lambda: isvc(s)["status"]["observedGeneration"] == 3, "status despite a 500")
+        assert len(conflict.hits) == 2 and len(error.hits) == 1
+        play_deployment(s)
+        wait_for(lambda: is_true(s, "Ready"), "Ready=True after the faults")
+
+        # deleting the InferenceService: garbage collection removes every child
+        assert s.http("DELETE", f"{ISVCS}/llm")[0] == 200
+        wait_for(lambda: not children(s), "children garbage-collected")
+        time.sleep(3 * FAST.resync_interval)
+        assert not children(s)  # and the operator does not bring them back
+
+
+def _snapshot(standin: StandIn) -> dict[str, list[tuple[str, str, str]]]:
+    return {kind: sorted((o["metadata"]["name"], o["metadata"]["uid"], o["metadata"]["resourceVersion"])
+                         for o in objs) for kind, objs in children(standin).items()}
+
+
+def test_restart_resumes_without_duplicates(cluster, tmp_path):
+    s = cluster
+    spec = {"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0}}  # on a volume: no download
+    with RunningOperator(s, tmp_path / "first"):
+        s.http("POST", ISVCS, _new_isvc("llm", spec))
+        one(s, "Deployment")
+        play_deployment(s)
+        wait_for(lambda: is_true(s, "Ready"), "Ready=True")
+    before = _snapshot(s)
+    assert set(before) == {"Service", "ServiceMonitor", "PodDisruptionBudget", "Deployment"}
+    # while the operator is down, a child is deleted and the scale is changed
+    s.http("DELETE", f"{KINDS['Service']}/llm")
+    patch_isvc(s, {"spec": {"scaling": {"minReplicas": 2}}})
+    mark = len(s.requests)
+    with RunningOperator(s, tmp_path / "second"):
+        wait_for(lambda: "Service" in children(s), "the deleted Service back")
+        wait_for(lambda: one(s, "Deployment")["spec"]["replicas"] == 2, "the new replica count")
+        wait_for(lambda: isvc(s)["status"]["observedGeneration"] == 2, "status of generation 2")
+        time.sleep(3 * FAST.resync_interval)
+    after = _snapshot(s)
+    assert {k: len(v) for k, v in after.items()} == {k: 1 for k in before}  # nothing duplicated
+    for kind in ("ServiceMonitor", "PodDisruptionBudget"):
+        assert after[kind] == before[kind], kind  # untouched: same object, same version
+    assert after["Deployment"][0][1] == before["Deployment"][0][1]  # updated in place
+    assert after["Service"][0][1] != before["Service"][0][1]  # recreated
+    applies = [r for r in list(s.requests)[mark:] if r.verb == "patch" and r.query.get("fieldManager") == FIELD_MANAGER]
+    assert applies and all(r.content_type.startswith("application/apply-patch+yaml") for r in applies)
+
+
+def test_kube_client_against_standin(cluster, tmp_path):
+    kube = Kube(_api_client(cluster.url), cache_file=str(tmp_path / "discovery.json"))
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": NS, "labels": {"a": "1"}},
+          "data": {"k": "v"}}
+    applied = kube.apply(cm)
+    assert applied["data"] == {"k": "v"}
+    assert kube.get("v1", "ConfigMap", NS, "c")["metadata"]["uid"] == applied["metadata"]["uid"]
+    assert kube.get("v1", "ConfigMap", NS, "missing") is None
+    assert kube.get("example.com/v1", "Nothing", NS, "x") is None
+    assert [o["metadata"]["name"] for o in kube.list("v1", "ConfigMap", NS, "a=1")] == ["c"]
+    kube.delete(applied)
+    kube.delete(applied)  # already gone: fine
+    assert kube.get("v1", "ConfigMap", NS, "c") is None
+
+
+def test_transition_events():
+    def cond(type_, status, reason):
+        return {"type": type_, "status": status, "reason": reason, "message": "m"}
+
+    previous = [cond("Ready", "True", "Ready"), cond("ModelCached", "True", "Downloaded")]
+    current = [cond("Ready", "False", "Updating"), cond("ModelCached", "True", "Downloaded"),
+               cond("ScalingReady", "False", "DownloadFailed")]
+    assert transition_events(previous, current) == [
+        ("Warning", "Updating", "Ready is False: m"), ("Warning", "DownloadFailed", "ScalingReady is False: m")]
+    assert transition_events(None, [cond("Ready", "False", "Creating")]) == [
+        ("Normal", "Creating", "Ready is False: m")]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_argosy_operator_command(cluster, tmp_path):
+    """`argosy operator` as the chart runs it: kubeconfig login, JSON logs, liveness, SIGTERM."""
+    s = cluster
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "standin",
+        "clusters": [{"name": "standin", "cluster": {"server": s.url}}],
+        "users": [{"name": "tester", "user": {}}],
+        "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "tester", "namespace": NS}}]}))
+    port = _free_port()
+    env = dict(os.environ, KUBECONFIG=str(kubeconfig), ARGOSY_RESYNC_INTERVAL="0.3", TMPDIR=str(tmp_path))
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "argosy.runtime.cli", "operator", "--standalone", "--namespace", NS,
+         "--liveness", f"http://127.0.0.1:{port}/healthz", "--log-format", "json"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        s.http("POST", ISVCS, _new_isvc("llm", {"model": {"uri": SMOL}}))
+        one(s, "Job")
+
+        def alive():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                    return resp.status == 200
+            except OSError:
+                return False
+
+        wait_for(alive, "the liveness endpoint")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, out
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    assert lines and all("message" in json.loads(line) for line in lines)
+
+
+def test_operator_command_needs_no_torch(tmp_path):
+    """`argosy operator` and `argosy download` parse without torch, transformers or aiohttp;
+    `argosy serve` then says what is missing."""
+    code = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "aiohttp", "numpy"):
+            raise ImportError(f"No module named {name!r} (blocked)")
+sys.meta_path.insert(0, Block())
+from argosy.runtime import cli
+try:
+    cli.main(["operator", "--help"])
+except SystemExit as e:
+    assert e.code == 0, e.code
+assert "kopf" not in sys.modules
+assert cli.main(["serve", "model"]) == 2
+try:
+    cli.main(["--help"])
+except SystemExit as e:
+    assert e.code == 0, e.code
+print("loaded:", sorted(m for m in ("torch", "transformers", "aiohttp", "kopf", "kubernetes") if m in sys.modules))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--all-namespaces" in proc.stdout and "--peering" in proc.stdout
+    assert "loaded: []" in proc.stdout
+    assert "argosy serve` needs the runtime extra" in proc.stderr
