@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -40,7 +41,34 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]
     query_lens_cpu: list[int]
     has_padding: bool = False
+    _decode_groups: Optional[list] = field(default=None, init=False, repr=False)
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+    def decode_groups(self, max_groups: int = 4, ratio: float = 1.25) -> list[tuple[Optional[torch.Tensor], list[int]]]:
+        """Split the decode sequences into groups of similar context length.
+
+        Backends that gather each group's context into a padded dense tensor (the torch
+        path) then copy and read about ``sum(seq_lens)`` tokens instead of
+        ``num_decodes * max_seq_len``. Computed once per step and cached.
+
+        Returns:
+            ``[(index_tensor or None, member_indices)]``; ``None`` means "all decodes,
+            in order" (one group, no reordering).
+        """
+        if self._decode_groups is None:
+            nd = self.num_decodes
+            lens = self.seq_lens_cpu[:nd]
+            if nd < 8 or max(lens) <= ratio * min(lens):
+                groups = [(None, list(range(nd)))]
+            else:
+                order = sorted(range(nd), key=lens.__getitem__)
+                size = -(-nd // max_groups)
+                groups = []
+                for i in range(0, nd, size):
+                    members = order[i : i + size]
+                    groups.append((torch.tensor(members, dtype=torch.int64, device=self.seq_lens.device), members))
+            self._decode_groups = groups
+        return self._decode_groups

@@ -45,6 +45,23 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torc
     return x.transpose(1, 2)
 
 
+def _decode_attention(query, kc, vc, block_tables, seq_lens, lens: list[int], scale: float) -> torch.Tensor:
+    """One query token per sequence: ``query [B, H, d]`` -> ``[B, H, d]``."""
+    b, h, d = query.shape
+    max_len = max(lens)
+    nblk = -(-max_len // kc.shape[1])
+    k = _gather(kc, block_tables[:, :nblk], max_len)
+    v = _gather(vc, block_tables[:, :nblk], max_len)
+    # GQA for one query token: the g query heads sharing a KV head become g query rows
+    # of that head ([B, kvh, g, d]); K/V are never expanded.
+    kvh = k.shape[1]
+    q = query.view(b, kvh, h // kvh, d)
+    mask = None
+    if min(lens) != max_len:
+        mask = (torch.arange(max_len, device=query.device)[None, :] < seq_lens[:, None]).view(b, 1, 1, max_len)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).view(b, h, d)
+
+
 def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Attention of the step's queries over each sequence's paged context.
 
@@ -66,20 +83,17 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     out = torch.empty_like(query)
     nd = meta.num_decodes
     if nd:
-        max_len = max(meta.seq_lens_cpu[:nd])
-        nblk = -(-max_len // block_size)
-        bt = meta.block_tables[:nd, :nblk]
-        k = _gather(kc, bt, max_len)
-        v = _gather(vc, bt, max_len)
-        # GQA for one query token: the g query heads sharing a KV head become g query
-        # rows of that head ([nd, kvh, g, d]); K/V are never expanded.
-        h, kvh, d = query.shape[1], k.shape[1], query.shape[2]
-        q = query[:nd].view(nd, kvh, h // kvh, d)
-        if min(meta.seq_lens_cpu[:nd]) == max_len:
-            mask = None
-        else:
-            mask = (torch.arange(max_len, device=query.device)[None, :] < meta.seq_lens[:nd, None]).view(nd, 1, 1, max_len)
-        out[:nd] = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).view(nd, h, d)
+        # Decodes of similar length are batched together (padding kept small).
+        for idx, members in meta.decode_groups():
+            lens = [meta.seq_lens_cpu[i] for i in members]
+            rows = query[:nd] if idx is None else query.index_select(0, idx)
+            bt = meta.block_tables[:nd] if idx is None else meta.block_tables.index_select(0, idx)
+            seq_lens = meta.seq_lens[:nd] if idx is None else meta.seq_lens.index_select(0, idx)
+            res = _decode_attention(rows, kc, vc, bt, seq_lens, lens, scale)
+            if idx is None:
+                out[:nd] = res
+            else:
+                out.index_copy_(0, idx, res)
     start = nd
     for s in range(nd, meta.num_seqs):
         qlen, slen = meta.query_lens_cpu[s], meta.seq_lens_cpu[s]
