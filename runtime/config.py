@@ -104,6 +104,7 @@ class EngineArgs:
     revision: Optional[str] = None
     served_model_name: Optional[str] = None
     dtype: str = "auto"
+    quantization: Optional[str] = None
     device: str = "auto"
     max_model_len: Optional[int] = None
     block_size: int = 16
@@ -129,6 +130,9 @@ class EngineArgs:
         g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for hub ids")
         g.add_argument("--served-model-name", default=None, help="model name reported by the API (default: the model's)")
         g.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+        g.add_argument("--quantization", "-q", default=None,
+                       help="weight quantization method; 'gguf' (GGUF files: dequantized to --dtype at load) is the "
+                            "only one supported so far")
         g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
         g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens (prompt + output); default: the model's")
         g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")

@@ -173,3 +173,8 @@ def test_prompt_too_long_is_refused(engine):
         engine.add_request("long2", [1] * 10, SamplingParams(max_tokens=engine.max_model_len))
     with pytest.raises(ValueError, match="empty"):
         engine.add_request("e", [], SamplingParams())
+
+
+def test_unsupported_quantization_is_refused(make_engine):
+    with pytest.raises(ValueError, match="--quantization awq is not supported"):
+        make_engine(quantization="awq")

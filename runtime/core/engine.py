@@ -88,7 +88,11 @@ class LLMEngine:
             torch.set_num_threads(args.num_threads or default_num_threads())
         if args.tensor_parallel_size != 1:
             raise ValueError("--tensor-parallel-size > 1 is not supported yet")
+        if args.quantization not in (None, "gguf"):
+            raise ValueError(f"--quantization {args.quantization} is not supported (supported: gguf)")
         self.checkpoint = checkpoint or load_checkpoint(args.model, args.tokenizer, args.revision)
+        if args.quantization == "gguf" and not self.checkpoint.path.endswith(".gguf"):
+            raise ValueError(f"--quantization gguf needs a GGUF file, got {self.checkpoint.path}")
         self.model_config: ModelConfig = self.checkpoint.config
         self.tokenizer = self.checkpoint.tokenizer
         self._fast_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None) or self.tokenizer

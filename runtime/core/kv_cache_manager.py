@@ -153,17 +153,21 @@ class KVCacheManager:
             blk.ref_cnt += 1
             blocks.append(bid)
         for _ in range(max(need, 0)):
-            bid, _ = self.free_queue.popitem(last=False)
-            blk = self.blocks[bid]
-            if blk.block_hash is not None:
-                if self.cached.get(blk.block_hash) == bid:
-                    del self.cached[blk.block_hash]
-                blk.reset_hash()
-            blk.ref_cnt = 1
-            blocks.append(bid)
+            blocks.append(self._pop_free_block())
         if self.enable_caching:
             self._cache_full_blocks(request_id, token_ids, total, blocks)
         return True
+
+    def _pop_free_block(self) -> int:
+        """Take the least recently freed block, evicting its cached hash; ref count 1."""
+        bid, _ = self.free_queue.popitem(last=False)
+        blk = self.blocks[bid]
+        if blk.block_hash is not None:
+            if self.cached.get(blk.block_hash) == bid:
+                del self.cached[blk.block_hash]
+            blk.reset_hash()
+        blk.ref_cnt = 1
+        return bid
 
     def _cache_full_blocks(self, request_id: str, token_ids: Sequence[int], total: int, blocks: list[int]) -> None:
         num_full = min(total, len(token_ids)) // self.block_size
@@ -228,13 +232,7 @@ class KVCacheManager:
             self.blocks[bid].ref_cnt += 1
         copy = None
         if partial:
-            bid, _ = self.free_queue.popitem(last=False)
-            blk = self.blocks[bid]
-            if blk.block_hash is not None:
-                if self.cached.get(blk.block_hash) == bid:
-                    del self.cached[blk.block_hash]
-                blk.reset_hash()
-            blk.ref_cnt = 1
+            bid = self._pop_free_block()
             child.append(bid)
             copy = (parent[n_full], bid)
         self.req_blocks[child_id] = child
