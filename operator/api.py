@@ -278,7 +278,7 @@ class ScalingTargets(_Model):
 
 
 class PrometheusSpec(_Model):
-    """Where the KEDA Prometheus scaler reads the metrics."""
+    """Where the KEDA Prometheus scaler (or the builtin autoscaler) reads the metrics."""
 
     server_address: Optional[str] = Field(None, max_length=1024,
                                           description="Prometheus URL; default: the operator's configured address.")
@@ -292,12 +292,14 @@ class ScalingSpec(_Model):
         description="Replicas without an autoscaler; the lower bound with one. `kubectl scale` sets this field.")
     max_replicas: Optional[int] = Field(None, ge=1, le=1000,
                                         description="Upper bound for the autoscaler (required with keda or hpa).")
-    autoscaler: Literal["keda", "hpa", "none"] = Field(
+    autoscaler: Literal["keda", "hpa", "none", "builtin"] = Field(
         "none", description="keda: a KEDA ScaledObject with Prometheus triggers; hpa: an autoscaling/v2 "
                             "HorizontalPodAutoscaler on pod metrics served by Prometheus Adapter; none: fixed "
-                            "minReplicas.")
+                            "minReplicas; builtin: the operator itself queries Prometheus and scales the "
+                            "Deployment (for clusters without KEDA or Prometheus Adapter).")
     targets: ScalingTargets = Field(default_factory=ScalingTargets, description="Scaling targets.")
-    prometheus: PrometheusSpec = Field(default_factory=PrometheusSpec, description="Prometheus for KEDA.")
+    prometheus: PrometheusSpec = Field(default_factory=PrometheusSpec,
+                                       description="Prometheus for KEDA and the builtin autoscaler.")
     cooldown_period: int = Field(300, ge=0, le=86400,
                                  description="Seconds without load before scaling down (KEDA cooldownPeriod, the "
                                              "HPA's scale-down stabilization window).")
@@ -424,6 +426,19 @@ class Condition(_Model):
                                                                         "based on.")
 
 
+class AutoscalerStatus(_Model):
+    """The builtin autoscaler's last decision (``scaling.autoscaler: builtin`` only)."""
+
+    desired_replicas: int = Field(ge=0, description="Replicas it set the Deployment to.")
+    reason: str = Field(max_length=64, description="CamelCase reason: ScaleUp, ScaleDown, NoChange, "
+                                                   "StabilizingDown, StepLimited, LimitedByMax, QuotaLimited, "
+                                                   "BelowMin or MetricsUnavailable.")
+    message: str = Field("", max_length=4096, description="The decision and its inputs (metric sums, targets, "
+                                                          "bounds).")
+    last_decision_time: Optional[str] = Field(None, json_schema_extra={"format": "date-time"},
+                                              description="When it decided (RFC 3339).")
+
+
 class InferenceServiceStatus(_Model):
     """Observed state, written by the operator."""
 
@@ -436,6 +451,7 @@ class InferenceServiceStatus(_Model):
     selector: Optional[str] = Field(None, description="Label selector of the server pods (for the scale "
                                                       "subresource).")
     url: Optional[str] = Field(None, description="In-cluster OpenAI-compatible base URL.")
+    autoscaler: Optional[AutoscalerStatus] = Field(None, description="The builtin autoscaler's last decision.")
 
 
 class ObjectMeta(BaseModel):
@@ -480,3 +496,136 @@ def parse(obj: dict) -> InferenceService:
         pydantic.ValidationError: a field or a cross-field rule is violated.
     """
     return InferenceService.model_validate(obj)
+
+
+# ------------------------------------------------------------------------ GPUQuota
+QUOTA_KIND = "GPUQuota"
+QUOTA_PLURAL = "gpuquotas"
+QUOTA_SINGULAR = "gpuquota"
+QUOTA_SHORT_NAMES = ["gq"]
+#: Longest GPUQuota name: it names the ResourceQuota ``argosy-gpu-<name>`` in each namespace.
+MAX_QUOTA_NAME_LENGTH = 53
+
+
+class LabelSelectorRequirement(_Model):
+    """One matchExpressions entry of a label selector (meta/v1 LabelSelectorRequirement)."""
+
+    key: str = Field(min_length=1, max_length=317, description="Label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="In, NotIn, Exists or DoesNotExist.", json_schema_extra={"maxLength": 12})
+    values: list[str] = Field(default_factory=list, max_length=256,
+                              description="Values for In and NotIn; empty for Exists and DoesNotExist.",
+                              json_schema_extra={"items": {"type": "string", "maxLength": 63}})
+
+    CEL_RULES: ClassVar[list[Rule]] = [
+        Rule("(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)",
+             "values must be non-empty for In and NotIn and empty for Exists and DoesNotExist", ".values"),
+    ]
+
+    @model_validator(mode="after")
+    def _values(self):
+        if (self.operator in ("In", "NotIn")) != bool(self.values):
+            raise ValueError("values must be non-empty for In and NotIn and empty for Exists and DoesNotExist")
+        return self
+
+
+class LabelSelector(_Model):
+    """A label selector (meta/v1 LabelSelector): every ``matchLabels`` pair and every expression must hold."""
+
+    match_labels: dict[str, str] = Field(default_factory=dict, description="Labels that must all be present "
+                                                                           "with these values.")
+    match_expressions: list[LabelSelectorRequirement] = Field(
+        default_factory=list, max_length=64, description="Requirements that must all hold.")
+
+
+class GPUQuotaSpec(_Model):
+    """Desired state of a GPUQuota: a GPU budget shared by the InferenceServices of some namespaces."""
+
+    namespaces: Optional[list[Annotated[str, Field(max_length=63, pattern=_DNS_LABEL)]]] = Field(
+        None, min_length=1, max_length=1000, description="Namespaces this quota covers (or namespaceSelector).")
+    namespace_selector: Optional[LabelSelector] = Field(
+        None, description="Label selector of the namespaces this quota covers (or namespaces).")
+    tenant: Optional[str] = Field(
+        None, max_length=63, pattern=_DNS_LABEL,
+        description="Charge only InferenceServices whose spec.tenant is this; default: every InferenceService "
+                    "in the covered namespaces.")
+    gpus: int = Field(ge=0, le=1_000_000, description="Total GPUs the covered InferenceServices may hold: "
+                                                      "guaranteed (minReplicas x gpus) at admission, possible "
+                                                      "(maxReplicas x gpus) through the autoscaler cap.")
+    per_product: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, max_length=64,
+        description="GPUs per GPU model (resources.gpuProduct, e.g. NVIDIA-H100-80GB-HBM3), each within gpus.",
+        json_schema_extra={"additionalProperties": {"type": "integer", "minimum": 0}})
+    enforce_resource_quota: bool = Field(
+        True, description="Also create a ResourceQuota on requests.<gpuResourceName> in each covered namespace "
+                          "(the API server's backstop).")
+
+    CEL_RULES: ClassVar[list[Rule]] = [
+        Rule("has(self.namespaces) != has(self.namespaceSelector)",
+             "set exactly one of namespaces and namespaceSelector"),
+        Rule("self.gpus >= 0", "gpus must not be negative", ".gpus"),
+        Rule("!has(self.perProduct) || self.perProduct.all(k, self.perProduct[k] <= self.gpus)",
+             "a perProduct limit must not exceed gpus", ".perProduct"),
+    ]
+
+    @model_validator(mode="after")
+    def _one_scope(self):
+        if (self.namespaces is None) == (self.namespace_selector is None):
+            raise ValueError("set exactly one of namespaces and namespaceSelector")
+        if any(v > self.gpus for v in self.per_product.values()):
+            raise ValueError("a perProduct limit must not exceed gpus")
+        return self
+
+
+class ChargedService(_Model):
+    """One InferenceService charged to a GPUQuota."""
+
+    namespace: str = Field(max_length=63, description="Namespace of the InferenceService.")
+    name: str = Field(max_length=253, description="Name of the InferenceService.")
+    gpus_reserved: int = Field(ge=0, description="minReplicas x resources.gpus.")
+    gpus_max: int = Field(ge=0, description="GPUs it may reach after the autoscaler cap (maxReplicas x gpus).")
+
+
+class GPUQuotaStatus(_Model):
+    """Observed state of a GPUQuota, written by the operator."""
+
+    observed_generation: Optional[int] = Field(None, description="metadata.generation last reconciled.")
+    gpus_reserved: Optional[int] = Field(None, ge=0, description="Sum of minReplicas x gpus over the charged "
+                                                                 "InferenceServices.")
+    gpus_in_use: Optional[int] = Field(None, ge=0, description="GPUs of ready server pods of the charged "
+                                                               "InferenceServices.")
+    gpus_remaining: Optional[int] = Field(None, description="gpus minus gpusReserved.")
+    services: list[ChargedService] = Field(default_factory=list, max_length=10000,
+                                           description="The InferenceServices charged to this quota.")
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, description="Ready and Exceeded.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+
+
+class QuotaMeta(BaseModel):
+    """The parts of a GPUQuota's ``metadata`` the operator reads."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=MAX_QUOTA_NAME_LENGTH)
+    uid: Optional[str] = None
+    generation: Optional[int] = None
+
+
+class GPUQuota(BaseModel):
+    """A whole ``GPUQuota`` object (cluster-scoped)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    api_version: Literal["serving.argosy.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["GPUQuota"] = QUOTA_KIND
+    metadata: QuotaMeta
+    spec: GPUQuotaSpec
+    status: Optional[GPUQuotaStatus] = None
+
+
+def parse_quota(obj: dict) -> GPUQuota:
+    """Validate a GPUQuota object.
+
+    Raises:
+        pydantic.ValidationError: a field or a cross-field rule is violated.
+    """
+    return GPUQuota.model_validate(obj)

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 import kopf
 
-from . import api, reconcile
+from . import api, autoscale, quota, reconcile
 from .kube import Kube, KindNotServed, load_api_client
 from .render import ISVC_LABEL
 from .settings import OperatorSettings
@@ -81,6 +81,7 @@ class Context:
         self._guard = threading.Lock()
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self.resync_task: Optional[asyncio.Task] = None
+        self.webhook_runner: Any = None
 
     @property
     def kube(self) -> Kube:
@@ -142,7 +143,11 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
         wanted = reconcile.desired_children(isvc, ctx.settings)
         observed = {role: kube.get(m["apiVersion"], m["kind"], namespace, m["metadata"]["name"])
                     for role, m in wanted.items()}
-        result = reconcile.reconcile(isvc, observed, ctx.settings, now=now or datetime.now(timezone.utc))
+        cap = quota_cap(kube, namespace, name)
+        result = reconcile.reconcile(isvc, observed, ctx.settings, now=now or datetime.now(timezone.utc), cap=cap)
+        decision = builtin_autoscale(ctx, isvc, observed.get("deployment"), cap, log=log)
+        if decision is not None:
+            result.status["autoscaler"] = decision
         for manifest in result.manifests_to_apply:
             kube.apply(manifest)
         if wanted:
@@ -161,6 +166,140 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
             except Exception as e:  # noqa: BLE001 - an event is not worth a retry of the whole pass
                 log.warning("could not post the %s event: %s", reason, e)
         return result.status
+
+
+def cluster_snapshot(kube: Kube) -> tuple[list[dict], list[dict], dict[str, dict[str, str]]]:
+    """(GPUQuotas, InferenceServices of all namespaces, labels of each namespace) as read now;
+    empty lists when the GPUQuota kind is not served or not readable (403). Raises what other
+    API failures raise."""
+    try:
+        quotas = kube.list(api.API_VERSION, api.QUOTA_KIND, None, "")
+    except Exception as e:  # noqa: BLE001 - 403: a namespaced install without cluster-wide quota rules
+        if getattr(e, "status", None) == 403:
+            return [], [], {}
+        raise
+    if not quotas:
+        return [], [], {}
+    services = kube.list(api.API_VERSION, api.KIND, None, "")
+    labels = {ns["metadata"]["name"]: (ns["metadata"].get("labels") or {}) for ns in kube.list("v1", "Namespace",
+                                                                                              None, "")}
+    return quotas, services, labels
+
+
+def quota_cap(kube: Kube, namespace: str, name: str) -> Optional[quota.Cap]:
+    """The GPUQuota cap of one InferenceService (None when no quota exists or applies)."""
+    quotas, services, labels = cluster_snapshot(kube)
+    if not quotas:
+        return None
+    parsed = []
+    for obj in quotas:
+        try:
+            parsed.append(api.parse_quota(obj))
+        except Exception:  # noqa: BLE001 - an invalid quota (the CRD should have stopped it) binds nothing
+            continue
+    caps = quota.caps(parsed, quota.usages(services), labels)
+    return caps.get((namespace, name))
+
+
+#: Builtin autoscaler: recommendations of each service within its window, by (namespace, name).
+_HISTORY: dict[tuple[str, str], list[tuple[float, int]]] = {}
+
+
+def builtin_autoscale(ctx: Context, isvc: dict, dep: Optional[dict], cap: Optional[quota.Cap], *,
+                      log: logging.Logger, prom: Any = None, clock: Any = None) -> Optional[dict]:
+    """One builtin autoscaler step for an InferenceService with ``scaling.autoscaler: builtin``
+    whose Deployment exists: query Prometheus, :func:`argosy.operator.autoscale.decide`, patch
+    the Deployment's ``spec.replicas`` when the decision differs, post an Event for a change.
+
+    Returns:
+        ``status.autoscaler`` (desiredReplicas, reason, message, lastDecisionTime), or None when
+        the builtin autoscaler does not apply. A Prometheus failure gives reason
+        ``MetricsUnavailable`` (replicas kept).
+    """
+    try:
+        parsed = api.parse(isvc)
+    except Exception:  # noqa: BLE001 - reconcile reports InvalidSpec
+        return None
+    if parsed.spec.scaling.autoscaler != "builtin" or dep is None:
+        return None
+    import time
+
+    now = (clock or time.time)()
+    current = int((dep.get("spec") or {}).get("replicas", 1))
+    try:
+        if prom is None:
+            from prometheus_api_client import PrometheusConnect
+
+            address = parsed.spec.scaling.prometheus.server_address or ctx.settings.prometheus_server_address
+            prom = PrometheusConnect(url=address, disable_ssl=False)
+        waiting, kv = autoscale.query_metrics(prom, parsed, ctx.settings)
+    except Exception as e:  # noqa: BLE001 - no metrics: keep the replicas
+        log.warning("builtin autoscaler: Prometheus query failed: %s", _summary(e))
+        waiting = kv = None
+    key = (parsed.metadata.namespace, parsed.metadata.name)
+    inputs = autoscale.inputs_for(parsed, current, waiting, kv, now=now, history=_HISTORY.get(key, []),
+                                  quota_cap=cap.max_replicas if cap else None,
+                                  up_step=ctx.settings.autoscale_up_step, down_step=ctx.settings.autoscale_down_step)
+    decision = autoscale.decide(inputs)
+    _HISTORY[key] = decision.history
+    if decision.desired != current:
+        ctx.kube.patch_replicas(parsed.metadata.namespace, parsed.metadata.name, decision.desired)
+        try:
+            ctx.kube.post_event(isvc, "Normal", f"Builtin{decision.reason}", decision.message)
+        except Exception as e:  # noqa: BLE001
+            log.warning("could not post the autoscaler event: %s", e)
+    return {"desiredReplicas": decision.desired, "reason": decision.reason, "message": decision.message[:4096],
+            "lastDecisionTime": datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def converge_quotas(ctx: Context, *, now: Optional[datetime] = None) -> list[dict]:
+    """One pass over every GPUQuota: server-side apply its ResourceQuotas (the backstop in each
+    covered namespace) and patch its status (gpusReserved, gpusInUse, gpusRemaining, services,
+    Ready/Exceeded conditions). Returns the statuses written. Raises what the API calls raise."""
+    from .render import resourcequota
+
+    kube = ctx.kube
+    quotas, services, labels = cluster_snapshot(kube)
+    if not quotas:
+        return []
+    usages = quota.usages(services)
+    gpu_names = set()
+    for obj in services:
+        try:
+            gpu_names.add(api.parse(obj).spec.resources.gpu_resource_name)
+        except Exception:  # noqa: BLE001
+            continue
+    parsed = []
+    for obj in quotas:
+        try:
+            parsed.append((obj, api.parse_quota(obj)))
+        except Exception:  # noqa: BLE001
+            continue
+    caps = quota.caps([q for _, q in parsed], usages, labels)
+    out = []
+    stamp = now or datetime.now(timezone.utc)
+    for obj, q in parsed:
+        for rq in resourcequota.resource_quotas(q, labels, gpu_names or {"nvidia.com/gpu"}):
+            try:
+                kube.apply(rq)
+            except Exception as e:  # noqa: BLE001 - e.g. 403 outside the watched namespaces
+                logger.warning("GPUQuota %s: cannot apply ResourceQuota in %s: %s", q.metadata.name,
+                               rq["metadata"]["namespace"], _summary(e))
+        u = quota.quota_usage(q, usages, labels, caps)
+        exceeded = reconcile.Cond("True", "OverReserved",
+                                  f"{u.reserved} GPUs reserved, above the quota of {q.spec.gpus}") if u.exceeded \
+            else reconcile.Cond("False", "WithinQuota", f"{u.reserved} of {q.spec.gpus} GPUs reserved")
+        ready = reconcile.Cond("True", "Accounted", f"{len(u.services)} services charged")
+        previous = (obj.get("status") or {}).get("conditions") or []
+        status = {"observedGeneration": q.metadata.generation, "gpusReserved": u.reserved, "gpusInUse": u.in_use,
+                  "gpusRemaining": u.remaining, "services": u.services,
+                  "conditions": reconcile.conditions([("Ready", ready), ("Exceeded", exceeded)], previous, stamp,
+                                                     q.metadata.generation)}
+        before = obj.get("status") or {}
+        if {k: before.get(k) for k in status} != status:
+            kube.patch_status(api.API_VERSION, api.QUOTA_KIND, None, q.metadata.name, status)
+        out.append(status)
+    return out
 
 
 def _summary(exc: BaseException) -> str:
@@ -202,6 +341,10 @@ async def resync_loop(ctx: Context, index: Any) -> None:
     logged; the next round retries. Runs until cancelled."""
     while True:
         await asyncio.sleep(ctx.settings.resync_interval)
+        try:
+            await asyncio.to_thread(converge_quotas, ctx)
+        except Exception as e:  # noqa: BLE001 - logged, retried next round
+            logger.warning("GPUQuota pass failed, retrying in %gs: %s", ctx.settings.resync_interval, _summary(e))
         for namespace, name in list(index):
             try:
                 await asyncio.to_thread(converge, ctx, namespace, name)
@@ -254,6 +397,28 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
     @kopf.on.startup(registry=registry)
     async def start_resync(inference_services: Any, **_: Any) -> None:
         ctx.resync_task = asyncio.create_task(resync_loop(ctx, inference_services))
+
+    @kopf.on.startup(registry=registry)
+    async def start_webhook(**_: Any) -> None:
+        if not ctx.settings.webhook_port:
+            return
+        import os
+
+        from . import webhook
+
+        def snapshot() -> "webhook.Snapshot":
+            quotas, services, labels = cluster_snapshot(ctx.kube)
+            return webhook.Snapshot(quotas, services, labels)
+
+        cert_dir = ctx.settings.webhook_cert_dir
+        tls = webhook.ssl_context(os.path.join(cert_dir, "tls.crt"), os.path.join(cert_dir, "tls.key"))
+        ctx.webhook_runner = await webhook.start(snapshot, ctx.settings.webhook_port, tls=tls)
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_webhook(**_: Any) -> None:
+        if getattr(ctx, "webhook_runner", None) is not None:
+            await ctx.webhook_runner.cleanup()
+            ctx.webhook_runner = None
 
     @kopf.on.cleanup(registry=registry)
     async def stop_resync(**_: Any) -> None:

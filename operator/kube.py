@@ -176,3 +176,17 @@ class Kube:
             raise KindNotServed(f"{api_version} (status subresource)", kind)
         return self._client().patch(sub, body={"status": status}, name=name, namespace=namespace,
                                     content_type="application/merge-patch+json").to_dict()
+
+    def patch_replicas(self, namespace: str, name: str, replicas: int) -> dict:
+        """Set a Deployment's ``spec.replicas`` through its ``scale`` subresource (what
+        ``kubectl scale`` does), leaving the applied manifest's fields alone.
+
+        Raises:
+            KindNotServed: Deployments (or their scale subresource) are not served.
+        """
+        res = self._served("apps/v1", "Deployment")
+        sub = res.subresources.get("scale") if getattr(res, "subresources", None) else None
+        if sub is None:
+            raise KindNotServed("apps/v1 (scale subresource)", "Deployment")
+        return self._client().patch(sub, body={"spec": {"replicas": replicas}}, name=name, namespace=namespace,
+                                    content_type="application/merge-patch+json").to_dict()

@@ -24,7 +24,7 @@ from typing import Mapping, Optional
 
 import pydantic
 
-from . import api, render
+from . import api, quota, render
 from .render import common
 from .settings import OperatorSettings
 
@@ -33,6 +33,11 @@ MODEL_CACHED = "ModelCached"
 WORKLOAD_READY = "WorkloadReady"
 SCALING_READY = "ScalingReady"
 CONDITION_TYPES = (READY, MODEL_CACHED, WORKLOAD_READY, SCALING_READY)
+
+#: ScalingReady reason when a GPUQuota lowered the autoscaler's maxReplicas.
+QUOTA_LIMITED = "QuotaLimited"
+#: WorkloadReady reason when the Deployment could not create pods: a ResourceQuota refused them.
+QUOTA_EXCEEDED = "QuotaExceeded"
 
 #: Roles held back until the model is cached.
 GATED_ROLES = (render.ROLE_DEPLOYMENT, render.ROLE_AUTOSCALER)
@@ -122,7 +127,9 @@ def model_cached(isvc: api.InferenceService, job: Optional[dict], claim: Optiona
 def workload_ready(isvc: api.InferenceService, dep: Optional[dict], desired: dict, gated: bool) -> Cond:
     """``WorkloadReady`` from the Deployment: its controller has seen the current generation, it runs
     the current pod template (spec-hash annotation), and at least one replica is available (or
-    zero replicas are wanted)."""
+    zero replicas are wanted). A ``ReplicaFailure`` condition with reason ``FailedCreate`` and an
+    "exceeded quota" message (what the ReplicaSet controller reports when a ResourceQuota refuses
+    a pod) gives reason ``QuotaExceeded``: False with no replica available, True with some."""
     if dep is None:
         if gated:
             return Cond("False", "WaitingForModel", "the Deployment is created once the model is cached")
@@ -141,6 +148,15 @@ def workload_ready(isvc: api.InferenceService, dep: Optional[dict], desired: dic
     if (status.get("observedGeneration") or 0) < (meta.get("generation") or 0):
         return Cond("False", "Progressing", "the Deployment controller has not seen the latest spec yet")
     progressing = _cond_of(dep, "Progressing")
+    failure = _cond_of(dep, "ReplicaFailure")
+    quota_hit = (failure is not None and failure.get("status") == "True" and failure.get("reason") == "FailedCreate"
+                 and "exceeded quota" in (failure.get("message") or ""))
+    if quota_hit and available < wanted:
+        # the ResourceQuota backstop refused pods: say so instead of "pulling, scheduling or loading"
+        detail = f"{available}/{wanted} replicas available; {failure.get('message', '')}"
+        if available >= 1:
+            return Cond("True", QUOTA_EXCEEDED, detail)
+        return Cond("False", "QuotaExceeded", detail)
     if progressing and progressing.get("reason") == "ProgressDeadlineExceeded":
         return Cond("False", "ProgressDeadlineExceeded", progressing.get("message", ""))
     if wanted == 0:
@@ -152,10 +168,17 @@ def workload_ready(isvc: api.InferenceService, dep: Optional[dict], desired: dic
 
 def scaling_ready(isvc: api.InferenceService, scaler: Optional[dict], gated: bool) -> Cond:
     """``ScalingReady`` from the KEDA ScaledObject's ``Ready`` condition or the HPA's ``AbleToScale``
-    and ``ScalingActive`` conditions; True (``NoAutoscaler``) without an autoscaler."""
+    and ``ScalingActive`` conditions; True (``NoAutoscaler``) without an autoscaler, True
+    (``BuiltinAutoscaler``) once the Deployment exists with the operator's own autoscaler."""
     kind = isvc.spec.scaling.autoscaler
     if kind == "none":
         return Cond("True", "NoAutoscaler", f"fixed at {isvc.spec.scaling.min_replicas} replicas")
+    if kind == "builtin":
+        if gated:
+            return Cond("Unknown", "WaitingForModel", "the operator scales the Deployment once it exists")
+        return Cond("True", "BuiltinAutoscaler",
+                    f"the operator scales between {isvc.spec.scaling.min_replicas} and "
+                    f"{isvc.spec.scaling.max_replicas} replicas")
     if scaler is None:
         if gated:
             return Cond("Unknown", "WaitingForModel", "the autoscaler is created with the Deployment")
@@ -206,8 +229,24 @@ def conditions(new: list[tuple[str, Cond]], previous: list[dict], now: datetime,
     return out
 
 
+def capped(isvc: api.InferenceService, cap: Optional[quota.Cap]) -> api.InferenceService:
+    """``isvc`` with ``scaling.maxReplicas`` lowered to ``cap.max_replicas`` when the cap bites
+    (an autoscaler is set and the cap is below the spec's bound); else ``isvc`` itself."""
+    s = isvc.spec.scaling
+    if cap is None or s.autoscaler == "none" or s.max_replicas is None or cap.max_replicas >= s.max_replicas:
+        return isvc
+    scaling = s.model_copy(update={"max_replicas": max(cap.max_replicas, s.min_replicas)})
+    return isvc.model_copy(update={"spec": isvc.spec.model_copy(update={"scaling": scaling})})
+
+
+def _quota_limited(cond: Cond, isvc: api.InferenceService, cap: Optional[quota.Cap]) -> Cond:
+    if cond.status != "True" or capped(isvc, cap) is isvc:
+        return cond
+    return Cond("True", QUOTA_LIMITED, cap.message + (f"; {cond.message}" if cond.message else ""))
+
+
 def reconcile(isvc: dict, observed: Mapping[str, Optional[dict]], settings: OperatorSettings, *,
-              now: datetime) -> ReconcileResult:
+              now: datetime, cap: Optional[quota.Cap] = None) -> ReconcileResult:
     """Compute the children to apply and the status of one InferenceService.
 
     Args:
@@ -215,6 +254,9 @@ def reconcile(isvc: dict, observed: Mapping[str, Optional[dict]], settings: Oper
         observed: live children by role (``render.ROLE_*``), None or missing when absent.
         settings: operator settings.
         now: the time to stamp on conditions that change.
+        cap: the GPUQuota cap of this service (:func:`argosy.operator.quota.caps`); when it
+            is below ``scaling.maxReplicas`` the autoscaler is rendered with the cap and
+            ``ScalingReady`` (if True) gets reason ``QuotaLimited``. None: no quota applies.
 
     Returns:
         A :class:`ReconcileResult`. An invalid spec (which the CRD's validation should have
@@ -236,6 +278,8 @@ def reconcile(isvc: dict, observed: Mapping[str, Optional[dict]], settings: Oper
                   "conditions": conditions([(READY, cond)], previous, now, generation)}
         return ReconcileResult([], status)
 
+    spec_parsed = parsed
+    parsed = capped(parsed, cap)
     children = render.render_children(parsed, settings)
     seen = {role: _same_object(observed.get(role), children.get(role)) for role in render.ROLES}
 
@@ -247,7 +291,8 @@ def reconcile(isvc: dict, observed: Mapping[str, Optional[dict]], settings: Oper
     parts = [
         (MODEL_CACHED, cached),
         (WORKLOAD_READY, workload_ready(parsed, dep, children[render.ROLE_DEPLOYMENT], gated)),
-        (SCALING_READY, scaling_ready(parsed, seen[render.ROLE_AUTOSCALER], gated)),
+        (SCALING_READY, _quota_limited(scaling_ready(parsed, seen[render.ROLE_AUTOSCALER], gated), spec_parsed,
+                                       cap)),
     ]
     dep_status = (dep or {}).get("status") or {}
     status = {

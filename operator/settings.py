@@ -60,6 +60,13 @@ class OperatorSettings:
     #: on each retry up to ``retry_max_delay``.
     retry_delay: float = 2.0
     retry_max_delay: float = 60.0
+    #: Builtin autoscaler: most replicas added / removed by one decision (once per resync).
+    autoscale_up_step: int = 4
+    autoscale_down_step: int = 1
+    #: HTTPS port of the validating admission webhook (0: not served).
+    webhook_port: int = 0
+    #: Folder holding the webhook's serving certificate (tls.crt, tls.key: a mounted TLS Secret).
+    webhook_cert_dir: str = "/etc/argosy/webhook-tls"
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "OperatorSettings":

@@ -100,8 +100,38 @@ def horizontal_pod_autoscaler(isvc: api.InferenceService, settings: OperatorSett
     }
 
 
+def prometheus_adapter_rules(settings: OperatorSettings) -> list[dict]:
+    """The Prometheus Adapter ``rules`` (its config file's custom-metrics rules) that serve the
+    runtime's gauges as the pod metrics the rendered HPAs ask for (``settings.hpa_*_metric``).
+
+    Series are tied to Kubernetes objects by the ``namespace`` label
+    (``settings.prometheus_namespace_label``) and the ``pod`` label a ServiceMonitor scrape
+    adds; the adapter fills ``<<.LabelMatchers>>`` with the namespace and the HPA target's
+    pods and ``<<.GroupBy>>`` with ``pod`` (see :func:`expand_adapter_query`).
+    """
+    ns = settings.prometheus_namespace_label
+    names = ((WAITING_METRIC, settings.hpa_waiting_metric), (KV_CACHE_METRIC, settings.hpa_kv_cache_metric))
+    return [{
+        "seriesQuery": f'{metric}{{{ns}!="",pod!=""}}',
+        "resources": {"overrides": {ns: {"resource": "namespace"}, "pod": {"resource": "pod"}}},
+        "name": {"matches": f"^{metric}$", "as": name},
+        "metricsQuery": "sum(<<.Series>>{<<.LabelMatchers>>}) by (<<.GroupBy>>)",
+    } for metric, name in names]
+
+
+def expand_adapter_query(rule: dict, namespace: str, pods: list[str], settings: OperatorSettings) -> str:
+    """The PromQL Prometheus Adapter runs for ``rule`` when an HPA in ``namespace`` asks for the
+    metric of ``pods`` (its template expansion: the series name, the namespace and pod
+    matchers, grouped by pod)."""
+    metric = rule["seriesQuery"].split("{", 1)[0]
+    matchers = f'{settings.prometheus_namespace_label}="{namespace}",pod=~"{"|".join(pods)}"'
+    return (rule["metricsQuery"].replace("<<.Series>>", metric).replace("<<.LabelMatchers>>", matchers)
+            .replace("<<.GroupBy>>", "pod"))
+
+
 def autoscaler(isvc: api.InferenceService, settings: OperatorSettings) -> Optional[dict]:
-    """The ScaledObject or HPA ``spec.scaling.autoscaler`` asks for, or None for ``none``."""
+    """The ScaledObject or HPA ``spec.scaling.autoscaler`` asks for, or None for ``none`` and
+    ``builtin`` (the operator scales the Deployment itself, :mod:`argosy.operator.autoscale`)."""
     kind = isvc.spec.scaling.autoscaler
     if kind == "keda":
         return scaled_object(isvc, settings)

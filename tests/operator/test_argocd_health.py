@@ -26,12 +26,13 @@ lupa = pytest.importorskip("lupa", reason="lupa (Lua in Python, test extra) is n
 
 CHART = REPO / "charts" / "argosy-operator"
 SCRIPT = CHART / "argocd" / "health-inferenceservice.lua"
+QUOTA_SCRIPT = CHART / "argocd" / "health-gpuquota.lua"
 README = CHART / "README.md"
 SETTINGS = OperatorSettings()
 NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)
 #: Ready=False reasons that need a person (or an external fix), not more time.
 DEGRADED_REASONS = {"DownloadFailed", "ProgressDeadlineExceeded", "InvalidSpec", "ScaledObjectNotReady",
-                    "HPANotActive"}
+                    "HPANotActive", "QuotaExceeded"}
 
 
 def health(obj: dict) -> dict:
@@ -147,7 +148,54 @@ def test_readme_embeds_the_script():
     """The README's Lua block and its argocd-cm example are the script, not a stale copy."""
     text = README.read_text()
     script = SCRIPT.read_text()
-    assert re.findall(r"```lua\n(.*?)```", text, re.S) == [script]
+    quota_script = QUOTA_SCRIPT.read_text()
+    assert re.findall(r"```lua\n(.*?)```", text, re.S) == [script, quota_script]
     (cm_block,) = re.findall(r"```yaml\n(apiVersion: v1\nkind: ConfigMap.*?)```", text, re.S)
     cm = yaml.safe_load(cm_block)
     assert cm["data"]["resource.customizations.health.serving.argosy.dev_InferenceService"] == script
+    assert cm["data"]["resource.customizations.health.serving.argosy.dev_GPUQuota"] == quota_script
+
+
+# ------------------------------------------------------------------------ GPUQuota
+def quota_health(obj: dict) -> dict:
+    lua = lupa.LuaRuntime(unpack_returned_tuples=True)
+    lua.globals().obj = lua.table_from(obj, recursive=True)
+    return dict(lua.execute(QUOTA_SCRIPT.read_text()).items())
+
+
+def quota_with_status(gpus: int, services: list[tuple[int, int]], generation: int = 1) -> dict:
+    """A GPUQuota over namespace ml with the status the operator's accounting computes for
+    ``services`` ((minReplicas, gpus) each)."""
+    from argosy.operator import api, quota
+
+    obj = {"apiVersion": api.API_VERSION, "kind": "GPUQuota",
+           "metadata": {"name": "team-a", "generation": generation}, "spec": {"namespaces": ["ml"], "gpus": gpus}}
+    q = api.parse_quota(obj)
+    usages = [quota.ServiceUsage("ml", f"s{i}", None, g, None, m, m) for i, (m, g) in enumerate(services)]
+    u = quota.quota_usage(q, usages, {})
+    exceeded = rec.Cond("True", "OverReserved", "over") if u.exceeded else rec.Cond("False", "WithinQuota", "ok")
+    obj["status"] = {"observedGeneration": 1, "gpusReserved": u.reserved, "gpusInUse": u.in_use,
+                     "gpusRemaining": u.remaining,
+                     "conditions": rec.conditions([("Ready", rec.Cond("True", "Accounted", "")),
+                                                   ("Exceeded", exceeded)], [], NOW, 1)}
+    return obj
+
+
+def test_quota_healthy():
+    hs = quota_health(quota_with_status(8, [(1, 2), (2, 1)]))
+    assert hs["status"] == "Healthy" and "4 of 8 GPUs reserved" in hs["message"]
+
+
+def test_quota_progressing_on_generation_mismatch_or_no_status():
+    assert quota_health(quota_with_status(8, [], generation=2))["status"] == "Progressing"
+    obj = quota_with_status(8, [])
+    del obj["status"]
+    assert quota_health(obj)["status"] == "Progressing"
+
+
+def test_quota_degraded_when_over_reserved_or_not_ready():
+    hs = quota_health(quota_with_status(2, [(2, 2)]))
+    assert hs["status"] == "Degraded" and "over" in hs["message"]
+    obj = quota_with_status(8, [])
+    obj["status"]["conditions"][0].update(status="False", reason="Broken", message="cannot list")
+    assert quota_health(obj)["status"] == "Degraded"

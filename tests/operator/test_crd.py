@@ -74,7 +74,7 @@ def test_defaults_and_preserved_fields(schema):
     spec = schema["properties"]["spec"]["properties"]
     assert spec["cache"]["properties"]["accessMode"]["default"] == "ReadWriteMany"
     assert spec["resources"]["properties"]["gpuResourceName"]["default"] == "nvidia.com/gpu"
-    assert spec["scaling"]["properties"]["autoscaler"]["enum"] == ["keda", "hpa", "none"]
+    assert spec["scaling"]["properties"]["autoscaler"]["enum"] == ["keda", "hpa", "none", "builtin"]
     assert spec["cache"]["default"] == {} and spec["scaling"]["default"] == {}
     assert "default" not in spec["model"]["properties"]["credentialsSecretRef"]  # optional, not {}
     preserved = [p for p, n in _walk(schema["properties"]["spec"], "spec")

@@ -61,6 +61,9 @@ VALUE_SETS: dict[str, dict] = {
     },
     "existing-service-account": {"serviceAccount": {"create": False, "name": "platform-operator"},
                                  "rbac": {"create": True}},
+    "webhook": {"webhook": {"enabled": True}, "watchNamespaces": ["ml"]},
+    "webhook-cert-manager": {"webhook": {"enabled": True, "failurePolicy": "Ignore",
+                                         "certManager": {"enabled": True}}},
 }
 
 #: What the kopf shell does with children (operator/kube.py): get, list by label, server-side
@@ -69,9 +72,17 @@ CHILD_VERBS = {"get", "list", "create", "patch", "delete"}
 #: Resources the operator itself is granted besides its children.
 OWN_RESOURCES = {("serving.argosy.dev", "inferenceservices"): {"get", "list", "watch", "patch", "update"},
                  ("serving.argosy.dev", "inferenceservices/status"): {"get", "patch", "update"},
-                 ("", "events"): {"create", "patch"}}
-DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
-             ("", "namespaces"): {"list", "watch"}}
+                 ("", "events"): {"create", "patch"},
+                 # GPUQuota backstops in each covered namespace, and the builtin autoscaler
+                 ("", "resourcequotas"): CHILD_VERBS,
+                 ("apps", "deployments/scale"): {"get", "patch"}}
+#: Cluster-wide GPUQuota accounting (with the discovery rules wherever those are granted).
+QUOTA = {("serving.argosy.dev", "gpuquotas"): {"get", "list", "watch"},
+         ("serving.argosy.dev", "gpuquotas/status"): {"get", "patch", "update"},
+         ("serving.argosy.dev", "inferenceservices"): {"list"}}
+DISCOVERY_ONLY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+                  ("", "namespaces"): {"list", "watch"}}
+DISCOVERY = {**DISCOVERY_ONLY, **QUOTA}
 
 
 # ------------------------------------------------------------------------ helpers
@@ -179,12 +190,13 @@ def test_helmbin_extracts_once_into_its_cache(tmp_path):
 
 
 # ------------------------------------------------------------------------ chart files
-def test_chart_crd_is_the_generated_one():
-    chart_copy = CHART / "crds" / crdgen.CRD_FILE
-    generated = REPO / "crds" / crdgen.CRD_FILE
+@pytest.mark.parametrize("name", [crdgen.CRD_FILE, crdgen.QUOTA_CRD_FILE])
+def test_chart_crd_is_the_generated_one(name):
+    chart_copy = CHART / "crds" / name
+    generated = REPO / "crds" / name
     assert chart_copy.read_bytes() == generated.read_bytes(), (
         f"{chart_copy.relative_to(REPO)} is stale: cp {generated.relative_to(REPO)} {chart_copy.relative_to(REPO)}")
-    assert sorted(p.name for p in (CHART / "crds").iterdir()) == [crdgen.CRD_FILE]
+    assert sorted(p.name for p in (CHART / "crds").iterdir()) == sorted(crdgen.files())
 
 
 def test_chart_metadata():
@@ -265,6 +277,9 @@ def test_rendered_objects_validate(helm_env, tmp, name):
         if obj["kind"] == "ServiceMonitor":
             check_service_monitor(obj)
             continue
+        if obj["apiVersion"].startswith("cert-manager.io/"):
+            assert obj["kind"] in {"Issuer", "Certificate"} and obj["spec"], obj
+            continue
         kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         if obj["kind"] in {"Deployment", "ServiceAccount", "Role", "RoleBinding"}:
             assert obj["metadata"].get("namespace"), f"{obj['kind']} {obj['metadata']['name']} has no namespace"
@@ -272,8 +287,8 @@ def test_rendered_objects_validate(helm_env, tmp, name):
 
 def test_crd_is_installed_from_crds_folder(helm_env, tmp):
     objs = template(helm_env, tmp, "default", "--include-crds")
-    (crd,) = by_kind(objs, "CustomResourceDefinition")
-    assert crd == yaml.safe_load((REPO / "crds" / crdgen.CRD_FILE).read_text())
+    crds = {c["metadata"]["name"]: c for c in by_kind(objs, "CustomResourceDefinition")}
+    assert crds == {f.removesuffix(".yaml"): yaml.safe_load((REPO / "crds" / f).read_text()) for f in crdgen.files()}
     assert not by_kind(template(helm_env, tmp, "default"), "CustomResourceDefinition")
 
 
@@ -389,7 +404,10 @@ def test_rbac_covers_every_child_kind_and_nothing_else(helm_env, tmp):
             ("monitoring.coreos.com", "servicemonitors"), ("batch", "jobs"), ("apps", "deployments")} <= children
     expected = {res: CHILD_VERBS for res in children} | OWN_RESOURCES
     (role,) = by_kind(template(helm_env, tmp, "default"), "ClusterRole")
-    assert grants(role) == expected | DISCOVERY
+    want = dict(expected)
+    for res, verbs in DISCOVERY.items():
+        want[res] = set(want.get(res, set())) | verbs
+    assert grants(role) == want
     for name in ("namespaced", "namespaced-no-discovery"):
         objs = template(helm_env, tmp, name)
         roles = by_kind(objs, "Role")
@@ -494,3 +512,53 @@ def test_two_service_monitor_modes_are_refused(helm_env, tmp):
     values = {"serviceMonitor": {"enabled": True}, "settings": {"serviceMonitor": True}}
     res = run_helm(helm_env, "template", RELEASE, str(CHART), values=values, tmp=tmp)
     assert res.returncode != 0 and "scrape every runtime pod twice" in res.stderr
+
+
+# ------------------------------------------------------------------------ admission webhook
+def test_no_webhook_by_default(helm_env, tmp):
+    objs = template(helm_env, tmp, "default")
+    assert not by_kind(objs, "ValidatingWebhookConfiguration")
+    assert "ARGOSY_WEBHOOK_PORT" not in env_of(operator_container(objs))
+
+
+def test_webhook_with_helm_generated_certificate(helm_env, tmp):
+    import base64
+
+    objs = template(helm_env, tmp, "webhook")
+    (vwc,) = by_kind(objs, "ValidatingWebhookConfiguration")
+    (hook,) = vwc["webhooks"]
+    assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert hook["rules"] == [{"apiGroups": ["serving.argosy.dev"], "apiVersions": ["v1alpha1"],
+                              "operations": ["CREATE", "UPDATE"], "resources": ["inferenceservices"],
+                              "scope": "Namespaced"}]
+    assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["ml"]
+    svc_ref = hook["clientConfig"]["service"]
+    (svc,) = [o for o in by_kind(objs, "Service") if o["metadata"]["name"] == svc_ref["name"]]
+    assert svc["metadata"]["namespace"] == svc_ref["namespace"] == NAMESPACE
+    assert svc["spec"]["ports"][0]["targetPort"] == "webhook"
+    (secret,) = by_kind(objs, "Secret")
+    assert secret["type"] == "kubernetes.io/tls"
+    ca = base64.b64decode(hook["clientConfig"]["caBundle"]).decode()
+    assert ca.startswith("-----BEGIN CERTIFICATE-----")
+    assert "PRIVATE KEY-----" in base64.b64decode(secret["data"]["tls.key"]).decode()
+    container = operator_container(objs)
+    assert env_of(container)["ARGOSY_WEBHOOK_PORT"] == "9443"
+    assert {"name": "webhook", "containerPort": 9443, "protocol": "TCP"} in container["ports"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "webhook-tls"]
+    assert mount["mountPath"] == OperatorSettings().webhook_cert_dir
+    pod = by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == "webhook-tls"]
+    assert vol["secret"]["secretName"] == secret["metadata"]["name"]
+
+
+def test_webhook_with_cert_manager(helm_env, tmp):
+    objs = template(helm_env, tmp, "webhook-cert-manager")
+    (vwc,) = by_kind(objs, "ValidatingWebhookConfiguration")
+    (cert,) = by_kind(objs, "Certificate")
+    assert vwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == (
+        f"{NAMESPACE}/{cert['metadata']['name']}")
+    assert "caBundle" not in vwc["webhooks"][0]["clientConfig"] and vwc["webhooks"][0]["failurePolicy"] == "Ignore"
+    assert not by_kind(objs, "Secret") and by_kind(objs, "Issuer")
+    svc = vwc["webhooks"][0]["clientConfig"]["service"]
+    assert f"{svc['name']}.{NAMESPACE}.svc" in cert["spec"]["dnsNames"]

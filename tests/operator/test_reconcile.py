@@ -261,3 +261,57 @@ def test_manifests_are_in_apply_order():
     r = run(obj, {"prefetch": job_done(obj)})
     roles = [next(role for role, m in r.children.items() if m is applied) for applied in r.manifests_to_apply]
     assert roles == [role for role in render.ROLES if role in roles]
+
+
+# ------------------------------------------------------------------------ quotas and the builtin autoscaler
+def test_quota_cap_lowers_the_autoscaler_and_says_quota_limited():
+    from argosy.operator import quota
+
+    obj = make_isvc(SPECS["keda"])
+    max_r = SPECS["keda"]["scaling"]["maxReplicas"]
+    cap = quota.Cap(2, True, ("team-a",), f"maxReplicas capped from {max_r} to 2 by GPUQuota team-a")
+    so = live(obj, "autoscaler", {"conditions": [{"type": "Ready", "status": "True", "reason": "ScaledObjectReady",
+                                                   "message": "ok"}]})
+    r = rec.reconcile(obj, {"prefetch": job_done(obj), "deployment": dep_available(obj), "autoscaler": so},
+                      SETTINGS, now=T0, cap=cap)
+    (scaler,) = [m for m in r.manifests_to_apply if m["kind"] == "ScaledObject"]
+    assert scaler["spec"]["maxReplicaCount"] == 2
+    c = conds(r)["ScalingReady"]
+    assert (c["status"], c["reason"]) == ("True", "QuotaLimited") and "GPUQuota team-a" in c["message"]
+    assert conds(r)["Ready"]["status"] == "True"
+    # the pod template does not change with the cap: no rollout
+    plain = run(obj, {"prefetch": job_done(obj), "deployment": dep_available(obj), "autoscaler": so})
+    dep = lambda res: [m for m in res.manifests_to_apply if m["kind"] == "Deployment"][0]  # noqa: E731
+    assert dep(plain) == dep(r)
+    # a cap at or above maxReplicas changes nothing
+    same = rec.reconcile(obj, {"prefetch": job_done(obj), "deployment": dep_available(obj), "autoscaler": so},
+                         SETTINGS, now=T0, cap=quota.Cap(max_r))
+    assert conds(same)["ScalingReady"]["reason"] == "ScaledObjectReady"
+
+
+def test_quota_exceeded_from_the_deployment():
+    obj = make_isvc(SPECS["keda"])
+    dep = dep_available(obj, available=0, replicas=2)
+    dep["status"]["conditions"] = [{
+        "type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+        "message": 'pods "llm-5d9c-x" is forbidden: exceeded quota: argosy-gpu-team-a, requested: '
+                   "requests.nvidia.com/gpu=1, used: requests.nvidia.com/gpu=8, limited: requests.nvidia.com/gpu=8"}]
+    c = conds(run(obj, {"prefetch": job_done(obj), "deployment": dep}))
+    assert (c["WorkloadReady"]["status"], c["WorkloadReady"]["reason"]) == ("False", "QuotaExceeded")
+    assert "exceeded quota" in c["WorkloadReady"]["message"] and c["Ready"]["reason"] == "QuotaExceeded"
+    dep["status"]["availableReplicas"] = 1
+    c = conds(run(obj, {"prefetch": job_done(obj), "deployment": dep}))
+    assert (c["WorkloadReady"]["status"], c["WorkloadReady"]["reason"]) == ("True", "QuotaExceeded")
+
+
+def test_builtin_autoscaler_renders_no_scaler_and_leaves_replicas_to_the_operator():
+    spec = copy.deepcopy(SPECS["keda"])
+    spec["scaling"]["autoscaler"] = "builtin"
+    spec["scaling"].pop("idleReplicaCount", None)
+    obj = make_isvc(spec)
+    r = run(obj, {"prefetch": job_done(obj), "deployment": dep_available(obj)})
+    assert "autoscaler" not in r.children
+    (dep,) = [m for m in r.manifests_to_apply if m["kind"] == "Deployment"]
+    assert "replicas" not in dep["spec"]
+    c = conds(r)["ScalingReady"]
+    assert (c["status"], c["reason"]) == ("True", "BuiltinAutoscaler")

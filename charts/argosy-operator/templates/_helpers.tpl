@@ -123,6 +123,28 @@ create and patch, the status refresh reads children with get, orphans are found 
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create", "patch"]
+- apiGroups: [""]
+  resources: ["resourcequotas"]
+  verbs: ["get", "list", "create", "patch", "delete"]
+- apiGroups: ["apps"]
+  resources: ["deployments/scale"]
+  verbs: ["get", "patch"]
+{{- end }}
+
+{{/*
+Cluster-scoped GPU quota accounting: GPUQuotas are cluster-scoped, and a quota charges the
+InferenceServices of every namespace it covers (read-only there).
+*/}}
+{{- define "argosy-operator.quotaRules" -}}
+- apiGroups: ["serving.argosy.dev"]
+  resources: ["gpuquotas"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["serving.argosy.dev"]
+  resources: ["gpuquotas/status"]
+  verbs: ["get", "patch", "update"]
+- apiGroups: ["serving.argosy.dev"]
+  resources: ["inferenceservices"]
+  verbs: ["list"]
 {{- end }}
 
 {{/*
