@@ -191,6 +191,13 @@ def test_lifecycle_cache_ready_roll_faults_and_delete(cluster, tmp_path):
         reasons = {e["reason"] for e in events if e["involvedObject"].get("uid") == uid}
         assert {"Downloading", "Downloaded", "Ready"} <= reasons
 
+        # GitOps: on the InferenceService itself the operator writes only status and kopf's
+        # bookkeeping annotations, never a field a Git copy holds, so Argo CD sees no drift.
+        live = isvc(s)
+        assert live["spec"] == spec
+        assert not live["metadata"].get("labels")
+        assert all(k.startswith("kopf.serving.argosy.dev/") for k in live["metadata"].get("annotations") or {})
+
         # a spec edit rolls the Deployment; Ready waits for the rollout
         before = template_hash(one(s, "Deployment"))
         assert patch_isvc(s, {"spec": {"runtime": {"maxNumSeqs": 64}}})["metadata"]["generation"] == 2
