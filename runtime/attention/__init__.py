@@ -21,7 +21,7 @@ import torch
 from . import torch_paged
 from .metadata import AttentionMetadata
 
-__all__ = ["AttentionMetadata", "paged_attention", "store_kv", "backend_for"]
+__all__ = ["AttentionMetadata", "paged_attention", "store_kv", "backend_for", "resolve_backend"]
 
 _ENV = "ARGOSY_ATTENTION_BACKEND"
 _triton_mod = None
@@ -83,3 +83,17 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     if backend_for(query) == "triton":
         return _triton().paged_attention(query, kv_cache, meta, scale)
     return torch_paged.paged_attention(query, kv_cache, meta, scale)
+
+
+def resolve_backend(device: torch.device):
+    """The ``(store_kv, paged_attention)`` pair for ``device``, chosen once (the model
+    resolves it at construction so the per-layer calls skip the dispatch).
+
+    Raises:
+        ValueError: ``ARGOSY_ATTENTION_BACKEND`` has an unknown value.
+    """
+    probe = torch.empty(0, device=device)
+    if backend_for(probe) == "triton":
+        mod = _triton()
+        return mod.store_kv, mod.paged_attention
+    return torch_paged.store_kv, torch_paged.paged_attention

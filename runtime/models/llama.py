@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import AttentionMetadata, paged_attention, store_kv
+from ..attention import AttentionMetadata, resolve_backend
 from ..config import ModelConfig
 
 
@@ -118,6 +118,7 @@ class LlamaAttention(nn.Module):
             else None
         )
         self.o_proj = _linear_param(cfg.hidden_size, self.q_size, dtype, device)
+        self.store_kv, self.paged_attention = resolve_backend(torch.device(device))
 
     def forward(self, rope_cs, hidden, kv_cache, meta: AttentionMetadata):
         t = hidden.shape[0]
@@ -126,8 +127,8 @@ class LlamaAttention(nn.Module):
         qk = RotaryEmbedding.apply(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), *rope_cs)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        store_kv(k, v, kv_cache, meta)
-        o = paged_attention(q, kv_cache, meta, self.scale)
+        self.store_kv(k, v, kv_cache, meta)
+        o = self.paged_attention(q, kv_cache, meta, self.scale)
         return F.linear(o.reshape(t, self.q_size), self.o_proj)
 
 
