@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from offline_throughput import make_prompts  # noqa: E402  (the CPU benchmark's prompt maker)
+from offline_throughput import SINGLE_PROMPT_LEN, make_prompts, run_hf  # noqa: E402  (shared with the CPU benchmark)
 
 
 def _sync():
@@ -46,7 +46,7 @@ def run_ours(args, prompts):
     dt = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     t = time.perf_counter()
-    one = llm.generate([{"prompt_token_ids": prompts[0]}], sp)
+    one = llm.generate([{"prompt_token_ids": prompts[0][:SINGLE_PROMPT_LEN]}], sp)
     _sync()
     dt1 = time.perf_counter() - t
     tp = (n_out / dt, len(one[0].outputs[0].token_ids) / dt1, llm.engine.scheduler.num_preemptions)
@@ -58,36 +58,6 @@ def run_ours(args, prompts):
     gc.collect()
     torch.cuda.empty_cache()
     return tp
-
-
-def run_hf(args, prompts, model_path):
-    """Returns (offline output tok/s, batch-1 decode tok/s) for HF ``generate``."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    dtype = getattr(torch, args.dtype)
-    m = AutoModelForCausalLM.from_pretrained(os.path.dirname(model_path), gguf_file=os.path.basename(model_path),
-                                             dtype=dtype).to("cuda").eval()
-    pad = 0
-
-    def gen(batch):
-        L = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (L - len(p)) + p for p in batch], device="cuda")
-        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in batch], device="cuda")
-        with torch.no_grad():
-            out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.output_len,
-                             min_new_tokens=args.output_len, do_sample=False, pad_token_id=pad)
-        torch.cuda.synchronize()
-        return (out.shape[1] - L) * len(batch)
-
-    gen([prompts[0][:8]])  # warm-up
-    t = time.perf_counter()
-    n_out = sum(gen(prompts[i : i + args.hf_batch_size]) for i in range(0, len(prompts), args.hf_batch_size))
-    dt = time.perf_counter() - t
-    t = time.perf_counter()
-    n1 = gen([prompts[0]])
-    dt1 = time.perf_counter() - t
-    return n_out / dt, n1 / dt1
 
 
 def main() -> None:
@@ -121,7 +91,7 @@ def main() -> None:
     ours_tp, ours_1, preempt = run_ours(args, prompts)
     hf_tp = hf_1 = float("nan")
     if not args.skip_hf:
-        hf_tp, hf_1 = run_hf(args, prompts, model_path)
+        hf_tp, hf_1 = run_hf(args, prompts, model_path, device="cuda")
     print()
     print(f"{'metric':<38}{'argosy':>10}{'HF generate':>14}{'ratio':>8}{'target':>8}")
     print(f"{'offline throughput (output tok/s)':<38}{ours_tp:>10.1f}{hf_tp:>14.1f}{ours_tp / hf_tp:>8.2f}{'>=10':>8}")

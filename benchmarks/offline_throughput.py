@@ -54,20 +54,28 @@ def run_ours(args, prompts):
     return n_out / dt, len(one[0].outputs[0].token_ids) / dt1, llm.engine.scheduler.num_preemptions
 
 
-def run_hf(args, prompts, model_path):
+def run_hf(args, prompts, model_path, device: str = "cpu"):
+    """HF ``generate`` on the same workload (batched, left-padded) on ``device``.
+
+    Returns ``(offline output tok/s, single-prompt decode tok/s)``.
+    """
     from transformers import AutoModelForCausalLM
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "auto": torch.float32}[args.dtype]
-    m = AutoModelForCausalLM.from_pretrained(os.path.dirname(model_path), gguf_file=os.path.basename(model_path), dtype=dtype).eval()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+             "auto": torch.float32}[args.dtype]
+    m = AutoModelForCausalLM.from_pretrained(os.path.dirname(model_path), gguf_file=os.path.basename(model_path),
+                                             dtype=dtype).to(device).eval()
     pad = 0
 
     def gen(batch):
         L = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (L - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in batch])
+        ids = torch.tensor([[pad] * (L - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in batch], device=device)
         with torch.no_grad():
             out = m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.output_len,
                              min_new_tokens=args.output_len, do_sample=False, pad_token_id=pad)
+        if device != "cpu":
+            torch.cuda.synchronize()
         return (out.shape[1] - L) * len(batch)
 
     gen([prompts[0][:8]])  # warm-up

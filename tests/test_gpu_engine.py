@@ -12,6 +12,8 @@ import torch
 
 from argosy.runtime import SamplingParams
 
+from .conftest import prefill_logits, run_to_completion
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
 PROMPTS = ["The capital of France is", "def add(a, b):\n    return", "1, 2, 3, 4,", "The sun rises in the"]
@@ -19,8 +21,6 @@ MARGIN = 1.0  # logits: below this the CPU path's choice is too close to call in
 
 
 def test_cuda_greedy_matches_cpu_fp32_where_margin_is_clear(make_engine):
-    from .conftest import run_to_completion
-
     cpu = make_engine(dtype="float32")
     gpu = make_engine(dtype="bfloat16", device="cuda", gpu_memory_utilization=0.3)
     prompts = [cpu.tokenizer.encode(p) for p in PROMPTS]
@@ -44,17 +44,5 @@ def test_cuda_greedy_matches_cpu_fp32_where_margin_is_clear(make_engine):
 
 def _cpu_top2_margin(engine, ids: torch.Tensor) -> float:
     """Top-1 minus top-2 logit of the CPU fp32 model for the last position of ``ids``."""
-    from argosy.runtime.attention import AttentionMetadata
-
-    t = len(ids)
-    bs = engine.block_size
-    nblk = -(-t // bs)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(t), block_tables=torch.arange(nblk, dtype=torch.int32)[None],
-        seq_lens=torch.tensor([t], dtype=torch.int32), query_start_loc=torch.tensor([0, t], dtype=torch.int32),
-        max_query_len=t, max_seq_len=t, num_decodes=0, seq_lens_cpu=[t], query_lens_cpu=[t],
-    )
-    model = engine.runner.model
-    logits = model.compute_logits(model(ids, torch.arange(t), engine.runner.kv_caches, meta)[-1:])[0]
-    top = logits.topk(2).values
+    top = prefill_logits(engine, ids.tolist())[-1].topk(2).values
     return float(top[0] - top[1])

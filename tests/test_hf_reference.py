@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 
 from argosy.runtime import SamplingParams
-from argosy.runtime.attention import AttentionMetadata
 
-from .conftest import run_to_completion
+from .conftest import prefill_logits, run_to_completion
 
 #: Max |logit difference| allowed vs HF in float32. Both run the same fp32 ops on the
 #: same dequantized weights; observed difference is 0.0, the bound leaves room for
@@ -32,16 +31,7 @@ def test_first_forward_logits_match_hf(make_engine, hf_model):
     tok = eng.tokenizer
     ids = _chat_ids(tok, "What is the tallest mountain on Earth?")
     t = len(ids)
-    bs = eng.block_size
-    nblk = -(-t // bs)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(t), block_tables=torch.arange(nblk, dtype=torch.int32)[None],
-        seq_lens=torch.tensor([t], dtype=torch.int32), query_start_loc=torch.tensor([0, t], dtype=torch.int32),
-        max_query_len=t, max_seq_len=t, num_decodes=0, seq_lens_cpu=[t], query_lens_cpu=[t],
-    )
-    model = eng.runner.model
-    hidden = model(torch.tensor(ids), torch.arange(t), eng.runner.kv_caches, meta)
-    ours = model.compute_logits(hidden)
+    ours = prefill_logits(eng, ids)
     with torch.no_grad():
         ref = hf_model(torch.tensor([ids])).logits[0].float()
     assert ours.shape == ref.shape == (t, eng.model_config.vocab_size)
