@@ -13,12 +13,17 @@ import logging
 import os
 import signal
 import sys
+import time
 from typing import Optional, Sequence
 
 logger = logging.getLogger("argosy.server")
 
 #: Exit code for bad input (unknown model, inconsistent flags), as argparse uses.
 EXIT_USAGE = 2
+
+#: After the engine dies, seconds the server keeps answering (``/health`` 503, requests
+#: 503) before it exits with code 1.
+ENGINE_DEAD_LINGER_S = 2.0
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
@@ -97,7 +102,12 @@ def _cmd_serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         engine = LLMEngine(EngineArgs.from_cli_args(ns))
     except (ModelLoadError, ValueError) as e:
         return _fail(str(e))
-    return asyncio.run(_serve(engine, ns))
+    except RuntimeError as e:  # e.g. a tensor-parallel worker failed to start
+        return _fail(str(e), 1)
+    try:
+        return asyncio.run(_serve(engine, ns))
+    finally:
+        engine.shutdown()  # idempotent: no worker process outlives the server
 
 
 async def _serve(engine, ns: argparse.Namespace) -> int:
@@ -106,6 +116,10 @@ async def _serve(engine, ns: argparse.Namespace) -> int:
     Shutdown: new requests get 503 and /health turns 503; in-flight requests get up to
     ``--shutdown-timeout`` seconds; the rest fail when the engine stops. A second signal
     skips the wait.
+
+    If the engine dies (its loop raised, or a tensor-parallel worker exited), in-flight
+    requests get an error, /health turns 503, and the server exits with code 1 so that
+    Kubernetes restarts the pod.
     """
     from aiohttp import web
 
@@ -143,7 +157,23 @@ async def _serve(engine, ns: argparse.Namespace) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
-    await stop.wait()
+    dead = asyncio.Event()
+    async_llm.dead_observers.append(lambda err: loop.call_soon_threadsafe(dead.set))
+    if async_llm.error is not None:
+        dead.set()
+    waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(dead.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for w in waits:
+        w.cancel()
+    if dead.is_set() and not stop.is_set():
+        logger.error("engine died (%s); exiting with code 1 so that the pod is restarted", async_llm.error)
+        t_dead = time.monotonic()
+        await drain(app, 5.0, force)  # in-flight requests already got the error: let them answer
+        # keep answering /health with 503 a moment, so probes and load balancers see it
+        await asyncio.sleep(max(0.0, ENGINE_DEAD_LINGER_S - (time.monotonic() - t_dead)))
+        await loop.run_in_executor(None, async_llm.shutdown)
+        await runner.cleanup()
+        return 1
 
     busy = num_inflight(app)
     if busy:

@@ -72,20 +72,5 @@ def run_to_completion(engine, prompts, params) -> dict[str, list[int]]:
 
 def prefill_logits(engine, ids: list[int]):
     """Logits ``[len(ids), vocab] float32`` of one whole-prompt forward pass through the
-    engine's model, written into KV blocks ``0..`` of an idle engine (tests only)."""
-    import torch
-
-    from argosy.runtime.attention import AttentionMetadata
-
-    t = len(ids)
-    nblk = -(-t // engine.block_size)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(t), block_tables=torch.arange(nblk, dtype=torch.int32)[None],
-        seq_lens=torch.tensor([t], dtype=torch.int32), query_start_loc=torch.tensor([0, t], dtype=torch.int32),
-        max_query_len=t, max_seq_len=t, num_decodes=0, seq_lens_cpu=[t], query_lens_cpu=[t],
-    )
-    model = engine.runner.model
-    with torch.inference_mode():
-        hidden = model(torch.tensor(ids, device=engine.device), torch.arange(t, device=engine.device),
-                       engine.runner.kv_caches, meta)
-        return model.compute_logits(hidden)
+    engine's (possibly tensor-parallel) model."""
+    return engine.prompt_logits(ids)

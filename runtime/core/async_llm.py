@@ -48,6 +48,9 @@ class AsyncLLM:
         self._busy = False
         #: Callbacks ``f(output, now)`` run on the engine thread for every output (metrics).
         self.output_observers: list[Callable[[RequestOutput, float], None]] = []
+        #: Callbacks ``f(error)`` run on the engine thread once if the loop dies (not on shutdown).
+        self.dead_observers: list[Callable[[BaseException], None]] = []
+        engine.add_failure_callback(self._wake.set)  # a dead worker wakes an idle loop
         self._thread = threading.Thread(target=self._run, name="argosy-engine", daemon=True)
         self._thread.start()
 
@@ -130,10 +133,12 @@ class AsyncLLM:
         self._wake.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine thread; pending requests fail with :class:`EngineDeadError`."""
+        """Stop the engine thread and the engine's worker processes; pending requests
+        fail with :class:`EngineDeadError`."""
         self._stop = True
         self._wake.set()
         self._thread.join(timeout)
+        self.engine.shutdown()
 
     # ------------------------------------------------------------ the loop
     def _deliver(self, request_id: str, item) -> None:
@@ -173,6 +178,7 @@ class AsyncLLM:
         last_prompt, last_gen = 0, 0
         try:
             while not self._stop:
+                eng.check_health()  # raises once a tensor-parallel worker has died
                 self._drain_inbox()
                 if not eng.has_unfinished_requests():
                     self._busy = False
@@ -215,3 +221,9 @@ class AsyncLLM:
                 self._deliver(rid, err)
             with self._lock:
                 self._streams.clear()
+            if self.error is not None:
+                for obs in self.dead_observers:
+                    try:
+                        obs(self.error)
+                    except Exception:  # pragma: no cover - an observer must not mask the error
+                        logger.exception("dead observer raised")

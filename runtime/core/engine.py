@@ -11,14 +11,15 @@ import torch
 
 from ..config import EngineArgs, ModelConfig, SchedulerConfig, default_num_threads, resolve_dtype
 from ..loader import Checkpoint, load_checkpoint
-from ..models import LlamaForCausalLM
-from ..worker.model_runner import ModelRunner, kv_bytes_per_block, num_kv_blocks
+from ..models.llama import check_tp_divisibility
+from ..worker.executor import ModelSpec, MultiprocExecutor, UniprocExecutor, WorkerDiedError
+from ..worker.model_runner import StepPlanner, kv_bytes_per_block
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache_manager import KVCacheManager
 from .request import Request, RequestStatus
 from .sampler import Sampler
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger("argosy.engine")
 
@@ -86,8 +87,6 @@ class LLMEngine:
         self.device = args.resolve_device()
         if self.device.type == "cpu":
             torch.set_num_threads(args.num_threads or default_num_threads())
-        if args.tensor_parallel_size != 1:
-            raise ValueError("--tensor-parallel-size > 1 is not supported yet")
         if args.quantization not in (None, "gguf"):
             raise ValueError(f"--quantization {args.quantization} is not supported (supported: gguf)")
         self.checkpoint = checkpoint or load_checkpoint(args.model, args.tokenizer, args.revision)
@@ -101,10 +100,20 @@ class LLMEngine:
         self.scheduler_config: SchedulerConfig = args.scheduler_config(self.model_config.max_position_embeddings)
         cache_cfg = args.cache_config()
 
-        model = LlamaForCausalLM(self.model_config, self.dtype, self.device, self.scheduler_config.max_model_len)
-        model.load_weights(self.checkpoint.weights())
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-        self.num_blocks = num_kv_blocks(self.model_config, cache_cfg, self.dtype, self.device, weight_bytes)
+        tp = args.tensor_parallel_size
+        check_tp_divisibility(self.model_config, tp)
+        spec = ModelSpec(args, self.checkpoint.path, self.dtype, self.scheduler_config.max_model_len, cache_cfg)
+        self.executor = (UniprocExecutor if tp == 1 else MultiprocExecutor)(spec, self.checkpoint, self.device)
+        try:
+            self._finish_init(cache_cfg, t0)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+
+    def _finish_init(self, cache_cfg, t0: float) -> None:
+        ex = self.executor
+        weight_bytes = ex.weight_bytes
+        self.num_blocks = ex.num_blocks
         self.block_size = cache_cfg.block_size
         capacity = self.num_blocks * self.block_size
         max_len = self.scheduler_config.max_model_len
@@ -115,19 +124,22 @@ class LLMEngine:
             )
         self.kv = KVCacheManager(self.num_blocks, self.block_size, cache_cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
-        self.runner = ModelRunner(model, self.num_blocks, self.block_size, self.device, self.kv.get_block_ids)
-        self.sampler = Sampler(self.model_config.vocab_size, args.seed)
+        self.planner = StepPlanner(self.kv.get_block_ids)
+        self._scratch_ids = 0
+        self.sampler = Sampler(self.model_config.vocab_size, self.args.seed)
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self.stats = EngineStats()
         self.load_time_s = time.monotonic() - t0
-        kv_gib = self.num_blocks * kv_bytes_per_block(self.model_config, self.block_size, self.dtype) / 2**30
+        tp = ex.world_size
+        kv_gib = self.num_blocks * kv_bytes_per_block(self.model_config, self.block_size, self.dtype, tp) / 2**30
         logger.info(
-            "model %s (%s, %d layers, %.0fM params) dtype=%s device=%s | KV cache %d blocks x %d tokens = %d tokens "
-            "(%.2f GiB) | max_model_len=%d -> max concurrency at max length %.1fx | max_num_seqs=%d "
+            "model %s (%s, %d layers, %.0fM params%s) dtype=%s device=%s | KV cache %d blocks x %d tokens = %d tokens "
+            "(%.2f GiB%s) | max_model_len=%d -> max concurrency at max length %.1fx | max_num_seqs=%d "
             "max_num_batched_tokens=%d chunked_prefill=%s prefix_caching=%s | loaded in %.1fs",
             self.served_model_name, self.checkpoint.path, self.model_config.num_hidden_layers,
-            weight_bytes / self.dtype.itemsize / 1e6, str(self.dtype).removeprefix("torch."), self.device,
-            self.num_blocks, self.block_size, capacity, kv_gib, max_len, capacity / max_len,
+            weight_bytes / self.dtype.itemsize / 1e6, f" per rank, tensor parallel x{tp}" if tp > 1 else "",
+            str(self.dtype).removeprefix("torch."), self.device,
+            self.num_blocks, self.block_size, capacity, kv_gib, " per rank" if tp > 1 else "", max_len, capacity / max_len,
             self.scheduler_config.max_num_seqs, self.scheduler_config.max_num_batched_tokens,
             self.scheduler_config.enable_chunked_prefill, cache_cfg.enable_prefix_caching, self.load_time_s,
         )
@@ -199,6 +211,50 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def check_health(self) -> None:
+        """Raise if the engine can no longer run a step.
+
+        Raises:
+            WorkerDiedError: a tensor-parallel worker process has exited.
+        """
+        if self.executor.failure is not None:
+            raise WorkerDiedError(self.executor.failure)
+
+    def add_failure_callback(self, fn) -> None:
+        """Call ``fn()`` from another thread when a worker process dies (tensor parallel)."""
+        self.executor.add_failure_callback(fn)
+
+    def shutdown(self) -> None:
+        """Stop worker processes (tensor parallel) and leave the process group. Idempotent;
+        the engine cannot step afterwards."""
+        self.executor.shutdown()
+
+    def prompt_logits(self, prompt_token_ids: list[int]):
+        """Logits at every position of one prompt, from one forward pass through the whole
+        (possibly tensor-parallel) model: ``[len(prompt), vocab_size] float32`` on CPU.
+
+        For verification (comparing against a reference or across parallel sizes). Runs
+        between steps on scratch KV blocks that are freed afterwards; with prefix caching
+        on, the prompt's full blocks stay cached like any request's.
+
+        Raises:
+            ValueError: empty prompt, longer than ``max_model_len``, out-of-range ids, or
+                not enough free KV blocks right now.
+        """
+        ids = list(prompt_token_ids)
+        self.check_request(ids, SamplingParams(max_tokens=1))
+        self._scratch_ids += 1
+        rid = f"__prompt_logits_{self._scratch_ids}"
+        if not self.kv.allocate_slots(rid, ids, 0, len(ids)):
+            raise ValueError(f"not enough free KV blocks for a {len(ids)}-token prompt")
+        try:
+            req = Request(rid, ids, SamplingParams(max_tokens=1), self.model_config.eos_token_ids, 1)
+            plan, _ = self.planner.plan(SchedulerOutput([(req, len(ids))], len(ids)))
+            plan.all_logits = True
+            return self.executor.execute(plan).cpu()
+        finally:
+            self.kv.free(rid)
+
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns outputs for requests that got a token or finished."""
         sched = self.scheduler.schedule()
@@ -208,7 +264,8 @@ class LLMEngine:
         for req, _ in sched.scheduled:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
-        logits, reqs = self.runner.execute(sched)
+        plan, reqs = self.planner.plan(sched)
+        logits = self.executor.execute(plan)
         sampled_map: dict[str, int] = {}
         lp_map: dict[str, object] = {}
         if reqs:

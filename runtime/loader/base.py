@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -12,6 +12,18 @@ from ..config import ModelConfig
 #: Architectures the Llama implementation serves (HF ``architectures`` / GGUF ``general.architecture``).
 SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+#: ``hf_name -> (dim, start, stop) | None``: the slice of each tensor to load.
+ShardFn = Callable[[str], Optional[tuple[int, int, int]]]
+
+
+def narrow(t: torch.Tensor, shard: Optional[tuple[int, int, int]]) -> torch.Tensor:
+    """``t`` restricted to ``shard`` (a contiguous copy), or ``t`` when ``shard`` is None."""
+    if shard is None:
+        return t
+    dim, start, stop = shard
+    return t.narrow(dim, start, stop - start).contiguous()
 
 
 class ModelLoadError(Exception):
@@ -24,9 +36,12 @@ class Checkpoint:
 
     Attributes:
         config: architecture hyper-parameters.
-        weights: callable returning an iterator of ``(hf_name, tensor)``; tensors are
-            float32 (dequantized GGUF) or the checkpoint's dtype (safetensors), on CPU, in
-            Hugging Face layout (``[out_features, in_features]`` for linear weights).
+        weights: ``weights(shard_for=None)`` returns an iterator of ``(hf_name, tensor)``;
+            tensors are float32 (dequantized GGUF) or the checkpoint's dtype (safetensors),
+            on CPU, in Hugging Face layout (``[out_features, in_features]`` for linear
+            weights). ``shard_for(hf_name)`` may return ``(dim, start, stop)``: then only
+            that slice of the tensor is yielded, and read from disk alone where the
+            format allows (tensor-parallel loading).
         tokenizer: a ``transformers`` tokenizer (``PreTrainedTokenizerBase``) with
             ``chat_template`` set when the checkpoint ships one.
         name: default served model name.
@@ -34,7 +49,7 @@ class Checkpoint:
     """
 
     config: ModelConfig
-    weights: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    weights: Callable[..., Iterator[tuple[str, torch.Tensor]]]
     tokenizer: Any
     name: str
     path: str

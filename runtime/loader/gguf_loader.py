@@ -14,13 +14,13 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
 from ..config import ModelConfig
-from .base import Checkpoint, ModelLoadError, SUPPORTED_MODEL_TYPES
+from .base import Checkpoint, ModelLoadError, ShardFn, SUPPORTED_MODEL_TYPES, narrow
 
 logger = logging.getLogger(__name__)
 
@@ -137,27 +137,63 @@ def read_config(reader, path: str) -> ModelConfig:
     )
 
 
-def iter_weights(reader, cfg: ModelConfig, path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, float32 tensor)`` for every tensor the Llama model uses."""
+def _read_slice(t, shard, full_shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The raw GGUF data of tensor ``t`` restricted to ``shard`` where its layout allows.
+
+    GGUF stores a 2-D tensor as rows of quantization blocks along the last (input)
+    dimension, so a row range (``dim 0``) is a plain row slice, and a column range
+    (``dim 1``) is a byte slice when it starts and ends on a block boundary.
+
+    Returns:
+        ``(data, shape)``: what to dequantize, and the HF-layout shape it will have; a
+        column range that splits a block comes back whole (``shape == full_shape``).
+    """
+    import gguf
+
+    data = t.data
+    if shard is None:
+        return data, full_shape
+    dim, start, stop = shard
+    if dim == 0:
+        return data[start:stop], (stop - start, *full_shape[1:])
+    if data.dtype != np.uint8:  # unquantized: element-addressed
+        return data[:, start:stop], (full_shape[0], stop - start)
+    blk, type_size = gguf.GGML_QUANT_SIZES[t.tensor_type]
+    if start % blk or stop % blk:
+        return data, full_shape
+    return data[:, start // blk * type_size : stop // blk * type_size], (full_shape[0], stop - start)
+
+
+def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardFn] = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, float32 tensor)`` for every tensor the Llama model uses.
+
+    With ``shard_for``, only each tensor's slice is dequantized (see :func:`_read_slice`);
+    the file is memory-mapped, so the rest is never read.
+    """
     from gguf.quants import dequantize
 
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:
             continue
+        shard = shard_for(name) if shard_for else None
+        full_shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        data, shape = _read_slice(t, shard, full_shape)
         try:
-            arr = dequantize(t.data, t.tensor_type)
+            arr = dequantize(data, t.tensor_type)
         except Exception as e:
             raise ModelLoadError(f"{path}: cannot dequantize tensor {t.name} ({t.tensor_type.name}): {e}") from None
-        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         if arr.size != int(np.prod(shape)):
             raise ModelLoadError(f"{path}: tensor {t.name} has {arr.size} values, expected shape {shape} (truncated file?)")
         arr = arr.reshape(shape)
-        if t.name.endswith(("attn_q.weight", "attn_q.bias")):
-            arr = unpermute_qk(arr, cfg.num_attention_heads)
-        elif t.name.endswith(("attn_k.weight", "attn_k.bias")):
-            arr = unpermute_qk(arr, cfg.num_key_value_heads)
-        yield name, torch.from_numpy(np.array(arr, dtype=np.float32, copy=not arr.flags.writeable, order="C"))
+        if t.name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight", "attn_k.bias")):
+            # the permutation is within each head, so a slice of whole heads unpermutes alone
+            arr = unpermute_qk(arr, arr.shape[0] // cfg.head_dim)
+        out = torch.from_numpy(np.array(arr, dtype=np.float32, copy=not arr.flags.writeable, order="C"))
+        if shard is not None and shape == full_shape:  # a column range inside quantization blocks
+            out = narrow(out, shard)
+        yield name, out
 
 
 def _tokenizer_cache_dir(path: str) -> Path:
@@ -195,18 +231,18 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_gguf(path: str) -> Checkpoint:
-    """Load a GGUF file (metadata, tokenizer, lazy weights).
+def load_gguf(path: str, with_tokenizer: bool = True) -> Checkpoint:
+    """Load a GGUF file (metadata, tokenizer unless ``with_tokenizer`` is False, lazy weights).
 
     Raises:
         ModelLoadError: invalid file, unsupported architecture or tokenizer.
     """
     reader = _open(path)
     cfg = read_config(reader, path)
-    tok = load_tokenizer(path)
-    if tok.eos_token_id is not None and tok.eos_token_id not in cfg.eos_token_ids:
+    tok = load_tokenizer(path) if with_tokenizer else None
+    if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in cfg.eos_token_ids:
         cfg.eos_token_ids = cfg.eos_token_ids + (int(tok.eos_token_id),)
     name = Path(path).name
     if name.endswith(".gguf"):
         name = name[: -len(".gguf")]
-    return Checkpoint(config=cfg, weights=lambda: iter_weights(reader, cfg, path), tokenizer=tok, name=name, path=path)
+    return Checkpoint(config=cfg, weights=lambda shard_for=None: iter_weights(reader, cfg, path, shard_for), tokenizer=tok, name=name, path=path)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
 from ..config import ModelConfig
-from .base import Checkpoint, ModelLoadError, SUPPORTED_HF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
+from .base import Checkpoint, ModelLoadError, ShardFn, SUPPORTED_HF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -61,8 +61,12 @@ def read_config(path: Path) -> ModelConfig:
         raise ModelLoadError(f"{cfg_path}: missing or invalid field {e}") from None
 
 
-def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` from every ``*.safetensors`` file, one tensor at a time."""
+def iter_weights(path: Path, shard_for: Optional[ShardFn] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from every ``*.safetensors`` file, one tensor at a time.
+
+    With ``shard_for``, a sharded tensor is read as a slice (``safe_open(...).get_slice``),
+    so a tensor-parallel rank reads only its own rows or columns from disk.
+    """
     from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors"))
@@ -72,15 +76,22 @@ def iter_weights(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():
-                    yield name, st.get_tensor(name)
+                    shard = shard_for(name) if shard_for else None
+                    if shard is None:
+                        yield name, st.get_tensor(name)
+                        continue
+                    dim, start, stop = shard
+                    sl = st.get_slice(name)
+                    index = (slice(None),) * dim + (slice(start, stop),)
+                    yield name, sl[index]
         except ModelLoadError:
             raise
         except Exception as e:
             raise ModelLoadError(f"{f}: corrupt safetensors file ({e})") from None
 
 
-def load_hf_dir(path: str, tokenizer_path: str | None = None) -> Checkpoint:
-    """Load a Hugging Face model directory.
+def load_hf_dir(path: str, tokenizer_path: str | None = None, with_tokenizer: bool = True) -> Checkpoint:
+    """Load a Hugging Face model directory (the tokenizer too unless ``with_tokenizer`` is False).
 
     Raises:
         ModelLoadError: missing files, unsupported architecture or unreadable tokenizer.
@@ -91,10 +102,12 @@ def load_hf_dir(path: str, tokenizer_path: str | None = None) -> Checkpoint:
     cfg = read_config(p)
     if not any(p.glob("*.safetensors")):
         raise ModelLoadError(f"{path}: no *.safetensors weights")
-    try:
-        tok = AutoTokenizer.from_pretrained(tokenizer_path or str(p))
-    except Exception as e:
-        raise ModelLoadError(f"{tokenizer_path or path}: cannot load tokenizer ({type(e).__name__}: {e})") from None
-    if tok.eos_token_id is not None and tok.eos_token_id not in cfg.eos_token_ids:
+    tok = None
+    if with_tokenizer:
+        try:
+            tok = AutoTokenizer.from_pretrained(tokenizer_path or str(p))
+        except Exception as e:
+            raise ModelLoadError(f"{tokenizer_path or path}: cannot load tokenizer ({type(e).__name__}: {e})") from None
+    if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in cfg.eos_token_ids:
         cfg.eos_token_ids = cfg.eos_token_ids + (int(tok.eos_token_id),)
-    return Checkpoint(config=cfg, weights=lambda: iter_weights(p), tokenizer=tok, name=p.name, path=str(p))
+    return Checkpoint(config=cfg, weights=lambda shard_for=None: iter_weights(p, shard_for), tokenizer=tok, name=p.name, path=str(p))

@@ -86,8 +86,10 @@ def resolve_model(model: Optional[str], revision: Optional[str] = None) -> str:
     return download_from_hub(model.removeprefix("hf://"), revision=revision)
 
 
-def load_checkpoint(model: Optional[str] = None, tokenizer: Optional[str] = None, revision: Optional[str] = None) -> Checkpoint:
+def load_checkpoint(model: Optional[str] = None, tokenizer: Optional[str] = None, revision: Optional[str] = None,
+                    with_tokenizer: bool = True) -> Checkpoint:
     """Resolve and open a checkpoint (GGUF file or HF directory); weights are read lazily.
+    ``with_tokenizer=False`` skips the tokenizer (tensor-parallel workers need only weights).
 
     Raises:
         ModelLoadError: one line naming the path and the problem.
@@ -99,12 +101,12 @@ def load_checkpoint(model: Optional[str] = None, tokenizer: Optional[str] = None
     if os.path.isdir(path):
         ggufs = sorted(Path(path).glob("*.gguf"))
         if not (Path(path) / "config.json").exists() and len(ggufs) == 1:
-            return load_gguf(str(ggufs[0]))
-        return load_hf_dir(path, tokenizer)
+            return load_gguf(str(ggufs[0]), with_tokenizer)
+        return load_hf_dir(path, tokenizer, with_tokenizer)
     if not os.access(path, os.R_OK):
         raise ModelLoadError(f"{path}: not readable")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        return load_gguf(path)
+        return load_gguf(path, with_tokenizer)
     raise ModelLoadError(f"{path}: not a GGUF file (bad magic {magic!r}) and not a model directory")

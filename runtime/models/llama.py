@@ -8,6 +8,15 @@ so float32 logits agree with it to rounding.
 
 The forward pass takes one engine step's flattened tokens (prefill chunks and decodes
 mixed) and the step's :class:`AttentionMetadata`; there is no batch dimension.
+
+Tensor parallelism (Megatron-LM, Shoeybi et al. 2019, §3) over ``tp.world_size`` ranks:
+the fused QKV and gate/up projections are column-parallel (each rank holds
+``heads / N`` query heads, ``kv_heads / N`` KV heads and ``intermediate / N`` MLP
+columns), ``o_proj`` and ``down_proj`` are row-parallel (partial sums all-reduced), the
+embedding and LM head are vocab-parallel (``ceil(vocab / N)`` rows per rank; the
+embedding all-reduces, the logits are gathered to rank 0). Query head ``h`` uses KV head
+``h // (heads / kv_heads)``, so rank ``r``'s query heads only need its own KV heads and
+the KV cache is sharded by KV heads with no communication in attention.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from torch import nn
 
 from ..attention import AttentionMetadata, resolve_backend
 from ..config import ModelConfig
+from ..distributed import TPGroup
 
 
 class RMSNorm(nn.Module):
@@ -101,12 +111,17 @@ def _linear_param(out_f: int, in_f: int, dtype, device) -> nn.Parameter:
 
 
 class LlamaAttention(nn.Module):
-    """GQA self-attention with fused QKV projection over the paged cache."""
+    """GQA self-attention with fused QKV projection over the paged cache.
 
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    Under tensor parallelism this rank's ``qkv_proj`` holds its query and KV heads
+    (column-parallel) and ``o_proj`` its input columns (row-parallel, all-reduced).
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        self.tp = tp
+        self.num_heads = cfg.num_attention_heads // tp.world_size
+        self.num_kv_heads = cfg.num_key_value_heads // tp.world_size
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -129,56 +144,110 @@ class LlamaAttention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         self.store_kv(k, v, kv_cache, meta)
         o = self.paged_attention(q, kv_cache, meta, self.scale)
-        return F.linear(o.reshape(t, self.q_size), self.o_proj)
+        return self.tp.all_reduce(F.linear(o.reshape(t, self.q_size), self.o_proj))
 
 
 class LlamaMLP(nn.Module):
-    """SwiGLU MLP with fused gate/up projection: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU MLP with fused gate/up projection: ``down(silu(gate(x)) * up(x))``.
 
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    Under tensor parallelism gate/up are column-parallel (``intermediate / N`` columns
+    each) and ``down_proj`` row-parallel (all-reduced).
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup):
         super().__init__()
-        self.inter = cfg.intermediate_size
+        self.tp = tp
+        self.inter = cfg.intermediate_size // tp.world_size
         self.gate_up_proj = _linear_param(2 * self.inter, cfg.hidden_size, dtype, device)
         self.down_proj = _linear_param(cfg.hidden_size, self.inter, dtype, device)
 
     def forward(self, x):
         gu = F.linear(x, self.gate_up_proj)
         gate, up = gu.split(self.inter, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj)
+        return self.tp.all_reduce(F.linear(F.silu(gate) * up, self.down_proj))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype, device):
+    def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.self_attn = LlamaAttention(cfg, dtype, device)
+        self.self_attn = LlamaAttention(cfg, dtype, device, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.mlp = LlamaMLP(cfg, dtype, device)
+        self.mlp = LlamaMLP(cfg, dtype, device, tp)
 
     def forward(self, rope_cs, x, kv_cache, meta):
         x = x + self.self_attn(rope_cs, self.input_layernorm(x), kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def check_tp_divisibility(cfg: ModelConfig, world_size: int) -> None:
+    """Raise a clear error when the model cannot be split over ``world_size`` ranks.
+
+    Raises:
+        ValueError: attention heads, KV heads or the MLP width not divisible by
+            ``world_size`` (message names the counts and the sizes that would work).
+    """
+    if world_size < 1:
+        raise ValueError(f"--tensor-parallel-size must be >= 1, got {world_size}")
+    if world_size == 1:
+        return
+    checks = [
+        ("attention heads", cfg.num_attention_heads),
+        ("KV heads", cfg.num_key_value_heads),
+        ("intermediate size", cfg.intermediate_size),
+    ]
+    for what, n in checks:
+        if n % world_size:
+            ok = [k for k in range(1, cfg.num_key_value_heads + 1)
+                  if all(v % k == 0 for _, v in checks)]
+            raise ValueError(
+                f"--tensor-parallel-size {world_size} does not divide the model: it has "
+                f"{cfg.num_attention_heads} attention heads and {cfg.num_key_value_heads} KV heads "
+                f"(intermediate size {cfg.intermediate_size}); {what} ({n}) % {world_size} != 0. "
+                f"Sizes that work: {', '.join(map(str, ok))}"
+            )
+
+
+#: ``(dim, start, stop)``: the slice of a full checkpoint tensor one rank loads.
+Shard = tuple[int, int, int]
+
+
 class LlamaForCausalLM(nn.Module):
     """Llama decoder over a paged KV cache.
 
     Args:
-        cfg: architecture.
+        cfg: architecture (full, unsharded sizes).
         dtype: weight and activation dtype (float32 / bfloat16 / float16).
         device: where weights live.
         max_positions: rotary table length in tokens (>= the engine's ``max_model_len``).
+        tp: this rank's tensor-parallel group (default: a single rank).
+    Raises:
+        ValueError: see :func:`check_tp_divisibility`.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: Optional[int] = None):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_positions: Optional[int] = None,
+                 tp: Optional[TPGroup] = None):
         super().__init__()
+        tp = tp or TPGroup()
+        check_tp_divisibility(cfg, tp.world_size)
         self.cfg = cfg
         self.dtype = dtype
+        self.tp = tp
+        #: Vocabulary rows per rank (the last rank's tail past ``vocab_size`` is zero padding).
+        self.vocab_per_rank = -(-cfg.vocab_size // tp.world_size)
+        self.vocab_start = tp.rank * self.vocab_per_rank
         self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings, dtype, device)
-        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype, device) for _ in range(cfg.num_hidden_layers))
+        self.embed_tokens = nn.Parameter(torch.zeros(self.vocab_per_rank, cfg.hidden_size, dtype=dtype, device=device),
+                                         requires_grad=False)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype, device, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else _linear_param(cfg.vocab_size, cfg.hidden_size, dtype, device)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
+            torch.zeros(self.vocab_per_rank, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads held by this rank (the KV cache's head dimension)."""
+        return self.cfg.num_key_value_heads // self.tp.world_size
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -187,38 +256,79 @@ class LlamaForCausalLM(nn.Module):
         Args:
             input_ids: ``[num_tokens] int64``.
             positions: ``[num_tokens] int64`` absolute positions.
-            kv_caches: one ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` per layer.
+            kv_caches: one ``[2, num_blocks, block_size, num_kv_heads / N, head_dim]`` per layer.
             meta: the step's attention metadata.
         Returns:
-            Final hidden states ``[num_tokens, hidden_size]`` (after the last norm).
+            Final hidden states ``[num_tokens, hidden_size]`` (after the last norm), the
+            same on every rank.
         """
-        x = F.embedding(input_ids, self.embed_tokens)
+        if self.tp.is_parallel:
+            local = input_ids - self.vocab_start
+            mine = (local >= 0) & (local < self.vocab_per_rank)
+            x = F.embedding(torch.where(mine, local, 0), self.embed_tokens)
+            x = self.tp.all_reduce(x * mine.unsqueeze(-1).to(x.dtype))
+        else:
+            x = F.embedding(input_ids, self.embed_tokens)
         rope_cs = self.rope.cos_sin(positions)
         for layer, cache in zip(self.layers, kv_caches):
             x = layer(rope_cs, x, cache, meta)
         return self.norm(x)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """``[N, hidden_size]`` -> logits ``[N, vocab_size] float32``."""
+    def compute_logits(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
+        """``[N, hidden_size]`` -> logits ``[N, vocab_size] float32`` on rank 0.
+
+        Under tensor parallelism every rank must call this (the vocab slices are
+        gathered to rank 0); the other ranks get None.
+        """
         w = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, w).float()
+        logits = self.tp.gather_to_first(F.linear(hidden, w))
+        if logits is None:
+            return None
+        return logits[:, : self.cfg.vocab_size].float()
+
+    # ------------------------------------------------------------- loading
+    def shard_for(self, name: str) -> Optional[Shard]:
+        """The slice of checkpoint tensor ``name`` (Hugging Face naming, full shape) this
+        rank loads, or None for the whole tensor (replicated, or a single rank)."""
+        tp = self.tp
+        if not tp.is_parallel:
+            return None
+        cfg = self.cfg
+        r = tp.rank
+        if name in ("model.embed_tokens.weight", "lm_head.weight"):
+            return (0, self.vocab_start, min(cfg.vocab_size, self.vocab_start + self.vocab_per_rank))
+        d = cfg.head_dim
+        hq, hkv, inter = cfg.num_attention_heads // tp.world_size, self.num_kv_heads, cfg.intermediate_size // tp.world_size
+        for suffix, dim, size in (
+            ("self_attn.q_proj", 0, hq * d), ("self_attn.k_proj", 0, hkv * d), ("self_attn.v_proj", 0, hkv * d),
+            ("self_attn.o_proj.weight", 1, hq * d),
+            ("mlp.gate_proj", 0, inter), ("mlp.up_proj", 0, inter), ("mlp.down_proj.weight", 1, inter),
+        ):
+            if suffix in name:
+                return (dim, r * size, (r + 1) * size)
+        return None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up.
+
+        Under tensor parallelism each tensor must already be this rank's slice
+        (:meth:`shard_for`); the loaders read only that slice where the format allows.
 
         Raises:
             ValueError: a tensor with an unexpected shape, or required weights missing.
         """
         cfg = self.cfg
-        q_size = cfg.num_attention_heads * cfg.head_dim
-        kv_size = cfg.num_key_value_heads * cfg.head_dim
+        attn0 = self.layers[0].self_attn
+        q_size, kv_size = attn0.q_size, attn0.kv_size
         seen: set[str] = set()
         for name, w in weights:
             target, rows = self._target(name, q_size, kv_size)
             if target is None:
                 continue
             dst = target if rows is None else target[rows[0] : rows[1]]
+            if name in ("model.embed_tokens.weight", "lm_head.weight") and w.shape[0] < dst.shape[0]:
+                dst = dst[: w.shape[0]]  # the last rank's vocab slice is short; the rest stays zero
             if tuple(dst.shape) != tuple(w.shape):
                 raise ValueError(f"weight {name}: shape {tuple(w.shape)} does not match model {tuple(dst.shape)}")
             dst.copy_(w.to(dst.dtype))
@@ -242,7 +352,7 @@ class LlamaForCausalLM(nn.Module):
         layer = self.layers[int(parts[2])]
         sub = ".".join(parts[3:])
         attn, mlp = layer.self_attn, layer.mlp
-        inter = self.cfg.intermediate_size
+        inter = mlp.inter
         table = {
             "input_layernorm.weight": (layer.input_layernorm.weight.data, None),
             "post_attention_layernorm.weight": (layer.post_attention_layernorm.weight.data, None),

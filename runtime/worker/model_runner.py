@@ -4,7 +4,8 @@ runs the forward pass and returns logits for the rows that sample."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -18,21 +19,26 @@ from ..models import LlamaForCausalLM
 logger = logging.getLogger(__name__)
 
 
-def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes one block takes across all layers: ``2 * layers * block_size * kv_heads * head_dim * itemsize``."""
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp_size: int = 1) -> int:
+    """Bytes one block takes on one rank across all layers:
+    ``2 * layers * block_size * (kv_heads / tp_size) * head_dim * itemsize``."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * itemsize
+    return 2 * cfg.num_hidden_layers * block_size * (cfg.num_key_value_heads // tp_size) * cfg.head_dim * itemsize
 
 
 def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
-                  weight_bytes: int) -> int:
-    """How many KV blocks fit.
+                  weight_bytes: int, tp_size: int = 1) -> int:
+    """How many KV blocks fit on this rank (each rank holds ``kv_heads / tp_size`` heads
+    of every block, so all ranks get the same count on equal devices).
 
-    CPU: ``--kv-cache-memory`` bytes (default 1 GiB). CUDA: ``gpu_memory_utilization`` x
+    CPU: ``--kv-cache-memory`` bytes per rank (default 1 GiB). CUDA: ``gpu_memory_utilization`` x
     total memory minus what is already allocated (weights) minus an activation reserve.
     ``--num-gpu-blocks-override`` wins over both.
+
+    Raises:
+        ValueError / RuntimeError: not even one block fits.
     """
-    per_block = kv_bytes_per_block(cfg, cache.block_size, dtype)
+    per_block = kv_bytes_per_block(cfg, cache.block_size, dtype, tp_size)
     if cache.num_blocks:
         return cache.num_blocks
     if device.type == "cuda" and cache.kv_cache_memory is None:
@@ -53,72 +59,160 @@ def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, devi
 
 
 @dataclass
+class StepPlan:
+    """One step, as rank 0 sends it to every rank (plain lists: cheap to pickle).
+
+    It carries only what changed: this step's input tokens and the block ids appended
+    to each scheduled sequence's block table since the last step; every rank keeps the
+    tables (:class:`ModelRunner` ``tables``) and rebuilds the same tensors from them.
+
+    Attributes:
+        req_ids: scheduled sequences in execution order (decodes first).
+        num_computed: per sequence, tokens already in the KV cache (``num_computed_tokens``).
+        num_new: per sequence, tokens computed this step.
+        token_ids: the step's input token ids, flattened (``sum(num_new)`` of them).
+        block_updates: ``(seq_index, replace, block_ids)``: append ``block_ids`` to that
+            sequence's table, or replace the table (a new or resumed request).
+        sample: indices of the sequences whose last new token needs logits.
+        freed: request ids whose tables every rank drops (finished or preempted).
+        all_logits: return logits for every token of the step, not only ``sample``'s
+            (used by :meth:`LLMEngine.prompt_logits`).
+    """
+
+    req_ids: list[str] = field(default_factory=list)
+    num_computed: list[int] = field(default_factory=list)
+    num_new: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    block_updates: list[tuple[int, bool, list[int]]] = field(default_factory=list)
+    sample: list[int] = field(default_factory=list)
+    freed: list[str] = field(default_factory=list)
+    all_logits: bool = False
+
+
+class StepPlanner:
+    """Rank 0's side: turns a :class:`SchedulerOutput` into a :class:`StepPlan`.
+
+    It remembers which block-table list object (the KV manager's live list) and how many
+    of its entries each rank has been sent, so only new entries travel; a request whose
+    list changed identity was freed and re-allocated (preemption), and is re-sent whole.
+
+    Args:
+        block_table_fn: ``request_id -> list[int]``, the KV manager's live block table
+            (a fresh empty list for a request that holds no blocks).
+    """
+
+    def __init__(self, block_table_fn: Callable[[str], list[int]]):
+        self.block_table_fn = block_table_fn
+        self._sent: dict[str, tuple[list[int], int]] = {}
+
+    def plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list[Request]]:
+        """Returns ``(plan, sampling requests in plan.sample order)``."""
+        order = [(r, n) for r, n in sched.scheduled if n == 1] + [(r, n) for r, n in sched.scheduled if n != 1]
+        p = StepPlan()
+        sample_reqs: list[Request] = []
+        sent = self._sent
+        for i, (req, n) in enumerate(order):
+            rid = req.request_id
+            c = req.num_computed_tokens
+            p.req_ids.append(rid)
+            p.num_computed.append(c)
+            p.num_new.append(n)
+            p.token_ids.extend(req.all_token_ids[c : c + n])
+            table = self.block_table_fn(rid)
+            known = sent.get(rid)
+            if known is None or known[0] is not table:
+                p.block_updates.append((i, True, list(table)))
+            elif len(table) > known[1]:
+                p.block_updates.append((i, False, table[known[1] :]))
+            sent[rid] = (table, len(table))
+            if c + n == req.num_tokens:
+                p.sample.append(i)
+                sample_reqs.append(req)
+        scheduled = set(p.req_ids)
+        for rid, (table, _) in list(sent.items()):
+            if rid not in scheduled and self.block_table_fn(rid) is not table:
+                p.freed.append(rid)
+                del sent[rid]
+        return p, sample_reqs
+
+
+@dataclass
 class StepInputs:
-    """Tensors for one forward pass plus the row -> request map for sampling."""
+    """Tensors for one forward pass."""
 
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
-    logits_indices: torch.Tensor
-    sample_reqs: list[Request]
+    logits_indices: Optional[torch.Tensor]
 
 
 class ModelRunner:
-    """Runs the model for a :class:`SchedulerOutput`.
+    """Runs the model for a :class:`StepPlan` (the same on every tensor-parallel rank).
 
     Args:
-        model: loaded model.
+        model: loaded model (this rank's shard).
         num_blocks: KV blocks to allocate.
         block_size: tokens per block.
         device: compute device.
-        block_table_fn: ``request_id -> list[int]`` (the KV manager's block table).
     """
 
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device, block_table_fn):
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device):
         cfg = model.cfg
         self.model = model
         self.device = device
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.block_table_fn = block_table_fn
-        shape = (2, num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        #: request id -> block table, mirrored from rank 0's KV manager through the plans.
+        self.tables: dict[str, list[int]] = {}
+        shape = (2, num_blocks, block_size, model.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(cfg.num_hidden_layers)]
 
-    def prepare(self, sched: SchedulerOutput) -> StepInputs:
-        """Flatten the step's tokens (decodes first) and build attention metadata."""
-        decodes = [(r, n) for r, n in sched.scheduled if n == 1]
-        prefills = [(r, n) for r, n in sched.scheduled if n != 1]
-        order = decodes + prefills
+    def apply(self, plan: StepPlan) -> list[list[int]]:
+        """Update the mirrored block tables; returns the step's tables in plan order.
+
+        Raises:
+            RuntimeError: the plan refers to a request this rank has no table for
+                (the ranks' views diverged: a bug, never silently computed).
+        """
+        tables = self.tables
+        for rid in plan.freed:
+            tables.pop(rid, None)
+        for i, replace, blocks in plan.block_updates:
+            rid = plan.req_ids[i]
+            if replace:
+                tables[rid] = list(blocks)
+            else:
+                tables[rid].extend(blocks)
+        try:
+            return [tables[rid] for rid in plan.req_ids]
+        except KeyError as e:
+            raise RuntimeError(f"step plan names request {e} with no block table on this rank") from None
+
+    def prepare(self, plan: StepPlan) -> StepInputs:
+        """Flatten the step's tokens and build attention metadata."""
+        step_tables = self.apply(plan)
         bs = self.block_size
-        ids: list[int] = []
         pos_parts, slot_parts = [], []
-        seq_lens, query_lens, tables = [], [], []
-        logits_idx, sample_reqs = [], []
-        cursor = 0
-        for req, n in order:
-            c = req.num_computed_tokens
-            table = self.block_table_fn(req.request_id)
-            ids.extend(req.all_token_ids[c : c + n])
+        seq_lens = []
+        query_lens = plan.num_new
+        for table, c, n in zip(step_tables, plan.num_computed, query_lens):
             if n == 1:
                 pos_parts.append(np.array([c]))
                 slot_parts.append(np.array([table[c // bs] * bs + c % bs]))
             else:
-                p = np.arange(c, c + n)
-                pos_parts.append(p)
-                slot_parts.append(np.asarray(table, dtype=np.int64)[p // bs] * bs + p % bs)
+                pos = np.arange(c, c + n)
+                pos_parts.append(pos)
+                slot_parts.append(np.asarray(table, dtype=np.int64)[pos // bs] * bs + pos % bs)
             seq_lens.append(c + n)
-            query_lens.append(n)
-            tables.append(table)
-            cursor += n
-            if c + n == req.num_tokens:
-                logits_idx.append(cursor - 1)
-                sample_reqs.append(req)
-        max_blocks = max(len(t) for t in tables)
-        bt = np.zeros((len(tables), max_blocks), dtype=np.int32)
-        for i, t in enumerate(tables):
+        max_blocks = max(len(t) for t in step_tables)
+        bt = np.zeros((len(step_tables), max_blocks), dtype=np.int32)
+        for i, t in enumerate(step_tables):
             bt[i, : len(t)] = t
-        qsl = np.zeros(len(order) + 1, dtype=np.int32)
+        qsl = np.zeros(len(query_lens) + 1, dtype=np.int32)
         np.cumsum(query_lens, out=qsl[1:])
+        num_decodes = 0
+        while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
+            num_decodes += 1
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.from_numpy(np.concatenate(slot_parts).astype(np.int64)).to(dev),
@@ -127,23 +221,33 @@ class ModelRunner:
             query_start_loc=torch.from_numpy(qsl).to(dev),
             max_query_len=max(query_lens),
             max_seq_len=max(seq_lens),
-            num_decodes=len(decodes),
+            num_decodes=num_decodes,
             seq_lens_cpu=seq_lens,
-            query_lens_cpu=query_lens,
+            query_lens_cpu=list(query_lens),
         )
+        logits_idx = None if plan.all_logits else torch.from_numpy(qsl[1:][plan.sample].astype(np.int64) - 1).to(dev)
         return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.int64, device=dev),
+            input_ids=torch.tensor(plan.token_ids, dtype=torch.int64, device=dev),
             positions=torch.from_numpy(np.concatenate(pos_parts).astype(np.int64)).to(dev),
             meta=meta,
-            logits_indices=torch.tensor(logits_idx, dtype=torch.int64, device=dev),
-            sample_reqs=sample_reqs,
+            logits_indices=logits_idx,
         )
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[torch.Tensor, list[Request]]:
-        """Run one step. Returns ``(logits [num_sampling_rows, vocab] float32, requests)``."""
-        inp = self.prepare(sched)
+    def execute(self, plan: StepPlan) -> Optional[torch.Tensor]:
+        """Run one step.
+
+        Returns:
+            On rank 0: logits ``[len(plan.sample), vocab] float32`` (every token's row
+            with ``plan.all_logits``); None on the other ranks.
+        """
+        if not plan.req_ids:  # only frees to mirror
+            self.apply(plan)
+            return None
+        inp = self.prepare(plan)
         hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
-        if not inp.sample_reqs:
-            return hidden.new_empty((0, self.model.cfg.vocab_size), dtype=torch.float32), []
-        return self.model.compute_logits(hidden[inp.logits_indices]), inp.sample_reqs
+        if inp.logits_indices is not None:
+            if not plan.sample:
+                return hidden.new_empty((0, self.model.cfg.vocab_size), dtype=torch.float32)
+            hidden = hidden[inp.logits_indices]
+        return self.model.compute_logits(hidden)

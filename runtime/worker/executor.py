@@ -1,0 +1,376 @@
+"""Executors: where the model runs.
+
+:class:`UniprocExecutor` runs the model in the engine's process. :class:`MultiprocExecutor`
+runs ``--tensor-parallel-size N`` ranks: rank 0 in the engine's process (next to the
+scheduler and sampler) and ranks ``1..N-1`` in spawned worker processes.
+
+Each step, rank 0 pickles the :class:`StepPlan` (this step's tokens and new block ids,
+not whole sequences) once and writes it to every worker's pipe; all ranks then build
+the same input tensors and run their shard of the model, meeting in the row-parallel
+all-reduces and the logits gather (``torch.distributed``: gloo on CPU, NCCL on CUDA).
+Between steps the workers block on their pipe, so an idle server has no collective
+waiting to time out.
+
+Failure model: a watcher thread in rank 0 waits on the workers' process sentinels. When
+one exits, the executor is marked failed, the remaining workers are killed (so a
+collective rank 0 is blocked in fails at once: gloo reports the closed connection), and
+the failure callbacks run; every later :meth:`MultiprocExecutor.execute` raises
+:class:`WorkerDiedError`. Workers die with the engine: ``PR_SET_PDEATHSIG`` (Linux)
+plus end-of-file on their pipe, so no worker outlives its server.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_any
+from typing import Callable, Optional
+
+import torch
+
+from ..config import CacheConfig, EngineArgs, default_num_threads
+from ..distributed import TPGroup, destroy_group, init_group, open_store
+from ..loader import Checkpoint, load_checkpoint
+from ..models import LlamaForCausalLM
+from .model_runner import ModelRunner, StepPlan, num_kv_blocks
+
+logger = logging.getLogger("argosy.executor")
+
+#: Longest wait for a worker to load its shard and report (seconds).
+STARTUP_TIMEOUT_S = 600.0
+
+
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel worker process exited; the engine cannot run another step."""
+
+
+@dataclass
+class ModelSpec:
+    """What every rank needs to build its shard (picklable)."""
+
+    args: EngineArgs
+    checkpoint_path: str
+    dtype: torch.dtype
+    max_model_len: int
+    cache: CacheConfig
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank ``rank``'s device: ``cuda:<rank>`` on CUDA (one GPU per rank), else ``device``."""
+    return torch.device("cuda", rank) if device.type == "cuda" else device
+
+
+def rank_threads(args: EngineArgs) -> int:
+    """CPU threads per rank: ``--num-threads``, else the cores shared evenly between ranks."""
+    return args.num_threads or max(1, default_num_threads() // args.tensor_parallel_size)
+
+
+def build_shard(spec: ModelSpec, checkpoint: Checkpoint, tp: TPGroup, device: torch.device
+                ) -> tuple[LlamaForCausalLM, int, int]:
+    """Build rank ``tp.rank``'s model shard and size its KV cache.
+
+    Returns:
+        ``(model, weight_bytes, kv_blocks_that_fit)`` for this rank.
+    Raises:
+        ValueError: the model does not split over ``tp.world_size`` ranks, a weight has
+            the wrong shape, or not one KV block fits.
+    """
+    model = LlamaForCausalLM(checkpoint.config, spec.dtype, device, spec.max_model_len, tp)
+    model.load_weights(checkpoint.weights(model.shard_for))
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    blocks = num_kv_blocks(checkpoint.config, spec.cache, spec.dtype, device, weight_bytes, tp.world_size)
+    return model, weight_bytes, blocks
+
+
+class UniprocExecutor:
+    """The model in this process (``--tensor-parallel-size 1``).
+
+    Args:
+        spec: model and cache settings.
+        checkpoint: the opened checkpoint.
+        device: compute device.
+    """
+
+    world_size = 1
+
+    def __init__(self, spec: ModelSpec, checkpoint: Checkpoint, device: torch.device):
+        model, self.weight_bytes, self.num_blocks = build_shard(spec, checkpoint, TPGroup(), device)
+        self.runner = ModelRunner(model, self.num_blocks, spec.cache.block_size, device)
+        self.failure: Optional[str] = None
+
+    def execute(self, plan: StepPlan) -> Optional[torch.Tensor]:
+        """Run one step; logits as :meth:`ModelRunner.execute`."""
+        return self.runner.execute(plan)
+
+    def add_failure_callback(self, fn: Callable[[], None]) -> None:
+        """Nothing can fail apart from the caller's own thread here."""
+
+    def shutdown(self) -> None:
+        """Nothing to stop."""
+
+
+class MultiprocExecutor:
+    """Tensor parallelism over ``N`` ranks (see the module docstring).
+
+    Args:
+        spec: model and cache settings (``spec.args.tensor_parallel_size`` ranks).
+        checkpoint: rank 0's opened checkpoint (workers reopen ``spec.checkpoint_path``).
+        device: ``cpu`` (gloo) or ``cuda`` (NCCL; rank ``r`` on ``cuda:r``).
+    Raises:
+        RuntimeError: a worker failed to start (its error is in the message), or no
+            worker reported within :data:`STARTUP_TIMEOUT_S`.
+    """
+
+    def __init__(self, spec: ModelSpec, checkpoint: Checkpoint, device: torch.device):
+        n = spec.args.tensor_parallel_size
+        self.world_size = n
+        self.failure: Optional[str] = None
+        self._callbacks: list[Callable[[], None]] = []
+        self._closing = False
+        self._lock = threading.Lock()
+        self._procs: list[subprocess.Popen] = []
+        self._plan_conns: list[Connection] = []
+        self._status_conns: list[Connection] = []
+        store = open_store(n)
+        try:
+            for rank in range(1, n):
+                self._spawn(spec, rank, store.port)
+            torch.set_num_threads(rank_threads(spec.args))
+            dev0 = rank_device(device, 0)
+            model, self.weight_bytes, blocks = build_shard(spec, checkpoint, TPGroup(0, n), dev0)
+            for rank, msg in self._collect("ready"):
+                blocks = min(blocks, msg)
+            init_group(0, n, dev0, store.port, store=store)
+            self.num_blocks = blocks
+            for conn in self._plan_conns:
+                conn.send(("init", blocks))
+            for rank, _ in self._collect("joined"):
+                pass
+            self.runner = ModelRunner(model, blocks, spec.cache.block_size, dev0)
+        except BaseException:
+            self._kill_all()
+            destroy_group()
+            raise
+        self._store = store
+        atexit.register(self.shutdown)
+        self._watcher = threading.Thread(target=self._watch, name="argosy-tp-watch", daemon=True)
+        self._watcher.start()
+        logger.info("tensor parallel: %d ranks (%s), worker pids %s", n,
+                    "nccl" if device.type == "cuda" else "gloo", [p.pid for p in self._procs])
+
+    def _spawn(self, spec: ModelSpec, rank: int, port: int) -> None:
+        """Start rank ``rank`` as ``python -m argosy.runtime.worker`` (a fresh interpreter:
+        nothing of this process, not even its ``__main__``, is re-imported), connected by
+        two pipes: plans in, status out. The status pipe's write end lives only in the
+        worker, so its end-of-file doubles as the worker's death notice."""
+        plan_r, plan_w = os.pipe()
+        status_r, status_w = os.pipe()
+        try:
+            p = subprocess.Popen([sys.executable, "-m", "argosy.runtime.worker", str(plan_r), str(status_w)],
+                                 pass_fds=(plan_r, status_w), close_fds=True)
+        finally:
+            os.close(plan_r)
+            os.close(status_w)
+        self._procs.append(p)
+        plan_conn = Connection(plan_w, readable=False)
+        self._plan_conns.append(plan_conn)
+        self._status_conns.append(Connection(status_r, writable=False))
+        plan_conn.send((spec, rank, port, os.getpid()))
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of ranks ``1..N-1``."""
+        return [p.pid for p in self._procs]
+
+    # ------------------------------------------------------------- startup
+    def _collect(self, kind: str):
+        """Wait for one ``(kind, rank, payload)`` message per worker; yields ``(rank, payload)``.
+
+        Raises:
+            RuntimeError: a worker reported an error, exited, or was silent for
+                :data:`STARTUP_TIMEOUT_S`.
+        """
+        pending = {c: r for r, c in enumerate(self._status_conns, start=1)}
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"tensor-parallel workers {sorted(pending.values())} did not report "
+                                   f"{kind!r} within {STARTUP_TIMEOUT_S:.0f}s")
+            for conn in wait_any(list(pending), timeout=left):
+                rank = pending[conn]
+                try:
+                    what, _, payload = conn.recv()
+                except EOFError:
+                    p = self._procs[rank - 1]
+                    try:
+                        code = p.wait(5.0)
+                    except subprocess.TimeoutExpired:
+                        code = None
+                    raise RuntimeError(f"tensor-parallel worker {rank} exited with code {code} during startup") from None
+                if what == "error":
+                    raise RuntimeError(f"tensor-parallel worker {rank} failed during startup: {payload}")
+                del pending[conn]
+                yield rank, payload
+
+    # ------------------------------------------------------------- running
+    def add_failure_callback(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` (from the watcher thread) when a worker dies."""
+        self._callbacks.append(fn)
+        if self.failure is not None:
+            fn()
+
+    def execute(self, plan: StepPlan) -> Optional[torch.Tensor]:
+        """Send ``plan`` to every worker, run rank 0's shard, return rank 0's logits.
+
+        Raises:
+            WorkerDiedError: a worker is gone (before or during the step).
+        """
+        if self.failure is not None:
+            raise WorkerDiedError(self.failure)
+        data = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            for conn in self._plan_conns:
+                conn.send_bytes(data)
+            return self.runner.execute(plan)
+        except Exception as e:
+            # A dead peer surfaces as a broken pipe or a failed collective; wait briefly
+            # for the watcher so the error names the worker.
+            deadline = time.monotonic() + 2.0
+            while self.failure is None and time.monotonic() < deadline and not self._closing:
+                time.sleep(0.01)
+            raise WorkerDiedError(self.failure or f"tensor-parallel step failed: {e}") from e
+
+    def _watch(self) -> None:
+        conns = {c: rank for rank, c in enumerate(self._status_conns, start=1)}
+        ready = wait_any(list(conns))  # readable only at end of file: the worker exited
+        if self._closing:
+            return
+        rank = conns[ready[0]]
+        p = self._procs[rank - 1]
+        try:
+            code = p.wait(1.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        with self._lock:
+            self.failure = f"tensor-parallel worker {rank} (pid {p.pid}) {how}"
+        logger.error("%s; stopping the other workers", self.failure)
+        self._kill_all()
+        for fn in self._callbacks:
+            try:
+                fn()
+            except Exception:  # pragma: no cover - a callback must not stop the others
+                logger.exception("failure callback raised")
+
+    # ------------------------------------------------------------ shutdown
+    def _kill_all(self) -> None:
+        for p in self._procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self._procs:
+            try:
+                p.wait(5.0)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
+                logger.error("tensor-parallel worker pid %d did not exit after SIGKILL", p.pid)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the workers (ask, then kill after ``timeout`` seconds) and leave the
+        process group. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        for conn in self._plan_conns:
+            try:
+                conn.send_bytes(pickle.dumps(None))
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + timeout
+        for p in self._procs:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        self._kill_all()
+        for conn in self._plan_conns + self._status_conns:
+            conn.close()
+        destroy_group()
+
+
+# ----------------------------------------------------------------- the worker
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except OSError:  # pragma: no cover - no libc: EOF on the pipe still stops us
+        pass
+
+
+def worker_main(argv: list[str]) -> None:
+    """Entry point of a tensor-parallel worker: ``python -m argosy.runtime.worker PLAN_FD STATUS_FD``.
+
+    Reads ``(spec, rank, port, parent_pid)`` from the plan pipe, loads its shard,
+    reports ``ready`` (with the KV blocks that fit), joins the process group, allocates
+    its KV cache, reports ``joined``, then runs every plan it receives until ``None`` or
+    end of file. Never returns: exits 0 on a normal stop, 1 on any error.
+    """
+    plan_conn = Connection(int(argv[0]), writable=False)
+    status_conn = Connection(int(argv[1]), readable=False)
+    _die_with_parent()
+    rank = -1
+    try:
+        spec, rank, port, parent_pid = plan_conn.recv()
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: rank 0 decides
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format=f"%(asctime)s %(levelname)s %(name)s [tp rank {rank}]: %(message)s")
+        torch.set_num_threads(rank_threads(spec.args))
+        device = rank_device(spec.args.resolve_device(), rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        checkpoint = load_checkpoint(spec.checkpoint_path, with_tokenizer=False)
+        tp = TPGroup(rank, spec.args.tensor_parallel_size)
+        model, _, blocks = build_shard(spec, checkpoint, tp, device)
+        status_conn.send(("ready", rank, blocks))
+        init_group(rank, tp.world_size, device, port)
+        _, num_blocks = plan_conn.recv()
+        runner = ModelRunner(model, num_blocks, spec.cache.block_size, device)
+        status_conn.send(("joined", rank, None))
+    except EOFError:  # rank 0 went away during startup
+        os._exit(1)
+    except BaseException as e:  # report, then exit non-zero: rank 0 raises with this text
+        try:
+            status_conn.send(("error", rank, f"{type(e).__name__}: {e}"))
+        except OSError:
+            pass
+        traceback.print_exc()
+        os._exit(1)
+    try:
+        while True:
+            plan = pickle.loads(plan_conn.recv_bytes())
+            if plan is None:
+                break
+            runner.execute(plan)
+    except EOFError:  # rank 0 is gone
+        os._exit(0)
+    except BaseException:
+        logger.exception("step failed")
+        os._exit(1)
+    destroy_group()
+    os._exit(0)
