@@ -203,7 +203,8 @@ class RuntimeSpec(_Model):
 class ResourcesSpec(_Model):
     """Compute for each replica."""
 
-    gpus: int = Field(1, ge=0, le=64, description="GPUs per replica (requests = limits).")
+    gpus: Optional[int] = Field(None, ge=0, le=64, description="GPUs per replica (requests = limits); default: "
+                                "parallelism.tensor (one GPU per tensor-parallel rank). 0 runs on CPU.")
     gpu_resource_name: str = Field("nvidia.com/gpu", max_length=253,
                                    description="Extended resource name of the GPU.")
     gpu_product: Optional[str] = Field(
@@ -393,7 +394,7 @@ class InferenceServiceSpec(_Model):
                                               "its objects; used for quotas).")
 
     CEL_RULES: ClassVar[list[Rule]] = [
-        Rule("self.resources.gpus % self.parallelism.tensor == 0",
+        Rule("!has(self.resources.gpus) || self.resources.gpus % self.parallelism.tensor == 0",
              "resources.gpus must be a multiple of parallelism.tensor", ".resources.gpus"),
         Rule("self.cache.enabled || self.model.uri.startsWith('pvc://') || "
              "self.model.uri.matches('^hf://[^/]+/[^/]+$')",
@@ -403,6 +404,8 @@ class InferenceServiceSpec(_Model):
 
     @model_validator(mode="after")
     def _cross(self):
+        if self.resources.gpus is None:  # one GPU per tensor-parallel rank
+            self.resources.gpus = self.parallelism.tensor
         if self.resources.gpus % self.parallelism.tensor:
             raise ValueError("resources.gpus must be a multiple of parallelism.tensor")
         uri = self.model.uri

@@ -261,6 +261,17 @@ def test_tensor_parallel():
     assert "dshm" not in str(children(make_isvc(SPECS["minimal"]))["deployment"])
 
 
+def test_tensor_parallel_without_gpus_requests_one_gpu_per_rank():
+    obj = make_isvc({"model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"}, "parallelism": {"tensor": 4}})
+    c = server(obj)
+    pod = children(obj)["deployment"]["spec"]["template"]["spec"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == c["resources"]["requests"]["nvidia.com/gpu"] == 4
+    assert c["args"][c["args"].index("--tensor-parallel-size") + 1] == "4"
+    # no size given: memory-backed, bounded by the pod's memory limit
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in pod["volumes"]
+    assert api.parse(obj).spec.resources.gpus == 4
+
+
 def test_scheduling():
     obj = make_isvc(SPECS["tolerations"])
     pod = children(obj)["deployment"]["spec"]["template"]["spec"]
