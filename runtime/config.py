@@ -149,7 +149,9 @@ class EngineArgs:
         g.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs, help="max sequences per engine step")
         g.add_argument("--max-waiting-requests", type=int, default=None,
                        help="refuse new requests with HTTP 503 while this many are waiting (default unbounded)")
-        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size, help="tensor-parallel ranks")
+        g.add_argument("--tensor-parallel-size", "-tp", type=int, default=d.tensor_parallel_size,
+                       help="ranks to split the model over (Megatron-style; worker processes joined by gloo on CPU, "
+                            "NCCL on CUDA); must divide the attention heads, KV heads and MLP width")
         g.add_argument("--seed", type=int, default=d.seed, help="engine random seed")
         g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
         g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: all cores)")

@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -72,6 +73,18 @@ def tokenizer(checkpoint):
 
 def prompt_ids(tokenizer) -> list[list[int]]:
     return [tokenizer.encode(p) for p in PROMPTS]
+
+
+def engine_texts(engine, prompts, params) -> list[str]:
+    """Final text of each prompt's completion through ``engine`` (the server's detokenizer)."""
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"t{i}", ids, params)
+    texts = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                texts[out.request_id] = out.text
+    return [texts[f"t{i}"] for i in range(len(prompts))]
 
 
 def greedy_outputs(llm_or_engine, prompts) -> list[list[int]]:
@@ -135,9 +148,8 @@ def test_tp3_bundled_model_matches_tp1(make_engine, model_path, tokenizer):
             got = llm.engine.prompt_logits(p)
             assert got.shape == want.shape == (len(p), 49152)
             assert (got - want).abs().max().item() <= LOGIT_TOL
-        assert greedy_outputs(llm, prompts) == ref_out
-        res = llm.generate(PROMPTS[:2], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
-        assert [r.outputs[0].token_ids for r in res] == [o[:8] for o in ref_out[:2]]
+        res = llm.generate(PROMPTS, GREEDY)  # the offline API, string prompts
+        assert [r.outputs[0].token_ids for r in res] == ref_out
         assert llm.engine.kv.num_free_blocks == llm.engine.num_blocks
     finally:
         llm.engine.shutdown()
@@ -154,11 +166,13 @@ def tiny_reference(tiny_llama, tokenizer):
     logits = eng.prompt_logits(prompts[0])
     params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
     done = run_to_completion(eng, prompts, params)
-    return prompts, params, logits, [done[str(i)] for i in range(len(prompts))], eng.scheduler.num_preemptions
+    preemptions = eng.scheduler.num_preemptions
+    texts = engine_texts(eng, prompts, params)
+    return prompts, params, logits, [done[str(i)] for i in range(len(prompts))], preemptions, texts
 
 
 def test_tp2_tiny_hf_model_matches_tp1_with_preemption(tiny_llama, tiny_reference):
-    prompts, params, ref_logits, ref_out, ref_preempt = tiny_reference
+    prompts, params, ref_logits, ref_out, ref_preempt, _ = tiny_reference
     assert ref_preempt > 0
     eng = LLMEngine(EngineArgs(model=tiny_llama, tensor_parallel_size=2, num_gpu_blocks_override=24,
                                max_num_batched_tokens=64, **{**SMALL, "max_model_len": 256}))
@@ -195,24 +209,33 @@ def test_step_plans_carry_deltas_not_sequences(tiny_llama, tokenizer):
 
 
 # ------------------------------------------------------------- server
+def _server_greedy(srv: ServerProcess, prompts: list[list[int]], max_tokens: int) -> list[str]:
+    """Greedy completions of token-id prompts, sent concurrently (they batch in the engine)."""
+    client = srv.client()
+    model = client.models.list().data[0].id
+
+    def one(ids):
+        r = client.completions.create(model=model, prompt=ids, max_tokens=max_tokens, temperature=0.0,
+                                      extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == max_tokens
+        return r.choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(one, prompts))
+
+
 def test_tp3_server_matches_tp1(tmp_path, make_engine, tokenizer):
     prompts = prompt_ids(tokenizer)[:3]
     ref = make_engine(max_model_len=512)
-    ref_out = greedy_outputs(ref, prompts)
-    ref_text = [tokenizer.decode(o, skip_special_tokens=True) for o in ref_out]
+    ref_text = engine_texts(ref, prompts, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     srv = ServerProcess(tmp_path, "tp3", ["--tensor-parallel-size", "3"])
     try:
         workers = child_pids(srv.proc.pid)
         assert len(workers) == 2
+        assert _server_greedy(srv, prompts, 12) == ref_text
         client = srv.client()
-        model = client.models.list().data[0].id
-        for ids, want_ids, want_text in zip(prompts, ref_out, ref_text):
-            r = client.completions.create(model=model, prompt=ids, max_tokens=16, temperature=0.0,
-                                          extra_body={"ignore_eos": True})
-            assert r.choices[0].text == want_text
-            assert r.usage.completion_tokens == len(want_ids)
-        chunks = client.completions.create(model=model, prompt=prompts[0], max_tokens=16, temperature=0.0,
-                                           stream=True, extra_body={"ignore_eos": True})
+        chunks = client.completions.create(model=client.models.list().data[0].id, prompt=prompts[0], max_tokens=12,
+                                           temperature=0.0, stream=True, extra_body={"ignore_eos": True})
         assert "".join(c.choices[0].text for c in chunks if c.choices) == ref_text[0]
     finally:
         srv.stop()
@@ -227,9 +250,13 @@ def _tiny_server(tmp_path, tiny_llama, name: str) -> tuple[ServerProcess, list[i
     return srv, workers
 
 
-def test_killed_worker_fails_request_turns_health_503_and_exits(tmp_path, tiny_llama):
+def test_tp2_tiny_server_matches_tp1_then_killed_worker_kills_server(tmp_path, tiny_llama, tiny_reference):
+    """Greedy output through the TP=2 server equals TP=1; then killing the worker
+    mid-generation fails the request, turns /health 503 and makes the server exit 1."""
+    prompts, params, _, _, _, ref_text = tiny_reference
     srv, workers = _tiny_server(tmp_path, tiny_llama, "tp2-kill")
     try:
+        assert _server_greedy(srv, prompts, params.max_tokens) == ref_text
         model = http_request(srv, "GET", "/v1/models")[1]["data"][0]["id"]
         conn, resp = open_stream(srv, "/v1/completions", {
             "model": model, "prompt": "Once upon a time", "max_tokens": 400, "temperature": 0,

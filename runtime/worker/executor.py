@@ -159,6 +159,8 @@ class MultiprocExecutor:
             self.runner = ModelRunner(model, blocks, spec.cache.block_size, dev0)
         except BaseException:
             self._kill_all()
+            for conn in self._plan_conns + self._status_conns:
+                conn.close()
             destroy_group()
             raise
         self._store = store
