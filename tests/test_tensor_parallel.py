@@ -208,6 +208,30 @@ def test_step_plans_carry_deltas_not_sequences(tiny_llama, tokenizer):
     assert [bool(p.block_updates) for p in decodes] == [q % 4 == 0 for q in pos]
 
 
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_block_table_mirror_follows_kv_manager(tiny_llama, tokenizer, prefix_caching):
+    """Every rank rebuilds block tables from the plans' deltas; after each step they equal
+    the KV manager's for every scheduled request, and tables of finished or preempted
+    requests are dropped (a small cache forces preemptions)."""
+    eng = LLMEngine(EngineArgs(model=tiny_llama, num_gpu_blocks_override=24, max_num_batched_tokens=64,
+                               enable_prefix_caching=prefix_caching, **{**SMALL, "max_model_len": 256}))
+    runner, real = eng.executor.runner, eng.executor.execute
+    steps = []
+
+    def checked(plan):
+        out = real(plan)
+        for rid in plan.req_ids:
+            assert runner.tables[rid] == eng.kv.get_block_ids(rid), rid
+        assert set(runner.tables) <= set(eng.kv.req_blocks)
+        steps.append(len(plan.req_ids))
+        return out
+
+    eng.executor.execute = checked
+    prompts = [tokenizer.encode(p * 6) for p in PROMPTS] * 2
+    run_to_completion(eng, prompts, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    assert eng.scheduler.num_preemptions > 0 and len(steps) > 40
+
+
 # ------------------------------------------------------------- server
 def _server_greedy(srv: ServerProcess, prompts: list[list[int]], max_tokens: int) -> list[str]:
     """Greedy completions of token-id prompts, sent concurrently (they batch in the engine)."""

@@ -120,6 +120,9 @@ class StepPlanner:
             p.token_ids.extend(req.all_token_ids[c : c + n])
             table = self.block_table_fn(rid)
             known = sent.get(rid)
+            # a new list object = freed and re-allocated; the freed scan below normally
+            # catches that a step earlier (a preempted request never resumes in the step
+            # that preempted it), this also covers a re-allocation within one step
             if known is None or known[0] is not table:
                 p.block_updates.append((i, True, list(table)))
             elif len(table) > known[1]:
