@@ -46,3 +46,18 @@ def _cpu_top2_margin(engine, ids: torch.Tensor) -> float:
     """Top-1 minus top-2 logit of the CPU fp32 model for the last position of ``ids``."""
     top = prefill_logits(engine, ids.tolist())[-1].topk(2).values
     return float(top[0] - top[1])
+
+
+def test_cuda_graphs_match_eager_and_kv_is_sized_by_profiling(make_engine):
+    """Decode steps replayed from CUDA graphs give the eager path's greedy tokens (same
+    kernels; the graph pads the batch), and without --kv-cache-memory the KV cache is sized
+    from a profiled forward (more than the 128 MiB the other tests use)."""
+    eager = make_engine(dtype="bfloat16", device="cuda", enforce_eager=True, max_num_seqs=8)
+    graphed = make_engine(dtype="bfloat16", device="cuda", kv_cache_memory=None, max_num_seqs=8,
+                          gpu_memory_utilization=0.5)
+    assert eager.executor.runner.graphs is None and graphed.executor.runner.graphs is not None
+    per_block = graphed.kv.num_blocks and (128 << 20) // eager.num_blocks
+    assert graphed.num_blocks * per_block > 128 << 20
+    prompts = [eager.tokenizer.encode(p) for p in PROMPTS[:3]]  # 3 decodes: padded to the 4-graph
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert run_to_completion(graphed, prompts, sp) == run_to_completion(eager, prompts, sp)

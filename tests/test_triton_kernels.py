@@ -229,3 +229,95 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("ARGOSY_ATTENTION_BACKEND", "cuda-magic")
     with pytest.raises(ValueError):
         attn_pkg.backend_for(x)
+
+
+# ------------------------------------------------------------- decode CUDA-graph path
+def test_capture_sizes():
+    from argosy.runtime.worker.cuda_graphs import capture_sizes
+
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(6) == [1, 2, 4, 6]
+    assert capture_sizes(8) == [1, 2, 4, 8]
+    assert capture_sizes(30) == [1, 2, 4, 8, 16, 24, 30]
+
+
+def test_kv_cache_budget_arithmetic():
+    from argosy.runtime.worker.cuda_graphs import kv_cache_budget
+
+    gib = 2**30
+    assert kv_cache_budget(80 * gib, 0.9, 16 * gib, 2 * gib, gib, gib // 2) == int(72 * gib) - 19 * gib - gib // 2
+    with pytest.raises(RuntimeError, match="peak activations 60.00 GiB"):
+        kv_cache_budget(80 * gib, 0.9, 16 * gib, 60 * gib, 0, 0)
+
+
+def _random_model(device):
+    from argosy.runtime.config import ModelConfig
+    from argosy.runtime.models import LlamaForCausalLM
+
+    cfg = ModelConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=101, head_dim=16, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    model = LlamaForCausalLM(cfg, torch.float32, torch.device(device), 128)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3 + (1.0 if p.dim() == 1 else 0.0))
+    return model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_graph_path_matches_eager(device, monkeypatch):
+    """Decode steps through the padded static buffers of the CUDA-graph runner (captured
+    on CUDA; the same path run eagerly on CPU) give the eager logits and KV writes, for
+    batches that pad (5 -> 6, 3 -> 4) and that do not (1)."""
+    from argosy.runtime.worker.model_runner import ModelRunner, StepPlan
+
+    monkeypatch.setenv("ARGOSY_ATTENTION_BACKEND", "triton")
+    monkeypatch.setattr(attn_pkg, "_triton_mod", tk)
+    model = _random_model(device)
+    bs = 4
+    eager = ModelRunner(model, 64, bs, torch.device(device))
+    graphed = ModelRunner(model, 64, bs, torch.device(device))
+    graphed.enable_cuda_graphs(max_num_seqs=6, max_model_len=128, capture=device == "cuda")
+    assert graphed.graphs.sizes == [1, 2, 4, 6]
+    used = []
+    real_run = graphed.graphs.run
+    graphed.graphs.run = lambda *a: (used.append(a[2].num_seqs), real_run(*a))[1]
+
+    lens = [5, 7, 9, 2, 12]
+    rng = torch.Generator().manual_seed(1)
+    tokens = {f"r{i}": torch.randint(0, 101, (n,), generator=rng).tolist() for i, n in enumerate(lens)}
+    next_block = iter(range(64))
+    tables: dict[str, list[int]] = {}
+
+    def plan_for(rids, prefill):
+        p = StepPlan()
+        for i, rid in enumerate(rids):
+            n = len(tokens[rid]) if prefill else 1
+            c = 0 if prefill else len(tokens[rid]) - 1
+            need = -(-(c + n) // bs) - len(tables.get(rid, []))
+            new = [next(next_block) for _ in range(need)]
+            tables.setdefault(rid, []).extend(new)
+            if new:
+                p.block_updates.append((i, False, new) if prefill is False else (i, True, list(tables[rid])))
+            p.req_ids.append(rid)
+            p.num_computed.append(c)
+            p.num_new.append(n)
+            p.token_ids += tokens[rid][c:]
+            p.sample.append(i)
+        return p
+
+    def step(rids, prefill):
+        plan = plan_for(rids, prefill)
+        a, b = eager.execute(plan), graphed.execute(plan)
+        assert (a - b).abs().max().item() < 1e-4
+        for ca, cb in zip(eager.kv_caches, graphed.kv_caches):
+            assert torch.equal(ca, cb)
+        for rid, nxt in zip(rids, a.argmax(-1).tolist()):
+            tokens[rid].append(nxt)
+
+    step(list(tokens), prefill=True)  # prefill: eager in both
+    assert used == []
+    for rids in (list(tokens), list(tokens)[:3], list(tokens)[1:2], list(tokens)[:3]):
+        step(rids, prefill=False)
+    assert used == [5, 3, 1, 3]

@@ -102,7 +102,9 @@ class LLMEngine:
 
         tp = args.tensor_parallel_size
         check_tp_divisibility(self.model_config, tp)
-        spec = ModelSpec(args, self.checkpoint.path, self.dtype, self.scheduler_config.max_model_len, cache_cfg)
+        sc = self.scheduler_config
+        spec = ModelSpec(args, self.checkpoint.path, self.dtype, sc.max_model_len, cache_cfg,
+                         sc.max_num_batched_tokens, sc.max_num_seqs)
         self.executor = (UniprocExecutor if tp == 1 else MultiprocExecutor)(spec, self.checkpoint, self.device)
         try:
             self._finish_init(cache_cfg, t0)

@@ -63,6 +63,8 @@ class ModelSpec:
     dtype: torch.dtype
     max_model_len: int
     cache: CacheConfig
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -88,7 +90,15 @@ def build_shard(spec: ModelSpec, checkpoint: Checkpoint, tp: TPGroup, device: to
     model = LlamaForCausalLM(checkpoint.config, spec.dtype, device, spec.max_model_len, tp)
     model.load_weights(checkpoint.weights(model.shard_for))
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    blocks = num_kv_blocks(checkpoint.config, spec.cache, spec.dtype, device, weight_bytes, tp.world_size)
+
+    def profile() -> int:
+        from .cuda_graphs import profile_peak_activations
+
+        return profile_peak_activations(model, spec.max_num_batched_tokens, spec.max_model_len,
+                                        spec.cache.block_size, device)
+
+    blocks = num_kv_blocks(checkpoint.config, spec.cache, spec.dtype, device, weight_bytes, tp.world_size,
+                           profile=profile, enforce_eager=spec.args.enforce_eager or tp.world_size > 1)
     return model, weight_bytes, blocks
 
 
@@ -106,6 +116,8 @@ class UniprocExecutor:
     def __init__(self, spec: ModelSpec, checkpoint: Checkpoint, device: torch.device):
         model, self.weight_bytes, self.num_blocks = build_shard(spec, checkpoint, TPGroup(), device)
         self.runner = ModelRunner(model, self.num_blocks, spec.cache.block_size, device)
+        if device.type == "cuda" and not spec.args.enforce_eager:
+            self.runner.enable_cuda_graphs(spec.max_num_seqs, spec.max_model_len)
         self.failure: Optional[str] = None
 
     def execute(self, plan: StepPlan) -> Optional[torch.Tensor]:

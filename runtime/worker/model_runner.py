@@ -26,14 +26,23 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, tp
     return 2 * cfg.num_hidden_layers * block_size * (cfg.num_key_value_heads // tp_size) * cfg.head_dim * itemsize
 
 
+#: CUDA: bytes held back from the KV cache for allocator fragmentation, plus (unless
+#: ``--enforce-eager``) for the decode CUDA graphs. Estimates, not yet measured on a GPU.
+CUDA_FRAGMENTATION_RESERVE = 256 << 20
+CUDA_GRAPH_RESERVE = 512 << 20
+
+
 def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device,
-                  weight_bytes: int, tp_size: int = 1) -> int:
+                  weight_bytes: int, tp_size: int = 1, profile=None, enforce_eager: bool = True) -> int:
     """How many KV blocks fit on this rank (each rank holds ``kv_heads / tp_size`` heads
     of every block, so all ranks get the same count on equal devices).
 
-    CPU: ``--kv-cache-memory`` bytes per rank (default 1 GiB). CUDA: ``gpu_memory_utilization`` x
-    total memory minus what is already allocated (weights) minus an activation reserve.
-    ``--num-gpu-blocks-override`` wins over both.
+    CPU (or ``--kv-cache-memory``): that many bytes per rank (default 1 GiB). CUDA: run
+    ``profile()`` (a forward at ``--max-num-batched-tokens``, returning its peak
+    activation bytes), then give the KV cache
+    :func:`~argosy.runtime.worker.cuda_graphs.kv_cache_budget` bytes:
+    ``gpu_memory_utilization x total - weights - peak activations - non-torch memory -
+    reserves``. ``--num-gpu-blocks-override`` wins over both.
 
     Raises:
         ValueError / RuntimeError: not even one block fits.
@@ -42,14 +51,19 @@ def num_kv_blocks(cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype, devi
     if cache.num_blocks:
         return cache.num_blocks
     if device.type == "cuda" and cache.kv_cache_memory is None:
+        from .cuda_graphs import kv_cache_budget
+
+        peak = profile() if profile is not None else 0
         free, total = torch.cuda.mem_get_info(device)
-        used = total - free
-        budget = int(total * cache.gpu_memory_utilization) - used - (512 << 20)
+        non_torch = max(0, (total - free) - torch.cuda.memory_reserved(device))
+        reserve = CUDA_FRAGMENTATION_RESERVE + (0 if enforce_eager else CUDA_GRAPH_RESERVE)
+        budget = kv_cache_budget(total, cache.gpu_memory_utilization, weight_bytes, peak, non_torch, reserve)
+        logger.info("KV cache sizing on %s: %.2f GiB total x %.2f, weights %.2f GiB, peak activations %.2f GiB, "
+                    "non-torch %.2f GiB, reserve %.2f GiB -> %.2f GiB for the KV cache", device, total / 2**30,
+                    cache.gpu_memory_utilization, weight_bytes / 2**30, peak / 2**30, non_torch / 2**30,
+                    reserve / 2**30, budget / 2**30)
         if budget < per_block:
-            raise RuntimeError(
-                f"no GPU memory left for the KV cache: {total / 2**30:.1f} GiB total x {cache.gpu_memory_utilization} "
-                f"utilization < {used / 2**30:.1f} GiB in use; raise --gpu-memory-utilization"
-            )
+            raise RuntimeError(f"the KV cache budget ({budget} bytes) is smaller than one block ({per_block} bytes)")
         return budget // per_block
     mem = cache.kv_cache_memory or DEFAULT_CPU_KV_CACHE_BYTES
     n = mem // per_block
@@ -167,8 +181,18 @@ class ModelRunner:
         self.num_blocks = num_blocks
         #: request id -> block table, mirrored from rank 0's KV manager through the plans.
         self.tables: dict[str, list[int]] = {}
+        #: Decode-only steps replay CUDA graphs when set (see :meth:`enable_cuda_graphs`).
+        self.graphs = None
         shape = (2, num_blocks, block_size, model.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+
+    def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
+        """Capture decode CUDA graphs over this runner's KV cache (``capture=False``: the same
+        padded static-buffer path, run eagerly; used by tests on CPU)."""
+        from .cuda_graphs import DecodeGraphRunner
+
+        self.graphs = DecodeGraphRunner(self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size,
+                                        self.device, capture=capture)
 
     def apply(self, plan: StepPlan) -> list[list[int]]:
         """Update the mirrored block tables; returns the step's tables in plan order.
@@ -248,7 +272,10 @@ class ModelRunner:
             self.apply(plan)
             return None
         inp = self.prepare(plan)
-        hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+        if self.graphs is not None and self.graphs.can_run(inp.meta):
+            hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta)
+        else:
+            hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
         if inp.logits_indices is not None:
             if not plan.sample:
                 return hidden.new_empty((0, self.model.cfg.vocab_size), dtype=torch.float32)
