@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from argosy.runtime import SamplingParams
+from argosy.runtime.worker.model_runner import kv_bytes_per_block
 
 from .conftest import prefill_logits, run_to_completion
 
@@ -56,7 +57,7 @@ def test_cuda_graphs_match_eager_and_kv_is_sized_by_profiling(make_engine):
     graphed = make_engine(dtype="bfloat16", device="cuda", kv_cache_memory=None, max_num_seqs=8,
                           gpu_memory_utilization=0.5)
     assert eager.executor.runner.graphs is None and graphed.executor.runner.graphs is not None
-    per_block = graphed.kv.num_blocks and (128 << 20) // eager.num_blocks
+    per_block = kv_bytes_per_block(graphed.model_config, graphed.block_size, torch.bfloat16)
     assert graphed.num_blocks * per_block > 128 << 20
     prompts = [eager.tokenizer.encode(p) for p in PROMPTS[:3]]  # 3 decodes: padded to the 4-graph
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
