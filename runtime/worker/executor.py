@@ -181,6 +181,8 @@ class MultiprocExecutor:
         self._watcher.start()
         logger.info("tensor parallel: %d ranks (%s), worker pids %s", n,
                     "nccl" if device.type == "cuda" else "gloo", [p.pid for p in self._procs])
+        if device.type == "cuda" and not spec.args.enforce_eager:
+            logger.info("CUDA graphs are not used with tensor parallelism yet: decode steps run eagerly")
 
     def _spawn(self, spec: ModelSpec, rank: int, port: int) -> None:
         """Start rank ``rank`` as ``python -m argosy.runtime.worker`` (a fresh interpreter:
