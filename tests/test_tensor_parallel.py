@@ -340,3 +340,28 @@ def test_worker_startup_failure_is_reported(tiny_llama, tmp_path):
     with pytest.raises(RuntimeError, match="tensor-parallel worker 1 failed during startup: .*no \\*.safetensors"):
         LLMEngine(EngineArgs(model=str(bad), tensor_parallel_size=2, **SMALL), checkpoint=ckpt)
     wait_for(lambda: set(child_pids(os.getpid())) == before, 10, "the worker to be gone")
+
+
+def test_worker_death_while_idle_marks_engine_dead(tiny_llama):
+    """No step is running: the watcher notices the exit, wakes the engine loop, and health
+    turns false; the next request fails with the worker named."""
+    import asyncio
+
+    from argosy.runtime.core.async_llm import AsyncLLM, EngineDeadError
+
+    eng = LLMEngine(EngineArgs(model=tiny_llama, tensor_parallel_size=2, **SMALL))
+    allm = AsyncLLM(eng)
+    try:
+        assert allm.is_healthy
+        os.kill(eng.executor.worker_pids[0], signal.SIGKILL)
+        wait_for(lambda: not allm.is_healthy, 10, "health to turn false")
+        assert "tensor-parallel worker 1" in str(allm.error)
+
+        async def one():
+            async for _ in allm.generate("x", [1, 2, 3], SamplingParams(max_tokens=2)):
+                pass
+        with pytest.raises(EngineDeadError):
+            asyncio.run(one())
+    finally:
+        allm.shutdown()
+    assert not any(pid_alive(p) for p in eng.executor.worker_pids)

@@ -72,6 +72,9 @@ class LLMEngine:
     """Owns scheduler, KV cache, model runner, sampler and detokenizers.
 
     Not thread-safe: drive it from one thread (``AsyncLLM`` runs it on its own thread).
+    With ``--tensor-parallel-size N > 1`` it starts ``N - 1`` worker processes
+    (:class:`~argosy.runtime.worker.executor.MultiprocExecutor`); :meth:`shutdown` stops
+    them (also run at interpreter exit).
 
     Args:
         args: engine flags.
