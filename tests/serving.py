@@ -72,13 +72,7 @@ class ServerProcess:
                              max_retries=0, timeout=120)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, timeout=40)
         self._log.close()
 
 
@@ -173,6 +167,17 @@ def assert_error_body(body, status: int) -> dict:
     assert isinstance(err["type"], str) and err["type"], err
     assert "param" in err and err["code"] == status, err
     return err
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM ``proc`` if it still runs; SIGKILL it after ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def child_pids(pid: int) -> list[int]:

@@ -149,7 +149,6 @@ class MultiprocExecutor:
         self.failure: Optional[str] = None
         self._callbacks: list[Callable[[], None]] = []
         self._closing = False
-        self._lock = threading.Lock()
         self._procs: list[subprocess.Popen] = []
         self._plan_conns: list[Connection] = []
         self._status_conns: list[Connection] = []
@@ -279,8 +278,7 @@ class MultiprocExecutor:
         except subprocess.TimeoutExpired:
             code = None
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        with self._lock:
-            self.failure = f"tensor-parallel worker {rank} (pid {p.pid}) {how}"
+        self.failure = f"tensor-parallel worker {rank} (pid {p.pid}) {how}"
         logger.error("%s; stopping the other workers", self.failure)
         self._kill_all()
         for fn in self._callbacks:

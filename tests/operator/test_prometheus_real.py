@@ -19,19 +19,18 @@ Slow (a model load, a burst of generations): marked ``slow``.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
+
+from ..serving import terminate
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -65,16 +64,6 @@ def http_json(url: str, body: dict | None = None, timeout: float = 300) -> dict:
         return json.loads(r.read())
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
@@ -102,7 +91,7 @@ def server(tmp_path_factory):
                 time.sleep(0.3)
         yield port
     finally:
-        stop(proc)
+        terminate(proc)
         log.close()
 
 
@@ -144,7 +133,7 @@ def prometheus(server, tmp_path_factory):
             time.sleep(0.5)
         yield url
     finally:
-        stop(proc)
+        terminate(proc)
         log.close()
 
 
