@@ -329,8 +329,8 @@ def paged_attention(
             ``query_start_loc[-1]`` get unspecified output.
         scale: softmax scale (usually ``head_dim ** -0.5``).
         out: optional ``[num_tokens, H, head_dim]`` output buffer.
-        block_m: tile rows (query tokens x GQA group); default 16 for decode-only steps,
-            64 otherwise. Power of two >= 16.
+        block_m: tile rows (query tokens x GQA group); default 16 for decode-only steps
+            and fp32, 64 otherwise. Power of two >= 16.
         block_n: keys per tile, power of two >= 16.
         num_splits: decode-only steps (``max_query_len == 1``) may split each context
             into this many parts processed by separate programs and merged by a second
@@ -356,7 +356,10 @@ def paged_attention(
     if num_tokens == 0 or meta.num_seqs == 0:
         return out
     if block_m is None:
-        block_m = 16 if meta.max_query_len == 1 else 64
+        # 64-row tiles for prefill in 16-bit; fp32 tiles need twice the registers and
+        # spill at 64 and 32 rows on sm_90 (python -m argosy.runtime.attention.compile_check
+        # --dtypes fp32), so fp32 and decode-only steps use 16.
+        block_m = 16 if meta.max_query_len == 1 or query.dtype == torch.float32 else 64
     block_m = max(block_m, triton.next_power_of_2(g), 16)
     if meta.max_query_len == 1:
         if num_splits is None:

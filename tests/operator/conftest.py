@@ -43,16 +43,3 @@ def load_example(path: Path) -> dict:
     obj["metadata"].setdefault("uid", "uid-example")
     obj["metadata"].setdefault("generation", 1)
     return obj
-
-
-def pytest_collection_modifyitems(config, items):
-    """``slow`` suites (the real-Prometheus test) run only when asked for: ``-m slow`` (or any
-    ``-m`` expression naming slow) or ``ARGOSY_RUN_SLOW=1``; the default run stays fast."""
-    import os
-
-    if "slow" in (config.getoption("-m") or "") or os.environ.get("ARGOSY_RUN_SLOW") == "1":
-        return
-    skip = pytest.mark.skip(reason="slow: run with -m slow or ARGOSY_RUN_SLOW=1")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)
