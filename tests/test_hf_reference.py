@@ -70,3 +70,46 @@ def test_chat_template_from_gguf_metadata(checkpoint):
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     assert text.endswith("<|im_start|>assistant\n")
     assert 2 in checkpoint.config.eos_token_ids  # <|im_end|>
+
+
+def test_biased_llama_matches_hf_at_tp1_and_tp2(tmp_path, checkpoint):
+    """A Llama with ``attention_bias`` and ``mlp_bias`` (q/k/v/o and gate/up/down biased,
+    as HF builds it), random non-zero biases, saved by transformers: our prompt logits
+    equal HF's at TP=1 and TP=2 (the row-parallel o/down biases are added once, after the
+    all-reduce: adding them on every rank would double them)."""
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM as HFLlama
+
+    from argosy.runtime.config import EngineArgs
+    from argosy.runtime.core.engine import LLMEngine
+
+    cfg = LlamaConfig(vocab_size=checkpoint.config.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
+    torch.manual_seed(7)
+    hf = HFLlama(cfg).eval()
+    n_bias = 0
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.15)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+                n_bias += 1
+    assert n_bias == 2 * 7  # q, k, v, o, gate, up, down per layer
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    checkpoint.tokenizer.save_pretrained(tmp_path)
+    ids = checkpoint.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+        hf.model.layers[0].self_attn.o_proj.bias.zero_()  # the same model minus one bias
+        without_o_bias = hf(torch.tensor([ids])).logits[0].float()
+    assert (ref - without_o_bias).abs().max().item() > 0.1  # the biases matter to the output
+    for tp in (1, 2):
+        eng = LLMEngine(EngineArgs(model=str(tmp_path), dtype="float32", max_model_len=256,
+                                   kv_cache_memory=16 << 20, tensor_parallel_size=tp))
+        try:
+            diff = (eng.prompt_logits(ids) - ref).abs().max().item()
+        finally:
+            eng.shutdown()
+        assert diff <= LOGIT_ATOL, f"TP={tp}: max |logit diff| {diff}"

@@ -133,6 +133,7 @@ def read_config(reader, path: str) -> ModelConfig:
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=() if eos is None else (int(eos),),
         attention_bias="blk.0.attn_q.bias" in names,
+        mlp_bias="blk.0.ffn_down.bias" in names,
         architecture="LlamaForCausalLM",
     )
 

@@ -110,11 +110,19 @@ def _linear_param(out_f: int, in_f: int, dtype, device) -> nn.Parameter:
     return nn.Parameter(torch.empty(out_f, in_f, dtype=dtype, device=device), requires_grad=False)
 
 
+def _bias_param(size: int, enabled: bool, dtype, device) -> Optional[nn.Parameter]:
+    if not enabled:
+        return None
+    return nn.Parameter(torch.zeros(size, dtype=dtype, device=device), requires_grad=False)
+
+
 class LlamaAttention(nn.Module):
     """GQA self-attention with fused QKV projection over the paged cache.
 
     Under tensor parallelism this rank's ``qkv_proj`` holds its query and KV heads
     (column-parallel) and ``o_proj`` its input columns (row-parallel, all-reduced).
+    With ``attention_bias`` (HF Llama: q, k, v and o projections all biased) the q/k/v
+    bias is sharded with its heads and the o bias is added once, after the all-reduce.
     """
 
     def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup):
@@ -127,12 +135,9 @@ class LlamaAttention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.qkv_proj = _linear_param(self.q_size + 2 * self.kv_size, cfg.hidden_size, dtype, device)
-        self.qkv_bias = (
-            nn.Parameter(torch.zeros(self.q_size + 2 * self.kv_size, dtype=dtype, device=device), requires_grad=False)
-            if cfg.attention_bias
-            else None
-        )
+        self.qkv_bias = _bias_param(self.q_size + 2 * self.kv_size, cfg.attention_bias, dtype, device)
         self.o_proj = _linear_param(cfg.hidden_size, self.q_size, dtype, device)
+        self.o_bias = _bias_param(cfg.hidden_size, cfg.attention_bias, dtype, device)
         self.store_kv, self.paged_attention = resolve_backend(torch.device(device))
 
     def forward(self, rope_cs, hidden, kv_cache, meta: AttentionMetadata):
@@ -144,14 +149,16 @@ class LlamaAttention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         self.store_kv(k, v, kv_cache, meta)
         o = self.paged_attention(q, kv_cache, meta, self.scale)
-        return self.tp.all_reduce(F.linear(o.reshape(t, self.q_size), self.o_proj))
+        out = self.tp.all_reduce(F.linear(o.reshape(t, self.q_size), self.o_proj))
+        return out if self.o_bias is None else out + self.o_bias
 
 
 class LlamaMLP(nn.Module):
     """SwiGLU MLP with fused gate/up projection: ``down(silu(gate(x)) * up(x))``.
 
     Under tensor parallelism gate/up are column-parallel (``intermediate / N`` columns
-    each) and ``down_proj`` row-parallel (all-reduced).
+    each) and ``down_proj`` row-parallel (all-reduced). With ``mlp_bias`` the gate/up
+    bias is sharded like its rows and the down bias is added once, after the all-reduce.
     """
 
     def __init__(self, cfg: ModelConfig, dtype, device, tp: TPGroup):
@@ -160,11 +167,14 @@ class LlamaMLP(nn.Module):
         self.inter = cfg.intermediate_size // tp.world_size
         self.gate_up_proj = _linear_param(2 * self.inter, cfg.hidden_size, dtype, device)
         self.down_proj = _linear_param(cfg.hidden_size, self.inter, dtype, device)
+        self.gate_up_bias = _bias_param(2 * self.inter, cfg.mlp_bias, dtype, device)
+        self.down_bias = _bias_param(cfg.hidden_size, cfg.mlp_bias, dtype, device)
 
     def forward(self, x):
-        gu = F.linear(x, self.gate_up_proj)
+        gu = F.linear(x, self.gate_up_proj, self.gate_up_bias)
         gate, up = gu.split(self.inter, dim=-1)
-        return self.tp.all_reduce(F.linear(F.silu(gate) * up, self.down_proj))
+        out = self.tp.all_reduce(F.linear(F.silu(gate) * up, self.down_proj))
+        return out if self.down_bias is None else out + self.down_bias
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -335,6 +345,8 @@ class LlamaForCausalLM(nn.Module):
             seen.add(name)
         needed = 2 + 9 * cfg.num_hidden_layers + (0 if cfg.tie_word_embeddings else 1)
         if cfg.attention_bias:
+            needed += 4 * cfg.num_hidden_layers
+        if cfg.mlp_bias:
             needed += 3 * cfg.num_hidden_layers
         if len(seen) < needed:
             raise ValueError(f"checkpoint is missing weights: loaded {len(seen)} of {needed} tensors")
@@ -369,5 +381,12 @@ class LlamaForCausalLM(nn.Module):
                 "self_attn.q_proj.bias": (attn.qkv_bias.data, (0, q_size)),
                 "self_attn.k_proj.bias": (attn.qkv_bias.data, (q_size, q_size + kv_size)),
                 "self_attn.v_proj.bias": (attn.qkv_bias.data, (q_size + kv_size, q_size + 2 * kv_size)),
+                "self_attn.o_proj.bias": (attn.o_bias.data, None),
+            })
+        if mlp.gate_up_bias is not None:
+            table.update({
+                "mlp.gate_proj.bias": (mlp.gate_up_bias.data, (0, inter)),
+                "mlp.up_proj.bias": (mlp.gate_up_bias.data, (inter, 2 * inter)),
+                "mlp.down_proj.bias": (mlp.down_bias.data, None),
             })
         return table.get(sub, (None, None))
