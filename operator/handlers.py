@@ -36,7 +36,7 @@ import kopf
 
 from . import api, autoscale, quota, reconcile
 from .kube import Kube, KindNotServed, load_api_client
-from .render import ISVC_LABEL
+from .render import ISVC_LABEL, ROLE_DEPLOYMENT
 from .settings import OperatorSettings
 
 logger = logging.getLogger("argosy.operator")
@@ -149,6 +149,11 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
         if decision is not None:
             result.status["autoscaler"] = decision
         for manifest in result.manifests_to_apply:
+            if manifest["kind"] == "Deployment":
+                handover = reconcile.replicas_handover(manifest, observed.get(ROLE_DEPLOYMENT),
+                                                       kube.field_manager)
+                if handover is not None:
+                    kube.apply(handover, field_manager=reconcile.REPLICAS_HANDOVER_MANAGER)
             kube.apply(manifest)
         if wanted:
             owned = [obj for api_version, kind in CHILD_KINDS

@@ -118,8 +118,9 @@ class Kube:
             item.setdefault("kind", kind)
         return items
 
-    def apply(self, manifest: dict) -> dict:
-        """Server-side apply ``manifest`` as :attr:`field_manager`, taking over conflicting fields.
+    def apply(self, manifest: dict, field_manager: Optional[str] = None) -> dict:
+        """Server-side apply ``manifest`` as ``field_manager`` (default :attr:`field_manager`),
+        taking over conflicting fields.
 
         Raises:
             KindNotServed: the cluster does not serve the manifest's kind.
@@ -128,7 +129,7 @@ class Kube:
         meta = manifest["metadata"]
         return self._client().server_side_apply(
             res, body=manifest, name=meta["name"], namespace=meta.get("namespace"),
-            field_manager=self.field_manager, force_conflicts=True).to_dict()
+            field_manager=field_manager or self.field_manager, force_conflicts=True).to_dict()
 
     def delete(self, obj: dict, propagation: str = "Background") -> None:
         """Delete an object and (``Background``) its dependents; a missing object is fine."""

@@ -306,6 +306,47 @@ def reconcile(isvc: dict, observed: Mapping[str, Optional[dict]], settings: Oper
     return ReconcileResult(apply, status, children)
 
 
+#: Field manager that keeps a Deployment's ``spec.replicas`` while an autoscaler takes it over.
+REPLICAS_HANDOVER_MANAGER = "argosy-operator-handover"
+
+
+def replicas_handover(desired: dict, observed: Optional[dict], field_manager: str) -> Optional[dict]:
+    """The apply configuration that hands a Deployment's ``spec.replicas`` over to an
+    autoscaler, or None when there is nothing to hand over.
+
+    With ``scaling.autoscaler: none`` the operator applies ``spec.replicas``; with an
+    autoscaler the manifest leaves it out. Server-side apply removes a field its only
+    manager stops applying, and the Deployment then defaults to 1 replica: switching a
+    3-replica service to KEDA would drop it to 1 pod until KEDA scales back. Kubernetes'
+    recipe ("Server-Side Apply: transferring ownership", kubernetes.io/docs/reference/
+    using-api/server-side-apply) is to apply the live value first under a second manager
+    (:data:`REPLICAS_HANDOVER_MANAGER`), which then co-owns the field, so the value stays
+    when ``field_manager`` lets it go; the autoscaler takes it from there.
+
+    Args:
+        desired: the Deployment manifest about to be applied.
+        observed: the live Deployment (None when absent).
+        field_manager: the operator's own field manager.
+    Returns:
+        ``{apiVersion, kind, metadata: {name, namespace}, spec: {replicas: live}}`` when
+        ``desired`` has no ``spec.replicas`` but ``field_manager`` owns the live one by
+        apply; else None.
+    """
+    if observed is None or "replicas" in (desired.get("spec") or {}):
+        return None
+    live = (observed.get("spec") or {}).get("replicas")
+    if live is None:
+        return None
+    for entry in observed.get("metadata", {}).get("managedFields") or []:
+        fields = (entry.get("fieldsV1") or {}).get("f:spec") or {}
+        if entry.get("manager") == field_manager and entry.get("operation") == "Apply" and "f:replicas" in fields:
+            meta = desired["metadata"]
+            return {"apiVersion": desired["apiVersion"], "kind": desired["kind"],
+                    "metadata": {"name": meta["name"], "namespace": meta.get("namespace")},
+                    "spec": {"replicas": live}}
+    return None
+
+
 def orphans(isvc: dict, owned: list[dict], settings: OperatorSettings) -> list[dict]:
     """Owned objects that are no longer desired and should be deleted: the Job of a previous
     model, a ScaledObject after a switch to hpa (or the reverse), the cache claim after a

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from argosy.operator import api
-from argosy.operator.handlers import Context, build_registry, kopf_settings, transition_events
+from argosy.operator.handlers import Context, build_registry, converge, kopf_settings, transition_events
 from argosy.operator.kube import FIELD_MANAGER, Kube
 from argosy.operator.render import ISVC_LABEL, SPEC_HASH_ANNOTATION
 from argosy.operator.settings import OperatorSettings
@@ -267,6 +267,32 @@ def test_restart_resumes_without_duplicates(cluster, tmp_path):
     assert after["Service"][0][1] != before["Service"][0][1]  # recreated
     applies = [r for r in list(s.requests)[mark:] if r.verb == "patch" and r.query.get("fieldManager") == FIELD_MANAGER]
     assert applies and all(r.content_type.startswith("application/apply-patch+yaml") for r in applies)
+
+
+def test_switch_to_autoscaler_keeps_replicas(cluster, tmp_path):
+    """autoscaler none -> keda on a 3-replica service: the Deployment keeps 3 replicas (not
+    reset to the default 1 when the operator's apply stops setting the field), and the
+    operator no longer owns the field, so KEDA's HPA can take it; back to none -> the
+    operator sets minReplicas again."""
+    s = cluster
+    ctx = Context(FAST, api_client=_api_client(s.url), discovery_cache=str(tmp_path / "discovery.json"))
+    spec = {"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0}, "scaling": {"minReplicas": 3}}
+    s.http("POST", ISVCS, _new_isvc("llm", spec))
+    converge(ctx, NS, "llm")
+    assert one(s, "Deployment")["spec"]["replicas"] == 3
+    patch_isvc(s, {"spec": {"scaling": {"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 4}}})
+    converge(ctx, NS, "llm")
+    dep = one(s, "Deployment")
+    assert dep["spec"]["replicas"] == 3
+    assert "ScaledObject" in children(s)
+    owners = {m["manager"] for m in dep["metadata"]["managedFields"] if "f:replicas" in m["fieldsV1"].get("f:spec", {})}
+    assert owners == {"argosy-operator-handover"}
+    converge(ctx, NS, "llm")  # a later pass changes nothing
+    assert one(s, "Deployment")["spec"]["replicas"] == 3
+    patch_isvc(s, {"spec": {"scaling": {"autoscaler": "none", "minReplicas": 2}}})
+    converge(ctx, NS, "llm")
+    assert one(s, "Deployment")["spec"]["replicas"] == 2
+    assert "ScaledObject" not in children(s)
 
 
 def test_kube_client_against_standin(cluster, tmp_path):
