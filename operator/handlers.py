@@ -155,6 +155,9 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
                 if handover is not None:
                     kube.apply(handover, field_manager=reconcile.REPLICAS_HANDOVER_MANAGER)
             kube.apply(manifest)
+        for obj in result.to_delete:
+            log.info("deleting %s %s to recreate it with the current spec", obj["kind"], obj["metadata"]["name"])
+            kube.delete(obj)
         if wanted:
             owned = [obj for api_version, kind in CHILD_KINDS
                      for obj in kube.list(api_version, kind, namespace, f"{ISVC_LABEL}={name}")]

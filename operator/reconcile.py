@@ -61,11 +61,14 @@ class ReconcileResult:
         status: the new ``status`` of the InferenceService.
         children: every desired child by role, applied or held back (the shell reads the
             live objects of these names for the next call).
+        to_delete: live children to delete (after the applies): a failed prefetch Job
+            whose spec has changed, so that the next pass creates it anew.
     """
 
     manifests_to_apply: list[dict]
     status: dict
     children: dict[str, dict] = field(default_factory=dict)
+    to_delete: list[dict] = field(default_factory=list)
 
 
 def desired_children(isvc: dict, settings: OperatorSettings) -> dict[str, dict]:
@@ -100,8 +103,39 @@ def _same_object(observed: Optional[dict], desired: Optional[dict]) -> Optional[
     return observed
 
 
-def model_cached(isvc: api.InferenceService, job: Optional[dict], claim: Optional[dict]) -> Cond:
-    """``ModelCached`` from the prefetch Job (and the cache claim, for its message)."""
+def _job_failed(job: dict) -> bool:
+    cond = _cond_of(job, "Failed")
+    return bool(cond and cond.get("status") == "True")
+
+
+def prefetch_job_action(observed: Optional[dict], desired: Optional[dict]) -> str:
+    """What to do with the prefetch Job: ``"create"``, ``"keep"`` or ``"recreate"``.
+
+    A Job is created once and never updated: its pod template is immutable, and applying a
+    changed one would be refused (422) on every pass. A live Job is kept, whatever settings
+    it was made with (a running or finished download stays valid), except a *failed* one
+    whose spec hash differs from the desired one (a new image, resources, token secret or
+    retry limit may succeed): that one is deleted, and created anew on the next pass.
+    A Job already being deleted is waited for.
+    """
+    if desired is None:
+        return "keep"
+    if observed is None:
+        return "create"
+    meta = observed.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return "keep"
+    key = render.SPEC_HASH_ANNOTATION
+    old_hash = (meta.get("annotations") or {}).get(key)
+    if _job_failed(observed) and old_hash != desired["metadata"]["annotations"][key]:
+        return "recreate"
+    return "keep"
+
+
+def model_cached(isvc: api.InferenceService, job: Optional[dict], claim: Optional[dict],
+                 recreating: bool = False) -> Cond:
+    """``ModelCached`` from the prefetch Job (and the cache claim, for its message);
+    ``recreating``: the failed Job is being replaced by one with the current settings."""
     plan = common.model_plan(isvc)
     if plan.claim is None:
         return Cond("True", "CacheDisabled", "the cache is disabled: each server downloads the model at startup")
@@ -116,6 +150,8 @@ def model_cached(isvc: api.InferenceService, job: Optional[dict], claim: Optiona
     complete, failed = _cond_of(job, "Complete"), _cond_of(job, "Failed")
     if (complete and complete.get("status") == "True") or (status.get("succeeded") or 0) >= 1:
         return Cond("True", "Downloaded", f"Job {name} downloaded {isvc.spec.model.uri}")
+    if failed and failed.get("status") == "True" and recreating:
+        return Cond("False", "Downloading", f"Job {name} failed; starting it again with the changed settings")
     if failed and failed.get("status") == "True":
         detail = failed.get("message") or failed.get("reason") or "failed"
         return Cond("False", "DownloadFailed", f"Job {name}: {detail} (kubectl logs job/{name})")
@@ -283,9 +319,11 @@ def reconcile(isvc: dict, observed: Mapping[str, Optional[dict]], settings: Oper
     children = render.render_children(parsed, settings)
     seen = {role: _same_object(observed.get(role), children.get(role)) for role in render.ROLES}
 
-    cached = model_cached(parsed, seen[render.ROLE_PREFETCH], seen[render.ROLE_CACHE])
+    job_action = prefetch_job_action(seen[render.ROLE_PREFETCH], children.get(render.ROLE_PREFETCH))
+    cached = model_cached(parsed, seen[render.ROLE_PREFETCH], seen[render.ROLE_CACHE], job_action == "recreate")
     gated = cached.status != "True"
-    apply = [m for role, m in children.items() if not (gated and role in GATED_ROLES)]
+    apply = [m for role, m in children.items()
+             if not (gated and role in GATED_ROLES) and not (role == render.ROLE_PREFETCH and job_action != "create")]
 
     dep = seen[render.ROLE_DEPLOYMENT]
     parts = [
@@ -303,7 +341,8 @@ def reconcile(isvc: dict, observed: Mapping[str, Optional[dict]], settings: Oper
         "selector": render.selector_string(parsed),
         "url": render.url(parsed, settings),
     }
-    return ReconcileResult(apply, status, children)
+    to_delete = [seen[render.ROLE_PREFETCH]] if job_action == "recreate" else []
+    return ReconcileResult(apply, status, children, to_delete)
 
 
 #: Field manager that keeps a Deployment's ``spec.replicas`` while an autoscaler takes it over.

@@ -50,6 +50,8 @@ def prefetch_job(isvc: api.InferenceService, settings: OperatorSettings) -> Opti
     ``argosy download`` leaves a completion marker in DIR, so a rerun (a new Job after the
     old one was deleted) finishes at once. Exit code 2 (a URI it cannot fetch) fails the Job
     without retries; other failures retry ``settings.prefetch_backoff_limit`` times.
+    The ``spec-hash`` annotation is the hash of the Job's spec (the reconciler recreates a
+    failed Job whose spec has changed since; a Job's pod template cannot be updated).
     """
     plan = c.model_plan(isvc)
     if not plan.prefetch:
@@ -90,20 +92,20 @@ def prefetch_job(isvc: api.InferenceService, settings: OperatorSettings) -> Opti
             {"name": "scratch", "emptyDir": {}},
         ],
     }
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": c.metadata(isvc, c.prefetch_job_name(isvc), c.PREFETCH),
-        "spec": {
-            "backoffLimit": settings.prefetch_backoff_limit,
-            "podFailurePolicy": {"rules": [{
-                "action": "FailJob",
-                "onExitCodes": {"containerName": "download", "operator": "In",
-                                "values": [DOWNLOAD_USAGE_EXIT_CODE]},
-            }]},
-            "template": {
-                "metadata": {"labels": c.labels(isvc, c.PREFETCH)},
-                "spec": pod_spec,
-            },
+    spec = {
+        "backoffLimit": settings.prefetch_backoff_limit,
+        "podFailurePolicy": {"rules": [{
+            "action": "FailJob",
+            "onExitCodes": {"containerName": "download", "operator": "In",
+                            "values": [DOWNLOAD_USAGE_EXIT_CODE]},
+        }]},
+        "template": {
+            "metadata": {"labels": c.labels(isvc, c.PREFETCH)},
+            "spec": pod_spec,
         },
     }
+    meta = c.metadata(isvc, c.prefetch_job_name(isvc), c.PREFETCH)
+    # a Job's template is immutable: the hash tells a failed Job run with other settings
+    # (image, resources, token secret, retries) from one that would only fail again
+    meta["annotations"] = {c.SPEC_HASH_ANNOTATION: c.short_hash(spec)}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}

@@ -90,6 +90,46 @@ def test_download_failure():
     assert "Deployment" not in kinds(r)
 
 
+def _failed(job):
+    job = copy.deepcopy(job)
+    job["status"] = {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
+    return job
+
+
+def test_prefetch_job_is_created_once_and_recreated_only_when_failed_with_other_settings():
+    """A Job's pod template is immutable: a live Job is never re-applied (a changed
+    template would be refused on every pass). A failed Job is deleted for a retry only when
+    its spec hash differs from the current one (here: the operator now runs a new image)."""
+    obj = make_isvc()
+    old_running = live(obj, "prefetch", {"active": 1})  # made under SETTINGS
+    old_failed = _failed(old_running)
+    upgraded = OperatorSettings(runtime_image="example.com/argosy-runtime:2")
+
+    def run_upgraded(observed):
+        return rec.reconcile(obj, observed, upgraded, now=T0)
+
+    new = rec.desired_children(obj, upgraded)["prefetch"]
+    assert new["metadata"]["name"] == old_running["metadata"]["name"]  # same download, same name
+    key = render.SPEC_HASH_ANNOTATION
+    assert new["metadata"]["annotations"][key] != old_running["metadata"]["annotations"][key]
+    for job, reason in ((old_running, "Downloading"), (job_done(obj), "Downloaded")):
+        r = run_upgraded({"prefetch": job})
+        assert "Job" not in kinds(r) and r.to_delete == []
+        assert conds(r)["ModelCached"]["reason"] == reason
+    r = run_upgraded({"prefetch": old_failed})  # failed with the old image: try again with the new one
+    assert "Job" not in kinds(r) and r.to_delete == [old_failed]
+    c = conds(r)["ModelCached"]
+    assert c["reason"] == "Downloading" and "again" in c["message"]
+    assert "Job" in kinds(run_upgraded({}))  # the next pass, once it is gone
+    deleting = copy.deepcopy(old_failed)
+    deleting["metadata"]["deletionTimestamp"] = "2025-01-01T12:00:00Z"
+    r = run_upgraded({"prefetch": deleting})  # still terminating: wait
+    assert "Job" not in kinds(r) and r.to_delete == []
+    r = run(obj, {"prefetch": old_failed})  # failed with the current settings: it would only fail again
+    assert "Job" not in kinds(r) and r.to_delete == []
+    assert conds(r)["ModelCached"]["reason"] == "DownloadFailed"
+
+
 def test_cached_model_brings_up_the_fleet():
     obj = make_isvc(SPECS["keda"])
     r = run(obj, {"prefetch": job_done(obj)})
