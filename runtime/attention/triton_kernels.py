@@ -377,6 +377,8 @@ def paged_attention(
         QUERIES_PER_KV=g, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_SIZE=kc.shape[1], BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         DOT_FP32=_dot_fp32(query),
+        # head_dim 256 tiles spill registers at 4 warps on sm_80 (compile_check); 8 do not
+        num_warps=8 if d > 128 else 4,
     )
     return out
 
