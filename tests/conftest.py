@@ -9,6 +9,21 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _set_triton_interpret() -> None:
+    """Without CUDA, Triton must be in interpreter mode from its first import on: its own
+    library functions (``tl.max``, ``tl.sum``, ...) are decorated once, at that import, and
+    interpreted kernels cannot call compiled ones. Several test modules import Triton
+    (the interpreter tests, the ahead-of-time compile check, which works either way), so
+    it is decided here, before any of them is collected."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_set_triton_interpret()
+
+
 def pytest_collection_modifyitems(config, items):
     """``slow`` suites (the real-Prometheus test, the full Triton compile matrix) run only
     when asked for: ``-m slow`` (or any ``-m`` expression naming slow) or
