@@ -147,12 +147,13 @@ def model_cached(isvc: api.InferenceService, job: Optional[dict], claim: Optiona
         return Cond("False", "Downloading", "creating the prefetch Job")
     name = job["metadata"]["name"]
     status = job.get("status") or {}
-    complete, failed = _cond_of(job, "Complete"), _cond_of(job, "Failed")
+    complete = _cond_of(job, "Complete")
     if (complete and complete.get("status") == "True") or (status.get("succeeded") or 0) >= 1:
         return Cond("True", "Downloaded", f"Job {name} downloaded {isvc.spec.model.uri}")
-    if failed and failed.get("status") == "True" and recreating:
-        return Cond("False", "Downloading", f"Job {name} failed; starting it again with the changed settings")
-    if failed and failed.get("status") == "True":
+    if _job_failed(job):
+        if recreating:
+            return Cond("False", "Downloading", f"Job {name} failed; starting it again with the changed settings")
+        failed = _cond_of(job, "Failed")
         detail = failed.get("message") or failed.get("reason") or "failed"
         return Cond("False", "DownloadFailed", f"Job {name}: {detail} (kubectl logs job/{name})")
     if claim is not None and (claim.get("status") or {}).get("phase") == "Pending":
