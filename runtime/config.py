@@ -81,6 +81,7 @@ class CacheConfig:
     kv_cache_memory: Optional[int] = None  # bytes; CPU (and explicit override on CUDA)
     enable_prefix_caching: bool = True
     num_blocks: Optional[int] = None
+    prefix_caching_hash_algo: str = "sha256"
 
 
 @dataclass
@@ -112,6 +113,7 @@ class EngineArgs:
     kv_cache_memory: Optional[int] = None
     num_gpu_blocks_override: Optional[int] = None
     enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "sha256"
     enable_chunked_prefill: bool = True
     max_num_batched_tokens: Optional[int] = None
     max_num_seqs: int = 256
@@ -143,6 +145,9 @@ class EngineArgs:
         g.add_argument("--num-gpu-blocks-override", type=int, default=None, help="force the number of KV blocks (testing)")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
                        help="reuse KV blocks of shared prompt prefixes (default on)")
+        g.add_argument("--prefix-caching-hash-algo", default=d.prefix_caching_hash_algo, choices=["sha256", "sha256_cbor"],
+                       help="block hash for prefix caching: sha256 (default; fixed byte layout, deterministic across "
+                            "processes) or sha256_cbor (canonical CBOR, reproducible from other languages; slower)")
         g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=d.enable_chunked_prefill,
                        help="split long prefills across steps to share the token budget with decodes (default on)")
         g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per engine step")
@@ -205,6 +210,7 @@ class EngineArgs:
             kv_cache_memory=self.kv_cache_memory,
             enable_prefix_caching=self.enable_prefix_caching,
             num_blocks=self.num_gpu_blocks_override,
+            prefix_caching_hash_algo=self.prefix_caching_hash_algo,
         )
 
 

@@ -293,6 +293,9 @@ def test_tp2_tiny_server_matches_tp1_then_killed_worker_kills_server(tmp_path, t
         errors = [e for e in rest if isinstance(e, dict) and "error" in e]
         assert errors and "tensor-parallel worker 1" in errors[0]["error"]["message"], rest[-3:]
         assert rest[-1] == "[DONE]"
+        # the request ends with a last chunk whose finish_reason is "error", not a cut stream
+        last_chunk = [e for e in rest if isinstance(e, dict) and e.get("choices")][-1]
+        assert last_chunk["choices"][0]["finish_reason"] == "error", rest[-3:]
         got_tokens = sum(len(e["choices"][0]["text"]) > 0 for e in first + rest if isinstance(e, dict) and e.get("choices"))
         assert got_tokens < 400  # it really was cut short
 

@@ -311,8 +311,15 @@ def test_decode_graph_path_matches_eager(device, monkeypatch):
         plan = plan_for(rids, prefill)
         a, b = eager.execute(plan), graphed.execute(plan)
         assert (a - b).abs().max().item() < 1e-4
+        # the same slots written with the same values; not bitwise: the padded batch (6
+        # rows for 5) may take another GEMM blocking, which rounds differently (it did
+        # on the reviewer's machine)
+        held = sorted(b for t in tables.values() for b in t)
         for ca, cb in zip(eager.kv_caches, graphed.kv_caches):
-            assert torch.equal(ca, cb)
+            torch.testing.assert_close(cb, ca, atol=1e-5, rtol=1e-4)
+            unused = torch.ones(ca.shape[1], dtype=torch.bool)
+            unused[held] = False
+            assert not cb[:, unused].any(), "a padded row wrote into a block no request holds"
         for rid, nxt in zip(rids, a.argmax(-1).tolist()):
             tokens[rid].append(nxt)
 

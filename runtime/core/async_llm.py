@@ -172,6 +172,23 @@ class AsyncLLM:
                     for obs in self.output_observers:
                         obs(out, now)
 
+    def _fail_in_flight(self) -> None:
+        """After a fatal error: every request the engine holds ends with a last output
+        whose ``finish_reason`` is ``"error"`` (its text so far, then the stream ends
+        normally); requests still in the inbox get :class:`EngineDeadError`."""
+        try:
+            outputs = self.engine.fail_unfinished_requests()
+        except Exception:  # pragma: no cover - bookkeeping must not mask the original error
+            logger.exception("could not finish in-flight requests")
+            return
+        now = time.monotonic()
+        for out in outputs:
+            for obs in self.output_observers:
+                obs(out, now)
+            self._deliver(out.request_id, out)
+            with self._lock:
+                self._streams.pop(out.request_id, None)
+
     def _run(self) -> None:
         eng = self.engine
         last_log = time.monotonic()
@@ -213,6 +230,7 @@ class AsyncLLM:
         except BaseException as e:  # the loop is dead: fail everyone, health turns 503
             self.error = e
             logger.exception("engine loop died")
+            self._fail_in_flight()
         finally:
             err = EngineDeadError(f"engine loop stopped: {self.error!r}" if self.error else "engine shut down")
             with self._lock:

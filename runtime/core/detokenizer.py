@@ -44,9 +44,12 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
-    def append(self, token_id: int) -> Optional[str]:
+    def append(self, token_id: int, check_stop: bool = True) -> Optional[str]:
         """Add one generated token; returns the stop string if one matched (text is
-        truncated there), else None."""
+        truncated there), else None. With ``check_stop=False`` (the request has fewer
+        than ``min_tokens`` outputs, as vLLM: stop strings are ignored until then) the
+        text is extended and never searched; later calls search only the new text and
+        the held-back tail before it."""
         self.tokens.append(token_id)
         prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
         full = self._decode(self.tokens[self.prefix_offset :])
@@ -56,7 +59,7 @@ class IncrementalDetokenizer:
             self.read_offset = len(self.tokens)
             before = len(self.output_text)
             self.output_text += new
-            if self.stop:
+            if self.stop and check_stop:
                 return self._check_stop(before, len(new))
         return None
 

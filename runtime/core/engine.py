@@ -127,7 +127,8 @@ class LLMEngine:
                 f"KV cache holds {capacity} tokens ({self.num_blocks} blocks) but --max-model-len is {max_len}; "
                 "raise --kv-cache-memory / --gpu-memory-utilization or lower --max-model-len"
             )
-        self.kv = KVCacheManager(self.num_blocks, self.block_size, cache_cfg.enable_prefix_caching)
+        self.kv = KVCacheManager(self.num_blocks, self.block_size, cache_cfg.enable_prefix_caching,
+                                 cache_cfg.prefix_caching_hash_algo)
         self.scheduler = Scheduler(self.scheduler_config, self.kv)
         self.planner = StepPlanner(self.kv.get_block_ids)
         self._scratch_ids = 0
@@ -213,6 +214,14 @@ class LLMEngine:
             outs.append(self._output(req, [], []))
         return outs
 
+    def fail_unfinished_requests(self) -> list[RequestOutput]:
+        """Finish every queued and running request with ``finish_reason="error"`` (the
+        engine cannot go on: a step raised, a tensor-parallel worker died) and free its
+        blocks. Pure bookkeeping, safe after a failed step; returns each request's last
+        output (its final text, ``finished=True``)."""
+        ids = list(self.scheduler.requests)
+        return [self._output(req, [], []) for req in self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)]
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
@@ -256,7 +265,9 @@ class LLMEngine:
             req = Request(rid, ids, SamplingParams(max_tokens=1), self.model_config.eos_token_ids, 1)
             plan, _ = self.planner.plan(SchedulerOutput([(req, len(ids))], len(ids)))
             plan.all_logits = True
-            return self.executor.execute(plan).cpu()
+            logits = self.executor.execute(plan).cpu()
+            self.kv.cache_blocks(rid, ids, len(ids))
+            return logits
         finally:
             self.kv.free(rid)
 
@@ -295,7 +306,7 @@ class LLMEngine:
                 lp, top = lp_map[req.request_id]
                 lps = [(tok, lp, top)]
             det = self.detok[req.request_id]
-            hit = det.append(tok)
+            hit = det.append(tok, check_stop=req.num_output_tokens >= req.sampling_params.min_tokens)
             if hit is not None and not req.status.finished:
                 req.stop_reason = hit
                 self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)

@@ -5,17 +5,26 @@ paging; automatic prefix caching as in vLLM's design doc): a block is a fixed ru
 ``block_size`` token slots. A request owns a list of block ids (its block table);
 blocks are reference counted so requests with a common prefix share them.
 
-Prefix caching: once a block is full, its hash chains the parent block's hash with the
-block's token ids, so equal hashes mean equal prefixes. A hit is verified against the
-stored token ids and parent hash (a 64-bit hash collision never yields wrong KV).
+Prefix caching: once a block is full and a step that wrote its KV has completed
+(:meth:`KVCacheManager.cache_blocks`, called after the step), its hash chains the parent
+block's hash with the block's token ids, so equal hashes mean equal prefixes. A block is
+never hit-able before its KV exists: a step that fails or is interrupted registers
+nothing. Hashes are SHA-256 (``--prefix-caching-hash-algo``, as vLLM's: predictable
+64-bit hashes let one tenant plant collisions for another's prompts, the class of
+CVE-2025-25183), deterministic across processes and machines so a router can compute
+the same ones; a hit is also verified against the stored token ids and parent hash.
 Freed blocks keep their hash and sit in an LRU free queue; they are reused on a hit or
 evicted (hash dropped) when a fresh block is needed, least recently freed first.
+
+This module imports no torch: the router computes block hashes with the same function.
 """
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 
 class KVCacheBlock:
@@ -26,17 +35,81 @@ class KVCacheBlock:
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_cnt = 0
-        self.block_hash: Optional[int] = None
-        self.parent_hash: Optional[int] = None
+        self.block_hash: Optional[BlockHash] = None
+        self.parent_hash: Optional[BlockHash] = None
         self.token_ids: Optional[tuple[int, ...]] = None
 
     def reset_hash(self) -> None:
         self.block_hash = self.parent_hash = self.token_ids = None
 
 
-def hash_block(parent_hash: Optional[int], token_ids: tuple[int, ...], extra: object = None) -> int:
-    """Chained block hash: ``hash((parent_hash, token_ids, extra))`` (``extra``: adapter id, ...)."""
-    return hash((parent_hash, token_ids, extra))
+#: A block hash: 32 bytes of SHA-256.
+BlockHash = bytes
+
+_NO_PARENT = b"\x00" * 32
+
+
+def hash_block_sha256(parent_hash: Optional[BlockHash], token_ids: Sequence[int], extra: object = None) -> BlockHash:
+    """Chained block hash, ``--prefix-caching-hash-algo sha256`` (the default).
+
+    ``SHA-256(parent || tokens || extra)`` over a fixed byte layout: the parent's 32-byte
+    hash (32 zero bytes for the first block), each token id as a little-endian int32,
+    then, when ``extra`` (adapter id, ...) is not None, ``0xff`` and ``repr(extra)`` in
+    UTF-8. The same tokens give the same hash in every process and on every machine.
+
+    Args:
+        parent_hash: the previous block's hash, or None for a sequence's first block.
+        token_ids: the block's ``block_size`` token ids (each in ``[0, 2**31)``).
+        extra: optional key mixed in (None for plain text requests).
+    Returns:
+        32 bytes.
+    Raises:
+        struct.error: a token id outside the int32 range.
+    """
+    h = hashlib.sha256(parent_hash or _NO_PARENT)
+    h.update(struct.pack(f"<{len(token_ids)}i", *token_ids))
+    if extra is not None:
+        h.update(b"\xff" + repr(extra).encode())
+    return h.digest()
+
+
+def hash_block_sha256_cbor(parent_hash: Optional[BlockHash], token_ids: Sequence[int],
+                           extra: object = None) -> BlockHash:
+    """Chained block hash, ``--prefix-caching-hash-algo sha256_cbor`` (as vLLM's): SHA-256
+    of the canonical CBOR encoding (RFC 8949 §4.2.1, via ``cbor2``) of
+    ``[parent_hash, [token ids], extra]``, reproducible from any language with a CBOR
+    library. Slower than ``sha256`` (see the README for the measured cost per block).
+
+    Raises:
+        ImportError: ``cbor2`` is not installed.
+    """
+    import cbor2
+
+    return hashlib.sha256(cbor2.dumps([parent_hash, list(token_ids), extra], canonical=True)).digest()
+
+
+#: ``--prefix-caching-hash-algo`` values -> block hash function.
+HASH_ALGOS: dict[str, Callable[[Optional[BlockHash], Sequence[int], object], BlockHash]] = {
+    "sha256": hash_block_sha256,
+    "sha256_cbor": hash_block_sha256_cbor,
+}
+
+
+def get_hash_fn(name: str) -> Callable[[Optional[BlockHash], Sequence[int], object], BlockHash]:
+    """The block hash function for a ``--prefix-caching-hash-algo`` name.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    try:
+        return HASH_ALGOS[name]
+    except KeyError:
+        raise ValueError(f"--prefix-caching-hash-algo must be one of {', '.join(HASH_ALGOS)}, not {name!r}") from None
+
+
+def hash_block(parent_hash: Optional[BlockHash], token_ids: Sequence[int], extra: object = None) -> BlockHash:
+    """The default chained block hash (:func:`hash_block_sha256`)."""
+    return hash_block_sha256(parent_hash, token_ids, extra)
 
 
 class KVCacheManager:
@@ -46,23 +119,30 @@ class KVCacheManager:
         num_blocks: physical blocks in the cache.
         block_size: tokens per block.
         enable_caching: automatic prefix caching on/off.
+        hash_algo: ``--prefix-caching-hash-algo`` (``sha256`` or ``sha256_cbor``).
 
     Counters (monotonic, for metrics): ``prefix_cache_queries`` and ``prefix_cache_hits``
-    in tokens (vLLM's ``vllm:prefix_cache_queries_total`` / ``..._hits_total``).
+    in tokens (vLLM's ``vllm:prefix_cache_queries_total`` / ``..._hits_total``), counted
+    by :meth:`record_prefix_lookup` once per scheduled lookup.
+
+    Raises:
+        ValueError: non-positive sizes or an unknown ``hash_algo``.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True, hash_algo: str = "sha256"):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_caching = enable_caching
+        self.hash_algo = hash_algo
+        self._hash = get_hash_fn(hash_algo)
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         # LRU free queue: front = next to hand out / evict.
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: dict[BlockHash, int] = {}  # block hash -> block id
         self.req_blocks: dict[str, list[int]] = {}
-        self.req_hashes: dict[str, list[int]] = {}
+        self.req_hashes: dict[str, list[BlockHash]] = {}
         self.req_num_cached: dict[str, int] = {}
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -81,13 +161,13 @@ class KVCacheManager:
         """The request's block table (empty if it holds none)."""
         return self.req_blocks.get(request_id, [])
 
-    def _block_hashes(self, request_id: str, token_ids: Sequence[int], num_full: int) -> list[int]:
+    def _block_hashes(self, request_id: str, token_ids: Sequence[int], num_full: int) -> list[BlockHash]:
         hashes = self.req_hashes.setdefault(request_id, [])
         bs = self.block_size
         while len(hashes) < num_full:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tuple(token_ids[i * bs : (i + 1) * bs])))
+            hashes.append(self._hash(parent, token_ids[i * bs : (i + 1) * bs], None))
         return hashes
 
     def get_computed_blocks(self, request_id: str, token_ids: Sequence[int]) -> tuple[list[int], int]:
@@ -117,9 +197,15 @@ class KVCacheManager:
                 break  # hash collision: treat as a miss
             hits.append(bid)
             parent = hashes[i]
-        self.prefix_cache_queries += n
-        self.prefix_cache_hits += len(hits) * bs
         return hits, len(hits) * bs
+
+    def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """Count one request's prefix-cache lookup (tokens queried, tokens hit) in the
+        metrics counters. The scheduler calls it once per lookup whose request was
+        scheduled, not on every step a request waits for blocks. No-op with caching off."""
+        if self.enable_caching:
+            self.prefix_cache_queries += num_tokens
+            self.prefix_cache_hits += num_hit_tokens
 
     # --------------------------------------------------------------- mutations
     def allocate_slots(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
@@ -136,6 +222,9 @@ class KVCacheManager:
                 (first allocation only).
         Returns:
             False, with nothing changed, when not enough free blocks exist.
+
+        New blocks are not hit-able yet: :meth:`cache_blocks` registers them once the
+        step that writes their KV has completed.
         """
         blocks = self.req_blocks.setdefault(request_id, [])
         bs = self.block_size
@@ -154,8 +243,6 @@ class KVCacheManager:
             blocks.append(bid)
         for _ in range(max(need, 0)):
             blocks.append(self._pop_free_block())
-        if self.enable_caching:
-            self._cache_full_blocks(request_id, token_ids, total, blocks)
         return True
 
     def _pop_free_block(self) -> int:
@@ -169,8 +256,22 @@ class KVCacheManager:
         blk.ref_cnt = 1
         return bid
 
-    def _cache_full_blocks(self, request_id: str, token_ids: Sequence[int], total: int, blocks: list[int]) -> None:
-        num_full = min(total, len(token_ids)) // self.block_size
+    def cache_blocks(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int) -> None:
+        """Make the request's full blocks among its first ``num_computed_tokens`` tokens
+        hit-able for other requests. Call only after the step that wrote their KV has
+        completed (the scheduler does, in ``update``). Idempotent; no-op with caching off.
+
+        Args:
+            request_id: the request.
+            token_ids: all of its known tokens (prompt + output).
+            num_computed_tokens: tokens whose KV is in the cache now.
+        """
+        if not self.enable_caching:
+            return
+        blocks = self.req_blocks.get(request_id)
+        if not blocks:
+            return
+        num_full = min(num_computed_tokens, len(token_ids), len(blocks) * self.block_size) // self.block_size
         start = self.req_num_cached.get(request_id, 0)
         if num_full <= start:
             return

@@ -74,7 +74,8 @@ class LLM:
             sampling_params: one for all prompts or one per prompt (default: greedy-free
                 ``SamplingParams()``).
         Raises:
-            ValueError: a prompt that does not fit ``max_model_len`` or bad parameters.
+            ValueError: a prompt that does not fit ``max_model_len`` or bad parameters;
+                nothing stays queued (requests added before the bad one are aborted).
         """
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -85,19 +86,21 @@ class LLM:
             raise ValueError("need one SamplingParams per prompt")
         results: list[GenerationResult] = []
         pending: dict[str, tuple[int, int]] = {}
-        for i, (prompt, sp) in enumerate(zip(prompts, params)):
-            text, ids = self._tokenize(prompt)
-            rid = str(next(self._ids))
-            results.append(GenerationResult(rid, text, ids, [None] * sp.n))
-            for j in range(sp.n):
-                child = sp if sp.n == 1 else dataclasses.replace(
-                    sp, n=1, seed=None if sp.seed is None else sp.seed + j)
-                sub = f"{rid}-{j}"
-                self.engine.add_request(sub, ids, child)
-                pending[sub] = (i, j)
-        bar = tqdm(total=len(pending), disable=not use_tqdm, desc="generate")
-        logprobs: dict[str, list] = {k: [] for k in pending}
+        logprobs: dict[str, list] = {}
+        bar = tqdm(total=sum(sp.n for sp in params), disable=not use_tqdm, desc="generate")
         try:
+            # inside the try: a bad prompt in the middle aborts the ones already queued
+            for i, (prompt, sp) in enumerate(zip(prompts, params)):
+                text, ids = self._tokenize(prompt)
+                rid = str(next(self._ids))
+                results.append(GenerationResult(rid, text, ids, [None] * sp.n))
+                for j in range(sp.n):
+                    child = sp if sp.n == 1 else dataclasses.replace(
+                        sp, n=1, seed=None if sp.seed is None else sp.seed + j)
+                    sub = f"{rid}-{j}"
+                    self.engine.add_request(sub, ids, child)
+                    pending[sub] = (i, j)
+                    logprobs[sub] = []
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     logprobs[out.request_id].extend(out.logprobs)

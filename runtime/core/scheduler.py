@@ -126,7 +126,9 @@ class Scheduler:
                     break
                 n = min(n, budget)
                 if not self.kv.allocate_slots(req.request_id, req.all_token_ids, req.num_computed_tokens, n, hits):
-                    break
+                    break  # looked up again next step; counted only once it is scheduled
+                if req.num_computed_tokens == 0:
+                    self.kv.record_prefix_lookup(req.num_tokens, num_hit)
                 self.waiting.popleft()
                 if req.status is RequestStatus.WAITING:
                     req.num_cached_tokens = num_hit
@@ -173,6 +175,8 @@ class Scheduler:
             if req.status is not RequestStatus.RUNNING:
                 continue
             req.num_computed_tokens += n
+            # the step wrote these tokens' KV: their full blocks become hit-able now
+            self.kv.cache_blocks(req.request_id, req.all_token_ids, req.num_computed_tokens)
             tok = sampled.get(req.request_id)
             if tok is None:
                 continue

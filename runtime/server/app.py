@@ -198,10 +198,36 @@ async def _parse(request: web.Request, model_cls):
         raise ApiError(400, f"invalid JSON body: {e}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "request body must be a JSON object")
+    bad = _lone_surrogate_path(data)
+    if bad is not None:
+        raise ApiError(400, f"invalid string in {bad}: it contains a lone UTF-16 surrogate (not valid Unicode text)",
+                       bad)
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
         raise _validation_error(e) from None
+
+
+def _lone_surrogate_path(obj, path: str = "") -> Optional[str]:
+    """Dotted path (``messages.0.content``) of the first string in a decoded JSON value
+    holding a lone UTF-16 surrogate (``"\\udcff"`` is valid JSON but no Unicode text:
+    tokenizers and UTF-8 encoding reject it), or None."""
+    if isinstance(obj, str):
+        if obj.isascii():
+            return None
+        try:
+            obj.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in items:
+        if isinstance(key, str) and _lone_surrogate_path(key) is not None:
+            return f"{path}.{key!r}" if path else "body"
+        found = _lone_surrogate_path(value, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def _check_model(state: ServerState, model: Optional[str]) -> None:
@@ -490,8 +516,6 @@ async def _collect(state: ServerState, choices: list[Choice], fmt: _Format, head
         raise ApiError(503, f"the engine stopped before the request finished ({e})") from None
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-    if any(ch.finish_reason == "error" for ch in choices):
-        raise ApiError(500, "the engine failed while generating this request")
     body = {**header, "choices": [fmt.final(ch) for ch in choices], "usage": usage(choices)}
     return web.json_response(body, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
@@ -517,12 +541,12 @@ async def _stream(request: web.Request, state: ServerState, choices: list[Choice
             async with contextlib.aclosing(generate_choices(state.async_llm, choices)) as outs:
                 async for ch, out in outs:
                     ch.update(out)
-                    if out.finish_reason == "error":
-                        await send(error_body(500, "the engine failed while generating this request"))
-                        continue
-                    part = fmt.delta(ch, out)
+                    part = fmt.delta(ch, out)  # a failed request's last chunk: finish_reason "error"
                     if part is not None:
                         await send({**base, "choices": [part]})
+                    if out.finish_reason == "error":  # then why, as an OpenAI error event
+                        await send(error_body(500, "the engine failed while generating this request "
+                                                   f"({state.async_llm.error!r})"))
             if include_usage:
                 await send({**base, "choices": [], "usage": usage(choices)})
         except ConnectionError:

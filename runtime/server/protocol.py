@@ -43,10 +43,11 @@ class TextContentPart(_Strict):
 
 
 class ChatMessage(_Strict):
-    """One conversation turn; ``content`` is a string, a list of text parts, or null."""
+    """One conversation turn; ``content`` (required, as OpenAI requires it of every
+    message without ``tool_calls``) is a string or a list of text parts."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextContentPart], None] = None
+    content: Union[str, list[TextContentPart]]
     name: Optional[str] = None
 
     @field_validator("content", mode="before")
@@ -61,8 +62,6 @@ class ChatMessage(_Strict):
 
     def text(self) -> str:
         """The content as one string (text parts joined with newlines)."""
-        if self.content is None:
-            return ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(p.text for p in self.content)
