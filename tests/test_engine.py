@@ -42,6 +42,33 @@ def test_batch_invariance_with_chunked_prefill_and_preemption(make_engine):
     assert small.kv.num_free_blocks == small.kv.num_blocks
 
 
+def test_batch_invariance_with_prefix_caching_and_preemption(make_engine):
+    """The same check with prefix caching ON: prompts share a 3-block prefix (and pairs
+    share more), the cache is too small for all of them, so requests are preempted,
+    freed and recomputed, picking up blocks cached by others or by their own earlier
+    run. Greedy outputs must equal those of each prompt run alone on a cache-less engine."""
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    alone_engine = make_engine(max_model_len=128, enable_prefix_caching=False)
+    tok = alone_engine.tokenizer
+    shared = tok.encode("Shared preamble: " + " ".join(WORDS * 3))[:48]  # 3 full blocks
+    prompts = []
+    for i in range(8):
+        words = [WORDS[(i // 2 * 5 + j * 3) % len(WORDS)] for j in range(6 + 2 * (i // 2))]  # pairs share words
+        prompts.append(shared + tok.encode(f" Story {i // 2}: " + " ".join(words) + ("." if i % 2 else "!")))
+    assert len({tuple(p) for p in prompts}) == 8
+    alone = {str(i): run_to_completion(alone_engine, [ids], greedy)["0"] for i, ids in enumerate(prompts)}
+    # 14 blocks x 16 = 224 slots for 8 requests of ~60-80 tokens each (shared blocks help, not enough)
+    small = make_engine(max_model_len=128, num_gpu_blocks_override=14, max_num_batched_tokens=32,
+                        enable_chunked_prefill=True, enable_prefix_caching=True)
+    batch = run_to_completion(small, prompts, greedy)
+    assert small.scheduler.num_preemptions > 0, "the small cache was meant to force preemptions"
+    assert small.kv.prefix_cache_hits > 0, "the shared prefix was meant to hit the prefix cache"
+    for k in alone:
+        assert batch[k] == alone[k], f"prompt {k}: batched output (prefix caching, preemption) differs from alone"
+    small.kv.check_invariants()
+    assert small.kv.num_free_blocks == small.kv.num_blocks
+
+
 def test_prefix_caching_computes_fewer_tokens_same_output(make_engine):
     eng = make_engine(enable_prefix_caching=True)
     tok = eng.tokenizer

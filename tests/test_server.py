@@ -277,6 +277,15 @@ BAD_REQUESTS = [
     ("logprobs-too-many", "/v1/completions", {"prompt": "x", "logprobs": 50}, 400, "logprobs"),
     ("stream-options-without-stream", "/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}},
      400, None),
+    # issue 11: a lone UTF-16 surrogate was a 500 (TypeError in the tokenizer); a message
+    # without content was a 200 that generated up to the context length
+    ("lone-surrogate-prompt", "/v1/completions", b'{"prompt": "\\udcff x", "max_tokens": 1}', 400, "prompt"),
+    ("lone-surrogate-chat", "/v1/chat/completions",
+     b'{"messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 1}', 400, "messages.0.content"),
+    ("lone-surrogate-tokenize", "/tokenize", b'{"prompt": "\\udfff"}', 400, "prompt"),
+    ("message-without-content", "/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages.0.content"),
+    ("message-null-content", "/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400,
+     "messages.0.content"),
 ]
 
 
@@ -445,51 +454,154 @@ def test_max_waiting_requests_503(server_single_seq):
     assert status == 200 and body["usage"]["completion_tokens"] >= 1
 
 
-def test_sigterm_drains_then_exits_zero(server_single_seq):
+class _TimedStream(threading.Thread):
+    """A streaming completion read in a background thread: each SSE payload with the
+    ``time.monotonic()`` it arrived at. ``first`` is set on the first payload (or on failure)."""
+
+    def __init__(self, srv: ServerProcess, body: dict):
+        super().__init__(daemon=True)
+        self.srv, self.body = srv, {**body, "stream": True, "stream_options": {"include_usage": True}}
+        self.events: list[tuple[float, object]] = []
+        self.first = threading.Event()
+        self.error: Exception | None = None
+        self.start()
+
+    def run(self):
+        try:
+            conn, resp = open_stream(self.srv, "/v1/completions", self.body)
+            try:
+                while not self.events or self.events[-1][1] != "[DONE]":
+                    ev = read_events(resp, limit=1)
+                    if not ev:
+                        break
+                    self.events.append((time.monotonic(), ev[0]))
+                    self.first.set()
+            finally:
+                conn.close()
+        except Exception as e:  # noqa: BLE001 - reported by the test
+            self.error = e
+        finally:
+            self.first.set()
+
+    def chunks(self, after: float = float("-inf")) -> list[dict]:
+        return [e for t, e in self.events if t > after and isinstance(e, dict) and e.get("choices")]
+
+    def finish_reasons(self) -> list:
+        return [c["choices"][0]["finish_reason"] for c in self.chunks() if c["choices"][0]["finish_reason"]]
+
+    def errors(self) -> list[dict]:
+        return [e for _, e in self.events if isinstance(e, dict) and "error" in e]
+
+    def usage(self) -> dict | None:
+        return next((e["usage"] for _, e in self.events if isinstance(e, dict) and e.get("usage")), None)
+
+
+def _seconds_per_token(srv: ServerProcess, n: int = 24) -> float:
+    """This machine's decode speed on ``srv`` (so that requests meant to outlast a window do)."""
+    t = time.monotonic()
+    status, body = http_request(srv, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": n, "ignore_eos": True})
+    assert status == 200 and body["usage"]["completion_tokens"] == n, body
+    return (time.monotonic() - t) / n
+
+
+def _assert_refusing_new_work(srv: ServerProcess) -> None:
+    """While draining, the server still listens: generation requests get 503 "shutting
+    down" and /health 503."""
+    try:
+        for path, body in (("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+                           ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})):
+            status, out = http_request(srv, "POST", path, body)
+            assert status == 503, f"{path} admitted while draining: {status} {out}"
+            assert "shutting down" in assert_error_body(out, 503)["message"]
+        assert http_request(srv, "GET", "/health", auth=False)[0] == 503, "/health does not report draining"
+    except ConnectionError as e:
+        pytest.fail(f"the server stopped listening right after SIGTERM (no drain window): {e!r}; "
+                    f"exit code {srv.proc.poll()}")
+
+
+def test_sigterm_drains_in_flight_requests_then_exits(server_single_seq):
+    """SIGTERM with work in flight and a 15 s --shutdown-timeout: new requests get 503 and
+    /health 503 at once, but the running request AND the one queued behind it (both
+    admitted before the signal) are served to the end; the process then exits 0 as soon as
+    they are done, long before the timeout."""
     srv = server_single_seq
-    results: dict[str, list] = {}
-    started = threading.Event()
+    shutdown_timeout = 15.0  # the fixture's --shutdown-timeout
+    # the running request should last about 3 s here, so it is surely mid-generation at SIGTERM
+    n_running = max(32, min(800, int(3.0 / _seconds_per_token(srv))))
+    running = _TimedStream(srv, {"prompt": "Count: 1, 2, 3,", "max_tokens": n_running, "ignore_eos": True})
+    assert running.first.wait(60) and running.error is None, running.error
 
-    def stream(name, max_tokens):
-        conn, resp = open_stream(srv, "/v1/completions", {"prompt": "Count: 1, 2, 3,", "max_tokens": max_tokens,
-                                                          "ignore_eos": True, "stream": True})
-        events = read_events(resp, limit=1)
-        started.set()
-        events += read_events(resp)
-        results[name] = events
-        conn.close()
+    def queued_request():
+        out = http_request(srv, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 8, "ignore_eos": True})
+        return (*out, time.monotonic())
 
-    threads = [threading.Thread(target=stream, args=("short", 6))]
-    threads[0].start()
-    assert started.wait(60)
-    # a second request queues behind the first (max-num-seqs 1) and outlives the shutdown timeout
-    threads.append(threading.Thread(target=stream, args=("long", 1000)))
-    threads[1].start()
-    wait_for(lambda: scrape(srv)["vllm:num_requests_waiting"] == 1, 15, "the long request to queue")
+    with ThreadPoolExecutor(1) as pool:
+        queued = pool.submit(queued_request)  # waits behind the running one (max-num-seqs 1)
+        wait_for(lambda: scrape(srv)["vllm:num_requests_waiting"] == 1, 15, "the second request to queue")
+        t_sig = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "SIGTERM received" in srv.log(), 10, "the SIGTERM log line")
+        _assert_refusing_new_work(srv)
+        t_refused = time.monotonic()
+        assert srv.proc.poll() is None, "the server exited with requests in flight"
+        code = srv.proc.wait(timeout=shutdown_timeout + 30)
+        t_exit = time.monotonic()
+        q_status, q_body, t_queued_done = queued.result(timeout=30)
+    running.join(timeout=30)
+    log = srv.log()
 
-    t0 = time.monotonic()
-    srv.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: "SIGTERM received" in srv.log(), 10, "the SIGTERM log line")
-    status, body = http_request(srv, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 2})
-    assert status == 503
-    assert "shutting down" in assert_error_body(body, 503)["message"]
-    assert http_request(srv, "GET", "/health", auth=False)[0] == 503
+    assert code == 0, log[-3000:]
+    assert "draining 2 in-flight request(s)" in log, log[-3000:]
+    # (a) drained: the running request went on generating after SIGTERM, to its full length
+    assert running.error is None, running.error
+    assert running.chunks(after=t_refused), "the running request was not generating during the drain"
+    assert running.events[-1][1] == "[DONE]" and not running.errors(), running.events[-3:]
+    assert running.finish_reasons() == ["length"]
+    assert running.usage()["completion_tokens"] == n_running
+    # ... and so did the request still queued when the signal came
+    assert q_status == 200, q_body
+    assert q_body["choices"][0]["finish_reason"] == "length" and q_body["usage"]["completion_tokens"] == 8
+    # (c) the exit follows the end of the work, not the timeout
+    t_work_done = max(running.events[-1][0], t_queued_done)
+    assert t_exit - t_work_done < 5.0, f"exited {t_exit - t_work_done:.1f}s after the last request finished"
+    assert t_exit - t_sig < shutdown_timeout - 1, f"exit {t_exit - t_sig:.1f}s after SIGTERM: it waited for the timeout"
+    assert "aborting" not in log and "server stopped" in log
 
-    assert srv.proc.wait(timeout=40) == 0, srv.log()[-3000:]
-    elapsed = time.monotonic() - t0
-    for t in threads:
-        t.join(timeout=30)
-    short = results["short"]
-    assert short[-1] == "[DONE]"
-    chunks = [e for e in short if isinstance(e, dict) and "choices" in e]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert len("".join(c["choices"][0]["text"] for c in chunks)) > 0
-    long = results.get("long", [])
-    assert not any(isinstance(e, dict) and e.get("choices") and e["choices"][0]["finish_reason"] == "length"
-                   for e in long), "the long request cannot have finished"
-    assert any(isinstance(e, dict) and "error" in e for e in long), long[-3:]
-    assert elapsed < 15 + 15
-    assert "server stopped" in srv.log()
+
+def test_sigterm_shutdown_timeout_bounds_the_drain(tmp_path):
+    """With --shutdown-timeout 3 and a request that needs far longer, SIGTERM lets the
+    request generate for the 3 s window, then aborts it (an error event, never a "length"
+    finish) and exits 0: the exit comes no sooner than 3 s and not much later."""
+    timeout_s = 3.0
+    srv = ServerProcess(tmp_path, "short_timeout", ["--shutdown-timeout", str(timeout_s)], api_key=API_KEY)
+    try:
+        per_token = _seconds_per_token(srv)
+        n_long = 1000  # the longest the 1024-token context allows
+        if n_long * per_token < 4 * timeout_s:
+            pytest.skip(f"decoding is too fast here ({per_token * 1e3:.1f} ms/token) to outlast the drain window")
+        long = _TimedStream(srv, {"prompt": "Count: 1, 2, 3,", "max_tokens": n_long, "ignore_eos": True})
+        assert long.first.wait(60) and long.error is None, long.error
+        t_sig = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "SIGTERM received" in srv.log(), 10, "the SIGTERM log line")
+        _assert_refusing_new_work(srv)
+        try:
+            code = srv.proc.wait(timeout=timeout_s + 30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {timeout_s + 30:.0f}s after SIGTERM with --shutdown-timeout {timeout_s}")
+        elapsed = time.monotonic() - t_sig
+        long.join(timeout=30)
+        log = srv.log()
+    finally:
+        srv.stop()
+
+    assert code == 0, log[-3000:]
+    assert elapsed >= timeout_s, f"exited {elapsed:.2f}s after SIGTERM, before the {timeout_s}s drain window ended"
+    assert elapsed < timeout_s + 8, f"exited {elapsed:.1f}s after SIGTERM: the {timeout_s}s timeout was not applied"
+    assert len(long.chunks(after=t_sig + 1.0)) >= 3, "the request did not keep generating in the drain window"
+    assert "length" not in long.finish_reasons(), "the long request cannot have finished"
+    assert long.errors(), long.events[-3:]
+    assert "aborting 1 request(s) still in flight" in log and "server stopped" in log
 
 
 # ----------------------------------------------------------------- CLI load error

@@ -149,7 +149,9 @@ class Sampler:
         p = torch.tensor(top_p, device=dev).unsqueeze(1)
         probs = torch.softmax(sorted_logits, dim=-1)
         cum_before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-        sorted_logits = sorted_logits.masked_fill(cum_before >= p, float("-inf"))  # always keeps rank 0
+        # always keeps rank 0; rows without top-p (p = 1) are never cut, even where the
+        # float32 cumulative sum rounds up to 1 before the last token
+        sorted_logits = sorted_logits.masked_fill((cum_before >= p) & (p < 1.0), float("-inf"))
         return torch.empty_like(logits).scatter_(1, idx, sorted_logits)
 
     @staticmethod
