@@ -33,15 +33,16 @@ _DTYPES = {
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """Map a ``--dtype`` value to a torch dtype.
 
-    ``auto`` is float32 on CPU (exact agreement with the Hugging Face fp32 reference;
-    bfloat16 is faster on AMX CPUs and can be asked for explicitly) and bfloat16 on
-    CUDA.
+    ``auto`` is bfloat16 on every device: on the CPU that is what the packed int4
+    kernel and AMX/AVX-512 BF16 matmuls run fastest (4-bit GGUF weights then execute
+    packed, see :mod:`argosy.runtime.layers.linear`). ``float32`` is the exact path:
+    dense dequantized weights, logits that agree with Hugging Face's float32 reference.
 
     Raises:
         ValueError: unknown dtype name.
     """
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16
     try:
         return _DTYPES[name]
     except KeyError:
@@ -131,7 +132,8 @@ class EngineArgs:
         g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
         g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for hub ids")
         g.add_argument("--served-model-name", default=None, help="model name reported by the API (default: the model's)")
-        g.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16 (auto: float32 on CPU, bfloat16 on CUDA)")
+        g.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16 (auto: bfloat16; 4-bit GGUF weights run packed in bfloat16 "
+                            "on CPU; float32 = dense dequantized weights, exact against HF)")
         g.add_argument("--quantization", "-q", default=None,
                        help="weight quantization method; 'gguf' (GGUF files: dequantized to --dtype at load) is the "
                             "only one supported so far")

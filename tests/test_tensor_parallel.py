@@ -338,7 +338,7 @@ def test_worker_startup_failure_is_reported(tiny_llama, tmp_path):
         (bad / f).write_bytes((Path(tiny_llama) / f).read_bytes())
     ckpt = load_checkpoint(str(bad))
     full = dict(ckpt.weights())  # rank 0 keeps its weights in memory ...
-    ckpt.weights = lambda shard_for=None: ((n, narrow(t, shard_for(n) if shard_for else None)) for n, t in full.items())
+    ckpt.weights = lambda shard_for=None, int4=False: ((n, narrow(t, shard_for(n) if shard_for else None)) for n, t in full.items())
     (bad / "model.safetensors").unlink()  # ... while the worker will find no weights file
     with pytest.raises(RuntimeError, match="tensor-parallel worker 1 failed during startup: .*no \\*.safetensors"):
         LLMEngine(EngineArgs(model=str(bad), tensor_parallel_size=2, **SMALL), checkpoint=ckpt)

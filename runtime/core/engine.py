@@ -243,31 +243,43 @@ class LLMEngine:
         the engine cannot step afterwards."""
         self.executor.shutdown()
 
-    def prompt_logits(self, prompt_token_ids: list[int]):
-        """Logits at every position of one prompt, from one forward pass through the whole
-        (possibly tensor-parallel) model: ``[len(prompt), vocab_size] float32`` on CPU.
+    def prompt_logits(self, prompt_token_ids: list[int], chunk_size: Optional[int] = None):
+        """Logits at every position of one prompt through the whole (possibly
+        tensor-parallel) model: ``[len(prompt), vocab_size] float32`` on CPU.
 
-        For verification (comparing against a reference or across parallel sizes). Runs
-        between steps on scratch KV blocks that are freed afterwards; with prefix caching
-        on, the prompt's full blocks stay cached like any request's.
+        For verification (comparing against a reference or across parallel sizes, the
+        teacher-forced accuracy gate). By default one forward pass over the whole
+        prompt; with ``chunk_size`` the prompt goes through ``chunk_size`` tokens per
+        step, as chunked prefill does (``chunk_size=1``: decode-shaped steps, which on
+        the CPU run the packed int4 kernel). Runs between steps on scratch KV blocks that
+        are freed afterwards; with prefix caching on, the prompt's full blocks stay
+        cached like any request's.
 
         Raises:
-            ValueError: empty prompt, longer than ``max_model_len``, out-of-range ids, or
-                not enough free KV blocks right now.
+            ValueError: empty prompt, longer than ``max_model_len``, out-of-range ids,
+                ``chunk_size < 1``, or not enough free KV blocks right now.
         """
         ids = list(prompt_token_ids)
         self.check_request(ids, SamplingParams(max_tokens=1))
+        n = len(ids)
+        chunk = n if chunk_size is None else chunk_size
+        if chunk < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self._scratch_ids += 1
         rid = f"__prompt_logits_{self._scratch_ids}"
-        if not self.kv.allocate_slots(rid, ids, 0, len(ids)):
-            raise ValueError(f"not enough free KV blocks for a {len(ids)}-token prompt")
+        if not self.kv.allocate_slots(rid, ids, 0, n):
+            raise ValueError(f"not enough free KV blocks for a {n}-token prompt")
         try:
             req = Request(rid, ids, SamplingParams(max_tokens=1), self.model_config.eos_token_ids, 1)
-            plan, _ = self.planner.plan(SchedulerOutput([(req, len(ids))], len(ids)))
-            plan.all_logits = True
-            logits = self.executor.execute(plan).cpu()
-            self.kv.cache_blocks(rid, ids, len(ids))
-            return logits
+            parts = []
+            for start in range(0, n, chunk):
+                req.num_computed_tokens = start
+                num = min(chunk, n - start)
+                plan, _ = self.planner.plan(SchedulerOutput([(req, num)], num))
+                plan.all_logits = True
+                parts.append(self.executor.execute(plan).cpu())
+            self.kv.cache_blocks(rid, ids, n)
+            return torch.cat(parts)
         finally:
             self.kv.free(rid)
 

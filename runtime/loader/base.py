@@ -36,7 +36,9 @@ class Checkpoint:
 
     Attributes:
         config: architecture hyper-parameters.
-        weights: ``weights(shard_for=None)`` returns an iterator of ``(hf_name, tensor)``;
+        weights: ``weights(shard_for=None, int4=False)`` returns an iterator of
+            ``(hf_name, tensor)``; with ``int4``, 4-bit GGUF linear weights come as
+            :class:`~argosy.runtime.quantization.int4.Int4Weight` instead (run packed);
             tensors are float32 (dequantized GGUF) or the checkpoint's dtype (safetensors),
             on CPU, in Hugging Face layout (``[out_features, in_features]`` for linear
             weights). ``shard_for(hf_name)`` may return ``(dim, start, stop)``: then only

@@ -165,14 +165,42 @@ def _read_slice(t, shard, full_shape: tuple[int, ...]) -> tuple[np.ndarray, tupl
     return data[:, start // blk * type_size : stop // blk * type_size], (full_shape[0], stop - start)
 
 
-def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardFn] = None
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, float32 tensor)`` for every tensor the Llama model uses.
+def _int4_weight(t, shard, full_shape: tuple[int, ...], cfg: ModelConfig):
+    """Tensor ``t`` (Q4_0/Q4_1/Q4_K, 2-D) decoded to an unpacked int4 weight, HF row
+    order, restricted to ``shard``; None when the shard splits a 32-column group (the
+    caller then dequantizes)."""
+    from ..quantization.gguf import decode_int4
 
-    With ``shard_for``, only each tensor's slice is dequantized (see :func:`_read_slice`);
+    data, shape = _read_slice(t, shard, full_shape)
+    w = decode_int4(data, t.tensor_type.name, shape)
+    if t.name.endswith(("attn_q.weight", "attn_k.weight")):
+        order = unpermute_qk(np.arange(shape[0]), shape[0] // cfg.head_dim)
+        w = w.permute_rows(order)
+    if shard is not None and shape == full_shape:  # a column range inside quantization blocks
+        dim, start, stop = shard
+        try:
+            w = w.rows(start, stop) if dim == 0 else w.cols(start, stop)
+        except ValueError:
+            return None
+    return w
+
+
+def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardFn] = None,
+                 int4: bool = False) -> Iterator[tuple[str, object]]:
+    """Yield ``(hf_name, weight)`` for every tensor the Llama model uses.
+
+    A weight is a float32 tensor, or, with ``int4`` and a 2-D linear weight stored as
+    Q4_0/Q4_1/Q4_K, an :class:`~argosy.runtime.quantization.int4.Int4Weight` decoded
+    without loss (the embedding stays a float tensor: it is looked up, not multiplied).
+    With ``shard_for``, only each tensor's slice is decoded (see :func:`_read_slice`);
     the file is memory-mapped, so the rest is never read.
+
+    Raises:
+        ModelLoadError: a tensor that cannot be decoded or has the wrong size.
     """
     from gguf.quants import dequantize
+
+    from ..quantization.gguf import INT4_TYPES
 
     for t in reader.tensors:
         name = hf_name(t.name)
@@ -180,6 +208,15 @@ def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardF
             continue
         shard = shard_for(name) if shard_for else None
         full_shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if (int4 and t.tensor_type.name in INT4_TYPES and len(full_shape) == 2
+                and name != "model.embed_tokens.weight"):
+            try:
+                w = _int4_weight(t, shard, full_shape, cfg)
+            except ValueError as e:
+                raise ModelLoadError(f"{path}: cannot decode tensor {t.name} ({t.tensor_type.name}): {e}") from None
+            if w is not None:
+                yield name, w
+                continue
         data, shape = _read_slice(t, shard, full_shape)
         try:
             arr = dequantize(data, t.tensor_type)
@@ -246,4 +283,4 @@ def load_gguf(path: str, with_tokenizer: bool = True) -> Checkpoint:
     name = Path(path).name
     if name.endswith(".gguf"):
         name = name[: -len(".gguf")]
-    return Checkpoint(config=cfg, weights=lambda shard_for=None: iter_weights(reader, cfg, path, shard_for), tokenizer=tok, name=name, path=path)
+    return Checkpoint(config=cfg, weights=lambda shard_for=None, int4=False: iter_weights(reader, cfg, path, shard_for, int4), tokenizer=tok, name=name, path=path)

@@ -110,4 +110,4 @@ def load_hf_dir(path: str, tokenizer_path: str | None = None, with_tokenizer: bo
             raise ModelLoadError(f"{tokenizer_path or path}: cannot load tokenizer ({type(e).__name__}: {e})") from None
     if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in cfg.eos_token_ids:
         cfg.eos_token_ids = cfg.eos_token_ids + (int(tok.eos_token_id),)
-    return Checkpoint(config=cfg, weights=lambda shard_for=None: iter_weights(p, shard_for), tokenizer=tok, name=p.name, path=str(p))
+    return Checkpoint(config=cfg, weights=lambda shard_for=None, int4=False: iter_weights(p, shard_for), tokenizer=tok, name=p.name, path=str(p))

@@ -31,24 +31,30 @@ from torch import nn
 from ..attention import AttentionMetadata, resolve_backend
 from ..config import ModelConfig
 from ..distributed import TPGroup
+from ..layers import Linear
+from ..quantization.int4 import Int4Weight
 
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm, computed in float32 as in HF ``LlamaRMSNorm``.
 
-    ``forward(x [T, H])`` -> ``[T, H]`` in ``x``'s dtype.
+    ``forward(x [T, H])`` -> ``[T, H]`` in ``x``'s dtype. float32 inputs take HF's exact
+    op sequence (the float32 path matches HF to the bit); 16-bit inputs take ATen's fused
+    ``rms_norm`` on the float32 upcast (same formula, one op instead of four).
     """
 
     def __init__(self, hidden: int, eps: float, dtype: torch.dtype):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype), requires_grad=False)
         self.eps = eps
+        self._shape = (hidden,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        if dtype != torch.float32:
+            return self.weight * F.rms_norm(x.float(), self._shape, eps=self.eps).to(dtype)
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -90,24 +96,33 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos().to(dtype=dtype, device=device), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype=dtype, device=device), persistent=False)
+        half = inv.shape[0]
+        #: ``sin`` with its first half negated: ``rotate_half(x) * sin == roll(x, d/2) * sin_signed``
+        #: exactly (negation is exact), in 2 ops instead of 5.
+        self.register_buffer("sin_signed", torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1),
+                             persistent=False)
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``positions [T]`` -> ``(cos, sin)``, each ``[T, 1, head_dim]`` (computed once per step)."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """``positions [T]`` -> ``(cos, sin_signed)``, each ``[T, 1, head_dim]`` (computed
+        once per step, for :meth:`apply_signed`)."""
+        return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x [T, heads, head_dim]`` (q and k heads may be stacked in one call)."""
+        """Rotate ``x [T, heads, head_dim]`` (q and k heads may be stacked in one call):
+        HF's ``x * cos + rotate_half(x) * sin`` (the reference form)."""
         return x * cos + _rotate_half(x) * sin
+
+    @staticmethod
+    def apply_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """:meth:`apply` with ``sin_signed`` from :meth:`cos_sin`: the same values, bit for
+        bit, with ``roll`` in place of rotate-half's slice/negate/concatenate."""
+        return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _linear_param(out_f: int, in_f: int, dtype, device) -> nn.Parameter:
-    return nn.Parameter(torch.empty(out_f, in_f, dtype=dtype, device=device), requires_grad=False)
 
 
 def _bias_param(size: int, enabled: bool, dtype, device) -> Optional[nn.Parameter]:
@@ -134,22 +149,21 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = _linear_param(self.q_size + 2 * self.kv_size, cfg.hidden_size, dtype, device)
-        self.qkv_bias = _bias_param(self.q_size + 2 * self.kv_size, cfg.attention_bias, dtype, device)
-        self.o_proj = _linear_param(cfg.hidden_size, self.q_size, dtype, device)
+        self.qkv_proj = Linear(self.q_size + 2 * self.kv_size, cfg.hidden_size, cfg.attention_bias, dtype, device)
+        self.o_proj = Linear(cfg.hidden_size, self.q_size, False, dtype, device)
         self.o_bias = _bias_param(cfg.hidden_size, cfg.attention_bias, dtype, device)
         self.store_kv, self.paged_attention = resolve_backend(torch.device(device))
 
     def forward(self, rope_cs, hidden, kv_cache, meta: AttentionMetadata):
         t = hidden.shape[0]
-        qkv = F.linear(hidden, self.qkv_proj, self.qkv_bias)
+        qkv = self.qkv_proj(hidden)
         # q and k heads rotated together: [T, H + H_kv, D]
-        qk = RotaryEmbedding.apply(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), *rope_cs)
+        qk = RotaryEmbedding.apply_signed(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), *rope_cs)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         self.store_kv(k, v, kv_cache, meta)
         o = self.paged_attention(q, kv_cache, meta, self.scale)
-        out = self.tp.all_reduce(F.linear(o.reshape(t, self.q_size), self.o_proj))
+        out = self.tp.all_reduce(self.o_proj(o.reshape(t, self.q_size)))
         return out if self.o_bias is None else out + self.o_bias
 
 
@@ -165,15 +179,14 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.tp = tp
         self.inter = cfg.intermediate_size // tp.world_size
-        self.gate_up_proj = _linear_param(2 * self.inter, cfg.hidden_size, dtype, device)
-        self.down_proj = _linear_param(cfg.hidden_size, self.inter, dtype, device)
-        self.gate_up_bias = _bias_param(2 * self.inter, cfg.mlp_bias, dtype, device)
+        self.gate_up_proj = Linear(2 * self.inter, cfg.hidden_size, cfg.mlp_bias, dtype, device)
+        self.down_proj = Linear(cfg.hidden_size, self.inter, False, dtype, device)
         self.down_bias = _bias_param(cfg.hidden_size, cfg.mlp_bias, dtype, device)
 
     def forward(self, x):
-        gu = F.linear(x, self.gate_up_proj, self.gate_up_bias)
+        gu = self.gate_up_proj(x)
         gate, up = gu.split(self.inter, dim=-1)
-        out = self.tp.all_reduce(F.linear(F.silu(gate) * up, self.down_proj))
+        out = self.tp.all_reduce(self.down_proj(F.silu(gate) * up))
         return out if self.down_bias is None else out + self.down_bias
 
 
@@ -251,8 +264,12 @@ class LlamaForCausalLM(nn.Module):
                                          requires_grad=False)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, dtype, device, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
-            torch.zeros(self.vocab_per_rank, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(self.vocab_per_rank, cfg.hidden_size, False, dtype,
+                                                                   device)
+        if self.lm_head is not None:
+            self.lm_head.weight.data.zero_()  # the last rank's rows past vocab_size stay zero
+        #: 4-bit checkpoint weights run packed (bfloat16 on CPU: the int4 kernel's case).
+        self.uses_int4 = torch.device(device).type == "cpu" and dtype == torch.bfloat16
 
     @property
     def num_kv_heads(self) -> int:
@@ -291,8 +308,8 @@ class LlamaForCausalLM(nn.Module):
         Under tensor parallelism every rank must call this (the vocab slices are
         gathered to rank 0); the other ranks get None.
         """
-        w = self.embed_tokens if self.lm_head is None else self.lm_head
-        logits = self.tp.gather_to_first(F.linear(hidden, w))
+        local = F.linear(hidden, self.embed_tokens) if self.lm_head is None else self.lm_head(hidden)
+        logits = self.tp.gather_to_first(local)
         if logits is None:
             return None
         return logits[:, : self.cfg.vocab_size].float()
@@ -319,9 +336,13 @@ class LlamaForCausalLM(nn.Module):
                 return (dim, r * size, (r + 1) * size)
         return None
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up.
+    def load_weights(self, weights: Iterable[tuple[str, object]]) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up, then pack the
+        4-bit ones (:meth:`process_weights_after_loading`).
 
+        A weight is a tensor (dense, any float dtype) or an
+        :class:`~argosy.runtime.quantization.int4.Int4Weight` (a 4-bit GGUF tensor, when
+        :attr:`uses_int4`), which its :class:`~argosy.runtime.layers.Linear` keeps packed.
         Under tensor parallelism each tensor must already be this rank's slice
         (:meth:`shard_for`); the loaders read only that slice where the format allows.
 
@@ -333,7 +354,7 @@ class LlamaForCausalLM(nn.Module):
         q_size, kv_size = attn0.q_size, attn0.kv_size
         seen: set[str] = set()
         for name, w in weights:
-            target, rows = self._target(name, q_size, kv_size)
+            owner, target, rows = self._target(name, q_size, kv_size)
             if target is None:
                 continue
             dst = target if rows is None else target[rows[0] : rows[1]]
@@ -341,7 +362,13 @@ class LlamaForCausalLM(nn.Module):
                 dst = dst[: w.shape[0]]  # the last rank's vocab slice is short; the rest stays zero
             if tuple(dst.shape) != tuple(w.shape):
                 raise ValueError(f"weight {name}: shape {tuple(w.shape)} does not match model {tuple(dst.shape)}")
-            dst.copy_(w.to(dst.dtype))
+            if isinstance(w, Int4Weight):
+                if owner is not None:  # a linear layer's weight (or rows of a fused one)
+                    owner.load_int4(rows[0] if rows else 0, w)
+                else:
+                    dst.copy_(w.dequantize(dst.dtype))
+            else:
+                dst.copy_(w.to(dst.dtype))
             seen.add(name)
         needed = 2 + 9 * cfg.num_hidden_layers + (0 if cfg.tie_word_embeddings else 1)
         if cfg.attention_bias:
@@ -350,43 +377,54 @@ class LlamaForCausalLM(nn.Module):
             needed += 3 * cfg.num_hidden_layers
         if len(seen) < needed:
             raise ValueError(f"checkpoint is missing weights: loaded {len(seen)} of {needed} tensors")
+        self.process_weights_after_loading()
+
+    def process_weights_after_loading(self) -> None:
+        """Pack every linear layer whose weight arrived in 4-bit form (see
+        :class:`~argosy.runtime.layers.Linear`)."""
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.process_weights_after_loading()
 
     def _target(self, name: str, q_size: int, kv_size: int):
+        """``(owning Linear or None, destination tensor, row range or None)`` for a
+        checkpoint tensor name; ``(None, None, None)`` for names the model does not use."""
         if name == "model.embed_tokens.weight":
-            return self.embed_tokens.data, None
+            return None, self.embed_tokens.data, None
         if name == "model.norm.weight":
-            return self.norm.weight.data, None
+            return None, self.norm.weight.data, None
         if name == "lm_head.weight":
-            return (None, None) if self.lm_head is None else (self.lm_head.data, None)
+            return (None, None, None) if self.lm_head is None else (self.lm_head, self.lm_head.weight.data, None)
         parts = name.split(".")
         if len(parts) < 5 or parts[0] != "model" or parts[1] != "layers":
-            return None, None
+            return None, None, None
         layer = self.layers[int(parts[2])]
         sub = ".".join(parts[3:])
         attn, mlp = layer.self_attn, layer.mlp
         inter = mlp.inter
+        qkv, gu = attn.qkv_proj, mlp.gate_up_proj
         table = {
-            "input_layernorm.weight": (layer.input_layernorm.weight.data, None),
-            "post_attention_layernorm.weight": (layer.post_attention_layernorm.weight.data, None),
-            "self_attn.q_proj.weight": (attn.qkv_proj.data, (0, q_size)),
-            "self_attn.k_proj.weight": (attn.qkv_proj.data, (q_size, q_size + kv_size)),
-            "self_attn.v_proj.weight": (attn.qkv_proj.data, (q_size + kv_size, q_size + 2 * kv_size)),
-            "self_attn.o_proj.weight": (attn.o_proj.data, None),
-            "mlp.gate_proj.weight": (mlp.gate_up_proj.data, (0, inter)),
-            "mlp.up_proj.weight": (mlp.gate_up_proj.data, (inter, 2 * inter)),
-            "mlp.down_proj.weight": (mlp.down_proj.data, None),
+            "input_layernorm.weight": (None, layer.input_layernorm.weight.data, None),
+            "post_attention_layernorm.weight": (None, layer.post_attention_layernorm.weight.data, None),
+            "self_attn.q_proj.weight": (qkv, qkv.weight.data, (0, q_size)),
+            "self_attn.k_proj.weight": (qkv, qkv.weight.data, (q_size, q_size + kv_size)),
+            "self_attn.v_proj.weight": (qkv, qkv.weight.data, (q_size + kv_size, q_size + 2 * kv_size)),
+            "self_attn.o_proj.weight": (attn.o_proj, attn.o_proj.weight.data, None),
+            "mlp.gate_proj.weight": (gu, gu.weight.data, (0, inter)),
+            "mlp.up_proj.weight": (gu, gu.weight.data, (inter, 2 * inter)),
+            "mlp.down_proj.weight": (mlp.down_proj, mlp.down_proj.weight.data, None),
         }
-        if attn.qkv_bias is not None:
+        if qkv.bias is not None:
             table.update({
-                "self_attn.q_proj.bias": (attn.qkv_bias.data, (0, q_size)),
-                "self_attn.k_proj.bias": (attn.qkv_bias.data, (q_size, q_size + kv_size)),
-                "self_attn.v_proj.bias": (attn.qkv_bias.data, (q_size + kv_size, q_size + 2 * kv_size)),
-                "self_attn.o_proj.bias": (attn.o_bias.data, None),
+                "self_attn.q_proj.bias": (None, qkv.bias.data, (0, q_size)),
+                "self_attn.k_proj.bias": (None, qkv.bias.data, (q_size, q_size + kv_size)),
+                "self_attn.v_proj.bias": (None, qkv.bias.data, (q_size + kv_size, q_size + 2 * kv_size)),
+                "self_attn.o_proj.bias": (None, attn.o_bias.data, None),
             })
-        if mlp.gate_up_bias is not None:
+        if gu.bias is not None:
             table.update({
-                "mlp.gate_proj.bias": (mlp.gate_up_bias.data, (0, inter)),
-                "mlp.up_proj.bias": (mlp.gate_up_bias.data, (inter, 2 * inter)),
-                "mlp.down_proj.bias": (mlp.down_bias.data, None),
+                "mlp.gate_proj.bias": (None, gu.bias.data, (0, inter)),
+                "mlp.up_proj.bias": (None, gu.bias.data, (inter, 2 * inter)),
+                "mlp.down_proj.bias": (None, mlp.down_bias.data, None),
             })
-        return table.get(sub, (None, None))
+        return table.get(sub, (None, None, None))

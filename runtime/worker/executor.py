@@ -88,8 +88,9 @@ def build_shard(spec: ModelSpec, checkpoint: Checkpoint, tp: TPGroup, device: to
             the wrong shape, or not one KV block fits.
     """
     model = LlamaForCausalLM(checkpoint.config, spec.dtype, device, spec.max_model_len, tp)
-    model.load_weights(checkpoint.weights(model.shard_for))
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    model.load_weights(checkpoint.weights(model.shard_for, int4=model.uses_int4))
+    # parameters plus buffers: packed int4 weights, rotary tables
+    weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
     def profile() -> int:
         from .cuda_graphs import profile_peak_activations

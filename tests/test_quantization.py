@@ -1,0 +1,158 @@
+"""4-bit GGUF weights executed packed (issue 17): block decoding against the ``gguf``
+package's own dequantizer, the packed int4 linear against ``x @ dequantize(W).T`` for
+every supported block type at the bundled model's shapes and its tensor-parallel (TP=3)
+shards, sharded loading, and the choice between the int4 and dense kernels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from argosy.runtime.layers import INT4_MAX_ROWS, Linear
+from argosy.runtime.quantization.gguf import decode_int4
+from argosy.runtime.quantization.int4 import Int4Weight
+
+#: Bundled SmolLM2-135M (hidden 576, 9 heads / 3 KV heads of 64, MLP 1536) linear shapes
+#: ``(N, K)``, whole and as one rank's shard at TP=3.
+SHAPES = {
+    "qkv": (960, 576), "o_proj": (576, 576), "gate_up": (3072, 576), "down": (576, 1536),
+    "qkv/3": (320, 576), "o_proj/3": (576, 192), "gate_up/3": (1024, 576), "down/3": (576, 512),
+}
+
+
+def _raw_blocks(type_name: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """A GGUF tensor's raw bytes: Q4_0/Q4_1 quantized by ``gguf.quants`` from random
+    weights; Q4_K (which the package cannot quantize) from random bytes with small
+    fp16 super-block scales."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    rng = np.random.default_rng(seed)
+    if type_name != "Q4_K":
+        w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+        return quantize(w, GGMLQuantizationType[type_name])
+    raw = rng.integers(0, 256, (n * k // 256, 144), dtype=np.uint8)
+    raw[:, 0:4] = rng.uniform(1e-4, 2e-3, (n * k // 256, 2)).astype(np.float16).view(np.uint8)
+    return raw.reshape(n, -1)
+
+
+def _gguf_dequantize(raw, type_name, n, k) -> np.ndarray:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return dequantize(raw, GGMLQuantizationType[type_name]).reshape(n, k)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q4_K"])
+def test_decoded_blocks_equal_the_gguf_dequantizer(type_name):
+    n, k = 64, 512
+    raw = _raw_blocks(type_name, n, k)
+    w = decode_int4(raw, type_name, (n, k))
+    assert w.q.dtype == np.uint8 and w.q.max() <= 15 and w.group_size == 32
+    mine = ((w.q.astype(np.float32) - 8).reshape(n, k // 32, 32) * w.scale[..., None]
+            + w.zero[..., None]).reshape(n, k)
+    ref = _gguf_dequantize(raw, type_name, n, k)
+    np.testing.assert_allclose(mine, ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+#: Q4_K's 256-value super-blocks only exist where K is a multiple of 256 (llama.cpp
+#: stores other tensors in another type), so it gets the shapes with K = 1536 and 512.
+CASES = [(t, s) for t in ("Q4_0", "Q4_1", "Q4_K") for s in SHAPES if t != "Q4_K" or SHAPES[s][1] % 256 == 0]
+
+
+@pytest.mark.parametrize("type_name,shape", CASES, ids=[f"{t}-{s}" for t, s in CASES])
+def test_packed_int4_linear_equals_dequantized_matmul(type_name, shape):
+    """``Linear`` on the packed kernel = ``x @ W.T`` with ``W`` the GGUF file's own
+    dequantization (scales rounded to bfloat16, as the kernel stores them). Tolerance:
+    1% of the output's largest magnitude (bfloat16 output and accumulation order)."""
+    n, k = SHAPES[shape]
+    raw = _raw_blocks(type_name, n, k, seed=n + k)
+    w = decode_int4(raw, type_name, (n, k))
+    lin = Linear(n, k, False, torch.bfloat16, torch.device("cpu"))
+    lin.load_int4(0, w)
+    lin.process_weights_after_loading()
+    assert lin.is_int4
+    ref_w = torch.from_numpy(_gguf_dequantize(raw, type_name, n, k))
+    # the kernel's scales and zeros are bfloat16: the reference uses the same rounding
+    np.testing.assert_allclose(w.dequantize().numpy(), ref_w.numpy(), rtol=0,
+                               atol=float(ref_w.abs().max()) * 2**-7)
+    x = torch.randn(INT4_MAX_ROWS, k, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    got = lin(x).float()
+    want = x.float() @ w.dequantize().t()
+    assert (got - want).abs().max() <= 0.01 * want.abs().max(), (got - want).abs().max()
+    # and the dense path (more rows) computes the same function
+    xx = torch.cat([x] * 4)
+    assert xx.shape[0] > INT4_MAX_ROWS
+    dense = lin(xx).float()[: x.shape[0]]
+    assert (dense - want).abs().max() <= 0.01 * want.abs().max()
+
+
+def test_int4_kernel_is_used_for_few_rows_and_dense_for_many(monkeypatch):
+    from argosy.runtime.quantization import int4 as int4_mod
+
+    n, k = 64, 64
+    lin = Linear(n, k, True, torch.bfloat16, torch.device("cpu"))
+    lin.load_int4(0, decode_int4(_raw_blocks("Q4_1", n, k), "Q4_1", (n, k)))
+    lin.process_weights_after_loading()
+    calls = []
+    real = int4_mod.matmul
+    monkeypatch.setattr(int4_mod, "matmul", lambda *a: (calls.append(a[0].shape[0]), real(*a))[1])
+    lin(torch.zeros(1, k, dtype=torch.bfloat16))
+    lin(torch.zeros(INT4_MAX_ROWS, k, dtype=torch.bfloat16))
+    lin(torch.zeros(INT4_MAX_ROWS + 1, k, dtype=torch.bfloat16))
+    assert calls == [1, INT4_MAX_ROWS]
+
+
+def test_fused_rows_pack_in_row_order_and_partial_dense_rows_stay_dense():
+    k = 64
+    parts = [decode_int4(_raw_blocks("Q4_0", n, k, seed=n), "Q4_0", (n, k)) for n in (32, 64, 32)]
+    lin = Linear(128, k, False, torch.bfloat16, torch.device("cpu"))
+    for start, p in ((96, parts[2]), (0, parts[1]), (64, parts[0])):  # loaded out of row order
+        lin.load_int4(start, p)
+    lin.process_weights_after_loading()
+    assert lin.is_int4
+    x = torch.randn(1, k).to(torch.bfloat16)
+    want = x.float() @ Int4Weight.cat([parts[1], parts[0], parts[2]]).dequantize().t()
+    assert (lin(x).float() - want).abs().max() <= 0.01 * want.abs().max()
+    half = Linear(128, k, False, torch.bfloat16, torch.device("cpu"))
+    half.load_int4(0, parts[1])  # rows 64.. come as dense tensors
+    half.process_weights_after_loading()
+    assert not half.is_int4
+
+
+def test_column_shard_must_not_split_a_group():
+    w = decode_int4(_raw_blocks("Q4_1", 32, 128), "Q4_1", (32, 128))
+    assert w.cols(32, 96).shape == (32, 64)
+    with pytest.raises(ValueError, match="splits a quantization group"):
+        w.cols(16, 80)
+
+
+def test_sharded_int4_loading_equals_slicing_the_whole(checkpoint, model_path):
+    """TP=3 shards of the bundled model's 4-bit tensors, read from the file slice by
+    slice, equal the whole tensor decoded and sliced (rows for column-parallel layers,
+    32-aligned columns for row-parallel ones), including the q/k row un-permutation."""
+    from argosy.runtime.distributed import TPGroup
+    from argosy.runtime.models.llama import LlamaForCausalLM
+
+    whole = dict(checkpoint.weights(None, int4=True))
+    assert isinstance(whole["model.layers.0.self_attn.q_proj.weight"], Int4Weight)
+    assert not isinstance(whole["model.embed_tokens.weight"], Int4Weight)  # Q8_0, looked up
+    for rank in range(3):
+        tp = TPGroup.__new__(TPGroup)
+        tp.rank, tp.world_size = rank, 3
+        model = LlamaForCausalLM.__new__(LlamaForCausalLM)
+        torch.nn.Module.__init__(model)
+        model.cfg, model.tp = checkpoint.config, tp
+        model.vocab_per_rank = -(-checkpoint.config.vocab_size // 3)
+        model.vocab_start = rank * model.vocab_per_rank
+        shards = dict(checkpoint.weights(model.shard_for, int4=True))
+        for name in ("model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
+                     "model.layers.3.self_attn.o_proj.weight", "model.layers.3.mlp.down_proj.weight"):
+            dim, start, stop = model.shard_for(name)
+            full = whole[name]
+            want = full.rows(start, stop) if dim == 0 else full.cols(start, stop)
+            got = shards[name]
+            assert isinstance(got, Int4Weight)
+            for a, b in ((got.q, want.q), (got.scale, want.scale), (got.zero, want.zero)):
+                np.testing.assert_array_equal(a, b)
