@@ -98,19 +98,23 @@ def _cmd_serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from .core.engine import LLMEngine
     from .loader import ModelLoadError
 
+    from .core.async_llm import AsyncLLM
+
+    args = EngineArgs.from_cli_args(ns)
     try:
-        engine = LLMEngine(EngineArgs.from_cli_args(ns))
+        # built on the engine thread that will run its steps (see AsyncLLM: 1.6x faster on CPU)
+        async_llm = AsyncLLM(lambda: LLMEngine(args))
     except (ModelLoadError, ValueError) as e:
         return _fail(str(e))
     except RuntimeError as e:  # e.g. a tensor-parallel worker failed to start
         return _fail(str(e), 1)
     try:
-        return asyncio.run(_serve(engine, ns))
+        return asyncio.run(_serve(async_llm, ns))
     finally:
-        engine.shutdown()  # idempotent: no worker process outlives the server
+        async_llm.shutdown()  # idempotent: no worker process outlives the server
 
 
-async def _serve(engine, ns: argparse.Namespace) -> int:
+async def _serve(async_llm, ns: argparse.Namespace) -> int:
     """Run the HTTP server until SIGTERM/SIGINT, then drain and exit (returns the exit code).
 
     Shutdown: new requests get 503 and /health turns 503; in-flight requests get up to
@@ -123,11 +127,10 @@ async def _serve(engine, ns: argparse.Namespace) -> int:
     """
     from aiohttp import web
 
-    from .core.async_llm import AsyncLLM
     from .server.app import build_app, drain, num_inflight
 
     loop = asyncio.get_running_loop()
-    async_llm = AsyncLLM(engine)
+    engine = async_llm.engine
     app = build_app(async_llm, ns)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0)
     await runner.setup()
