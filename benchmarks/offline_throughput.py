@@ -1,23 +1,43 @@
-"""Offline throughput: Argosy's LLM.generate vs Hugging Face ``generate`` on one workload.
+"""Offline throughput: Argosy's LLM.generate vs Hugging Face ``generate`` (and llama.cpp) on one workload.
 
-Both run in this process on the same machine, the same model (the bundled
+Argosy and HF run in this process on the same machine, the same model (the bundled
 SmolLM2-135M-Instruct GGUF unless --model is given) and the same prompts:
 ``--num-prompts`` prompts of 50-500 tokens, ``--output-len`` new tokens each,
 EOS ignored. HF runs batched with left padding (``--hf-batch-size``). A second table
-row measures single-prompt decode speed for both (a 16-token prompt, so prefill is
+row measures single-prompt decode speed for all (a 16-token prompt, so prefill is
 negligible).
 
-    python benchmarks/offline_throughput.py                       # full workload
-    python benchmarks/offline_throughput.py --num-prompts 16 --output-len 32   # quick
+llama.cpp runs too when ``llama-cpp-python`` is installed, in whichever Python has it:
+``--llama-python`` / ``$ARGOSY_LLAMA_PYTHON``, else ``/work/llama-venv/bin/python`` if it
+exists, else this Python if it can import ``llama_cpp`` (``--skip-llama-cpp`` turns it
+off; build that venv with ``python benchmarks/llama_baseline.py --pip-install
+/work/llama-venv``). It gets the same token ids, runs the GGUF as is (no dequantization),
+with ``--llama-threads`` threads (default: torch's), in a subprocess
+(``llama_offline_worker.py``), in two labelled modes:
 
-Prints output tokens/s for each engine and the ratio (ours / HF).
+* ``llama.cpp batched``: llama-cpp-python's high-level ``Llama`` API cannot batch several
+  sequences (``Llama.generate`` is one sequence), so this uses the package's low-level
+  bindings of the llama.cpp C API: all prompts as separate sequences of one context,
+  prefilled together, then one ``llama_decode`` per step for all of them (static batching);
+* ``llama.cpp sequential``: the high-level ``Llama.generate``, one prompt after the other.
+
+    python benchmarks/offline_throughput.py                       # full workload (64 x 128)
+    python benchmarks/offline_throughput.py --num-prompts 32 --output-len 64   # issue 17's other workload
+    python benchmarks/offline_throughput.py --num-prompts 16 --output-len 32   # quick
+    python benchmarks/offline_throughput.py --skip-hf --llama-modes batched    # argosy vs llama.cpp only
+
+Prints output tokens/s for each engine and the ratios (ours / HF, ours / llama.cpp).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import os
 import random
+import subprocess
+import sys
 import time
 
 import torch
@@ -88,6 +108,29 @@ def run_hf(args, prompts, model_path, device: str = "cpu"):
     return n_out / dt, n1 / dt1
 
 
+def find_llama_python(explicit: str | None) -> str | None:
+    """The Python interpreter that can import ``llama_cpp``, or None."""
+    for cand in (explicit, os.environ.get("ARGOSY_LLAMA_PYTHON"), "/work/llama-venv/bin/python"):
+        if cand and os.path.exists(cand):
+            return cand
+    if importlib.util.find_spec("llama_cpp") is not None:
+        return sys.executable
+    return None
+
+
+def run_llama_cpp(args, prompts, model_path, python: str) -> dict:
+    """llama.cpp via llama-cpp-python in ``python`` (a subprocess running llama_offline_worker.py)."""
+    job = {"model": model_path, "prompts": prompts, "output_len": args.output_len,
+           "threads": args.llama_threads or torch.get_num_threads(),
+           "single_prompt": prompts[0][:SINGLE_PROMPT_LEN], "modes": args.llama_modes}
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "llama_offline_worker.py")
+    out = subprocess.run([python, worker], input=json.dumps(job), capture_output=True, text=True,
+                         cwd=os.path.dirname(worker))
+    if out.returncode != 0:
+        raise RuntimeError(f"llama.cpp worker failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF or HF dir (default: bundled SmolLM2-135M-Instruct)")
@@ -100,6 +143,12 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--kv-cache-memory", type=int, default=3 << 30)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-llama-cpp", action="store_true", help="do not run llama.cpp even if installed")
+    ap.add_argument("--llama-python", default=None,
+                    help="Python with llama-cpp-python (default: $ARGOSY_LLAMA_PYTHON, /work/llama-venv/bin/python, "
+                         "or this one if it has llama_cpp)")
+    ap.add_argument("--llama-modes", nargs="+", default=["batched", "sequential"], choices=["batched", "sequential"])
+    ap.add_argument("--llama-threads", type=int, default=None, help="llama.cpp threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
@@ -114,11 +163,31 @@ def main():
     hf_tp = hf_1 = float("nan")
     if not args.skip_hf:
         hf_tp, hf_1 = run_hf(args, prompts, model_path)
+    llama = {}
+    if not args.skip_llama_cpp:
+        py = find_llama_python(args.llama_python)
+        if py is None:
+            print("llama.cpp: llama-cpp-python not found (see --llama-python); skipped")
+        else:
+            llama = run_llama_cpp(args, prompts, model_path, py)
+            print(f"llama.cpp: llama-cpp-python {llama.get('version')} in {py}, "
+                  f"{args.llama_threads or torch.get_num_threads()} threads")
+    cols = [("argosy", ours_tp, ours_1), ("HF generate", hf_tp, hf_1)]
+    for mode in args.llama_modes:
+        if mode in llama:
+            cols.append((f"llama.cpp {mode}", llama[mode]["throughput"], llama[mode]["single"]))
+    ratios = [c for c in cols[1:] if c[1] == c[1]]  # skip NaN (not run)
+    short = {"HF generate": "HF", "llama.cpp batched": "lcpp-batch", "llama.cpp sequential": "lcpp-seq"}
+    w = [max(12, len(c[0]) + 2) for c in cols]
     print()
-    print(f"{'metric':<38}{'argosy':>10}{'HF generate':>14}{'ratio':>8}")
-    print(f"{'offline throughput (output tok/s)':<38}{ours_tp:>10.1f}{hf_tp:>14.1f}{ours_tp / hf_tp:>8.2f}")
-    print(f"{'single-prompt decode (tok/s)':<38}{ours_1:>10.1f}{hf_1:>14.1f}{ours_1 / hf_1:>8.2f}")
-    print(f"(argosy preemptions: {preempt}; HF batch size {args.hf_batch_size})")
+    print(f"{'metric':<36}" + "".join(f"{c[0]:>{wi}}" for c, wi in zip(cols, w))
+          + "".join(f"{'ours/' + short[c[0]]:>17}" for c in ratios))
+    for label, k in (("offline throughput (output tok/s)", 1), ("single-prompt decode (tok/s)", 2)):
+        print(f"{label:<36}" + "".join(f"{c[k]:>{wi}.1f}" for c, wi in zip(cols, w))
+              + "".join(f"{cols[0][k] / c[k]:>17.2f}" for c in ratios))
+    print(f"(argosy preemptions: {preempt}; HF batch size {args.hf_batch_size}"
+          + ("; llama.cpp batched = low-level C API through llama-cpp-python, static batch of all prompts; "
+             "sequential = high-level Llama.generate, one prompt at a time" if llama else "") + ")")
 
 
 if __name__ == "__main__":
