@@ -82,7 +82,7 @@ def run_hf(args, prompts, model_path, device: str = "cpu"):
     from transformers import AutoModelForCausalLM
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-             "auto": torch.float32}[args.dtype]
+             "auto": torch.float32}[args.hf_dtype]
     m = AutoModelForCausalLM.from_pretrained(os.path.dirname(model_path), gguf_file=os.path.basename(model_path),
                                              dtype=dtype).to(device).eval()
     pad = 0
@@ -140,7 +140,9 @@ def main():
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--hf-batch-size", type=int, default=32)
     ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="ours (auto = the default: bfloat16, 4-bit GGUF weights packed)")
+    ap.add_argument("--hf-dtype", default="float32", choices=["float32", "bfloat16"], help="HF generate's dtype")
     ap.add_argument("--kv-cache-memory", type=int, default=3 << 30)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llama-cpp", action="store_true", help="do not run llama.cpp even if installed")
@@ -158,7 +160,8 @@ def main():
     tok = load_checkpoint(model_path).tokenizer
     prompts = make_prompts(tok, args.num_prompts, args.min_input_len, args.max_input_len, args.seed)
     print(f"workload: {len(prompts)} prompts, {sum(map(len, prompts))} prompt tokens, "
-          f"{args.output_len} output tokens each, dtype {args.dtype}, {torch.get_num_threads()} threads")
+          f"{args.output_len} output tokens each, ours --dtype {args.dtype}, HF {args.hf_dtype}, "
+          f"{torch.get_num_threads()} threads")
     ours_tp, ours_1, preempt = run_ours(args, prompts)
     hf_tp = hf_1 = float("nan")
     if not args.skip_hf:
