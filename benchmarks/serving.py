@@ -281,7 +281,9 @@ async def run_level(url: str, prompts: list[list[int]], output_len: int, concurr
                     model_name: str | None = None, timeout: float = 3600.0) -> tuple[list[RequestResult], float]:
     """Send every prompt (all queued at once, ``concurrency`` in flight); return results and wall time."""
     sem = asyncio.Semaphore(concurrency)
-    conn = aiohttp.TCPConnector(limit=concurrency + 4)
+    # a fresh connection per request: llama-server closes idle keep-alive connections, and a
+    # request written into one that is closing fails ("Can not write request body")
+    conn = aiohttp.TCPConnector(limit=concurrency + 4, force_close=True)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         async def go(p):
             async with sem:

@@ -135,8 +135,8 @@ class EngineArgs:
         g.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16 (auto: bfloat16; 4-bit GGUF weights run packed in bfloat16 "
                             "on CPU; float32 = dense dequantized weights, exact against HF)")
         g.add_argument("--quantization", "-q", default=None,
-                       help="weight quantization method; 'gguf' (GGUF files: dequantized to --dtype at load) is the "
-                            "only one supported so far")
+                       help="weight quantization method; 'gguf' is the only one supported so far (4-bit GGUF "
+                            "tensors run packed with bfloat16 on CPU, others are dequantized to --dtype)")
         g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
         g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens (prompt + output); default: the model's")
         g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")
