@@ -12,10 +12,12 @@ each call picks the kernel by the number of rows:
   (AMX/AVX-512 BF16), several times faster than the int4 kernel there.
 
 Both compute with the same values: the dense copy is dequantized from the int4 weight
-with the scales rounded to bfloat16 as the kernel rounds them. Measured on this
-machine (2 cores, AVX-512 + AMX, torch 2.13), one 3072 x 576 weight: 1 row int4 67 us
-vs dense 187 us; 8 rows 214 vs 229 us; 32 rows 792 vs 244 us (``benchmarks/`` and the
-README). The dense copy costs 2 bytes per weight beside the packed ~0.63.
+with the scales rounded to bfloat16 as the kernel rounds them. The threshold is measured
+on whole decode steps of the bundled model (2 cores, AVX-512 + AMX, torch 2.13), where
+the weights stream from memory: batch 2 int4 23 ms vs dense 46 ms per step, batch 8
+33 vs 46 ms, batch 16 51 vs 51 ms. (In isolation, with the weight warm in cache, the int4
+kernel loses already at 8 rows: one 3072 x 576 weight, 8 rows 214 vs 229 us, 32 rows 792
+vs 244 us.) The dense copy costs 2 bytes per weight beside the packed ~0.63.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..quantization import int4 as int4_mod
 from ..quantization.int4 import Int4Weight
 
 #: Calls with at most this many rows use the packed int4 kernel (see the module doc).
-INT4_MAX_ROWS = 4
+INT4_MAX_ROWS = 8
 
 
 class Linear(nn.Module):
