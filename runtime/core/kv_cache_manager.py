@@ -107,10 +107,6 @@ def get_hash_fn(name: str) -> Callable[[Optional[BlockHash], Sequence[int], obje
         raise ValueError(f"--prefix-caching-hash-algo must be one of {', '.join(HASH_ALGOS)}, not {name!r}") from None
 
 
-def hash_block(parent_hash: Optional[BlockHash], token_ids: Sequence[int], extra: object = None) -> BlockHash:
-    """The default chained block hash (:func:`hash_block_sha256`)."""
-    return hash_block_sha256(parent_hash, token_ids, extra)
-
 
 class KVCacheManager:
     """Allocates and frees KV blocks for requests.
