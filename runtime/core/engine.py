@@ -139,11 +139,11 @@ class LLMEngine:
         tp = ex.world_size
         kv_gib = self.num_blocks * kv_bytes_per_block(self.model_config, self.block_size, self.dtype, tp) / 2**30
         logger.info(
-            "model %s (%s, %d layers, %.0fM params%s) dtype=%s device=%s | KV cache %d blocks x %d tokens = %d tokens "
+            "model %s (%s, %d layers, weights %.0f MiB%s) dtype=%s device=%s | KV cache %d blocks x %d tokens = %d tokens "
             "(%.2f GiB%s) | max_model_len=%d -> max concurrency at max length %.1fx | max_num_seqs=%d "
             "max_num_batched_tokens=%d chunked_prefill=%s prefix_caching=%s | loaded in %.1fs",
             self.served_model_name, self.checkpoint.path, self.model_config.num_hidden_layers,
-            weight_bytes / self.dtype.itemsize / 1e6, f" per rank, tensor parallel x{tp}" if tp > 1 else "",
+            weight_bytes / 2**20, f" per rank, tensor parallel x{tp}" if tp > 1 else "",
             str(self.dtype).removeprefix("torch."), self.device,
             self.num_blocks, self.block_size, capacity, kv_gib, " per rank" if tp > 1 else "", max_len, capacity / max_len,
             self.scheduler_config.max_num_seqs, self.scheduler_config.max_num_batched_tokens,
