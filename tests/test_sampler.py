@@ -226,3 +226,68 @@ def test_logprobs_are_raw_log_softmax():
 def test_invalid_params(kw):
     with pytest.raises(ValueError):
         SamplingParams(**kw)
+
+
+def _reference_keep(row: torch.Tensor, top_k: int, top_p: float) -> set[int]:
+    """Kept token ids under top-k then top-p, from a full sort in float64 (the oracle)."""
+    order = torch.argsort(row.double(), descending=True)
+    vals = row.double()[order]
+    k = top_k if top_k > 0 else len(order)
+    vals, order = vals[:k], order[:k]
+    probs = torch.softmax(vals, dim=0)
+    before = torch.cumsum(probs, 0) - probs
+    keep = before < top_p if top_p < 1.0 else torch.ones_like(before, dtype=torch.bool)
+    return set(order[keep].tolist())
+
+
+def test_truncated_candidates_match_a_full_sort(monkeypatch):
+    """Top-k / top-p from a truncated candidate set keep exactly the tokens a full sort
+    keeps, also for nuclei wider than the first and the second round of candidates."""
+    import argosy.runtime.core.sampler as sampler_mod
+
+    monkeypatch.setattr(sampler_mod, "TOP_P_CANDIDATES", 8)
+    vocab = 3000
+    g = torch.Generator().manual_seed(0)
+    sharp = torch.randn(vocab, generator=g) * 6      # nucleus of a few tokens
+    medium = torch.randn(vocab, generator=g) * 2.5   # tens to hundreds
+    flat = torch.randn(vocab, generator=g) * 0.3     # thousands: needs the full sort
+    narrow = [(sharp, -1, 0.9), (medium, -1, 0.9), (flat, -1, 0.95), (flat, -1, 0.5), (medium, 40, 0.8),
+              (sharp, 5, 1.0), (medium, -1, 0.999), (flat, 3, 0.3)]
+    # 8 -> 128 -> full sort; with a top-k of 200 in the batch: 200 -> full sort
+    for rows, rounds in ((narrow, 3), (narrow + [(flat, 200, 0.99), (medium, 200, 0.5)], 2)):
+        x = torch.stack([r[0] for r in rows])
+        groups = Sampler._candidates(x, [r[1] for r in rows], [r[2] for r in rows])
+        assert len(groups) == rounds
+        seen = []
+        for idx, vals, ids in groups:
+            for j, i in enumerate(idx):
+                kept = set(ids[j][vals[j] > float("-inf")].tolist())
+                want = _reference_keep(x[i], rows[i][1], rows[i][2])
+                assert kept == want, f"row {i}: {len(kept)} kept, the full sort keeps {len(want)}"
+                seen.append(i)
+        assert sorted(seen) == list(range(len(rows)))
+
+
+def test_sampling_from_a_wide_nucleus_follows_the_distribution(monkeypatch):
+    """A nucleus wider than the first candidate round is sampled with the probabilities
+    of the full distribution (renormalized over the nucleus), compared in ten
+    probability-mass bins against the float64 reference."""
+    import argosy.runtime.core.sampler as sampler_mod
+
+    monkeypatch.setattr(sampler_mod, "TOP_P_CANDIDATES", 8)
+    vocab, n = 300, 20000
+    logits = torch.linspace(3.0, -3.0, vocab)  # token i is the i-th most likely
+    keep = _reference_keep(logits, -1, 0.9)
+    assert len(keep) > 64
+    probs = torch.softmax(logits.double(), 0)
+    probs[len(keep):] = 0
+    probs /= probs.sum()
+    toks = Sampler(vocab, seed=0)(logits.expand(n, vocab).contiguous(),
+                                  [_req(SamplingParams(temperature=1.0, top_p=0.9))] * n).token_ids
+    assert max(toks) < len(keep), "a token outside the nucleus was drawn"
+    counts = torch.bincount(torch.tensor(toks), minlength=vocab).double() / n
+    edges = torch.searchsorted(torch.cumsum(probs, 0), torch.linspace(0.1, 1.0, 10, dtype=torch.float64))
+    lo = 0
+    for hi in (edges.clamp(max=vocab - 1) + 1).tolist():
+        assert abs(counts[lo:hi].sum() - probs[lo:hi].sum()) < 0.02, (lo, hi)
+        lo = hi

@@ -6,8 +6,10 @@ from their own generator (so their tokens do not depend on the batch they are in
 
 Order of operations (vLLM's): penalties (repetition as in CTRL, Keskar et al. 2019;
 OpenAI presence/frequency), min_tokens EOS suppression, temperature, min_p
-(Nguyen et al. 2024), top-k, top-p (nucleus, Holtzman et al. 2020), then sampling by
-the exponential-race trick: ``argmax(p / q)`` with ``q ~ Exp(1)`` draws from ``p``.
+(Nguyen et al. 2024), top-k, top-p (nucleus, Holtzman et al. 2020), then one uniform
+draw per row and inverse-CDF sampling over the kept tokens. Greedy rows take ``argmax``
+only; top-k / top-p rows work on a truncated candidate set (``topk``), not a sort of the
+whole vocabulary; only rows with neither touch every token (they need to).
 Log-probabilities are those of the raw model distribution (before processing).
 """
 
@@ -19,6 +21,12 @@ from typing import Optional
 import torch
 
 from .request import Request
+
+#: Candidates per row for top-p without top-k (tokens): the nucleus is cut from the
+#: ``TOP_P_CANDIDATES`` most likely tokens when they hold at least ``top_p`` of the
+#: mass (exact then); a row whose nucleus is wider is redone with 16x as many
+#: candidates, and finally over the whole (sorted) vocabulary.
+TOP_P_CANDIDATES = 256
 
 
 @dataclass
@@ -111,48 +119,118 @@ class Sampler:
         return logits
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], params, greedy: list[bool]) -> torch.Tensor:
+        """Tokens ``[N] int64`` for a batch with at least one non-greedy row.
+
+        Greedy rows take ``argmax``. Each sampled row gets one uniform draw ``u`` (from its
+        request's generator when it has a ``seed``) and takes the token where the
+        cumulative distribution of its kept tokens first exceeds ``u`` (inverse-CDF
+        sampling). Rows with top-k or top-p only look at a truncated candidate set
+        (:meth:`_truncate`); rows with neither need the whole vocabulary and get it.
+        """
         dev = logits.device
         n, v = logits.shape
-        greedy_tokens = logits.argmax(dim=-1)
-        temp = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev)
-        logits = logits / temp.unsqueeze(1)
-        min_p = [p.min_p for p in params]
-        if any(min_p):
-            probs = torch.softmax(logits, dim=-1)
-            thresh = torch.tensor(min_p, device=dev).unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-            logits = logits.masked_fill(probs < thresh, float("-inf"))
-        top_k = [p.top_k for p in params]
-        top_p = [p.top_p for p in params]
-        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-            logits = self._top_k_top_p(logits, top_k, top_p)
-        probs = torch.softmax(logits, dim=-1)
-        q = torch.empty_like(probs)
-        seeded = [i for i, r in enumerate(reqs) if r.generator is not None]
-        if len(seeded) < n:
-            q.exponential_(generator=self.generator if dev.type == "cpu" else None)
-        for i in seeded:
-            row = torch.empty(v, dtype=probs.dtype)
-            row.exponential_(generator=reqs[i].generator)
-            q[i] = row.to(dev)
-        sampled = (probs / q).argmax(dim=-1)
-        g = torch.tensor(greedy, device=dev)
-        return torch.where(g, greedy_tokens, sampled)
+        out = torch.empty(n, dtype=torch.int64, device=dev)
+        g_rows = [i for i, g in enumerate(greedy) if g]
+        s_rows = [i for i, g in enumerate(greedy) if not g]
+        if g_rows:
+            out[g_rows] = logits[g_rows].argmax(dim=-1)
+        sp = [params[i] for i in s_rows]
+        x = logits[s_rows] / torch.tensor([p.temperature for p in sp], device=dev).unsqueeze(1)
+        if any(p.min_p for p in sp):
+            # p >= min_p * p_max  <=>  logit >= max_logit + log(min_p) (softmax is monotone)
+            min_p = torch.tensor([p.min_p for p in sp], device=dev).unsqueeze(1)
+            floor = x.max(dim=-1, keepdim=True).values + torch.log(min_p)
+            x = x.masked_fill((x < floor) & (min_p > 0), float("-inf"))
+        u = self._uniforms([reqs[i] for i in s_rows], dev)
+        trunc = [j for j, p in enumerate(sp) if p.top_k > 0 or p.top_p < 1.0]
+        full = [j for j, p in enumerate(sp) if not (p.top_k > 0 or p.top_p < 1.0)]
+        tokens = torch.empty(len(s_rows), dtype=torch.int64, device=dev)
+        if full:
+            tokens[full] = _inverse_cdf(torch.softmax(x[full], dim=-1), u[full])
+        if trunc:
+            xt, ut = x[trunc], u[trunc]
+            for rows, vals, ids in self._candidates(xt, [sp[j].top_k for j in trunc], [sp[j].top_p for j in trunc]):
+                pick = _inverse_cdf(torch.softmax(vals, dim=-1), ut[rows])
+                tokens[[trunc[r] for r in rows]] = ids.gather(1, pick.unsqueeze(1)).squeeze(1)
+        out[s_rows] = tokens
+        return out
+
+    def _uniforms(self, reqs: list[Request], dev: torch.device) -> torch.Tensor:
+        """One ``U[0, 1)`` draw per row, ``[N] float32``: from the request's own generator
+        when it has a ``seed`` (so its tokens do not depend on the batch it is in), else
+        from the sampler's generator."""
+        u = torch.rand(len(reqs), generator=self.generator)
+        for i, r in enumerate(reqs):
+            if r.generator is not None:
+                u[i] = torch.rand((), generator=r.generator)
+        return u.to(dev)
+
+    @classmethod
+    def _candidates(cls, x: torch.Tensor, top_k: list[int], top_p: list[float]):
+        """The tokens each row keeps under top-k and top-p, found from as few candidates as
+        exactness allows: ``max(top_k)`` or :data:`TOP_P_CANDIDATES` per row first, rows
+        whose nucleus is wider again with 16x as many, the last round over the whole
+        sorted vocabulary.
+
+        Args:
+            x: ``[R, V] float32`` processed logits; top_k / top_p: per row (see
+                :meth:`_truncate`).
+        Returns:
+            ``[(rows, vals [len(rows), k], ids [len(rows), k])]``: groups of row indices
+            with their candidates' logits (cut ones at ``-inf``) and token ids.
+        """
+        v = x.shape[1]
+        k = min(v, max([t for t in top_k if t > 0] + ([TOP_P_CANDIDATES] if any(t <= 0 for t in top_k) else [])))
+        rows = list(range(len(top_k)))
+        groups = []
+        while rows:
+            sub = x if len(rows) == len(top_k) else x[rows]
+            vals, ids, covered = cls._truncate(sub, [top_k[r] for r in rows], [top_p[r] for r in rows], k)
+            if k >= v or all(covered):
+                groups.append((rows, vals, ids))
+                break
+            done = [i for i, c in enumerate(covered) if c]
+            if done:
+                groups.append(([rows[i] for i in done], vals[done], ids[done]))
+            rows = [rows[i] for i, c in enumerate(covered) if not c]
+            k = v if k * 16 >= v // 2 else k * 16
+        return groups
 
     @staticmethod
-    def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-        dev = logits.device
-        v = logits.shape[1]
-        sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        k = torch.tensor([kk if kk > 0 else v for kk in top_k], device=dev).clamp(max=v)
-        ranks = torch.arange(v, device=dev).unsqueeze(0)
-        sorted_logits = sorted_logits.masked_fill(ranks >= k.unsqueeze(1), float("-inf"))
+    def _truncate(x: torch.Tensor, top_k: list[int], top_p: list[float], k: int):
+        """Top-k, then top-p on the top-k-renormalized distribution (vLLM's order), over
+        the ``k`` largest logits of each row.
+
+        Args:
+            x: ``[R, V] float32`` processed logits (temperature and min-p applied).
+            top_k: per row, <= 0 = off; every ``top_k`` that is on must be ``<= k``.
+            top_p: per row, 1.0 = off.
+            k: candidates per row (``V``: exact for every row).
+        Returns:
+            ``(vals [R, k], ids [R, k], covered)``: the candidates' logits in descending
+            order with the cut ones at ``-inf``, their token ids, and per row whether that
+            is exact. A row with top-p but no top-k is exact when its ``k`` candidates hold
+            at least ``top_p`` of the probability mass (then every token past them is cut).
+        """
+        dev = x.device
+        v = x.shape[1]
+        vals, ids = x.topk(k, dim=-1, sorted=True) if k < v else x.sort(dim=-1, descending=True)
+        kk = torch.tensor([t if t > 0 else v for t in top_k], device=dev).unsqueeze(1)
+        ranks = torch.arange(vals.shape[1], device=dev).unsqueeze(0)
+        vals = vals.masked_fill(ranks >= kk, float("-inf"))
+        if all(p >= 1.0 for p in top_p):
+            return vals, ids, [True] * len(top_k)
         p = torch.tensor(top_p, device=dev).unsqueeze(1)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        cum_before = probs.cumsum(dim=-1) - probs  # mass strictly above each token
-        # always keeps rank 0; rows without top-p (p = 1) are never cut, even where the
-        # float32 cumulative sum rounds up to 1 before the last token
-        sorted_logits = sorted_logits.masked_fill((cum_before >= p) & (p < 1.0), float("-inf"))
-        return torch.empty_like(logits).scatter_(1, idx, sorted_logits)
+        has_k = kk < v
+        # probabilities under the top-k survivors, or under the whole row without top-k
+        norm = torch.where(has_k, torch.logsumexp(vals, dim=-1, keepdim=True), torch.logsumexp(x, dim=-1, keepdim=True))
+        probs = torch.exp(vals - norm)
+        cum = probs.cumsum(dim=-1)
+        cum_before = cum - probs  # mass strictly above each candidate: rank 0 is always kept
+        # rows without top-p (p = 1) are never cut, even where the float32 sum rounds to 1 early
+        vals = vals.masked_fill((cum_before >= p) & (p < 1.0), float("-inf"))
+        covered = (has_k | (p >= 1.0) | (cum[:, -1:] >= p)).squeeze(1).tolist()
+        return vals, ids, covered
 
     @staticmethod
     def _gather_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, want: list[Optional[int]]):
@@ -169,3 +247,13 @@ class Sampler:
                 top = list(zip(top_i[i][:w], top_v[i][:w])) if w > 0 else []
                 out.append((sampled_lp[i], top))
         return out
+
+
+def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling: ``probs [R, C]`` (rows sum to ~1, zeros allowed) and ``u [R]``
+    in ``[0, 1)`` -> ``[R] int64``: per row the first column whose cumulative probability
+    exceeds ``u`` times the row's total, which is never a zero-probability column."""
+    cdf = probs.cumsum(dim=-1)
+    target = (u.unsqueeze(1) * cdf[:, -1:]).contiguous()
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return idx.clamp(max=probs.shape[1] - 1)
