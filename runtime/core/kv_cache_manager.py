@@ -26,6 +26,8 @@ import struct
 from collections import OrderedDict
 from typing import Callable, Optional, Sequence
 
+from .kv_events import KVEventLog
+
 
 class KVCacheBlock:
     """Metadata of one physical block (the data lives in the model runner's cache tensors)."""
@@ -142,6 +144,8 @@ class KVCacheManager:
         self.req_num_cached: dict[str, int] = {}
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        #: Stored / removed hashes for routers (``GET /kv_events``); None when caching is off.
+        self.events: Optional[KVEventLog] = KVEventLog(block_size, hash_algo) if enable_caching else None
 
     # ------------------------------------------------------------------ queries
     @property
@@ -248,6 +252,8 @@ class KVCacheManager:
         if blk.block_hash is not None:
             if self.cached.get(blk.block_hash) == bid:
                 del self.cached[blk.block_hash]
+                if self.events is not None:
+                    self.events.removed(blk.block_hash)
             blk.reset_hash()
         blk.ref_cnt = 1
         return bid
@@ -280,6 +286,8 @@ class KVCacheManager:
                 blk.parent_hash = hashes[i - 1] if i else None
                 blk.token_ids = tuple(token_ids[i * bs : (i + 1) * bs])
                 self.cached[hashes[i]] = blk.block_id
+                if self.events is not None:
+                    self.events.stored(hashes[i])
         self.req_num_cached[request_id] = num_full
 
     def free(self, request_id: str) -> None:
@@ -345,6 +353,8 @@ class KVCacheManager:
         for blk in self.blocks:
             blk.reset_hash()
         self.cached.clear()
+        if self.events is not None:
+            self.events.cleared()
         return True
 
     def check_invariants(self) -> None:
@@ -364,3 +374,5 @@ class KVCacheManager:
             assert (blk.ref_cnt == 0) == (blk.block_id in self.free_queue), f"block {blk.block_id} free-queue mismatch"
         for h, bid in self.cached.items():
             assert self.blocks[bid].block_hash == h, f"hash map entry for block {bid} is stale"
+        if self.events is not None:
+            assert self.events._held == set(self.cached), "the KV event log disagrees with the hash map"

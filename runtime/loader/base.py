@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from ..config import ModelConfig
+from .errors import ModelLoadError  # noqa: F401  (re-exported)
 
 #: Architectures the Llama implementation serves (HF ``architectures`` / GGUF ``general.architecture``).
 SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -24,10 +25,6 @@ def narrow(t: torch.Tensor, shard: Optional[tuple[int, int, int]]) -> torch.Tens
         return t
     dim, start, stop = shard
     return t.narrow(dim, start, stop - start).contiguous()
-
-
-class ModelLoadError(Exception):
-    """A model could not be loaded; the message is one line naming the problem and the path."""
 
 
 @dataclass

@@ -9,9 +9,7 @@ so the weights match the Hugging Face layout (rotate-half RoPE).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Iterator, Optional
@@ -21,6 +19,7 @@ import torch
 
 from ..config import ModelConfig
 from .base import Checkpoint, ModelLoadError, ShardFn, SUPPORTED_MODEL_TYPES, narrow
+from .tokenizer import load_gguf_tokenizer as load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -232,41 +231,6 @@ def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardF
         if shard is not None and shape == full_shape:  # a column range inside quantization blocks
             out = narrow(out, shard)
         yield name, out
-
-
-def _tokenizer_cache_dir(path: str) -> Path:
-    st = os.stat(path)
-    key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("ARGOSY_CACHE_DIR", Path.home() / ".cache" / "argosy"))
-    return root / "gguf-tokenizers" / key
-
-
-def load_tokenizer(path: str):
-    """The GGUF file's tokenizer and chat template, converted by ``transformers``.
-
-    The conversion (merges -> ``tokenizer.json``) takes seconds, so the result is saved
-    under ``$ARGOSY_CACHE_DIR`` (default ``~/.cache/argosy``) keyed by path, size and
-    mtime, and reloaded from there next time.
-    """
-    from transformers import AutoTokenizer
-
-    cache = _tokenizer_cache_dir(path)
-    if (cache / "tokenizer.json").exists():
-        try:
-            return AutoTokenizer.from_pretrained(str(cache))
-        except Exception:  # a damaged cache is rebuilt below
-            logger.warning("tokenizer cache %s unreadable; rebuilding", cache)
-    p = Path(path)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-    except Exception as e:
-        raise ModelLoadError(f"{path}: cannot build tokenizer from GGUF metadata ({type(e).__name__}: {e})") from None
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tok.save_pretrained(str(cache))
-    except OSError as e:  # read-only home: fine, just slower next time
-        logger.info("not caching tokenizer at %s: %s", cache, e)
-    return tok
 
 
 def load_gguf(path: str, with_tokenizer: bool = True) -> Checkpoint:

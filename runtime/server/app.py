@@ -35,6 +35,7 @@ from .. import __version__
 from ..core.async_llm import AsyncLLM, EngineDeadError
 from ..core.engine import RequestOutput
 from ..core.sampling_params import SamplingParams
+from ..loader.tokenizer import chat_prompt_ids
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .protocol import (
     ChatCompletionRequest,
@@ -260,15 +261,12 @@ def _sampling_params(state: ServerState, req: SamplingRequest, default_max_token
 
 
 def _chat_prompt(state: ServerState, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation through the model's chat template. Raises ApiError(400)."""
+    """Token ids of a conversation through the model's chat template (the function
+    ``argosy router`` uses too). Raises ApiError(400)."""
     try:
-        ids = state.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                  tokenize=True)
-    except Exception as e:  # jinja errors, missing template, ...
-        raise ApiError(400, f"cannot apply the chat template: {e}", "messages") from None
-    if not isinstance(ids, list):
-        ids = ids["input_ids"]
-    return list(ids)
+        return chat_prompt_ids(state.tokenizer, messages, add_generation_prompt)
+    except ValueError as e:
+        raise ApiError(400, str(e), "messages") from None
 
 
 def _request_id(prefix: str) -> str:
@@ -622,6 +620,22 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
+async def kv_events(request: web.Request) -> web.Response:
+    """``GET /kv_events?since=SEQ&instance_id=ID``: the block hashes the prefix cache
+    stored and removed since event ``SEQ``, or a snapshot of every held hash (see
+    :mod:`argosy.runtime.core.kv_events`); for ``argosy router``. 404 when prefix caching
+    is off, 400 for a non-integer ``since``."""
+    log = request.app[STATE].engine.kv.events
+    if log is None:
+        raise ApiError(404, "prefix caching is off (--no-enable-prefix-caching): no KV events")
+    since = request.query.get("since")
+    try:
+        since_n = int(since) if since is not None else None
+    except ValueError:
+        raise ApiError(400, f"since must be an integer, got {since!r}", "since") from None
+    return web.json_response(log.read(since_n, request.query.get("instance_id")))
+
+
 async def version(request: web.Request) -> web.Response:
     """``GET /version``."""
     return web.json_response({"version": __version__})
@@ -713,6 +727,7 @@ def build_app(async_llm: AsyncLLM, args=None) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/version", version)
+    app.router.add_get("/kv_events", kv_events)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
     return app
