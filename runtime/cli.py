@@ -197,7 +197,7 @@ def _version() -> str:
 
 # -------------------------------------------------------------------------- main
 #: Subcommands that must not import torch (they run in images without it).
-LIGHT_COMMANDS = ("download", "operator")
+LIGHT_COMMANDS = ("download", "operator", "router")
 
 
 def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
@@ -210,6 +210,9 @@ def build_parser(*, serve_flags: bool = True) -> argparse.ArgumentParser:
     from . import download  # light: no torch import
 
     download.add_parser(sub)
+    from .router import cli as router_cli  # light: no torch import
+
+    router_cli.add_parser(sub)
     from ..operator import main as operator_main  # light: kopf loads only when it runs
 
     operator_main.add_parser(sub)

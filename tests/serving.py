@@ -76,6 +76,28 @@ class ServerProcess:
         self._log.close()
 
 
+class RouterProcess(ServerProcess):
+    """An ``argosy router`` subprocess on a free loopback port (same helpers as a server)."""
+
+    def __init__(self, tmp_dir: Path, name: str, upstreams: list[str], extra_args: list[str] = ()):
+        self.log_path = tmp_dir / f"{name}.log"
+        self.api_key = None
+        args = [sys.executable, "-m", "argosy.runtime.cli", "router", "--host", "127.0.0.1", "--port", "0",
+                "--poll-interval", "0.2", *[a for u in upstreams for a in ("--upstream", u)], *extra_args]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        self.port = self._wait_for_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self._wait_healthy()
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def http_request(server: ServerProcess, method: str, path: str, body=None, auth: bool = True,
                  headers: dict | None = None, timeout: float = 120):
     """One raw request; ``body`` is bytes (sent as is) or JSON-able. Returns (status, parsed JSON or bytes)."""

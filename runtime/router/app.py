@@ -1,0 +1,336 @@
+"""The router's HTTP side: an OpenAI-compatible reverse proxy (aiohttp).
+
+``POST /v1/chat/completions`` and ``POST /v1/completions`` are tokenized (the model's own
+tokenizer and chat template, :mod:`argosy.runtime.loader.tokenizer`), hashed
+(:func:`.policy.block_hashes` with the engine's hash function), routed
+(:func:`.policy.choose`) and forwarded unchanged; the answer is passed back chunk by
+chunk as it arrives (streams stay streams). A client that goes away closes the upstream
+connection, so the engine aborts the request and frees its KV blocks.
+
+Failures: an upstream that refuses the connection or fails before answering is marked
+not ready and the request goes to another (at most ``MAX_ATTEMPTS`` tries); a stream
+that breaks midway ends with an OpenAI error event and ``[DONE]``, never a silent cut.
+
+With no ready upstream a request waits (``--pending-timeout`` seconds, at most
+``--max-pending`` waiting; beyond either: 503 with ``Retry-After``). The number waiting
+is ``argosy_router_pending_requests{service}``, the metric a scale-from-zero trigger
+reads. ``GET /v1/models`` is answered by a ready upstream; ``GET /health`` is 200 while
+the router runs (it holds requests even with no upstream); ``GET /metrics`` is the
+router's own Prometheus exposition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from ..core.kv_cache_manager import get_hash_fn
+from ..loader.tokenizer import chat_prompt_ids
+from .policy import DEFAULT_LOAD_COST_TOKENS, POLICIES, block_hashes, choose
+from .upstreams import Upstream, UpstreamPool
+
+logger = logging.getLogger("argosy.router")
+
+#: Upstreams tried per request before giving up (connection failures only).
+MAX_ATTEMPTS = 3
+
+#: Request headers passed to the upstream (hop-by-hop and length headers are not).
+_FORWARD_HEADERS = ("Authorization", "Content-Type", "Accept", "OpenAI-Organization", "OpenAI-Project", "User-Agent")
+
+
+def _error(status: int, message: str, headers: Optional[dict] = None) -> web.Response:
+    body = {"object": "error", "error": {"message": message, "type": "server_error" if status >= 500 else
+                                         "invalid_request_error", "param": None, "code": status}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+class RouterMetrics:
+    """The router's Prometheus series (its own registry)."""
+
+    def __init__(self, service: str, upstreams: list[Upstream]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.service = service
+        self.pending = Gauge("argosy_router_pending_requests", "Requests waiting for a ready upstream",
+                             ["service"], registry=r)
+        self.requests = Counter("argosy_router_requests", "Requests routed, by upstream and HTTP status",
+                                ["service", "upstream", "code"], registry=r)
+        self.rejected = Counter("argosy_router_rejected_requests",
+                                "Requests answered by the router itself, by reason", ["service", "reason"], registry=r)
+        self.retries = Counter("argosy_router_retries", "Requests sent to another upstream after a connection failure",
+                               ["service"], registry=r)
+        self.prompt_tokens = Counter("argosy_router_prompt_tokens", "Prompt tokens of routed requests (as tokenized "
+                                     "by the router)", ["service"], registry=r)
+        self.matched_tokens = Counter("argosy_router_prefix_matched_tokens", "Prompt tokens already cached on the "
+                                      "chosen upstream when it was chosen", ["service"], registry=r)
+        self.ready = Gauge("argosy_router_upstream_ready", "1 when the upstream passes its health check",
+                           ["service", "upstream"], registry=r)
+        self.in_flight = Gauge("argosy_router_upstream_in_flight", "Requests the router has in flight there",
+                               ["service", "upstream"], registry=r)
+        self.mismatch = Gauge("argosy_router_upstream_prefix_config_mismatch",
+                              "1 when the upstream hashes KV blocks differently (block size or hash algorithm) "
+                              "from the router, so prefix routing cannot use it", ["service", "upstream"], registry=r)
+        self.held_blocks = Gauge("argosy_router_upstream_cached_blocks", "Prefix-cache blocks the upstream reports",
+                                 ["service", "upstream"], registry=r)
+        self.pending.labels(service).set(0)
+        self._upstreams = upstreams
+
+    def render(self, block_size: int, hash_algo: str) -> bytes:
+        for u in self._upstreams:
+            labels = (self.service, u.url)
+            self.ready.labels(*labels).set(1 if u.ready else 0)
+            self.in_flight.labels(*labels).set(u.in_flight)
+            self.mismatch.labels(*labels).set(
+                1 if (u.prefix_events and not u.prefix_compatible(block_size, hash_algo)) else 0)
+            self.held_blocks.labels(*labels).set(len(u.held.hashes))
+        return generate_latest(self.registry)
+
+
+@dataclass
+class RouterConfig:
+    """``argosy router`` settings (see ``argosy router --help``)."""
+
+    upstreams: list[str]
+    routing: str = "prefix"
+    block_size: int = 16
+    hash_algo: str = "sha256"
+    max_pending: int = 1024
+    pending_timeout: float = 300.0
+    poll_interval: float = 1.0
+    load_cost_tokens: float = DEFAULT_LOAD_COST_TOKENS
+    service: str = "default"
+    connect_timeout: float = 5.0
+
+
+@dataclass
+class RouterState:
+    config: RouterConfig
+    tokenizer: object
+    pool: UpstreamPool
+    metrics: RouterMetrics
+    hash_fn: object
+    session: Optional[aiohttp.ClientSession] = None
+    routed: int = 0
+    pending: int = 0
+    log_mismatch: set = field(default_factory=set)
+
+
+STATE = web.AppKey("router_state", RouterState)
+
+
+def prompt_token_ids(tokenizer, path: str, body: dict) -> list[int]:
+    """The prompt the engine will run for this request body, tokenized as the server
+    tokenizes it (chat template for chat; the first prompt of a completion).
+
+    Raises:
+        ValueError / TypeError / KeyError: a body the server would reject (the router then
+            routes on load alone and lets the engine answer with its 400).
+    """
+    if path.endswith("/chat/completions"):
+        from ..server.protocol import ChatCompletionRequest
+
+        req = ChatCompletionRequest.model_validate(body)
+        return chat_prompt_ids(tokenizer, req.template_messages())
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt))
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    raise ValueError("prompt is neither text nor token ids")
+
+
+async def _pick(state: RouterState, hashes: list[bytes], exclude: set) -> Optional[Upstream]:
+    """Choose a ready upstream not in ``exclude``, waiting for one if none is ready.
+
+    Returns:
+        The upstream, or None when the wait timed out.
+    Raises:
+        web.HTTPServiceUnavailable: too many requests already waiting.
+    """
+    cfg = state.config
+    ups = state.pool.upstreams
+    waited = False
+    while True:
+        views = [u.view(cfg.block_size, cfg.hash_algo) for u in ups]
+        for v, u in zip(views, ups):
+            v.ready = v.ready and u not in exclude
+        d = choose(cfg.routing, views, hashes, cfg.block_size, state.routed, cfg.load_cost_tokens)
+        if d is not None:
+            u = ups[d.index]
+            state.routed += 1
+            state.metrics.matched_tokens.labels(cfg.service).inc(d.matched_tokens)
+            if cfg.routing == "prefix" and views[d.index].prefix_ok:
+                u.remember(hashes)
+            return u
+        if exclude and any(u.ready for u in ups):
+            return None  # ready ones all failed this request already
+        if waited:
+            return None
+        if state.pending >= cfg.max_pending:
+            state.metrics.rejected.labels(cfg.service, "queue_full").inc()
+            raise web.HTTPServiceUnavailable()
+        state.pending += 1
+        state.metrics.pending.labels(cfg.service).set(state.pending)
+        try:
+            ok = await state.pool.wait_ready(cfg.pending_timeout)
+        finally:
+            state.pending -= 1
+            state.metrics.pending.labels(cfg.service).set(state.pending)
+        if not ok:
+            return None
+        waited = True
+
+
+async def _sse_error(resp: web.StreamResponse, message: str) -> None:
+    body = {"object": "error", "error": {"message": message, "type": "server_error", "param": None, "code": 502}}
+    await resp.write(b"data: " + json.dumps(body).encode() + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+
+
+async def proxy(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/chat/completions`` and ``POST /v1/completions``."""
+    state = request.app[STATE]
+    cfg = state.config
+    raw = await request.read()
+    hashes: list[bytes] = []
+    try:
+        body = json.loads(raw)
+        if cfg.routing == "prefix":
+            ids = prompt_token_ids(state.tokenizer, request.path, body)
+            hashes = block_hashes(ids, cfg.block_size, state.hash_fn)
+            state.metrics.prompt_tokens.labels(cfg.service).inc(len(ids))
+    except Exception as e:  # noqa: BLE001 - malformed bodies are the engine's to reject
+        logger.debug("not tokenizing %s (%s); routing on load", request.path, e)
+    headers = {k: request.headers[k] for k in _FORWARD_HEADERS if k in request.headers}
+    return await _forward(request, state, "POST", raw, headers, hashes)
+
+
+async def _forward(request: web.Request, state: RouterState, method: str, raw: bytes, headers: dict,
+                   hashes: list[bytes]) -> web.StreamResponse:
+    cfg = state.config
+    tried: set = set()
+    try:
+        for attempt in range(MAX_ATTEMPTS):
+            up = await _pick(state, hashes, tried)
+            if up is None:
+                reason = "no_upstream" if not tried else "upstreams_failed"
+                state.metrics.rejected.labels(cfg.service, reason).inc()
+                msg = ("no ready upstream within --pending-timeout" if not tried else
+                       f"every ready upstream failed this request ({', '.join(u.url for u in tried)})")
+                return _error(503, msg, {"Retry-After": "5"})
+            if attempt:
+                state.metrics.retries.labels(cfg.service).inc()
+            tried.add(up)
+            up.in_flight += 1
+            try:
+                upstream_resp = await state.session.request(method, up.url + request.path_qs, data=raw or None,
+                                                            headers=headers)
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+                up.in_flight -= 1
+                up.mark_failed(f"{type(e).__name__}: {e}")
+                continue
+            try:
+                return await _relay(request, state, up, upstream_resp)
+            finally:
+                up.in_flight -= 1
+                upstream_resp.release()
+        return _error(503, "every upstream tried failed this request", {"Retry-After": "5"})
+    except web.HTTPServiceUnavailable:
+        return _error(503, f"too many requests waiting for an upstream (--max-pending {cfg.max_pending})",
+                      {"Retry-After": "5"})
+
+
+async def _relay(request: web.Request, state: RouterState, up: Upstream,
+                 upstream_resp: aiohttp.ClientResponse) -> web.StreamResponse:
+    """Pass the upstream's answer back as it arrives."""
+    cfg = state.config
+    state.metrics.requests.labels(cfg.service, up.url, str(upstream_resp.status)).inc()
+    resp = web.StreamResponse(status=upstream_resp.status)
+    ctype = upstream_resp.headers.get("Content-Type", "application/json")
+    resp.headers["Content-Type"] = ctype
+    for h in ("Retry-After", "Cache-Control"):
+        if h in upstream_resp.headers:
+            resp.headers[h] = upstream_resp.headers[h]
+    await resp.prepare(request)
+    try:
+        async for chunk in upstream_resp.content.iter_any():
+            await resp.write(chunk)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
+        # the upstream broke midway: end the stream visibly (a JSON body cannot be mended)
+        up.mark_failed(f"{type(e).__name__} mid-response: {e}")
+        if ctype.startswith("text/event-stream"):
+            await _sse_error(resp, f"upstream {up.url} failed mid-stream ({type(e).__name__}); the answer is incomplete")
+    except ConnectionResetError:
+        logger.debug("client went away; closing the upstream request so the engine aborts it")
+        upstream_resp.close()
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+async def models(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/models``: answered by the least-loaded ready upstream."""
+    state = request.app[STATE]
+    headers = {k: request.headers[k] for k in _FORWARD_HEADERS if k in request.headers}
+    return await _forward(request, state, "GET", b"", headers, [])
+
+
+async def health(request: web.Request) -> web.Response:
+    """``GET /health``: 200 while the router runs; the body counts ready upstreams."""
+    pool = request.app[STATE].pool
+    return web.json_response({"upstreams": len(pool.upstreams), "ready": sum(u.ready for u in pool.upstreams)})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: the router's Prometheus series."""
+    state = request.app[STATE]
+    body = state.metrics.render(state.config.block_size, state.config.hash_algo)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_router_app(config: RouterConfig, tokenizer) -> web.Application:
+    """The router application (its upstream poll loop runs while the app runs).
+
+    Args:
+        config: settings; ``config.routing`` one of :data:`~.policy.POLICIES`.
+        tokenizer: the model's tokenizer (:func:`~argosy.runtime.loader.tokenizer.load_model_tokenizer`).
+    Raises:
+        ValueError: unknown routing policy or hash algorithm, no upstream URL.
+    """
+    if config.routing not in POLICIES:
+        raise ValueError(f"--routing must be one of {', '.join(POLICIES)}, not {config.routing!r}")
+    if not config.upstreams:
+        raise ValueError("give at least one --upstream URL")
+    pool = UpstreamPool(config.upstreams, config.poll_interval)
+    state = RouterState(config=config, tokenizer=tokenizer, pool=pool, metrics=RouterMetrics(config.service,
+                        pool.upstreams), hash_fn=get_hash_fn(config.hash_algo))
+    app = web.Application(client_max_size=64 << 20)
+    app[STATE] = state
+
+    async def lifecycle(app: web.Application):
+        state.session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_connect=config.connect_timeout),
+            connector=aiohttp.TCPConnector(limit=0))
+        await pool.poll_once(state.session)
+        pool.start(state.session)
+        yield
+        await pool.stop()
+        await state.session.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_post("/v1/chat/completions", proxy)
+    app.router.add_post("/v1/completions", proxy)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app
