@@ -272,3 +272,50 @@ def test_no_upstream_within_the_timeout_is_a_503_with_retry_after(tmp_path):
         assert status == 503 and body["error"]["message"]
     finally:
         router.stop()
+
+
+def test_an_upstream_killed_mid_stream_ends_the_stream_visibly_and_the_others_take_over(tmp_path):
+    """``kill -9`` of the engine serving a stream: the client gets an error event and
+    ``[DONE]`` (not a silent cut, not a hang); the next requests go to the other engine."""
+    import json
+    import os
+    import signal
+
+    from .serving import open_stream
+
+    procs = [ServerProcess(tmp_path, f"victim{i}", ENGINE_FLAGS) for i in range(2)]
+    router = RouterProcess(tmp_path, "router-kill", [p.base_url for p in procs], ["--routing", "least-load"])
+    try:
+        router.api_key = "unused"  # open_stream sends a bearer token; the engines have no key
+        conn, resp = open_stream(router, "/v1/completions", {"model": MODEL, "prompt": "Tell a long story.",
+                                                             "max_tokens": 900, "stream": True,
+                                                             "ignore_eos": True})
+        first = resp.readline()
+        while not first.startswith(b"data: "):
+            first = resp.readline()
+        m = scrape(router)
+        busy = [p for p in procs if m.get(f'argosy_router_upstream_in_flight{{service="default",upstream="{p.base_url}"}}') == 1.0]
+        assert len(busy) == 1
+        os.kill(busy[0].proc.pid, signal.SIGKILL)
+        events, t0 = [], time.monotonic()
+        while True:
+            line = resp.readline()
+            if not line:
+                break
+            if line.startswith(b"data: "):
+                events.append(line[6:].strip())
+        conn.close()
+        assert time.monotonic() - t0 < 60
+        assert events[-1] == b"[DONE]"
+        err = json.loads(events[-2])
+        assert "error" in err and "failed mid-stream" in err["error"]["message"]
+        survivor = next(p for p in procs if p is not busy[0])
+        for _ in range(3):
+            r = router.client().completions.create(model=MODEL, prompt="Hi", max_tokens=2)
+            assert r.choices[0].text is not None
+        m = scrape(router)
+        assert m[f'argosy_router_requests_total{{code="200",service="default",upstream="{survivor.base_url}"}}'] >= 3
+    finally:
+        router.stop()
+        for p in procs:
+            p.stop()
