@@ -36,6 +36,8 @@ CATEGORIES = ["argosy"]
 MAX_NAME_LENGTH = 45
 #: Port of ``argosy serve`` (HTTP API, ``/health`` and ``/metrics``).
 SERVER_PORT = 8000
+#: Port of the `argosy router` pods and Service (``spec.router``).
+ROUTER_PORT = 8080
 
 _URI_PATTERN = r"^(hf://[A-Za-z0-9][\w.-]*/[\w.-]+(/[^\s]+)?|(s3|gs)://[a-z0-9][a-z0-9._-]*(/[^\s]*)?|pvc://[a-z0-9]([-a-z0-9.]*[a-z0-9])?(/[^\s]*)?)$"
 # Kubernetes resource quantity without sign, e.g. 500m, 16Gi, 1.5, 2e3.
@@ -378,6 +380,22 @@ class DisruptionSpec(_Model):
                                                          "percentage).")
 
 
+class RouterSpec(_Model):
+    """An `argosy router` in front of the server pods: prefix-cache-aware routing with the engines' own block
+    hashes, and requests held while no server pod is ready (so scaling from zero can come back)."""
+
+    enabled: bool = Field(False, description="Run the router; status.url then points at its Service.")
+    replicas: int = Field(2, ge=1, le=100, description="Router pods (no GPU).")
+    routing: Literal["prefix", "least-load", "round-robin"] = Field(
+        "prefix", description="Routing policy (argosy router --routing).")
+    max_pending: int = Field(1024, ge=0, le=1000000,
+                             description="Requests held while no server pod is ready; more get 503.")
+    pending_timeout_seconds: int = Field(300, ge=1, le=3600,
+                                         description="Seconds a request is held before a 503 with Retry-After.")
+    cpu: Quantity = Field("500m", description="CPU request per router pod.")
+    memory: Quantity = Field("1Gi", description="Memory request and limit per router pod.")
+
+
 class InferenceServiceSpec(_Model):
     """Desired state of an InferenceService: one model served by an autoscaled fleet of `argosy serve` pods."""
 
@@ -389,6 +407,8 @@ class InferenceServiceSpec(_Model):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="Replicas and autoscaling.")
     scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec, description="Pod placement.")
     disruption: DisruptionSpec = Field(default_factory=DisruptionSpec, description="Disruption budget.")
+    router: RouterSpec = Field(default_factory=RouterSpec, description="The request router in front of the "
+                                                                       "server pods.")
     tenant: Optional[str] = Field(None, max_length=63, pattern=_DNS_LABEL,
                                   description="Tenant that owns this service (label serving.argosy.dev/tenant on "
                                               "its objects; used for quotas).")

@@ -53,6 +53,9 @@ CHILD_KINDS = (
     ("apps/v1", "Deployment"),
     ("keda.sh/v1alpha1", "ScaledObject"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),
+    ("v1", "ServiceAccount"),
+    ("rbac.authorization.k8s.io/v1", "Role"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
 )
 #: Condition reasons reported as Warning events.
 WARNING_REASONS = frozenset({"DownloadFailed", "ProgressDeadlineExceeded", "InvalidSpec"})

@@ -40,7 +40,7 @@ QUOTA_LIMITED = "QuotaLimited"
 QUOTA_EXCEEDED = "QuotaExceeded"
 
 #: Roles held back until the model is cached.
-GATED_ROLES = (render.ROLE_DEPLOYMENT, render.ROLE_AUTOSCALER)
+GATED_ROLES = (render.ROLE_DEPLOYMENT, render.ROLE_AUTOSCALER, render.ROLE_ROUTER_DEPLOYMENT)
 
 
 @dataclass

@@ -28,6 +28,7 @@ MODEL_CACHE = "model-cache"
 PREFETCH = "prefetch"
 AUTOSCALER = "autoscaler"
 DISRUPTION_BUDGET = "disruption-budget"
+ROUTER = "router"
 
 
 def labels(isvc: api.InferenceService, component: str) -> dict[str, str]:
@@ -100,8 +101,12 @@ def image(isvc: api.InferenceService, settings: OperatorSettings) -> str:
 
 
 def url(isvc: api.InferenceService, settings: OperatorSettings) -> str:
-    """In-cluster OpenAI base URL of the Service (``http://NAME.NS.svc.DOMAIN:8000/v1``)."""
+    """In-cluster OpenAI base URL users call: the router Service's
+    (``http://NAME-router.NS.svc.DOMAIN:8080/v1``) with ``spec.router.enabled``, else the
+    server Service's (``http://NAME.NS.svc.DOMAIN:8000/v1``)."""
     m = isvc.metadata
+    if isvc.spec.router.enabled:
+        return f"http://{m.name}-router.{m.namespace}.svc.{settings.cluster_domain}:{api.ROUTER_PORT}/v1"
     return f"http://{m.name}.{m.namespace}.svc.{settings.cluster_domain}:{api.SERVER_PORT}/v1"
 
 

@@ -55,6 +55,16 @@ def scaled_object(isvc: api.InferenceService, settings: OperatorSettings) -> dic
         "metadata": {"serverAddress": address, "query": promql(isvc, settings, metric),
                      "threshold": _number(target)},
     } for name, metric, target in _targets(isvc)]
+    if isvc.spec.router.enabled:
+        # requests the router holds while no server pod is ready: the series that exists at
+        # zero replicas, so KEDA activates the Deployment again (the engines' own gauges vanish
+        # with their pods); per replica like the waiting-requests target
+        from .router import pending_promql
+
+        per_replica = isvc.spec.scaling.targets.waiting_requests or 1
+        triggers.append({"type": "prometheus", "name": "router-pending", "metricType": "AverageValue",
+                         "metadata": {"serverAddress": address, "query": pending_promql(isvc, settings),
+                                      "threshold": _number(per_replica), "activationThreshold": "0"}})
     spec = {
         "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": isvc.metadata.name},
         "pollingInterval": settings.keda_polling_interval,

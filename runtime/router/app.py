@@ -55,7 +55,7 @@ def _error(status: int, message: str, headers: Optional[dict] = None) -> web.Res
 class RouterMetrics:
     """The router's Prometheus series (its own registry)."""
 
-    def __init__(self, service: str, upstreams: list[Upstream]):
+    def __init__(self, service: str, pool: UpstreamPool):
         self.registry = CollectorRegistry()
         r = self.registry
         self.service = service
@@ -81,10 +81,16 @@ class RouterMetrics:
         self.held_blocks = Gauge("argosy_router_upstream_cached_blocks", "Prefix-cache blocks the upstream reports",
                                  ["service", "upstream"], registry=r)
         self.pending.labels(service).set(0)
-        self._upstreams = upstreams
+        self._pool = pool
+        self._labelled: set[str] = set()
 
     def render(self, block_size: int, hash_algo: str) -> bytes:
-        for u in self._upstreams:
+        urls = {u.url for u in self._pool.upstreams}
+        for gone in self._labelled - urls:  # an upstream discovery dropped: drop its series
+            for g in (self.ready, self.in_flight, self.mismatch, self.held_blocks):
+                g.remove(self.service, gone)
+        self._labelled = urls
+        for u in self._pool.upstreams:
             labels = (self.service, u.url)
             self.ready.labels(*labels).set(1 if u.ready else 0)
             self.in_flight.labels(*labels).set(u.in_flight)
@@ -108,6 +114,11 @@ class RouterConfig:
     load_cost_tokens: float = DEFAULT_LOAD_COST_TOKENS
     service: str = "default"
     connect_timeout: float = 5.0
+    #: EndpointSlice discovery (:mod:`.discovery`) instead of / besides ``upstreams``.
+    upstream_service: Optional[str] = None
+    namespace: Optional[str] = None
+    upstream_port_name: str = "http"
+    kubeconfig: Optional[str] = None
 
 
 @dataclass
@@ -159,7 +170,7 @@ async def _pick(state: RouterState, hashes: list[bytes], exclude: set) -> Option
     """
     cfg = state.config
     ups = state.pool.upstreams
-    waited = False
+    deadline = None
     while True:
         views = [u.view(cfg.block_size, cfg.hash_algo) for u in ups]
         for v, u in zip(views, ups):
@@ -173,22 +184,22 @@ async def _pick(state: RouterState, hashes: list[bytes], exclude: set) -> Option
                 u.remember(hashes)
             return u
         if exclude and any(u.ready for u in ups):
-            return None  # ready ones all failed this request already
-        if waited:
+            return None  # the ready ones all failed this request already
+        now = asyncio.get_running_loop().time()
+        if deadline is None:
+            if state.pending >= cfg.max_pending:
+                state.metrics.rejected.labels(cfg.service, "queue_full").inc()
+                raise web.HTTPServiceUnavailable()
+            deadline = now + cfg.pending_timeout
+        if now >= deadline:
             return None
-        if state.pending >= cfg.max_pending:
-            state.metrics.rejected.labels(cfg.service, "queue_full").inc()
-            raise web.HTTPServiceUnavailable()
         state.pending += 1
         state.metrics.pending.labels(cfg.service).set(state.pending)
         try:
-            ok = await state.pool.wait_ready(cfg.pending_timeout)
+            await state.pool.wait_ready(deadline - now)
         finally:
             state.pending -= 1
             state.metrics.pending.labels(cfg.service).set(state.pending)
-        if not ok:
-            return None
-        waited = True
 
 
 async def _sse_error(resp: web.StreamResponse, message: str) -> None:
@@ -309,11 +320,13 @@ def build_router_app(config: RouterConfig, tokenizer) -> web.Application:
     """
     if config.routing not in POLICIES:
         raise ValueError(f"--routing must be one of {', '.join(POLICIES)}, not {config.routing!r}")
-    if not config.upstreams:
-        raise ValueError("give at least one --upstream URL")
+    if not config.upstreams and not config.upstream_service:
+        raise ValueError("give at least one --upstream URL or --upstream-service")
+    if config.upstream_service and not config.namespace:
+        raise ValueError("--upstream-service needs --namespace outside a cluster")
     pool = UpstreamPool(config.upstreams, config.poll_interval)
-    state = RouterState(config=config, tokenizer=tokenizer, pool=pool, metrics=RouterMetrics(config.service,
-                        pool.upstreams), hash_fn=get_hash_fn(config.hash_algo))
+    state = RouterState(config=config, tokenizer=tokenizer, pool=pool, metrics=RouterMetrics(config.service, pool),
+                        hash_fn=get_hash_fn(config.hash_algo))
     app = web.Application(client_max_size=64 << 20)
     app[STATE] = state
 
@@ -323,7 +336,22 @@ def build_router_app(config: RouterConfig, tokenizer) -> web.Application:
             connector=aiohttp.TCPConnector(limit=0))
         await pool.poll_once(state.session)
         pool.start(state.session)
+        watcher = None
+        if config.upstream_service:
+            from .discovery import EndpointSliceWatcher
+
+            loop = asyncio.get_running_loop()
+            static = list(config.upstreams)
+
+            def on_change(urls: list[str]) -> None:  # on the watcher's thread
+                loop.call_soon_threadsafe(pool.set_urls, static + [u for u in urls if u not in static], state.session)
+
+            watcher = EndpointSliceWatcher(config.upstream_service, config.namespace, on_change,
+                                           config.upstream_port_name, config.kubeconfig)
+            watcher.start()
         yield
+        if watcher is not None:
+            watcher.stop()
         await pool.stop()
         await state.session.close()
 

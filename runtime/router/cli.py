@@ -26,9 +26,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--upstream", action="append", default=[], metavar="URL",
                    help="an `argosy serve` base URL (repeatable), e.g. http://10.0.0.5:8000")
+    p.add_argument("--upstream-service", default=None, metavar="NAME",
+                   help="route to the ready endpoints of this Service's EndpointSlices (watched; needs get/list/watch "
+                        "on endpointslices)")
+    p.add_argument("--namespace", default=None,
+                   help="namespace of --upstream-service (default: the pod's own namespace)")
+    p.add_argument("--upstream-port-name", default="http", help="EndpointSlice port to use (default: http)")
+    p.add_argument("--kubeconfig", default=None,
+                   help="kubeconfig for --upstream-service (default: in-cluster config, else $KUBECONFIG)")
     p.add_argument("--model", default=None,
                    help="the served model, for its tokenizer and chat template (resolved as `argosy serve MODEL`; "
                         "default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--revision", default=None, help="hub revision of --model (as `argosy serve --revision`)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory, when the engines use --tokenizer")
     p.add_argument("--routing", choices=POLICIES, default="prefix", help="routing policy (default: prefix)")
     p.add_argument("--block-size", type=int, default=16, help="the engines' --block-size (tokens per KV block)")
@@ -57,6 +66,7 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
     """
     from ..loader.errors import ModelLoadError
     from .app import RouterConfig, build_router_app
+    from .discovery import in_cluster_namespace
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -70,14 +80,17 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
         from ..loader.tokenizer import load_model_tokenizer
 
         try:
-            tokenizer = load_model_tokenizer(args.model, args.tokenizer)
+            tokenizer = load_model_tokenizer(args.model, args.tokenizer, args.revision)
         except ModelLoadError as e:
             print(f"argosy: error: {e}", file=sys.stderr, flush=True)
             return 2
     cfg = RouterConfig(upstreams=args.upstream, routing=args.routing, block_size=args.block_size,
                        hash_algo=args.prefix_caching_hash_algo, max_pending=args.max_pending,
                        pending_timeout=args.pending_timeout, poll_interval=args.poll_interval,
-                       load_cost_tokens=args.load_cost_tokens, service=args.service)
+                       load_cost_tokens=args.load_cost_tokens, service=args.service,
+                       upstream_service=args.upstream_service, upstream_port_name=args.upstream_port_name,
+                       namespace=args.namespace or (in_cluster_namespace() if args.upstream_service else None),
+                       kubeconfig=args.kubeconfig)
     try:
         app = build_router_app(cfg, tokenizer)
     except ValueError as e:

@@ -79,11 +79,7 @@ class Upstream:
         self.last_error: Optional[str] = None
 
     def view(self, block_size: int, hash_algo: str) -> UpstreamView:
-        """The policy's view (expired ``recent`` entries dropped)."""
-        now = time.monotonic()
-        if self.recent:
-            for h in [h for h, t in self.recent.items() if t < now]:
-                del self.recent[h]
+        """The policy's view (``recent`` as of the last poll's expiry sweep)."""
         return UpstreamView(self.url, self.ready, self.in_flight + self.waiting, self.kv_usage,
                             self.prefix_compatible(block_size, hash_algo), self.held.hashes, self.recent)
 
@@ -104,8 +100,15 @@ class Upstream:
         self.ready = False
         self.last_error = why
 
+    def expire_recent(self) -> None:
+        """Drop ``recent`` entries older than :data:`RECENT_TTL_S` (once per poll, not per request)."""
+        now = time.monotonic()
+        for h in [h for h, t in self.recent.items() if t < now]:
+            del self.recent[h]
+
     async def poll(self, session: aiohttp.ClientSession, timeout: float) -> None:
         """Refresh health, load and held blocks (never raises; failures mark it not ready)."""
+        self.expire_recent()
         t = aiohttp.ClientTimeout(total=timeout)
         try:
             async with session.get(self.url + "/health", timeout=t) as r:
@@ -152,6 +155,7 @@ class UpstreamPool:
     """
 
     def __init__(self, urls: list[str], poll_interval: float = 1.0, timeout: float = 2.0):
+        #: The current upstreams (replaced as a whole by :meth:`set_urls`).
         self.upstreams = [Upstream(u) for u in urls]
         self.poll_interval = poll_interval
         self.timeout = timeout
@@ -159,14 +163,27 @@ class UpstreamPool:
         self.changed = asyncio.Condition()
         self._task: Optional[asyncio.Task] = None
 
+    def set_urls(self, urls: list[str], session: Optional[aiohttp.ClientSession] = None) -> None:
+        """Replace the upstream list (EndpointSlice discovery): URLs still listed keep their
+        state, new ones start not ready and are polled at once (with ``session``), gone ones
+        stop receiving requests (those in flight finish)."""
+        have = {u.url: u for u in self.upstreams}
+        self.upstreams = [have.get(u.rstrip("/")) or Upstream(u) for u in urls]
+        new = [u for u in self.upstreams if u.url not in have]
+        if new and session is not None:
+            asyncio.get_running_loop().create_task(self._poll_some(session, new))
+
+    async def _poll_some(self, session: aiohttp.ClientSession, ups: list[Upstream]) -> None:
+        await asyncio.gather(*(u.poll(session, self.timeout) for u in ups))
+        async with self.changed:
+            self.changed.notify_all()
+
     def any_ready(self) -> bool:
         return any(u.ready for u in self.upstreams)
 
     async def poll_once(self, session: aiohttp.ClientSession) -> None:
         """Poll every upstream once, in parallel, then wake waiters."""
-        await asyncio.gather(*(u.poll(session, self.timeout) for u in self.upstreams))
-        async with self.changed:
-            self.changed.notify_all()
+        await self._poll_some(session, list(self.upstreams))
 
     async def _loop(self, session: aiohttp.ClientSession) -> None:
         while True:

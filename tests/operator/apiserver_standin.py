@@ -155,6 +155,9 @@ BUILTIN_TYPES = (
     _builtin("policy/v1", "poddisruptionbudgets", "PodDisruptionBudget", short=("pdb",)),
     _builtin("autoscaling/v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", short=("hpa",)),
     _builtin("coordination.k8s.io/v1", "leases", "Lease", status=False),
+    _builtin("discovery.k8s.io/v1", "endpointslices", "EndpointSlice", status=False),
+    _builtin("rbac.authorization.k8s.io/v1", "roles", "Role", status=False),
+    _builtin("rbac.authorization.k8s.io/v1", "rolebindings", "RoleBinding", status=False),
     _builtin("apiextensions.k8s.io/v1", "customresourcedefinitions", "CustomResourceDefinition",
              namespaced=False, short=("crd", "crds")),
 )

@@ -62,4 +62,14 @@ SPECS: dict[str, dict] = {
         "cache": {"existingClaimName": "s3-mirror", "prefetch": False},
         "scaling": {"minReplicas": 0},
     },
+    "router-from-zero": {
+        "model": {"uri": SMOL, "servedName": "smol"},
+        "scaling": {"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 3},
+        "router": {"enabled": True, "replicas": 2, "routing": "prefix", "pendingTimeoutSeconds": 600},
+    },
+    "router-no-cache": {
+        "model": {"uri": SMOL},
+        "cache": {"enabled": False},
+        "router": {"enabled": True, "routing": "least-load", "cpu": "1", "memory": "512Mi"},
+    },
 }

@@ -75,7 +75,9 @@ OWN_RESOURCES = {("serving.argosy.dev", "inferenceservices"): {"get", "list", "w
                  ("", "events"): {"create", "patch"},
                  # GPUQuota backstops in each covered namespace, and the builtin autoscaler
                  ("", "resourcequotas"): CHILD_VERBS,
-                 ("apps", "deployments/scale"): {"get", "patch"}}
+                 ("apps", "deployments/scale"): {"get", "patch"},
+                 # what the router's Role grants (spec.router): RBAC lets no one grant more than it holds
+                 ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"}}
 #: Cluster-wide GPUQuota accounting (with the discovery rules wherever those are granted).
 QUOTA = {("serving.argosy.dev", "gpuquotas"): {"get", "list", "watch"},
          ("serving.argosy.dev", "gpuquotas/status"): {"get", "patch", "update"},

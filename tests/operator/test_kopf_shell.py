@@ -40,6 +40,9 @@ KINDS = {
     "Deployment": f"/apis/apps/v1/namespaces/{NS}/deployments",
     "ScaledObject": f"/apis/keda.sh/v1alpha1/namespaces/{NS}/scaledobjects",
     "HorizontalPodAutoscaler": f"/apis/autoscaling/v2/namespaces/{NS}/horizontalpodautoscalers",
+    "ServiceAccount": f"/api/v1/namespaces/{NS}/serviceaccounts",
+    "Role": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles",
+    "RoleBinding": f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/rolebindings",
 }
 FAST = OperatorSettings(resync_interval=0.3, retry_delay=0.1, retry_max_delay=0.5)
 
@@ -293,6 +296,38 @@ def test_switch_to_autoscaler_keeps_replicas(cluster, tmp_path):
     converge(ctx, NS, "llm")
     assert one(s, "Deployment")["spec"]["replicas"] == 2
     assert "ScaledObject" not in children(s)
+
+
+def test_router_from_zero_is_created_and_removed(cluster, tmp_path):
+    """spec.router on a KEDA service with minReplicas 0: the router's Deployment, Service,
+    ServiceAccount, Role and RoleBinding are created through the stand-in, the ScaledObject
+    gets the router's pending-requests trigger, status.url points at the router; turning the
+    router off deletes its objects and the trigger."""
+    s = cluster
+    ctx = Context(FAST, api_client=_api_client(s.url), discovery_cache=str(tmp_path / "discovery.json"))
+    spec = {"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0},
+            "scaling": {"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 2}, "router": {"enabled": True}}
+    s.http("POST", ISVCS, _new_isvc("llm", spec))
+    converge(ctx, NS, "llm")
+    kids = children(s)
+    assert {d["metadata"]["name"] for d in kids["Deployment"]} == {"llm", "llm-router"}
+    assert {x["metadata"]["name"] for x in kids["Service"]} == {"llm", "llm-router"}
+    assert [x["metadata"]["name"] for x in kids["ServiceAccount"]] == ["llm-router"]
+    (role,) = kids["Role"]
+    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                              "verbs": ["get", "list", "watch"]}]
+    assert kids["RoleBinding"][0]["subjects"][0]["name"] == "llm-router"
+    (so,) = kids["ScaledObject"]
+    assert "argosy_router_pending_requests" in so["spec"]["triggers"][-1]["metadata"]["query"]
+    assert so["spec"]["minReplicaCount"] == 0
+    assert isvc(s)["status"]["url"].startswith("http://llm-router.")
+    patch_isvc(s, {"spec": {"router": {"enabled": False}}})
+    converge(ctx, NS, "llm")
+    kids = children(s)
+    assert {d["metadata"]["name"] for d in kids["Deployment"]} == {"llm"}
+    assert "ServiceAccount" not in kids and "Role" not in kids and "RoleBinding" not in kids
+    assert all("argosy_router" not in t["metadata"]["query"] for t in kids["ScaledObject"][0]["spec"]["triggers"])
+    assert isvc(s)["status"]["url"].startswith("http://llm.")
 
 
 def test_kube_client_against_standin(cluster, tmp_path):

@@ -376,3 +376,54 @@ def test_settings_from_env():
     assert (s.runtime_image, s.startup_timeout, s.service_monitor) == ("r:1", 60, False)
     with pytest.raises(ValueError):
         OperatorSettings.from_env({"ARGOSY_PRE_STOP_SLEEP": "soon"})
+
+
+def test_router_children():
+    """spec.router: the router's objects, its args, its RBAC (EndpointSlice reads only), a
+    Service that selects router pods only, status.url at the router, and the KEDA trigger on
+    its pending requests so a minReplicas 0 service activates again."""
+    obj = CASES["router-from-zero"]
+    kids = children(obj)
+    dep, svc = kids["router-deployment"], kids["router-service"]
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    args = c["args"]
+    assert args[0] == "router" and args[args.index("--upstream-service") + 1] == "llm"
+    assert args[args.index("--namespace") + 1] == "ml" and args[args.index("--routing") + 1] == "prefix"
+    assert args[args.index("--pending-timeout") + 1] == "600"
+    # the tokenizer comes from the model cache, read-only, as the servers read the model
+    server_args = kids["deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == server_args[1]
+    assert {"name": "model", "mountPath": "/models", "readOnly": True} in c["volumeMounts"]
+    assert not any("gpu" in k for k in c["resources"]["requests"])
+    assert dep["spec"]["replicas"] == 2
+    assert pod["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["serviceAccountName"] == kids["router-account"]["metadata"]["name"] == "llm-router"
+    assert kids["router-binding"]["subjects"] == [{"kind": "ServiceAccount", "name": "llm-router", "namespace": "ml"}]
+    assert kids["router-binding"]["roleRef"]["name"] == kids["router-role"]["metadata"]["name"]
+    assert kids["router-role"]["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                                             "verbs": ["get", "list", "watch"]}]
+    router_pods = dep["spec"]["template"]["metadata"]["labels"]
+    server_pods = kids["deployment"]["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= router_pods.items()
+    assert not svc["spec"]["selector"].items() <= server_pods.items()
+    assert not kids["service"]["spec"]["selector"].items() <= router_pods.items()
+    assert render.url(api.parse(obj), SETTINGS) == "http://llm-router.ml.svc.cluster.local:8080/v1"
+    so = kids["autoscaler"]
+    assert so["spec"]["minReplicaCount"] == 0
+    trig = so["spec"]["triggers"][-1]
+    assert trig["name"] == "router-pending"
+    assert trig["metadata"]["query"] == 'sum(argosy_router_pending_requests{namespace="ml",service="llm-router"})'
+    assert trig["metadata"]["activationThreshold"] == "0"
+    assert kids["router-monitor"]["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    # without a cache claim the router downloads the model like the servers (prefix routing
+    # only: least-load needs no tokenizer)
+    nc = children(CASES["router-no-cache"])["router-deployment"]["spec"]["template"]["spec"]
+    assert "--model" not in nc["containers"][0]["args"] and "volumes" not in nc
+
+
+def test_no_router_by_default():
+    kids = children(CASES["scale-to-zero"])
+    assert not any(role.startswith("router") for role in kids)
+    assert all("argosy_router" not in t["metadata"]["query"] for t in kids["autoscaler"]["spec"]["triggers"])
+    assert render.url(api.parse(CASES["scale-to-zero"]), SETTINGS) == "http://llm.ml.svc.cluster.local:8000/v1"

@@ -129,6 +129,17 @@ create and patch, the status refresh reads children with get, orphans are found 
 - apiGroups: ["apps"]
   resources: ["deployments/scale"]
   verbs: ["get", "patch"]
+# spec.router: the router's ServiceAccount, Role and RoleBinding; the operator must hold the
+# EndpointSlice reads it grants (RBAC lets no one grant what it does not have)
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get", "list", "create", "patch", "delete"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "list", "create", "patch", "delete"]
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["get", "list", "watch"]
 {{- end }}
 
 {{/*
