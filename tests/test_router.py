@@ -319,3 +319,62 @@ def test_an_upstream_killed_mid_stream_ends_the_stream_visibly_and_the_others_ta
         router.stop()
         for p in procs:
             p.stop()
+
+
+def test_router_follows_a_services_endpointslices(engines, tmp_path):
+    """``--upstream-service``: upstreams are the ready endpoints of the Service's
+    EndpointSlices, watched (here on the in-repo API stand-in, which is not a real API
+    server): no slice -> the request is held; a slice with a ready endpoint -> it completes;
+    the endpoint turns not ready -> the router drops it."""
+    import yaml
+
+    from .operator.apiserver_standin import StandIn
+
+    port = engines[0].port
+    slices = "/apis/discovery.k8s.io/v1/namespaces/ml/endpointslices"
+
+    def endpoint_slice(ready: bool) -> dict:
+        return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "llm-abc12", "namespace": "ml", "labels": {"kubernetes.io/service-name": "llm"}},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+                "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": ready}}]}
+
+    with StandIn() as api:
+        assert api.http("POST", "/api/v1/namespaces", {"metadata": {"name": "ml"}})[0] == 201
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "current-context": "standin",
+            "clusters": [{"name": "standin", "cluster": {"server": api.url}}],
+            "users": [{"name": "u", "user": {}}],
+            "contexts": [{"name": "standin", "context": {"cluster": "standin", "user": "u"}}]}))
+        router = RouterProcess(tmp_path, "router-eps", [], ["--upstream-service", "llm", "--namespace", "ml",
+                                                            "--kubeconfig", str(kubeconfig)])
+        try:
+            result = {}
+
+            def send():
+                try:
+                    result["r"] = router.client().completions.create(model=MODEL, prompt="Hello", max_tokens=2)
+                except Exception as e:  # noqa: BLE001
+                    result["error"] = e
+
+            t = threading.Thread(target=send)
+            t.start()
+            key = 'argosy_router_pending_requests{service="default"}'
+            deadline = time.monotonic() + 10
+            while scrape(router).get(key) != 1.0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert scrape(router).get(key) == 1.0, "the request was not held"
+            assert api.http("POST", slices, endpoint_slice(True))[0] == 201
+            t.join(timeout=60)
+            assert not t.is_alive() and "r" in result, result
+            ready_key = f'argosy_router_upstream_ready{{service="default",upstream="{engines[0].base_url}"}}'
+            assert scrape(router).get(ready_key) == 1.0
+            assert api.http("PUT", f"{slices}/llm-abc12", endpoint_slice(False))[0] == 200
+            deadline = time.monotonic() + 10
+            while ready_key in scrape(router) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert ready_key not in scrape(router), "a not-ready endpoint is still an upstream"
+            assert http_request(router, "GET", "/health", auth=False)[1] == {"upstreams": 0, "ready": 0}
+        finally:
+            router.stop()

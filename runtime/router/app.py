@@ -169,9 +169,9 @@ async def _pick(state: RouterState, hashes: list[bytes], exclude: set) -> Option
         web.HTTPServiceUnavailable: too many requests already waiting.
     """
     cfg = state.config
-    ups = state.pool.upstreams
     deadline = None
     while True:
+        ups = state.pool.upstreams  # re-read: discovery replaces the list while we wait
         views = [u.view(cfg.block_size, cfg.hash_algo) for u in ups]
         for v, u in zip(views, ups):
             v.ready = v.ready and u not in exclude
