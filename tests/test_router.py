@@ -106,6 +106,48 @@ def test_policy_prefers_the_cache_holder_until_load_outweighs_it():
         choose("random", views, hashes, 16)
 
 
+def test_tenant_limits_with_a_clock():
+    """Sliding 60 s windows for requests and tokens, concurrency, the default entry, and
+    the Retry-After each refusal gives."""
+    from argosy.runtime.router.tenants import TenantLimits, Tenants
+
+    now = [1000.0]
+    t = Tenants({"ka": "a", "kb": "b"}, {"a": TenantLimits(requests_per_minute=2, max_concurrent=5),
+                                        "default": TenantLimits(tokens_per_minute=100, max_concurrent=1)},
+                clock=lambda: now[0])
+    assert t.tenant_for("Bearer ka") == "a" and t.tenant_for("Bearer nope") is None and t.tenant_for(None) is None
+    assert t.admit("a") == (None, "") and t.admit("a") == (None, "")
+    now[0] += 10
+    retry, which = t.admit("a")
+    assert which.startswith("requests_per_minute") and retry == pytest.approx(50.0)
+    now[0] += 50.5  # the first admission left the window
+    assert t.admit("a")[0] is None
+    # b falls under "default": one at a time, 100 tokens a minute
+    assert t.admit("b")[0] is None
+    assert t.admit("b")[1].startswith("max_concurrent")
+    t.release("b", 80)
+    now[0] += 5
+    assert t.admit("b")[0] is None
+    t.release("b", 30)  # 110 charged in the window
+    now[0] += 5
+    retry, which = t.admit("b")
+    assert which.startswith("tokens_per_minute") and retry == pytest.approx(50.0)  # once the 80 age out
+    now[0] += 50.5
+    assert t.admit("b")[0] is None
+
+
+def test_tenants_file_errors(tmp_path):
+    from argosy.runtime.router.tenants import Tenants
+
+    bad = tmp_path / "t.json"
+    for doc, msg in (("{", "Expecting"), ('{"keys": {}}', "needs"), ('{"keys": {"k": "a"}, "limits": {"a": {"rpm": 1}}}',
+                                                                       "unknown limit"),
+                     ('{"keys": {"k": "a"}, "limits": {"a": {"max_concurrent": -1}}}', "non-negative")):
+        bad.write_text(doc)
+        with pytest.raises(ValueError, match=msg):
+            Tenants.load(str(bad))
+
+
 def test_router_imports_no_torch():
     code = ("import sys; import argosy.runtime.router.app, argosy.runtime.router.cli, argosy.runtime.cli as c; "
             "c.build_parser(serve_flags=False); print('torch' in sys.modules)")
@@ -378,3 +420,41 @@ def test_router_follows_a_services_endpointslices(engines, tmp_path):
             assert http_request(router, "GET", "/health", auth=False)[1] == {"upstreams": 0, "ready": 0}
         finally:
             router.stop()
+
+
+def test_tenants_through_the_router(engines, tmp_path):
+    """Keys -> tenants: no key is a 401, a tenant over its requests-per-minute gets an
+    OpenAI-format 429 with Retry-After, and usage is charged per tenant from the engine's
+    own usage, also for streams whose client did not ask for usage (the usage chunk the
+    router asked for is not passed on)."""
+    import json
+
+    import openai
+
+    cfg = tmp_path / "tenants.json"
+    cfg.write_text(json.dumps({"keys": {"sk-a": "team-a", "sk-b": "team-b"},
+                               "limits": {"team-b": {"requests_per_minute": 2}}}))
+    router = RouterProcess(tmp_path, "router-tenants", [engines[0].base_url], ["--tenants", str(cfg)])
+    try:
+        status, body = http_request(router, "POST", "/v1/completions", {"model": MODEL, "prompt": "hi"}, auth=False)
+        assert status == 401 and body["error"]["message"]
+        a = router.client(api_key="sk-a")
+        r = a.completions.create(model=MODEL, prompt="Hello there", max_tokens=5, extra_body={"ignore_eos": True})
+        chunks = list(a.chat.completions.create(model=MODEL, max_tokens=7, stream=True, messages=[
+            {"role": "user", "content": "Hi"}], extra_body={"ignore_eos": True}))
+        assert all(c.usage is None for c in chunks), "the usage chunk the router asked for reached the client"
+        assert all(c.choices for c in chunks)
+        m = scrape(router)
+        completion = m['argosy_router_tenant_tokens_total{kind="completion",service="default",tenant="team-a"}']
+        prompt = m['argosy_router_tenant_tokens_total{kind="prompt",service="default",tenant="team-a"}']
+        assert completion == 12 and prompt >= r.usage.prompt_tokens + 1
+        b = router.client(api_key="sk-b")
+        for _ in range(2):
+            b.completions.create(model=MODEL, prompt="x", max_tokens=1)
+        with pytest.raises(openai.RateLimitError) as e:
+            b.completions.create(model=MODEL, prompt="x", max_tokens=1)
+        assert "requests_per_minute" in str(e.value)
+        assert int(e.value.response.headers["Retry-After"]) > 0
+        assert scrape(router)['argosy_router_tenant_requests_total{code="429",service="default",tenant="team-b"}'] == 1
+    finally:
+        router.stop()

@@ -24,7 +24,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import aiohttp
@@ -35,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..core.kv_cache_manager import get_hash_fn
 from ..loader.tokenizer import chat_prompt_ids
 from .policy import DEFAULT_LOAD_COST_TOKENS, POLICIES, block_hashes, choose
+from .tenants import Tenants, billable
 from .upstreams import Upstream, UpstreamPool
 
 logger = logging.getLogger("argosy.router")
@@ -80,6 +82,11 @@ class RouterMetrics:
                               "from the router, so prefix routing cannot use it", ["service", "upstream"], registry=r)
         self.held_blocks = Gauge("argosy_router_upstream_cached_blocks", "Prefix-cache blocks the upstream reports",
                                  ["service", "upstream"], registry=r)
+        self.tenant_tokens = Counter("argosy_router_tenant_tokens", "Tokens by tenant: prompt (all prompt tokens), "
+                                     "cached (of those, served from the prefix cache) and completion, from the "
+                                     "engines' usage", ["service", "tenant", "kind"], registry=r)
+        self.tenant_requests = Counter("argosy_router_tenant_requests", "Requests by tenant and HTTP status (429: "
+                                       "over a limit)", ["service", "tenant", "code"], registry=r)
         self.pending.labels(service).set(0)
         self._pool = pool
         self._labelled: set[str] = set()
@@ -119,6 +126,10 @@ class RouterConfig:
     namespace: Optional[str] = None
     upstream_port_name: str = "http"
     kubeconfig: Optional[str] = None
+    #: Tenants file (:mod:`.tenants`); None = no keys, no limits.
+    tenants_file: Optional[str] = None
+    #: Bearer token the router sends upstream (engines started with --api-key).
+    upstream_api_key: Optional[str] = None
 
 
 @dataclass
@@ -131,7 +142,7 @@ class RouterState:
     session: Optional[aiohttp.ClientSession] = None
     routed: int = 0
     pending: int = 0
-    log_mismatch: set = field(default_factory=set)
+    tenants: Optional[Tenants] = None
 
 
 STATE = web.AppKey("router_state", RouterState)
@@ -212,22 +223,67 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     """``POST /v1/chat/completions`` and ``POST /v1/completions``."""
     state = request.app[STATE]
     cfg = state.config
+    tenants = state.tenants
+    tenant = None
+    if tenants is not None:
+        tenant = tenants.tenant_for(request.headers.get("Authorization"))
+        if tenant is None:
+            return _error(401, "Invalid or missing API key (send 'Authorization: Bearer <key>').")
+        retry, which = tenants.admit(tenant)
+        if retry is not None:
+            state.metrics.tenant_requests.labels(cfg.service, tenant, "429").inc()
+            body = {"object": "error", "error": {"message": f"tenant {tenant!r} is over its {which} limit",
+                                                 "type": "rate_limit_exceeded", "param": None, "code": 429}}
+            return web.json_response(body, status=429, headers={"Retry-After": str(math.ceil(retry))})
     raw = await request.read()
     hashes: list[bytes] = []
+    strip_usage = False
     try:
         body = json.loads(raw)
+        if tenants is not None and isinstance(body, dict) and body.get("stream"):
+            # usage is what tenants are charged from: ask for it, and keep it from clients
+            # that did not
+            opts = body.get("stream_options") or {}
+            if isinstance(opts, dict) and not opts.get("include_usage"):
+                body["stream_options"] = {**opts, "include_usage": True}
+                raw, strip_usage = json.dumps(body).encode(), True
         if cfg.routing == "prefix":
             ids = prompt_token_ids(state.tokenizer, request.path, body)
             hashes = block_hashes(ids, cfg.block_size, state.hash_fn)
             state.metrics.prompt_tokens.labels(cfg.service).inc(len(ids))
     except Exception as e:  # noqa: BLE001 - malformed bodies are the engine's to reject
         logger.debug("not tokenizing %s (%s); routing on load", request.path, e)
+    headers = _upstream_headers(request, state)
+    usage: dict = {}
+    resp = None
+    try:
+        resp = await _forward(request, state, "POST", raw, headers, hashes,
+                              usage if tenants is not None else None, strip_usage)
+        return resp
+    finally:
+        if tenant is not None:
+            prompt, cached, completion = billable(usage.get("usage"))
+            tenants.release(tenant, prompt - cached + completion)
+            m = state.metrics
+            for kind, n in (("prompt", prompt), ("cached", cached), ("completion", completion)):
+                if n:
+                    m.tenant_tokens.labels(cfg.service, tenant, kind).inc(n)
+            m.tenant_requests.labels(cfg.service, tenant, str(resp.status if resp is not None else 499)).inc()
+
+
+def _upstream_headers(request: web.Request, state: RouterState) -> dict:
+    """Request headers for the upstream: the client's, except that with tenants the client's
+    key (a router key) is replaced by ``--upstream-api-key`` or dropped."""
     headers = {k: request.headers[k] for k in _FORWARD_HEADERS if k in request.headers}
-    return await _forward(request, state, "POST", raw, headers, hashes)
+    if state.config.upstream_api_key:
+        headers["Authorization"] = f"Bearer {state.config.upstream_api_key}"
+    elif state.tenants is not None:
+        headers.pop("Authorization", None)
+    return headers
 
 
 async def _forward(request: web.Request, state: RouterState, method: str, raw: bytes, headers: dict,
-                   hashes: list[bytes]) -> web.StreamResponse:
+                   hashes: list[bytes], usage: Optional[dict] = None, strip_usage: bool = False) -> web.StreamResponse:
     cfg = state.config
     tried: set = set()
     try:
@@ -251,7 +307,7 @@ async def _forward(request: web.Request, state: RouterState, method: str, raw: b
                 up.mark_failed(f"{type(e).__name__}: {e}")
                 continue
             try:
-                return await _relay(request, state, up, upstream_resp)
+                return await _relay(request, state, up, upstream_resp, usage, strip_usage)
             finally:
                 up.in_flight -= 1
                 upstream_resp.release()
@@ -261,9 +317,18 @@ async def _forward(request: web.Request, state: RouterState, method: str, raw: b
                       {"Retry-After": "5"})
 
 
-async def _relay(request: web.Request, state: RouterState, up: Upstream,
-                 upstream_resp: aiohttp.ClientResponse) -> web.StreamResponse:
-    """Pass the upstream's answer back as it arrives."""
+#: Most bytes of a JSON answer kept to read its ``usage`` (tenants only).
+MAX_USAGE_BODY = 8 << 20
+
+
+async def _relay(request: web.Request, state: RouterState, up: Upstream, upstream_resp: aiohttp.ClientResponse,
+                 usage: Optional[dict] = None, strip_usage: bool = False) -> web.StreamResponse:
+    """Pass the upstream's answer back as it arrives.
+
+    With ``usage`` (a dict; tenants on), the answer's OpenAI ``usage`` object is stored in
+    it under ``"usage"``: read from a JSON body, or from the stream's usage chunk, which is
+    not forwarded when ``strip_usage`` (the router asked for it, the client did not).
+    """
     cfg = state.config
     state.metrics.requests.labels(cfg.service, up.url, str(upstream_resp.status)).inc()
     resp = web.StreamResponse(status=upstream_resp.status)
@@ -273,13 +338,33 @@ async def _relay(request: web.Request, state: RouterState, up: Upstream,
         if h in upstream_resp.headers:
             resp.headers[h] = upstream_resp.headers[h]
     await resp.prepare(request)
+    sse = ctype.startswith("text/event-stream")
+    pending, body = b"", bytearray()
     try:
         async for chunk in upstream_resp.content.iter_any():
-            await resp.write(chunk)
+            if usage is None:
+                await resp.write(chunk)
+            elif sse:  # forward whole events, reading (and maybe dropping) the usage one
+                pending += chunk
+                *events, pending = pending.split(b"\n\n")
+                out = [e for e in events if not _take_usage(e, usage, strip_usage)]
+                if out:
+                    await resp.write(b"".join(e + b"\n\n" for e in out))
+            else:
+                if len(body) < MAX_USAGE_BODY:
+                    body += chunk
+                await resp.write(chunk)
+        if pending:
+            await resp.write(pending)
+        if usage is not None and not sse and body:
+            try:
+                usage["usage"] = json.loads(bytes(body)).get("usage")
+            except (ValueError, AttributeError):
+                pass
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
         # the upstream broke midway: end the stream visibly (a JSON body cannot be mended)
         up.mark_failed(f"{type(e).__name__} mid-response: {e}")
-        if ctype.startswith("text/event-stream"):
+        if sse:
             await _sse_error(resp, f"upstream {up.url} failed mid-stream ({type(e).__name__}); the answer is incomplete")
     except ConnectionResetError:
         logger.debug("client went away; closing the upstream request so the engine aborts it")
@@ -289,11 +374,30 @@ async def _relay(request: web.Request, state: RouterState, up: Upstream,
     return resp
 
 
+def _take_usage(event: bytes, usage: dict, strip: bool) -> bool:
+    """Record the usage of an SSE event carrying one; True when the event is to be dropped
+    (a usage-only chunk the client did not ask for)."""
+    if b'"usage":{' not in event and b'"usage": {' not in event:
+        return False
+    line = event.strip()
+    if not line.startswith(b"data: "):
+        return False
+    try:
+        obj = json.loads(line[6:])
+    except ValueError:
+        return False
+    if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+        usage["usage"] = obj["usage"]
+        return strip and not obj.get("choices")
+    return False
+
+
 async def models(request: web.Request) -> web.StreamResponse:
     """``GET /v1/models``: answered by the least-loaded ready upstream."""
     state = request.app[STATE]
-    headers = {k: request.headers[k] for k in _FORWARD_HEADERS if k in request.headers}
-    return await _forward(request, state, "GET", b"", headers, [])
+    if state.tenants is not None and state.tenants.tenant_for(request.headers.get("Authorization")) is None:
+        return _error(401, "Invalid or missing API key (send 'Authorization: Bearer <key>').")
+    return await _forward(request, state, "GET", b"", _upstream_headers(request, state), [])
 
 
 async def health(request: web.Request) -> web.Response:
@@ -316,7 +420,7 @@ def build_router_app(config: RouterConfig, tokenizer) -> web.Application:
         config: settings; ``config.routing`` one of :data:`~.policy.POLICIES`.
         tokenizer: the model's tokenizer (:func:`~argosy.runtime.loader.tokenizer.load_model_tokenizer`).
     Raises:
-        ValueError: unknown routing policy or hash algorithm, no upstream URL.
+        ValueError: unknown routing policy or hash algorithm, no upstream, a bad tenants file.
     """
     if config.routing not in POLICIES:
         raise ValueError(f"--routing must be one of {', '.join(POLICIES)}, not {config.routing!r}")
@@ -326,7 +430,8 @@ def build_router_app(config: RouterConfig, tokenizer) -> web.Application:
         raise ValueError("--upstream-service needs --namespace outside a cluster")
     pool = UpstreamPool(config.upstreams, config.poll_interval)
     state = RouterState(config=config, tokenizer=tokenizer, pool=pool, metrics=RouterMetrics(config.service, pool),
-                        hash_fn=get_hash_fn(config.hash_algo))
+                        hash_fn=get_hash_fn(config.hash_algo),
+                        tenants=Tenants.load(config.tenants_file) if config.tenants_file else None)
     app = web.Application(client_max_size=64 << 20)
     app[STATE] = state
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from typing import Optional
@@ -52,6 +53,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="seconds a request is held waiting for a ready upstream before a 503")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between upstream polls")
     p.add_argument("--service", default="default", help="the `service` label of the router's metrics")
+    p.add_argument("--tenants", default=None, metavar="FILE",
+                   help="JSON file of API keys -> tenants and per-tenant limits (requests and tokens per minute, "
+                        "concurrent requests); every request then needs a listed key")
+    p.add_argument("--upstream-api-key", default=os.environ.get("ARGOSY_UPSTREAM_API_KEY"),
+                   help="bearer token sent to the engines (their --api-key; default $ARGOSY_UPSTREAM_API_KEY)")
     p.add_argument("--log-level", default="info")
     p.set_defaults(func=run)
     return p
@@ -90,7 +96,8 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
                        load_cost_tokens=args.load_cost_tokens, service=args.service,
                        upstream_service=args.upstream_service, upstream_port_name=args.upstream_port_name,
                        namespace=args.namespace or (in_cluster_namespace() if args.upstream_service else None),
-                       kubeconfig=args.kubeconfig)
+                       kubeconfig=args.kubeconfig, tenants_file=args.tenants,
+                       upstream_api_key=args.upstream_api_key)
     try:
         app = build_router_app(cfg, tokenizer)
     except ValueError as e:
