@@ -458,3 +458,43 @@ def test_tenants_through_the_router(engines, tmp_path):
         assert scrape(router)['argosy_router_tenant_requests_total{code="429",service="default",tenant="team-b"}'] == 1
     finally:
         router.stop()
+
+
+def test_a_light_tenant_is_not_queued_behind_a_heavy_one(engines, tmp_path):
+    """One engine, one request in flight at a time (``--max-inflight-per-upstream 1``): a
+    heavy tenant keeps 10 requests waiting, a light one sends 4 in turn. Waiters are served
+    lightest tenant first (tokens charged in the last minute), so the light tenant's p50
+    latency stays under a third of the heavy tenant's (FIFO would put each light request
+    behind ~9 heavy ones: about the same latency as theirs)."""
+    import json
+
+    cfg = tmp_path / "tenants.json"
+    cfg.write_text(json.dumps({"keys": {"sk-heavy": "heavy", "sk-light": "light"}}))
+    router = RouterProcess(tmp_path, "router-fair", [engines[0].base_url],
+                           ["--tenants", str(cfg), "--max-inflight-per-upstream", "1", "--routing", "least-load"])
+    lat = {"heavy": [], "light": []}
+    lock = threading.Lock()
+
+    def run(key: str, name: str, n: int, delay: float = 0.0):
+        time.sleep(delay)
+        client = router.client(api_key=key)
+        for _ in range(n):
+            t = time.monotonic()
+            client.completions.create(model=MODEL, prompt="Tell me about rivers.", max_tokens=16,
+                                      extra_body={"ignore_eos": True})
+            with lock:
+                lat[name].append(time.monotonic() - t)
+
+    try:
+        threads = [threading.Thread(target=run, args=("sk-heavy", "heavy", 4)) for _ in range(10)]
+        threads.append(threading.Thread(target=run, args=("sk-light", "light", 4, 3.0)))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        heavy, light = statistics.median(lat["heavy"]), statistics.median(lat["light"])
+        print(f"p50 latency: light tenant {light * 1e3:.0f} ms, heavy tenant {heavy * 1e3:.0f} ms")
+        assert len(lat["light"]) == 4 and len(lat["heavy"]) == 40
+        assert light * 3 < heavy, lat
+    finally:
+        router.stop()

@@ -36,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..core.kv_cache_manager import get_hash_fn
 from ..loader.tokenizer import chat_prompt_ids
 from .policy import DEFAULT_LOAD_COST_TOKENS, POLICIES, block_hashes, choose
+from .fairqueue import FairWaitQueue
 from .tenants import Tenants, billable
 from .upstreams import Upstream, UpstreamPool
 
@@ -130,6 +131,8 @@ class RouterConfig:
     tenants_file: Optional[str] = None
     #: Bearer token the router sends upstream (engines started with --api-key).
     upstream_api_key: Optional[str] = None
+    #: Requests in flight per upstream before new ones wait in the fair queue (0 = no limit).
+    max_inflight_per_upstream: int = 0
 
 
 @dataclass
@@ -143,6 +146,7 @@ class RouterState:
     routed: int = 0
     pending: int = 0
     tenants: Optional[Tenants] = None
+    queue: Optional[FairWaitQueue] = None
 
 
 STATE = web.AppKey("router_state", RouterState)
@@ -171,21 +175,25 @@ def prompt_token_ids(tokenizer, path: str, body: dict) -> list[int]:
     raise ValueError("prompt is neither text nor token ids")
 
 
-async def _pick(state: RouterState, hashes: list[bytes], exclude: set) -> Optional[Upstream]:
-    """Choose a ready upstream not in ``exclude``, waiting for one if none is ready.
+async def _pick(state: RouterState, hashes: list[bytes], exclude: set, tenant: Optional[str] = None
+                ) -> Optional[Upstream]:
+    """Choose a ready upstream with a free slot, not in ``exclude``; wait in the fair queue
+    (:mod:`.fairqueue`) while there is none.
 
     Returns:
-        The upstream, or None when the wait timed out.
+        The upstream, or None when the wait timed out (or every ready upstream already
+        failed this request).
     Raises:
         web.HTTPServiceUnavailable: too many requests already waiting.
     """
     cfg = state.config
-    deadline = None
+    cap = cfg.max_inflight_per_upstream
+    deadline = ticket = None
     while True:
         ups = state.pool.upstreams  # re-read: discovery replaces the list while we wait
         views = [u.view(cfg.block_size, cfg.hash_algo) for u in ups]
         for v, u in zip(views, ups):
-            v.ready = v.ready and u not in exclude
+            v.ready = v.ready and u not in exclude and (not cap or u.in_flight < cap)
         d = choose(cfg.routing, views, hashes, cfg.block_size, state.routed, cfg.load_cost_tokens)
         if d is not None:
             u = ups[d.index]
@@ -194,20 +202,21 @@ async def _pick(state: RouterState, hashes: list[bytes], exclude: set) -> Option
             if cfg.routing == "prefix" and views[d.index].prefix_ok:
                 u.remember(hashes)
             return u
-        if exclude and any(u.ready for u in ups):
+        ready = [u for u in ups if u.ready]
+        if exclude and ready and all(u in exclude for u in ready):
             return None  # the ready ones all failed this request already
         now = asyncio.get_running_loop().time()
         if deadline is None:
             if state.pending >= cfg.max_pending:
                 state.metrics.rejected.labels(cfg.service, "queue_full").inc()
                 raise web.HTTPServiceUnavailable()
-            deadline = now + cfg.pending_timeout
+            deadline, ticket = now + cfg.pending_timeout, state.queue.ticket()
         if now >= deadline:
             return None
         state.pending += 1
         state.metrics.pending.labels(cfg.service).set(state.pending)
         try:
-            await state.pool.wait_ready(deadline - now)
+            await state.queue.wait(tenant, ticket, deadline - now)
         finally:
             state.pending -= 1
             state.metrics.pending.labels(cfg.service).set(state.pending)
@@ -258,7 +267,7 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     resp = None
     try:
         resp = await _forward(request, state, "POST", raw, headers, hashes,
-                              usage if tenants is not None else None, strip_usage)
+                              usage if tenants is not None else None, strip_usage, tenant)
         return resp
     finally:
         if tenant is not None:
@@ -283,12 +292,13 @@ def _upstream_headers(request: web.Request, state: RouterState) -> dict:
 
 
 async def _forward(request: web.Request, state: RouterState, method: str, raw: bytes, headers: dict,
-                   hashes: list[bytes], usage: Optional[dict] = None, strip_usage: bool = False) -> web.StreamResponse:
+                   hashes: list[bytes], usage: Optional[dict] = None, strip_usage: bool = False,
+                   tenant: Optional[str] = None) -> web.StreamResponse:
     cfg = state.config
     tried: set = set()
     try:
         for attempt in range(MAX_ATTEMPTS):
-            up = await _pick(state, hashes, tried)
+            up = await _pick(state, hashes, tried, tenant)
             if up is None:
                 reason = "no_upstream" if not tried else "upstreams_failed"
                 state.metrics.rejected.labels(cfg.service, reason).inc()
@@ -304,6 +314,7 @@ async def _forward(request: web.Request, state: RouterState, method: str, raw: b
                                                             headers=headers)
             except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
                 up.in_flight -= 1
+                state.queue.wake_all()
                 up.mark_failed(f"{type(e).__name__}: {e}")
                 continue
             try:
@@ -311,6 +322,7 @@ async def _forward(request: web.Request, state: RouterState, method: str, raw: b
             finally:
                 up.in_flight -= 1
                 upstream_resp.release()
+                state.queue.wake_all()  # a slot is free
         return _error(503, "every upstream tried failed this request", {"Retry-After": "5"})
     except web.HTTPServiceUnavailable:
         return _error(503, f"too many requests waiting for an upstream (--max-pending {cfg.max_pending})",
@@ -432,6 +444,8 @@ def build_router_app(config: RouterConfig, tokenizer) -> web.Application:
     state = RouterState(config=config, tokenizer=tokenizer, pool=pool, metrics=RouterMetrics(config.service, pool),
                         hash_fn=get_hash_fn(config.hash_algo),
                         tenants=Tenants.load(config.tenants_file) if config.tenants_file else None)
+    state.queue = FairWaitQueue(state.tenants.charged if state.tenants is not None else (lambda _t: 0))
+    pool.on_poll.append(state.queue.wake_all)
     app = web.Application(client_max_size=64 << 20)
     app[STATE] = state
 

@@ -51,6 +51,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="requests held while no upstream is ready; more get 503")
     p.add_argument("--pending-timeout", type=float, default=300.0,
                    help="seconds a request is held waiting for a ready upstream before a 503")
+    p.add_argument("--max-inflight-per-upstream", type=int, default=0,
+                   help="requests in flight per upstream before new ones wait, served fairly between tenants "
+                        "(0: no limit)")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between upstream polls")
     p.add_argument("--service", default="default", help="the `service` label of the router's metrics")
     p.add_argument("--tenants", default=None, metavar="FILE",
@@ -97,7 +100,8 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
                        upstream_service=args.upstream_service, upstream_port_name=args.upstream_port_name,
                        namespace=args.namespace or (in_cluster_namespace() if args.upstream_service else None),
                        kubeconfig=args.kubeconfig, tenants_file=args.tenants,
-                       upstream_api_key=args.upstream_api_key)
+                       upstream_api_key=args.upstream_api_key,
+                       max_inflight_per_upstream=args.max_inflight_per_upstream)
     try:
         app = build_router_app(cfg, tokenizer)
     except ValueError as e:

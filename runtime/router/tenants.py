@@ -135,6 +135,10 @@ class Tenants:
         st.in_flight += 1
         return None, ""
 
+    def charged(self, tenant: str) -> int:
+        """Tokens charged to ``tenant`` in the last minute (its weight in the fair queue)."""
+        return self._st(tenant, self.clock()).charged_sum
+
     def release(self, tenant: str, tokens: int) -> None:
         """An admitted request ended; charge its billable tokens."""
         now = self.clock()

@@ -161,6 +161,8 @@ class UpstreamPool:
         self.timeout = timeout
         #: Notified whenever an upstream may have become ready.
         self.changed = asyncio.Condition()
+        #: Called (on the event loop) after every poll round.
+        self.on_poll: list = []
         self._task: Optional[asyncio.Task] = None
 
     def set_urls(self, urls: list[str], session: Optional[aiohttp.ClientSession] = None) -> None:
@@ -177,6 +179,8 @@ class UpstreamPool:
         await asyncio.gather(*(u.poll(session, self.timeout) for u in ups))
         async with self.changed:
             self.changed.notify_all()
+        for fn in self.on_poll:
+            fn()
 
     def any_ready(self) -> bool:
         return any(u.ready for u in self.upstreams)
@@ -200,12 +204,3 @@ class UpstreamPool:
                 await self._task
             except asyncio.CancelledError:
                 pass
-
-    async def wait_ready(self, timeout: float) -> bool:
-        """Wait until some upstream is ready; False after ``timeout`` seconds."""
-        try:
-            async with self.changed:
-                await asyncio.wait_for(self.changed.wait_for(self.any_ready), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
