@@ -498,3 +498,19 @@ def test_a_light_tenant_is_not_queued_behind_a_heavy_one(engines, tmp_path):
         assert light * 3 < heavy, lat
     finally:
         router.stop()
+
+
+def test_fallback_takes_what_no_upstream_can(engines, tmp_path):
+    """``--fallback``: the only upstream is down, so the request goes to the fallback at
+    once (it is not held), and the router counts it."""
+    router = RouterProcess(tmp_path, "router-fallback", [f"http://127.0.0.1:{free_port()}"],
+                           ["--fallback", engines[1].base_url, "--pending-timeout", "1"])
+    try:
+        t = time.monotonic()
+        r = router.client().completions.create(model=MODEL, prompt="Hello", max_tokens=3)
+        assert r.choices[0].text is not None and time.monotonic() - t < 30
+        m = scrape(router)
+        assert m['argosy_router_fallback_requests_total{service="default"}'] == 1
+        assert m[f'argosy_router_requests_total{{code="200",service="default",upstream="{engines[1].base_url}"}}'] == 1
+    finally:
+        router.stop()

@@ -10,6 +10,9 @@ connection, so the engine aborts the request and frees its KV blocks.
 Failures: an upstream that refuses the connection or fails before answering is marked
 not ready and the request goes to another (at most ``MAX_ATTEMPTS`` tries); a stream
 that breaks midway ends with an OpenAI error event and ``[DONE]``, never a silent cut.
+With ``--fallback URL`` (another InferenceService), a request no upstream can take (none
+ready, all at ``--max-inflight-per-upstream``, or all failed it) goes there instead of
+waiting (``argosy_router_fallback_requests_total``).
 
 With no ready upstream a request waits (``--pending-timeout`` seconds, at most
 ``--max-pending`` waiting; beyond either: 503 with ``Retry-After``). The number waiting
@@ -68,6 +71,8 @@ class RouterMetrics:
                                 ["service", "upstream", "code"], registry=r)
         self.rejected = Counter("argosy_router_rejected_requests",
                                 "Requests answered by the router itself, by reason", ["service", "reason"], registry=r)
+        self.fallback = Counter("argosy_router_fallback_requests", "Requests sent to --fallback because no upstream "
+                                "could take them", ["service"], registry=r)
         self.retries = Counter("argosy_router_retries", "Requests sent to another upstream after a connection failure",
                                ["service"], registry=r)
         self.prompt_tokens = Counter("argosy_router_prompt_tokens", "Prompt tokens of routed requests (as tokenized "
@@ -133,6 +138,8 @@ class RouterConfig:
     upstream_api_key: Optional[str] = None
     #: Requests in flight per upstream before new ones wait in the fair queue (0 = no limit).
     max_inflight_per_upstream: int = 0
+    #: ``--fallback``: where requests go when no upstream can take them (or all failed).
+    fallback: Optional[str] = None
 
 
 @dataclass
@@ -195,6 +202,10 @@ async def _pick(state: RouterState, hashes: list[bytes], exclude: set, tenant: O
         for v, u in zip(views, ups):
             v.ready = v.ready and u not in exclude and (not cap or u.in_flight < cap)
         d = choose(cfg.routing, views, hashes, cfg.block_size, state.routed, cfg.load_cost_tokens)
+        fb = state.pool.fallback
+        if d is None and fb is not None and fb.ready and fb not in exclude:
+            state.metrics.fallback.labels(cfg.service).inc()
+            return fb  # no capacity here (or every upstream failed): the other service takes it
         if d is not None:
             u = ups[d.index]
             state.routed += 1
@@ -440,7 +451,7 @@ def build_router_app(config: RouterConfig, tokenizer) -> web.Application:
         raise ValueError("give at least one --upstream URL or --upstream-service")
     if config.upstream_service and not config.namespace:
         raise ValueError("--upstream-service needs --namespace outside a cluster")
-    pool = UpstreamPool(config.upstreams, config.poll_interval)
+    pool = UpstreamPool(config.upstreams, config.poll_interval, fallback=config.fallback)
     state = RouterState(config=config, tokenizer=tokenizer, pool=pool, metrics=RouterMetrics(config.service, pool),
                         hash_fn=get_hash_fn(config.hash_algo),
                         tenants=Tenants.load(config.tenants_file) if config.tenants_file else None)

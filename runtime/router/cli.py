@@ -54,6 +54,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-inflight-per-upstream", type=int, default=0,
                    help="requests in flight per upstream before new ones wait, served fairly between tenants "
                         "(0: no limit)")
+    p.add_argument("--fallback", default=None, metavar="URL",
+                   help="base URL of another service (an InferenceService's router or server) for requests no "
+                        "upstream can take: none ready, all busy, or all failed")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between upstream polls")
     p.add_argument("--service", default="default", help="the `service` label of the router's metrics")
     p.add_argument("--tenants", default=None, metavar="FILE",
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
                        namespace=args.namespace or (in_cluster_namespace() if args.upstream_service else None),
                        kubeconfig=args.kubeconfig, tenants_file=args.tenants,
                        upstream_api_key=args.upstream_api_key,
-                       max_inflight_per_upstream=args.max_inflight_per_upstream)
+                       max_inflight_per_upstream=args.max_inflight_per_upstream, fallback=args.fallback)
     try:
         app = build_router_app(cfg, tokenizer)
     except ValueError as e:

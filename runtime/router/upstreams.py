@@ -152,11 +152,15 @@ class UpstreamPool:
         urls: base URLs.
         poll_interval: seconds between polls.
         timeout: seconds per poll request.
+        fallback: ``--fallback`` base URL (another InferenceService), or None.
     """
 
-    def __init__(self, urls: list[str], poll_interval: float = 1.0, timeout: float = 2.0):
+    def __init__(self, urls: list[str], poll_interval: float = 1.0, timeout: float = 2.0,
+                 fallback: Optional[str] = None):
         #: The current upstreams (replaced as a whole by :meth:`set_urls`).
         self.upstreams = [Upstream(u) for u in urls]
+        #: ``--fallback``: polled like the others, used only when none of them can take a request.
+        self.fallback = Upstream(fallback) if fallback else None
         self.poll_interval = poll_interval
         self.timeout = timeout
         #: Notified whenever an upstream may have become ready.
@@ -186,8 +190,8 @@ class UpstreamPool:
         return any(u.ready for u in self.upstreams)
 
     async def poll_once(self, session: aiohttp.ClientSession) -> None:
-        """Poll every upstream once, in parallel, then wake waiters."""
-        await self._poll_some(session, list(self.upstreams))
+        """Poll every upstream (and the fallback) once, in parallel, then wake waiters."""
+        await self._poll_some(session, list(self.upstreams) + ([self.fallback] if self.fallback else []))
 
     async def _loop(self, session: aiohttp.ClientSession) -> None:
         while True:
