@@ -380,6 +380,13 @@ class DisruptionSpec(_Model):
                                                          "percentage).")
 
 
+class TenantsSecretRef(_Model):
+    """A Secret key holding the router's tenants file (JSON: API keys -> tenants, per-tenant limits)."""
+
+    name: str = Field(min_length=1, max_length=253, description="Name of the Secret.")
+    key: str = Field("tenants.json", min_length=1, max_length=253, description="Key in the Secret.")
+
+
 class RouterSpec(_Model):
     """An `argosy router` in front of the server pods: prefix-cache-aware routing with the engines' own block
     hashes, and requests held while no server pod is ready (so scaling from zero can come back)."""
@@ -392,6 +399,12 @@ class RouterSpec(_Model):
                              description="Requests held while no server pod is ready; more get 503.")
     pending_timeout_seconds: int = Field(300, ge=1, le=3600,
                                          description="Seconds a request is held before a 503 with Retry-After.")
+    max_inflight_per_upstream: int = Field(
+        0, ge=0, le=100000, description="Requests in flight per server pod before new ones wait in the router, "
+                                        "served fairly between tenants (0: no limit).")
+    tenants_secret_ref: Optional[TenantsSecretRef] = Field(
+        None, description="Tenants file (argosy router --tenants): every request then needs a listed API key, "
+                          "with per-tenant limits and usage metrics.")
     cpu: Quantity = Field("500m", description="CPU request per router pod.")
     memory: Quantity = Field("1Gi", description="Memory request and limit per router pod.")
 

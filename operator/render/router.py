@@ -9,6 +9,8 @@ from . import common as c
 from .storage import hf_token_env
 
 _HTTP = "http"
+#: Where the tenants Secret is mounted in router pods.
+TENANTS_MOUNT = "/etc/argosy/tenants"
 
 #: Metric the router exports for requests waiting for a ready server pod (scale from zero).
 PENDING_METRIC = "argosy_router_pending_requests"
@@ -34,6 +36,10 @@ def router_args(isvc: api.InferenceService) -> list[str]:
             "--upstream-service", isvc.metadata.name, "--namespace", isvc.metadata.namespace,
             "--routing", r.routing, "--max-pending", str(r.max_pending),
             "--pending-timeout", str(r.pending_timeout_seconds), "--service", isvc.metadata.name]
+    if r.max_inflight_per_upstream:
+        args += ["--max-inflight-per-upstream", str(r.max_inflight_per_upstream)]
+    if r.tenants_secret_ref is not None:
+        args += ["--tenants", f"{TENANTS_MOUNT}/tenants.json"]
     if r.routing == "prefix":
         args += ["--model", plan.serve_model]
         if plan.hub_revision:
@@ -79,6 +85,11 @@ def deployment(isvc: api.InferenceService, settings: OperatorSettings) -> dict:
         env += hf_token_env(isvc) + [{"name": "HF_HOME", "value": f"{c.SCRATCH_MOUNT}/huggingface"}]
         mounts.append({"name": "scratch", "mountPath": c.SCRATCH_MOUNT})
         volumes.append({"name": "scratch", "emptyDir": {}})
+    if r.tenants_secret_ref is not None:
+        ref = r.tenants_secret_ref
+        mounts.append({"name": "tenants", "mountPath": TENANTS_MOUNT, "readOnly": True})
+        volumes.append({"name": "tenants", "secret": {"secretName": ref.name,
+                                                      "items": [{"key": ref.key, "path": "tenants.json"}]}})
     probe = {"httpGet": {"path": "/health", "port": _HTTP}, "periodSeconds": 5, "timeoutSeconds": 3}
     container = {
         "name": "router",

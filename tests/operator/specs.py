@@ -65,7 +65,8 @@ SPECS: dict[str, dict] = {
     "router-from-zero": {
         "model": {"uri": SMOL, "servedName": "smol"},
         "scaling": {"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 3},
-        "router": {"enabled": True, "replicas": 2, "routing": "prefix", "pendingTimeoutSeconds": 600},
+        "router": {"enabled": True, "replicas": 2, "routing": "prefix", "pendingTimeoutSeconds": 600,
+                   "maxInflightPerUpstream": 8, "tenantsSecretRef": {"name": "llm-tenants"}},
     },
     "router-no-cache": {
         "model": {"uri": SMOL},

@@ -391,6 +391,12 @@ def test_router_children():
     assert args[0] == "router" and args[args.index("--upstream-service") + 1] == "llm"
     assert args[args.index("--namespace") + 1] == "ml" and args[args.index("--routing") + 1] == "prefix"
     assert args[args.index("--pending-timeout") + 1] == "600"
+    assert args[args.index("--max-inflight-per-upstream") + 1] == "8"
+    # the tenants Secret, mounted read-only where --tenants reads it
+    assert args[args.index("--tenants") + 1] == "/etc/argosy/tenants/tenants.json"
+    assert {"name": "tenants", "secret": {"secretName": "llm-tenants", "items": [
+        {"key": "tenants.json", "path": "tenants.json"}]}} in pod["volumes"]
+    assert {"name": "tenants", "mountPath": "/etc/argosy/tenants", "readOnly": True} in c["volumeMounts"]
     # the tokenizer comes from the model cache, read-only, as the servers read the model
     server_args = kids["deployment"]["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--model") + 1] == server_args[1]
