@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from . import api
-from .render import scaling
+from .render import router, scaling
 from .settings import OperatorSettings
 
 
@@ -147,8 +147,12 @@ def _fmt(v: Optional[float]) -> str:
 
 
 def queries(isvc: api.InferenceService, settings: OperatorSettings) -> dict[str, str]:
-    """The PromQL the built-in autoscaler runs, by metric: the same text as the KEDA triggers."""
-    return {m: scaling.promql(isvc, settings, m) for m in (scaling.WAITING_METRIC, scaling.KV_CACHE_METRIC)}
+    """The PromQL the built-in autoscaler runs, by metric: the same text as the KEDA triggers
+    (with ``spec.router``, also the router's pending requests)."""
+    out = {m: scaling.promql(isvc, settings, m) for m in (scaling.WAITING_METRIC, scaling.KV_CACHE_METRIC)}
+    if isvc.spec.router.enabled:
+        out[router.PENDING_METRIC] = router.pending_promql(isvc, settings)
+    return out
 
 
 def scalar(result: Any) -> Optional[float]:
@@ -163,6 +167,10 @@ def query_metrics(prom: Any, isvc: api.InferenceService, settings: OperatorSetti
                                                                                                 Optional[float]]:
     """(waiting sum, KV-cache usage sum) from Prometheus.
 
+    With ``spec.router`` the requests the router holds count as waiting: at zero replicas
+    the engines export no series at all, and the router's pending count is what brings a
+    replica back (as its KEDA trigger does).
+
     Args:
         prom: a ``prometheus_api_client.PrometheusConnect`` (or anything with ``custom_query``).
 
@@ -170,7 +178,12 @@ def query_metrics(prom: Any, isvc: api.InferenceService, settings: OperatorSetti
         Whatever ``custom_query`` raises (connection errors, ``PrometheusApiClientException``).
     """
     q = queries(isvc, settings)
-    return scalar(prom.custom_query(q[scaling.WAITING_METRIC])), scalar(prom.custom_query(q[scaling.KV_CACHE_METRIC]))
+    waiting = scalar(prom.custom_query(q[scaling.WAITING_METRIC]))
+    if router.PENDING_METRIC in q:
+        pending = scalar(prom.custom_query(q[router.PENDING_METRIC]))
+        if pending is not None:
+            waiting = (waiting or 0.0) + pending
+    return waiting, scalar(prom.custom_query(q[scaling.KV_CACHE_METRIC]))
 
 
 def inputs_for(isvc: api.InferenceService, current: int, waiting: Optional[float], kv: Optional[float], *,

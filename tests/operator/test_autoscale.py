@@ -116,6 +116,26 @@ def test_queries_are_the_keda_promql():
     assert (i.min_replicas, i.max_replicas, i.window) == (1, 4, 300.0)
 
 
+def test_router_pending_requests_wake_the_builtin_autoscaler_from_zero():
+    """At zero replicas the engines export nothing; the router's held requests count as
+    waiting, so the builtin autoscaler brings a replica back (as the KEDA trigger does)."""
+    isvc = api.parse(make_isvc({"model": {"uri": "hf://a/b"}, "router": {"enabled": True},
+                                "scaling": {"autoscaler": "builtin", "minReplicas": 0, "maxReplicas": 4}}))
+    s = OperatorSettings()
+
+    class AtZero:  # no engine series; the router holds 2 requests
+        def custom_query(self, query):
+            return [{"metric": {}, "value": [0, "2"]}] if "argosy_router_pending_requests" in query else []
+
+    waiting, kv = autoscale.query_metrics(AtZero(), isvc, s)
+    assert (waiting, kv) == (2.0, None)
+    d = autoscale.decide(autoscale.inputs_for(isvc, 0, waiting, kv, now=0, history=[]))
+    assert d.desired == 1 and d.reason == "ScaleUp"
+    no_router = api.parse(make_isvc({"model": {"uri": "hf://a/b"},
+                                     "scaling": {"autoscaler": "builtin", "minReplicas": 0, "maxReplicas": 4}}))
+    assert autoscale.query_metrics(AtZero(), no_router, s) == (None, None)
+
+
 def test_prometheus_adapter_rules_serve_the_hpa_metric_names():
     s = OperatorSettings()
     rules = scaling.prometheus_adapter_rules(s)
