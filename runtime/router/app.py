@@ -38,8 +38,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..core.kv_cache_manager import get_hash_fn
 from ..loader.tokenizer import chat_prompt_ids
-from .policy import DEFAULT_LOAD_COST_TOKENS, POLICIES, block_hashes, choose
 from .fairqueue import FairWaitQueue
+from .policy import DEFAULT_LOAD_COST_TOKENS, POLICIES, block_hashes, choose
 from .tenants import Tenants, billable
 from .upstreams import Upstream, UpstreamPool
 
@@ -144,6 +144,10 @@ class RouterConfig:
 
 @dataclass
 class RouterState:
+    """The running router: its settings, the model's tokenizer, the upstream pool, metrics,
+    the engines' block-hash function, tenants and the fair wait queue; ``routed`` counts
+    routing decisions (round-robin's turn) and ``pending`` the requests waiting now."""
+
     config: RouterConfig
     tokenizer: object
     pool: UpstreamPool
