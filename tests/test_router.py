@@ -449,6 +449,12 @@ def test_tenants_through_the_router(engines, tmp_path):
         completion = m['argosy_router_tenant_tokens_total{kind="completion",service="default",tenant="team-a"}']
         prompt = m['argosy_router_tenant_tokens_total{kind="prompt",service="default",tenant="team-a"}']
         assert completion == 12 and prompt >= r.usage.prompt_tokens + 1
+        # the engine's prefix-cache hits are billed apart (prompt_tokens_details.cached_tokens)
+        long = "A long prompt for the cache: " + " ".join(f"w{i}" for i in range(80))
+        for _ in range(2):
+            a.completions.create(model=MODEL, prompt=long, max_tokens=1)
+        cached = scrape(router)['argosy_router_tenant_tokens_total{kind="cached",service="default",tenant="team-a"}']
+        assert cached > 0 and cached % 16 == 0
         b = router.client(api_key="sk-b")
         for _ in range(2):
             b.completions.create(model=MODEL, prompt="x", max_tokens=1)

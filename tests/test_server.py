@@ -162,6 +162,22 @@ def test_max_tokens_gives_length(server_client, server_model):
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
 
 
+def test_usage_reports_prefix_cache_hits_as_cached_tokens(server_client, server_model):
+    """``usage.prompt_tokens_details.cached_tokens``: 0 for a prompt never seen, then the
+    whole blocks the prefix cache served (block size 16) for the same prompt again, in
+    plain and streamed answers (what ``argosy router`` bills as cached)."""
+    prompt = "Cached tokens check: " + " ".join(f"word{i}" for i in range(120))
+    first = server_client.completions.create(model=server_model, prompt=prompt, max_tokens=1)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    again = server_client.completions.create(model=server_model, prompt=prompt, max_tokens=1)
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens and cached % 16 == 0
+    assert cached >= again.usage.prompt_tokens - 16
+    chunks = list(server_client.completions.create(model=server_model, prompt=prompt, max_tokens=1, stream=True,
+                                                   stream_options={"include_usage": True}))
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+
+
 # ---------------------------------------------------------------- n, seed and stop
 def test_chat_n_choices(server_main, server_client, server_model):
     r = server_client.chat.completions.create(model=server_model, messages=CHAT, n=3, max_tokens=5,

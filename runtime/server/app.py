@@ -294,11 +294,13 @@ class Choice:
     finish_reason: Optional[str] = None
     stop_reason: object = None
     text_offset: int = 0  # legacy logprobs: characters emitted so far
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
 
     def update(self, out: RequestOutput) -> None:
         """Fold one engine output into this choice."""
         self.text += out.new_text
         self.num_tokens = out.num_output_tokens
+        self.num_cached_tokens = out.num_cached_tokens
         self.logprobs.extend(out.logprobs)
         if out.finished:
             self.finish_reason = out.finish_reason
@@ -364,11 +366,17 @@ async def generate_choices(async_llm: AsyncLLM, choices: list[Choice]) -> AsyncI
 
 
 def usage(choices: list[Choice]) -> dict:
-    """OpenAI ``usage``: prompt tokens counted once per prompt, completion tokens summed."""
-    prompts = {ch.prompt_index: len(ch.prompt_ids) for ch in choices}
-    prompt = sum(prompts.values())
+    """OpenAI ``usage``: prompt tokens counted once per prompt, completion tokens summed, and
+    ``prompt_tokens_details.cached_tokens``: the counted prompts' tokens served from the
+    prefix cache (per prompt, its first choice's; further choices of ``n`` share it)."""
+    first: dict[int, Choice] = {}
+    for ch in sorted(choices, key=lambda c: c.index):
+        first.setdefault(ch.prompt_index, ch)
+    prompt = sum(len(ch.prompt_ids) for ch in first.values())
+    cached = sum(ch.num_cached_tokens for ch in first.values())
     completion = sum(ch.num_tokens for ch in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 # ----------------------------------------------------------------------- formats
