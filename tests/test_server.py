@@ -178,6 +178,42 @@ def test_usage_reports_prefix_cache_hits_as_cached_tokens(server_client, server_
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
 
 
+def test_logit_bias_bans_and_forces_tokens(server_main, server_client, server_model):
+    """OpenAI's ``logit_bias``: -100 on the greedy choice makes greedy pick another token,
+    +100 on some token makes greedy pick it; a token id past the vocabulary is a 400."""
+    kw = dict(model=server_model, prompt="The capital of France is", max_tokens=1, temperature=0)
+    plain = server_client.completions.create(**kw, logprobs=1)
+    top = http_request(server_main, "POST", "/tokenize", {"prompt": plain.choices[0].text,
+                                                          "add_special_tokens": False})[1]["tokens"][0]
+    banned = server_client.completions.create(**kw, logit_bias={str(top): -100})
+    assert banned.choices[0].text != plain.choices[0].text
+    forced_id = http_request(server_main, "POST", "/tokenize", {"prompt": " banana",
+                                                                "add_special_tokens": False})[1]["tokens"][0]
+    forced = server_client.completions.create(**kw, logit_bias={str(forced_id): 100})
+    assert forced.choices[0].text == server_client.completions.create(
+        **kw, logit_bias={str(forced_id): 100}).choices[0].text
+    assert http_request(server_main, "POST", "/detokenize", {"tokens": [forced_id]})[1]["prompt"] == forced.choices[0].text
+    status, body = http_request(server_main, "POST", "/v1/completions",
+                                {**kw, "logit_bias": {"99999999": 5}})
+    assert status == 400 and "logit_bias" in body["error"]["message"]
+    status, body = http_request(server_main, "POST", "/v1/completions", {**kw, "logit_bias": {"5": 101}})
+    assert status == 400 and "logit_bias" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "required"), ("guided_json", {"type": "object"}), ("guided_regex", "a+"),
+    ("structured_outputs", {"json": {}}), ("prompt_logprobs", 1)])
+def test_unsupported_features_are_a_400_not_a_silent_200(server_main, server_model, field, value):
+    body = {"model": server_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, field: value}
+    status, resp = http_request(server_main, "POST", "/v1/chat/completions", body)
+    assert status == 400 and field in resp["error"]["message"], resp
+    # the values that mean "not used" stay accepted
+    ok = {"model": server_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+          "response_format": {"type": "text"}, "tool_choice": "none", "tools": []}
+    assert http_request(server_main, "POST", "/v1/chat/completions", ok)[0] == 200
+
+
 # ---------------------------------------------------------------- n, seed and stop
 def test_chat_n_choices(server_main, server_client, server_model):
     r = server_client.chat.completions.create(model=server_model, messages=CHAT, n=3, max_tokens=5,

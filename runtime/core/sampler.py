@@ -5,7 +5,7 @@ building small parameter tensors and, for requests with a ``seed``, drawing thei
 from their own generator (so their tokens do not depend on the batch they are in).
 
 Order of operations (vLLM's): penalties (repetition as in CTRL, Keskar et al. 2019;
-OpenAI presence/frequency), min_tokens EOS suppression, temperature, min_p
+OpenAI presence/frequency), OpenAI's ``logit_bias``, min_tokens EOS suppression, temperature, min_p
 (Nguyen et al. 2024), top-k, top-p (nucleus, Holtzman et al. 2020), then one uniform
 draw per row and inverse-CDF sampling over the kept tokens. Greedy rows take ``argmax``
 only; top-k / top-p rows work on a truncated candidate set (``topk``), not a sort of the
@@ -71,6 +71,12 @@ class Sampler:
 
         if any(p.has_penalties for p in params):
             logits = self._apply_penalties(logits.clone(), reqs)
+        biased = [(i, t, b) for i, p in enumerate(params) if p.logit_bias for t, b in p.logit_bias.items()]
+        if biased:
+            if logits is orig:
+                logits = logits.clone()
+            rows, cols, vals = zip(*biased)
+            logits[list(rows), list(cols)] += torch.tensor(vals, dtype=logits.dtype, device=logits.device)
         ban = [(i, t) for i, r in enumerate(reqs) if r.num_output_tokens < r.sampling_params.min_tokens
                for t in (*(() if r.sampling_params.ignore_eos else r.eos_token_ids), *r.sampling_params.stop_token_ids)]
         if ban:

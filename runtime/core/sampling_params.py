@@ -30,6 +30,9 @@ class SamplingParams:
             sampled token's), None = none.
         prompt_logprobs: not supported (must be None).
         skip_special_tokens: drop special tokens from the text.
+        logit_bias: token id -> value in [-100, 100] added to that token's logit before
+            sampling (OpenAI's ``logit_bias``; -100 effectively bans a token, +100 all but
+            forces it); None = none.
     """
 
     n: int = 1
@@ -50,6 +53,7 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: Optional[dict[int, float]] = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -98,6 +102,11 @@ class SamplingParams:
             raise ValueError("prompt_logprobs is not supported")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop strings must be non-empty")
+        for tok, bias in (self.logit_bias or {}).items():
+            if not isinstance(tok, int) or tok < 0:
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {tok!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {tok}")
 
     @property
     def greedy(self) -> bool:

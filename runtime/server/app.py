@@ -254,6 +254,9 @@ def _sampling_params(state: ServerState, req: SamplingRequest, default_max_token
     bad = [t for t in (req.stop_token_ids or []) if t >= state.vocab_size]
     if bad:
         raise ApiError(400, f"stop_token_ids must be in [0, {state.vocab_size}), got {bad[0]}", "stop_token_ids")
+    bad = [k for k in (req.logit_bias or {}) if k.isdigit() and int(k) >= state.vocab_size]
+    if bad:
+        raise ApiError(400, f"logit_bias token ids must be in [0, {state.vocab_size}), got {bad[0]}", "logit_bias")
     try:
         return req.to_sampling_params(default_max_tokens)
     except ValueError as e:

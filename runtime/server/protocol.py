@@ -74,8 +74,27 @@ class ChatMessage(_Strict):
         return d
 
 
+#: Request fields of OpenAI's and vLLM's APIs that this server does not implement: a request
+#: using one gets a 400 naming it, never a 200 that silently ignores it (value -> allowed
+#: values that mean "not used").
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+    "guided_decoding_backend": (), "structured_outputs": (),
+    "logits_processors": (), "prompt_logprobs": (), "audio": (), "prediction": (),
+}
+
+
 class SamplingRequest(_Strict):
-    """Sampling fields shared by chat and completions (OpenAI's plus vLLM's extras)."""
+    """Sampling fields shared by chat and completions (OpenAI's plus vLLM's extras).
+
+    Unknown fields are ignored (clients send ``metadata``, ``store`` and the like), except
+    the features of :data:`UNSUPPORTED_FIELDS`, which are refused with a 400 naming them.
+    """
 
     model: Optional[str] = None
     max_tokens: Optional[int] = None
@@ -98,6 +117,38 @@ class SamplingRequest(_Strict):
     min_tokens: Optional[Annotated[int, Field(ge=0)]] = None
     skip_special_tokens: Optional[bool] = True
     include_stop_str_in_output: Optional[bool] = False
+    logit_bias: Optional[dict[str, float]] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data):
+        if isinstance(data, dict):
+            for name, harmless in UNSUPPORTED_FIELDS.items():
+                if name in data and data[name] is not None and data[name] not in harmless:
+                    raise ValueError(f"{name} is not supported by this server")
+        return data
+
+    @field_validator("logit_bias", mode="before")
+    @classmethod
+    def _int_bias_values(cls, v):  # JSON numbers like 100 are ints; strict floats refuse them
+        if isinstance(v, dict):
+            return {k: float(x) if isinstance(x, int) and not isinstance(x, bool) else x for k, x in v.items()}
+        return v
+
+    def logit_bias_ids(self) -> Optional[dict[int, float]]:
+        """``logit_bias`` with token-id keys.
+
+        Raises:
+            ValueError: a key that is not a non-negative integer.
+        """
+        if not self.logit_bias:
+            return None
+        out = {}
+        for k, v in self.logit_bias.items():
+            if not k.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
+            out[int(k)] = v
+        return out
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -146,6 +197,7 @@ class SamplingRequest(_Strict):
             logprobs=self._num_logprobs(),
             skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            logit_bias=self.logit_bias_ids(),
             **{k: v for k, v in opt.items() if v is not None},
         )
 
