@@ -259,6 +259,28 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             body = {"object": "error", "error": {"message": f"tenant {tenant!r} is over its {which} limit",
                                                  "type": "rate_limit_exceeded", "param": None, "code": 429}}
             return web.json_response(body, status=429, headers={"Retry-After": str(math.ceil(retry))})
+    usage: dict = {}
+    resp = None
+    try:
+        resp = await _route(request, state, tenant, usage)
+        return resp
+    finally:  # also when the client went away mid-request: the tenant's slot is given back
+        if tenant is not None:
+            prompt, cached, completion = billable(usage.get("usage"))
+            tenants.release(tenant, prompt - cached + completion)
+            m = state.metrics
+            for kind, n in (("prompt", prompt), ("cached", cached), ("completion", completion)):
+                if n:
+                    m.tenant_tokens.labels(cfg.service, tenant, kind).inc(n)
+            m.tenant_requests.labels(cfg.service, tenant, str(resp.status if resp is not None else 499)).inc()
+
+
+async def _route(request: web.Request, state: RouterState, tenant: Optional[str], usage: dict
+                 ) -> web.StreamResponse:
+    """Read, tokenize and hash the request, then forward it (``usage`` receives the answer's
+    usage when tenants are on)."""
+    cfg = state.config
+    tenants = state.tenants
     raw = await request.read()
     hashes: list[bytes] = []
     strip_usage = False
@@ -277,22 +299,8 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             state.metrics.prompt_tokens.labels(cfg.service).inc(len(ids))
     except Exception as e:  # noqa: BLE001 - malformed bodies are the engine's to reject
         logger.debug("not tokenizing %s (%s); routing on load", request.path, e)
-    headers = _upstream_headers(request, state)
-    usage: dict = {}
-    resp = None
-    try:
-        resp = await _forward(request, state, "POST", raw, headers, hashes,
-                              usage if tenants is not None else None, strip_usage, tenant)
-        return resp
-    finally:
-        if tenant is not None:
-            prompt, cached, completion = billable(usage.get("usage"))
-            tenants.release(tenant, prompt - cached + completion)
-            m = state.metrics
-            for kind, n in (("prompt", prompt), ("cached", cached), ("completion", completion)):
-                if n:
-                    m.tenant_tokens.labels(cfg.service, tenant, kind).inc(n)
-            m.tenant_requests.labels(cfg.service, tenant, str(resp.status if resp is not None else 499)).inc()
+    return await _forward(request, state, "POST", raw, _upstream_headers(request, state), hashes,
+                          usage if tenants is not None else None, strip_usage, tenant)
 
 
 def _upstream_headers(request: web.Request, state: RouterState) -> dict:
