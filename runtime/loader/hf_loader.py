@@ -17,7 +17,8 @@ def read_config(path: Path) -> ModelConfig:
     """Parse ``config.json`` into a :class:`ModelConfig`.
 
     Raises:
-        ModelLoadError: missing/invalid JSON or an unsupported architecture.
+        ModelLoadError: missing/invalid JSON, an unsupported architecture, or a
+            ``quantization_config`` (AWQ, GPTQ, compressed-tensors, FP8: not implemented yet).
     """
     cfg_path = path / "config.json"
     try:
@@ -26,6 +27,19 @@ def read_config(path: Path) -> ModelConfig:
         raise ModelLoadError(f"{path}: no config.json (not a Hugging Face model directory)") from None
     except (OSError, json.JSONDecodeError) as e:
         raise ModelLoadError(f"{cfg_path}: unreadable config ({e})") from None
+    qc = c.get("quantization_config")
+    if qc:
+        # loading packed or scaled weights as plain floats would serve garbage (an FP8
+        # checkpoint's weights without their scales): refuse until the format is implemented
+        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
+        detail = ""
+        if isinstance(qc, dict):
+            bits = qc.get("bits") or qc.get("w_bit")
+            fmt = qc.get("format")
+            detail = ", ".join(x for x in (f"{bits}-bit" if bits else "", f"format {fmt}" if fmt else "") if x)
+        raise ModelLoadError(
+            f"{path}: pre-quantized checkpoint (quant_method {method!r}{', ' + detail if detail else ''}) is not "
+            f"supported yet; supported: GGUF files and unquantized safetensors directories")
     archs = c.get("architectures") or []
     if not (set(archs) & set(SUPPORTED_HF_ARCHITECTURES)) and c.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
