@@ -110,6 +110,18 @@ def url(isvc: api.InferenceService, settings: OperatorSettings) -> str:
     return f"http://{m.name}.{m.namespace}.svc.{settings.cluster_domain}:{api.SERVER_PORT}/v1"
 
 
+def finish_container(container: dict, env: list[dict], mounts: list[dict], settings: OperatorSettings) -> dict:
+    """Add ``env``, ``volumeMounts`` (when not empty) and the operator's ``imagePullPolicy``
+    to ``container``; returns it."""
+    if env:
+        container["env"] = env
+    if mounts:
+        container["volumeMounts"] = mounts
+    if settings.image_pull_policy:
+        container["imagePullPolicy"] = settings.image_pull_policy
+    return container
+
+
 def restricted_pod_security(settings: OperatorSettings) -> dict:
     """Pod securityContext meeting the Pod Security Standards' "restricted" profile."""
     uid = settings.run_as_user

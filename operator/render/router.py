@@ -6,7 +6,7 @@ from __future__ import annotations
 from .. import api
 from ..settings import OperatorSettings
 from . import common as c
-from .storage import hf_token_env
+from .storage import model_access
 
 _HTTP = "http"
 #: Where the tenants Secret is mounted in router pods.
@@ -75,16 +75,10 @@ def deployment(isvc: api.InferenceService, settings: OperatorSettings) -> dict:
     read-only when there is one (the router reads the tokenizer from it), the service-account
     token mounted (it watches EndpointSlices), spread over nodes."""
     r = isvc.spec.router
-    plan = c.model_plan(isvc)
     env: list[dict] = []
     mounts, volumes = [], []
-    if plan.claim:
-        mounts.append({"name": "model", "mountPath": c.MODEL_MOUNT, "readOnly": True})
-        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": plan.claim, "readOnly": True}})
-    elif r.routing == "prefix":  # it fetches the model from the hub, as the servers do
-        env += hf_token_env(isvc) + [{"name": "HF_HOME", "value": f"{c.SCRATCH_MOUNT}/huggingface"}]
-        mounts.append({"name": "scratch", "mountPath": c.SCRATCH_MOUNT})
-        volumes.append({"name": "scratch", "emptyDir": {}})
+    if c.model_plan(isvc).claim or r.routing == "prefix":  # the tokenizer: from the cache, or the hub
+        env, mounts, volumes = model_access(isvc)
     if r.tenants_secret_ref is not None:
         ref = r.tenants_secret_ref
         mounts.append({"name": "tenants", "mountPath": TENANTS_MOUNT, "readOnly": True})
@@ -103,12 +97,7 @@ def deployment(isvc: api.InferenceService, settings: OperatorSettings) -> dict:
         "livenessProbe": {**probe, "periodSeconds": 15, "failureThreshold": 4},
         "securityContext": c.restricted_container_security(),
     }
-    if env:
-        container["env"] = env
-    if mounts:
-        container["volumeMounts"] = mounts
-    if settings.image_pull_policy:
-        container["imagePullPolicy"] = settings.image_pull_policy
+    c.finish_container(container, env, mounts, settings)
     pod = {
         "serviceAccountName": router_name(isvc),
         "automountServiceAccountToken": True,

@@ -43,6 +43,18 @@ def hf_token_env(isvc: api.InferenceService) -> list[dict]:
     return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}]
 
 
+def model_access(isvc: api.InferenceService) -> tuple[list[dict], list[dict], list[dict]]:
+    """``(env, volumeMounts, volumes)`` that give a pod the model: the cache claim mounted
+    read-only at ``MODEL_MOUNT`` when there is one, else a scratch emptyDir the pod downloads
+    the model into from the hub (``HF_HOME`` there, ``HF_TOKEN`` from the credentials)."""
+    plan = c.model_plan(isvc)
+    if plan.claim:
+        return ([], [{"name": "model", "mountPath": c.MODEL_MOUNT, "readOnly": True}],
+                [{"name": "model", "persistentVolumeClaim": {"claimName": plan.claim, "readOnly": True}}])
+    return (hf_token_env(isvc) + [{"name": "HF_HOME", "value": f"{c.SCRATCH_MOUNT}/huggingface"}],
+            [{"name": "scratch", "mountPath": c.SCRATCH_MOUNT}], [{"name": "scratch", "emptyDir": {}}])
+
+
 def prefetch_job(isvc: api.InferenceService, settings: OperatorSettings) -> Optional[dict]:
     """The Job running ``argosy download URI DIR`` into the cache volume, or None when nothing
     needs downloading (``pvc://`` model, cache disabled, ``cache.prefetch: false``).

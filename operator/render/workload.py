@@ -7,7 +7,7 @@ import math
 from .. import api
 from ..settings import OperatorSettings
 from . import common as c
-from .storage import hf_token_env
+from .storage import model_access
 
 _HTTP = "http"
 
@@ -81,16 +81,7 @@ def pod_spec_hash(isvc: api.InferenceService, settings: OperatorSettings) -> str
 def pod_template(isvc: api.InferenceService, settings: OperatorSettings) -> dict:
     """The server pod template: runtime container, GPU resources, probes, drain, restricted security."""
     spec = isvc.spec
-    plan = c.model_plan(isvc)
-    env: list[dict] = []
-    mounts, volumes = [], []
-    if plan.claim:
-        mounts.append({"name": "model", "mountPath": c.MODEL_MOUNT, "readOnly": True})
-        volumes.append({"name": "model", "persistentVolumeClaim": {"claimName": plan.claim, "readOnly": True}})
-    else:  # the server downloads the model from the hub into an emptyDir
-        env += hf_token_env(isvc) + [{"name": "HF_HOME", "value": f"{c.SCRATCH_MOUNT}/huggingface"}]
-        mounts.append({"name": "scratch", "mountPath": c.SCRATCH_MOUNT})
-        volumes.append({"name": "scratch", "emptyDir": {}})
+    env, mounts, volumes = model_access(isvc)  # the cache claim, or a hub download into an emptyDir
     if spec.parallelism.tensor > 1:  # tensor-parallel ranks exchange tensors through shared memory
         shm = {"medium": "Memory"}
         if spec.resources.shared_memory_size is not None:
@@ -112,12 +103,7 @@ def pod_template(isvc: api.InferenceService, settings: OperatorSettings) -> dict
         "lifecycle": {"preStop": {"sleep": {"seconds": settings.pre_stop_sleep}}},
         "securityContext": c.restricted_container_security(),
     }
-    if env:
-        container["env"] = env
-    if mounts:
-        container["volumeMounts"] = mounts
-    if settings.image_pull_policy:
-        container["imagePullPolicy"] = settings.image_pull_policy
+    c.finish_container(container, env, mounts, settings)
 
     node_selector = dict(spec.scheduling.node_selector)
     if spec.resources.gpu_product:
