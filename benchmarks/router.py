@@ -6,12 +6,18 @@ through ``--routing round-robin``, and straight to one engine, side by side in o
 
 Workload: ``--prefixes`` distinct system prompts of ``--prefix-len`` tokens (built from a
 word list with the model's tokenizer, seeded), ``--requests`` requests each made of one
-prefix and a short question, in a shuffled order, sent as token ids to
+prefix and a short question, sent as token ids to
 ``/v1/completions`` (streaming, ``--output-len`` tokens, ``ignore_eos``),
 ``--concurrency`` in flight. Every mode starts fresh engines (``argosy serve`` with
 ``--kv-cache-memory`` per engine, default 48 MiB: ~3.6 prefixes each, so the fleet's
 caches only hold the working set when each prefix stays on one engine), each with
 ``OMP_NUM_THREADS`` = cores / engines (``--engine-threads``).
+
+Two arrival orders (``--order``, default both): ``shuffled``, and ``interleaved`` (request
+``k`` uses prefix ``k % prefixes``: the prefixes' users take turns). Under round-robin
+each engine sees every prefix; with an LRU cache of C prefixes over P equally likely ones
+a shuffled order still hits ~C/P of the time, an interleaved one cycles through all P and
+hits almost never.
 
 Reported per mode: the engines' prefix-cache hit tokens (``vllm:prefix_cache_hits_total``
 summed), TTFT p50 / p99, wall time and output tokens/s.
@@ -33,7 +39,8 @@ from prefix_sharing import prefix_counters  # noqa: E402
 from serving import WORDS, Server, argosy_cmd, load_tokenizer, pct, resolve_model, run_level  # noqa: E402
 
 
-def make_workload(tok, n: int, prefixes: int, prefix_len: int, seed: int) -> list[list[int]]:
+def make_workload(tok, n: int, prefixes: int, prefix_len: int, seed: int, shuffle: bool = True) -> list[list[int]]:
+    """``n`` prompts (token ids): prefix ``k % prefixes`` + a short question, shuffled or not."""
     rng = random.Random(seed)
     heads = []
     for i in range(prefixes):
@@ -43,7 +50,8 @@ def make_workload(tok, n: int, prefixes: int, prefix_len: int, seed: int) -> lis
     for k in range(n):
         q = f"\nQuestion {k}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(6, 12))) + "?\nAnswer:"
         out.append(heads[k % prefixes] + list(tok.encode(q, add_special_tokens=False)))
-    rng.shuffle(out)
+    if shuffle:
+        rng.shuffle(out)
     return out
 
 
@@ -98,23 +106,26 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--kv-cache-memory", default="48MiB", help="per engine")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--order", choices=("shuffled", "interleaved", "both"), default="both")
     ap.add_argument("--engine-threads", type=int, default=0,
                     help="OMP_NUM_THREADS per engine (default: cores / engines, at least 1: engines that share "
                          "cores with more threads than cores spin against each other)")
     args = ap.parse_args()
     model = resolve_model(args.model)
     tok = load_tokenizer(model)
-    prompts = make_workload(tok, args.requests, args.prefixes, args.prefix_len, args.seed)
-    rows = {mode: run_mode(mode, args, model, prompts) for mode in ("prefix", "round-robin", "one engine")}
-    cols = list(next(iter(rows.values())))
-    print(f"\n{args.requests} requests, {args.prefixes} prefixes of {args.prefix_len} tokens, "
-          f"{args.output_len} output tokens, concurrency {args.concurrency}, KV cache {args.kv_cache_memory}/engine")
-    print(f"{'mode':<14}" + "".join(f"{c:>14}" for c in cols))
-    for mode, r in rows.items():
-        print(f"{mode:<14}" + "".join(f"{r[c]:>14.1f}" if isinstance(r[c], float) else f"{r[c]:>14}" for c in cols))
-    rr = rows["round-robin"]["hit tokens"]
-    print(f"prefix routing: {rows['prefix']['hit tokens'] / max(rr, 1):.2f}x round-robin's hit tokens")
-
+    for order in (("shuffled", "interleaved") if args.order == "both" else (args.order,)):
+        prompts = make_workload(tok, args.requests, args.prefixes, args.prefix_len, args.seed,
+                                shuffle=order == "shuffled")
+        rows = {mode: run_mode(mode, args, model, prompts) for mode in ("prefix", "round-robin", "one engine")}
+        cols = list(next(iter(rows.values())))
+        print(f"\n{args.requests} requests in {order} order, {args.prefixes} prefixes of {args.prefix_len} tokens, "
+              f"{args.output_len} output tokens, concurrency {args.concurrency}, KV cache {args.kv_cache_memory}/engine")
+        print(f"{'mode':<14}" + "".join(f"{c:>14}" for c in cols))
+        for mode, r in rows.items():
+            print(f"{mode:<14}" + "".join(f"{r[c]:>14.1f}" if isinstance(r[c], float) else f"{r[c]:>14}" for c in cols))
+        rr = rows["round-robin"]["hit tokens"]
+        ratio = f"{rows['prefix']['hit tokens'] / rr:.2f}x" if rr else "all of the hits (round-robin: none),"
+        print(f"prefix routing ({order}): {ratio} round-robin's hit tokens", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -4,6 +4,7 @@ policy (pure), and real processes on loopback (engines + router, the openai SDK)
 from __future__ import annotations
 
 import hashlib
+import queue
 import random
 import statistics
 import struct
@@ -184,16 +185,28 @@ def _hits(engines) -> float:
     return sum(scrape(e).get("vllm:prefix_cache_hits_total", 0.0) for e in engines)
 
 
-def _run_workload(router, prompts: list[str], n: int, concurrency: int, seed: int) -> list[float]:
-    """``n`` chat requests (1 token each) over ``prompts`` in a shuffled order; TTFTs (s)."""
+def _run_workload(router, prompts: list[str], n: int, concurrency: int, seed: int,
+                  shuffle: bool = True) -> list[float]:
+    """``n`` chat requests (1 token each) over ``prompts``, in a shuffled order or
+    interleaved (prompt ``k % len(prompts)`` for request ``k``: the prompts' users take
+    turns); TTFTs (s)."""
     rng = random.Random(seed)
     order = [prompts[i % len(prompts)] for i in range(n)]
-    rng.shuffle(order)
+    if shuffle:
+        rng.shuffle(order)
     ttfts, lock, errors = [], threading.Lock(), []
 
-    def worker(items):
+    work = queue.SimpleQueue()
+    for item in enumerate(order):
+        work.put(item)
+
+    def worker():
         client = router.client()
-        for k, sp in items:
+        while True:
+            try:
+                k, sp = work.get_nowait()
+            except queue.Empty:
+                return
             t = time.monotonic()
             try:
                 r = client.chat.completions.create(model=MODEL, max_tokens=1, temperature=0, messages=[
@@ -204,8 +217,7 @@ def _run_workload(router, prompts: list[str], n: int, concurrency: int, seed: in
             with lock:
                 ttfts.append(time.monotonic() - t)
 
-    items = list(enumerate(order))
-    threads = [threading.Thread(target=worker, args=(items[i::concurrency],)) for i in range(concurrency)]
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
@@ -215,28 +227,44 @@ def _run_workload(router, prompts: list[str], n: int, concurrency: int, seed: in
 
 
 def test_prefix_routing_beats_round_robin_on_cache_hits(engines, tmp_path):
-    """64 requests over 8 distinct ~600-token system prompts in a shuffled order, 3
-    engines whose KV caches hold ~3.6 such prompts each: prefix routing keeps each prompt
-    on one engine, round-robin spreads every prompt over all three (and they evict each
-    other). Measured here: 27,408 against 11,808 hit tokens (2.32x; issue 13 asks 3x, not
-    reached with a shuffled order), TTFT p50 285 ms against 557 ms."""
+    """64 requests over 8 distinct ~600-token system prompts, 3 engines whose KV caches
+    hold ~3.6 such prompts each: prefix routing keeps each prompt on one engine (8 cold
+    misses, then hits), round-robin spreads every prompt over all three, where they evict
+    each other. Two arrival orders, both measured in one run:
+
+    - interleaved (the 8 prompts' users take turns): every round-robin engine cycles
+      through all 8 prompts with room for ~3.6, the LRU worst case; the issue's 3x is asserted.
+    - shuffled: an LRU cache of C prompts over P equally likely ones hits ~C/P of the time,
+      so round-robin still hits ~3.6/8 of its requests and the expected ratio is only
+      (1 - 8/64) / (3.6/8) ~ 1.9x; seen 1.7x-2.8x depending on timing, so only 1.4x is
+      asserted there. Prefix routing itself is held to >= 80% of the ideal hit tokens in both.
+    """
     urls = [e.base_url for e in engines]
     results = {}
-    for policy, seed in (("prefix", 1), ("round-robin", 2)):
-        router = RouterProcess(tmp_path, f"router-{policy}", urls, ["--routing", policy])
-        try:
-            before = _hits(engines)
-            ttfts = _run_workload(router, _system_prompts(8, seed), 64, 4, seed)
-            results[policy] = (_hits(engines) - before, statistics.median(ttfts))
-            if policy == "prefix":
-                m = scrape(router)
-                assert m["argosy_router_prefix_matched_tokens_total{service=\"default\"}"] > 0
-        finally:
-            router.stop()
-    (hp, tp), (hr, tr) = results["prefix"], results["round-robin"]
-    print(f"prefix-cache hit tokens: prefix routing {hp:.0f} (TTFT p50 {tp * 1e3:.0f} ms), "
-          f"round-robin {hr:.0f} (TTFT p50 {tr * 1e3:.0f} ms)")
-    assert hp >= 2 * max(hr, 1.0), results
+    seed = 0
+    for order in ("interleaved", "shuffled"):
+        for policy in ("prefix", "round-robin"):
+            seed += 1  # fresh prompts per run: nothing left in the caches helps the next one
+            router = RouterProcess(tmp_path, f"router-{policy}-{order}", urls, ["--routing", policy])
+            try:
+                prompts = _system_prompts(8, seed)
+                before = _hits(engines)
+                ttfts = _run_workload(router, prompts, 64, 4, seed, shuffle=order == "shuffled")
+                results[order, policy] = (_hits(engines) - before, statistics.median(ttfts))
+                if policy == "prefix":
+                    m = scrape(router)
+                    assert m["argosy_router_prefix_matched_tokens_total{service=\"default\"}"] > 0
+            finally:
+                router.stop()
+    for (order, policy), (h, t) in results.items():
+        print(f"{order:>11} {policy:>11}: prefix-cache hit tokens {h:.0f}, TTFT p50 {t * 1e3:.0f} ms")
+    # A system prompt is ~600 tokens (580 words of one-token vocabulary + the template); only
+    # whole 16-token blocks hit, and the first request of each prompt is a cold miss.
+    ideal = (64 - 8) * 576
+    for order, ratio in (("interleaved", 3.0), ("shuffled", 1.4)):
+        hp, hr = results[order, "prefix"][0], results[order, "round-robin"][0]
+        assert hp >= 0.8 * ideal, (order, results)
+        assert hp >= ratio * max(hr, 1.0), (order, results)
 
 
 def test_router_reports_an_engine_that_hashes_blocks_differently(engines, tmp_path):
