@@ -124,6 +124,7 @@ class EngineArgs:
     seed: int = 0
     enforce_eager: bool = False
     num_threads: Optional[int] = None
+    structured_outputs_backend: str = "auto"
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -162,6 +163,11 @@ class EngineArgs:
                             "NCCL on CUDA); must divide the attention heads, KV heads and MLP width")
         g.add_argument("--seed", type=int, default=d.seed, help="engine random seed")
         g.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+        g.add_argument("--structured-outputs-config.backend", "--guided-decoding-backend",
+                       dest="structured_outputs_backend", default=d.structured_outputs_backend,
+                       choices=["auto", "xgrammar"],
+                       help="grammar engine for response_format / guided_* / structured_outputs / tool_choice "
+                            "(auto = xgrammar; llguidance was measured slower here and is not wired in)")
         g.add_argument("--num-threads", type=int, default=None, help="torch CPU threads (default: $OMP_NUM_THREADS, else the cores this process may use: CPU affinity capped by the cgroup CPU limit)")
         return parser
 

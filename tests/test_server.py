@@ -201,9 +201,9 @@ def test_logit_bias_bans_and_forces_tokens(server_main, server_client, server_mo
 
 
 @pytest.mark.parametrize("field,value", [
-    ("response_format", {"type": "json_object"}), ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "required"), ("guided_json", {"type": "object"}), ("guided_regex", "a+"),
-    ("structured_outputs", {"json": {}}), ("prompt_logprobs", 1)])
+    ("tools", [{"type": "function", "function": {"name": "f"}}]),
+    ("tool_choice", "required"), ("guided_whitespace_pattern", " "), ("logits_processors", ["x"]),
+    ("prompt_logprobs", 1)])
 def test_unsupported_features_are_a_400_not_a_silent_200(server_main, server_model, field, value):
     body = {"model": server_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, field: value}
     status, resp = http_request(server_main, "POST", "/v1/chat/completions", body)

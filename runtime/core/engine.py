@@ -18,6 +18,7 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_cache_manager import KVCacheManager
 from .request import Request, RequestStatus
 from .sampler import Sampler
+from .structured_output import StructuredOutputManager
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 
@@ -133,6 +134,9 @@ class LLMEngine:
         self.planner = StepPlanner(self.kv.get_block_ids)
         self._scratch_ids = 0
         self.sampler = Sampler(self.model_config.vocab_size, self.args.seed)
+        self.structured = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size,
+                                                  self.model_config.eos_token_ids,
+                                                  getattr(self.args, "structured_outputs_backend", "auto"))
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self.stats = EngineStats()
         self.load_time_s = time.monotonic() - t0
@@ -160,7 +164,8 @@ class LLMEngine:
 
         Raises:
             ValueError: empty prompt, prompt (+ ``max_tokens``) longer than
-                ``max_model_len``, or a token id out of range.
+                ``max_model_len``, a token id out of range, or an invalid
+                ``structured_outputs`` constraint (compiled here, once per distinct spec).
         """
         n = len(prompt_token_ids)
         if n == 0:
@@ -182,6 +187,8 @@ class LLMEngine:
                 f"{n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} for the completion). "
                 "Please reduce the length of the prompt or max_tokens."
             )
+        if params.structured_outputs is not None:
+            self.structured.compile(params.structured_outputs)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: Optional[float] = None) -> Request:
@@ -197,6 +204,8 @@ class LLMEngine:
         room = self.max_model_len - n
         max_tokens = room if params.max_tokens is None else params.max_tokens
         req = Request(request_id, prompt_token_ids, params, self.model_config.eos_token_ids, max_tokens, arrival_time)
+        if params.structured_outputs is not None:
+            req.grammar = self.structured.new_state(params.structured_outputs)
         self.detok[request_id] = IncrementalDetokenizer(
             self._fast_tokenizer, req.prompt_token_ids, params.stop_strings,
             params.include_stop_str_in_output, params.skip_special_tokens,
@@ -297,6 +306,8 @@ class LLMEngine:
         sampled_map: dict[str, int] = {}
         lp_map: dict[str, object] = {}
         if reqs:
+            if any(r.grammar is not None for r in reqs):
+                self.structured.apply_bitmask(logits, [r.grammar for r in reqs])
             out = self.sampler(logits, reqs)
             for r, t, lp in zip(reqs, out.token_ids, out.logprobs):
                 sampled_map[r.request_id] = t
@@ -317,6 +328,9 @@ class LLMEngine:
             if req.request_id in lp_map:
                 lp, top = lp_map[req.request_id]
                 lps = [(tok, lp, top)]
+            if req.grammar is not None and not self._advance_grammar(req, tok):
+                outputs.append(self._output(req, [tok], lps))
+                continue
             det = self.detok[req.request_id]
             hit = det.append(tok, check_stop=req.num_output_tokens >= req.sampling_params.min_tokens)
             if hit is not None and not req.status.finished:
@@ -327,6 +341,23 @@ class LLMEngine:
                 req.status = RequestStatus.FINISHED_STOPPED
             outputs.append(self._output(req, [tok], lps))
         return outputs
+
+    def _advance_grammar(self, req: Request, tok: int) -> bool:
+        """Feed a constrained request's new token to its matcher. A completed grammar
+        finishes the request (``stop``); a token the grammar refuses (only possible when
+        ``min_tokens`` banned the one token the grammar allowed, the stop token) ends it
+        with ``error`` and returns False."""
+        if req.grammar.accept(tok):
+            if req.grammar.is_terminated and not req.status.finished:
+                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            return True
+        logger.warning("request %s: token %d is not allowed by its structured-output grammar; finishing it",
+                       req.request_id, tok)
+        if not req.status.finished:
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ERROR)
+        else:
+            req.status = RequestStatus.FINISHED_ERROR
+        return False
 
     def _output(self, req: Request, new_ids: list[int], lps: list) -> RequestOutput:
         finished = req.status.finished

@@ -40,13 +40,14 @@ class Request:
         sampling_params: how to sample.
         arrival_time: ``time.monotonic()`` at submission (seconds); earlier = higher priority.
         generator: per-request ``torch.Generator`` when ``seed`` is set.
+        grammar: the structured-output matcher when the request is constrained, else None.
     """
 
     __slots__ = (
         "request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "sampling_params",
         "arrival_time", "status", "num_computed_tokens", "num_cached_tokens", "generator",
         "max_tokens", "eos_token_ids", "first_scheduled_time", "first_token_time", "last_token_time",
-        "num_preemptions", "stop_reason", "logprobs", "finish_reason_override",
+        "num_preemptions", "stop_reason", "logprobs", "finish_reason_override", "grammar",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
@@ -73,6 +74,8 @@ class Request:
         self.stop_reason = None  # the stop string or token id that ended it
         self.logprobs: list = []
         self.finish_reason_override: Optional[str] = None
+        #: the structured-output matcher (``GrammarState``) of a constrained request
+        self.grammar = None
 
     @property
     def num_tokens(self) -> int:

@@ -2,8 +2,71 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Optional, Union
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on the output, enforced while decoding (vLLM's ``StructuredOutputsParams``).
+
+    Exactly one of the fields is set:
+
+    Attributes:
+        json: a JSON Schema (draft 2020-12 subset the grammar engine supports), as a dict
+            or its JSON text; the output is one JSON value valid against it.
+        json_object: any JSON object (OpenAI's ``response_format: {"type": "json_object"}``).
+        regex: the output matches this regular expression (whole output).
+        choice: the output is exactly one of these strings.
+        grammar: a context-free grammar: GBNF/EBNF (rules written ``name ::= ...``, root
+            rule ``root``) or Lark (``start: ...``).
+        disable_any_whitespace: JSON without optional whitespace (compact separators).
+
+    Raises:
+        ValueError: none or several constraints, an empty choice list, a schema that is
+            not JSON (the grammar engine's own errors surface when it is compiled).
+    """
+
+    json: Union[None, str, dict] = None
+    json_object: bool = False
+    regex: Optional[str] = None
+    choice: Optional[tuple[str, ...]] = None
+    grammar: Optional[str] = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, list):
+            object.__setattr__(self, "choice", tuple(self.choice))
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, json_object, regex, choice, grammar; got "
+                             + (", ".join(kinds) or "none"))
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+        if isinstance(self.json, str):
+            try:
+                json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+        if self.regex is not None and not self.regex:
+            raise ValueError("structured_outputs.regex must be non-empty")
+        if self.grammar is not None and not self.grammar.strip():
+            raise ValueError("structured_outputs.grammar must be non-empty")
+
+    @property
+    def kind(self) -> str:
+        """``"json" | "json_object" | "regex" | "choice" | "grammar"``."""
+        if self.json_object:
+            return "json_object"
+        return next(k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None)
+
+    def key(self) -> tuple:
+        """A hashable identity for the compiled-grammar cache."""
+        spec = None if self.json is None else json.dumps(
+            json.loads(self.json) if isinstance(self.json, str) else self.json, sort_keys=True)
+        return (self.kind, spec, self.regex, self.choice, self.grammar, self.disable_any_whitespace)
 
 
 @dataclass
@@ -33,6 +96,8 @@ class SamplingParams:
         logit_bias: token id -> value in [-100, 100] added to that token's logit before
             sampling (OpenAI's ``logit_bias``; -100 effectively bans a token, +100 all but
             forces it); None = none.
+        structured_outputs: a constraint on the output (JSON schema, regex, choice,
+            grammar) enforced with a token mask each step; None = free text.
     """
 
     n: int = 1
@@ -54,6 +119,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logit_bias: Optional[dict[int, float]] = None
+    structured_outputs: Optional[StructuredOutputsParams] = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:

@@ -116,8 +116,8 @@ def _validation_error(e: ValidationError) -> ApiError:
 def _params_error(e: ValueError) -> ApiError:
     """A 400 for ``SamplingParams``' ValueError (its message starts with the field name)."""
     msg = str(e)
-    first = msg.split(" ", 1)[0]
-    return ApiError(400, msg, first if re.fullmatch(r"[a-z_]+", first) else None)
+    word = msg.split(" ", 1)[0].rstrip(":").split(".")[0]
+    return ApiError(400, msg, word if re.fullmatch(r"[a-z_]+", word) else None)
 
 
 # ---------------------------------------------------------------------- app state
@@ -730,6 +730,8 @@ def build_app(async_llm: AsyncLLM, args=None) -> web.Application:
         tokens=_TokenText(engine.tokenizer),
     )
     async_llm.output_observers.append(state.metrics.observe)
+    if getattr(engine, "structured", None) is not None:
+        engine.structured.warm_up()  # the grammar engine's import and tables, off the request path
     app = web.Application(middlewares=[_errors_and_auth], client_max_size=MAX_BODY_BYTES)
     app[STATE] = state
     app.router.add_post("/v1/chat/completions", chat_completions)

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..core.sampling_params import SamplingParams
+from ..core.sampling_params import SamplingParams, StructuredOutputsParams
 
 #: Largest ``n`` accepted (each choice is a separate engine request).
 MAX_N = 128
@@ -78,15 +78,54 @@ class ChatMessage(_Strict):
 #: using one gets a 400 naming it, never a 200 that silently ignores it (value -> allowed
 #: values that mean "not used").
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
-    "response_format": ({"type": "text"},),
     "tools": ([],),
     "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
-    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
-    "guided_decoding_backend": (), "structured_outputs": (),
+    "guided_whitespace_pattern": (), "structural_tag": (),
     "logits_processors": (), "prompt_logprobs": (), "audio": (), "prediction": (),
 }
+
+
+class _Forbid(_Strict):
+    """Nested objects whose unknown keys are refused (a constraint must not be half-read)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class JsonSchemaFormat(_Forbid):
+    """``response_format.json_schema``: OpenAI's ``{name, description, schema, strict}``."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: Optional[str] = None
+    schema_: Optional[dict] = Field(default=None, alias="schema")
+    strict: Optional[bool] = None
+
+
+class ResponseFormat(_Forbid):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+    @model_validator(mode="after")
+    def _schema_for_json_schema(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("response_format of type json_schema needs json_schema.schema")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"response_format of type {self.type} takes no json_schema")
+        return self
+
+
+class StructuredOutputsRequest(_Forbid):
+    """vLLM's ``structured_outputs`` request object (one constraint)."""
+
+    json_: Union[dict, str, None] = Field(default=None, alias="json")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    disable_any_whitespace: Optional[bool] = None
 
 
 class SamplingRequest(_Strict):
@@ -118,6 +157,14 @@ class SamplingRequest(_Strict):
     skip_special_tokens: Optional[bool] = True
     include_stop_str_in_output: Optional[bool] = False
     logit_bias: Optional[dict[str, float]] = None
+    # structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs
+    response_format: Optional[ResponseFormat] = None
+    guided_json: Union[dict, str, None] = None
+    guided_regex: Optional[str] = None
+    guided_choice: Optional[list[str]] = None
+    guided_grammar: Optional[str] = None
+    guided_decoding_backend: Optional[Literal["auto", "xgrammar"]] = None
+    structured_outputs: Optional[StructuredOutputsRequest] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -149,6 +196,43 @@ class SamplingRequest(_Strict):
                 raise ValueError(f"logit_bias keys must be token ids, got {k!r}")
             out[int(k)] = v
         return out
+
+    def structured_outputs_params(self) -> Optional[StructuredOutputsParams]:
+        """The request's output constraint, from whichever field carries it.
+
+        Raises:
+            ValueError: more than one constraint field, or an invalid one (the message
+                starts with the field name).
+        """
+        given = []
+        rf = self.response_format
+        if rf is not None and rf.type != "text":
+            given.append(("response_format", dict(json=rf.json_schema.schema_) if rf.type == "json_schema"
+                          else dict(json_object=True)))
+        for name, kw in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                         ("guided_grammar", "grammar")):
+            v = getattr(self, name)
+            if v is not None:
+                given.append((name, {kw: v}))
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            kw = {"json": so.json_, "regex": so.regex, "choice": so.choice, "grammar": so.grammar,
+                  "json_object": bool(so.json_object)}
+            given.append(("structured_outputs", {k: v for k, v in kw.items() if v not in (None, False)}))
+        if not given:
+            return None
+        if len(given) > 1:
+            raise ValueError(f"{given[0][0]} cannot be combined with {given[1][0]}: give one output constraint")
+        name, kw = given[0]
+        if self.structured_outputs is not None and self.structured_outputs.disable_any_whitespace:
+            kw["disable_any_whitespace"] = True
+        try:
+            return StructuredOutputsParams(**kw)
+        except ValueError as e:
+            msg = str(e)
+            if name != "structured_outputs":
+                msg = f"{name}: " + msg.removeprefix("structured_outputs.").removeprefix("structured_outputs ")
+            raise ValueError(msg) from None
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -198,6 +282,7 @@ class SamplingRequest(_Strict):
             skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             logit_bias=self.logit_bias_ids(),
+            structured_outputs=self.structured_outputs_params(),
             **{k: v for k, v in opt.items() if v is not None},
         )
 
