@@ -70,6 +70,12 @@ def _add_serve(sub, engine_flags: bool = True) -> None:
                    help="on SIGTERM, seconds to let in-flight requests finish before aborting them (default 30)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                    help="log level (default info)")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide to call tools (tool_choice "auto", the default with tools); '
+                        "needs --tool-call-parser")
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                   help="how tool calls are found in the model's text for tool_choice auto: hermes "
+                        "(<tool_call>{...}</tool_call>, Hermes 2 Pro / Qwen 2.5) or llama3_json (Llama 3.x JSON)")
     if EngineArgs is None:
         p.add_argument("engine_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         p.set_defaults(func=_cmd_serve_unavailable)
@@ -93,6 +99,8 @@ def _cmd_serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     ns.model = ns.model or ns.model_tag
     if ns.shutdown_timeout < 0:
         return _fail("--shutdown-timeout must be non-negative")
+    if ns.enable_auto_tool_choice and not ns.tool_call_parser:
+        return _fail("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
 
     from .config import EngineArgs
     from .core.engine import LLMEngine

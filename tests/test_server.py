@@ -201,8 +201,7 @@ def test_logit_bias_bans_and_forces_tokens(server_main, server_client, server_mo
 
 
 @pytest.mark.parametrize("field,value", [
-    ("tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("tool_choice", "required"), ("guided_whitespace_pattern", " "), ("logits_processors", ["x"]),
+    ("functions", [{"name": "f"}]), ("guided_whitespace_pattern", " "), ("logits_processors", ["x"]),
     ("prompt_logprobs", 1)])
 def test_unsupported_features_are_a_400_not_a_silent_200(server_main, server_model, field, value):
     body = {"model": server_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, field: value}
@@ -212,6 +211,18 @@ def test_unsupported_features_are_a_400_not_a_silent_200(server_main, server_mod
     ok = {"model": server_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
           "response_format": {"type": "text"}, "tool_choice": "none", "tools": []}
     assert http_request(server_main, "POST", "/v1/chat/completions", ok)[0] == 200
+
+
+def test_auto_tool_choice_needs_the_parser_flags(server_main, server_model):
+    """Tools without tool_choice mean ``auto``, which (as in vLLM) needs
+    --enable-auto-tool-choice and --tool-call-parser: a 400 saying so, not a 200 that
+    ignores the tools."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for extra in ({}, {"tool_choice": "auto"}):
+        status, resp = http_request(server_main, "POST", "/v1/chat/completions", {
+            "model": server_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "tools": tools,
+            **extra})
+        assert status == 400 and "--enable-auto-tool-choice" in resp["error"]["message"], resp
 
 
 # ---------------------------------------------------------------- n, seed and stop

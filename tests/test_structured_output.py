@@ -1,6 +1,7 @@
-"""Structured outputs (issue 14): JSON schema / json_object / regex / choice / grammar
-constraints enforced while decoding, through the engine and through ``argosy serve`` with
-the real ``openai`` SDK. Answers are checked with ``jsonschema`` and ``re`` (independent
+"""Structured outputs and tool calling (issue 14): JSON schema / json_object / regex /
+choice / grammar constraints enforced while decoding, through the engine and through
+``argosy serve`` with the real ``openai`` SDK; forced tool calls (named, required) and
+the tool-result round trip. Answers are checked with ``jsonschema`` and ``re`` (independent
 of the grammar engine)."""
 
 from __future__ import annotations
@@ -182,7 +183,8 @@ def test_mixed_batch_keeps_unconstrained_rows_identical(llm):
 # ------------------------------------------------------------------- server
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("argosy_structured"), "structured", ["--max-model-len", "2048"],
+    srv = ServerProcess(tmp_path_factory.mktemp("argosy_structured"), "structured",
+                        ["--max-model-len", "2048", "--enable-auto-tool-choice", "--tool-call-parser", "hermes"],
                         api_key=API_KEY)
     yield srv
     srv.stop()
@@ -281,3 +283,125 @@ def test_abort_mid_constrained_stream_frees_everything(server):
         "response_format": _json_schema_format("order")})
     assert status == 200, out
     jsonschema.validate(json.loads(out["choices"][0]["message"]["content"]), SCHEMAS["order"])
+
+
+# -------------------------------------------------------------------- tools
+TOOLS = [
+    {"type": "function", "function": {
+        "name": "get_weather", "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "minLength": 1, "maxLength": 20},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["city", "unit"], "additionalProperties": False}}},
+    {"type": "function", "function": {
+        "name": "add", "description": "Add two integers",
+        "parameters": {"type": "object", "properties": {
+            "a": {"type": "integer", "minimum": -1000, "maximum": 1000},
+            "b": {"type": "integer", "minimum": -1000, "maximum": 1000}},
+            "required": ["a", "b"], "additionalProperties": False}}},
+]
+PARAMS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+ASK = [{"role": "user", "content": "What is the weather in Paris? Also, what is 2 + 3?"}]
+
+
+def _streamed_calls(stream) -> tuple[list[tuple[str, str]], list[str], str]:
+    calls, finish = {}, None
+    for chunk in stream:
+        for c in chunk.choices:
+            for tc in c.delta.tool_calls or []:
+                slot = calls.setdefault(tc.index, {"id": None, "name": "", "args": ""})
+                slot["id"] = slot["id"] or tc.id
+                if tc.function is not None:
+                    slot["name"] += tc.function.name or ""
+                    slot["args"] += tc.function.arguments or ""
+            finish = c.finish_reason or finish
+    ordered = [v for _, v in sorted(calls.items())]
+    return [(v["name"], v["args"]) for v in ordered], [v["id"] for v in ordered], finish
+
+
+def test_named_tool_choice(client):
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=120, temperature=0,
+              tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    r = client.chat.completions.create(**kw)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "stop" and msg.content is None
+    (call,) = msg.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("chatcmpl-tool-")
+    jsonschema.validate(json.loads(call.function.arguments), PARAMS["get_weather"])
+    calls, ids, finish = _streamed_calls(client.chat.completions.create(stream=True, **kw))
+    assert calls == [("get_weather", call.function.arguments)] and finish == "stop" and ids[0]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_tool_choice(client, parallel):
+    kw = dict(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=200, temperature=0, tool_choice="required",
+              parallel_tool_calls=parallel)
+    r = client.chat.completions.create(**kw)
+    assert r.choices[0].finish_reason == "tool_calls"
+    calls = r.choices[0].message.tool_calls
+    assert calls and (parallel or len(calls) == 1)
+    for c in calls:
+        jsonschema.validate(json.loads(c.function.arguments), PARAMS[c.function.name])
+    streamed, ids, finish = _streamed_calls(client.chat.completions.create(stream=True, **kw))
+    assert streamed == [(c.function.name, c.function.arguments) for c in calls] and finish == "tool_calls"
+    assert len(set(ids)) == len(ids)
+
+
+def test_tool_result_round_trip(client):
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=120, temperature=0,
+                                       tool_choice={"type": "function", "function": {"name": "add"}})
+    call = r.choices[0].message.tool_calls[0]
+    args = json.loads(call.function.arguments)
+    history = ASK + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.id, "type": "function", "function": {"name": "add", "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": str(args["a"] + args["b"])},
+    ]
+    r2 = client.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, tool_choice="none",
+                                        max_tokens=20, temperature=0)
+    assert r2.choices[0].message.content and not r2.choices[0].message.tool_calls
+    # the tool result is in the prompt the model saw
+    plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=1)
+    assert r2.usage.prompt_tokens > plain.usage.prompt_tokens + 5
+
+
+def test_auto_tool_choice_with_hermes_parser(client):
+    """``auto`` (the default with tools) on a server started with the hermes parser: the
+    bundled model's template has no tool section, so it answers in text; that text comes
+    back as content with finish_reason stop (a parsed call is covered in test_tool_parsers)."""
+    r = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, max_tokens=16, temperature=0)
+    msg = r.choices[0].message
+    if msg.tool_calls:
+        assert r.choices[0].finish_reason == "tool_calls"
+    else:
+        assert msg.content and r.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}}, None),
+    ({"tool_choice": "required"}, None),
+    ({"tools": TOOLS, "tool_choice": "required", "guided_regex": "a"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}], "tool_choice": "required"},
+     "tools.0.function.name"),
+    ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, None),
+])
+def test_bad_tool_requests_are_400(server, body, param):
+    status, out = http_request(server, "POST", "/v1/chat/completions",
+                               {"model": MODEL, "messages": ASK, "max_tokens": 5, **body})
+    err = assert_error_body(out, 400)
+    assert status == 400
+    if param is not None:
+        assert err["param"] == param, err
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "tool", "content": "42"}],  # no tool_call_id
+    [{"role": "user"}],  # no content
+    [{"role": "user", "content": "hi", "tool_calls": [{"id": "x", "type": "function",
+                                                        "function": {"name": "f", "arguments": "{}"}}]}],
+])
+def test_bad_tool_messages_are_400(server, messages):
+    status, out = http_request(server, "POST", "/v1/chat/completions",
+                               {"model": MODEL, "messages": messages, "max_tokens": 5})
+    assert_error_body(out, 400)
+    assert status == 400

@@ -88,14 +88,19 @@ def load_model_tokenizer(model: Optional[str] = None, tokenizer: Optional[str] =
     return load_gguf_tokenizer(path) if kind == "gguf" else load_hf_tokenizer(path)
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+def chat_prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                    tools: Optional[list[dict]] = None) -> list[int]:
     """Token ids of a conversation through the model's chat template (what the engine runs).
 
+    Args:
+        tools: OpenAI-format tool definitions, handed to the template as ``tools`` (a
+            template without tool support ignores them).
     Raises:
         ValueError: the template cannot render these messages (the message says why).
     """
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                            **({"tools": tools} if tools else {}))
     except Exception as e:  # jinja errors, missing template, ...
         raise ValueError(f"cannot apply the chat template: {e}") from None
     if not isinstance(ids, list):

@@ -175,7 +175,7 @@ def prompt_token_ids(tokenizer, path: str, body: dict) -> list[int]:
         from ..server.protocol import ChatCompletionRequest
 
         req = ChatCompletionRequest.model_validate(body)
-        return chat_prompt_ids(tokenizer, req.template_messages())
+        return chat_prompt_ids(tokenizer, req.template_messages(), tools=req.template_tools())
     prompt = body["prompt"]
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         prompt = prompt[0]

@@ -34,9 +34,10 @@ from pydantic import ValidationError
 from .. import __version__
 from ..core.async_llm import AsyncLLM, EngineDeadError
 from ..core.engine import RequestOutput
-from ..core.sampling_params import SamplingParams
+from ..core.sampling_params import SamplingParams, StructuredOutputsParams
 from ..loader.tokenizer import chat_prompt_ids
 from .metrics import CONTENT_TYPE, ServerMetrics
+from .tools import ToolCalls, ToolMode, get_parser, named_schema, required_schema
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -136,6 +137,9 @@ class ServerState:
     draining: bool = False
     inflight: set = field(default_factory=set)
     created: int = field(default_factory=lambda: int(time.time()))
+    #: ``--enable-auto-tool-choice`` / ``--tool-call-parser``: what ``tool_choice: "auto"`` needs
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: Optional[str] = None
 
     @property
     def engine(self):
@@ -263,13 +267,44 @@ def _sampling_params(state: ServerState, req: SamplingRequest, default_max_token
         raise _params_error(e) from None
 
 
-def _chat_prompt(state: ServerState, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of a conversation through the model's chat template (the function
-    ``argosy router`` uses too). Raises ApiError(400)."""
+def _chat_prompt(state: ServerState, messages: list[dict], add_generation_prompt: bool = True,
+                 tools: Optional[list[dict]] = None) -> list[int]:
+    """Token ids of a conversation (and its tools) through the model's chat template (the
+    function ``argosy router`` uses too). Raises ApiError(400)."""
     try:
-        return chat_prompt_ids(state.tokenizer, messages, add_generation_prompt)
+        return chat_prompt_ids(state.tokenizer, messages, add_generation_prompt, tools)
     except ValueError as e:
         raise ApiError(400, str(e), "messages") from None
+
+
+def _tool_mode(state: ServerState, req: ChatCompletionRequest, params: SamplingParams
+               ) -> tuple[Optional[ToolMode], SamplingParams]:
+    """How the request uses its tools, and its sampling parameters with the output
+    constraint that ``required`` or a named ``tool_choice`` implies.
+
+    Raises:
+        ApiError(400): ``auto`` without ``--enable-auto-tool-choice`` and
+            ``--tool-call-parser`` (vLLM's rule), or a forced tool call combined with
+            another output constraint.
+    """
+    choice = req.effective_tool_choice
+    if choice == "none":
+        return None, params
+    if choice == "auto":
+        if not (state.enable_auto_tool_choice and state.tool_call_parser):
+            raise ApiError(400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be '
+                                'set (or send tool_choice "none", "required" or a named function)', "tool_choice")
+        return ToolMode("auto", parser=get_parser(state.tool_call_parser)), params
+    if params.structured_outputs is not None:
+        raise ApiError(400, "tool_choice required or a named function cannot be combined with response_format, "
+                            "guided_* or structured_outputs", "tool_choice")
+    tools = [t.model_dump(exclude_none=True) for t in req.tools]
+    if choice == "required":
+        mode, schema = ToolMode("required"), required_schema(tools, req.parallel_tool_calls is not False)
+    else:
+        tool = next(t for t in tools if t["function"]["name"] == choice.function.name)
+        mode, schema = ToolMode("named", function=choice.function.name), named_schema(tool)
+    return mode, dataclasses.replace(params, structured_outputs=StructuredOutputsParams(json=schema))
 
 
 def _request_id(prefix: str) -> str:
@@ -427,12 +462,22 @@ class ChatFormat(_Format):
             content.append({"token": text, "logprob": max(lp, _MIN_LOGPROB), "bytes": raw, "top_logprobs": tops})
         return {"content": content}
 
+    def __init__(self, tokens: _TokenText, want_logprobs: bool, tools: Optional[ToolCalls] = None):
+        super().__init__(tokens, want_logprobs)
+        self.tools = tools
+
     def prelude(self, ch: Choice) -> dict:
         return {"index": ch.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                 "finish_reason": None}
 
     def delta(self, ch: Choice, out: RequestOutput) -> Optional[dict]:
         has_lp = self.want_logprobs and out.logprobs
+        if self.tools is not None:
+            d, finish = self.tools.delta(ch.index, ch.text, out.finished, out.finish_reason)
+            if not (d or out.finished or has_lp):
+                return None
+            return {"index": ch.index, "delta": d, "logprobs": self._logprobs(out.logprobs), "finish_reason": finish,
+                    "stop_reason": out.stop_reason}
         if not (out.new_text or out.finished or has_lp):
             return None
         return {"index": ch.index, "delta": {"content": out.new_text} if out.new_text or has_lp else {},
@@ -440,9 +485,11 @@ class ChatFormat(_Format):
                 "stop_reason": out.stop_reason}
 
     def final(self, ch: Choice) -> dict:
-        return {"index": ch.index, "message": {"role": "assistant", "content": ch.text},
-                "logprobs": self._logprobs(ch.logprobs), "finish_reason": ch.finish_reason,
-                "stop_reason": ch.stop_reason}
+        message, finish = {"role": "assistant", "content": ch.text}, ch.finish_reason
+        if self.tools is not None:
+            message, finish = self.tools.message(ch.text, ch.finish_reason)
+        return {"index": ch.index, "message": message, "logprobs": self._logprobs(ch.logprobs),
+                "finish_reason": finish, "stop_reason": ch.stop_reason}
 
 
 class CompletionFormat(_Format):
@@ -581,10 +628,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     req = await _parse(request, ChatCompletionRequest)
     _check_model(state, req.model)
     params = _sampling_params(state, req, None)
-    prompt = _chat_prompt(state, req.template_messages())
+    mode, params = _tool_mode(state, req, params)
+    prompt = _chat_prompt(state, req.template_messages(), tools=req.template_tools())
     _admit(state)
     choices = fan_out(state, _request_id("chatcmpl"), [prompt], params)
-    fmt = ChatFormat(state.tokens, bool(req.logprobs))
+    fmt = ChatFormat(state.tokens, bool(req.logprobs), ToolCalls(mode) if mode else None)
     return await _respond(request, state, choices, fmt, bool(req.stream), req.include_usage)
 
 
@@ -728,6 +776,8 @@ def build_app(async_llm: AsyncLLM, args=None) -> web.Application:
         max_waiting_requests=max_waiting,
         metrics=ServerMetrics(engine, engine.served_model_name),
         tokens=_TokenText(engine.tokenizer),
+        enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
+        tool_call_parser=getattr(args, "tool_call_parser", None),
     )
     async_llm.output_observers.append(state.metrics.observe)
     if getattr(engine, "structured", None) is not None:

@@ -10,6 +10,7 @@ to it; the few checks here protect the engine thread from values it cannot survi
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -42,13 +43,48 @@ class TextContentPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    """``tool_calls[].function`` of an assistant message: ``arguments`` is a JSON string."""
+
+    name: str
+    arguments: str
+
+
+class ToolCallMessage(_Strict):
+    """One entry of an assistant message's ``tool_calls``."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     """One conversation turn; ``content`` (required, as OpenAI requires it of every
-    message without ``tool_calls``) is a string or a list of text parts."""
+    message without ``tool_calls``) is a string or a list of text parts. An assistant
+    turn may carry ``tool_calls`` instead of content; a ``tool`` turn answers one call
+    (``tool_call_id``)."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextContentPart]]
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCallMessage]] = None
+    tool_call_id: Optional[str] = None
+    # after role and tool_calls: its validator reads them
+    content: Annotated[Union[str, list[TextContentPart], None], Field(validate_default=True)] = None
+
+    @field_validator("content", mode="after")
+    @classmethod
+    def _content_required(cls, v, info):
+        if v is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("content is required (only an assistant message with tool_calls may omit it)")
+        return v
+
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
 
     @field_validator("content", mode="before")
     @classmethod
@@ -61,25 +97,65 @@ class ChatMessage(_Strict):
         return v
 
     def text(self) -> str:
-        """The content as one string (text parts joined with newlines)."""
+        """The content as one string (text parts joined with newlines; "" when absent)."""
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(p.text for p in self.content)
 
     def to_template(self) -> dict:
-        """The dict handed to ``tokenizer.apply_chat_template``."""
+        """The dict handed to ``tokenizer.apply_chat_template`` (tool call arguments
+        parsed into objects, as Hugging Face chat templates expect them)."""
         d = {"role": self.role, "content": self.text()}
         if self.name is not None:
             d["name"] = self.name
+        if self.tool_calls:
+            calls = []
+            for c in self.tool_calls:
+                try:
+                    args = json.loads(c.function.arguments)
+                except ValueError:
+                    args = c.function.arguments
+                calls.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": args}})
+            d["tool_calls"] = calls
+        if self.tool_call_id is not None:
+            d["tool_call_id"] = self.tool_call_id
         return d
+
+
+class FunctionDefinition(_Strict):
+    """``tools[].function``: a name (OpenAI's pattern), a description and the JSON schema
+    of its ``parameters``."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+    description: Optional[str] = None
+    parameters: Optional[dict] = None
+    strict: Optional[bool] = None
+
+
+class ChatTool(_Strict):
+    """One entry of ``tools`` (``type`` must be ``function``)."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    """``tool_choice: {"type": "function", "function": {"name": ...}}``."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 #: Request fields of OpenAI's and vLLM's APIs that this server does not implement: a request
 #: using one gets a 400 naming it, never a 200 that silently ignores it (value -> allowed
 #: values that mean "not used").
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
-    "tools": ([],),
-    "tool_choice": ("none",),
     "functions": ([],),
     "function_call": ("none",),
     "guided_whitespace_pattern": (), "structural_tag": (),
@@ -294,6 +370,9 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: Optional[int] = None
     logprobs: Optional[bool] = False
     top_logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]] = None
+    tools: Optional[list[ChatTool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = True
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -310,6 +389,28 @@ class ChatCompletionRequest(SamplingRequest):
     def template_messages(self) -> list[dict]:
         """The conversation in the form chat templates expect."""
         return [m.to_template() for m in self.messages]
+
+    def template_tools(self) -> Optional[list[dict]]:
+        """``tools`` in the form chat templates expect (None without tools)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    @model_validator(mode="after")
+    def _tool_choice_needs_tools(self):
+        tc = self.tool_choice
+        if tc is not None and tc != "none" and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(tc, NamedToolChoice) and tc.function.name not in {t.function.name for t in self.tools}:
+            raise ValueError(f"tool_choice names function {tc.function.name!r}, which is not in tools")
+        if self.tools and len({t.function.name for t in self.tools}) != len(self.tools):
+            raise ValueError("tools: function names must be unique")
+        return self
+
+    @property
+    def effective_tool_choice(self):
+        """``tool_choice`` with OpenAI's default: ``auto`` when tools are given, else ``none``."""
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
 
 
 PromptInput = Union[str, list[str], list[int], list[list[int]]]
