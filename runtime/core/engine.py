@@ -19,7 +19,7 @@ from .kv_cache_manager import KVCacheManager
 from .request import Request, RequestStatus
 from .sampler import Sampler
 from .structured_output import StructuredOutputManager
-from .sampling_params import SamplingParams
+from .sampling_params import PoolingParams, SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 
 logger = logging.getLogger("argosy.engine")
@@ -56,6 +56,8 @@ class RequestOutput:
     arrival_time: float = 0.0
     first_scheduled_time: Optional[float] = None
     first_token_time: Optional[float] = None
+    #: an embedding request's vector (``hidden_size`` floats), once finished
+    embedding: Optional[list[float]] = None
 
 
 @dataclass
@@ -138,6 +140,7 @@ class LLMEngine:
                                                   self.model_config.eos_token_ids,
                                                   getattr(self.args, "structured_outputs_backend", "auto"))
         self.detok: dict[str, IncrementalDetokenizer] = {}
+        self._pooled_done: list[Request] = []
         self.stats = EngineStats()
         self.load_time_s = time.monotonic() - t0
         tp = ex.world_size
@@ -159,7 +162,12 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return self.scheduler_config.max_model_len
 
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    @staticmethod
+    def _as_sampling(params):
+        """An embedding request runs as a one-token request that never samples."""
+        return SamplingParams(max_tokens=1, temperature=0) if isinstance(params, PoolingParams) else params
+
+    def check_request(self, prompt_token_ids: list[int], params) -> None:
         """Validate a request against the engine's limits without changing any state.
 
         Raises:
@@ -167,6 +175,7 @@ class LLMEngine:
                 ``max_model_len``, a token id out of range, or an invalid
                 ``structured_outputs`` constraint (compiled here, once per distinct spec).
         """
+        params = self._as_sampling(params)
         n = len(prompt_token_ids)
         if n == 0:
             raise ValueError("prompt is empty")
@@ -190,9 +199,10 @@ class LLMEngine:
         if params.structured_outputs is not None:
             self.structured.compile(params.structured_outputs)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params,
                     arrival_time: Optional[float] = None) -> Request:
-        """Queue a tokenized prompt.
+        """Queue a tokenized prompt: a generation (``SamplingParams``) or an embedding
+        (``PoolingParams``: finishes after its prefill with ``RequestOutput.embedding``).
 
         Raises:
             ValueError: see :meth:`check_request`; or a duplicate request id.
@@ -200,10 +210,13 @@ class LLMEngine:
         if request_id in self.scheduler.requests:
             raise ValueError(f"duplicate request id {request_id}")
         self.check_request(prompt_token_ids, params)
+        pooling = params if isinstance(params, PoolingParams) else None
+        params = self._as_sampling(params)
         n = len(prompt_token_ids)
         room = self.max_model_len - n
         max_tokens = room if params.max_tokens is None else params.max_tokens
         req = Request(request_id, prompt_token_ids, params, self.model_config.eos_token_ids, max_tokens, arrival_time)
+        req.pooling_params = pooling
         if params.structured_outputs is not None:
             req.grammar = self.structured.new_state(params.structured_outputs)
         self.detok[request_id] = IncrementalDetokenizer(
@@ -302,9 +315,13 @@ class LLMEngine:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
         plan, reqs = self.planner.plan(sched)
+        pooled = [i for i, r in enumerate(reqs) if r.pooling_params is not None]
+        plan.return_hidden = bool(pooled)
         logits = self.executor.execute(plan)
         sampled_map: dict[str, int] = {}
         lp_map: dict[str, object] = {}
+        if pooled:
+            logits, reqs = self._pool(logits, reqs, pooled)
         if reqs:
             if any(r.grammar is not None for r in reqs):
                 self.structured.apply_bitmask(logits, [r.grammar for r in reqs])
@@ -318,6 +335,11 @@ class LLMEngine:
         got = self.scheduler.update(sched, sampled_map)
         now = time.monotonic()
         outputs = []
+        for req in self._pooled_done:  # embeddings: done after their prefill (blocks cached by update)
+            req.first_token_time = req.last_token_time = now
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            outputs.append(self._output(req, [], []))
+        self._pooled_done = []
         for req in got:
             tok = req.output_token_ids[-1]
             self.stats.generation_tokens += 1
@@ -341,6 +363,22 @@ class LLMEngine:
                 req.status = RequestStatus.FINISHED_STOPPED
             outputs.append(self._output(req, [tok], lps))
         return outputs
+
+    def _pool(self, logits: torch.Tensor, reqs: list[Request], pooled: list[int]):
+        """Take the embedding rows out of a step: store each one's pooled (LAST) vector,
+        L2-normalized when asked, and return the logits and requests left to sample."""
+        hidden = self.executor.runner.last_hidden
+        keep = [i for i in range(len(reqs)) if reqs[i].pooling_params is None]
+        for i in pooled:
+            req = reqs[i]
+            v = hidden[i]
+            if req.pooling_params.normalize:
+                v = torch.nn.functional.normalize(v, dim=0)
+            req.embedding = v.tolist()
+            self._pooled_done.append(req)
+        if len(keep) == len(reqs):
+            return logits, reqs
+        return logits[keep], [reqs[i] for i in keep]
 
     def _advance_grammar(self, req: Request, tok: int) -> bool:
         """Feed a constrained request's new token to its matcher. A completed grammar
@@ -383,4 +421,5 @@ class LLMEngine:
             arrival_time=req.arrival_time,
             first_scheduled_time=req.first_scheduled_time,
             first_token_time=req.first_token_time,
+            embedding=req.embedding,
         )

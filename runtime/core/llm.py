@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from ..config import EngineArgs
 from .engine import LLMEngine
-from .sampling_params import SamplingParams
+from .sampling_params import PoolingParams, SamplingParams
 
 
 @dataclass
@@ -118,6 +118,34 @@ class LLM:
             if unfinished:
                 self.engine.abort_request(unfinished)
         return results
+
+    def embed(self, prompts: Union[PromptType, Sequence[PromptType]],
+              pooling_params: Optional[PoolingParams] = None) -> list[list[float]]:
+        """One embedding per prompt (``hidden_size`` floats; LAST pooling, L2-normalized
+        by default; see :class:`PoolingParams`), in prompt order, batched by the scheduler.
+
+        Raises:
+            ValueError: a prompt that does not fit ``max_model_len`` (nothing stays queued).
+        """
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        pp = pooling_params or PoolingParams()
+        out: dict[str, list[float]] = {}
+        rids = []
+        try:
+            for prompt in prompts:
+                rid = f"embd-{next(self._ids)}"
+                self.engine.add_request(rid, self._tokenize(prompt)[1], pp)
+                rids.append(rid)
+            while self.engine.has_unfinished_requests():
+                for o in self.engine.step():
+                    if o.finished:
+                        out[o.request_id] = o.embedding
+        finally:
+            left = [r for r in rids if r not in out]
+            if left:
+                self.engine.abort_request(left)
+        return [out[r] for r in rids]
 
     def chat(self, messages: list[dict], sampling_params: Optional[SamplingParams] = None) -> GenerationResult:
         """Apply the model's chat template to one conversation and generate."""

@@ -48,6 +48,7 @@ class Request:
         "arrival_time", "status", "num_computed_tokens", "num_cached_tokens", "generator",
         "max_tokens", "eos_token_ids", "first_scheduled_time", "first_token_time", "last_token_time",
         "num_preemptions", "stop_reason", "logprobs", "finish_reason_override", "grammar",
+        "pooling_params", "embedding",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
@@ -76,6 +77,9 @@ class Request:
         self.finish_reason_override: Optional[str] = None
         #: the structured-output matcher (``GrammarState``) of a constrained request
         self.grammar = None
+        #: an embedding request's ``PoolingParams``, and its vector once computed
+        self.pooling_params = None
+        self.embedding: Optional[list[float]] = None
 
     @property
     def num_tokens(self) -> int:

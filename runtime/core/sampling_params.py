@@ -181,3 +181,27 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass(frozen=True)
+class PoolingParams:
+    """An embedding request (``POST /v1/embeddings``): the prompt runs through the model
+    like any prefill (batched by the scheduler, prefix cache included) and, instead of a
+    sampled token, yields one vector pooled from the final hidden states (after the last
+    RMSNorm).
+
+    Attributes:
+        pooling: ``"last"``: the last prompt token's hidden state, as vLLM's pooling runner
+            does for decoder-only models (LAST pooling; the only kind supported).
+        normalize: divide by the L2 norm (vLLM's default for LAST pooling).
+
+    Raises:
+        ValueError: an unsupported pooling type.
+    """
+
+    pooling: str = "last"
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pooling != "last":
+            raise ValueError(f"pooling {self.pooling!r} is not supported (supported: last)")

@@ -244,7 +244,7 @@ async def _sse_error(resp: web.StreamResponse, message: str) -> None:
 
 
 async def proxy(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/chat/completions`` and ``POST /v1/completions``."""
+    """``POST /v1/chat/completions``, ``/v1/completions`` and ``/v1/embeddings``."""
     state = request.app[STATE]
     cfg = state.config
     tenants = state.tenants
@@ -500,6 +500,7 @@ def build_router_app(config: RouterConfig, tokenizer) -> web.Application:
     app.cleanup_ctx.append(lifecycle)
     app.router.add_post("/v1/chat/completions", proxy)
     app.router.add_post("/v1/completions", proxy)
+    app.router.add_post("/v1/embeddings", proxy)  # routed on load (no prefix to reuse), tenants charged
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)

@@ -17,12 +17,14 @@ engine requests are aborted and their KV blocks freed.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import hmac
 import json
 import logging
 import re
+import struct
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from pydantic import ValidationError
 from .. import __version__
 from ..core.async_llm import AsyncLLM, EngineDeadError
 from ..core.engine import RequestOutput
-from ..core.sampling_params import SamplingParams, StructuredOutputsParams
+from ..core.sampling_params import PoolingParams, SamplingParams, StructuredOutputsParams
 from ..loader.tokenizer import chat_prompt_ids
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .tools import ToolCalls, ToolMode, get_parser, named_schema, required_schema
@@ -42,6 +44,7 @@ from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     TokenizeRequest,
     SamplingRequest,
 )
@@ -657,6 +660,53 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _respond(request, state, choices, fmt, bool(req.stream), req.include_usage)
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    """``POST /v1/embeddings``: one vector per input, pooled on the serving engine (LAST
+    token of the final hidden states, L2-normalized; see :class:`PoolingParams`), batched
+    with the other requests by the scheduler."""
+    state = request.app[STATE]
+    req = await _parse(request, EmbeddingRequest)
+    _check_model(state, req.model)
+    hidden = state.engine.model_config.hidden_size
+    if req.dimensions is not None and req.dimensions != hidden:
+        raise ApiError(400, f"dimensions {req.dimensions} is not supported: this model's embeddings have {hidden} "
+                            "dimensions (no truncation)", "dimensions")
+    prompts = [list(state.tokenizer.encode(p)) if isinstance(p, str) else p for p in req.inputs()]
+    pp = PoolingParams()
+    rid = _request_id("embd")
+    choices = []
+    for i, ids in enumerate(prompts):
+        try:
+            state.async_llm.check_request(ids, pp)
+        except ValueError as e:
+            raise ApiError(400, f"input {i}: {e}" if len(prompts) > 1 else str(e), "input") from None
+        choices.append(Choice(i, i, f"{rid}-{i}", ids, pp))
+    _admit(state)
+    vectors: dict[int, list[float]] = {}
+    task = asyncio.current_task()
+    state.inflight.add(task)
+    try:
+        async with contextlib.aclosing(generate_choices(state.async_llm, choices)) as outs:
+            async for ch, out in outs:
+                if out.finished:
+                    if out.embedding is None:
+                        raise ApiError(500, f"the engine finished input {ch.index} without an embedding "
+                                            f"({out.finish_reason})")
+                    vectors[ch.index] = out.embedding
+    except EngineDeadError as e:
+        raise ApiError(503, f"the engine stopped before the request finished ({e})") from None
+    finally:
+        state.inflight.discard(task)
+    data = []
+    for i in range(len(prompts)):
+        v = vectors[i]
+        emb = base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode() if req.encoding_format == "base64" else v
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    n = sum(len(p) for p in prompts)
+    return web.json_response({"object": "list", "data": data, "model": state.model_name,
+                              "usage": {"prompt_tokens": n, "total_tokens": n}})
+
+
 async def list_models(request: web.Request) -> web.Response:
     """``GET /v1/models``: the one served model."""
     state = request.app[STATE]
@@ -786,6 +836,7 @@ def build_app(async_llm: AsyncLLM, args=None) -> web.Application:
     app[STATE] = state
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)

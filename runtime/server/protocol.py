@@ -454,6 +454,42 @@ class CompletionRequest(SamplingRequest):
         return list(p)
 
 
+class EmbeddingRequest(_Strict):
+    """``POST /v1/embeddings`` body (OpenAI's): ``input`` is a string, a list of strings,
+    a token-id list or a list of token-id lists (each one embedding, at most
+    :data:`MAX_EMBEDDING_INPUTS`); ``encoding_format`` ``float`` or ``base64`` (little-endian
+    float32, as OpenAI's SDK decodes it); ``dimensions`` only when it equals the model's
+    hidden size (no Matryoshka truncation)."""
+
+    model: Optional[str] = None
+    input: Union[str, list[str], list[_TOKEN_ID], list[list[_TOKEN_ID]]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Optional[Annotated[int, Field(ge=1)]] = None
+    user: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _bounded(self):
+        n = 1 if isinstance(self.input, str) or (self.input and isinstance(self.input[0], int)) else len(self.input)
+        if n == 0 or (isinstance(self.input, list) and not self.input):
+            raise ValueError("input must not be empty")
+        if n > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"input holds {n} items; at most {MAX_EMBEDDING_INPUTS} per request")
+        return self
+
+    def inputs(self) -> list[Union[str, list[int]]]:
+        """One entry per embedding: a string or token ids."""
+        x = self.input
+        if isinstance(x, str):
+            return [x]
+        if isinstance(x[0], int):
+            return [list(x)]
+        return list(x)
+
+
+#: Most embeddings in one request (OpenAI's limit is 2,048 inputs).
+MAX_EMBEDDING_INPUTS = 2048
+
+
 class TokenizeRequest(_Strict):
     """``POST /tokenize``: either ``prompt`` (text) or ``messages`` (a chat)."""
 

@@ -91,6 +91,8 @@ class StepPlan:
         freed: request ids whose tables every rank drops (finished or preempted).
         all_logits: return logits for every token of the step, not only ``sample``'s
             (used by :meth:`LLMEngine.prompt_logits`).
+        return_hidden: also keep the ``sample`` rows' final hidden states (embedding
+            requests) in :attr:`ModelRunner.last_hidden`.
     """
 
     req_ids: list[str] = field(default_factory=list)
@@ -101,6 +103,7 @@ class StepPlan:
     sample: list[int] = field(default_factory=list)
     freed: list[str] = field(default_factory=list)
     all_logits: bool = False
+    return_hidden: bool = False
 
 
 class StepPlanner:
@@ -280,4 +283,6 @@ class ModelRunner:
             if not plan.sample:
                 return hidden.new_empty((0, self.model.cfg.vocab_size), dtype=torch.float32)
             hidden = hidden[inp.logits_indices]
+        #: ``[len(plan.sample), hidden_size] float32`` on CPU when ``plan.return_hidden``, else None
+        self.last_hidden = hidden.float().cpu() if plan.return_hidden else None
         return self.model.compute_logits(hidden)
