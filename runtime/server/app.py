@@ -39,6 +39,7 @@ from ..core.engine import RequestOutput
 from ..core.sampling_params import PoolingParams, SamplingParams, StructuredOutputsParams
 from ..loader.tokenizer import chat_prompt_ids
 from .metrics import CONTENT_TYPE, ServerMetrics
+from .openapi import openapi_document
 from .tools import ToolCalls, ToolMode, get_parser, named_schema, required_schema
 from .protocol import (
     ChatCompletionRequest,
@@ -154,6 +155,7 @@ class ServerState:
 
 
 STATE = web.AppKey("argosy_state", ServerState)
+OPENAPI = web.AppKey("argosy_openapi", dict)
 
 
 def _byte_alphabet() -> dict[str, int]:
@@ -745,6 +747,11 @@ async def kv_events(request: web.Request) -> web.Response:
     return web.json_response(log.read(since_n, request.query.get("instance_id")))
 
 
+async def openapi_json(request: web.Request) -> web.Response:
+    """``GET /openapi.json``: the OpenAPI 3.1 document (:mod:`.openapi`)."""
+    return web.json_response(request.app[OPENAPI])
+
+
 async def version(request: web.Request) -> web.Response:
     """``GET /version``."""
     return web.json_response({"version": __version__})
@@ -841,6 +848,8 @@ def build_app(async_llm: AsyncLLM, args=None) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/version", version)
+    app.router.add_get("/openapi.json", openapi_json)
+    app[OPENAPI] = openapi_document()
     app.router.add_get("/kv_events", kv_events)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)
