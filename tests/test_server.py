@@ -156,6 +156,46 @@ def test_completion_token_prompt_and_echo(server_main, server_client, server_mod
     assert r.choices[0].text.startswith("One, two, three,")
 
 
+def test_echo_with_logprobs_and_prompt_logprobs(server_main, server_client, server_model):
+    """``echo`` + ``logprobs`` on completions: the prompt's tokens lead ``logprobs`` (the
+    first one null, as OpenAI's); ``prompt_logprobs`` (vLLM's field) on completions and
+    chat: one entry per prompt token, the first null, each holding the token itself with
+    its rank and the top alternatives; streamed once."""
+    status, tok = http_request(server_main, "POST", "/tokenize", {"prompt": "One, two, three,"})
+    n = tok["count"]
+    r = server_client.completions.create(model=server_model, prompt="One, two, three,", max_tokens=3, echo=True,
+                                         logprobs=2, temperature=0, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == n + 3 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:]) and all(len(t) >= 1 for t in lp.top_logprobs[1:])
+    assert "".join(lp.tokens) == r.choices[0].text and r.choices[0].text.startswith("One, two, three,")
+    assert lp.text_offset[0] == 0 and lp.text_offset[n] == len("".join(lp.tokens[:n]))
+
+    for _ in range(2):  # the second time the prompt is in the prefix cache: still every position
+        status, body = http_request(server_main, "POST", "/v1/completions", {
+            "model": server_model, "prompt": tok["tokens"], "max_tokens": 1, "prompt_logprobs": 3})
+        assert status == 200, body
+        plp = body["choices"][0]["prompt_logprobs"]
+        assert len(plp) == n and plp[0] is None
+        for j, entry in enumerate(plp[1:], start=1):
+            own = entry[str(tok["tokens"][j])]
+            assert own["rank"] >= 1 and own["logprob"] <= 0
+            assert sorted(e["rank"] for e in entry.values())[:3] == [1, 2, 3]  # the top 3 (and the token)
+
+    status, body = http_request(server_main, "POST", "/v1/chat/completions", {
+        "model": server_model, "messages": CHAT, "max_tokens": 1, "prompt_logprobs": 0})
+    assert status == 200 and len(body["choices"][0]["prompt_logprobs"]) == tokenize_count(server_main, messages=CHAT)
+    conn, resp = open_stream(server_main, "/v1/completions", {
+        "model": server_model, "prompt": "One, two, three,", "max_tokens": 4, "stream": True, "prompt_logprobs": 1,
+        "echo": True, "logprobs": 1})
+    events = [e for e in read_events(resp) if isinstance(e, dict)]
+    conn.close()
+    with_plp = [e for e in events if e["choices"] and e["choices"][0].get("prompt_logprobs")]
+    assert len(with_plp) == 1 and len(with_plp[0]["choices"][0]["prompt_logprobs"]) == n
+    text = "".join(e["choices"][0]["text"] for e in events if e["choices"])
+    assert text.startswith("One, two, three,") and text.count("One, two, three,") == 1
+
+
 def test_max_tokens_gives_length(server_client, server_model):
     r = server_client.chat.completions.create(model=server_model, messages=CHAT, max_tokens=2,
                                               extra_body={"ignore_eos": True})
@@ -202,7 +242,7 @@ def test_logit_bias_bans_and_forces_tokens(server_main, server_client, server_mo
 
 @pytest.mark.parametrize("field,value", [
     ("functions", [{"name": "f"}]), ("guided_whitespace_pattern", " "), ("logits_processors", ["x"]),
-    ("prompt_logprobs", 1)])
+    ("structural_tag", "x")])
 def test_unsupported_features_are_a_400_not_a_silent_200(server_main, server_model, field, value):
     body = {"model": server_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, field: value}
     status, resp = http_request(server_main, "POST", "/v1/chat/completions", body)

@@ -58,6 +58,9 @@ class RequestOutput:
     first_token_time: Optional[float] = None
     #: an embedding request's vector (``hidden_size`` floats), once finished
     embedding: Optional[list[float]] = None
+    #: with ``prompt_logprobs``: one entry per prompt token (None for the first, else
+    #: ``(token_id, logprob, rank, [(top_id, top_logprob), ...])``), once the prompt is done
+    prompt_logprobs: Optional[list] = None
 
 
 @dataclass
@@ -217,6 +220,8 @@ class LLMEngine:
         max_tokens = room if params.max_tokens is None else params.max_tokens
         req = Request(request_id, prompt_token_ids, params, self.model_config.eos_token_ids, max_tokens, arrival_time)
         req.pooling_params = pooling
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None]  # the first prompt token has no prediction
         if params.structured_outputs is not None:
             req.grammar = self.structured.new_state(params.structured_outputs)
         self.detok[request_id] = IncrementalDetokenizer(
@@ -315,9 +320,15 @@ class LLMEngine:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
         plan, reqs = self.planner.plan(sched)
+        by_id = {r.request_id: r for r, _ in sched.scheduled}
+        plan.prompt_logits = [i for i, rid in enumerate(plan.req_ids)
+                              if by_id[rid].sampling_params.prompt_logprobs is not None
+                              and plan.num_computed[i] < by_id[rid].num_prompt_tokens - 1]
         pooled = [i for i, r in enumerate(reqs) if r.pooling_params is not None]
         plan.return_hidden = bool(pooled)
         logits = self.executor.execute(plan)
+        if plan.prompt_logits:
+            self._record_prompt_logprobs(plan, by_id)
         sampled_map: dict[str, int] = {}
         lp_map: dict[str, object] = {}
         if pooled:
@@ -363,6 +374,34 @@ class LLMEngine:
                 req.status = RequestStatus.FINISHED_STOPPED
             outputs.append(self._output(req, [tok], lps))
         return outputs
+
+    def _record_prompt_logprobs(self, plan, by_id: dict) -> None:
+        """Turn the step's prompt-position logits into ``req.prompt_logprobs`` entries:
+        the logits at position ``j - 1`` give prompt token ``j``'s log-probability, its
+        rank (1 = most likely) and the top ``prompt_logprobs`` alternatives. Positions
+        already recorded (a recompute after preemption) are skipped."""
+        all_logits = self.executor.runner.last_prompt_logits
+        off = 0
+        for i in plan.prompt_logits:
+            req, c, n = by_id[plan.req_ids[i]], plan.num_computed[i], plan.num_new[i]
+            rows = all_logits[off : off + n].float()
+            off += n
+            prompt = req.prompt_token_ids
+            if req.prompt_logprobs is None:
+                req.prompt_logprobs = [None]
+            first = len(req.prompt_logprobs)  # next prompt token index to record
+            lo, hi = max(first - 1 - c, 0), min(n, len(prompt) - 1 - c)  # rows r: token c + r + 1
+            if lo >= hi:
+                continue
+            lp = torch.log_softmax(rows[lo:hi], dim=-1)
+            toks = torch.tensor(prompt[c + lo + 1 : c + hi + 1])
+            own = lp.gather(1, toks[:, None])[:, 0]
+            ranks = (lp > own[:, None]).sum(dim=1) + 1
+            k = req.sampling_params.prompt_logprobs
+            tops = lp.topk(k, dim=-1) if k else None
+            for r in range(hi - lo):
+                top = list(zip(tops.indices[r].tolist(), tops.values[r].tolist())) if k else []
+                req.prompt_logprobs.append((int(toks[r]), float(own[r]), int(ranks[r]), top))
 
     def _pool(self, logits: torch.Tensor, reqs: list[Request], pooled: list[int]):
         """Take the embedding rows out of a step: store each one's pooled (LAST) vector,
@@ -422,4 +461,6 @@ class LLMEngine:
             first_scheduled_time=req.first_scheduled_time,
             first_token_time=req.first_token_time,
             embedding=req.embedding,
+            prompt_logprobs=req.prompt_logprobs if req.prompt_logprobs is not None
+            and len(req.prompt_logprobs) == req.num_prompt_tokens else None,
         )

@@ -35,6 +35,9 @@ class GenerationResult:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    #: with ``SamplingParams.prompt_logprobs``: per prompt token None (the first) or
+    #: ``(token_id, logprob, rank, [(top_id, top_logprob), ...])``
+    prompt_logprobs: Optional[list] = None
 
 
 PromptType = Union[str, list[int], dict]
@@ -111,6 +114,8 @@ class LLM:
                             j, out.text, list(out.output_token_ids), out.finish_reason, out.stop_reason,
                             logprobs[out.request_id] if wants_lp else None)
                         results[i].num_cached_tokens = max(results[i].num_cached_tokens, out.num_cached_tokens)
+                        if out.prompt_logprobs is not None:
+                            results[i].prompt_logprobs = out.prompt_logprobs
                         bar.update(1)
         finally:
             bar.close()

@@ -48,7 +48,7 @@ class Request:
         "arrival_time", "status", "num_computed_tokens", "num_cached_tokens", "generator",
         "max_tokens", "eos_token_ids", "first_scheduled_time", "first_token_time", "last_token_time",
         "num_preemptions", "stop_reason", "logprobs", "finish_reason_override", "grammar",
-        "pooling_params", "embedding",
+        "pooling_params", "embedding", "prompt_logprobs",
     )
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
@@ -80,6 +80,9 @@ class Request:
         #: an embedding request's ``PoolingParams``, and its vector once computed
         self.pooling_params = None
         self.embedding: Optional[list[float]] = None
+        #: with ``prompt_logprobs``: per prompt token, None for the first, else
+        #: ``(token_id, logprob, rank, [(top_id, top_logprob), ...])``
+        self.prompt_logprobs: Optional[list] = None
 
     @property
     def num_tokens(self) -> int:

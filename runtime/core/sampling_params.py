@@ -91,7 +91,9 @@ class SamplingParams:
         ignore_eos: keep generating past EOS.
         logprobs: number of top log-probabilities to return per token (0 = only the
             sampled token's), None = none.
-        prompt_logprobs: not supported (must be None).
+        prompt_logprobs: number of top log-probabilities to return for each prompt token
+            (0 = only the prompt token's own), None = none. Such a request does not read
+            the prefix cache (every prompt position must be computed), as in vLLM.
         skip_special_tokens: drop special tokens from the text.
         logit_bias: token id -> value in [-100, 100] added to that token's logit before
             sampling (OpenAI's ``logit_bias``; -100 effectively bans a token, +100 all but
@@ -164,8 +166,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a finite number, got {v}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
-        if self.prompt_logprobs is not None:
-            raise ValueError("prompt_logprobs is not supported")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
         if any(not s for s in self.stop_strings):
             raise ValueError("stop strings must be non-empty")
         for tok, bias in (self.logit_bias or {}).items():

@@ -119,7 +119,8 @@ class Scheduler:
             while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 req = self.waiting[0]
                 hits, num_hit = [], 0
-                if req.num_computed_tokens == 0:
+                if req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None:
+                    # (prompt_logprobs needs logits at every prompt position: no cache reads)
                     hits, num_hit = self.kv.get_computed_blocks(req.request_id, req.all_token_ids)
                 n = req.num_tokens - num_hit - req.num_computed_tokens
                 if n > budget and not cfg.enable_chunked_prefill:

@@ -338,9 +338,14 @@ class Choice:
     stop_reason: object = None
     text_offset: int = 0  # legacy logprobs: characters emitted so far
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prompt_logprobs: Optional[list] = None  # the engine's entries, once the prompt is done
+    prompt_logprobs_sent: bool = False  # stream: already in a chunk
+    echo_sent: bool = False  # stream, echo with logprobs: the prompt went out
 
     def update(self, out: RequestOutput) -> None:
         """Fold one engine output into this choice."""
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.text += out.new_text
         self.num_tokens = out.num_output_tokens
         self.num_cached_tokens = out.num_cached_tokens
@@ -430,9 +435,38 @@ class _Format:
     object = ""
     chunk_object = ""
 
-    def __init__(self, tokens: _TokenText, want_logprobs: bool):
+    def __init__(self, tokens: _TokenText, want_logprobs: bool, want_prompt_logprobs: bool = False):
         self.tokens = tokens
         self.want_logprobs = want_logprobs
+        self.want_prompt_logprobs = want_prompt_logprobs
+
+    def prompt_logprobs(self, ch: Choice, stream: bool) -> Optional[list]:
+        """vLLM's ``prompt_logprobs`` of a choice: per prompt token None (the first) or
+        ``{token_id: {"logprob", "rank", "decoded_token"}}`` holding the token itself and
+        the top alternatives; in a stream only once, in the first chunk after the prompt."""
+        if not self.want_prompt_logprobs or ch.prompt_logprobs is None or (stream and ch.prompt_logprobs_sent):
+            return None
+        ch.prompt_logprobs_sent = True
+        out: list = []
+        for e in ch.prompt_logprobs:
+            if e is None:
+                out.append(None)
+                continue
+            tok, lp, rank, top = e
+            d = {}
+            for r, (t_id, t_lp) in enumerate(top, start=1):
+                d[str(t_id)] = {"logprob": max(t_lp, _MIN_LOGPROB), "rank": r, "decoded_token": self.tokens.get(t_id)[0]}
+            d[str(tok)] = {"logprob": max(lp, _MIN_LOGPROB), "rank": rank, "decoded_token": self.tokens.get(tok)[0]}
+            out.append(d)
+        return out
+
+    def with_prompt_logprobs(self, part: Optional[dict], ch: Choice, stream: bool) -> Optional[dict]:
+        """``part`` with ``prompt_logprobs`` added when the request asked for them."""
+        if part is not None and self.want_prompt_logprobs:
+            plp = self.prompt_logprobs(ch, stream)
+            if plp is not None or not stream:
+                part["prompt_logprobs"] = plp
+        return part
 
     def prelude(self, ch: Choice) -> Optional[dict]:
         """A choice sent before any output (stream only), or None."""
@@ -467,8 +501,9 @@ class ChatFormat(_Format):
             content.append({"token": text, "logprob": max(lp, _MIN_LOGPROB), "bytes": raw, "top_logprobs": tops})
         return {"content": content}
 
-    def __init__(self, tokens: _TokenText, want_logprobs: bool, tools: Optional[ToolCalls] = None):
-        super().__init__(tokens, want_logprobs)
+    def __init__(self, tokens: _TokenText, want_logprobs: bool, tools: Optional[ToolCalls] = None,
+                 want_prompt_logprobs: bool = False):
+        super().__init__(tokens, want_logprobs, want_prompt_logprobs)
         self.tools = tools
 
     def prelude(self, ch: Choice) -> dict:
@@ -504,8 +539,8 @@ class CompletionFormat(_Format):
     object = "text_completion"
     chunk_object = "text_completion"
 
-    def __init__(self, tokens: _TokenText, want_logprobs: bool, echo: bool):
-        super().__init__(tokens, want_logprobs)
+    def __init__(self, tokens: _TokenText, want_logprobs: bool, echo: bool, want_prompt_logprobs: bool = False):
+        super().__init__(tokens, want_logprobs, want_prompt_logprobs)
         self.echo = echo
 
     def _logprobs(self, entries: list, offset: int) -> Optional[dict]:
@@ -514,14 +549,27 @@ class CompletionFormat(_Format):
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for tok, lp, top in entries:
             text, _ = self.tokens.get(tok)
-            tops = {self.tokens.get(t_id)[0]: max(t_lp, _MIN_LOGPROB) for t_id, t_lp in top}
-            tops.setdefault(text, max(lp, _MIN_LOGPROB))
             out["tokens"].append(text)
-            out["token_logprobs"].append(max(lp, _MIN_LOGPROB))
-            out["top_logprobs"].append(tops)
             out["text_offset"].append(offset)
             offset += len(text)
+            if lp is None:  # the prompt's first token (echo): nothing predicts it
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            tops = {self.tokens.get(t_id)[0]: max(t_lp, _MIN_LOGPROB) for t_id, t_lp in top}
+            tops.setdefault(text, max(lp, _MIN_LOGPROB))
+            out["token_logprobs"].append(max(lp, _MIN_LOGPROB))
+            out["top_logprobs"].append(tops)
         return out
+
+    def _echo_entries(self, ch: Choice) -> list:
+        """The prompt as legacy logprob entries (echo + logprobs): the first token's is None."""
+        plp = ch.prompt_logprobs or [None] * len(ch.prompt_ids)
+        return [(ch.prompt_ids[0], None, [])] + [(tok, lp, top) for tok, lp, _, top in plp[1:]]
+
+    @property
+    def _echo_logprobs(self) -> bool:
+        return self.echo and self.want_logprobs
 
     def _echo_text(self, ch: Choice) -> str:
         if not self.echo:
@@ -532,7 +580,7 @@ class CompletionFormat(_Format):
 
     def prelude(self, ch: Choice) -> Optional[dict]:
         text = self._echo_text(ch)
-        if not text:
+        if not text or self._echo_logprobs:  # with logprobs the prompt goes out once they are known
             return None
         return {"index": ch.index, "text": text, "logprobs": None, "finish_reason": None}
 
@@ -540,15 +588,21 @@ class CompletionFormat(_Format):
         has_lp = self.want_logprobs and out.logprobs
         if not (out.new_text or out.finished or has_lp):
             return None
-        lps = self._logprobs(out.logprobs, ch.text_offset)
+        entries, prefix = out.logprobs, ""
+        if self._echo_logprobs and ch.prompt_logprobs is not None and not ch.echo_sent:
+            entries, prefix = self._echo_entries(ch) + list(out.logprobs), self._echo_text(ch)
+            ch.echo_sent = True
+        lps = self._logprobs(entries, ch.text_offset)
         if lps:
             ch.text_offset += sum(len(t) for t in lps["tokens"])
-        return {"index": ch.index, "text": out.new_text, "logprobs": lps, "finish_reason": out.finish_reason,
+        return {"index": ch.index, "text": prefix + out.new_text, "logprobs": lps, "finish_reason": out.finish_reason,
                 "stop_reason": out.stop_reason}
 
     def final(self, ch: Choice) -> dict:
         prefix = self._echo_text(ch)
-        return {"index": ch.index, "text": prefix + ch.text, "logprobs": self._logprobs(ch.logprobs, len(prefix)),
+        entries = self._echo_entries(ch) + ch.logprobs if self._echo_logprobs else ch.logprobs
+        return {"index": ch.index, "text": prefix + ch.text, "logprobs": self._logprobs(entries, 0 if self._echo_logprobs
+                                                                                         else len(prefix)),
                 "finish_reason": ch.finish_reason, "stop_reason": ch.stop_reason}
 
 
@@ -577,7 +631,8 @@ async def _collect(state: ServerState, choices: list[Choice], fmt: _Format, head
         raise ApiError(503, f"the engine stopped before the request finished ({e})") from None
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-    body = {**header, "choices": [fmt.final(ch) for ch in choices], "usage": usage(choices)}
+    body = {**header, "choices": [fmt.with_prompt_logprobs(fmt.final(ch), ch, False) for ch in choices],
+            "usage": usage(choices)}
     return web.json_response(body, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
 
@@ -603,6 +658,7 @@ async def _stream(request: web.Request, state: ServerState, choices: list[Choice
                 async for ch, out in outs:
                     ch.update(out)
                     part = fmt.delta(ch, out)  # a failed request's last chunk: finish_reason "error"
+                    part = fmt.with_prompt_logprobs(part, ch, True)
                     if part is not None:
                         await send({**base, "choices": [part]})
                     if out.finish_reason == "error":  # then why, as an OpenAI error event
@@ -637,7 +693,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     prompt = _chat_prompt(state, req.template_messages(), tools=req.template_tools())
     _admit(state)
     choices = fan_out(state, _request_id("chatcmpl"), [prompt], params)
-    fmt = ChatFormat(state.tokens, bool(req.logprobs), ToolCalls(mode) if mode else None)
+    fmt = ChatFormat(state.tokens, bool(req.logprobs), ToolCalls(mode) if mode else None,
+                     req.prompt_logprobs is not None)
     return await _respond(request, state, choices, fmt, bool(req.stream), req.include_usage)
 
 
@@ -658,7 +715,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             prompts.append(list(p))
     _admit(state)
     choices = fan_out(state, _request_id("cmpl"), prompts, params, texts)
-    fmt = CompletionFormat(state.tokens, req.logprobs is not None, bool(req.echo))
+    fmt = CompletionFormat(state.tokens, req.logprobs is not None, bool(req.echo), req.prompt_logprobs is not None)
     return await _respond(request, state, choices, fmt, bool(req.stream), req.include_usage)
 
 

@@ -159,7 +159,7 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "functions": ([],),
     "function_call": ("none",),
     "guided_whitespace_pattern": (), "structural_tag": (),
-    "logits_processors": (), "prompt_logprobs": (), "audio": (), "prediction": (),
+    "logits_processors": (), "audio": (), "prediction": (),
 }
 
 
@@ -233,6 +233,7 @@ class SamplingRequest(_Strict):
     skip_special_tokens: Optional[bool] = True
     include_stop_str_in_output: Optional[bool] = False
     logit_bias: Optional[dict[str, float]] = None
+    prompt_logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]] = None
     # structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs
     response_format: Optional[ResponseFormat] = None
     guided_json: Union[dict, str, None] = None
@@ -327,6 +328,9 @@ class SamplingRequest(_Strict):
     def _num_logprobs(self) -> Optional[int]:
         return None
 
+    def _num_prompt_logprobs(self) -> Optional[int]:
+        return self.prompt_logprobs
+
     def to_sampling_params(self, default_max_tokens: Optional[int]) -> SamplingParams:
         """Build the engine's parameters.
 
@@ -355,6 +359,7 @@ class SamplingRequest(_Strict):
             max_tokens=default_max_tokens if max_tokens is None else max_tokens,
             ignore_eos=bool(self.ignore_eos),
             logprobs=self._num_logprobs(),
+            prompt_logprobs=self._num_prompt_logprobs(),
             skip_special_tokens=True if self.skip_special_tokens is None else self.skip_special_tokens,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             logit_bias=self.logit_bias_ids(),
@@ -420,9 +425,9 @@ class CompletionRequest(SamplingRequest):
     """``POST /v1/completions`` body. Default ``max_tokens``: 16 (as OpenAI).
 
     ``prompt`` is a string, a list of strings, a token-id list or a list of token-id
-    lists; every prompt yields ``n`` choices. ``suffix`` is not supported (400), and
-    ``echo`` cannot be combined with ``logprobs`` (prompt log-probabilities are not
-    computed).
+    lists; every prompt yields ``n`` choices. ``suffix`` is not supported (400).
+    ``echo`` with ``logprobs`` returns the prompt tokens' log-probabilities too (the first
+    token's is null, as OpenAI's), computed like ``prompt_logprobs``.
     """
 
     prompt: PromptInput
@@ -435,12 +440,15 @@ class CompletionRequest(SamplingRequest):
     def _unsupported(self):
         if self.suffix:
             raise ValueError("suffix is not supported")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo together with logprobs is not supported (no prompt logprobs)")
         return self
 
     def _num_logprobs(self) -> Optional[int]:
         return self.logprobs
+
+    def _num_prompt_logprobs(self) -> Optional[int]:
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
 
     def prompt_list(self) -> list[Union[str, list[int]]]:
         """Normalize ``prompt`` into a list of prompts (strings or token-id lists)."""

@@ -93,6 +93,8 @@ class StepPlan:
             (used by :meth:`LLMEngine.prompt_logits`).
         return_hidden: also keep the ``sample`` rows' final hidden states (embedding
             requests) in :attr:`ModelRunner.last_hidden`.
+        prompt_logits: indices of sequences whose every new token needs logits
+            (``prompt_logprobs``): kept in :attr:`ModelRunner.last_prompt_logits`.
     """
 
     req_ids: list[str] = field(default_factory=list)
@@ -104,6 +106,7 @@ class StepPlan:
     freed: list[str] = field(default_factory=list)
     all_logits: bool = False
     return_hidden: bool = False
+    prompt_logits: list[int] = field(default_factory=list)
 
 
 class StepPlanner:
@@ -279,6 +282,12 @@ class ModelRunner:
             hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta)
         else:
             hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
+        #: ``[sum(num_new of plan.prompt_logits), vocab] float32`` on rank 0, in plan order
+        self.last_prompt_logits = None
+        if plan.prompt_logits:
+            starts = np.concatenate(([0], np.cumsum(plan.num_new)))
+            rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in plan.prompt_logits])
+            self.last_prompt_logits = self.model.compute_logits(hidden[torch.from_numpy(rows).to(hidden.device)])
         if inp.logits_indices is not None:
             if not plan.sample:
                 return hidden.new_empty((0, self.model.cfg.vocab_size), dtype=torch.float32)
