@@ -452,7 +452,8 @@ class InferenceServiceSpec(_Model):
 class Condition(_Model):
     """A condition, as metav1.Condition (Kubernetes API conventions)."""
 
-    type: str = Field(max_length=316, description="Ready, ModelCached, WorkloadReady or ScalingReady.")
+    type: str = Field(max_length=316, description="Ready, ModelCached, WorkloadReady, ScalingReady or "
+                                                         "ChildrenApplied.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(max_length=1024, description="CamelCase reason for the last transition.")
     message: str = Field("", max_length=32768, description="Human-readable details.")

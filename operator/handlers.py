@@ -58,7 +58,8 @@ CHILD_KINDS = (
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
 )
 #: Condition reasons reported as Warning events.
-WARNING_REASONS = frozenset({"DownloadFailed", "ProgressDeadlineExceeded", "InvalidSpec"})
+WARNING_REASONS = frozenset({"DownloadFailed", "ProgressDeadlineExceeded", "InvalidSpec", "ApplyFailed",
+                             "KindNotServed"})
 #: HTTP codes worth retrying soon (Kubernetes API conventions: 409 is an optimistic-lock conflict).
 TRANSIENT_CODES = frozenset({404, 408, 409, 429, 500, 502, 503, 504})
 
@@ -133,9 +134,17 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
     Returns:
         The status written (or already there), None when the object is gone or being deleted.
 
+    Every child is written independently (orphans deleted first, then a replica restored
+    for an HPA taking over a Deployment at zero, then the applies): one failed write does
+    not stop the others, the orphan clean-up or the status patch. Failures are reported in
+    the ``ChildrenApplied`` condition (reason ``ApplyFailed``, or ``KindNotServed`` when
+    only missing kinds failed, each object named) and its Warning event, then the first
+    one is raised.
+
     Raises:
-        kubernetes.dynamic.exceptions.DynamicApiError: an API call failed.
-        KindNotServed: a child's kind is not served by the cluster.
+        kubernetes.dynamic.exceptions.DynamicApiError: an API call failed (after the others
+            were made and the status written).
+        KindNotServed: a child's kind is not served by the cluster (likewise).
     """
     log = log or logger
     kube = ctx.kube
@@ -147,27 +156,53 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
         observed = {role: kube.get(m["apiVersion"], m["kind"], namespace, m["metadata"]["name"])
                     for role, m in wanted.items()}
         cap = quota_cap(kube, namespace, name)
-        result = reconcile.reconcile(isvc, observed, ctx.settings, now=now or datetime.now(timezone.utc), cap=cap)
+        stamp = now or datetime.now(timezone.utc)
+        result = reconcile.reconcile(isvc, observed, ctx.settings, now=stamp, cap=cap)
         decision = builtin_autoscale(ctx, isvc, observed.get("deployment"), cap, log=log)
         if decision is not None:
             result.status["autoscaler"] = decision
+        failures: list[tuple[dict, BaseException]] = []
+
+        def attempt(obj: dict, verb: str, fn) -> None:
+            """One child write; a failure is recorded and the pass goes on with the others."""
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - recorded in status, re-raised after it is written
+                log.warning("cannot %s %s %s: %s", verb, obj["kind"], obj["metadata"]["name"], _summary(e))
+                failures.append((obj, e))
+
+        # Orphans first: the HPA of a previous hpa -> keda switch must be gone before the
+        # ScaledObject comes (KEDA's webhook refuses a second owner of the Deployment).
+        if wanted:
+            owned = [obj for api_version, kind in CHILD_KINDS
+                     for obj in kube.list(api_version, kind, namespace, f"{ISVC_LABEL}={name}")]
+            gone = reconcile.orphans(isvc, owned, ctx.settings)
+            for obj in gone:
+                log.info("deleting %s %s, no longer part of the service", obj["kind"], obj["metadata"]["name"])
+                attempt(obj, "delete", lambda obj=obj: kube.delete(obj))
+        else:
+            gone = []
+        leaving_keda = any(o["kind"] == "ScaledObject" for o in gone)
+        restore = reconcile.replicas_from_zero(isvc, observed.get(ROLE_DEPLOYMENT), leaving_keda)
+        if restore is not None:  # an HPA does not scale a Deployment KEDA left at zero
+            log.info("Deployment %s is at 0 replicas under an HPA: setting %d", name, restore["spec"]["replicas"])
+            attempt(restore, "scale", lambda: kube.apply(restore, field_manager=reconcile.REPLICAS_HANDOVER_MANAGER))
         for manifest in result.manifests_to_apply:
             if manifest["kind"] == "Deployment":
                 handover = reconcile.replicas_handover(manifest, observed.get(ROLE_DEPLOYMENT),
                                                        kube.field_manager)
                 if handover is not None:
-                    kube.apply(handover, field_manager=reconcile.REPLICAS_HANDOVER_MANAGER)
-            kube.apply(manifest)
+                    attempt(handover, "hand over replicas of",
+                            lambda h=handover: kube.apply(h, field_manager=reconcile.REPLICAS_HANDOVER_MANAGER))
+            attempt(manifest, "apply", lambda m=manifest: kube.apply(m))
         for obj in result.to_delete:
             log.info("deleting %s %s to recreate it with the current spec", obj["kind"], obj["metadata"]["name"])
-            kube.delete(obj)
-        if wanted:
-            owned = [obj for api_version, kind in CHILD_KINDS
-                     for obj in kube.list(api_version, kind, namespace, f"{ISVC_LABEL}={name}")]
-            for obj in reconcile.orphans(isvc, owned, ctx.settings):
-                log.info("deleting %s %s, no longer part of the service", obj["kind"], obj["metadata"]["name"])
-                kube.delete(obj)
+            attempt(obj, "delete", lambda obj=obj: kube.delete(obj))
         previous = isvc.get("status") or {}
+        if wanted:
+            result.status["conditions"] += reconcile.conditions(
+                [(reconcile.CHILDREN_APPLIED, reconcile.children_applied(failures, _summary))],
+                previous.get("conditions") or [], stamp, result.status.get("observedGeneration"))
         if {k: previous.get(k) for k in result.status} != result.status:
             kube.patch_status(api.API_VERSION, api.KIND, namespace, name, result.status)
         for type_, reason, message in transition_events(previous.get("conditions"), result.status["conditions"]):
@@ -176,6 +211,8 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
                 kube.post_event(isvc, type_, reason, message)
             except Exception as e:  # noqa: BLE001 - an event is not worth a retry of the whole pass
                 log.warning("could not post the %s event: %s", reason, e)
+        if failures:  # status and events are out; the caller retries (transient) or gives up
+            raise failures[0][1]
         return result.status
 
 

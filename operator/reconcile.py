@@ -32,6 +32,8 @@ READY = "Ready"
 MODEL_CACHED = "ModelCached"
 WORKLOAD_READY = "WorkloadReady"
 SCALING_READY = "ScalingReady"
+#: Whether the last pass wrote every child (set by the shell, which does the writes).
+CHILDREN_APPLIED = "ChildrenApplied"
 CONDITION_TYPES = (READY, MODEL_CACHED, WORKLOAD_READY, SCALING_READY)
 
 #: ScalingReady reason when a GPUQuota lowered the autoscaler's maxReplicas.
@@ -385,6 +387,45 @@ def replicas_handover(desired: dict, observed: Optional[dict], field_manager: st
                     "metadata": {"name": meta["name"], "namespace": meta.get("namespace")},
                     "spec": {"replicas": live}}
     return None
+
+
+def children_applied(failures: list[tuple[dict, BaseException]], describe) -> Cond:
+    """The ``ChildrenApplied`` condition for a pass whose writes failed as ``failures``
+    (``(object, error)``; ``describe(error)`` gives a one-line reason): True/``Applied``, or
+    False with reason ``KindNotServed`` (only kinds the cluster does not serve: install
+    KEDA or the Prometheus Operator, or change the spec) or ``ApplyFailed``, naming each
+    object."""
+    if not failures:
+        return Cond("True", "Applied", "")
+    from .kube import KindNotServed
+
+    reason = "KindNotServed" if all(isinstance(e, KindNotServed) for _, e in failures) else "ApplyFailed"
+    parts = [f"{o['kind']} {o['metadata']['name']}: {describe(e)}" for o, e in failures]
+    return Cond("False", reason, "; ".join(parts)[:4000])
+
+
+def replicas_from_zero(isvc: dict, observed: Optional[dict], leaving_keda: bool) -> Optional[dict]:
+    """The apply configuration that gives a Deployment left at 0 replicas by KEDA
+    ``max(minReplicas, 1)`` replicas again when the service switches to ``autoscaler: hpa``
+    (``leaving_keda``: this pass deletes its ScaledObject), or None.
+
+    An HPA does not act on a workload at zero replicas (Kubernetes' HPA documentation:
+    scaling is disabled while ``replicas`` is 0), so without this the service would stay
+    down. Only at the switch: a user who scales an HPA-managed Deployment to 0 later (the
+    documented way to pause an HPA) is left alone. Applied under
+    :data:`REPLICAS_HANDOVER_MANAGER`, which the HPA then overrides.
+    """
+    if not leaving_keda or observed is None or (observed.get("spec") or {}).get("replicas") != 0:
+        return None
+    try:
+        parsed = api.parse(isvc)
+    except pydantic.ValidationError:
+        return None
+    if parsed.spec.scaling.autoscaler != "hpa":
+        return None
+    return {"apiVersion": observed["apiVersion"] if "apiVersion" in observed else "apps/v1", "kind": "Deployment",
+            "metadata": {"name": observed["metadata"]["name"], "namespace": observed["metadata"].get("namespace")},
+            "spec": {"replicas": max(parsed.spec.scaling.min_replicas, 1)}}
 
 
 def orphans(isvc: dict, owned: list[dict], settings: OperatorSettings) -> list[dict]:

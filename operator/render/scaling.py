@@ -72,7 +72,7 @@ def scaled_object(isvc: api.InferenceService, settings: OperatorSettings) -> dic
         "minReplicaCount": s.min_replicas,
         "maxReplicaCount": s.max_replicas,
         "advanced": {"horizontalPodAutoscalerConfig": {
-            "behavior": {"scaleDown": {"stabilizationWindowSeconds": s.cooldown_period}}}},
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": hpa_window(s.cooldown_period)}}}},
         "triggers": triggers,
     }
     if s.idle_replica_count is not None:
@@ -83,6 +83,18 @@ def scaled_object(isvc: api.InferenceService, settings: OperatorSettings) -> dic
         "metadata": c.metadata(isvc, isvc.metadata.name, c.AUTOSCALER),
         "spec": spec,
     }
+
+
+#: The API's bound on an HPA behavior's ``stabilizationWindowSeconds`` (autoscaling/v2
+#: validation, ``MaxStabilizationWindowSeconds``).
+MAX_STABILIZATION_WINDOW_S = 3600
+
+
+def hpa_window(cooldown_period: int) -> int:
+    """``cooldownPeriod`` (seconds) as an HPA scale-down stabilization window: capped at
+    :data:`MAX_STABILIZATION_WINDOW_S`, which the API server enforces (KEDA's own
+    ``cooldownPeriod`` keeps the full value)."""
+    return min(cooldown_period, MAX_STABILIZATION_WINDOW_S)
 
 
 def horizontal_pod_autoscaler(isvc: api.InferenceService, settings: OperatorSettings) -> dict:
@@ -105,7 +117,7 @@ def horizontal_pod_autoscaler(isvc: api.InferenceService, settings: OperatorSett
             "minReplicas": s.min_replicas,
             "maxReplicas": s.max_replicas,
             "metrics": metrics,
-            "behavior": {"scaleDown": {"stabilizationWindowSeconds": s.cooldown_period}},
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": hpa_window(s.cooldown_period)}},
         },
     }
 

@@ -51,10 +51,16 @@ rely on, as the Kubernetes API conventions and "API concepts" pages describe the
 - **Fault injection** for tests: :meth:`StandIn.fail_next` makes the next N writes to a
   resource answer 409, 500 or any other code; :attr:`StandIn.requests` logs every request.
 
+- **Validation and admission the operator's writes can hit**, as the real server and
+  KEDA answer them: an HPA's ``behavior`` stabilization window above 3600 s is 422
+  Invalid; a PersistentVolumeClaim's spec is immutable except a growing
+  ``resources.requests.storage`` (422 otherwise); KEDA's ScaledObject webhook denies (403)
+  a ScaledObject whose workload an HPA not owned by a ScaledObject already scales.
+
 Not implemented (a real API server does these; tests must not rely on them):
-authentication, authorization (RBAC) and TLS; admission (webhooks, policies, quotas,
+authentication, authorization (RBAC) and TLS; other admission (webhooks, policies, quotas,
 LimitRanges); OpenAPI schema validation, defaulting, pruning and CEL rules of custom
-resources; defaulting and validation of built-in kinds (a Deployment gets no default
+resources; defaulting and other validation of built-in kinds (a Deployment gets no default
 ``replicas``, a Job no selector); controllers of any kind (no ReplicaSets, Pods, Job runs,
 endpoints, PVC binding: tests play the controllers by writing ``status``); conversion
 between versions (a CRD's versions share the stored object); the ``scale`` and other
@@ -181,6 +187,19 @@ class ApiError(Exception):
         """The ``Status`` object sent as the body."""
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": self.message,
                 "reason": self.reason, "details": self.details, "code": self.code}
+
+
+def _quantity_bytes(q: Any) -> float:
+    """A Kubernetes quantity (``10Gi``, ``500M``, ``1e3``) in bytes (0 when absent)."""
+    if q is None:
+        return 0.0
+    text = str(q)
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "k": 1e3, "M": 1e6, "G": 1e9,
+             "T": 1e12, "P": 1e15}
+    for suffix in sorted(units, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * units[suffix]
+    return float(text)
 
 
 def _not_found(rt: ResourceType, name: str) -> ApiError:
@@ -556,6 +575,8 @@ class Store:
 
     # -- commit
     def _commit(self, rt: ResourceType, key: tuple, old: Optional[dict], new: dict, kind: str) -> dict:
+        if kind != "DELETED" and not new["metadata"].get("deletionTimestamp"):
+            self._admit(rt, old, new)
         self.rv += 1
         new["metadata"]["resourceVersion"] = str(self.rv)
         if kind == "DELETED":
@@ -569,6 +590,55 @@ class Store:
         for watch in list(self.watches):
             watch.offer(ev)
         return new
+
+    # -- validation and admission of the kinds the operator writes
+    def _admit(self, rt: ResourceType, old: Optional[dict], new: dict) -> None:
+        """The real server's checks that the operator's writes can hit (see the module
+        doc): HPA behavior windows, PVC spec immutability, and KEDA's ScaledObject webhook.
+
+        Raises:
+            ApiError: 422 Invalid (built-in validation) or 403 (a webhook's denial).
+        """
+        name = new["metadata"].get("name")
+        spec = new.get("spec") or {}
+        if rt.kind == "HorizontalPodAutoscaler":
+            # k8s.io/kubernetes pkg/apis/autoscaling/validation: MaxStabilizationWindowSeconds = 3600
+            for way in ("scaleUp", "scaleDown"):
+                w = ((spec.get("behavior") or {}).get(way) or {}).get("stabilizationWindowSeconds")
+                if w is not None and not 0 <= w <= 3600:
+                    raise ApiError(422, "Invalid", f'HorizontalPodAutoscaler.autoscaling "{name}" is invalid: '
+                                                   f"spec.behavior.{way}.stabilizationWindowSeconds: Invalid value: "
+                                                   f"{w}: must be less than or equal to 3600")
+        if rt.kind == "PersistentVolumeClaim" and old is not None and old.get("spec") != spec:
+            # pkg/apis/core/validation ValidatePersistentVolumeClaimUpdate
+            def size(obj):
+                return ((obj.get("spec") or {}).get("resources") or {}).get("requests", {}).get("storage")
+
+            rest = lambda o: {k: v for k, v in (o.get("spec") or {}).items() if k not in ("resources", "volumeName")}  # noqa: E731
+            if rest(old) != rest(new):
+                raise ApiError(422, "Invalid", f'PersistentVolumeClaim "{name}" is invalid: spec: Forbidden: spec is '
+                                               "immutable after creation except resources.requests and "
+                                               "volumeAttributesClassName for bound claims")
+            if _quantity_bytes(size(new)) < _quantity_bytes(size(old)):
+                raise ApiError(422, "Invalid", f'PersistentVolumeClaim "{name}" is invalid: '
+                                               "spec.resources.requests.storage: Forbidden: field can not be less "
+                                               "than previous value")
+        if rt.kind == "ScaledObject":
+            # KEDA's validating webhook (vscaledobject.kb.io): one owner per workload
+            ref = spec.get("scaleTargetRef") or {}
+            target = (ref.get("kind") or "Deployment", ref.get("name"))
+            ns = new["metadata"].get("namespace")
+            uid = new["metadata"].get("uid")
+            for (group, plural, o_ns, _), obj in self.objects.items():
+                if o_ns != ns or plural != "horizontalpodautoscalers":
+                    continue
+                o_ref = (obj.get("spec") or {}).get("scaleTargetRef") or {}
+                owned_by_so = any(r.get("kind") == "ScaledObject" and (r.get("uid") == uid or r.get("name") == name)
+                                  for r in obj["metadata"].get("ownerReferences") or [])
+                if (o_ref.get("kind"), o_ref.get("name")) == target and not owned_by_so:
+                    raise ApiError(403, "Forbidden", 'admission webhook "vscaledobject.kb.io" denied the request: '
+                                                     f"the workload '{target[1]}' of type 'apps/v1.{target[0]}' is "
+                                                     f"already managed by the hpa '{obj['metadata']['name']}'")
 
     # -- managed fields
     @staticmethod

@@ -248,3 +248,39 @@ def test_namespace_deletion_removes_contents(standin):
     standin.http("DELETE", "/api/v1/namespaces/tmp")
     assert standin.http("GET", "/api/v1/namespaces/tmp/configmaps/a")[0] == 404
     assert standin.http("GET", "/api/v1/namespaces/tmp")[0] == 404
+
+
+def test_validation_and_admission_the_operator_can_hit(standin):
+    """As the real server and KEDA answer: an HPA window above 3600 s is 422, a PVC's spec
+    is immutable but for a growing storage request, and KEDA's webhook refuses a
+    ScaledObject for a Deployment an HPA already scales."""
+    hpa_path = "/apis/autoscaling/v2/namespaces/default/horizontalpodautoscalers"
+    hpa = {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": {"name": "web"},
+           "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "web"},
+                    "maxReplicas": 3, "behavior": {"scaleDown": {"stabilizationWindowSeconds": 3601}}}}
+    status, body = standin.http("POST", hpa_path, hpa)
+    assert status == 422 and "must be less than or equal to 3600" in body["message"]
+    hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] = 3600
+    assert standin.http("POST", hpa_path, hpa)[0] == 201
+
+    so_path = "/apis/keda.sh/v1alpha1/namespaces/default/scaledobjects"
+    so = {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "web"},
+          "spec": {"scaleTargetRef": {"name": "web"}, "triggers": []}}
+    status, body = standin.http("POST", so_path, so)
+    assert status == 403 and "already managed by the hpa 'web'" in body["message"]
+    assert standin.http("DELETE", f"{hpa_path}/web")[0] == 200
+    assert standin.http("POST", so_path, so)[0] == 201
+
+    pvc_path = "/api/v1/namespaces/default/persistentvolumeclaims"
+    pvc = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "cache"},
+           "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "nfs",
+                    "resources": {"requests": {"storage": "20Gi"}}}}
+    assert standin.http("POST", pvc_path, pvc)[0] == 201
+    grow = {"spec": {"resources": {"requests": {"storage": "30Gi"}}}}
+    assert standin.http("PATCH", f"{pvc_path}/cache", grow, content_type=MERGE_PATCH)[0] == 200
+    shrink = {"spec": {"resources": {"requests": {"storage": "10Gi"}}}}
+    status, body = standin.http("PATCH", f"{pvc_path}/cache", shrink, content_type=MERGE_PATCH)
+    assert status == 422 and "can not be less than previous value" in body["message"]
+    status, body = standin.http("PATCH", f"{pvc_path}/cache", {"spec": {"storageClassName": "fast"}},
+                                content_type=MERGE_PATCH)
+    assert status == 422 and "spec is immutable" in body["message"]

@@ -431,3 +431,77 @@ print("loaded:", sorted(m for m in ("torch", "transformers", "aiohttp", "kopf", 
     assert "--all-namespaces" in proc.stdout and "--peering" in proc.stdout
     assert "loaded: []" in proc.stdout
     assert "argosy serve` needs the runtime extra" in proc.stderr
+
+
+# ------------------------------------------------- issue 12: partial failures and handovers
+def _events(standin: StandIn) -> list[dict]:
+    code, listing = standin.http("GET", f"/api/v1/namespaces/{NS}/events")
+    assert code == 200
+    return listing["items"]
+
+
+def test_one_failed_child_does_not_freeze_the_others(cluster, tmp_path):
+    """The Service apply fails (500): every other child is still applied, the failure is
+    in status (ChildrenApplied False, the object named) and in a Warning event, and the pass
+    raises so it is retried; the next pass applies the Service and clears the condition."""
+    s = cluster
+    ctx = Context(FAST, api_client=_api_client(s.url), discovery_cache=str(tmp_path / "discovery.json"))
+    spec = {"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0},
+            "scaling": {"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 2}}
+    s.http("POST", ISVCS, _new_isvc("llm", spec))
+    s.fail_next("services", 500, times=5, verbs=("patch",))
+    with pytest.raises(Exception):
+        converge(ctx, NS, "llm")
+    kids = children(s)
+    assert "Service" not in kids
+    assert {"Deployment", "ScaledObject", "PodDisruptionBudget"} <= set(kids)
+    cond = condition(isvc(s), "ChildrenApplied")
+    assert cond["status"] == "False" and cond["reason"] == "ApplyFailed" and "Service llm" in cond["message"]
+    assert any(e["reason"] == "ApplyFailed" and e["type"] == "Warning" for e in _events(s))
+    for f in list(s.faults):
+        s.faults.remove(f)
+    converge(ctx, NS, "llm")
+    assert "Service" in children(s) and condition(isvc(s), "ChildrenApplied")["status"] == "True"
+
+
+def test_hpa_to_keda_and_back_at_zero(cluster, tmp_path):
+    """hpa -> keda: the old HPA goes before the ScaledObject comes (KEDA's webhook refuses
+    a second owner of the Deployment); keda -> hpa while KEDA had scaled to zero: the
+    Deployment gets a replica back (an HPA does not scale a workload at 0 replicas)."""
+    s = cluster
+    ctx = Context(FAST, api_client=_api_client(s.url), discovery_cache=str(tmp_path / "discovery.json"))
+    spec = {"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0},
+            "scaling": {"autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 3}}
+    s.http("POST", ISVCS, _new_isvc("llm", spec))
+    converge(ctx, NS, "llm")
+    assert "HorizontalPodAutoscaler" in children(s)
+    patch_isvc(s, {"spec": {"scaling": {"autoscaler": "keda", "minReplicas": 0}}})
+    converge(ctx, NS, "llm")
+    kids = children(s)
+    assert "ScaledObject" in kids and "HorizontalPodAutoscaler" not in kids
+    assert condition(isvc(s), "ChildrenApplied")["status"] == "True"
+    # KEDA scales the Deployment to zero
+    code, _ = s.http("PATCH", f"{KINDS['Deployment']}/llm", {"spec": {"replicas": 0}}, content_type=MERGE_PATCH)
+    assert code == 200
+    patch_isvc(s, {"spec": {"scaling": {"autoscaler": "hpa", "minReplicas": 2}}})
+    converge(ctx, NS, "llm")
+    kids = children(s)
+    assert "HorizontalPodAutoscaler" in kids and "ScaledObject" not in kids
+    assert one(s, "Deployment")["spec"]["replicas"] == 2
+
+
+def test_long_cooldown_fits_the_hpa_limit(cluster, tmp_path):
+    """cooldownPeriod 7200 s: KEDA's cooldownPeriod keeps it, but an HPA's stabilization
+    window is capped at 3600 s by the API (the stand-in answers 422 above it, as the real one)."""
+    s = cluster
+    ctx = Context(FAST, api_client=_api_client(s.url), discovery_cache=str(tmp_path / "discovery.json"))
+    spec = {"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0},
+            "scaling": {"autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 3, "cooldownPeriod": 7200}}
+    s.http("POST", ISVCS, _new_isvc("llm", spec))
+    converge(ctx, NS, "llm")
+    assert one(s, "HorizontalPodAutoscaler")["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 3600
+    patch_isvc(s, {"spec": {"scaling": {"autoscaler": "keda"}}})
+    converge(ctx, NS, "llm")
+    so = one(s, "ScaledObject")["spec"]
+    assert so["cooldownPeriod"] == 7200
+    assert so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 3600
