@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import defaultdict
 from datetime import datetime, timezone
 from typing import Any, Optional
@@ -214,6 +215,46 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
         if failures:  # status and events are out; the caller retries (transient) or gives up
             raise failures[0][1]
         return result.status
+
+
+def ensure_webhook_certificate(ctx: Context, now: Optional[datetime] = None) -> bool:
+    """Issue or rotate the webhook certificate in its Secret, keep the webhook
+    configuration's caBundle on its CA, and write the pair into ``webhook_cert_dir``
+    (:mod:`argosy.operator.certs`); True when the files changed.
+
+    Raises:
+        ValueError: the namespace, Service or webhook configuration setting is missing.
+        kubernetes.dynamic.exceptions.DynamicApiError: an API call failed.
+    """
+    from . import certs
+
+    s = ctx.settings
+    missing = [f"ARGOSY_{n.upper()}" for n in ("webhook_namespace", "webhook_service", "webhook_configuration")
+               if not getattr(s, n)]
+    if missing:
+        raise ValueError(f"ARGOSY_WEBHOOK_CERT_SECRET needs {', '.join(missing)} (the chart sets them)")
+    names = certs.service_dns_names(s.webhook_service, s.webhook_namespace)
+    pems = certs.ensure(ctx.kube, s.webhook_namespace, s.webhook_cert_secret, s.webhook_configuration, names,
+                        validity_days=s.webhook_cert_validity_days, renew_days=s.webhook_cert_renew_days, now=now)
+    return certs.write_files(s.webhook_cert_dir, pems)
+
+
+async def certificate_loop(ctx: Context, reloader: Any) -> None:
+    """Every ``webhook_cert_reload_interval`` seconds, serve changed certificate files;
+    every ``webhook_cert_check_interval`` seconds (self-issued certificates only), rotate
+    before expiry and follow the Secret (another replica's rotation). Errors are logged
+    and retried on the next tick."""
+    s = ctx.settings
+    last_check = time.monotonic()
+    while True:
+        await asyncio.sleep(s.webhook_cert_reload_interval)
+        try:
+            if s.webhook_cert_secret and time.monotonic() - last_check >= s.webhook_cert_check_interval:
+                last_check = time.monotonic()
+                await asyncio.to_thread(ensure_webhook_certificate, ctx)
+            reloader.maybe_reload()
+        except Exception as e:  # noqa: BLE001 - the current certificate keeps being served
+            logger.warning("webhook certificate check failed (retrying): %s", _summary(e))
 
 
 def cluster_snapshot(kube: Kube) -> tuple[list[dict], list[dict], dict[str, dict[str, str]]]:
@@ -459,11 +500,21 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
             return webhook.Snapshot(quotas, services, labels)
 
         cert_dir = ctx.settings.webhook_cert_dir
-        tls = webhook.ssl_context(os.path.join(cert_dir, "tls.crt"), os.path.join(cert_dir, "tls.key"))
+        if ctx.settings.webhook_cert_secret:
+            await asyncio.to_thread(ensure_webhook_certificate, ctx)
+        crt, key = os.path.join(cert_dir, "tls.crt"), os.path.join(cert_dir, "tls.key")
+        tls = webhook.ssl_context(crt, key)
         ctx.webhook_runner = await webhook.start(snapshot, ctx.settings.webhook_port, tls=tls)
+        ctx.cert_task = asyncio.create_task(certificate_loop(ctx, webhook.CertReloader(tls, crt, key)))
 
     @kopf.on.cleanup(registry=registry)
     async def stop_webhook(**_: Any) -> None:
+        task = getattr(ctx, "cert_task", None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            ctx.cert_task = None
         if getattr(ctx, "webhook_runner", None) is not None:
             await ctx.webhook_runner.cleanup()
             ctx.webhook_runner = None

@@ -178,6 +178,17 @@ class Kube:
         return self._client().patch(sub, body={"status": status}, name=name, namespace=namespace,
                                     content_type="application/merge-patch+json").to_dict()
 
+    def json_patch(self, api_version: str, kind: str, namespace: Optional[str], name: str, ops: list[dict]) -> dict:
+        """Apply a JSON patch (RFC 6902) to an object.
+
+        Raises:
+            KindNotServed: the kind is not served.
+            kubernetes.dynamic.exceptions.DynamicApiError: e.g. 422 when a ``test`` fails.
+        """
+        res = self._served(api_version, kind)
+        return self._client().patch(res, body=ops, name=name, namespace=namespace,
+                                    content_type="application/json-patch+json").to_dict()
+
     def patch_replicas(self, namespace: str, name: str, replicas: int) -> dict:
         """Set a Deployment's ``spec.replicas`` through its ``scale`` subresource (what
         ``kubectl scale`` does), leaving the applied manifest's fields alone.

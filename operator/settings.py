@@ -65,8 +65,23 @@ class OperatorSettings:
     autoscale_down_step: int = 1
     #: HTTPS port of the validating admission webhook (0: not served).
     webhook_port: int = 0
-    #: Folder holding the webhook's serving certificate (tls.crt, tls.key: a mounted TLS Secret).
+    #: Folder holding the webhook's serving certificate (tls.crt, tls.key): a mounted TLS
+    #: Secret (cert-manager), or where the operator writes its own (``webhook_cert_secret``).
     webhook_cert_dir: str = "/etc/argosy/webhook-tls"
+    #: When set, the operator issues and rotates the webhook certificate itself, kept in this
+    #: Secret of ``webhook_namespace`` (see :mod:`argosy.operator.certs`); empty: files only.
+    webhook_cert_secret: str = ""
+    #: The operator's namespace and the webhook's Service (the certificate's DNS names).
+    webhook_namespace: str = ""
+    webhook_service: str = ""
+    #: The ValidatingWebhookConfiguration whose caBundle the operator keeps in sync.
+    webhook_configuration: str = ""
+    #: Validity of the certificates it issues, and how long before expiry they are replaced (days).
+    webhook_cert_validity_days: int = 365
+    webhook_cert_renew_days: int = 30
+    #: Seconds between checks of the certificate files (reload) and of the Secret (rotation).
+    webhook_cert_reload_interval: float = 30.0
+    webhook_cert_check_interval: float = 3600.0
 
     @classmethod
     def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "OperatorSettings":

@@ -43,7 +43,7 @@ rely on, as the Kubernetes API conventions and "API concepts" pages describe the
   resources under every served version and marks it ``Established``.
 - **Built-in kinds**: Namespace, Event, ConfigMap, Secret, ServiceAccount, Pod, Service,
   PersistentVolumeClaim, Deployment, Job, PodDisruptionBudget, HorizontalPodAutoscaler
-  (``autoscaling/v2``), Lease; KEDA's ScaledObject and the Prometheus Operator's
+  (``autoscaling/v2``), Lease, ValidatingWebhookConfiguration; KEDA's ScaledObject and the Prometheus Operator's
   ServiceMonitor are served as if their CRDs were installed (``third_party=False`` turns
   that off).
 - **Discovery**: ``/version``, ``/api``, ``/api/v1``, ``/apis``, ``/apis/GROUP``,
@@ -166,6 +166,8 @@ BUILTIN_TYPES = (
     _builtin("rbac.authorization.k8s.io/v1", "rolebindings", "RoleBinding", status=False),
     _builtin("apiextensions.k8s.io/v1", "customresourcedefinitions", "CustomResourceDefinition",
              namespaced=False, short=("crd", "crds")),
+    _builtin("admissionregistration.k8s.io/v1", "validatingwebhookconfigurations", "ValidatingWebhookConfiguration",
+             namespaced=False, status=False),
 )
 #: Kinds a real cluster gets from third-party CRDs (KEDA, Prometheus Operator).
 THIRD_PARTY_TYPES = (

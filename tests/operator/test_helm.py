@@ -72,6 +72,8 @@ CHILD_VERBS = {"get", "list", "create", "patch", "delete"}
 #: Resources the operator itself is granted besides its children.
 OWN_RESOURCES = {("serving.argosy.dev", "inferenceservices"): {"get", "list", "watch", "patch", "update"},
                  ("serving.argosy.dev", "inferenceservices/status"): {"get", "patch", "update"},
+                 # blockOwnerDeletion under OwnerReferencesPermissionEnforcement
+                 ("serving.argosy.dev", "inferenceservices/finalizers"): {"update"},
                  ("", "events"): {"create", "patch"},
                  # GPUQuota backstops in each covered namespace, and the builtin autoscaler
                  ("", "resourcequotas"): CHILD_VERBS,
@@ -396,7 +398,9 @@ def test_rbac_has_no_wildcards(helm_env, tmp, name):
         for rule in obj["rules"]:
             for key, items in rule.items():
                 assert all("*" not in item for item in items), f"{obj['kind']} {obj['metadata']['name']}: {key} {items}"
-            assert "nonResourceURLs" not in rule and "resourceNames" not in rule
+            assert "nonResourceURLs" not in rule
+            # resourceNames only narrow: the webhook certificate's Secret and configuration
+            assert "resourceNames" not in rule or obj["metadata"]["name"].endswith("-webhook-cert")
 
 
 def test_rbac_covers_every_child_kind_and_nothing_else(helm_env, tmp):
@@ -523,9 +527,10 @@ def test_no_webhook_by_default(helm_env, tmp):
     assert "ARGOSY_WEBHOOK_PORT" not in env_of(operator_container(objs))
 
 
-def test_webhook_with_helm_generated_certificate(helm_env, tmp):
-    import base64
-
+def test_webhook_with_operator_issued_certificate(helm_env, tmp):
+    """Without cert-manager the chart renders no key material (the operator issues and
+    rotates the certificate and fills caBundle): two renders are byte-identical, as Argo
+    CD's ``helm template`` needs, and the operator gets exactly the RBAC that takes."""
     objs = template(helm_env, tmp, "webhook")
     (vwc,) = by_kind(objs, "ValidatingWebhookConfiguration")
     (hook,) = vwc["webhooks"]
@@ -535,23 +540,38 @@ def test_webhook_with_helm_generated_certificate(helm_env, tmp):
                               "operations": ["CREATE", "UPDATE"], "resources": ["inferenceservices"],
                               "scope": "Namespaced"}]
     assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["ml"]
+    assert "caBundle" not in hook["clientConfig"]
     svc_ref = hook["clientConfig"]["service"]
     (svc,) = [o for o in by_kind(objs, "Service") if o["metadata"]["name"] == svc_ref["name"]]
     assert svc["metadata"]["namespace"] == svc_ref["namespace"] == NAMESPACE
     assert svc["spec"]["ports"][0]["targetPort"] == "webhook"
-    (secret,) = by_kind(objs, "Secret")
-    assert secret["type"] == "kubernetes.io/tls"
-    ca = base64.b64decode(hook["clientConfig"]["caBundle"]).decode()
-    assert ca.startswith("-----BEGIN CERTIFICATE-----")
-    assert "PRIVATE KEY-----" in base64.b64decode(secret["data"]["tls.key"]).decode()
+    assert not by_kind(objs, "Secret")
+    first = run_helm(helm_env, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version",
+                     K8S_VERSION, values=VALUE_SETS["webhook"], tmp=tmp)
+    second = run_helm(helm_env, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version",
+                      K8S_VERSION, values=VALUE_SETS["webhook"], tmp=tmp)
+    assert first.returncode == 0 and first.stdout == second.stdout
+    assert "PRIVATE KEY" not in first.stdout and "BEGIN CERTIFICATE" not in first.stdout
     container = operator_container(objs)
-    assert env_of(container)["ARGOSY_WEBHOOK_PORT"] == "9443"
+    env = env_of(container)
+    assert env["ARGOSY_WEBHOOK_PORT"] == "9443"
+    assert env["ARGOSY_WEBHOOK_CERT_SECRET"] == f"{vwc['metadata']['name']}-webhook-tls"
+    assert env["ARGOSY_WEBHOOK_SERVICE"] == svc["metadata"]["name"] and env["ARGOSY_WEBHOOK_NAMESPACE"] == NAMESPACE
+    assert env["ARGOSY_WEBHOOK_CONFIGURATION"] == vwc["metadata"]["name"]
     assert {"name": "webhook", "containerPort": 9443, "protocol": "TCP"} in container["ports"]
     (mount,) = [m for m in container["volumeMounts"] if m["name"] == "webhook-tls"]
-    assert mount["mountPath"] == OperatorSettings().webhook_cert_dir
+    assert mount["mountPath"] == OperatorSettings().webhook_cert_dir and not mount["readOnly"]
     pod = by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]
     (vol,) = [v for v in pod["volumes"] if v["name"] == "webhook-tls"]
-    assert vol["secret"]["secretName"] == secret["metadata"]["name"]
+    assert vol["emptyDir"]["medium"] == "Memory"
+    (cert_role,) = [o for o in by_kind(objs, "Role") if o["metadata"]["name"].endswith("-webhook-cert")]
+    assert cert_role["metadata"]["namespace"] == NAMESPACE
+    assert {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [env["ARGOSY_WEBHOOK_CERT_SECRET"]],
+            "verbs": ["get", "patch", "update"]} in cert_role["rules"]
+    vwc_rule = [r for o in by_kind(objs, "ClusterRole") for r in o["rules"]
+                if "validatingwebhookconfigurations" in r["resources"]]
+    assert vwc_rule == [{"apiGroups": ["admissionregistration.k8s.io"], "resources": ["validatingwebhookconfigurations"],
+                         "resourceNames": [vwc["metadata"]["name"]], "verbs": ["get", "patch"]}]
 
 
 def test_webhook_with_cert_manager(helm_env, tmp):

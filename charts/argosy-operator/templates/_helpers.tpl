@@ -99,6 +99,11 @@ create and patch, the status refresh reads children with get, orphans are found 
 - apiGroups: ["serving.argosy.dev"]
   resources: ["inferenceservices/status"]
   verbs: ["get", "patch", "update"]
+# children carry blockOwnerDeletion: under OwnerReferencesPermissionEnforcement that needs
+# update on the owner's finalizers
+- apiGroups: ["serving.argosy.dev"]
+  resources: ["inferenceservices/finalizers"]
+  verbs: ["update"]
 - apiGroups: [""]
   resources: ["persistentvolumeclaims", "services"]
   verbs: ["get", "list", "create", "patch", "delete"]
