@@ -529,10 +529,14 @@ ROOT_CEL_RULES = [
 def parse(obj: dict) -> InferenceService:
     """Validate a custom resource (as read from the API server or a YAML file).
 
+    ``status`` is not validated (nor returned): it is the operator's own output, and one
+    written by another version of the operator (a field this one does not know) must not
+    make a good spec look invalid.
+
     Raises:
         pydantic.ValidationError: a field or a cross-field rule is violated.
     """
-    return InferenceService.model_validate(obj)
+    return InferenceService.model_validate({k: v for k, v in obj.items() if k != "status"})
 
 
 # ------------------------------------------------------------------------ GPUQuota
@@ -660,9 +664,9 @@ class GPUQuota(BaseModel):
 
 
 def parse_quota(obj: dict) -> GPUQuota:
-    """Validate a GPUQuota object.
+    """Validate a GPUQuota object (``status`` ignored, as in :func:`parse`).
 
     Raises:
         pydantic.ValidationError: a field or a cross-field rule is violated.
     """
-    return GPUQuota.model_validate(obj)
+    return GPUQuota.model_validate({k: v for k, v in obj.items() if k != "status"})

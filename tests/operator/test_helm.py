@@ -541,6 +541,8 @@ def test_webhook_with_operator_issued_certificate(helm_env, tmp):
                               "scope": "Namespaced"}]
     assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["ml"]
     assert "caBundle" not in hook["clientConfig"]
+    assert [c["expression"] for c in hook["matchConditions"]] == [
+        "!has(object.metadata.deletionTimestamp)", "request.operation == 'CREATE' || object.spec != oldObject.spec"]
     svc_ref = hook["clientConfig"]["service"]
     (svc,) = [o for o in by_kind(objs, "Service") if o["metadata"]["name"] == svc_ref["name"]]
     assert svc["metadata"]["namespace"] == svc_ref["namespace"] == NAMESPACE
@@ -572,6 +574,31 @@ def test_webhook_with_operator_issued_certificate(helm_env, tmp):
                 if "validatingwebhookconfigurations" in r["resources"]]
     assert vwc_rule == [{"apiGroups": ["admissionregistration.k8s.io"], "resources": ["validatingwebhookconfigurations"],
                          "resourceNames": [vwc["metadata"]["name"]], "verbs": ["get", "patch"]}]
+
+
+def test_webhook_match_conditions_select_what_can_change_a_reservation(helm_env, tmp):
+    """The rendered matchConditions, evaluated with cel-python as the API server would:
+    creates and spec changes reach the webhook; label-only updates and objects being
+    deleted do not."""
+    import celpy
+
+    (vwc,) = by_kind(template(helm_env, tmp, "webhook"), "ValidatingWebhookConfiguration")
+    env = celpy.Environment()
+    programs = [env.program(env.compile(c["expression"])) for c in vwc["webhooks"][0]["matchConditions"]]
+
+    def sent(operation, obj, old=None):
+        act = {"request": celpy.json_to_cel({"operation": operation}), "object": celpy.json_to_cel(obj),
+               "oldObject": celpy.json_to_cel(old)}
+        return all(bool(p.evaluate(act)) for p in programs)
+
+    base = {"metadata": {"name": "llm", "labels": {}}, "spec": {"scaling": {"minReplicas": 1}}}
+    relabeled = {**base, "metadata": {"name": "llm", "labels": {"team": "a"}}}
+    grown = {**base, "spec": {"scaling": {"minReplicas": 3}}}
+    deleting = {**grown, "metadata": {"name": "llm", "deletionTimestamp": "2026-01-01T00:00:00Z"}}
+    assert sent("CREATE", base)
+    assert sent("UPDATE", grown, base)
+    assert not sent("UPDATE", relabeled, base)
+    assert not sent("UPDATE", deleting, base)
 
 
 def test_webhook_with_cert_manager(helm_env, tmp):

@@ -267,6 +267,17 @@ def test_invalid_spec():
     assert "model.uri" in c["message"]
 
 
+def test_status_from_another_operator_version_is_not_an_invalid_spec():
+    """A status field this version does not know (written by a newer operator, the CRD
+    upgraded first) leaves the spec valid: status is output, not input."""
+    obj = make_isvc({"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0}})
+    obj["status"] = {"conditions": [{"type": "Ready", "status": "True", "reason": "Ready", "message": "",
+                                     "lastTransitionTime": "2025-01-01T00:00:00Z", "severity": "Info"}],
+                     "fromTheFuture": {"x": 1}}
+    r = run(obj)
+    assert r.manifests_to_apply and conds(r)["Ready"]["reason"] != "InvalidSpec"
+
+
 def test_status_fits_the_crd(schema):
     status_schema = schema["properties"]["status"]
     obj = make_isvc(SPECS["keda"])
