@@ -69,6 +69,7 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
         return _fail(f"`argosy operator` needs the operator extra (pip install 'argosy[operator]'): {e}")
     try:
         settings = OperatorSettings.from_env()
+        settings.service_monitor_label_map()  # a malformed label list fails here, not in every pass
     except ValueError as e:
         return _fail(str(e))
 

@@ -31,6 +31,23 @@ class OperatorSettings:
     prometheus_service_label: str = "service"
     #: Render a ServiceMonitor per InferenceService (needs the Prometheus Operator's CRDs).
     service_monitor: bool = True
+    #: Labels those ServiceMonitors carry, ``k=v`` pairs separated by commas: the labels your
+    #: Prometheus selects ServiceMonitors by (kube-prometheus-stack: ``release=<its release>``).
+    service_monitor_labels: str = ""
+
+    def service_monitor_label_map(self) -> dict[str, str]:
+        """:attr:`service_monitor_labels` as a dict.
+
+        Raises:
+            ValueError: an entry without ``=`` or with an empty key.
+        """
+        out = {}
+        for part in filter(None, (p.strip() for p in self.service_monitor_labels.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"ARGOSY_SERVICE_MONITOR_LABELS: {part!r} is not key=value")
+            out[key.strip()] = value.strip()
+        return out
     #: Pod metric names under which Prometheus Adapter serves the runtime's gauges to an
     #: HPA (custom.metrics.k8s.io names cannot contain the colon of the Prometheus names).
     hpa_waiting_metric: str = "vllm_num_requests_waiting"

@@ -89,6 +89,14 @@ def metadata(isvc: api.InferenceService, name: str, component: str) -> dict:
     }
 
 
+def with_labels(meta: dict, extra: dict[str, str]) -> dict:
+    """``meta`` with ``extra`` labels added (the child's own labels win on a clash: they
+    select and own it)."""
+    if extra:
+        meta["labels"] = {**extra, **meta.get("labels", {})}
+    return meta
+
+
 def short_hash(value: object, length: int = 16) -> str:
     """Hex SHA-256 prefix of ``value``'s canonical JSON (sorted keys)."""
     text = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)

@@ -146,7 +146,7 @@ def service_monitor(isvc: api.InferenceService, settings: OperatorSettings) -> d
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": _meta(isvc),
+        "metadata": c.with_labels(_meta(isvc), settings.service_monitor_label_map()),
         "spec": {"selector": {"matchLabels": router_selector_labels(isvc)},
                  "namespaceSelector": {"matchNames": [isvc.metadata.namespace]},
                  "endpoints": [{"port": _HTTP, "path": "/metrics", "interval": "15s"}]},

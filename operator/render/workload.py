@@ -198,7 +198,7 @@ def service_monitor(isvc: api.InferenceService, settings: OperatorSettings) -> d
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
-        "metadata": c.metadata(isvc, isvc.metadata.name, c.SERVER),
+        "metadata": c.with_labels(c.metadata(isvc, isvc.metadata.name, c.SERVER), settings.service_monitor_label_map()),
         "spec": {
             "selector": {"matchLabels": c.selector_labels(isvc)},
             "namespaceSelector": {"matchNames": [isvc.metadata.namespace]},

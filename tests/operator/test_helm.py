@@ -354,7 +354,8 @@ def test_operator_deployment_custom_image(helm_env, tmp):
 
 
 _NON_DEFAULT = {"image_pull_policy": "Always", "prometheus_server_address": "http://prom.example:9090",
-                "prefetch_cpu": "750m", "prefetch_memory": "3Gi", "service_monitor": False}
+                "prefetch_cpu": "750m", "prefetch_memory": "3Gi", "service_monitor": False,
+                "service_monitor_labels": "release=prometheus,team=ml"}
 
 
 def test_every_setting_reaches_the_operator(helm_env, tmp):

@@ -433,3 +433,21 @@ def test_no_router_by_default():
     assert not any(role.startswith("router") for role in kids)
     assert all("argosy_router" not in t["metadata"]["query"] for t in kids["autoscaler"]["spec"]["triggers"])
     assert render.url(api.parse(CASES["scale-to-zero"]), SETTINGS) == "http://llm.ml.svc.cluster.local:8000/v1"
+
+
+def test_service_monitor_labels_setting():
+    """kube-prometheus-stack selects ServiceMonitors by its release label: the setting puts
+    it on the server's and the router's ServiceMonitors (the children's own labels win)."""
+    settings = OperatorSettings(service_monitor_labels="release=prometheus, team=ml")
+    obj = make_isvc({"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0},
+                     "scaling": {"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 2},
+                     "router": {"enabled": True}})
+    monitors = [m for m in render.render_children(api.parse(obj), settings).values() if m["kind"] == "ServiceMonitor"]
+    assert len(monitors) == 2
+    for m in monitors:
+        assert m["metadata"]["labels"]["release"] == "prometheus" and m["metadata"]["labels"]["team"] == "ml"
+        assert m["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "argosy-operator"
+    plain = [m for m in render.render_children(api.parse(obj), SETTINGS).values() if m["kind"] == "ServiceMonitor"]
+    assert all("release" not in m["metadata"]["labels"] for m in plain)
+    with pytest.raises(ValueError, match="not key=value"):
+        OperatorSettings(service_monitor_labels="release").service_monitor_label_map()
