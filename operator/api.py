@@ -226,6 +226,12 @@ class ParallelismSpec(_Model):
     tensor: int = Field(1, ge=1, le=64, description="Tensor-parallel ranks (--tensor-parallel-size).")
 
 
+#: CEL: the operator's own cache claim existed before and still does (the transition rules
+#: below hold only then); written as the negation, for ``A || rule``.
+_OWN_CLAIM_BOTH = ("!(self.enabled && oldSelf.enabled && !has(self.existingClaimName) && "
+                   "!has(oldSelf.existingClaimName))")
+
+
 class CacheSpec(_Model):
     """The model cache: a PersistentVolumeClaim the prefetch Job fills once and every replica mounts read-only."""
 
@@ -249,6 +255,20 @@ class CacheSpec(_Model):
              ".storageClassName"),
         Rule("!self.enabled || self.prefetch || has(self.existingClaimName)",
              "prefetch: false needs existingClaimName, a claim that already holds the model", ".prefetch"),
+        # Transition rules (oldSelf: the stored object; Kubernetes runs them on updates only):
+        # a PersistentVolumeClaim's spec is immutable except a growing storage request, so
+        # while the operator's claim exists these changes could never be applied.
+        Rule(_OWN_CLAIM_BOTH + " || (has(self.storageClassName) ? self.storageClassName : '') == "
+             "(has(oldSelf.storageClassName) ? oldSelf.storageClassName : '')",
+             "cache.storageClassName cannot change while the operator's cache claim exists (a claim's spec is "
+             "immutable): delete the claim (kubectl delete pvc NAME-model-cache) and its pods, or create a new "
+             "InferenceService", ".storageClassName"),
+        Rule(_OWN_CLAIM_BOTH + " || self.accessMode == oldSelf.accessMode",
+             "cache.accessMode cannot change while the operator's cache claim exists (a claim's spec is immutable): "
+             "delete the claim and its pods, or create a new InferenceService", ".accessMode"),
+        Rule(_OWN_CLAIM_BOTH + " || quantity(self.size).compareTo(quantity(oldSelf.size)) >= 0",
+             "cache.size cannot shrink (a claim only grows, and only where its StorageClass allows expansion)",
+             ".size"),
     ]
 
     @model_validator(mode="after")

@@ -51,6 +51,10 @@ rely on, as the Kubernetes API conventions and "API concepts" pages describe the
 - **Fault injection** for tests: :meth:`StandIn.fail_next` makes the next N writes to a
   resource answer 409, 500 or any other code; :attr:`StandIn.requests` logs every request.
 
+- **Custom resources** are pruned of undeclared fields, defaulted, and validated against
+  their CRD's structural schema and ``x-kubernetes-validations`` CEL rules (transition
+  rules with ``oldSelf`` on updates; Kubernetes' ``quantity()`` library as far as the CRD
+  uses it) on every write: 422 Invalid otherwise (``tests/operator/crdcheck.py``).
 - **Validation and admission the operator's writes can hit**, as the real server and
   KEDA answer them: an HPA's ``behavior`` stabilization window above 3600 s is 422
   Invalid; a PersistentVolumeClaim's spec is immutable except a growing
@@ -59,8 +63,8 @@ rely on, as the Kubernetes API conventions and "API concepts" pages describe the
 
 Not implemented (a real API server does these; tests must not rely on them):
 authentication, authorization (RBAC) and TLS; other admission (webhooks, policies, quotas,
-LimitRanges); OpenAPI schema validation, defaulting, pruning and CEL rules of custom
-resources; defaulting and other validation of built-in kinds (a Deployment gets no default
+LimitRanges); server-side field validation (``fieldValidation=Strict``: unknown fields
+are always pruned); defaulting and other validation of built-in kinds (a Deployment gets no default
 ``replicas``, a Job no selector); controllers of any kind (no ReplicaSets, Pods, Job runs,
 endpoints, PVC binding: tests play the controllers by writing ``status``); conversion
 between versions (a CRD's versions share the stored object); the ``scale`` and other
@@ -524,6 +528,8 @@ class Store:
         self.rv = 0
         self.types: dict[tuple[str, str], ResourceType] = {}
         self.objects: dict[tuple[str, str, str, str], dict] = {}
+        #: the storage version's openAPIV3Schema of each CRD-defined type
+        self.crd_schemas: dict[tuple[str, str], dict] = {}
         self.log: deque[_Event] = deque(maxlen=history)
         self.expired_rv = 0  # highest resourceVersion dropped from the history
         self.watches: set[_Watch] = set()
@@ -602,6 +608,9 @@ class Store:
             ApiError: 422 Invalid (built-in validation) or 403 (a webhook's denial).
         """
         name = new["metadata"].get("name")
+        schema = self.crd_schemas.get((rt.group, rt.plural)) if rt.crd else None
+        if schema is not None:
+            self._validate_custom_resource(rt, schema, old, new)
         spec = new.get("spec") or {}
         if rt.kind == "HorizontalPodAutoscaler":
             # k8s.io/kubernetes pkg/apis/autoscaling/validation: MaxStabilizationWindowSeconds = 3600
@@ -641,6 +650,29 @@ class Store:
                     raise ApiError(403, "Forbidden", 'admission webhook "vscaledobject.kb.io" denied the request: '
                                                      f"the workload '{target[1]}' of type 'apps/v1.{target[0]}' is "
                                                      f"already managed by the hpa '{obj['metadata']['name']}'")
+
+    @staticmethod
+    def _validate_custom_resource(rt: ResourceType, schema: dict, old: Optional[dict], new: dict) -> None:
+        """What the API server does with a custom resource on every write, from its CRD:
+        pruning of undeclared fields and defaulting (in place), the structural schema, and the
+        ``x-kubernetes-validations``
+        CEL rules, transition rules (``oldSelf``) included on updates.
+
+        Raises:
+            ApiError: 422 Invalid naming the fields and the rules' messages.
+        """
+        from . import crdcheck
+
+        crdcheck.prune(schema, new)  # unknown fields are dropped (no fieldValidation=Strict here)
+        defaulted = crdcheck.apply_defaults(schema, new)
+        for k, v in defaulted.items():
+            if k != "metadata":
+                new[k] = v
+        old_body = None if old is None else crdcheck.apply_defaults(schema, old)
+        errors = crdcheck.schema_errors(schema, new) or crdcheck.cel_errors(schema, new, old_body)
+        if errors:
+            raise ApiError(422, "Invalid", f'{rt.kind}.{rt.group} "{new["metadata"].get("name")}" is invalid: '
+                                           + "; ".join(errors[:8]))
 
     # -- managed fields
     @staticmethod
@@ -1004,6 +1036,10 @@ class Store:
             short_names=tuple(names.get("shortNames") or ()), categories=tuple(names.get("categories") or ()),
             crd=True)
         self.types[(rt.group, rt.plural)] = rt
+        storage = next((v for v in spec["versions"] if v.get("storage")), versions[0] if versions else None)
+        schema = ((storage or {}).get("schema") or {}).get("openAPIV3Schema")
+        if schema:
+            self.crd_schemas[(rt.group, rt.plural)] = schema
         status = {"acceptedNames": copy.deepcopy(names),
                   "storedVersions": [v["name"] for v in spec["versions"] if v.get("storage")],
                   "conditions": [{"type": t, "status": "True", "reason": r, "message": m,

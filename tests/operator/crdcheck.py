@@ -4,7 +4,8 @@
   nested objects' defaults apply inside defaulted parents).
 - :func:`schema_errors`: OpenAPI v3.0 schema validation (jsonschema Draft 4 semantics,
   which is what OpenAPI 3.0's boolean ``exclusiveMinimum`` follows).
-- :func:`unknown_fields`: fields the server would prune (``kubectl --validate=strict`` rejects).
+- :func:`unknown_fields`: fields the server would prune (``kubectl --validate=strict`` rejects);
+  :func:`prune` drops them as the server does.
 - :func:`cel_errors`: every ``x-kubernetes-validations`` rule evaluated with cel-python
   against the (defaulted) object, ``self`` bound to the node that carries the rule, with
   ``type: number`` values as doubles as Kubernetes types them.
@@ -70,6 +71,35 @@ def unknown_fields(schema: dict, obj, path: str = "") -> list[str]:
     return out
 
 
+def prune(schema: dict, obj) -> list[str]:
+    """Drop, in place, the fields the schema does not declare (what the API server does with
+    them, outside ``x-kubernetes-preserve-unknown-fields`` nodes; ``metadata`` is the
+    server's own). Returns the dropped paths."""
+    dropped = []
+
+    def walk(s, v, path):
+        if s.get("x-kubernetes-preserve-unknown-fields"):
+            return
+        if isinstance(v, dict) and s.get("type") == "object":
+            props = s.get("properties")
+            ap = s.get("additionalProperties")
+            for key in list(v):
+                if props is not None and key in props:
+                    if not (path == "" and key == "metadata"):
+                        walk(props[key], v[key], f"{path}.{key}")
+                elif isinstance(ap, dict):
+                    walk(ap, v[key], f"{path}.{key}")
+                elif props is not None and not (path == "" and key in ("apiVersion", "kind", "metadata")):
+                    del v[key]
+                    dropped.append(f"{path}.{key}")
+        elif isinstance(v, list) and s.get("type") == "array":
+            for i, x in enumerate(v):
+                walk(s.get("items") or {}, x, f"{path}[{i}]")
+
+    walk(schema, obj, "")
+    return dropped
+
+
 def _typed(schema: dict, v):
     # Kubernetes gives CEL a typed view: `type: number` fields are doubles even when the YAML says 5.
     if isinstance(v, dict):
@@ -85,42 +115,75 @@ def _typed(schema: dict, v):
 
 _ENV = celpy.Environment()
 
+_QUANTITY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+                   "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18, "m": 1e-3}
+
+
+def _quantity(text) -> celpy.celtypes.DoubleType:
+    # Kubernetes' CEL quantity library (quantity(), compareTo()), as far as the CRD uses it
+    t = str(text)
+    for suffix in sorted(_QUANTITY_UNITS, key=len, reverse=True):
+        if t.endswith(suffix):
+            return celpy.celtypes.DoubleType(float(t[: -len(suffix)]) * _QUANTITY_UNITS[suffix])
+    return celpy.celtypes.DoubleType(float(t))
+
+
+def _compare_to(a, b) -> celpy.celtypes.IntType:
+    return celpy.celtypes.IntType((a > b) - (a < b))
+
+
+_FUNCTIONS = {"quantity": _quantity, "compareTo": _compare_to}
+
 
 @lru_cache(maxsize=None)
 def compile_rule(rule: str):
     """Compile a CEL rule to a cel-python program (raises ``celpy.CELParseError`` on bad syntax)."""
-    return _ENV.program(_ENV.compile(rule))
+    return _ENV.program(_ENV.compile(rule), functions=_FUNCTIONS)
 
 
-def evaluate(rule: str, self_value) -> bool:
-    """Evaluate one rule with ``self`` bound; raises AssertionError when it does not give a bool."""
-    result = compile_rule(rule).evaluate({"self": celpy.json_to_cel(self_value)})
+def is_transition_rule(rule: str) -> bool:
+    """Whether the rule reads ``oldSelf`` (Kubernetes runs those on updates only)."""
+    return re.search(r"\boldSelf\b", rule) is not None
+
+
+def evaluate(rule: str, self_value, old_value=None) -> bool:
+    """Evaluate one rule with ``self`` (and ``oldSelf``) bound; raises AssertionError when it
+    does not give a bool."""
+    act = {"self": celpy.json_to_cel(self_value)}
+    if old_value is not None:
+        act["oldSelf"] = celpy.json_to_cel(old_value)
+    result = compile_rule(rule).evaluate(act)
     if not isinstance(result, (bool, celpy.celtypes.BoolType)):
         raise AssertionError(f"rule {rule!r} did not evaluate to a bool: {result!r}")
     return bool(result)
 
 
-def cel_errors(schema: dict, obj) -> list[str]:
-    """Messages of the rules ``obj`` violates, as ``path: message``."""
+def cel_errors(schema: dict, obj, old=None) -> list[str]:
+    """Messages of the rules ``obj`` violates, as ``path: message``. With ``old`` (the stored
+    object, on an update) transition rules run where the node exists in both, as the API
+    server runs them; without it they are skipped (a create)."""
     errors = []
 
-    def walk(s, v, path):
+    def walk(s, v, o, path):
         for r in s.get("x-kubernetes-validations") or []:
-            if not evaluate(r["rule"], _typed(s, v)):
+            transition = is_transition_rule(r["rule"])
+            if transition and o is None:
+                continue
+            if not evaluate(r["rule"], _typed(s, v), _typed(s, o) if transition else None):
                 errors.append(f"{path or '<root>'}: {r['message']}")
         if isinstance(v, dict) and s.get("type") == "object":
             for key, sub in (s.get("properties") or {}).items():
                 if key in v:
-                    walk(sub, v[key], f"{path}.{key}")
+                    walk(sub, v[key], o.get(key) if isinstance(o, dict) else None, f"{path}.{key}")
             ap = s.get("additionalProperties")
             if isinstance(ap, dict):
                 for key, x in v.items():
-                    walk(ap, x, f"{path}.{key}")
+                    walk(ap, x, o.get(key) if isinstance(o, dict) else None, f"{path}.{key}")
         elif isinstance(v, list) and s.get("type") == "array":
-            for i, x in enumerate(v):
-                walk(s["items"], x, f"{path}[{i}]")
+            for i, x in enumerate(v):  # list items have no oldSelf here (no list-map correlation)
+                walk(s["items"], x, None, f"{path}[{i}]")
 
-    walk(schema, obj, "")
+    walk(schema, obj, old, "")
     return errors
 
 

@@ -284,3 +284,27 @@ def test_validation_and_admission_the_operator_can_hit(standin):
     status, body = standin.http("PATCH", f"{pvc_path}/cache", {"spec": {"storageClassName": "fast"}},
                                 content_type=MERGE_PATCH)
     assert status == 422 and "spec is immutable" in body["message"]
+
+
+def test_custom_resources_are_defaulted_and_validated_from_their_crd(with_crd):
+    """As the real server: defaults filled on create, the structural schema and the CEL
+    rules enforced on every write (422), transition rules on updates."""
+    s = with_crd
+    status, obj = s.http("POST", ISVC, _isvc())
+    assert status == 201
+    assert obj["spec"]["cache"]["accessMode"] == "ReadWriteMany" and obj["spec"]["cache"]["size"] == "50Gi"
+    typo = _isvc("typo")
+    typo["spec"]["scaling"] = {"maxReplica": 3}
+    status, body = s.http("POST", ISVC, typo)
+    assert status == 201 and "maxReplica" not in body["spec"]["scaling"]  # pruned, as the server does
+    bad = _isvc("bad")
+    bad["spec"]["scaling"] = {"minReplicas": -1}
+    status, body = s.http("POST", ISVC, bad)
+    assert status == 422 and "minReplicas" in body["message"]
+    rule = _isvc("rule")
+    rule["spec"]["scaling"] = {"autoscaler": "keda", "minReplicas": 3, "maxReplicas": 2}
+    status, body = s.http("POST", ISVC, rule)
+    assert status == 422 and "minReplicas must not exceed maxReplicas" in body["message"]
+    status, body = s.http("PATCH", f"{ISVC}/llm", {"spec": {"cache": {"size": "20Gi"}}}, content_type=MERGE_PATCH)
+    assert status == 422 and "cache.size cannot shrink" in body["message"]
+    assert s.http("PATCH", f"{ISVC}/llm", {"spec": {"cache": {"size": "60Gi"}}}, content_type=MERGE_PATCH)[0] == 200

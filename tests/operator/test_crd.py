@@ -255,10 +255,48 @@ def test_schema_rejects(schema, name):
         api.parse(obj)
 
 
+def _cache(**cache) -> dict:
+    return _with("spec.cache", cache)
+
+
+#: Updates the API server refuses with the CRD's transition rules: (stored, new, message).
+BAD_TRANSITION = {
+    "shrink-cache": (_cache(size="50Gi"), _cache(size="20Gi"), "cache.size cannot shrink"),
+    "storage-class-change": (_cache(storageClassName="nfs"), _cache(storageClassName="fast"),
+                             "cache.storageClassName cannot change"),
+    "storage-class-added": (_cache(), _cache(storageClassName="fast"), "cache.storageClassName cannot change"),
+    "access-mode-change": (_cache(), _cache(accessMode="ReadWriteOnce"), "cache.accessMode cannot change"),
+}
+#: Updates they let through.
+GOOD_TRANSITION = {
+    "grow-cache": (_cache(size="50Gi"), _cache(size="0.1Ti")),
+    "same": (_cache(storageClassName="nfs"), _cache(storageClassName="nfs")),
+    "to-existing-claim": (_cache(storageClassName="nfs"), _cache(existingClaimName="shared")),
+    "cache-off": (_cache(storageClassName="nfs"), _cache(enabled=False, storageClassName="fast")),
+    "other-spec-change": (_cache(), _with("spec.scaling", {"minReplicas": 2}, _cache())),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_TRANSITION))
+def test_transition_rule_rejects(schema, name):
+    old, new, message = BAD_TRANSITION[name]
+    old_d, new_d = crdcheck.apply_defaults(schema, old), crdcheck.apply_defaults(schema, new)
+    assert crdcheck.cel_errors(schema, new_d) == [], "a create of the new object is fine"
+    errors = crdcheck.cel_errors(schema, new_d, old_d)
+    assert any(message in e for e in errors), errors
+
+
+@pytest.mark.parametrize("name", sorted(GOOD_TRANSITION))
+def test_transition_rule_allows(schema, name):
+    old, new = GOOD_TRANSITION[name]
+    assert crdcheck.cel_errors(schema, crdcheck.apply_defaults(schema, new), crdcheck.apply_defaults(schema, old)) == []
+
+
 def test_every_cel_rule_has_a_failing_case(schema):
     """A rule no bad object violates may not bite at all."""
     messages = {r["message"] for _, _, r in crdcheck.all_rules(schema)}
-    exercised = {m for m in messages if any(expected in m for _, expected in BAD_CEL.values())}
+    expected_parts = [m for _, m in BAD_CEL.values()] + [m for _, _, m in BAD_TRANSITION.values()]
+    exercised = {m for m in messages if any(expected in m for expected in expected_parts)}
     assert exercised == messages
 
 

@@ -25,6 +25,7 @@ from argosy.operator.kube import FIELD_MANAGER, Kube
 from argosy.operator.render import ISVC_LABEL, SPEC_HASH_ANNOTATION
 from argosy.operator.settings import OperatorSettings
 
+from . import crdcheck
 from .apiserver_standin import MERGE_PATCH, StandIn
 from .specs import SMOL
 
@@ -150,7 +151,7 @@ def _new_isvc(name: str, spec: dict) -> dict:
     return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name}, "spec": spec}
 
 
-def test_lifecycle_cache_ready_roll_faults_and_delete(cluster, tmp_path):
+def test_lifecycle_cache_ready_roll_faults_and_delete(cluster, crd, tmp_path):
     s = cluster
     spec = {"model": {"uri": SMOL}, "scaling": {"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 3}}
     with RunningOperator(s, tmp_path):
@@ -197,7 +198,8 @@ def test_lifecycle_cache_ready_roll_faults_and_delete(cluster, tmp_path):
         # GitOps: on the InferenceService itself the operator writes only status and kopf's
         # bookkeeping annotations, never a field a Git copy holds, so Argo CD sees no drift.
         live = isvc(s)
-        assert live["spec"] == spec
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        assert live["spec"] == crdcheck.apply_defaults(schema, {"spec": spec})["spec"]  # the server's defaults only
         assert not live["metadata"].get("labels")
         assert all(k.startswith("kopf.serving.argosy.dev/") for k in live["metadata"].get("annotations") or {})
 
