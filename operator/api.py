@@ -266,7 +266,7 @@ class CacheSpec(_Model):
         Rule(_OWN_CLAIM_BOTH + " || self.accessMode == oldSelf.accessMode",
              "cache.accessMode cannot change while the operator's cache claim exists (a claim's spec is immutable): "
              "delete the claim and its pods, or create a new InferenceService", ".accessMode"),
-        Rule(_OWN_CLAIM_BOTH + " || quantity(self.size).compareTo(quantity(oldSelf.size)) >= 0",
+        Rule(_OWN_CLAIM_BOTH + " || quantity(string(self.size)).compareTo(quantity(string(oldSelf.size))) >= 0",
              "cache.size cannot shrink (a claim only grows, and only where its StorageClass allows expansion)",
              ".size"),
     ]

@@ -270,6 +270,7 @@ BAD_TRANSITION = {
 #: Updates they let through.
 GOOD_TRANSITION = {
     "grow-cache": (_cache(size="50Gi"), _cache(size="0.1Ti")),
+    "integer-size": (_cache(size=1000), _cache(size="1Gi")),
     "same": (_cache(storageClassName="nfs"), _cache(storageClassName="nfs")),
     "to-existing-claim": (_cache(storageClassName="nfs"), _cache(existingClaimName="shared")),
     "cache-off": (_cache(storageClassName="nfs"), _cache(enabled=False, storageClassName="fast")),
