@@ -43,3 +43,11 @@ def load_example(path: Path) -> dict:
     obj["metadata"].setdefault("uid", "uid-example")
     obj["metadata"].setdefault("generation", 1)
     return obj
+
+
+@pytest.fixture(scope="session")
+def helm_env(tmp_path_factory) -> dict:
+    """Environment for helm: its own cache/config/data folders, nothing from the user's."""
+    home = tmp_path_factory.mktemp("helm-home")
+    return {"PATH": "/usr/bin:/bin", "HOME": str(home), "HELM_CACHE_HOME": str(home / "cache"),
+            "HELM_CONFIG_HOME": str(home / "config"), "HELM_DATA_HOME": str(home / "data")}

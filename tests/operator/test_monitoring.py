@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import yaml
 
-from .test_helm import CHART, NAMESPACE, RELEASE, by_kind, helm_env, run_helm  # noqa: F401 (fixture)
+from .test_helm import CHART, NAMESPACE, RELEASE, by_kind, run_helm
 
 PROMTOOL = shutil.which("promtool")
 needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package prometheus)")
