@@ -20,7 +20,7 @@ already admitted. Deletes are never sent (the webhook registers CREATE and UPDAT
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import pydantic
 
@@ -64,8 +64,9 @@ def _first_error(e: pydantic.ValidationError) -> str:
     return f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
 
 
-def review(body: Union[bytes, str, Mapping[str, Any]], *, quotas: Sequence[dict],
-           services: Iterable[dict], namespace_labels: Mapping[str, Mapping[str, str]]) -> tuple[int, dict]:
+def review(body: Union[bytes, str, Mapping[str, Any]], *, quotas: Sequence[dict] = (),
+           services: Iterable[dict] = (), namespace_labels: Optional[Mapping[str, Mapping[str, str]]] = None,
+           cluster: Optional[Callable[[], tuple]] = None) -> tuple[int, dict]:
     """Answer one AdmissionReview about an InferenceService.
 
     Args:
@@ -74,6 +75,10 @@ def review(body: Union[bytes, str, Mapping[str, Any]], *, quotas: Sequence[dict]
         services: every InferenceService object in the cluster (the reviewed one's stored
             version is recognised by namespace and name and not counted twice).
         namespace_labels: labels of each namespace by name (for ``namespaceSelector``).
+        cluster: instead of the three above, a callable returning ``(quotas, services,
+            namespace_labels)``, called only when the decision needs them (not for an
+            update that does not raise the reservation, nor for an invalid object): the
+            cluster-wide lists are the expensive part of a review. Its exceptions propagate.
 
     Returns:
         ``(http_status, body)``: 200 and an AdmissionReview response, or 400 and a meta/v1
@@ -114,13 +119,15 @@ def review(body: Union[bytes, str, Mapping[str, Any]], *, quotas: Sequence[dict]
                                                                                                 svc.product):
             return _answer(uid, True)
 
+    if cluster is not None:
+        quotas, services, namespace_labels = cluster()
     parsed_quotas = []
     for obj in quotas:
         try:
             parsed_quotas.append(api.parse_quota(obj))
         except pydantic.ValidationError:
             continue
-    decision = quota.admit(svc, parsed_quotas, quota.usages(services), namespace_labels)
+    decision = quota.admit(svc, parsed_quotas, quota.usages(services), namespace_labels or {})
     if decision.allowed:
         return _answer(uid, True)
     return _answer(uid, False, 403, "Forbidden", decision.message)

@@ -59,6 +59,9 @@ CHILD_KINDS = (
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
 )
 #: Condition reasons reported as Warning events.
+#: Seconds one Prometheus query of the builtin autoscaler may take.
+PROMETHEUS_TIMEOUT_S = 10
+
 WARNING_REASONS = frozenset({"DownloadFailed", "ProgressDeadlineExceeded", "InvalidSpec", "ApplyFailed",
                              "KindNotServed"})
 #: HTTP codes worth retrying soon (Kubernetes API conventions: 409 is an optimistic-lock conflict).
@@ -320,7 +323,7 @@ def builtin_autoscale(ctx: Context, isvc: dict, dep: Optional[dict], cap: Option
             from prometheus_api_client import PrometheusConnect
 
             address = parsed.spec.scaling.prometheus.server_address or ctx.settings.prometheus_server_address
-            prom = PrometheusConnect(url=address, disable_ssl=False)
+            prom = PrometheusConnect(url=address, disable_ssl=False, timeout=PROMETHEUS_TIMEOUT_S)
         waiting, kv = autoscale.query_metrics(prom, parsed, ctx.settings)
     except Exception as e:  # noqa: BLE001 - no metrics: keep the replicas
         log.warning("builtin autoscaler: Prometheus query failed: %s", _summary(e))

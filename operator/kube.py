@@ -23,6 +23,10 @@ FIELD_MANAGER = "argosy-operator"
 MISSING_KIND_RECHECK = 300.0
 
 
+#: Default seconds one API call may take (``_request_timeout`` of the kubernetes client).
+REQUEST_TIMEOUT_S = 30.0
+
+
 class KindNotServed(RuntimeError):
     """The cluster does not serve ``apiVersion``/``kind`` (e.g. KEDA's CRDs are not installed)."""
 
@@ -53,12 +57,28 @@ class Kube:
     Args:
         api_client: a configured ``kubernetes.client.ApiClient``.
         cache_file: where the DynamicClient caches discovery (default: its file in the temp dir).
+        request_timeout: seconds any one API call may take (discovery included).
     """
 
-    def __init__(self, api_client: Any, *, cache_file: Optional[str] = None, field_manager: str = FIELD_MANAGER):
+    def __init__(self, api_client: Any, *, cache_file: Optional[str] = None, field_manager: str = FIELD_MANAGER,
+                 request_timeout: float = REQUEST_TIMEOUT_S):
         self._api_client = api_client
         self._cache_file = cache_file
         self.field_manager = field_manager
+        #: seconds any one API call may take (connect + read): a hung socket fails the call
+        #: (and the pass is retried) instead of stalling the operator's loop
+        self.request_timeout = request_timeout
+        # the same bound for calls made without one (the DynamicClient's discovery passes
+        # _request_timeout=None, which urllib3 reads as "wait forever")
+        call_api = getattr(api_client, "call_api", None)
+        if call_api is not None and not getattr(call_api, "_argosy_bounded", False):
+            def bounded(*args: Any, **kwargs: Any) -> Any:
+                if kwargs.get("_request_timeout") is None:
+                    kwargs["_request_timeout"] = request_timeout
+                return call_api(*args, **kwargs)
+
+            bounded._argosy_bounded = True  # type: ignore[attr-defined]
+            api_client.call_api = bounded
         self._lock = threading.Lock()
         self._dynamic: Any = None
         self._resources: dict[tuple[str, str], Any] = {}
@@ -103,7 +123,7 @@ class Kube:
         if res is None:
             return None
         try:
-            return res.get(name=name, namespace=namespace).to_dict()
+            return res.get(name=name, namespace=namespace, _request_timeout=self.request_timeout).to_dict()
         except NotFoundError:
             return None
 
@@ -112,7 +132,8 @@ class Kube:
         res = self.resource(api_version, kind)
         if res is None:
             return []
-        items = res.get(namespace=namespace, label_selector=label_selector).to_dict().get("items") or []
+        items = res.get(namespace=namespace, label_selector=label_selector,
+                        _request_timeout=self.request_timeout).to_dict().get("items") or []
         for item in items:  # list items may come without them
             item.setdefault("apiVersion", api_version)
             item.setdefault("kind", kind)
@@ -129,7 +150,8 @@ class Kube:
         meta = manifest["metadata"]
         return self._client().server_side_apply(
             res, body=manifest, name=meta["name"], namespace=meta.get("namespace"),
-            field_manager=field_manager or self.field_manager, force_conflicts=True).to_dict()
+            field_manager=field_manager or self.field_manager, force_conflicts=True,
+            _request_timeout=self.request_timeout).to_dict()
 
     def delete(self, obj: dict, propagation: str = "Background") -> None:
         """Delete an object and (``Background``) its dependents; a missing object is fine."""
@@ -143,7 +165,8 @@ class Kube:
         if meta.get("uid"):
             body["preconditions"] = {"uid": meta["uid"]}
         try:
-            res.delete(name=meta["name"], namespace=meta.get("namespace"), body=body)
+            res.delete(name=meta["name"], namespace=meta.get("namespace"), body=body,
+                       _request_timeout=self.request_timeout)
         except NotFoundError:
             pass
 
@@ -163,7 +186,8 @@ class Kube:
             "firstTimestamp": now, "lastTimestamp": now, "count": 1,
         }
         res = self._served("v1", "Event")
-        return self._client().create(res, body=event, namespace=event["metadata"]["namespace"]).to_dict()
+        return self._client().create(res, body=event, namespace=event["metadata"]["namespace"],
+                                     _request_timeout=self.request_timeout).to_dict()
 
     def patch_status(self, api_version: str, kind: str, namespace: Optional[str], name: str, status: dict) -> dict:
         """JSON-merge-patch ``status`` through the ``status`` subresource.
@@ -176,7 +200,8 @@ class Kube:
         if sub is None:
             raise KindNotServed(f"{api_version} (status subresource)", kind)
         return self._client().patch(sub, body={"status": status}, name=name, namespace=namespace,
-                                    content_type="application/merge-patch+json").to_dict()
+                                    content_type="application/merge-patch+json",
+                                    _request_timeout=self.request_timeout).to_dict()
 
     def json_patch(self, api_version: str, kind: str, namespace: Optional[str], name: str, ops: list[dict]) -> dict:
         """Apply a JSON patch (RFC 6902) to an object.
@@ -187,7 +212,8 @@ class Kube:
         """
         res = self._served(api_version, kind)
         return self._client().patch(res, body=ops, name=name, namespace=namespace,
-                                    content_type="application/json-patch+json").to_dict()
+                                    content_type="application/json-patch+json",
+                                    _request_timeout=self.request_timeout).to_dict()
 
     def patch_replicas(self, namespace: str, name: str, replicas: int) -> dict:
         """Set a Deployment's ``spec.replicas`` through its ``scale`` subresource (what
@@ -201,4 +227,5 @@ class Kube:
         if sub is None:
             raise KindNotServed("apps/v1 (scale subresource)", "Deployment")
         return self._client().patch(sub, body={"spec": {"replicas": replicas}}, name=name, namespace=namespace,
-                                    content_type="application/merge-patch+json").to_dict()
+                                    content_type="application/merge-patch+json",
+                                    _request_timeout=self.request_timeout).to_dict()

@@ -50,19 +50,22 @@ class Snapshot:
 
 
 def make_app(snapshot: Callable[[], Snapshot]) -> web.Application:
-    """The aiohttp application. ``snapshot`` is called (in a thread) once per review; when it
+    """The aiohttp application. A review runs in a thread and calls ``snapshot`` only when
+    its decision needs the cluster (see :func:`argosy.operator.admission.review`); when that
     raises, the answer is HTTP 500 and the API server applies the webhook's ``failurePolicy``."""
+
+    def cluster() -> tuple:
+        snap = snapshot()
+        return snap.quotas, snap.services, snap.namespace_labels
 
     async def validate(request: web.Request) -> web.Response:
         body = await request.read()
         try:
-            snap = await asyncio.to_thread(snapshot)
+            code, out = await asyncio.to_thread(admission.review, body, cluster=cluster)
         except Exception as e:  # noqa: BLE001 - reported to the API server
             return web.json_response({"apiVersion": "v1", "kind": "Status", "status": "Failure", "code": 500,
                                       "reason": "InternalError", "message": f"cannot read quotas: {e}"},
                                      status=500)
-        code, out = admission.review(body, quotas=snap.quotas, services=snap.services,
-                                     namespace_labels=snap.namespace_labels)
         return web.json_response(out, status=code)
 
     async def healthz(_: web.Request) -> web.Response:

@@ -92,6 +92,27 @@ def test_update_that_does_not_grow_is_allowed_even_over_quota():
     assert out["response"]["allowed"] is False
 
 
+def test_cluster_lists_only_when_the_decision_needs_them():
+    """The cluster-wide lists (every GPUQuota, InferenceService, Namespace) are read only
+    for creates and growing updates: an update that does not raise the reservation, or an
+    invalid object, is answered without them."""
+    calls = []
+
+    def cluster():
+        calls.append(1)
+        return [QUOTA], [old], {"ml": {}}
+
+    old = stored(isvc(gpus=2, min_r=1, max_r=6))
+    code, out = admission.review(review_of(stored(isvc(gpus=2, min_r=1, max_r=8)), "UPDATE", old), cluster=cluster)
+    assert out["response"]["allowed"] is True and calls == []
+    code, out = admission.review(review_of({"apiVersion": "serving.argosy.dev/v1alpha1", "kind": "InferenceService",
+                                            "metadata": {"name": "x", "namespace": "ml"}, "spec": {}}),
+                                 cluster=cluster)
+    assert out["response"]["allowed"] is False and calls == []
+    code, out = admission.review(review_of(stored(isvc(gpus=2, min_r=3, max_r=8)), "UPDATE", old), cluster=cluster)
+    assert out["response"]["allowed"] is True and calls == [1]
+
+
 def test_update_counts_the_stored_version_once():
     old = stored(isvc(gpus=2, min_r=2))
     code, out = call(review_of(stored(isvc(gpus=2, min_r=4)), "UPDATE", old), services=[old])

@@ -507,3 +507,20 @@ def test_long_cooldown_fits_the_hpa_limit(cluster, tmp_path):
     so = one(s, "ScaledObject")["spec"]
     assert so["cooldownPeriod"] == 7200
     assert so["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 3600
+
+
+def test_a_hung_api_server_fails_a_call_instead_of_stalling(tmp_path):
+    """A socket that accepts and never answers: every call (discovery included) fails within
+    the request timeout, so one hung connection cannot stall the operator's loop."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    try:
+        kube = Kube(_api_client(f"http://127.0.0.1:{server.getsockname()[1]}"),
+                    cache_file=str(tmp_path / "discovery.json"), request_timeout=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(Exception):
+            kube.get("v1", "Secret", "ml", "x")
+        assert time.monotonic() - t0 < 10
+    finally:
+        server.close()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 import socket
 import ssl
@@ -13,7 +12,7 @@ import pytest
 
 aiohttp = pytest.importorskip("aiohttp")
 
-from argosy.operator import api, webhook  # noqa: E402
+from argosy.operator import webhook  # noqa: E402
 
 from .test_admission import QUOTA, isvc, review_of, stored  # noqa: E402
 
@@ -78,7 +77,7 @@ def test_snapshot_failure_is_a_500():
         try:
             async with aiohttp.ClientSession() as http:
                 async with http.post(f"http://127.0.0.1:{port}{webhook.PATH}",
-                                     data=json.dumps({"kind": api.KIND})) as r:
+                                     data=review_of(stored(isvc()))) as r:  # a create: needs the quotas
                     return r.status, await r.json()
         finally:
             await runner.cleanup()
