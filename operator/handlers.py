@@ -132,8 +132,12 @@ def transition_events(previous: Optional[list[dict]], current: list[dict]) -> li
 
 
 def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.Logger] = None,
-             now: Optional[datetime] = None) -> Optional[dict]:
+             now: Optional[datetime] = None, snapshot: Optional[tuple] = None) -> Optional[dict]:
     """One reconcile pass over the InferenceService ``namespace/name``.
+
+    ``snapshot``: a :func:`cluster_snapshot` to compute the GPUQuota cap from (the resync
+    loop reads it once per round for all services instead of once per service); None: read
+    it now.
 
     Returns:
         The status written (or already there), None when the object is gone or being deleted.
@@ -159,7 +163,7 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
         wanted = reconcile.desired_children(isvc, ctx.settings)
         observed = {role: kube.get(m["apiVersion"], m["kind"], namespace, m["metadata"]["name"])
                     for role, m in wanted.items()}
-        cap = quota_cap(kube, namespace, name)
+        cap = quota_cap(kube, namespace, name, snapshot)
         stamp = now or datetime.now(timezone.utc)
         result = reconcile.reconcile(isvc, observed, ctx.settings, now=stamp, cap=cap)
         decision = builtin_autoscale(ctx, isvc, observed.get("deployment"), cap, log=log)
@@ -278,9 +282,10 @@ def cluster_snapshot(kube: Kube) -> tuple[list[dict], list[dict], dict[str, dict
     return quotas, services, labels
 
 
-def quota_cap(kube: Kube, namespace: str, name: str) -> Optional[quota.Cap]:
-    """The GPUQuota cap of one InferenceService (None when no quota exists or applies)."""
-    quotas, services, labels = cluster_snapshot(kube)
+def quota_cap(kube: Kube, namespace: str, name: str, snapshot: Optional[tuple] = None) -> Optional[quota.Cap]:
+    """The GPUQuota cap of one InferenceService (None when no quota exists or applies), from
+    ``snapshot`` (a :func:`cluster_snapshot`) or one read now."""
+    quotas, services, labels = snapshot if snapshot is not None else cluster_snapshot(kube)
     if not quotas:
         return None
     parsed = []
@@ -427,22 +432,34 @@ def handle(ctx: Context, namespace: str, name: str, retry: int, log: logging.Log
         raise kopf.PermanentError(summary) from e
 
 
+def resync_round(ctx: Context, keys: list[tuple[str, str]]) -> None:
+    """One resync round: the GPUQuota pass, then :func:`converge` of each ``(namespace,
+    name)`` in turn, all sharing one :func:`cluster_snapshot` (the cluster-wide lists once
+    per round, not once per service). Failures are logged; the next round retries."""
+    try:
+        converge_quotas(ctx)
+    except Exception as e:  # noqa: BLE001 - logged, retried next round
+        logger.warning("GPUQuota pass failed, retrying in %gs: %s", ctx.settings.resync_interval, _summary(e))
+    try:
+        snapshot = cluster_snapshot(ctx.kube)
+    except Exception as e:  # noqa: BLE001 - each pass then reads its own
+        logger.warning("cannot read GPUQuotas for this round: %s", _summary(e))
+        snapshot = None
+    for namespace, name in keys:
+        try:
+            converge(ctx, namespace, name, snapshot=snapshot)
+        except Exception as e:  # noqa: BLE001 - logged, retried next round
+            logger.warning("resync of %s/%s failed, retrying in %gs: %s", namespace, name,
+                           ctx.settings.resync_interval, _summary(e))
+
+
 async def resync_loop(ctx: Context, index: Any) -> None:
-    """Every ``resync_interval`` seconds, :func:`converge` each InferenceService in ``index``
-    (a kopf index keyed by (namespace, name)), one at a time, in a worker thread. Failures are
-    logged; the next round retries. Runs until cancelled."""
+    """Every ``resync_interval`` seconds, a :func:`resync_round` over each InferenceService in
+    ``index`` (a kopf index keyed by (namespace, name)), in a worker thread. Runs until
+    cancelled."""
     while True:
         await asyncio.sleep(ctx.settings.resync_interval)
-        try:
-            await asyncio.to_thread(converge_quotas, ctx)
-        except Exception as e:  # noqa: BLE001 - logged, retried next round
-            logger.warning("GPUQuota pass failed, retrying in %gs: %s", ctx.settings.resync_interval, _summary(e))
-        for namespace, name in list(index):
-            try:
-                await asyncio.to_thread(converge, ctx, namespace, name)
-            except Exception as e:  # noqa: BLE001 - logged, retried next round
-                logger.warning("resync of %s/%s failed, retrying in %gs: %s", namespace, name,
-                               ctx.settings.resync_interval, _summary(e))
+        await asyncio.to_thread(resync_round, ctx, list(index))
 
 
 def kopf_settings(ctx: Context) -> kopf.OperatorSettings:

@@ -524,3 +524,49 @@ def test_a_hung_api_server_fails_a_call_instead_of_stalling(tmp_path):
         assert time.monotonic() - t0 < 10
     finally:
         server.close()
+
+
+def test_fleet_pass_cost(cluster, tmp_path):
+    """A resync round over a fleet (ARGOSY_FLEET_SIZE services, default 100, with a GPUQuota
+    so the cap is computed): the cluster-wide lists are read once per round, not once per
+    service, and each service's pass costs a bounded number of API calls. Prints the calls
+    per service by verb and the pass time (the chart README quotes the 500-service numbers)."""
+    from collections import Counter
+    from pathlib import Path
+
+    from argosy.operator.handlers import resync_round
+
+    s = cluster
+    n = int(os.environ.get("ARGOSY_FLEET_SIZE", "100"))
+    quota_crd = yaml.safe_load((Path(__file__).resolve().parents[2] / "crds" / "gpuquotas.serving.argosy.dev.yaml")
+                               .read_text())
+    assert s.http("POST", CRDS, quota_crd)[0] == 201
+    quota = {"apiVersion": api.API_VERSION, "kind": "GPUQuota", "metadata": {"name": "team"},
+             "spec": {"namespaces": [NS], "gpus": 4 * n}}
+    assert s.http("POST", f"/apis/{api.GROUP}/{api.VERSION}/gpuquotas", quota)[0] == 201
+    spec = {"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 1},
+            "scaling": {"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 2}}
+    for i in range(n):
+        assert s.http("POST", ISVCS, _new_isvc(f"llm-{i}", spec))[0] == 201
+    ctx = Context(FAST, api_client=_api_client(s.url), discovery_cache=str(tmp_path / "discovery.json"))
+    converge(ctx, NS, "llm-0")  # discovery warm
+    rounds = []
+    for _ in range(2):  # the first round creates the children, the second is the steady state
+        s.requests.clear()  # (the log keeps the last 20,000)
+        t0 = time.monotonic()
+        resync_round(ctx, [(NS, f"llm-{i}") for i in range(n)])
+        elapsed = time.monotonic() - t0
+        reqs = list(s.requests)
+        assert len(reqs) < s.requests.maxlen
+        rounds.append((elapsed, reqs))
+    for label, (elapsed, reqs) in zip(("first", "steady"), rounds):
+        verbs = Counter(r.verb for r in reqs)
+        cluster_lists = sum(1 for r in reqs if r.verb == "list" and r.path.endswith(f"/{api.PLURAL}")
+                            and "/namespaces/" not in r.path)
+        print(f"{label} round, {n} services: {len(reqs) / n:.1f} API calls per service "
+              f"({', '.join(f'{v} {c / n:.1f}' for v, c in sorted(verbs.items()))}), "
+              f"{elapsed / n * 1e3:.0f} ms per service, {elapsed:.1f} s per round; "
+              f"cluster-wide InferenceService lists: {cluster_lists}")
+        assert cluster_lists <= 2  # the GPUQuota pass and the round's snapshot: not one per service
+        assert len(reqs) / n <= 40
+    assert len(rounds[1][1]) <= len(rounds[0][1])
