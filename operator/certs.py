@@ -9,8 +9,11 @@ leaves the API server trusting a CA the running operator does not serve.
 Certificates (RFC 5280) use ECDSA P-256 keys and SHA-256 signatures
 (``cryptography``). The CA is valid for ``validity_days``; the serving certificate for
 the Service's DNS names (``NAME``, ``NAME.NS``, ``NAME.NS.svc``) likewise. Both are
-replaced when less than ``renew_days`` remain, when the names differ, or when the pair
-does not match.
+replaced when less than ``renew_days`` (at most a third of the validity) remain, when the
+names differ, or when the pair does not match. A rotation publishes the new CA together
+with the old one (``ca.crt`` holds both, newest first), so API servers that still have the
+previous caBundle keep verifying until the operator serves the new certificate; the old
+CA's key is never kept, so trusting it admits nothing new.
 """
 
 from __future__ import annotations
@@ -111,6 +114,17 @@ def rotation_reason(pems: Optional[Pems], dns_names: list[str], renew_days: int,
     return None
 
 
+def _still_valid_ca(ca_pem: bytes, now: Optional[dt.datetime]) -> bool:
+    """Whether the first certificate of ``ca_pem`` parses and has not expired."""
+    from cryptography import x509
+
+    try:
+        ca = x509.load_pem_x509_certificate(ca_pem)
+    except ValueError:
+        return False
+    return ca.not_valid_after_utc > (now or dt.datetime.now(dt.timezone.utc))
+
+
 def _secret_pems(secret: Optional[dict]) -> Optional[Pems]:
     if not secret:
         return None
@@ -137,10 +151,15 @@ def ensure(kube, namespace: str, secret_name: str, webhook_configuration: str, d
     """
     secret = kube.get("v1", "Secret", namespace, secret_name)
     pems = _secret_pems(secret)
+    renew_days = min(renew_days, max(validity_days // 3, 1))  # a short validity must not renew on every check
     reason = rotation_reason(pems, dns_names, renew_days, now)
     if reason is not None:
         logger.info("webhook certificate in Secret %s/%s: issuing a new one (%s)", namespace, secret_name, reason)
         new = generate(dns_names, validity_days)  # issued on the real clock; ``now`` only decides
+        if pems is not None and _still_valid_ca(pems.ca, now):
+            # trust the old CA too: API servers that have not seen the new caBundle yet still
+            # verify the old certificate, and the ones that have verify the new one
+            new = Pems(new.ca + pems.ca, new.cert, new.key)
         body = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
                 "metadata": {"name": secret_name, "namespace": namespace,
                              "labels": {"app.kubernetes.io/managed-by": "argosy-operator",

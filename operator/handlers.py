@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections import defaultdict
@@ -181,16 +182,19 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
 
         # Orphans first: the HPA of a previous hpa -> keda switch must be gone before the
         # ScaledObject comes (KEDA's webhook refuses a second owner of the Deployment).
+        gone = []
         if wanted:
-            owned = [obj for api_version, kind in CHILD_KINDS
-                     for obj in kube.list(api_version, kind, namespace, f"{ISVC_LABEL}={name}")]
-            gone = reconcile.orphans(isvc, owned, ctx.settings)
-            for obj in gone:
+            owned: list[dict] = []
+            for api_version, kind in CHILD_KINDS:
+                attempt({"kind": kind, "metadata": {"name": f"{ISVC_LABEL}={name}"}}, "list",
+                        lambda a=api_version, k=kind: owned.extend(kube.list(a, k, namespace, f"{ISVC_LABEL}={name}")))
+            for obj in reconcile.orphans(isvc, owned, ctx.settings):
                 log.info("deleting %s %s, no longer part of the service", obj["kind"], obj["metadata"]["name"])
+                before = len(failures)
                 attempt(obj, "delete", lambda obj=obj: kube.delete(obj))
-        else:
-            gone = []
-        leaving_keda = any(o["kind"] == "ScaledObject" for o in gone)
+                if len(failures) == before:
+                    gone.append(obj)
+        leaving_keda = any(o["kind"] == "ScaledObject" for o in gone)  # deleted in this pass, not just wanted gone
         restore = reconcile.replicas_from_zero(isvc, observed.get(ROLE_DEPLOYMENT), leaving_keda)
         if restore is not None:  # an HPA does not scale a Deployment KEDA left at zero
             log.info("Deployment %s is at 0 replicas under an HPA: setting %d", name, restore["spec"]["replicas"])
@@ -219,8 +223,8 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
                 kube.post_event(isvc, type_, reason, message)
             except Exception as e:  # noqa: BLE001 - an event is not worth a retry of the whole pass
                 log.warning("could not post the %s event: %s", reason, e)
-        if failures:  # status and events are out; the caller retries (transient) or gives up
-            raise failures[0][1]
+        if failures:  # status and events are out; the caller retries: a transient failure first
+            raise next((e for _, e in failures if _transient(e)), failures[0][1])
         return result.status
 
 
@@ -246,22 +250,67 @@ def ensure_webhook_certificate(ctx: Context, now: Optional[datetime] = None) -> 
     return certs.write_files(s.webhook_cert_dir, pems)
 
 
+def repair_ca_bundle(ctx: Context) -> bool:
+    """Put the served CA (``ca.crt`` in ``webhook_cert_dir``) back into the webhook
+    configuration's caBundle when it is missing or different (the configuration recreated,
+    a Helm upgrade or an Argo CD replace wiped it); True when it changed. Self-issued
+    certificates only."""
+    from . import certs
+
+    try:
+        with open(os.path.join(ctx.settings.webhook_cert_dir, "ca.crt"), "rb") as f:
+            ca = f.read()
+    except OSError:
+        return False
+    return certs.inject_ca_bundle(ctx.kube, ctx.settings.webhook_configuration, ca)
+
+
 async def certificate_loop(ctx: Context, reloader: Any) -> None:
-    """Every ``webhook_cert_reload_interval`` seconds, serve changed certificate files;
-    every ``webhook_cert_check_interval`` seconds (self-issued certificates only), rotate
-    before expiry and follow the Secret (another replica's rotation). Errors are logged
-    and retried on the next tick."""
+    """Every ``webhook_cert_reload_interval`` seconds: serve changed certificate files, and
+    (self-issued certificates) repair a wiped caBundle; every ``webhook_cert_check_interval``
+    seconds after the last successful check, or on the next tick after a failed one, rotate
+    before expiry and follow the Secret (another replica's rotation). Errors are logged and
+    retried; the current certificate keeps being served."""
     s = ctx.settings
-    last_check = time.monotonic()
+    last_ok = time.monotonic()
+    failed = False
     while True:
         await asyncio.sleep(s.webhook_cert_reload_interval)
         try:
-            if s.webhook_cert_secret and time.monotonic() - last_check >= s.webhook_cert_check_interval:
-                last_check = time.monotonic()
-                await asyncio.to_thread(ensure_webhook_certificate, ctx)
+            if s.webhook_cert_secret:
+                if failed or time.monotonic() - last_ok >= s.webhook_cert_check_interval:
+                    failed = True
+                    await asyncio.to_thread(ensure_webhook_certificate, ctx)
+                    failed, last_ok = False, time.monotonic()
+                else:
+                    await asyncio.to_thread(repair_ca_bundle, ctx)
             reloader.maybe_reload()
         except Exception as e:  # noqa: BLE001 - the current certificate keeps being served
             logger.warning("webhook certificate check failed (retrying): %s", _summary(e))
+
+
+async def webhook_main(ctx: Context, snapshot: Any) -> None:
+    """Get a serving certificate (issuing one when self-issued; retried every
+    ``webhook_cert_reload_interval`` seconds while the API refuses, e.g. missing RBAC),
+    start the admission webhook's HTTPS server, then run :func:`certificate_loop`. Runs in
+    the background so that a certificate problem never keeps the operator itself (its
+    reconciling and health endpoint) from starting."""
+    from . import webhook
+
+    s = ctx.settings
+    crt, key = os.path.join(s.webhook_cert_dir, "tls.crt"), os.path.join(s.webhook_cert_dir, "tls.key")
+    while True:
+        try:
+            if s.webhook_cert_secret:
+                await asyncio.to_thread(ensure_webhook_certificate, ctx)
+            tls = webhook.ssl_context(crt, key)
+            break
+        except Exception as e:  # noqa: BLE001 - logged, retried; the webhook is not served meanwhile
+            logger.error("admission webhook not served yet, no usable certificate (retrying in %gs): %s",
+                         s.webhook_cert_reload_interval, _summary(e))
+            await asyncio.sleep(s.webhook_cert_reload_interval)
+    ctx.webhook_runner = await webhook.start(snapshot, s.webhook_port, tls=tls)
+    await certificate_loop(ctx, webhook.CertReloader(tls, crt, key))
 
 
 def cluster_snapshot(kube: Kube) -> tuple[list[dict], list[dict], dict[str, dict[str, str]]]:
@@ -511,21 +560,13 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
     async def start_webhook(**_: Any) -> None:
         if not ctx.settings.webhook_port:
             return
-        import os
-
         from . import webhook
 
         def snapshot() -> "webhook.Snapshot":
             quotas, services, labels = cluster_snapshot(ctx.kube)
             return webhook.Snapshot(quotas, services, labels)
 
-        cert_dir = ctx.settings.webhook_cert_dir
-        if ctx.settings.webhook_cert_secret:
-            await asyncio.to_thread(ensure_webhook_certificate, ctx)
-        crt, key = os.path.join(cert_dir, "tls.crt"), os.path.join(cert_dir, "tls.key")
-        tls = webhook.ssl_context(crt, key)
-        ctx.webhook_runner = await webhook.start(snapshot, ctx.settings.webhook_port, tls=tls)
-        ctx.cert_task = asyncio.create_task(certificate_loop(ctx, webhook.CertReloader(tls, crt, key)))
+        ctx.cert_task = asyncio.create_task(webhook_main(ctx, snapshot))
 
     @kopf.on.cleanup(registry=registry)
     async def stop_webhook(**_: Any) -> None:

@@ -33,8 +33,9 @@ _ITL_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 
 _REQUEST_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 90.0,
                     120.0, 180.0, 300.0, 600.0, 1200.0, 2400.0, 4800.0)
 
-#: Finish reasons exported by ``vllm:request_success_total``.
-SUCCESS_REASONS = ("stop", "length", "abort")
+#: Finish reasons exported by ``vllm:request_success_total`` (vLLM's three, plus ``error``: requests the
+#: engine failed, which the chart's ArgosyErrorRateHigh alert and error-rate panel read).
+SUCCESS_REASONS = ("stop", "length", "abort", "error")
 
 #: Per-request state older than this (seconds since its last token) is dropped: it
 #: belongs to a request aborted before its final output reached the observers.

@@ -548,6 +548,11 @@ def test_webhook_with_operator_issued_certificate(helm_env, tmp):
     second = run_helm(helm_env, "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version",
                       K8S_VERSION, values=VALUE_SETS["webhook"], tmp=tmp)
     assert first.returncode == 0 and first.stdout == second.stdout
+    # a setting the chart also sets is not rendered twice (duplicate env names break server-side apply)
+    custom = {**VALUE_SETS["webhook"], "settings": {"webhookCertValidityDays": 90}}
+    names = [e["name"] for e in operator_container(template(helm_env, tmp, custom))["env"]]
+    assert len(names) == len(set(names))
+    assert env_of(operator_container(template(helm_env, tmp, custom)))["ARGOSY_WEBHOOK_CERT_VALIDITY_DAYS"] == "90"
     assert "PRIVATE KEY" not in first.stdout and "BEGIN CERTIFICATE" not in first.stdout
     container = operator_container(objs)
     env = env_of(container)

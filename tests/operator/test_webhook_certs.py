@@ -17,7 +17,7 @@ import kubernetes
 import pytest
 
 from argosy.operator import certs, webhook
-from argosy.operator.handlers import Context, ensure_webhook_certificate
+from argosy.operator.handlers import Context, ensure_webhook_certificate, repair_ca_bundle
 from argosy.operator.settings import OperatorSettings
 
 from .apiserver_standin import StandIn
@@ -101,6 +101,8 @@ def test_issue_inject_serve_and_rotate(cluster, tmp_path):
             assert await asyncio.to_thread(ensure_webhook_certificate, ctx, later) is True
             new_ca = _ca_bundle(cluster)
             assert new_ca != ca and base64.b64decode(cluster.http("GET", SECRET)[1]["data"]["ca.crt"]) == new_ca
+            assert new_ca.endswith(ca)  # the old CA stays trusted through the switch
+            await _handshake(port, new_ca)  # the old certificate (not reloaded yet) still verifies
             assert reloader.maybe_reload() is True and reloader.maybe_reload() is False
             second = await _handshake(port, new_ca)  # served without a restart
             assert second != first
@@ -110,6 +112,12 @@ def test_issue_inject_serve_and_rotate(cluster, tmp_path):
             await runner.cleanup()
 
     asyncio.run(scenario())
+    # a wiped caBundle (configuration recreated, Helm upgrade) is put back from the served CA
+    code, _ = cluster.http("PATCH", f"{VWC}/argosy", [{"op": "remove", "path": "/webhooks/0/clientConfig/caBundle"}],
+                           content_type="application/json-patch+json")
+    assert code == 200
+    assert repair_ca_bundle(ctx) is True and _ca_bundle(cluster) == (tmp_path / "tls" / "ca.crt").read_bytes()
+    assert repair_ca_bundle(ctx) is False
 
 
 def test_mounted_files_are_reloaded(tmp_path):
