@@ -184,7 +184,7 @@ def test_echo_with_logprobs_and_prompt_logprobs(server_main, server_client, serv
 
     status, body = http_request(server_main, "POST", "/v1/chat/completions", {
         "model": server_model, "messages": CHAT, "max_tokens": 1, "prompt_logprobs": 0})
-    assert status == 200 and len(body["choices"][0]["prompt_logprobs"]) == tokenize_count(server_main, messages=CHAT)
+    assert status == 200 and len(body["prompt_logprobs"]) == tokenize_count(server_main, messages=CHAT)  # top level, as vLLM
     conn, resp = open_stream(server_main, "/v1/completions", {
         "model": server_model, "prompt": "One, two, three,", "max_tokens": 4, "stream": True, "prompt_logprobs": 1,
         "echo": True, "logprobs": 1})
@@ -251,6 +251,14 @@ def test_unsupported_features_are_a_400_not_a_silent_200(server_main, server_mod
     ok = {"model": server_model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
           "response_format": {"type": "text"}, "tool_choice": "none", "tools": []}
     assert http_request(server_main, "POST", "/v1/chat/completions", ok)[0] == 200
+
+
+def test_tools_on_completions_are_a_400(server_main, server_model):
+    """tools belong to chat; /v1/completions refuses them instead of ignoring them."""
+    status, resp = http_request(server_main, "POST", "/v1/completions", {
+        "model": server_model, "prompt": "hi", "max_tokens": 1,
+        "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required"})
+    assert status == 400 and "chat completions field" in resp["error"]["message"], resp
 
 
 def test_auto_tool_choice_needs_the_parser_flags(server_main, server_model):

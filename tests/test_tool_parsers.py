@@ -18,6 +18,7 @@ from argosy.runtime.server.tools import (
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}}, "required": ["city"]}}}
 TIME = {"type": "function", "function": {"name": "get_time"}}
+NAMES = frozenset({"get_weather", "get_time"})
 
 
 def test_hermes_parser():
@@ -62,6 +63,19 @@ def test_required_schema_accepts_calls_and_refuses_others():
     assert named_schema(TIME) == {"type": "object", "properties": {}}
 
 
+def test_required_schema_keeps_defs_resolvable():
+    """Pydantic-style parameters with $defs/$ref stay valid once nested in the required
+    array (the refs are moved to the root, renamed per tool)."""
+    tool = {"type": "function", "function": {"name": "book", "parameters": {
+        "type": "object", "properties": {"when": {"$ref": "#/$defs/Slot"}}, "required": ["when"],
+        "$defs": {"Slot": {"type": "object", "properties": {"day": {"enum": ["mon", "tue"]}}, "required": ["day"]}}}}}
+    schema = required_schema([tool, TIME], parallel=True)
+    assert "Slot" not in json.dumps(schema["items"]["anyOf"][0]).replace("book__Slot", "")
+    jsonschema.validate([{"name": "book", "parameters": {"when": {"day": "mon"}}}], schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "book", "parameters": {"when": {"day": "sun"}}}], schema)
+
+
 def test_complete_array_items():
     assert complete_array_items('[{"a": 1}, {"b"') == ([{"a": 1}], False)
     assert complete_array_items(' [ {"a": 1} , {"b": [2]} ] ') == ([{"a": 1}, {"b": [2]}], True)
@@ -88,15 +102,24 @@ def _stream(tc: ToolCalls, text: str, finish: str, seed: int):
 
 
 @pytest.mark.parametrize("mode, text, want_finish", [
-    (ToolMode("auto", parser=HermesToolParser()),
+    (ToolMode("auto", parser=HermesToolParser(), names=NAMES),
      'Checking.<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>', "tool_calls"),
-    (ToolMode("auto", parser=HermesToolParser()), "Just text, no <tools> here.", "stop"),
-    (ToolMode("auto", parser=Llama3JsonToolParser()),
+    (ToolMode("auto", parser=HermesToolParser(), names=NAMES), "Just text, no <tools> here.", "stop"),
+    (ToolMode("auto", parser=Llama3JsonToolParser(), names=NAMES),
      '{"name": "get_weather", "parameters": {"city": "Oslo"}}; {"name": "get_time", "parameters": {}}', "tool_calls"),
-    (ToolMode("auto", parser=Llama3JsonToolParser()), "A plain answer.", "stop"),
+    (ToolMode("auto", parser=Llama3JsonToolParser(), names=NAMES), "A plain answer.", "stop"),
     (ToolMode("required"), '[{"name": "get_time", "parameters": {}}, {"name": "get_weather", "parameters": '
                            '{"city": "Rome"}}]', "tool_calls"),
     (ToolMode("named", function="get_weather"), '{"city": "Lima", "unit": "c"}', "stop"),
+    # text after a call is content, streamed too
+    (ToolMode("auto", parser=HermesToolParser(), names=NAMES),
+     'Sure.<tool_call>{"name": "get_time", "arguments": {}}</tool_call> Done.', "tool_calls"),
+    # a JSON answer after llama3-style objects: all of it is text, in the stream as well
+    (ToolMode("auto", parser=Llama3JsonToolParser(), names=NAMES), '{"name": "get_time", "parameters": {}} thanks',
+     "stop"),
+    # a "name" that is not one of the tools is not a call
+    (ToolMode("auto", parser=Llama3JsonToolParser(), names=NAMES), '{"name": "Alice", "parameters": {"age": 3}}',
+     "stop"),
 ])
 def test_stream_deltas_reassemble_to_the_whole_response(mode, text, want_finish):
     whole_msg, whole_finish = ToolCalls(mode).message(text, "stop")

@@ -115,7 +115,9 @@ class AsyncLLM:
 
     # --------------------------------------------------------------- request
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Validate without queuing (thread-safe: reads configuration only).
+        """Validate without queuing (thread-safe: reads configuration, and compiles a
+        structured-output grammar into the engine's lock-protected cache, which may take
+        milliseconds for a large schema).
 
         Raises:
             ValueError: the request would be refused by the engine.

@@ -171,7 +171,8 @@ class LLMEngine:
         return SamplingParams(max_tokens=1, temperature=0) if isinstance(params, PoolingParams) else params
 
     def check_request(self, prompt_token_ids: list[int], params) -> None:
-        """Validate a request against the engine's limits without changing any state.
+        """Validate a request against the engine's limits; the only state it touches is the
+        structured-output grammar cache (a constraint is compiled here, once per spec).
 
         Raises:
             ValueError: empty prompt, prompt (+ ``max_tokens``) longer than
@@ -324,6 +325,12 @@ class LLMEngine:
         plan.prompt_logits = [i for i, rid in enumerate(plan.req_ids)
                               if by_id[rid].sampling_params.prompt_logprobs is not None
                               and plan.num_computed[i] < by_id[rid].num_prompt_tokens - 1]
+        for i in plan.prompt_logits:  # row r of a chunk starting at c predicts prompt token c + r + 1
+            req, c = by_id[plan.req_ids[i]], plan.num_computed[i]
+            prompt = req.prompt_token_ids
+            plan.prompt_targets.extend(prompt[c + r + 1] if c + r + 1 < len(prompt) else -1
+                                       for r in range(plan.num_new[i]))
+            plan.prompt_topk = max(plan.prompt_topk, req.sampling_params.prompt_logprobs)
         pooled = [i for i, r in enumerate(reqs) if r.pooling_params is not None]
         plan.return_hidden = bool(pooled)
         logits = self.executor.execute(plan)
@@ -376,32 +383,26 @@ class LLMEngine:
         return outputs
 
     def _record_prompt_logprobs(self, plan, by_id: dict) -> None:
-        """Turn the step's prompt-position logits into ``req.prompt_logprobs`` entries:
-        the logits at position ``j - 1`` give prompt token ``j``'s log-probability, its
-        rank (1 = most likely) and the top ``prompt_logprobs`` alternatives. Positions
-        already recorded (a recompute after preemption) are skipped."""
-        all_logits = self.executor.runner.last_prompt_logits
+        """Turn the step's reduced prompt-position logits (the runner's
+        ``last_prompt_logprobs``: the logits at position ``j - 1`` give prompt token ``j``'s
+        log-probability, its rank (1 = most likely) and the top alternatives) into
+        ``req.prompt_logprobs`` entries. Positions already recorded (a recompute after
+        preemption) are skipped."""
+        own, ranks, top_vals, top_ids = self.executor.runner.last_prompt_logprobs
         off = 0
         for i in plan.prompt_logits:
             req, c, n = by_id[plan.req_ids[i]], plan.num_computed[i], plan.num_new[i]
-            rows = all_logits[off : off + n].float()
-            off += n
+            base, off = off, off + n
             prompt = req.prompt_token_ids
             if req.prompt_logprobs is None:
                 req.prompt_logprobs = [None]
             first = len(req.prompt_logprobs)  # next prompt token index to record
             lo, hi = max(first - 1 - c, 0), min(n, len(prompt) - 1 - c)  # rows r: token c + r + 1
-            if lo >= hi:
-                continue
-            lp = torch.log_softmax(rows[lo:hi], dim=-1)
-            toks = torch.tensor(prompt[c + lo + 1 : c + hi + 1])
-            own = lp.gather(1, toks[:, None])[:, 0]
-            ranks = (lp > own[:, None]).sum(dim=1) + 1
             k = req.sampling_params.prompt_logprobs
-            tops = lp.topk(k, dim=-1) if k else None
-            for r in range(hi - lo):
-                top = list(zip(tops.indices[r].tolist(), tops.values[r].tolist())) if k else []
-                req.prompt_logprobs.append((int(toks[r]), float(own[r]), int(ranks[r]), top))
+            for r in range(lo, hi):
+                row = base + r
+                top = list(zip(top_ids[row, :k].tolist(), top_vals[row, :k].tolist())) if k else []
+                req.prompt_logprobs.append((prompt[c + r + 1], float(own[row]), int(ranks[row]), top))
 
     def _pool(self, logits: torch.Tensor, reqs: list[Request], pooled: list[int]):
         """Take the embedding rows out of a step: store each one's pooled (LAST) vector,

@@ -64,8 +64,9 @@ class StructuredOutputsParams:
 
     def key(self) -> tuple:
         """A hashable identity for the compiled-grammar cache."""
+        # property order is kept: the grammar emits properties in schema order
         spec = None if self.json is None else json.dumps(
-            json.loads(self.json) if isinstance(self.json, str) else self.json, sort_keys=True)
+            json.loads(self.json) if isinstance(self.json, str) else self.json)
         return (self.kind, spec, self.regex, self.choice, self.grammar, self.disable_any_whitespace)
 
 

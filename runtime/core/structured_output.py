@@ -169,7 +169,7 @@ class StructuredOutputManager:
             alts = " | ".join(_ebnf_string(c) for c in spec.choice)
             return compiler.compile_grammar(f"root ::= {alts}")
         grammar = spec.grammar
-        if "::=" in grammar:
+        if re.search(r"^\s*[A-Za-z_][\w-]*\s*::=", grammar, re.M):  # an EBNF rule at a line start
             return compiler.compile_grammar(grammar)
         return compiler.compile_lark(grammar)
 

@@ -299,7 +299,11 @@ def _tool_mode(state: ServerState, req: ChatCompletionRequest, params: SamplingP
         if not (state.enable_auto_tool_choice and state.tool_call_parser):
             raise ApiError(400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be '
                                 'set (or send tool_choice "none", "required" or a named function)', "tool_choice")
-        return ToolMode("auto", parser=get_parser(state.tool_call_parser)), params
+        names = frozenset(t.function.name for t in req.tools)
+        # tool-call markers such as Hermes' <tool_call> are special tokens in some vocabularies:
+        # keep them in the text the parser reads (vLLM does the same)
+        return ToolMode("auto", parser=get_parser(state.tool_call_parser), names=names), \
+            dataclasses.replace(params, skip_special_tokens=False)
     if params.structured_outputs is not None:
         raise ApiError(400, "tool_choice required or a named function cannot be combined with response_format, "
                             "guided_* or structured_outputs", "tool_choice")
@@ -539,9 +543,11 @@ class CompletionFormat(_Format):
     object = "text_completion"
     chunk_object = "text_completion"
 
-    def __init__(self, tokens: _TokenText, want_logprobs: bool, echo: bool, want_prompt_logprobs: bool = False):
+    def __init__(self, tokens: _TokenText, want_logprobs: bool, echo: bool, want_prompt_logprobs: bool = False,
+                 num_logprobs: int = 0):
         super().__init__(tokens, want_logprobs, want_prompt_logprobs)
         self.echo = echo
+        self.num_logprobs = num_logprobs
 
     def _logprobs(self, entries: list, offset: int) -> Optional[dict]:
         if not self.want_logprobs:
@@ -563,9 +569,13 @@ class CompletionFormat(_Format):
         return out
 
     def _echo_entries(self, ch: Choice) -> list:
-        """The prompt as legacy logprob entries (echo + logprobs): the first token's is None."""
-        plp = ch.prompt_logprobs or [None] * len(ch.prompt_ids)
-        return [(ch.prompt_ids[0], None, [])] + [(tok, lp, top) for tok, lp, _, top in plp[1:]]
+        """The prompt as legacy logprob entries (echo + logprobs): the first token's is None;
+        top alternatives cut to ``logprobs``. Empty when the prompt never finished (the
+        request failed or was aborted before): the echoed text then has no entries."""
+        if not ch.prompt_logprobs or len(ch.prompt_logprobs) < len(ch.prompt_ids):
+            return []
+        k = self.num_logprobs
+        return [(ch.prompt_ids[0], None, [])] + [(tok, lp, top[:k]) for tok, lp, _, top in ch.prompt_logprobs[1:]]
 
     @property
     def _echo_logprobs(self) -> bool:
@@ -631,8 +641,13 @@ async def _collect(state: ServerState, choices: list[Choice], fmt: _Format, head
         raise ApiError(503, f"the engine stopped before the request finished ({e})") from None
     except ValueError as e:
         raise ApiError(400, str(e)) from None
-    body = {**header, "choices": [fmt.with_prompt_logprobs(fmt.final(ch), ch, False) for ch in choices],
-            "usage": usage(choices)}
+    if isinstance(fmt, ChatFormat):  # vLLM's chat response carries them once, at the top level
+        body = {**header, "choices": [fmt.final(ch) for ch in choices], "usage": usage(choices)}
+        if fmt.want_prompt_logprobs:
+            body["prompt_logprobs"] = fmt.prompt_logprobs(choices[0], False)
+    else:
+        body = {**header, "choices": [fmt.with_prompt_logprobs(fmt.final(ch), ch, False) for ch in choices],
+                "usage": usage(choices)}
     return web.json_response(body, dumps=lambda o: json.dumps(o, ensure_ascii=False))
 
 
@@ -662,8 +677,11 @@ async def _stream(request: web.Request, state: ServerState, choices: list[Choice
                     if part is not None:
                         await send({**base, "choices": [part]})
                     if out.finish_reason == "error":  # then why, as an OpenAI error event
-                        await send(error_body(500, "the engine failed while generating this request "
-                                                   f"({state.async_llm.error!r})"))
+                        why = (f"the engine failed while generating this request ({state.async_llm.error!r})"
+                               if state.async_llm.error is not None else
+                               "generation stopped: the output constraint allowed no token the request permits "
+                               "(e.g. min_tokens banned the end of a completed structured output)")
+                        await send(error_body(500, why))
             if include_usage:
                 await send({**base, "choices": [], "usage": usage(choices)})
         except ConnectionError:
@@ -715,7 +733,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
             prompts.append(list(p))
     _admit(state)
     choices = fan_out(state, _request_id("cmpl"), prompts, params, texts)
-    fmt = CompletionFormat(state.tokens, req.logprobs is not None, bool(req.echo), req.prompt_logprobs is not None)
+    fmt = CompletionFormat(state.tokens, req.logprobs is not None, bool(req.echo), req.prompt_logprobs is not None,
+                           req.logprobs or 0)
     return await _respond(request, state, choices, fmt, bool(req.stream), req.include_usage)
 
 

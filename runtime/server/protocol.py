@@ -436,6 +436,15 @@ class CompletionRequest(SamplingRequest):
     logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]] = None
     suffix: Optional[str] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _chat_only_fields(cls, data):
+        if isinstance(data, dict):
+            for name in ("tools", "tool_choice", "parallel_tool_calls"):
+                if data.get(name) not in (None, [], "none"):
+                    raise ValueError(f"{name} is a chat completions field; /v1/completions does not take it")
+        return data
+
     @model_validator(mode="after")
     def _unsupported(self):
         if self.suffix:

@@ -50,17 +50,49 @@ def named_schema(tool: dict) -> dict:
     return _parameters(tool)
 
 
+def _hoist_defs(params: dict, prefix: str, defs: dict) -> dict:
+    """``params`` with its ``$defs`` moved into ``defs`` under ``prefix``-ed names and its
+    ``#/$defs/X`` references rewritten to them (a schema nested inside another no longer
+    resolves refs against its own root)."""
+    local = params.get("$defs") or params.get("definitions") or {}
+    names = {k: f"{prefix}{k}" for k in local}
+
+    def rewrite(node):
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                if k in ("$defs", "definitions") and node is params:
+                    continue
+                if k == "$ref" and isinstance(v, str):
+                    for head in ("#/$defs/", "#/definitions/"):
+                        if v.startswith(head) and v[len(head):] in names:
+                            v = "#/$defs/" + names[v[len(head):]]
+                out[k] = rewrite(v)
+            return out
+        if isinstance(node, list):
+            return [rewrite(x) for x in node]
+        return node
+
+    for k, v in local.items():
+        defs[names[k]] = rewrite(v)
+    return rewrite(params)
+
+
 def required_schema(tools: list[dict], parallel: bool) -> dict:
     """The JSON schema for ``tool_choice: "required"``: a non-empty array of
     ``{"name": <one tool>, "parameters": <its schema>}`` (one element at most when
-    ``parallel`` is false)."""
+    ``parallel`` is false). Each tool's ``$defs`` move to the root (renamed per tool),
+    where its ``$ref``s then resolve."""
+    defs: dict = {}
     branches = [{"type": "object",
                  "properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
-                                "parameters": _parameters(t)},
+                                "parameters": _hoist_defs(_parameters(t), f"{t['function']['name']}__", defs)},
                  "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
     schema = {"type": "array", "minItems": 1, "items": branches[0] if len(branches) == 1 else {"anyOf": branches}}
     if not parallel:
         schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
     return schema
 
 
@@ -225,14 +257,8 @@ class Llama3JsonToolParser(ToolParser):
         return len(text)
 
     def complete_calls(self, text):
-        objs, _ = self._objects(text)
-        out = []
-        for o in objs:
-            call = _call_from_obj(o, ("parameters", "arguments"))
-            if call is None:
-                break
-            out.append(call)
-        return out
+        # text after the objects ("... thanks") makes it all content: decided at the end only
+        return []
 
 
 def get_parser(name: str) -> ToolParser:
@@ -254,6 +280,7 @@ class ToolMode:
     kind: str
     function: Optional[str] = None  # the named function
     parser: Optional[ToolParser] = None  # auto
+    names: frozenset = frozenset()  # auto: the request's tools; a call of anything else is text
 
 
 @dataclass
@@ -285,11 +312,17 @@ class ToolCalls:
                 return ({"role": "assistant", "content": None, "tool_calls": [c.to_message() for c in calls]},
                         "tool_calls" if finish_reason == "stop" else finish_reason)
             return {"role": "assistant", "content": text, "tool_calls": []}, finish_reason
-        content, calls = mode.parser.extract(text)
+        content, calls = self._auto_extract(text)
         if calls:
             return ({"role": "assistant", "content": content, "tool_calls": [c.to_message() for c in calls]},
                     "tool_calls" if finish_reason == "stop" else finish_reason)
         return {"role": "assistant", "content": text, "tool_calls": []}, finish_reason
+
+    def _auto_extract(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
+        content, calls = self.mode.parser.extract(text)
+        if calls and any(c.name not in self.mode.names for c in calls):
+            return text, []  # e.g. a JSON answer with a "name" field: not a call of these tools
+        return content, calls
 
     # ------------------------------------------------------------ stream
     def delta(self, index: int, text: str, finished: bool, finish_reason: Optional[str]) -> tuple[dict, Optional[str]]:
@@ -312,14 +345,23 @@ class ToolCalls:
             calls = [_call_from_obj(o, ("parameters",)) for o in items]
         else:
             if finished:  # the whole text decides: calls (even an unclosed last block) or content
-                _, calls = mode.parser.extract(text)
-                end = len(text) if not calls else max(st.sent_content, mode.parser.content_end(text))
+                content, calls = self._auto_extract(text)
+                if not calls and not st.sent_calls:
+                    rest = text[st.sent_content:]
+                else:  # what the whole response's content holds beyond what went out already
+                    sent = text[:st.sent_content]
+                    full = content or ""
+                    rest = full[len(sent):] if full.startswith(sent) else ""
+                    calls = calls if calls else []
+                if rest:
+                    delta["content"] = rest
+                st.sent_content = len(text)
             else:
-                calls = mode.parser.complete_calls(text)
+                calls = [c for c in mode.parser.complete_calls(text) if c.name in mode.names]
                 end = mode.parser.content_end(text)
-            if end > st.sent_content:
-                delta["content"] = text[st.sent_content:end]
-                st.sent_content = end
+                if end > st.sent_content:
+                    delta["content"] = text[st.sent_content:end]
+                    st.sent_content = end
         new_calls = calls[st.sent_calls:]
         if new_calls:
             delta["tool_calls"] = [c.to_delta(st.sent_calls + i) for i, c in enumerate(new_calls)]

@@ -94,7 +94,11 @@ class StepPlan:
         return_hidden: also keep the ``sample`` rows' final hidden states (embedding
             requests) in :attr:`ModelRunner.last_hidden`.
         prompt_logits: indices of sequences whose every new token needs logits
-            (``prompt_logprobs``): kept in :attr:`ModelRunner.last_prompt_logits`.
+            (``prompt_logprobs``); reduced on rank 0, :data:`PROMPT_LOGITS_SLICE` rows at
+            a time, into :attr:`ModelRunner.last_prompt_logprobs`.
+        prompt_targets: for those sequences' rows (in order), the token whose
+            log-probability each row gives (the next prompt token), -1 for none.
+        prompt_topk: how many top alternatives to keep per row.
     """
 
     req_ids: list[str] = field(default_factory=list)
@@ -107,6 +111,8 @@ class StepPlan:
     all_logits: bool = False
     return_hidden: bool = False
     prompt_logits: list[int] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
+    prompt_topk: int = 0
 
 
 class StepPlanner:
@@ -157,6 +163,24 @@ class StepPlanner:
                 p.freed.append(rid)
                 del sent[rid]
         return p, sample_reqs
+
+
+#: Rows of prompt-position logits computed at once for ``prompt_logprobs`` (memory:
+#: this x vocabulary x 4 bytes, twice, instead of a whole prefill chunk's).
+PROMPT_LOGITS_SLICE = 256
+
+
+def _reduce_logprobs(logits: torch.Tensor, targets: torch.Tensor, k: int) -> tuple:
+    """``logits [R, V] float32`` -> ``(logprob of targets [R], rank [R] (1 = most likely),
+    top-k values [R, k], top-k ids [R, k])`` on CPU; rows whose target is -1 get 0 / 0."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    t = targets.to(lp.device).clamp(min=0)
+    own = lp.gather(1, t[:, None])[:, 0]
+    ranks = (lp > own[:, None]).sum(dim=1) + 1
+    top = lp.topk(k, dim=-1) if k else None
+    empty = torch.empty(len(t), 0)
+    return (own.cpu(), ranks.cpu(), top.values.cpu() if k else empty,
+            top.indices.cpu() if k else empty.long())
 
 
 @dataclass
@@ -282,12 +306,20 @@ class ModelRunner:
             hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta)
         else:
             hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
-        #: ``[sum(num_new of plan.prompt_logits), vocab] float32`` on rank 0, in plan order
-        self.last_prompt_logits = None
+        #: with ``plan.prompt_logits``, on rank 0, per row of those sequences (plan order):
+        #: ``(logprob [R], rank [R], top values [R, k], top ids [R, k])`` on CPU
+        self.last_prompt_logprobs = None
         if plan.prompt_logits:
             starts = np.concatenate(([0], np.cumsum(plan.num_new)))
-            rows = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in plan.prompt_logits])
-            self.last_prompt_logits = self.model.compute_logits(hidden[torch.from_numpy(rows).to(hidden.device)])
+            rows = torch.from_numpy(np.concatenate([np.arange(starts[i], starts[i + 1]) for i in plan.prompt_logits]))
+            targets = torch.tensor(plan.prompt_targets, dtype=torch.int64)
+            parts = []
+            for lo in range(0, len(rows), PROMPT_LOGITS_SLICE):  # bounded memory: slice x vocab
+                logits = self.model.compute_logits(hidden[rows[lo : lo + PROMPT_LOGITS_SLICE].to(hidden.device)])
+                if logits is not None:
+                    parts.append(_reduce_logprobs(logits, targets[lo : lo + PROMPT_LOGITS_SLICE], plan.prompt_topk))
+            if parts:
+                self.last_prompt_logprobs = tuple(torch.cat(x) for x in zip(*parts))
         if inp.logits_indices is not None:
             if not plan.sample:
                 return hidden.new_empty((0, self.model.cfg.vocab_size), dtype=torch.float32)
