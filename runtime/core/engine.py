@@ -320,22 +320,11 @@ class LLMEngine:
         for req, _ in sched.scheduled:
             if req.first_scheduled_time is None:
                 req.first_scheduled_time = now
-        plan, reqs = self.planner.plan(sched)
-        by_id = {r.request_id: r for r, _ in sched.scheduled}
-        plan.prompt_logits = [i for i, rid in enumerate(plan.req_ids)
-                              if by_id[rid].sampling_params.prompt_logprobs is not None
-                              and plan.num_computed[i] < by_id[rid].num_prompt_tokens - 1]
-        for i in plan.prompt_logits:  # row r of a chunk starting at c predicts prompt token c + r + 1
-            req, c = by_id[plan.req_ids[i]], plan.num_computed[i]
-            prompt = req.prompt_token_ids
-            plan.prompt_targets.extend(prompt[c + r + 1] if c + r + 1 < len(prompt) else -1
-                                       for r in range(plan.num_new[i]))
-            plan.prompt_topk = max(plan.prompt_topk, req.sampling_params.prompt_logprobs)
-        pooled = [i for i, r in enumerate(reqs) if r.pooling_params is not None]
-        plan.return_hidden = bool(pooled)
+        plan, reqs = self.planner.plan(sched)  # also marks prompt_logprobs rows and embedding rows
         logits = self.executor.execute(plan)
         if plan.prompt_logits:
-            self._record_prompt_logprobs(plan, by_id)
+            self._record_prompt_logprobs(plan)
+        pooled = [i for i, r in enumerate(reqs) if r.pooling_params is not None] if plan.return_hidden else []
         sampled_map: dict[str, int] = {}
         lp_map: dict[str, object] = {}
         if pooled:
@@ -382,7 +371,7 @@ class LLMEngine:
             outputs.append(self._output(req, [tok], lps))
         return outputs
 
-    def _record_prompt_logprobs(self, plan, by_id: dict) -> None:
+    def _record_prompt_logprobs(self, plan) -> None:
         """Turn the step's reduced prompt-position logits (the runner's
         ``last_prompt_logprobs``: the logits at position ``j - 1`` give prompt token ``j``'s
         log-probability, its rank (1 = most likely) and the top alternatives) into
@@ -391,7 +380,7 @@ class LLMEngine:
         own, ranks, top_vals, top_ids = self.executor.runner.last_prompt_logprobs
         off = 0
         for i in plan.prompt_logits:
-            req, c, n = by_id[plan.req_ids[i]], plan.num_computed[i], plan.num_new[i]
+            req, c, n = self.scheduler.requests[plan.req_ids[i]], plan.num_computed[i], plan.num_new[i]
             base, off = off, off + n
             prompt = req.prompt_token_ids
             if req.prompt_logprobs is None:

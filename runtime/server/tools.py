@@ -24,6 +24,7 @@ call keeps ``stop`` as OpenAI does.
 
 from __future__ import annotations
 
+import abc
 import json
 import re
 import uuid
@@ -123,46 +124,52 @@ def _call_from_obj(obj, args_keys: tuple[str, ...]) -> Optional[ToolCall]:
     return ToolCall(obj["name"], "{}")
 
 
-def complete_array_items(text: str) -> tuple[list, bool]:
-    """The complete elements of a (possibly unfinished) JSON array text, and whether the
-    array itself is closed. ``'[{"a": 1}, {"b"'`` -> ``([{"a": 1}], False)``."""
-    dec = json.JSONDecoder()
-    i = len(text) - len(text.lstrip())
-    if i >= len(text) or text[i] != "[":
-        return [], False
-    i += 1
-    items = []
+def _json_values(text: str, i: int, separators: str, stop: Optional[str] = None) -> tuple[list, str]:
+    """The complete JSON values in ``text[i:]``, separated by any of ``separators``, and how
+    the scan ended: ``"end"`` (text exhausted), ``"stop"`` (the ``stop`` character met) or
+    ``"partial"`` (a value that does not parse, e.g. still being generated)."""
+    dec, items = json.JSONDecoder(), []
     while True:
-        while i < len(text) and text[i] in " \t\r\n,":
+        while i < len(text) and text[i] in separators:
             i += 1
         if i >= len(text):
-            return items, False
-        if text[i] == "]":
-            return items, True
+            return items, "end"
+        if stop is not None and text[i] == stop:
+            return items, "stop"
         try:
             obj, i = dec.raw_decode(text, i)
         except ValueError:
-            return items, False
+            return items, "partial"
         items.append(obj)
 
 
-class ToolParser:
+def complete_array_items(text: str) -> tuple[list, bool]:
+    """The complete elements of a (possibly unfinished) JSON array text, and whether the
+    array itself is closed. ``'[{"a": 1}, {"b"'`` -> ``([{"a": 1}], False)``."""
+    i = len(text) - len(text.lstrip())
+    if i >= len(text) or text[i] != "[":
+        return [], False
+    items, how = _json_values(text, i + 1, " \t\r\n,", stop="]")
+    return items, how == "stop"
+
+
+class ToolParser(abc.ABC):
     """Finds tool calls in a model's free text (``tool_choice: "auto"``)."""
 
     name = ""
 
+    @abc.abstractmethod
     def extract(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
         """``(content, calls)``: the text outside calls (None when empty) and the calls."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def content_end(self, text: str) -> int:
         """How much of a stream's text so far is certainly content (cannot be the start
         of a call): characters from the start."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def complete_calls(self, text: str) -> list[ToolCall]:
         """The calls whose text is complete so far (a prefix of ``extract``'s calls)."""
-        raise NotImplementedError
 
 
 class HermesToolParser(ToolParser):
@@ -173,14 +180,17 @@ class HermesToolParser(ToolParser):
     START, END = "<tool_call>", "</tool_call>"
     _BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)$", re.S)
 
+    @staticmethod
+    def _block_call(body: str) -> Optional[ToolCall]:
+        try:
+            return _call_from_obj(json.loads(body.strip()), ("arguments", "parameters"))
+        except ValueError:
+            return None
+
     def extract(self, text):
         calls = []
         for m in self._BLOCK.finditer(text):
-            body = (m.group(1) if m.group(1) is not None else m.group(2)).strip()
-            try:
-                call = _call_from_obj(json.loads(body), ("arguments", "parameters"))
-            except ValueError:
-                call = None
+            call = self._block_call(m.group(1) if m.group(1) is not None else m.group(2))
             if call is None:  # not a call after all: the whole text is content
                 return text, []
             calls.append(call)
@@ -201,10 +211,7 @@ class HermesToolParser(ToolParser):
     def complete_calls(self, text):
         out = []
         for m in re.finditer(r"<tool_call>(.*?)</tool_call>", text, re.S):
-            try:
-                call = _call_from_obj(json.loads(m.group(1).strip()), ("arguments", "parameters"))
-            except ValueError:
-                call = None
+            call = self._block_call(m.group(1))
             if call is None:
                 break
             out.append(call)
@@ -229,17 +236,8 @@ class Llama3JsonToolParser(ToolParser):
         body = self._body(text)
         if body is None:
             return [], False
-        dec, i, objs = json.JSONDecoder(), 0, []
-        while True:
-            while i < len(body) and body[i] in " \t\r\n;":
-                i += 1
-            if i >= len(body):
-                return objs, True
-            try:
-                obj, i = dec.raw_decode(body, i)
-            except ValueError:
-                return objs, False
-            objs.append(obj)
+        objs, how = _json_values(body, 0, " \t\r\n;")
+        return objs, how == "end"
 
     def extract(self, text):
         objs, whole = self._objects(text)

@@ -132,7 +132,9 @@ class StepPlanner:
         self._sent: dict[str, tuple[list[int], int]] = {}
 
     def plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list[Request]]:
-        """Returns ``(plan, sampling requests in plan.sample order)``."""
+        """Returns ``(plan, sampling requests in plan.sample order)``; the plan also names the
+        rows whose logits ``prompt_logprobs`` needs and whether embedding rows need hidden
+        states."""
         order = [(r, n) for r, n in sched.scheduled if n == 1] + [(r, n) for r, n in sched.scheduled if n != 1]
         p = StepPlan()
         sample_reqs: list[Request] = []
@@ -157,6 +159,14 @@ class StepPlanner:
             if c + n == req.num_tokens:
                 p.sample.append(i)
                 sample_reqs.append(req)
+                p.return_hidden |= req.pooling_params is not None
+            k = req.sampling_params.prompt_logprobs
+            if k is not None and c < req.num_prompt_tokens - 1:
+                # row r of this chunk predicts prompt token c + r + 1
+                prompt = req.prompt_token_ids
+                p.prompt_logits.append(i)
+                p.prompt_targets.extend(prompt[c + r + 1] if c + r + 1 < len(prompt) else -1 for r in range(n))
+                p.prompt_topk = max(p.prompt_topk, k)
         scheduled = set(p.req_ids)
         for rid, (table, _) in list(sent.items()):
             if rid not in scheduled and self.block_table_fn(rid) is not table:

@@ -65,6 +65,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serving_setup(cert_dir):
+    """The webhook's TLS context from ``cert_dir``, its reloader, and a free port."""
+    crt, key = str(cert_dir / "tls.crt"), str(cert_dir / "tls.key")
+    tls = webhook.ssl_context(crt, key)
+    return tls, webhook.CertReloader(tls, crt, key), _free_port()
+
+
 async def _handshake(port: int, ca_pem: bytes) -> bytes:
     """Connect as the API server would (trusting ``ca_pem``, checking the Service's DNS
     name) and return the certificate the server presented (DER)."""
@@ -87,10 +94,7 @@ def test_issue_inject_serve_and_rotate(cluster, tmp_path):
     assert ensure_webhook_certificate(ctx) is False  # valid: nothing rewritten
     assert cluster.http("GET", SECRET)[1]["metadata"]["resourceVersion"] == rv
 
-    crt, key = str(tmp_path / "tls" / "tls.crt"), str(tmp_path / "tls" / "tls.key")
-    tls = webhook.ssl_context(crt, key)
-    reloader = webhook.CertReloader(tls, crt, key)
-    port = _free_port()
+    tls, reloader, port = _serving_setup(tmp_path / "tls")
 
     async def scenario():
         runner = await webhook.start(lambda: webhook.Snapshot(), port, host="127.0.0.1", tls=tls)
@@ -125,10 +129,7 @@ def test_mounted_files_are_reloaded(tmp_path):
     names = certs.service_dns_names("argosy-webhook", NS)
     a, b = certs.generate(names, 90), certs.generate(names, 90)
     certs.write_files(str(tmp_path), a)
-    crt, key = str(tmp_path / "tls.crt"), str(tmp_path / "tls.key")
-    tls = webhook.ssl_context(crt, key)
-    reloader = webhook.CertReloader(tls, crt, key)
-    port = _free_port()
+    tls, reloader, port = _serving_setup(tmp_path)
 
     async def scenario():
         runner = await webhook.start(lambda: webhook.Snapshot(), port, host="127.0.0.1", tls=tls)
