@@ -7,6 +7,10 @@ import os
 import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Engines built by the tests (and the servers they start) run eagerly unless a test asks
+# for compiled decode steps (tests/test_cpu_compile.py): compiling takes ~1 minute per
+# graph on 2 cores with an empty cache, which every engine would otherwise pay.
+os.environ.setdefault("ARGOSY_COMPILATION_MODE", "0")
 
 
 def _set_triton_interpret() -> None:

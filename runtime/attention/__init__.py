@@ -19,9 +19,9 @@ import os
 import torch
 
 from . import torch_paged
-from .metadata import AttentionMetadata
+from .metadata import AttentionMetadata, DecodeMetadata
 
-__all__ = ["AttentionMetadata", "paged_attention", "store_kv", "backend_for", "resolve_backend"]
+__all__ = ["AttentionMetadata", "DecodeMetadata", "paged_attention", "store_kv", "backend_for", "resolve_backend"]
 
 _ENV = "ARGOSY_ATTENTION_BACKEND"
 _triton_mod = None

@@ -72,3 +72,23 @@ class AttentionMetadata:
                     groups.append((torch.tensor(members, dtype=torch.int64, device=self.seq_lens.device), members))
             self._decode_groups = groups
         return self._decode_groups
+
+
+@dataclass
+class DecodeMetadata:
+    """A decode-only step (one new token per sequence) described by tensors alone.
+
+    Unlike :class:`AttentionMetadata` it carries no Python lists, so a step function that
+    takes it can be traced once by ``torch.compile`` with the batch size and the block
+    table width as symbolic sizes (:mod:`argosy.runtime.worker.cpu_compile`).
+
+    Attributes:
+        slot_mapping: ``[B] int64``: cache slot of each sequence's new token (no -1 padding).
+        block_tables: ``[B, W] int32``: each sequence's physical blocks, padded with any
+            valid block id past its own (never read: masked by ``seq_lens``).
+        seq_lens: ``[B] int32``: context length incl. the new token (tokens).
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .metadata import AttentionMetadata
+from .metadata import AttentionMetadata, DecodeMetadata
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -113,3 +113,50 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
         out[start:end] = o.squeeze(0).transpose(0, 1)
         start = end
     return out
+
+
+def store_kv_decode(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: DecodeMetadata) -> None:
+    """:func:`store_kv` for a decode-only step, as one ``index_put_`` on the whole cache
+    tensor (no views of it are mutated, so ``torch.compile`` writes the slots in place
+    instead of copying the cache).
+
+    Args:
+        key, value: ``[B, num_kv_heads, head_dim]``, cache dtype.
+        kv_cache: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (modified in place).
+        meta: ``slot_mapping [B]`` (every entry a real slot).
+    """
+    block_size = kv_cache.shape[2]
+    slots = meta.slot_mapping
+    blk = torch.div(slots, block_size, rounding_mode="floor")
+    which = torch.arange(2, device=slots.device)[:, None]
+    kv_cache.index_put_((which, blk[None, :], (slots - blk * block_size)[None, :]), torch.stack((key, value)))
+
+
+def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: DecodeMetadata, scale: float) -> torch.Tensor:
+    """:func:`paged_attention` for a decode-only step, in tensor ops only (traceable).
+
+    Every sequence's ``W`` table blocks are gathered (``index_select`` of whole blocks)
+    into ``[B, kv_heads, W * block_size, head_dim]`` and positions at or past its
+    ``seq_len`` are masked, so a batch of very different lengths reads ``B x`` the longest
+    context (the eager path groups similar lengths instead). GQA as in
+    :func:`_decode_attention`: the ``g`` query heads of a KV head are ``g`` query rows.
+
+    Args:
+        query: ``[B, num_heads, head_dim]``.
+        kv_cache: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` holding this step's keys/values.
+        meta: the step's :class:`DecodeMetadata`.
+        scale: softmax scale.
+    Returns:
+        ``[B, num_heads, head_dim]`` in the query's dtype.
+    """
+    b, h, d = query.shape
+    kvh = kv_cache.shape[-2]
+    bt = meta.block_tables
+    ctx = bt.shape[1] * kv_cache.shape[2]
+    idx = bt.flatten()
+    # explicit sizes (no -1): inferring one would make torch.compile specialize b == 1
+    k = kv_cache[0].index_select(0, idx).view(b, ctx, kvh, d).transpose(1, 2)
+    v = kv_cache[1].index_select(0, idx).view(b, ctx, kvh, d).transpose(1, 2)
+    mask = (torch.arange(ctx, device=query.device)[None, :] < meta.seq_lens[:, None])[:, None, None, :]
+    q = query.unflatten(1, (kvh, h // kvh))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).flatten(1, 2)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import AttentionMetadata, resolve_backend
+from ..attention import AttentionMetadata, DecodeMetadata, resolve_backend, torch_paged
 from ..config import ModelConfig
 from ..distributed import TPGroup
 from ..layers import Linear
@@ -156,13 +156,19 @@ class LlamaAttention(nn.Module):
 
     def forward(self, rope_cs, hidden, kv_cache, meta: AttentionMetadata):
         t = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)
+        # heads first, then slices: viewing a column slice would make torch.compile
+        # specialize the token count 1 (a view of a non-contiguous tensor)
+        qkv = self.qkv_proj(hidden).unflatten(1, (-1, self.head_dim))  # [T, H + 2 H_kv, D]
         # q and k heads rotated together: [T, H + H_kv, D]
-        qk = RotaryEmbedding.apply_signed(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), *rope_cs)
+        qk = RotaryEmbedding.apply_signed(qkv[:, : self.num_heads + self.num_kv_heads], *rope_cs)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        self.store_kv(k, v, kv_cache, meta)
-        o = self.paged_attention(q, kv_cache, meta, self.scale)
+        v = qkv[:, self.num_heads + self.num_kv_heads :]
+        if isinstance(meta, DecodeMetadata):  # a compiled decode step (tensor-only attention)
+            torch_paged.store_kv_decode(k, v, kv_cache, meta)
+            o = torch_paged.decode_attention(q, kv_cache, meta, self.scale)
+        else:
+            self.store_kv(k, v, kv_cache, meta)
+            o = self.paged_attention(q, kv_cache, meta, self.scale)
         out = self.tp.all_reduce(self.o_proj(o.reshape(t, self.q_size)))
         return out if self.o_bias is None else out + self.o_bias
 
@@ -284,7 +290,9 @@ class LlamaForCausalLM(nn.Module):
             input_ids: ``[num_tokens] int64``.
             positions: ``[num_tokens] int64`` absolute positions.
             kv_caches: one ``[2, num_blocks, block_size, num_kv_heads / N, head_dim]`` per layer.
-            meta: the step's attention metadata.
+            meta: the step's attention metadata; a :class:`DecodeMetadata` (decode-only
+                steps, one rank) takes the tensor-only attention that ``torch.compile``
+                traces (:mod:`argosy.runtime.worker.cpu_compile`).
         Returns:
             Final hidden states ``[num_tokens, hidden_size]`` (after the last norm), the
             same on every rank.

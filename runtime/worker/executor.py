@@ -42,6 +42,7 @@ from ..config import CacheConfig, EngineArgs, default_num_threads
 from ..distributed import TPGroup, destroy_group, init_group, open_store
 from ..loader import Checkpoint, load_checkpoint
 from ..models import LlamaForCausalLM
+from .cpu_compile import resolve_mode, should_compile
 from .model_runner import ModelRunner, StepPlan, num_kv_blocks
 
 logger = logging.getLogger("argosy.executor")
@@ -119,6 +120,12 @@ class UniprocExecutor:
         self.runner = ModelRunner(model, self.num_blocks, spec.cache.block_size, device)
         if device.type == "cuda" and not spec.args.enforce_eager:
             self.runner.enable_cuda_graphs(spec.max_num_seqs, spec.max_model_len)
+        mode = resolve_mode(spec.args.compilation_config, spec.args.enforce_eager)
+        why_not = should_compile(mode, device, spec.dtype, 1)
+        if why_not is None:
+            self.runner.enable_compiled_decode(spec.max_num_seqs)
+        elif device.type == "cpu":
+            logger.info("decode steps run eagerly: %s", why_not)
         self.failure: Optional[str] = None
 
     def execute(self, plan: StepPlan) -> Optional[torch.Tensor]:

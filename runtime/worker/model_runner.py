@@ -223,6 +223,8 @@ class ModelRunner:
         self.tables: dict[str, list[int]] = {}
         #: Decode-only steps replay CUDA graphs when set (see :meth:`enable_cuda_graphs`).
         self.graphs = None
+        #: Decode-only steps run torch.compile-d graphs when set (see :meth:`enable_compiled_decode`).
+        self.compiled = None
         shape = (2, num_blocks, block_size, model.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(cfg.num_hidden_layers)]
 
@@ -233,6 +235,15 @@ class ModelRunner:
 
         self.graphs = DecodeGraphRunner(self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size,
                                         self.device, capture=capture)
+
+    def enable_compiled_decode(self, max_num_seqs: int, warmup: bool = True) -> float:
+        """Compile decode steps with ``torch.compile`` (CPU; see :mod:`.cpu_compile`) and,
+        with ``warmup``, build every graph now. Call before any request runs. Returns the
+        compile time in seconds."""
+        from .cpu_compile import CompiledDecodeRunner
+
+        self.compiled = CompiledDecodeRunner(self.model, self.kv_caches, max_num_seqs)
+        return self.compiled.warmup() if warmup else 0.0
 
     def apply(self, plan: StepPlan) -> list[list[int]]:
         """Update the mirrored block tables; returns the step's tables in plan order.
@@ -314,6 +325,8 @@ class ModelRunner:
         inp = self.prepare(plan)
         if self.graphs is not None and self.graphs.can_run(inp.meta):
             hidden = self.graphs.run(inp.input_ids, inp.positions, inp.meta)
+        elif self.compiled is not None and self.compiled.can_run(inp.meta):
+            hidden = self.compiled.run(inp.input_ids, inp.positions, inp.meta)
         else:
             hidden = self.model(inp.input_ids, inp.positions, self.kv_caches, inp.meta)
         #: with ``plan.prompt_logits``, on rank 0, per row of those sequences (plan order):

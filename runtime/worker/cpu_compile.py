@@ -1,0 +1,192 @@
+"""Compiled decode steps on the CPU (``torch.compile``, inductor), the CPU's counterpart of
+:mod:`.cuda_graphs`.
+
+At batch 1 an eager decode step of the bundled model spends about as long in ~5,000
+small ATen calls and their Python dispatch (norms, rotary, residuals, views, KV writes)
+as in its matmuls. Inductor traces the whole decode step once (all layers, the KV write
+and the attention: :class:`~argosy.runtime.attention.DecodeMetadata`), fuses the
+elementwise work into a few generated C++ loops per layer and calls the matmul kernels
+(the packed int4 one, oneDNN) directly. The model code is the same as the eager path's;
+only the attention metadata differs.
+
+Shapes. The batch size ``B`` and the block-table width ``W`` are symbolic, so a step
+never recompiles for a new context length or batch size. Three graphs cover every
+decode-only step (each compiled once at startup, :meth:`CompiledDecodeRunner.warmup`):
+``B = 1`` (PyTorch specializes size 1), ``2 <= B <= INT4_MAX_ROWS`` (packed int4
+matmuls) and ``B > INT4_MAX_ROWS`` (dense bfloat16 matmuls). ``W`` is padded to at least
+2 (a size-1 width would be specialized too: a fourth graph). Prefill and mixed steps
+run eagerly.
+
+Cost. Compiling the three graphs takes ~2.5 minutes on 2 cores with an empty cache
+(mostly C++ compilation), ~15 s when inductor's on-disk cache holds them (kept under
+``$ARGOSY_CACHE_DIR/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set). After
+warm-up the runner never compiles: a step whose shapes would need a new graph runs
+eagerly (counted; see :meth:`CompiledDecodeRunner.run`).
+
+Numerics: the fused loops round bfloat16 intermediates differently from the eager ops
+(logits agree to bfloat16 rounding, not to the bit), which is why the float32 path, the
+exact one against Hugging Face, is never compiled.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..attention import AttentionMetadata, DecodeMetadata
+from ..layers.linear import INT4_MAX_ROWS
+
+logger = logging.getLogger("argosy.cpu_compile")
+
+#: ``--compilation-config`` modes (vLLM's numbering): 0 = none (eager), 3 = compiled decode steps.
+COMPILATION_MODES = (0, 3)
+#: Environment override of the default mode (an explicit flag wins); the test suite sets 0.
+MODE_ENV = "ARGOSY_COMPILATION_MODE"
+
+
+def default_cache_dir() -> Path:
+    """Where inductor keeps compiled graphs unless ``TORCHINDUCTOR_CACHE_DIR`` is set:
+    ``$ARGOSY_CACHE_DIR/inductor`` (default ``~/.cache/argosy/inductor``)."""
+    return Path(os.environ.get("ARGOSY_CACHE_DIR", Path.home() / ".cache" / "argosy")) / "inductor"
+
+
+def _decode_step(model, input_ids, positions, kv_caches, meta):
+    # the forward without its ``@torch.inference_mode()`` wrapper: the caller is already in
+    # inference mode, and entering it again inside the traced region fails on the KV
+    # caches (inference tensors)
+    return type(model).forward.__wrapped__(model, input_ids, positions, kv_caches, meta)
+
+
+class CompiledDecodeRunner:
+    """Runs decode-only steps through ``torch.compile``-d graphs of the model's forward.
+
+    Args:
+        model: the model (one rank, ``tp.world_size == 1``).
+        kv_caches: the runner's KV cache tensors.
+        max_num_seqs: the largest decode batch (``--max-num-seqs``).
+    """
+
+    def __init__(self, model, kv_caches: list[torch.Tensor], max_num_seqs: int):
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir()))
+        self.model = model
+        self.kv_caches = kv_caches
+        self.max_num_seqs = max_num_seqs
+        self.fn = torch.compile(_decode_step, dynamic=False, fullgraph=True)
+        self.compile_seconds = 0.0
+        self.ready = False
+        #: decode steps run through a compiled graph / eagerly for want of one (since warm-up)
+        self.compiled_steps = 0
+        self.eager_steps = 0
+
+    @staticmethod
+    def can_run(meta: AttentionMetadata) -> bool:
+        """True for a decode-only step without padding slots."""
+        return meta.max_query_len == 1 and meta.num_decodes == meta.num_seqs and not meta.has_padding
+
+    def _call(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+              block_tables: torch.Tensor, seq_lens: torch.Tensor, mark: bool) -> torch.Tensor:
+        if block_tables.shape[1] < 2:  # keep W symbolic (see the module doc)
+            block_tables = torch.cat((block_tables, block_tables), dim=1)
+        if mark:
+            for t in (input_ids, positions, slots, block_tables, seq_lens):
+                torch._dynamo.mark_dynamic(t, 0)
+            torch._dynamo.mark_dynamic(block_tables, 1)
+        meta = DecodeMetadata(slot_mapping=slots, block_tables=block_tables, seq_lens=seq_lens)
+        return self.fn(self.model, input_ids, positions, self.kv_caches, meta)
+
+    def warm_sizes(self) -> list[int]:
+        """One batch size per graph (see the module doc), within ``max_num_seqs``."""
+        sizes = [1, min(2, self.max_num_seqs), min(INT4_MAX_ROWS + 1, self.max_num_seqs)]
+        return list(dict.fromkeys(sizes))
+
+    @torch.inference_mode()
+    def warmup(self) -> float:
+        """Compile every graph with dummy steps that write only block 0's first slots
+        (call before any request holds a block). Returns the seconds it took."""
+        t0 = time.monotonic()
+        for b in self.warm_sizes():
+            zeros = torch.zeros(b, dtype=torch.int64)
+            self._call(zeros, zeros.clone(), torch.arange(b, dtype=torch.int64), torch.zeros(b, 2, dtype=torch.int32),
+                       torch.ones(b, dtype=torch.int32), mark=True)
+        self.compile_seconds = time.monotonic() - t0
+        self.ready = True
+        logger.info("torch.compile of the decode step: %d graphs (batch sizes %s) in %.1f s (cache: %s)",
+                    len(self.warm_sizes()), self.warm_sizes(), self.compile_seconds,
+                    os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
+        return self.compile_seconds
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Run a decode-only step (:meth:`can_run`) through the compiled graphs, or eagerly
+        when its shapes would need a graph that was not built at warm-up (never compiles
+        while serving; counted in :attr:`eager_steps`, the first one logged with dynamo's
+        reason).
+
+        Args:
+            input_ids / positions: ``[B] int64``; meta: the step's metadata.
+        Returns:
+            Final hidden states ``[B, hidden_size]``.
+        """
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"):
+                hidden = self._call(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens,
+                                    mark=False)
+        except RuntimeError as e:  # raised before anything ran (dynamo's frame callback)
+            if "Detected recompile" not in str(e):
+                raise
+            if not self.eager_steps:
+                logger.warning("a decode step of %d sequences has no compiled graph; running it eagerly (%s)",
+                               input_ids.shape[0], str(e).splitlines()[-1].strip())
+            self.eager_steps += 1
+            return self.model(input_ids, positions, self.kv_caches, meta)
+        self.compiled_steps += 1
+        return hidden
+
+
+def resolve_mode(value, enforce_eager: bool) -> int:
+    """The compilation mode from ``--compilation-config`` / ``-O`` (``0``, ``3``, or JSON
+    ``{"mode": N}``; vLLM's older ``{"level": N}`` too), ``--enforce-eager`` (always 0)
+    and ``$ARGOSY_COMPILATION_MODE`` (the default when the flag is absent; else 3).
+
+    Raises:
+        ValueError: a mode other than 0 or 3, or a malformed value.
+    """
+    import json
+
+    if enforce_eager:
+        return 0
+    if value is None:
+        value = os.environ.get(MODE_ENV, "3")
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text) if text.startswith("{") else int(text)
+        except ValueError:
+            raise ValueError(f"--compilation-config must be 0, 3 or JSON like '{{\"mode\": 3}}', not {value!r}") from None
+    if isinstance(value, dict):
+        unknown = set(value) - {"mode", "level"}
+        if unknown:
+            raise ValueError(f"--compilation-config: unsupported keys {sorted(unknown)} (supported: mode)")
+        value = value.get("mode", value.get("level", 3))
+    if isinstance(value, bool) or not isinstance(value, int) or value not in COMPILATION_MODES:
+        raise ValueError(f"--compilation-config mode must be one of {COMPILATION_MODES} (0 = eager, 3 = compiled "
+                         f"decode steps), not {value!r}")
+    return value
+
+
+def should_compile(mode: int, device: torch.device, dtype: torch.dtype, world_size: int) -> Optional[str]:
+    """None when decode steps are compiled, else why not (for the startup log)."""
+    if mode == 0:
+        return "compilation mode 0 (--enforce-eager or -O0)"
+    if device.type != "cpu":
+        return "CUDA decode steps use CUDA graphs instead"
+    if world_size > 1:
+        return "tensor parallelism (collectives inside compiled graphs are not enabled)"
+    if dtype == torch.float32:
+        return "float32 is the exact path (compiled loops round differently)"
+    return None

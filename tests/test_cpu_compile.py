@@ -1,0 +1,187 @@
+"""Compiled decode steps on the CPU (``torch.compile``, :mod:`argosy.runtime.worker.cpu_compile`).
+
+The default run compiles one graph (batch 1, ~1 minute on 2 cores with an empty inductor
+cache) and checks it against the eager bfloat16 step and the float32 reference; the
+``slow`` suite builds all three graphs and runs mixed batch sizes through the engine.
+The tensor-only decode attention the graphs trace is checked eagerly, in float32,
+against the paged attention every other step uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from argosy.runtime import SamplingParams
+from argosy.runtime.attention import AttentionMetadata, DecodeMetadata, torch_paged
+from argosy.runtime.config import EngineArgs
+from argosy.runtime.worker.cpu_compile import MODE_ENV, resolve_mode, should_compile
+
+from .conftest import run_to_completion
+from .test_fast_path import MARGIN, PROMPTS
+
+
+def _decode_step_inputs(lens: list[int], block_size: int, num_blocks: int, heads: int, kv_heads: int, d: int):
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, d, generator=g)
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables, slots = [], []
+    for n in lens:  # each sequence gets its own blocks, in shuffled order
+        k = -(-n // block_size)
+        tables.append([perm.pop() for _ in range(k)])
+        slots.append(tables[-1][(n - 1) // block_size] * block_size + (n - 1) % block_size)
+    width = max(len(t) for t in tables)
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+    q = torch.randn(len(lens), heads, d, generator=g)
+    k = torch.randn(len(lens), kv_heads, d, generator=g)
+    v = torch.randn(len(lens), kv_heads, d, generator=g)
+    return cache, bt, torch.tensor(slots), q, k, v
+
+
+@pytest.mark.parametrize("lens", [[1], [37], [5, 80, 16, 17, 3], [64, 64]])
+def test_tensor_only_decode_attention_equals_paged_attention(lens):
+    """``store_kv_decode`` + ``decode_attention`` (what the compiled graph runs) against
+    ``store_kv`` + ``paged_attention`` (the eager path), float32, GQA 9 query heads on
+    3 KV heads, contexts of different lengths sharing a padded block table."""
+    bs, nblk, h, kvh, d = 16, 32, 9, 3, 64
+    cache, bt, slots, q, k, v = _decode_step_inputs(lens, bs, nblk, h, kvh, d)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    ref_cache = cache.clone()
+    meta = AttentionMetadata(slot_mapping=slots, block_tables=bt, seq_lens=seq_lens,
+                             query_start_loc=torch.arange(len(lens) + 1, dtype=torch.int32), max_query_len=1,
+                             max_seq_len=max(lens), num_decodes=len(lens), seq_lens_cpu=list(lens),
+                             query_lens_cpu=[1] * len(lens))
+    torch_paged.store_kv(k, v, ref_cache, meta)
+    want = torch_paged.paged_attention(q, ref_cache, meta, d**-0.5)
+    dmeta = DecodeMetadata(slot_mapping=slots, block_tables=bt, seq_lens=seq_lens)
+    torch_paged.store_kv_decode(k, v, cache, dmeta)
+    assert torch.equal(cache, ref_cache), "the new keys/values land in the same slots, nothing else is written"
+    got = torch_paged.decode_attention(q, cache, dmeta, d**-0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_compilation_mode_flags(monkeypatch):
+    """``-O`` / ``--compilation-config`` as vLLM spells them, ``--enforce-eager`` wins, the
+    environment only sets the default, and anything else is a clear error."""
+    monkeypatch.delenv(MODE_ENV, raising=False)
+    p = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    assert EngineArgs.from_cli_args(p.parse_args(["-O0"])).compilation_config == "0"
+    assert EngineArgs.from_cli_args(p.parse_args(["--compilation-config", '{"mode": 3}'])).compilation_config == '{"mode": 3}'
+    assert resolve_mode(None, False) == 3
+    assert resolve_mode("0", False) == 0
+    assert resolve_mode('{"mode": 0}', False) == 0
+    assert resolve_mode('{"level": 3}', False) == 3
+    assert resolve_mode(3, True) == 0
+    monkeypatch.setenv(MODE_ENV, "0")
+    assert resolve_mode(None, False) == 0
+    assert resolve_mode("3", False) == 3
+    for bad in ("2", "fast", '{"mode": 3, "backend": "eager"}', '{"mode": "3"}', True):
+        with pytest.raises(ValueError, match="compilation-config"):
+            resolve_mode(bad, False)
+    cpu = torch.device("cpu")
+    assert should_compile(3, cpu, torch.bfloat16, 1) is None
+    assert "float32" in should_compile(3, cpu, torch.float32, 1)
+    assert "tensor parallelism" in should_compile(3, cpu, torch.bfloat16, 2)
+    assert "CUDA" in should_compile(3, torch.device("cuda"), torch.bfloat16, 1)
+    assert "mode 0" in should_compile(0, cpu, torch.bfloat16, 1)
+
+
+@pytest.fixture(scope="module")
+def compiled_engine(make_engine):
+    """bfloat16 with compiled decode steps; ``max_num_seqs=1`` builds only the batch-1 graph."""
+    eng = make_engine(dtype="bfloat16", compilation_config="3", max_num_seqs=1)
+    assert eng.executor.runner.compiled is not None
+    return eng
+
+
+@pytest.fixture(scope="module")
+def ref_engine(make_engine):
+    return make_engine(dtype="float32")
+
+
+def test_compiled_step_equals_the_eager_step(compiled_engine):
+    """One decode step after a prefill, through the compiled graph and through the eager
+    model on the same KV cache: final hidden states equal to bfloat16 rounding."""
+    eng = compiled_engine
+    runner = eng.executor.runner
+    ids = eng.tokenizer.encode(PROMPTS[0] * 4)  # > 16 tokens: several blocks
+    seen = {}
+    real_run = runner.compiled.run
+
+    def both(input_ids, positions, meta):
+        seen["eager"] = runner.model(input_ids, positions, runner.kv_caches, meta).float()
+        out = real_run(input_ids, positions, meta)
+        seen["compiled"] = out.float()
+        return out
+
+    runner.compiled.run = both
+    try:
+        run_to_completion(eng, [ids], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    finally:
+        runner.compiled.run = real_run
+    got, want = seen["compiled"], seen["eager"]
+    assert got.shape == want.shape == (1, eng.model_config.hidden_size)
+    rel = (got - want).norm() / want.norm()
+    assert rel < 2e-2, f"relative difference {rel:.4f}"
+
+
+def test_compiled_greedy_agrees_with_float32_where_float32_is_decisive(compiled_engine, ref_engine):
+    """As ``test_fast_path``'s check, with every decode step compiled: greedy tokens equal
+    float32's up to the first near tie (top-2 gap below MARGIN); no step fell back to
+    eager."""
+    compiled = compiled_engine.executor.runner.compiled
+    before = compiled.compiled_steps
+    tok = ref_engine.tokenizer
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
+    compared = 0
+    for p in PROMPTS:
+        ids = tok.encode(p)
+        ref_engine.add_request("r", ids, params)
+        steps = []
+        while ref_engine.has_unfinished_requests():
+            steps += ref_engine.step()
+        ref_tokens = steps[-1].output_token_ids
+        margins = [top[0][1] - top[1][1] for (_, _, top) in (s.logprobs[0] for s in steps)]
+        clear = next((i for i, m in enumerate(margins) if m < MARGIN), len(margins))
+        got = run_to_completion(compiled_engine, [ids], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        assert got["0"][:clear] == ref_tokens[:clear], (p, tok.decode(ref_tokens), tok.decode(got["0"]))
+        compared += clear
+    assert compared >= 32, f"only {compared} decisive tokens compared"
+    assert compiled.compiled_steps - before == 15 * len(PROMPTS), "every decode step ran compiled"
+    assert compiled.eager_steps == 0
+
+
+@pytest.mark.slow
+def test_all_graphs_cover_every_decode_batch(make_engine):
+    """The three graphs (batch 1, 2-8 int4, 9+ dense) run decode batches of every size from
+    1 to 12 with contexts crossing block boundaries, without a fallback to eager, and
+    every row's greedy tokens agree with the eager bfloat16 engine's up to the first
+    near tie of the eager run."""
+    compiled_eng = make_engine(dtype="bfloat16", compilation_config="3", max_num_seqs=16)
+    eager_eng = make_engine(dtype="bfloat16", compilation_config="0", max_num_seqs=16)
+    compiled = compiled_eng.executor.runner.compiled
+    assert compiled.warm_sizes() == [1, 2, 9]
+    tok = eager_eng.tokenizer
+    prompts = [tok.encode(p) for p in PROMPTS]
+    for n in range(1, 13):
+        batch = prompts[:n]
+        lengths = [3 + 3 * i for i in range(n)]  # rows finish one by one: every batch size below n runs
+        params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, logprobs=2) for m in lengths]
+        want = {}
+        for i, ids in enumerate(batch):
+            eager_eng.add_request(str(i), ids, params[i])
+        margins: dict[str, list[float]] = {}
+        while eager_eng.has_unfinished_requests():
+            for out in eager_eng.step():
+                margins.setdefault(out.request_id, []).append(out.logprobs[-1][2][0][1] - out.logprobs[-1][2][1][1])
+                if out.finished:
+                    want[out.request_id] = list(out.output_token_ids)
+        got = run_to_completion(compiled_eng, batch, [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+                                                      for m in lengths])
+        for rid, tokens in want.items():
+            clear = next((i for i, m in enumerate(margins[rid]) if m < MARGIN), len(tokens))
+            assert got[rid][:clear] == tokens[:clear], (n, rid)
+    assert compiled.eager_steps == 0
+    assert compiled.compiled_steps > 0
