@@ -154,23 +154,31 @@ class LlamaAttention(nn.Module):
         self.o_bias = _bias_param(cfg.hidden_size, cfg.attention_bias, dtype, device)
         self.store_kv, self.paged_attention = resolve_backend(torch.device(device))
 
-    def forward(self, rope_cs, hidden, kv_cache, meta: AttentionMetadata):
-        t = hidden.shape[0]
+    def project(self, rope_cs, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``hidden [T, hidden_size]`` -> rotated ``q [T, H, D]``, rotated ``k [T, H_kv, D]``, ``v [T, H_kv, D]``."""
         # heads first, then slices: viewing a column slice would make torch.compile
         # specialize the token count 1 (a view of a non-contiguous tensor)
         qkv = self.qkv_proj(hidden).unflatten(1, (-1, self.head_dim))  # [T, H + 2 H_kv, D]
         # q and k heads rotated together: [T, H + H_kv, D]
         qk = RotaryEmbedding.apply_signed(qkv[:, : self.num_heads + self.num_kv_heads], *rope_cs)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = qkv[:, self.num_heads + self.num_kv_heads :]
+        return q, k, qkv[:, self.num_heads + self.num_kv_heads :]
+
+    def attend(self, q, k, v, kv_cache, meta) -> torch.Tensor:
+        """Write ``k``/``v`` into the paged cache and attend: ``[T, H, D]`` out."""
         if isinstance(meta, DecodeMetadata):  # a compiled decode step (tensor-only attention)
             torch_paged.store_kv_decode(k, v, kv_cache, meta)
-            o = torch_paged.decode_attention(q, kv_cache, meta, self.scale)
-        else:
-            self.store_kv(k, v, kv_cache, meta)
-            o = self.paged_attention(q, kv_cache, meta, self.scale)
-        out = self.tp.all_reduce(self.o_proj(o.reshape(t, self.q_size)))
+            return torch_paged.decode_attention(q, kv_cache, meta, self.scale)
+        self.store_kv(k, v, kv_cache, meta)
+        return self.paged_attention(q, kv_cache, meta, self.scale)
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """``o [T, H, D]`` -> ``[T, hidden_size]`` (o_proj, all-reduced, o bias)."""
+        out = self.tp.all_reduce(self.o_proj(o.reshape(o.shape[0], self.q_size)))
         return out if self.o_bias is None else out + self.o_bias
+
+    def forward(self, rope_cs, hidden, kv_cache, meta: AttentionMetadata):
+        return self.output(self.attend(*self.project(rope_cs, hidden), kv_cache, meta))
 
 
 class LlamaMLP(nn.Module):
@@ -204,9 +212,22 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
         self.mlp = LlamaMLP(cfg, dtype, device, tp)
 
-    def forward(self, rope_cs, x, kv_cache, meta):
-        x = x + self.self_attn(rope_cs, self.input_layernorm(x), kv_cache, meta)
+    def pre_attention(self, rope_cs, x: torch.Tensor):
+        """Everything before attention: input norm, QKV projection, rotary (``q, k, v``)."""
+        return self.self_attn.project(rope_cs, self.input_layernorm(x))
+
+    def post_attention(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Everything after attention: o_proj + residual, post-attention norm, MLP + residual."""
+        x = x + self.self_attn.output(o)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, rope_cs, x, kv_cache, meta, stages=None):
+        """One layer. ``stages``: ``(pre, post)`` callables taking ``(layer, ...)`` like
+        :meth:`pre_attention` / :meth:`post_attention` (compiled versions of them;
+        :mod:`argosy.runtime.worker.cpu_compile`), default the methods themselves."""
+        pre, post = stages or (LlamaDecoderLayer.pre_attention, LlamaDecoderLayer.post_attention)
+        q, k, v = pre(self, rope_cs, x)
+        return post(self, x, self.self_attn.attend(q, k, v, kv_cache, meta))
 
 
 def check_tp_divisibility(cfg: ModelConfig, world_size: int) -> None:
@@ -274,6 +295,11 @@ class LlamaForCausalLM(nn.Module):
                                                                    device)
         if self.lm_head is not None:
             self.lm_head.weight.data.zero_()  # the last rank's rows past vocab_size stay zero
+        #: ``(pre, post)`` replacing every layer's :meth:`LlamaDecoderLayer.pre_attention` /
+        #: ``post_attention`` in steps of at least ``layer_stages_min_tokens`` tokens that
+        #: are not compiled decode steps (set by :mod:`argosy.runtime.worker.cpu_compile`).
+        self.layer_stages: Optional[tuple] = None
+        self.layer_stages_min_tokens = 1
         #: 4-bit checkpoint weights run packed (bfloat16 on CPU: the int4 kernel's case).
         self.uses_int4 = torch.device(device).type == "cpu" and dtype == torch.bfloat16
 
@@ -305,8 +331,12 @@ class LlamaForCausalLM(nn.Module):
         else:
             x = F.embedding(input_ids, self.embed_tokens)
         rope_cs = self.rope.cos_sin(positions)
+        stages = None
+        if self.layer_stages is not None and not isinstance(meta, DecodeMetadata) \
+                and input_ids.shape[0] >= self.layer_stages_min_tokens:
+            stages = self.layer_stages
         for layer, cache in zip(self.layers, kv_caches):
-            x = layer(rope_cs, x, cache, meta)
+            x = layer(rope_cs, x, cache, meta, stages)
         return self.norm(x)
 
     @torch.inference_mode()
