@@ -204,3 +204,44 @@ def test_all_graphs_cover_every_decode_batch(make_engine):
             assert got[rid][:clear] == tokens[:clear], (n, rid)
     assert compiled.eager_steps == 0
     assert compiled.compiled_steps > 0
+
+
+def test_a_failed_compile_leaves_an_eager_engine(make_engine, monkeypatch, caplog):
+    """If compiling fails (say, no C++ compiler on the machine), the engine still starts,
+    says why in one warning line, and serves eagerly."""
+    from argosy.runtime.worker import cpu_compile
+
+    def broken(self):
+        raise RuntimeError("C++ compile failed: g++ not found\nlong traceback ...")
+
+    monkeypatch.setattr(cpu_compile.CompiledDecodeRunner, "warmup", broken)
+    with caplog.at_level("WARNING", logger="argosy.executor"):
+        eng = make_engine(dtype="bfloat16", compilation_config="3", max_num_seqs=1)
+    assert eng.executor.runner.compiled is None and eng.executor.runner.model.layer_stages is None
+    assert any("g++ not found" in r.getMessage() and "eagerly" in r.getMessage() for r in caplog.records)
+    out = run_to_completion(eng, [eng.tokenizer.encode(PROMPTS[0])], SamplingParams(temperature=0, max_tokens=4))
+    assert len(out["0"]) == 4
+
+
+def test_large_decode_batches_with_very_different_lengths_skip_the_graph():
+    """Above INT4_MAX_ROWS sequences the graph's attention reads batch x longest context;
+    a step whose padding would exceed MAX_PADDED_CONTEXT_TOKENS takes the eager grouped
+    attention instead (small batches, prefill and padded steps as documented)."""
+    from argosy.runtime.worker.cpu_compile import MAX_PADDED_CONTEXT_TOKENS, CompiledDecodeRunner
+
+    def meta(lens, qlen=1, padding=False):
+        n = len(lens)
+        return AttentionMetadata(slot_mapping=torch.zeros(n, dtype=torch.int64), block_tables=torch.zeros(n, 1),
+                                 seq_lens=torch.tensor(lens), query_start_loc=torch.zeros(n + 1),
+                                 max_query_len=qlen, max_seq_len=max(lens), num_decodes=n if qlen == 1 else 0,
+                                 seq_lens_cpu=list(lens), query_lens_cpu=[qlen] * n, has_padding=padding)
+
+    can = CompiledDecodeRunner.can_run
+    assert can(meta([10, 2000, 30]))  # small batch: always the graph
+    assert can(meta([500] * 32))
+    spread = [50 + 15 * i for i in range(64)]  # 50..995 tokens
+    assert 64 * max(spread) - sum(spread) > MAX_PADDED_CONTEXT_TOKENS
+    assert not can(meta(spread))
+    assert can(meta(spread[:16]))
+    assert not can(meta([40, 50], qlen=4))
+    assert not can(meta([40, 50], padding=True))

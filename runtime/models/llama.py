@@ -132,7 +132,9 @@ def _bias_param(size: int, enabled: bool, dtype, device) -> Optional[nn.Paramete
 
 
 class LlamaAttention(nn.Module):
-    """GQA self-attention with fused QKV projection over the paged cache.
+    """GQA self-attention with fused QKV projection over the paged cache, in three calls
+    (:meth:`project`, :meth:`attend`, :meth:`output`) so the layer can compile the parts
+    around the attention.
 
     Under tensor parallelism this rank's ``qkv_proj`` holds its query and KV heads
     (column-parallel) and ``o_proj`` its input columns (row-parallel, all-reduced).
@@ -176,9 +178,6 @@ class LlamaAttention(nn.Module):
         """``o [T, H, D]`` -> ``[T, hidden_size]`` (o_proj, all-reduced, o bias)."""
         out = self.tp.all_reduce(self.o_proj(o.reshape(o.shape[0], self.q_size)))
         return out if self.o_bias is None else out + self.o_bias
-
-    def forward(self, rope_cs, hidden, kv_cache, meta: AttentionMetadata):
-        return self.output(self.attend(*self.project(rope_cs, hidden), kv_cache, meta))
 
 
 class LlamaMLP(nn.Module):

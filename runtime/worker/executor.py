@@ -123,7 +123,12 @@ class UniprocExecutor:
         mode = resolve_mode(spec.args.compilation_config, spec.args.enforce_eager)
         why_not = should_compile(mode, device, spec.dtype, 1)
         if why_not is None:
-            self.runner.enable_compiled_decode(spec.max_num_seqs)
+            try:
+                self.runner.enable_compiled_decode(spec.max_num_seqs)
+            except Exception as e:  # e.g. no C++ compiler: serve eagerly rather than not at all
+                self.runner.disable_compiled()
+                logger.warning("torch.compile failed, decode steps run eagerly (-O0 skips the attempt): %s",
+                               str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
         elif device.type == "cpu":
             logger.info("decode steps run eagerly: %s", why_not)
         self.failure: Optional[str] = None

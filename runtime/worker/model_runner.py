@@ -245,6 +245,11 @@ class ModelRunner:
         self.compiled = CompiledDecodeRunner(self.model, self.kv_caches, max_num_seqs)
         return self.compiled.warmup() if warmup else 0.0
 
+    def disable_compiled(self) -> None:
+        """Back to eager steps (after a failed compile)."""
+        self.compiled = None
+        self.model.layer_stages = None
+
     def apply(self, plan: StepPlan) -> list[list[int]]:
         """Update the mirrored block tables; returns the step's tables in plan order.
 
