@@ -158,6 +158,9 @@ class MultiprocExecutor:
 
     def __init__(self, spec: ModelSpec, checkpoint: Checkpoint, device: torch.device):
         n = spec.args.tensor_parallel_size
+        # validate the flag before any worker starts
+        why_not = should_compile(resolve_mode(spec.args.compilation_config, spec.args.enforce_eager), device,
+                                 spec.dtype, n)
         self.world_size = n
         self.failure: Optional[str] = None
         self._callbacks: list[Callable[[], None]] = []
@@ -195,6 +198,8 @@ class MultiprocExecutor:
                     "nccl" if device.type == "cuda" else "gloo", [p.pid for p in self._procs])
         if device.type == "cuda" and not spec.args.enforce_eager:
             logger.info("CUDA graphs are not used with tensor parallelism yet: decode steps run eagerly")
+        if device.type == "cpu" and why_not:
+            logger.info("decode steps run eagerly: %s", why_not)
 
     def _spawn(self, spec: ModelSpec, rank: int, port: int) -> None:
         """Start rank ``rank`` as ``python -m argosy.runtime.worker`` (a fresh interpreter:
