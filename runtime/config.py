@@ -166,9 +166,10 @@ class EngineArgs:
         g.add_argument("--enforce-eager", action="store_true",
                        help="always run eagerly: no CUDA graphs, no torch.compile (same as -O0)")
         g.add_argument("--compilation-config", "-O", dest="compilation_config", default=None,
-                       help="torch.compile of decode steps on CPU (bfloat16/float16, one rank): 3 (default) or 0, "
+                       help="torch.compile of decode steps and prefill layer stages on CPU (bfloat16/float16, one rank): "
+                            "3 (default) or 0, "
                             "or JSON like '{\"mode\": 3}'; -O0 / -O3 for short. The default can also be set with "
-                            "$ARGOSY_COMPILATION_MODE. Compiling takes ~2.5 min on 2 cores the first time, ~15 s "
+                            "$ARGOSY_COMPILATION_MODE. Compiling takes ~2.5-3 min on 2 cores the first time, ~25-35 s "
                             "from inductor's cache ($ARGOSY_CACHE_DIR/inductor)")
         g.add_argument("--structured-outputs-config.backend", "--guided-decoding-backend",
                        dest="structured_outputs_backend", default=d.structured_outputs_backend,
