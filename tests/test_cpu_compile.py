@@ -20,7 +20,8 @@ from argosy.runtime.config import EngineArgs
 from argosy.runtime.worker.cpu_compile import MODE_ENV, resolve_mode, should_compile
 
 from .conftest import run_to_completion
-from .test_fast_path import LLAMA_CPP_SLICE_KL, LLAMA_CPP_SLICE_TOP1, MARGIN, PROMPTS, SLICE, TOP1_RESOLUTION
+from .test_fast_path import (LLAMA_CPP_SLICE_KL, LLAMA_CPP_SLICE_TOP1, MARGIN, PROMPTS, SLICE, TOP1_RESOLUTION,
+                             assert_greedy_agrees_where_decisive)
 
 
 def _decode_step_inputs(lens: list[int], block_size: int, num_blocks: int, heads: int, kv_heads: int, d: int):
@@ -133,22 +134,7 @@ def test_compiled_greedy_agrees_with_float32_where_float32_is_decisive(compiled_
     eager."""
     compiled = compiled_engine.executor.runner.compiled
     before = compiled.compiled_steps
-    tok = ref_engine.tokenizer
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
-    compared = 0
-    for p in PROMPTS:
-        ids = tok.encode(p)
-        ref_engine.add_request("r", ids, params)
-        steps = []
-        while ref_engine.has_unfinished_requests():
-            steps += ref_engine.step()
-        ref_tokens = steps[-1].output_token_ids
-        margins = [top[0][1] - top[1][1] for (_, _, top) in (s.logprobs[0] for s in steps)]
-        clear = next((i for i, m in enumerate(margins) if m < MARGIN), len(margins))
-        got = run_to_completion(compiled_engine, [ids], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-        assert got["0"][:clear] == ref_tokens[:clear], (p, tok.decode(ref_tokens), tok.decode(got["0"]))
-        compared += clear
-    assert compared >= 32, f"only {compared} decisive tokens compared"
+    assert_greedy_agrees_where_decisive(compiled_engine, ref_engine, max_tokens=16)
     assert compiled.compiled_steps - before == 15 * len(PROMPTS), "every decode step ran compiled"
     assert compiled.eager_steps == 0
 

@@ -67,15 +67,15 @@ def ref_engine(make_engine):
     return make_engine(dtype="float32", max_model_len=1024)
 
 
-def test_greedy_agrees_with_float32_where_float32_is_decisive(fast_engine, ref_engine):
-    """Per prompt, the fast path's greedy tokens equal float32's up to the first step
-    where float32's top-2 log-probabilities are within MARGIN (a near tie bfloat16 may
-    legitimately flip); at least 32 tokens in all are compared."""
+def assert_greedy_agrees_where_decisive(engine, ref_engine, max_tokens: int = 16) -> None:
+    """Per prompt of PROMPTS, ``engine``'s greedy tokens equal the float32 ``ref_engine``'s
+    up to the first step where float32's top-2 log-probabilities are within MARGIN (a near
+    tie bfloat16 may legitimately flip); at least 32 tokens in all are compared."""
     tok = ref_engine.tokenizer
-    prompts = [tok.encode(p) for p in PROMPTS]
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=2)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=2)
     compared = 0
-    for ids in prompts:
+    for p in PROMPTS:
+        ids = tok.encode(p)
         ref_engine.add_request("r", ids, params)
         steps = []
         while ref_engine.has_unfinished_requests():
@@ -83,10 +83,15 @@ def test_greedy_agrees_with_float32_where_float32_is_decisive(fast_engine, ref_e
         ref_tokens = steps[-1].output_token_ids
         margins = [top[0][1] - top[1][1] for (_, _, top) in (s.logprobs[0] for s in steps)]
         clear = next((i for i, m in enumerate(margins) if m < MARGIN), len(margins))
-        fast = run_to_completion(fast_engine, [ids], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
-        assert fast["0"][:clear] == ref_tokens[:clear], (tok.decode(ids), tok.decode(ref_tokens), tok.decode(fast["0"]))
+        got = run_to_completion(engine, [ids], SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+        assert got["0"][:clear] == ref_tokens[:clear], (p, tok.decode(ref_tokens), tok.decode(got["0"]))
         compared += clear
     assert compared >= 32, f"only {compared} decisive tokens compared"
+
+
+def test_greedy_agrees_with_float32_where_float32_is_decisive(fast_engine, ref_engine):
+    """See :func:`assert_greedy_agrees_where_decisive`."""
+    assert_greedy_agrees_where_decisive(fast_engine, ref_engine)
 
 
 def test_accuracy_gate_against_llama_cpp(fast_engine, ref_engine):
