@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -29,6 +30,12 @@ _DTYPES = {
     "fp16": torch.float16,
     "half": torch.float16,
 }
+
+
+def argosy_cache_root() -> Path:
+    """Argosy's own on-disk cache (converted GGUF tokenizers, inductor's compiled graphs):
+    ``$ARGOSY_CACHE_DIR``, default ``~/.cache/argosy``."""
+    return Path(os.environ.get("ARGOSY_CACHE_DIR", Path.home() / ".cache" / "argosy"))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -231,3 +231,37 @@ def test_large_decode_batches_with_very_different_lengths_skip_the_graph():
     assert can(meta(spread[:16]))
     assert not can(meta([40, 50], qlen=4))
     assert not can(meta([40, 50], padding=True))
+
+
+def test_a_call_without_a_graph_runs_eagerly_and_is_counted(caplog):
+    """After warm-up nothing compiles: a call whose input would need a new graph (here a
+    new dtype) runs the eager function instead, is counted, and the first one is logged."""
+    from argosy.runtime.worker.cpu_compile import _compile, _CompiledOrEager
+
+    def double(x):
+        return x * 2
+
+    fn = _compile(double)
+    warm = torch.ones(4)
+    torch._dynamo.mark_dynamic(warm, 0)
+    fn(warm)  # the one graph: float32, any length
+    guard = _CompiledOrEager("a test call", "rows")
+    eager_runs = []
+
+    def eager(x):
+        eager_runs.append(x)
+        return double(x)
+
+    for n in (3, 7):
+        x = torch.arange(n, dtype=torch.float32)
+        assert torch.equal(guard(lambda: fn(x), lambda: eager(x), n), x * 2)
+    assert (guard.compiled, guard.eager) == (2, 0)
+    with caplog.at_level("WARNING", logger="argosy.cpu_compile"):
+        for n in (5, 6):
+            x = torch.arange(n, dtype=torch.int64)  # int64: no graph for it
+            assert torch.equal(guard(lambda: fn(x), lambda: eager(x), n), x * 2)
+    assert (guard.compiled, guard.eager) == (2, 2) and len(eager_runs) == 2
+    warnings = [r.getMessage() for r in caplog.records if "no compiled graph" in r.getMessage()]
+    assert len(warnings) == 1 and "a test call of 5 rows" in warnings[0]
+    with pytest.raises(RuntimeError, match="boom"):  # other errors are not swallowed
+        guard(lambda: (_ for _ in ()).throw(RuntimeError("boom")), lambda: None, 1)

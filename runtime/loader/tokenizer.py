@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from ..config import argosy_cache_root
 from .errors import ModelLoadError
 
 logger = logging.getLogger(__name__)
@@ -23,8 +24,7 @@ logger = logging.getLogger(__name__)
 def _tokenizer_cache_dir(path: str) -> Path:
     st = os.stat(path)
     key = hashlib.sha256(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    root = Path(os.environ.get("ARGOSY_CACHE_DIR", Path.home() / ".cache" / "argosy"))
-    return root / "gguf-tokenizers" / key
+    return argosy_cache_root() / "gguf-tokenizers" / key
 
 
 def load_gguf_tokenizer(path: str):
