@@ -222,7 +222,9 @@ def test_large_decode_batches_with_very_different_lengths_skip_the_graph():
                                  max_query_len=qlen, max_seq_len=max(lens), num_decodes=n if qlen == 1 else 0,
                                  seq_lens_cpu=list(lens), query_lens_cpu=[qlen] * n, has_padding=padding)
 
-    can = CompiledDecodeRunner.can_run
+    padded = CompiledDecodeRunner.__new__(CompiledDecodeRunner)
+    padded.decode_kernel = False  # the torch attention in the graph
+    can = padded.can_run
     assert can(meta([10, 2000, 30]))  # small batch: always the graph
     assert can(meta([500] * 32))
     spread = [50 + 15 * i for i in range(64)]  # 50..995 tokens
@@ -231,6 +233,8 @@ def test_large_decode_batches_with_very_different_lengths_skip_the_graph():
     assert can(meta(spread[:16]))
     assert not can(meta([40, 50], qlen=4))
     assert not can(meta([40, 50], padding=True))
+    padded.decode_kernel = True  # the C++ kernel reads no padding: every decode-only step
+    assert can(meta(spread)) and not can(meta([40, 50], qlen=4)) and not can(meta([40, 50], padding=True))
 
 
 def test_a_call_without_a_graph_runs_eagerly_and_is_counted(caplog):

@@ -12,7 +12,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_decode
 from .metadata import AttentionMetadata, DecodeMetadata
+
+
+def use_decode_kernel(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    """True when decode rows take the C++ kernel (:mod:`.cpu_decode`): CPU tensors in a
+    reduced precision it supports, and the kernel built. float32 keeps the torch path
+    (the exact path, and the kernel's oracle)."""
+    return query.dtype != torch.float32 and cpu_decode.supports(query, kv_cache) and cpu_decode.kernel() is not None
 
 
 def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
@@ -82,7 +90,10 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     block_size = kc.shape[1]
     out = torch.empty_like(query)
     nd = meta.num_decodes
-    if nd:
+    if nd and use_decode_kernel(query, kv_cache):
+        out[:nd] = torch.ops.argosy.paged_decode_attention(query[:nd], kv_cache, meta.block_tables[:nd],
+                                                           meta.seq_lens[:nd], scale)
+    elif nd:
         # Decodes of similar length are batched together (padding kept small).
         for idx, members in meta.decode_groups():
             lens = [meta.seq_lens_cpu[i] for i in members]
@@ -135,7 +146,8 @@ def store_kv_decode(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tens
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: DecodeMetadata, scale: float) -> torch.Tensor:
     """:func:`paged_attention` for a decode-only step, in tensor ops only (traceable).
 
-    Every sequence's ``W`` table blocks are gathered (``index_select`` of whole blocks)
+    In reduced precision on the CPU this is the C++ kernel (:func:`use_decode_kernel`, one
+    opaque op in a compiled graph). Otherwise every sequence's ``W`` table blocks are gathered (``index_select`` of whole blocks)
     into ``[B, kv_heads, W * block_size, head_dim]`` and positions at or past its
     ``seq_len`` are masked, so a batch of very different lengths reads ``B x`` the longest
     context (the eager path groups similar lengths instead). GQA as in
@@ -149,6 +161,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: DecodeMe
     Returns:
         ``[B, num_heads, head_dim]`` in the query's dtype.
     """
+    if use_decode_kernel(query, kv_cache):  # reads the blocks in place, no padding
+        return torch.ops.argosy.paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, scale)
     b, h, d = query.shape
     kvh = kv_cache.shape[-2]
     bt = meta.block_tables

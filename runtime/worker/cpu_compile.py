@@ -84,7 +84,7 @@ def _compile(fn):
 
 #: Most padding (``B x max(seq_lens) - sum(seq_lens)`` tokens) a decode step of more than
 #: ``INT4_MAX_ROWS`` sequences may carry into the compiled graph's attention
-#: (see :meth:`CompiledDecodeRunner.can_run`).
+#: (see :meth:`CompiledDecodeRunner.padding_ok`).
 MAX_PADDED_CONTEXT_TOKENS = 12288
 
 
@@ -205,13 +205,17 @@ class CompiledDecodeRunner:
         model: the model (one rank, ``tp.world_size == 1``).
         kv_caches: the runner's KV cache tensors.
         max_num_seqs: the largest decode batch (``--max-num-seqs``).
+        decode_kernel: whether the model's decode attention is the C++ kernel
+            (:func:`argosy.runtime.attention.torch_paged.use_decode_kernel`).
     """
 
-    def __init__(self, model, kv_caches: list[torch.Tensor], max_num_seqs: int):
+    def __init__(self, model, kv_caches: list[torch.Tensor], max_num_seqs: int, decode_kernel: bool = False):
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir()))
         self.model = model
         self.kv_caches = kv_caches
         self.max_num_seqs = max_num_seqs
+        #: the graphs' attention is the C++ decode kernel (no padding) rather than the torch one
+        self.decode_kernel = decode_kernel
         self.fn = _compile(_decode_step)
         self.stages = CompiledLayerStages(model)
         self.compile_seconds = 0.0
@@ -227,17 +231,22 @@ class CompiledDecodeRunner:
         """Decode steps run eagerly for want of a graph built at warm-up."""
         return self._guard.eager
 
-    @staticmethod
-    def can_run(meta: AttentionMetadata) -> bool:
-        """True for a decode-only step without padding slots whose padded attention is not
-        too wasteful: the graph's attention reads ``B x max(seq_lens)`` context tokens, and
-        above ``INT4_MAX_ROWS`` sequences, when that exceeds the real ``sum(seq_lens)`` by
-        more than :data:`MAX_PADDED_CONTEXT_TOKENS`, the eager attention (which groups
-        similar lengths) with compiled layer stages is faster. Measured (prompts of 50-500
-        tokens): 32 prompts x 64 out (~8k padding tokens) 216 tok/s through the graph vs
-        183 eager attention; 64 x 128 (~18k) 211 vs 262."""
+    def can_run(self, meta: AttentionMetadata) -> bool:
+        """True for a decode-only step without padding slots, and, when the graph's attention
+        is the padded torch one (no C++ decode kernel), :meth:`padding_ok`."""
         if meta.max_query_len != 1 or meta.num_decodes != meta.num_seqs or meta.has_padding:
             return False
+        return self.decode_kernel or self.padding_ok(meta)
+
+    @staticmethod
+    def padding_ok(meta: AttentionMetadata) -> bool:
+        """Whether the torch decode attention in the graph is not too wasteful: it reads
+        ``B x max(seq_lens)`` context tokens, and above ``INT4_MAX_ROWS`` sequences, when that
+        exceeds the real ``sum(seq_lens)`` by more than :data:`MAX_PADDED_CONTEXT_TOKENS`, the
+        eager attention (which groups similar lengths) with compiled layer stages is faster.
+        Measured (prompts of 50-500 tokens): 32 prompts x 64 out (~8k padding tokens) 216
+        tok/s through the graph vs 183 eager attention; 64 x 128 (~18k) 211 vs 262. The C++
+        decode kernel (:mod:`argosy.runtime.attention.cpu_decode`) reads no padding."""
         lens = meta.seq_lens_cpu
         return len(lens) <= INT4_MAX_ROWS or max(lens) * len(lens) - sum(lens) <= MAX_PADDED_CONTEXT_TOKENS
 

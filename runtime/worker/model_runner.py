@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..attention import AttentionMetadata
+from ..attention import AttentionMetadata, torch_paged
 from ..config import CacheConfig, ModelConfig, DEFAULT_CPU_KV_CACHE_BYTES
 from ..core.request import Request
 from ..core.scheduler import SchedulerOutput
@@ -227,6 +227,13 @@ class ModelRunner:
         self.compiled = None
         shape = (2, num_blocks, block_size, model.num_kv_heads, cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        #: decode rows read the paged cache in place through the C++ kernel (reduced
+        #: precision on CPU; built here, at startup, rather than in the first step)
+        self.decode_kernel = False
+        if self.kv_caches:
+            probe = torch.empty(1, cfg.num_attention_heads // model.tp.world_size, cfg.head_dim,
+                                dtype=model.dtype, device=device)
+            self.decode_kernel = torch_paged.use_decode_kernel(probe, self.kv_caches[0])
 
     def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
         """Capture decode CUDA graphs over this runner's KV cache (``capture=False``: the same
@@ -242,7 +249,7 @@ class ModelRunner:
         compile time in seconds."""
         from .cpu_compile import CompiledDecodeRunner
 
-        self.compiled = CompiledDecodeRunner(self.model, self.kv_caches, max_num_seqs)
+        self.compiled = CompiledDecodeRunner(self.model, self.kv_caches, max_num_seqs, self.decode_kernel)
         return self.compiled.warmup() if warmup else 0.0
 
     def disable_compiled(self) -> None:

@@ -1,0 +1,95 @@
+"""The CPU paged decode attention kernel (:mod:`argosy.runtime.attention.cpu_decode`)
+against the torch paged attention (gather + SDPA), which is its oracle: float32 to
+float32 rounding, bfloat16 to bfloat16 rounding; GQA groups, head sizes, block sizes,
+lengths of 1, exact multiples of a block and ragged batches; bad tables are refused
+before anything is read; without a compiler the torch path is kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from argosy.runtime.attention import DecodeMetadata, cpu_decode, torch_paged
+
+pytestmark = pytest.mark.skipif(cpu_decode.kernel() is None, reason="no C++ compiler to build the kernel")
+
+
+def _case(lens, heads, kv_heads, d, block_size, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    width = max(-(-n // block_size) for n in lens) + 1  # one spare column, never read
+    num_blocks = len(lens) * width + 3
+    cache = torch.randn(2, num_blocks, block_size, kv_heads, d, generator=g).to(dtype)
+    perm = torch.randperm(num_blocks, generator=g)[: len(lens) * width]
+    bt = perm.view(len(lens), width).to(torch.int32)
+    q = torch.randn(len(lens), heads, d, generator=g).to(dtype)
+    return q, cache, bt, torch.tensor(lens, dtype=torch.int32)
+
+
+def _reference(q, cache, bt, lens, scale):
+    meta = DecodeMetadata(slot_mapping=torch.zeros(len(lens), dtype=torch.int64), block_tables=bt, seq_lens=lens)
+    return torch_paged.decode_attention(q.float(), cache.float(), meta, scale)  # float32: the torch path
+
+
+@pytest.mark.parametrize("heads,kv_heads,d,block_size", [(9, 3, 64, 16), (8, 8, 64, 16), (32, 4, 128, 32),
+                                                         (4, 1, 64, 64), (6, 3, 128, 8)])
+def test_kernel_equals_the_torch_paged_attention(heads, kv_heads, d, block_size):
+    lens = [1, block_size, block_size + 1, 3 * block_size, 97, 250, 2, 181]
+    scale = d ** -0.5
+    q, cache, bt, sl = _case(lens, heads, kv_heads, d, block_size, torch.float32)
+    ref = _reference(q, cache, bt, sl, scale)
+    got = torch.ops.argosy.paged_decode_attention(q, cache, bt, sl, scale)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    torch.testing.assert_close(got, ref, atol=2e-6, rtol=2e-5)
+    qb, cb = q.to(torch.bfloat16), cache.to(torch.bfloat16)
+    got_b = torch.ops.argosy.paged_decode_attention(qb, cb, bt, sl, scale)
+    ref_b = _reference(qb, cb, bt, sl, scale)  # same bf16 inputs, float32 math
+    assert got_b.dtype == torch.bfloat16
+    torch.testing.assert_close(got_b.float(), ref_b, atol=2e-2, rtol=1.6e-2)  # one bfloat16 rounding of the output
+    # a single sequence, and the sequences one at a time, equal the batch
+    for i in (0, 5):
+        one = torch.ops.argosy.paged_decode_attention(q[i : i + 1], cache, bt[i : i + 1], sl[i : i + 1], scale)
+        torch.testing.assert_close(one, got[i : i + 1], atol=1e-6, rtol=1e-6)
+
+
+def test_large_scores_do_not_overflow_and_the_max_token_wins():
+    """Scores far apart (an online softmax that loses its running max would give NaN or
+    the wrong weights): one key aligned with a huge query dominates."""
+    q, cache, bt, sl = _case([300], 9, 3, 64, 16, torch.float32, seed=1)
+    q = q * 40
+    ref = _reference(q, cache, bt, sl, 0.125)
+    got = torch.ops.argosy.paged_decode_attention(q, cache, bt, sl, 0.125)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_bad_tables_are_refused_before_anything_is_read():
+    q, cache, bt, sl = _case([40, 20], 9, 3, 64, 16, torch.float32)
+    too_long = torch.tensor([40, bt.shape[1] * 16 + 1], dtype=torch.int32)
+    with pytest.raises(ValueError, match="more blocks"):
+        torch.ops.argosy.paged_decode_attention(q, cache, bt, too_long, 0.125)
+    bad = bt.clone()
+    bad[1, 0] = cache.shape[1]  # one past the last block
+    with pytest.raises(ValueError, match="out of range"):
+        torch.ops.argosy.paged_decode_attention(q, cache, bad, sl, 0.125)
+    with pytest.raises(ValueError, match="more blocks"):
+        torch.ops.argosy.paged_decode_attention(q, cache, bt, torch.tensor([40, 0], dtype=torch.int32), 0.125)
+
+
+def test_the_engine_path_takes_the_kernel_only_where_supported():
+    q, cache, _, _ = _case([5], 9, 3, 64, 16, torch.bfloat16)
+    assert torch_paged.use_decode_kernel(q, cache)
+    assert not torch_paged.use_decode_kernel(q.float(), cache.float())  # float32: the exact torch path
+    q5, c5, _, _ = _case([5], 10, 1, 64, 16, torch.bfloat16)  # 10 query heads per KV head
+    assert not cpu_decode.supports(q5, c5)
+    q6, c6, _, _ = _case([5], 9, 3, 80, 16, torch.bfloat16)  # head size 80
+    assert not cpu_decode.supports(q6, c6)
+
+
+def test_without_a_compiler_the_build_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(RuntimeError, match="cannot run"):
+        cpu_decode.build(tmp_path)
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    with pytest.raises(RuntimeError, match="failed"):
+        cpu_decode.build(tmp_path)
+    assert not list(tmp_path.glob("*.so")), "no half-written library is left behind"
