@@ -82,6 +82,15 @@ static void run(const T* q, const T* kv, const int32_t* bt, const int32_t* seq_l
         const int64_t ntok = len - j * BS < BS ? len - j * BS : BS;
         const T* kb = kv + blk * block_stride + hk * D;
         const T* vb = kb + v_off;
+        if (j + 1 < nblk) {  // the next block's rows of this head, while this one is computed
+          const T* nk = kv + (int64_t)bt[b * W + j + 1] * block_stride + hk * D;
+          for (int64_t t = 0; t < BS; ++t) {
+            for (int64_t c = 0; c < (int64_t)(D * sizeof(T)); c += 64) {
+              __builtin_prefetch((const char*)(nk + t * tok_stride) + c);
+              __builtin_prefetch((const char*)(nk + v_off + t * tok_stride) + c);
+            }
+          }
+        }
         for (int64_t t = 0; t < ntok; ++t) {
           const T* kp = kb + t * tok_stride;
           float kf[D];
