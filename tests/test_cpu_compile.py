@@ -269,3 +269,25 @@ def test_a_call_without_a_graph_runs_eagerly_and_is_counted(caplog):
     assert len(warnings) == 1 and "a test call of 5 rows" in warnings[0]
     with pytest.raises(RuntimeError, match="boom"):  # other errors are not swallowed
         guard(lambda: (_ for _ in ()).throw(RuntimeError("boom")), lambda: None, 1)
+
+
+def test_inductor_finds_the_vector_isa_when_started_from_the_repository_root():
+    """Started in the repository root with the root on ``sys.path`` (as pytest and
+    ``python -m`` do), inductor's ISA probe child used to import our ``operator/`` package
+    instead of the standard library's, die, and make every compiled kernel scalar."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if not any(f" {isa}" in flags for isa in ("avx2", "avx512f")):
+        pytest.skip("no AVX2/AVX-512 on this CPU: inductor has no vector ISA to find")
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from argosy.runtime.attention.cpu_decode import inductor_vec_isa; print(inductor_vec_isa())")
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_CUSTOM_PYTHONPATH", "PYTHONSAFEPATH")}
+    out = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "avx" in out.stdout and "INVALID" not in out.stdout, out.stdout

@@ -45,6 +45,7 @@ from typing import Optional
 import torch
 
 from ..attention import AttentionMetadata, DecodeMetadata
+from ..attention.cpu_decode import inductor_vec_isa
 from ..config import argosy_cache_root
 from ..layers.linear import INT4_MAX_ROWS
 
@@ -58,8 +59,11 @@ MODE_ENV = "ARGOSY_COMPILATION_MODE"
 
 def default_cache_dir() -> Path:
     """Where inductor keeps compiled graphs unless ``TORCHINDUCTOR_CACHE_DIR`` is set:
-    ``$ARGOSY_CACHE_DIR/inductor`` (default ``~/.cache/argosy/inductor``)."""
-    return argosy_cache_root() / "inductor"
+    ``$ARGOSY_CACHE_DIR/inductor/<vector ISA>`` (default ``~/.cache/argosy/inductor/...``).
+    Keyed by the ISA because inductor's own cache key does not include it: graphs built
+    without one (scalar C++) must not be served to a process that has one."""
+    isa = inductor_vec_isa()
+    return argosy_cache_root() / "inductor" / (str(isa).replace(" ", "-") if isa else "scalar")
 
 
 #: Steps of at least this many tokens (prefill chunks, mixed steps) run each layer's
@@ -211,6 +215,9 @@ class CompiledDecodeRunner:
 
     def __init__(self, model, kv_caches: list[torch.Tensor], max_num_seqs: int, decode_kernel: bool = False):
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir()))
+        if not inductor_vec_isa():
+            logger.warning("inductor found no vector instruction set on this CPU (or could not probe it): "
+                           "compiled steps will run scalar C++ and gain little")
         self.model = model
         self.kv_caches = kv_caches
         self.max_num_seqs = max_num_seqs
