@@ -271,10 +271,12 @@ def test_a_call_without_a_graph_runs_eagerly_and_is_counted(caplog):
         guard(lambda: (_ for _ in ()).throw(RuntimeError("boom")), lambda: None, 1)
 
 
-def test_inductor_finds_the_vector_isa_when_started_from_the_repository_root():
+def test_inductor_finds_the_vector_isa_when_started_from_the_repository_root(tmp_path):
     """Started in the repository root with the root on ``sys.path`` (as pytest and
     ``python -m`` do), inductor's ISA probe child used to import our ``operator/`` package
-    instead of the standard library's, die, and make every compiled kernel scalar."""
+    instead of the standard library's, die, and make every compiled kernel scalar; and
+    inductor's cache (whose key ignores the ISA) then served that scalar code to every
+    later process. The cache is now per ISA."""
     import os
     import subprocess
     import sys
@@ -285,9 +287,14 @@ def test_inductor_finds_the_vector_isa_when_started_from_the_repository_root():
         pytest.skip("no AVX2/AVX-512 on this CPU: inductor has no vector ISA to find")
     root = Path(__file__).resolve().parents[1]
     code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-            "from argosy.runtime.attention.cpu_decode import inductor_vec_isa; print(inductor_vec_isa())")
-    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_CUSTOM_PYTHONPATH", "PYTHONSAFEPATH")}
+            "import os; from argosy.runtime.config import inductor_vec_isa; "
+            "print(inductor_vec_isa()); print(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TORCH_CUSTOM_PYTHONPATH", "PYTHONSAFEPATH", "TORCHINDUCTOR_CACHE_DIR")}
+    env["ARGOSY_CACHE_DIR"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "avx" in out.stdout and "INVALID" not in out.stdout, out.stdout
+    isa, cache = out.stdout.split("\n")[:2]
+    assert "avx" in isa and "INVALID" not in isa, out.stdout
+    assert cache == str(tmp_path / "inductor" / isa.replace(" ", "-")), out.stdout

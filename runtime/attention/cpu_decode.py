@@ -28,7 +28,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from ..config import argosy_cache_root
+from ..config import argosy_cache_root, inductor_vec_isa
 
 logger = logging.getLogger("argosy.attention")
 
@@ -54,37 +53,6 @@ _tried = False
 
 def _compiler() -> Optional[str]:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-
-
-def _shadows_stdlib(entry: str) -> bool:
-    root = entry or "."
-    return os.path.isfile(os.path.join(root, "operator", "__init__.py")) or os.path.isfile(
-        os.path.join(root, "operator.py"))
-
-
-def inductor_vec_isa():
-    """The vector ISA inductor generates C++ for on this CPU (``avx512``, ``avx2`` ...; falsy
-    when none), or None when this torch has no such probe.
-
-    Inductor decides by compiling a probe library and loading it in a child Python whose
-    ``PYTHONPATH`` is this process's ``sys.path``. Under pytest or ``python -m`` started in
-    Argosy's repository root, that path holds the root, whose ``operator/`` package then
-    shadows the standard library's ``operator`` in the child: the child dies while
-    starting, and inductor silently generates scalar code (kept in its on-disk cache for
-    every later process: its cache key does not include the ISA). So before the first
-    probe (the answer is cached per process) this sets inductor's own override,
-    ``TORCH_CUSTOM_PYTHONPATH``, to ``sys.path`` without such entries, and
-    ``PYTHONSAFEPATH=1`` so that child interpreters do not put their working directory
-    first either (both only when not already set; they apply to this process's children).
-    """
-    if "TORCH_CUSTOM_PYTHONPATH" not in os.environ:
-        os.environ["TORCH_CUSTOM_PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and not _shadows_stdlib(p))
-    os.environ.setdefault("PYTHONSAFEPATH", "1")
-    try:
-        from torch._inductor.cpu_vec_isa import pick_vec_isa
-    except ImportError:
-        return None
-    return pick_vec_isa()
 
 
 def _isa_flags() -> list[str]:

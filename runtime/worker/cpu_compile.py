@@ -23,7 +23,8 @@ ones run eagerly.
 
 Cost. Compiling all of it takes ~2.5-3 minutes on 2 cores with an empty cache (mostly
 C++ compilation), ~25-35 s when inductor's on-disk cache holds the graphs (kept under
-``$ARGOSY_CACHE_DIR/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set). After
+``$ARGOSY_CACHE_DIR/inductor/<vector ISA>`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set, see
+:func:`argosy.runtime.config.inductor_vec_isa`). After
 warm-up nothing compiles: a call whose shapes would need a new graph runs eagerly
 (counted; see :meth:`CompiledDecodeRunner.run`).
 
@@ -39,14 +40,12 @@ import logging
 import os
 import time
 import types
-from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..attention import AttentionMetadata, DecodeMetadata
-from ..attention.cpu_decode import inductor_vec_isa
-from ..config import argosy_cache_root
+from ..config import inductor_vec_isa
 from ..layers.linear import INT4_MAX_ROWS
 
 logger = logging.getLogger("argosy.cpu_compile")
@@ -55,15 +54,6 @@ logger = logging.getLogger("argosy.cpu_compile")
 COMPILATION_MODES = (0, 3)
 #: Environment override of the default mode (an explicit flag wins); the test suite sets 0.
 MODE_ENV = "ARGOSY_COMPILATION_MODE"
-
-
-def default_cache_dir() -> Path:
-    """Where inductor keeps compiled graphs unless ``TORCHINDUCTOR_CACHE_DIR`` is set:
-    ``$ARGOSY_CACHE_DIR/inductor/<vector ISA>`` (default ``~/.cache/argosy/inductor/...``).
-    Keyed by the ISA because inductor's own cache key does not include it: graphs built
-    without one (scalar C++) must not be served to a process that has one."""
-    isa = inductor_vec_isa()
-    return argosy_cache_root() / "inductor" / (str(isa).replace(" ", "-") if isa else "scalar")
 
 
 #: Steps of at least this many tokens (prefill chunks, mixed steps) run each layer's
@@ -214,8 +204,7 @@ class CompiledDecodeRunner:
     """
 
     def __init__(self, model, kv_caches: list[torch.Tensor], max_num_seqs: int, decode_kernel: bool = False):
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default_cache_dir()))
-        if not inductor_vec_isa():
+        if not inductor_vec_isa():  # also sets inductor's cache directory (see there)
             logger.warning("inductor found no vector instruction set on this CPU (or could not probe it): "
                            "compiled steps will run scalar C++ and gain little")
         self.model = model
