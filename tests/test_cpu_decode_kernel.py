@@ -73,6 +73,10 @@ def test_bad_tables_are_refused_before_anything_is_read():
         torch.ops.argosy.paged_decode_attention(q, cache, bad, sl, 0.125)
     with pytest.raises(ValueError, match="more blocks"):
         torch.ops.argosy.paged_decode_attention(q, cache, bt, torch.tensor([40, 0], dtype=torch.int32), 0.125)
+    with pytest.raises(ValueError, match="unsupported query"):  # a cache of another dtype is never read as this one
+        torch.ops.argosy.paged_decode_attention(q.to(torch.bfloat16), cache, bt, sl, 0.125)
+    with pytest.raises(ValueError, match="do not match"):
+        torch.ops.argosy.paged_decode_attention(q, cache, bt[:1], sl, 0.125)
 
 
 def test_the_engine_path_takes_the_kernel_only_where_supported():

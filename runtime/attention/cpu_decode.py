@@ -162,8 +162,13 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     lib = _lib if _lib is not None else kernel()
     if lib is None:
         raise RuntimeError("the CPU paged decode attention kernel is not available")
-    if not kv_cache.is_contiguous():
-        raise ValueError("paged_decode_attention: the KV cache must be contiguous")
+    if query.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or query.shape[-1] != kv_cache.shape[-1] \
+            or not supports(query, kv_cache) or not kv_cache.is_contiguous():
+        raise ValueError(f"paged_decode_attention: unsupported query {tuple(query.shape)} {query.dtype} / KV cache "
+                         f"{tuple(kv_cache.shape)} {kv_cache.dtype} (contiguous: {kv_cache.is_contiguous()})")
+    if block_tables.dim() != 2 or block_tables.shape[0] != query.shape[0] or seq_lens.shape != (query.shape[0],):
+        raise ValueError(f"paged_decode_attention: block_tables {tuple(block_tables.shape)} / seq_lens "
+                         f"{tuple(seq_lens.shape)} do not match {query.shape[0]} sequences")
     q = query.contiguous()
     bt = (block_tables if block_tables.dtype == torch.int32 else block_tables.to(torch.int32)).contiguous()
     sl = (seq_lens if seq_lens.dtype == torch.int32 else seq_lens.to(torch.int32)).contiguous()

@@ -5,6 +5,10 @@ Language Model Serving with PagedAttention", SOSP 2023): keys and values live in
 fixed-size blocks; a sequence's context is the concatenation of the blocks listed in
 its block table. Each step gathers the blocks it needs transiently and runs
 ``scaled_dot_product_attention``; no per-request KV tensor outlives the step.
+
+Decode rows in bfloat16 take the C++ kernel of :mod:`.cpu_decode` instead (it reads the
+blocks in place; :func:`use_decode_kernel`); float32, the exact path and the oracle the
+Triton and C++ kernels are tested against, stays pure torch.
 """
 
 from __future__ import annotations
@@ -147,7 +151,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: DecodeMe
     """:func:`paged_attention` for a decode-only step, in tensor ops only (traceable).
 
     In reduced precision on the CPU this is the C++ kernel (:func:`use_decode_kernel`, one
-    opaque op in a compiled graph). Otherwise every sequence's ``W`` table blocks are gathered (``index_select`` of whole blocks)
+    opaque op in a compiled graph). Otherwise every sequence's ``W`` table blocks are
+    gathered (``index_select`` of whole blocks)
     into ``[B, kv_heads, W * block_size, head_dim]`` and positions at or past its
     ``seq_len`` are masked, so a batch of very different lengths reads ``B x`` the longest
     context (the eager path groups similar lengths instead). GQA as in
