@@ -97,3 +97,12 @@ def test_without_a_compiler_the_build_fails_clearly(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="failed"):
         cpu_decode.build(tmp_path)
     assert not list(tmp_path.glob("*.so")), "no half-written library is left behind"
+
+
+def test_build_is_cached_and_replaces_older_builds(tmp_path):
+    stale = tmp_path / "paged_decode-0123456789abcdef.so"  # from an older source or compiler
+    stale.write_bytes(b"old")
+    lib = cpu_decode.build(tmp_path)
+    assert lib.exists() and lib.parent == tmp_path and not stale.exists()
+    mtime = lib.stat().st_mtime_ns
+    assert cpu_decode.build(tmp_path) == lib and lib.stat().st_mtime_ns == mtime  # not rebuilt

@@ -95,6 +95,12 @@ def build(cache_dir: Optional[Path] = None) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    for old in out_dir.glob("paged_decode-*.so"):  # builds of older sources or compilers
+        if old != lib:
+            try:
+                old.unlink()  # a process that still has it loaded keeps its mapping
+            except OSError:
+                pass
     return lib
 
 
