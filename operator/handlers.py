@@ -38,7 +38,7 @@ import kopf
 
 from . import api, autoscale, quota, reconcile
 from .kube import Kube, KindNotServed, load_api_client
-from .render import ISVC_LABEL, ROLE_DEPLOYMENT
+from .render import ISVC_LABEL, ROLE_CACHE, ROLE_DEPLOYMENT
 from .settings import OperatorSettings
 
 logger = logging.getLogger("argosy.operator")
@@ -64,7 +64,7 @@ CHILD_KINDS = (
 PROMETHEUS_TIMEOUT_S = 10
 
 WARNING_REASONS = frozenset({"DownloadFailed", "ProgressDeadlineExceeded", "InvalidSpec", "ApplyFailed",
-                             "KindNotServed"})
+                             "KindNotServed", "ProvisioningFailed"})
 #: HTTP codes worth retrying soon (Kubernetes API conventions: 409 is an optimistic-lock conflict).
 TRANSIENT_CODES = frozenset({404, 408, 409, 429, 500, 502, 503, 504})
 
@@ -115,21 +115,57 @@ def transition_events(previous: Optional[list[dict]], current: list[dict]) -> li
     """Events for conditions whose ``status`` changed (or that are new), as (type, reason, message).
 
     A condition turning False is a ``Warning`` when it was True before or its reason is in
-    :data:`WARNING_REASONS`; everything else is ``Normal``.
+    :data:`WARNING_REASONS`; everything else is ``Normal``. A condition that stays False
+    but whose reason becomes one of :data:`WARNING_REASONS` (``Downloading`` ->
+    ``DownloadFailed``) is a ``Warning`` too. One pass posts one event per (type, reason):
+    ``Ready`` repeats the reason of the condition that holds it back, so when both change
+    together only the specific condition's event is posted, not the same Warning twice.
     """
     before = {c.get("type"): c for c in previous or []}
-    out = []
-    for cond in current:
+    out: list[tuple[str, str, str]] = []
+    seen: set[tuple[str, str]] = set()
+    for cond in sorted(current, key=lambda c: c.get("type") == "Ready"):  # Ready last
         old = before.get(cond["type"])
-        if old is not None and old.get("status") == cond["status"]:
+        warn_reason = cond["status"] == "False" and cond["reason"] in WARNING_REASONS
+        if old is not None and old.get("status") == cond["status"] and not (
+                warn_reason and old.get("reason") != cond["reason"]):
             continue
-        warning = cond["status"] == "False" and (
-            cond["reason"] in WARNING_REASONS or (old is not None and old.get("status") == "True"))
+        warning = warn_reason or (cond["status"] == "False" and old is not None and old.get("status") == "True")
+        type_ = "Warning" if warning else "Normal"
+        if (type_, cond["reason"]) in seen:
+            continue
+        seen.add((type_, cond["reason"]))
         text = f"{cond['type']} is {cond['status']}"
         if cond.get("message"):
             text += f": {cond['message']}"
-        out.append(("Warning" if warning else "Normal", cond["reason"], text[:1024]))
+        out.append((type_, cond["reason"], text[:1024]))
     return out
+
+
+def provisioning_failure(kube: Kube, claim: Optional[dict], log: logging.Logger) -> Optional[str]:
+    """For a Pending claim, the message of its newest ``ProvisioningFailed`` event (posted by
+    the PV controller or an external provisioner, e.g. when the StorageClass cannot provide
+    the access mode), else None. One Event list, made only while the claim is Pending; a
+    failed list (say, an older chart without ``list`` on events) is logged and ignored.
+    """
+    if claim is None or (claim.get("status") or {}).get("phase") != "Pending":
+        return None
+    md = claim["metadata"]
+    try:
+        events = kube.list("v1", "Event", md.get("namespace"), "",
+                           field_selector=f"involvedObject.kind=PersistentVolumeClaim,involvedObject.name={md['name']}")
+    except Exception as e:  # noqa: BLE001 - a message in status is not worth failing the pass
+        log.debug("cannot list the events of claim %s: %s", md["name"], _summary(e))
+        return None
+    mine = [e for e in events if e.get("reason") == "ProvisioningFailed"
+            and (e.get("involvedObject") or {}).get("uid") in (None, md.get("uid"))]  # not an older same-named claim
+    if not mine:
+        return None
+
+    def when(e: dict) -> str:
+        return e.get("lastTimestamp") or e.get("eventTime") or (e.get("metadata") or {}).get("creationTimestamp") or ""
+
+    return max(mine, key=when).get("message") or "ProvisioningFailed"
 
 
 def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.Logger] = None,
@@ -166,7 +202,8 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
                     for role, m in wanted.items()}
         cap = quota_cap(kube, namespace, name, snapshot)
         stamp = now or datetime.now(timezone.utc)
-        result = reconcile.reconcile(isvc, observed, ctx.settings, now=stamp, cap=cap)
+        result = reconcile.reconcile(isvc, observed, ctx.settings, now=stamp, cap=cap,
+                                     provisioning_failure=provisioning_failure(kube, observed.get(ROLE_CACHE), log))
         decision = builtin_autoscale(ctx, isvc, observed.get("deployment"), cap, log=log)
         if decision is not None:
             result.status["autoscaler"] = decision

@@ -127,13 +127,15 @@ class Kube:
         except NotFoundError:
             return None
 
-    def list(self, api_version: str, kind: str, namespace: Optional[str], label_selector: str) -> list[dict]:
-        """Objects matching a label selector (``[]`` when the kind is not served)."""
+    def list(self, api_version: str, kind: str, namespace: Optional[str], label_selector: str,
+             field_selector: str = "") -> list[dict]:
+        """Objects matching a label selector and a field selector (``[]`` when the kind is not served)."""
         res = self.resource(api_version, kind)
         if res is None:
             return []
+        extra = {"field_selector": field_selector} if field_selector else {}
         items = res.get(namespace=namespace, label_selector=label_selector,
-                        _request_timeout=self.request_timeout).to_dict().get("items") or []
+                        _request_timeout=self.request_timeout, **extra).to_dict().get("items") or []
         for item in items:  # list items may come without them
             item.setdefault("apiVersion", api_version)
             item.setdefault("kind", kind)

@@ -134,10 +134,26 @@ def prefetch_job_action(observed: Optional[dict], desired: Optional[dict]) -> st
     return "keep"
 
 
+def provisioning_failed_message(isvc: api.InferenceService, claim: str, event_message: str) -> str:
+    """What to tell a user whose cache claim cannot be provisioned: the provisioner's words
+    and, for the default ReadWriteMany, the usual cause (most default StorageClasses, block
+    storage such as EBS, Persistent Disk or Azure Disk, only provide ReadWriteOnce)."""
+    text = f"claim {claim} cannot be provisioned: {event_message.strip()[:600]}"
+    cache = isvc.spec.cache
+    if cache.existing_claim_name is None and cache.access_mode == "ReadWriteMany":
+        text += ("; the cache asks for ReadWriteMany (shared by all replicas), which needs a StorageClass that "
+                 "provides it (NFS, CephFS, EFS, Filestore, Azure Files): set spec.cache.storageClassName to one, "
+                 "or spec.cache.accessMode: ReadWriteOnce (replicas must then share a node); while this claim "
+                 "exists neither can change: delete the claim, or create a new InferenceService")
+    return text
+
+
 def model_cached(isvc: api.InferenceService, job: Optional[dict], claim: Optional[dict],
-                 recreating: bool = False) -> Cond:
+                 recreating: bool = False, provisioning_failure: Optional[str] = None) -> Cond:
     """``ModelCached`` from the prefetch Job (and the cache claim, for its message);
-    ``recreating``: the failed Job is being replaced by one with the current settings."""
+    ``recreating``: the failed Job is being replaced by one with the current settings;
+    ``provisioning_failure``: the newest ``ProvisioningFailed`` event message of the claim
+    while it is Pending (reason ``ProvisioningFailed``: the claim will not bind as it is)."""
     plan = common.model_plan(isvc)
     if plan.claim is None:
         return Cond("True", "CacheDisabled", "the cache is disabled: each server downloads the model at startup")
@@ -159,6 +175,8 @@ def model_cached(isvc: api.InferenceService, job: Optional[dict], claim: Optiona
         detail = failed.get("message") or failed.get("reason") or "failed"
         return Cond("False", "DownloadFailed", f"Job {name}: {detail} (kubectl logs job/{name})")
     if claim is not None and (claim.get("status") or {}).get("phase") == "Pending":
+        if provisioning_failure:
+            return Cond("False", "ProvisioningFailed", provisioning_failed_message(isvc, plan.claim, provisioning_failure))
         return Cond("False", "Downloading", f"Job {name} is waiting for claim {plan.claim} to bind")
     return Cond("False", "Downloading", f"Job {name} is downloading {isvc.spec.model.uri}")
 
@@ -285,7 +303,8 @@ def _quota_limited(cond: Cond, isvc: api.InferenceService, cap: Optional[quota.C
 
 
 def reconcile(isvc: dict, observed: Mapping[str, Optional[dict]], settings: OperatorSettings, *,
-              now: datetime, cap: Optional[quota.Cap] = None) -> ReconcileResult:
+              now: datetime, cap: Optional[quota.Cap] = None,
+              provisioning_failure: Optional[str] = None) -> ReconcileResult:
     """Compute the children to apply and the status of one InferenceService.
 
     Args:
@@ -296,6 +315,8 @@ def reconcile(isvc: dict, observed: Mapping[str, Optional[dict]], settings: Oper
         cap: the GPUQuota cap of this service (:func:`argosy.operator.quota.caps`); when it
             is below ``scaling.maxReplicas`` the autoscaler is rendered with the cap and
             ``ScalingReady`` (if True) gets reason ``QuotaLimited``. None: no quota applies.
+        provisioning_failure: the newest ``ProvisioningFailed`` event message of the Pending
+            cache claim (see :func:`model_cached`), None when there is none.
 
     Returns:
         A :class:`ReconcileResult`. An invalid spec (which the CRD's validation should have
@@ -323,7 +344,8 @@ def reconcile(isvc: dict, observed: Mapping[str, Optional[dict]], settings: Oper
     seen = {role: _same_object(observed.get(role), children.get(role)) for role in render.ROLES}
 
     job_action = prefetch_job_action(seen[render.ROLE_PREFETCH], children.get(render.ROLE_PREFETCH))
-    cached = model_cached(parsed, seen[render.ROLE_PREFETCH], seen[render.ROLE_CACHE], job_action == "recreate")
+    cached = model_cached(parsed, seen[render.ROLE_PREFETCH], seen[render.ROLE_CACHE], job_action == "recreate",
+                          provisioning_failure)
     gated = cached.status != "True"
     apply = [m for role, m in children.items()
              if not (gated and role in GATED_ROLES) and not (role == render.ROLE_PREFETCH and job_action != "create")]

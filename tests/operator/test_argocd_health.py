@@ -32,7 +32,7 @@ SETTINGS = OperatorSettings()
 NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)
 #: Ready=False reasons that need a person (or an external fix), not more time.
 DEGRADED_REASONS = {"DownloadFailed", "ProgressDeadlineExceeded", "InvalidSpec", "ScaledObjectNotReady",
-                    "HPANotActive", "QuotaExceeded"}
+                    "HPANotActive", "QuotaExceeded", "ProvisioningFailed"}
 
 
 def health(obj: dict) -> dict:

@@ -74,7 +74,7 @@ OWN_RESOURCES = {("serving.argosy.dev", "inferenceservices"): {"get", "list", "w
                  ("serving.argosy.dev", "inferenceservices/status"): {"get", "patch", "update"},
                  # blockOwnerDeletion under OwnerReferencesPermissionEnforcement
                  ("serving.argosy.dev", "inferenceservices/finalizers"): {"update"},
-                 ("", "events"): {"create", "patch"},
+                 ("", "events"): {"create", "patch", "list"},  # list: a Pending claim's ProvisioningFailed events
                  # GPUQuota backstops in each covered namespace, and the builtin autoscaler
                  ("", "resourcequotas"): CHILD_VERBS,
                  ("apps", "deployments/scale"): {"get", "patch"},

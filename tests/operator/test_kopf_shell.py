@@ -354,10 +354,17 @@ def test_transition_events():
     previous = [cond("Ready", "True", "Ready"), cond("ModelCached", "True", "Downloaded")]
     current = [cond("Ready", "False", "Updating"), cond("ModelCached", "True", "Downloaded"),
                cond("ScalingReady", "False", "DownloadFailed")]
-    assert transition_events(previous, current) == [
-        ("Warning", "Updating", "Ready is False: m"), ("Warning", "DownloadFailed", "ScalingReady is False: m")]
+    assert transition_events(previous, current) == [  # Ready's event comes last
+        ("Warning", "DownloadFailed", "ScalingReady is False: m"), ("Warning", "Updating", "Ready is False: m")]
     assert transition_events(None, [cond("Ready", "False", "Creating")]) == [
         ("Normal", "Creating", "Ready is False: m")]
+    # still False, the reason turns into a failure: a Warning, once (Ready repeats the reason)
+    previous = [cond("Ready", "False", "Downloading"), cond("ModelCached", "False", "Downloading")]
+    current = [cond("Ready", "False", "DownloadFailed"), cond("ModelCached", "False", "DownloadFailed")]
+    assert transition_events(previous, current) == [("Warning", "DownloadFailed", "ModelCached is False: m")]
+    assert transition_events(current, current) == []  # the next pass: nothing new
+    # a reason change that is not a failure posts nothing while the status stays
+    assert transition_events(previous, [cond("ModelCached", "False", "Downloading2")]) == []
 
 
 def _free_port() -> int:
@@ -464,6 +471,48 @@ def test_one_failed_child_does_not_freeze_the_others(cluster, tmp_path):
         s.faults.remove(f)
     converge(ctx, NS, "llm")
     assert "Service" in children(s) and condition(isvc(s), "ChildrenApplied")["status"] == "True"
+
+
+def test_a_claim_that_cannot_be_provisioned_is_reported_once(cluster, tmp_path):
+    """The PV controller cannot provision the cache claim (no ReadWriteMany in the default
+    StorageClass): its ProvisioningFailed event reaches status (ModelCached False, reason
+    ProvisioningFailed, the provisioner's words and what to do) and one Warning event;
+    later passes post no duplicate; an event of an older claim of the same name is ignored."""
+    s = cluster
+    ctx = Context(FAST, api_client=_api_client(s.url), discovery_cache=str(tmp_path / "discovery.json"))
+    s.http("POST", ISVCS, _new_isvc("llm", {"model": {"uri": SMOL}}))
+    converge(ctx, NS, "llm")
+    pvc = one(s, "PersistentVolumeClaim")
+    name = pvc["metadata"]["name"]
+    code, _ = s.http("PATCH", f"{KINDS['PersistentVolumeClaim']}/{name}/status", {"status": {"phase": "Pending"}},
+                     content_type=MERGE_PATCH)
+    assert code == 200
+
+    def provisioner_event(uid: str, message: str, ts: str) -> None:
+        ev = {"apiVersion": "v1", "kind": "Event", "metadata": {"generateName": f"{name}."},
+              "involvedObject": {"kind": "PersistentVolumeClaim", "namespace": NS, "name": name, "uid": uid},
+              "reason": "ProvisioningFailed", "type": "Warning", "message": message, "lastTimestamp": ts,
+              "source": {"component": "persistentvolume-controller"}}
+        code, body = s.http("POST", f"/api/v1/namespaces/{NS}/events", ev)
+        assert code == 201, body
+
+    provisioner_event("uid-of-an-older-claim", "stale", "2026-01-01T00:00:00Z")
+    converge(ctx, NS, "llm")
+    assert condition(isvc(s), "ModelCached")["reason"] == "Downloading"
+    provisioner_event(pvc["metadata"]["uid"], "storageclass standard does not support access mode RWX",
+                      "2026-01-01T00:01:00Z")
+    for _ in range(3):
+        converge(ctx, NS, "llm")
+    cond = condition(isvc(s), "ModelCached")
+    assert cond["status"] == "False" and cond["reason"] == "ProvisioningFailed", cond
+    assert "does not support access mode RWX" in cond["message"] and "storageClassName" in cond["message"]
+    ours = [e for e in _events(s) if e["reason"] == "ProvisioningFailed" and e["involvedObject"]["kind"] == api.KIND]
+    assert len(ours) == 1 and ours[0]["type"] == "Warning", ours
+    # bound after all (the admin added a StorageClass): back to downloading
+    s.http("PATCH", f"{KINDS['PersistentVolumeClaim']}/{name}/status", {"status": {"phase": "Bound"}},
+           content_type=MERGE_PATCH)
+    converge(ctx, NS, "llm")
+    assert condition(isvc(s), "ModelCached")["reason"] == "Downloading"
 
 
 def test_hpa_to_keda_and_back_at_zero(cluster, tmp_path):

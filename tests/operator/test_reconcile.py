@@ -78,6 +78,30 @@ def test_claim_pending_and_job_running_messages():
     assert c["reason"] == "Downloading" and job["metadata"]["name"] in c["message"]
 
 
+def test_claim_that_cannot_be_provisioned_says_why():
+    """A Pending cache claim with a ProvisioningFailed event (a StorageClass without
+    ReadWriteMany, the default access mode) is reported as such, with what to do."""
+    obj = make_isvc()
+    pvc = live(obj, "cache", {"phase": "Pending"})
+    job = live(obj, "prefetch", {"active": 1})
+    msg = "failed to provision volume with StorageClass \"standard\": rpc error: access mode RWX not supported"
+    r = rec.reconcile(obj, {"cache": pvc, "prefetch": job}, SETTINGS, now=T0, provisioning_failure=msg)
+    c = conds(r)
+    assert c["ModelCached"]["status"] == "False" and c["ModelCached"]["reason"] == "ProvisioningFailed"
+    assert msg in c["ModelCached"]["message"] and "ReadWriteMany" in c["ModelCached"]["message"]
+    assert "storageClassName" in c["ModelCached"]["message"]
+    assert c["Ready"]["reason"] == "ProvisioningFailed"
+    # ReadWriteOnce asked for: the provisioner's words only; once bound, the event no longer matters
+    rwo = make_isvc({"model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"}, "cache": {"accessMode": "ReadWriteOnce"}})
+    c = conds(rec.reconcile(rwo, {"cache": live(rwo, "cache", {"phase": "Pending"}), "prefetch": job},
+                            SETTINGS, now=T0, provisioning_failure=msg))["ModelCached"]
+    assert c["reason"] == "ProvisioningFailed" and "ReadWriteMany" not in c["message"]
+    bound = {**pvc, "status": {"phase": "Bound"}}
+    c = conds(rec.reconcile(obj, {"cache": bound, "prefetch": job}, SETTINGS, now=T0,
+                                  provisioning_failure=msg))["ModelCached"]
+    assert c["reason"] == "Downloading"
+
+
 def test_download_failure():
     obj = make_isvc()
     job = live(obj, "prefetch", {"failed": 4, "conditions": [

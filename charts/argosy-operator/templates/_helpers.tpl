@@ -125,9 +125,10 @@ create and patch, the status refresh reads children with get, orphans are found 
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["servicemonitors"]
   verbs: ["get", "list", "create", "patch", "delete"]
+# list: a Pending cache claim's ProvisioningFailed events, surfaced in status
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create", "patch", "list"]
 - apiGroups: [""]
   resources: ["resourcequotas"]
   verbs: ["get", "list", "create", "patch", "delete"]
