@@ -287,7 +287,7 @@ def test_inductor_finds_the_vector_isa_when_started_from_the_repository_root(tmp
         pytest.skip("no AVX2/AVX-512 on this CPU: inductor has no vector ISA to find")
     root = Path(__file__).resolve().parents[1]
     code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-            "import os; from argosy.runtime.config import inductor_vec_isa; "
+            "import os; from argosy.runtime.cache_dirs import inductor_vec_isa; "
             "print(inductor_vec_isa()); print(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
     env = {k: v for k, v in os.environ.items()
            if k not in ("TORCH_CUSTOM_PYTHONPATH", "PYTHONSAFEPATH", "TORCHINDUCTOR_CACHE_DIR")}

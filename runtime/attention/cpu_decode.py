@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from ..config import argosy_cache_root, inductor_vec_isa
+from ..cache_dirs import argosy_cache_root, inductor_vec_isa
 
 logger = logging.getLogger("argosy.attention")
 

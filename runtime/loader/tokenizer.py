@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..config import argosy_cache_root
+from ..cache_dirs import argosy_cache_root
 from .errors import ModelLoadError
 
 logger = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ ones run eagerly.
 Cost. Compiling all of it takes ~2.5-3 minutes on 2 cores with an empty cache (mostly
 C++ compilation), ~25-35 s when inductor's on-disk cache holds the graphs (kept under
 ``$ARGOSY_CACHE_DIR/inductor/<vector ISA>`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set, see
-:func:`argosy.runtime.config.inductor_vec_isa`). After
+:func:`argosy.runtime.cache_dirs.inductor_vec_isa`). After
 warm-up nothing compiles: a call whose shapes would need a new graph runs eagerly
 (counted; see :meth:`CompiledDecodeRunner.run`).
 
@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 
 from ..attention import AttentionMetadata, DecodeMetadata
-from ..config import inductor_vec_isa
+from ..cache_dirs import inductor_vec_isa
 from ..layers.linear import INT4_MAX_ROWS
 
 logger = logging.getLogger("argosy.cpu_compile")

@@ -1,0 +1,60 @@
+"""Argosy's on-disk caches, and inductor's setup that depends on them.
+
+Kept free of a module-level torch import: the router (``argosy router``), which runs
+without torch, reaches :func:`argosy_cache_root` through the tokenizer loader.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def argosy_cache_root() -> Path:
+    """Argosy's own on-disk cache (converted GGUF tokenizers, inductor's compiled graphs):
+    ``$ARGOSY_CACHE_DIR``, default ``~/.cache/argosy``."""
+    return Path(os.environ.get("ARGOSY_CACHE_DIR", Path.home() / ".cache" / "argosy"))
+
+
+def _shadows_stdlib(entry: str) -> bool:
+    root = entry or "."
+    return os.path.isfile(os.path.join(root, "operator", "__init__.py")) or os.path.isfile(
+        os.path.join(root, "operator.py"))
+
+
+def inductor_vec_isa():
+    """The vector ISA inductor generates C++ for on this CPU (``avx512``, ``avx2`` ...; falsy
+    when none), or None when this torch has no such probe.
+
+    Inductor decides by compiling a probe library and loading it in a child Python whose
+    ``PYTHONPATH`` is this process's ``sys.path``. Under pytest or ``python -m`` started in
+    Argosy's repository root, that path holds the root, whose ``operator/`` package then
+    shadows the standard library's ``operator`` in the child: the child dies while
+    starting, and inductor silently generates scalar code (kept in its on-disk cache for
+    every later process: its cache key does not include the ISA). So before the first
+    probe (the answer is cached per process) this sets inductor's own override,
+    ``TORCH_CUSTOM_PYTHONPATH``, to ``sys.path`` without such entries, and
+    ``PYTHONSAFEPATH=1`` so that child interpreters do not put their working directory
+    first either (both only when not already set; they apply to this process's children).
+
+    Unless ``TORCHINDUCTOR_CACHE_DIR`` is set, it also points inductor's on-disk cache at
+    ``$ARGOSY_CACHE_DIR/inductor/<ISA>`` (default ``~/.cache/argosy/inductor/...``), so that
+    graphs built without a vector ISA are never served to a process that has one.
+    """
+    own_cache = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    if own_cache:  # the probe itself writes there (else inductor picks a /tmp default)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(argosy_cache_root() / "inductor" / "probe")
+    if "TORCH_CUSTOM_PYTHONPATH" not in os.environ:
+        os.environ["TORCH_CUSTOM_PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and not _shadows_stdlib(p))
+    os.environ.setdefault("PYTHONSAFEPATH", "1")
+    try:
+        from torch._inductor.cpu_vec_isa import pick_vec_isa
+    except ImportError:
+        isa = None
+    else:
+        isa = pick_vec_isa()
+    if own_cache:
+        name = str(isa).replace(" ", "-") if isa else "scalar"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(argosy_cache_root() / "inductor" / name)
+    return isa
