@@ -117,13 +117,12 @@ def transition_events(previous: Optional[list[dict]], current: list[dict]) -> li
     A condition turning False is a ``Warning`` when it was True before or its reason is in
     :data:`WARNING_REASONS`; everything else is ``Normal``. A condition that stays False
     but whose reason becomes one of :data:`WARNING_REASONS` (``Downloading`` ->
-    ``DownloadFailed``) is a ``Warning`` too. One pass posts one event per (type, reason):
-    ``Ready`` repeats the reason of the condition that holds it back, so when both change
-    together only the specific condition's event is posted, not the same Warning twice.
+    ``DownloadFailed``) is a ``Warning`` too. ``Ready`` repeats the reason of the condition
+    that holds it back: its event is left out when another condition's event of this pass
+    already says the same (type and reason), so one failure is not posted twice.
     """
     before = {c.get("type"): c for c in previous or []}
     out: list[tuple[str, str, str]] = []
-    seen: set[tuple[str, str]] = set()
     for cond in sorted(current, key=lambda c: c.get("type") == "Ready"):  # Ready last
         old = before.get(cond["type"])
         warn_reason = cond["status"] == "False" and cond["reason"] in WARNING_REASONS
@@ -132,9 +131,8 @@ def transition_events(previous: Optional[list[dict]], current: list[dict]) -> li
             continue
         warning = warn_reason or (cond["status"] == "False" and old is not None and old.get("status") == "True")
         type_ = "Warning" if warning else "Normal"
-        if (type_, cond["reason"]) in seen:
+        if cond["type"] == "Ready" and any((t, r) == (type_, cond["reason"]) for t, r, _ in out):
             continue
-        seen.add((type_, cond["reason"]))
         text = f"{cond['type']} is {cond['status']}"
         if cond.get("message"):
             text += f": {cond['message']}"
@@ -142,28 +140,37 @@ def transition_events(previous: Optional[list[dict]], current: list[dict]) -> li
     return out
 
 
-def provisioning_failure(kube: Kube, claim: Optional[dict], log: logging.Logger) -> Optional[str]:
+def provisioning_failure(kube: Kube, claim: Optional[dict], previous: Optional[list[dict]],
+                         log: logging.Logger) -> Optional[str]:
     """For a Pending claim, the message of its newest ``ProvisioningFailed`` event (posted by
     the PV controller or an external provisioner, e.g. when the StorageClass cannot provide
-    the access mode), else None. One Event list, made only while the claim is Pending; a
-    failed list (say, an older chart without ``list`` on events) is logged and ignored.
+    the access mode), else None. One Event list (server-side filtered by object and
+    reason), made only while the claim is Pending. A failed list (a timeout, an older chart
+    without ``list`` on events) is logged and keeps what the previous status said
+    (``previous``: its conditions), so an API hiccup does not flip the condition and post
+    its Warning again.
     """
     if claim is None or (claim.get("status") or {}).get("phase") != "Pending":
         return None
     md = claim["metadata"]
+    selector = f"involvedObject.kind=PersistentVolumeClaim,involvedObject.name={md['name']},reason=ProvisioningFailed"
     try:
-        events = kube.list("v1", "Event", md.get("namespace"), "",
-                           field_selector=f"involvedObject.kind=PersistentVolumeClaim,involvedObject.name={md['name']}")
+        events = kube.list("v1", "Event", md.get("namespace"), "", field_selector=selector)
     except Exception as e:  # noqa: BLE001 - a message in status is not worth failing the pass
         log.debug("cannot list the events of claim %s: %s", md["name"], _summary(e))
-        return None
+        cached = next((c for c in previous or [] if c.get("type") == reconcile.MODEL_CACHED), {})
+        return cached.get("message") if cached.get("reason") == "ProvisioningFailed" else None
     mine = [e for e in events if e.get("reason") == "ProvisioningFailed"
             and (e.get("involvedObject") or {}).get("uid") in (None, md.get("uid"))]  # not an older same-named claim
     if not mine:
         return None
 
-    def when(e: dict) -> str:
-        return e.get("lastTimestamp") or e.get("eventTime") or (e.get("metadata") or {}).get("creationTimestamp") or ""
+    def when(e: dict) -> datetime:
+        text = e.get("lastTimestamp") or e.get("eventTime") or (e.get("metadata") or {}).get("creationTimestamp")
+        try:
+            return datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+        except ValueError:
+            return datetime.min.replace(tzinfo=timezone.utc)
 
     return max(mine, key=when).get("message") or "ProvisioningFailed"
 
@@ -203,7 +210,9 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
         cap = quota_cap(kube, namespace, name, snapshot)
         stamp = now or datetime.now(timezone.utc)
         result = reconcile.reconcile(isvc, observed, ctx.settings, now=stamp, cap=cap,
-                                     provisioning_failure=provisioning_failure(kube, observed.get(ROLE_CACHE), log))
+                                     provisioning_failure=provisioning_failure(
+                                         kube, observed.get(ROLE_CACHE), (isvc.get("status") or {}).get("conditions"),
+                                         log))
         decision = builtin_autoscale(ctx, isvc, observed.get("deployment"), cap, log=log)
         if decision is not None:
             result.status["autoscaler"] = decision

@@ -138,13 +138,17 @@ def provisioning_failed_message(isvc: api.InferenceService, claim: str, event_me
     """What to tell a user whose cache claim cannot be provisioned: the provisioner's words
     and, for the default ReadWriteMany, the usual cause (most default StorageClasses, block
     storage such as EBS, Persistent Disk or Azure Disk, only provide ReadWriteOnce)."""
-    text = f"claim {claim} cannot be provisioned: {event_message.strip()[:600]}"
+    head = f"claim {claim} cannot be provisioned: "
+    if event_message.startswith(head):  # the previous pass's message, kept while events cannot be read
+        return event_message
+    text = head + event_message.strip()[:600]
     cache = isvc.spec.cache
     if cache.existing_claim_name is None and cache.access_mode == "ReadWriteMany":
-        text += ("; the cache asks for ReadWriteMany (shared by all replicas), which needs a StorageClass that "
-                 "provides it (NFS, CephFS, EFS, Filestore, Azure Files): set spec.cache.storageClassName to one, "
-                 "or spec.cache.accessMode: ReadWriteOnce (replicas must then share a node); while this claim "
-                 "exists neither can change: delete the claim, or create a new InferenceService")
+        text += ("; the cache asks for ReadWriteMany (shared by all replicas): if the StorageClass does not provide "
+                 "it (most block storage does not; NFS, CephFS, EFS, Filestore, Azure Files do), set "
+                 "spec.cache.storageClassName to one that does, or spec.cache.accessMode: ReadWriteOnce (replicas "
+                 "must then share a node); while this claim exists neither can change: delete the claim, or create "
+                 "a new InferenceService")
     return text
 
 

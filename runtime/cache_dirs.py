@@ -12,8 +12,9 @@ from pathlib import Path
 
 
 def argosy_cache_root() -> Path:
-    """Argosy's own on-disk cache (converted GGUF tokenizers, inductor's compiled graphs):
-    ``$ARGOSY_CACHE_DIR``, default ``~/.cache/argosy``."""
+    """Argosy's own on-disk cache (``gguf-tokenizers/`` converted GGUF tokenizers,
+    ``inductor/`` compiled graphs, ``kernels/`` the C++ decode kernel): ``$ARGOSY_CACHE_DIR``,
+    default ``~/.cache/argosy``."""
     return Path(os.environ.get("ARGOSY_CACHE_DIR", Path.home() / ".cache" / "argosy"))
 
 
@@ -34,26 +35,35 @@ def inductor_vec_isa():
     starting, and inductor silently generates scalar code (kept in its on-disk cache for
     every later process: its cache key does not include the ISA). So before the first
     probe (the answer is cached per process) this sets inductor's own override,
-    ``TORCH_CUSTOM_PYTHONPATH``, to ``sys.path`` without such entries, and
-    ``PYTHONSAFEPATH=1`` so that child interpreters do not put their working directory
-    first either (both only when not already set; they apply to this process's children).
+    ``TORCH_CUSTOM_PYTHONPATH``, to ``sys.path`` without such entries (left set: inductor's
+    compile workers read it too; it only affects inductor's children), and
+    ``PYTHONSAFEPATH=1`` for the probe alone (so that the child does not put its working
+    directory first either), restored afterwards.
 
     Unless ``TORCHINDUCTOR_CACHE_DIR`` is set, it also points inductor's on-disk cache at
     ``$ARGOSY_CACHE_DIR/inductor/<ISA>`` (default ``~/.cache/argosy/inductor/...``), so that
-    graphs built without a vector ISA are never served to a process that has one.
+    graphs built without a vector ISA are never served to a process that has one. Like
+    inductor's own default, the variable is set in this process's environment (child
+    processes inherit it).
     """
     own_cache = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     if own_cache:  # the probe itself writes there (else inductor picks a /tmp default)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(argosy_cache_root() / "inductor" / "probe")
     if "TORCH_CUSTOM_PYTHONPATH" not in os.environ:
         os.environ["TORCH_CUSTOM_PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and not _shadows_stdlib(p))
-    os.environ.setdefault("PYTHONSAFEPATH", "1")
+    safe_path = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
     try:
         from torch._inductor.cpu_vec_isa import pick_vec_isa
     except ImportError:
         isa = None
     else:
         isa = pick_vec_isa()
+    finally:
+        if safe_path is None:
+            del os.environ["PYTHONSAFEPATH"]
+        else:
+            os.environ["PYTHONSAFEPATH"] = safe_path
     if own_cache:
         name = str(isa).replace(" ", "-") if isa else "scalar"
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(argosy_cache_root() / "inductor" / name)

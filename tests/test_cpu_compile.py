@@ -288,13 +288,15 @@ def test_inductor_finds_the_vector_isa_when_started_from_the_repository_root(tmp
     root = Path(__file__).resolve().parents[1]
     code = ("import sys; sys.path.insert(0, sys.argv[1]); "
             "import os; from argosy.runtime.cache_dirs import inductor_vec_isa; "
-            "print(inductor_vec_isa()); print(os.environ['TORCHINDUCTOR_CACHE_DIR'])")
+            "print(inductor_vec_isa()); print(os.environ['TORCHINDUCTOR_CACHE_DIR']); "
+            "print(os.environ.get('PYTHONSAFEPATH'))")
     env = {k: v for k, v in os.environ.items()
            if k not in ("TORCH_CUSTOM_PYTHONPATH", "PYTHONSAFEPATH", "TORCHINDUCTOR_CACHE_DIR")}
     env["ARGOSY_CACHE_DIR"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    isa, cache = out.stdout.split("\n")[:2]
+    isa, cache, safe_path = out.stdout.split("\n")[:3]
+    assert safe_path == "None", "PYTHONSAFEPATH is set for the probe only, not for later children"
     assert "avx" in isa and "INVALID" not in isa, out.stdout
     assert cache == str(tmp_path / "inductor" / isa.replace(" ", "-")), out.stdout

@@ -63,8 +63,13 @@ def _isa_flags() -> list[str]:
 def build(cache_dir: Optional[Path] = None) -> Path:
     """Compile the kernel (or find it already compiled) and return the shared library's path.
 
+    Libraries of other sources, compilers or flags are left in place (a cache directory
+    may be shared by machines with different CPUs or compilers).
+
     Raises:
-        RuntimeError: no C++ compiler, or the compiler failed (its stderr in the message).
+        RuntimeError: no C++ compiler, or the compiler failed or timed out (its stderr in
+            the message).
+        OSError: the cache directory cannot be created or written.
     """
     cxx = _compiler()
     if not cxx:
@@ -88,25 +93,24 @@ def build(cache_dir: Optional[Path] = None) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        res = subprocess.run([cxx, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        try:
+            res = subprocess.run([cxx, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{cxx} took more than 300 s") from None
         if res.returncode != 0:
             raise RuntimeError(f"{cxx} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
         os.replace(tmp, lib)  # atomic: concurrent builders never load a half-written file
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    for old in out_dir.glob("paged_decode-*.so"):  # builds of older sources or compilers
-        if old != lib:
-            try:
-                old.unlink()  # a process that still has it loaded keeps its mapping
-            except OSError:
-                pass
     return lib
 
 
 def kernel():
     """The loaded kernel library, building it on first call; None when it cannot be built
-    (logged once) or ``ARGOSY_ATTENTION_BACKEND=torch`` asks for the torch path."""
+    (logged once) or ``ARGOSY_ATTENTION_BACKEND=torch`` asks for the torch path. Inside a
+    ``torch.compile`` trace it only reports what an eager call decided before (the model
+    runner builds it at startup, before any graph is traced)."""
     global _lib, _tried
     if torch.compiler.is_compiling():  # traced code: decided before (the model runner builds it at startup)
         return _lib
@@ -130,8 +134,12 @@ def kernel():
 
 def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """True when the kernel handles these tensors: CPU, float32/bfloat16 (both the same),
-    ``H / KVH`` in 1..8, head size 64 or 128, block size <= 64."""
+    ``query [B, H, D]``, a contiguous ``[2, blocks, block_size, KVH, D]`` cache, ``H / KVH``
+    in 1..8, head size 64 or 128, block size <= 64."""
     if query.device.type != "cpu" or query.dtype not in _DTYPES or kv_cache.dtype != query.dtype:
+        return False
+    if query.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or not kv_cache.is_contiguous() \
+            or query.shape[-1] != kv_cache.shape[-1]:
         return False
     h, d = query.shape[-2], query.shape[-1]
     kvh, bs = kv_cache.shape[-2], kv_cache.shape[2]
@@ -168,8 +176,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     lib = _lib if _lib is not None else kernel()
     if lib is None:
         raise RuntimeError("the CPU paged decode attention kernel is not available")
-    if query.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or query.shape[-1] != kv_cache.shape[-1] \
-            or not supports(query, kv_cache) or not kv_cache.is_contiguous():
+    if not supports(query, kv_cache):
         raise ValueError(f"paged_decode_attention: unsupported query {tuple(query.shape)} {query.dtype} / KV cache "
                          f"{tuple(kv_cache.shape)} {kv_cache.dtype} (contiguous: {kv_cache.is_contiguous()})")
     if block_tables.dim() != 2 or block_tables.shape[0] != query.shape[0] or seq_lens.shape != (query.shape[0],):

@@ -152,8 +152,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: DecodeMe
 
     In reduced precision on the CPU this is the C++ kernel (:func:`use_decode_kernel`, one
     opaque op in a compiled graph). Otherwise every sequence's ``W`` table blocks are
-    gathered (``index_select`` of whole blocks)
-    into ``[B, kv_heads, W * block_size, head_dim]`` and positions at or past its
+    gathered (``index_select`` of whole blocks) into
+    ``[B, kv_heads, W * block_size, head_dim]`` and positions at or past its
     ``seq_len`` are masked, so a batch of very different lengths reads ``B x`` the longest
     context (the eager path groups similar lengths instead). GQA as in
     :func:`_decode_attention`: the ``g`` query heads of a KV head are ``g`` query rows.

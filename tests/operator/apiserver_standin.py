@@ -1341,13 +1341,12 @@ class StandIn:
         if verb is None:
             raise ApiError(405, "MethodNotAllowed", f"{method} is not supported here")
         record.verb = verb
-        if verb in WRITE_VERBS:
-            if q.get("dryRun"):
-                raise ApiError(400, "BadRequest", "dryRun is not supported by the stand-in")
-            fault = self._fault_for(verb, plural, sub, namespace, name)
-            if fault is not None:
-                reason = _REASONS.get(fault.code, "InternalError")
-                raise ApiError(fault.code, reason, f"injected {fault.code} {reason} for {verb} {plural}")
+        if verb in WRITE_VERBS and q.get("dryRun"):
+            raise ApiError(400, "BadRequest", "dryRun is not supported by the stand-in")
+        fault = self._fault_for(verb, plural, sub, namespace, name)  # reads too, when a test asks for them
+        if fault is not None:
+            reason = _REASONS.get(fault.code, "InternalError")
+            raise ApiError(fault.code, reason, f"injected {fault.code} {reason} for {verb} {plural}")
         manager = q.get("fieldManager") or request.headers.get("User-Agent", "unknown").split("/")[0] or "unknown"
         store = self.store
         if verb == "watch":

@@ -365,6 +365,11 @@ def test_transition_events():
     assert transition_events(current, current) == []  # the next pass: nothing new
     # a reason change that is not a failure posts nothing while the status stays
     assert transition_events(previous, [cond("ModelCached", "False", "Downloading2")]) == []
+    # two conditions with the same Normal reason are both posted; Ready's copy of one is not
+    new = [cond("Ready", "False", "WaitingForModel"), cond("WorkloadReady", "False", "WaitingForModel"),
+           cond("ScalingReady", "Unknown", "WaitingForModel")]
+    assert transition_events(None, new) == [("Normal", "WaitingForModel", "WorkloadReady is False: m"),
+                                            ("Normal", "WaitingForModel", "ScalingReady is Unknown: m")]
 
 
 def _free_port() -> int:
@@ -508,6 +513,14 @@ def test_a_claim_that_cannot_be_provisioned_is_reported_once(cluster, tmp_path):
     assert "does not support access mode RWX" in cond["message"] and "storageClassName" in cond["message"]
     ours = [e for e in _events(s) if e["reason"] == "ProvisioningFailed" and e["involvedObject"]["kind"] == api.KIND]
     assert len(ours) == 1 and ours[0]["type"] == "Warning", ours
+    # the events cannot be read for a while (an API hiccup): the condition stays as it was, nothing is re-posted
+    fault = s.fail_next("events", 500, times=2, verbs=("list",))
+    for _ in range(2):
+        converge(ctx, NS, "llm")
+    assert len(fault.hits) == 2
+    assert condition(isvc(s), "ModelCached") == cond
+    ours = [e for e in _events(s) if e["reason"] == "ProvisioningFailed" and e["involvedObject"]["kind"] == api.KIND]
+    assert len(ours) == 1, ours
     # bound after all (the admin added a StorageClass): back to downloading
     s.http("PATCH", f"{KINDS['PersistentVolumeClaim']}/{name}/status", {"status": {"phase": "Bound"}},
            content_type=MERGE_PATCH)
