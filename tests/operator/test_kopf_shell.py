@@ -191,9 +191,12 @@ def test_lifecycle_cache_ready_roll_faults_and_delete(cluster, crd, tmp_path):
         status = isvc(s)["status"]
         assert status["observedGeneration"] == 1 and status["readyReplicas"] == 1
         assert condition(isvc(s), "Ready")["observedGeneration"] == 1
-        events = s.http("GET", f"/api/v1/namespaces/{NS}/events")[1]["items"]
-        reasons = {e["reason"] for e in events if e["involvedObject"].get("uid") == uid}
-        assert {"Downloading", "Downloaded", "Ready"} <= reasons
+        def reasons() -> set[str]:
+            events = s.http("GET", f"/api/v1/namespaces/{NS}/events")[1]["items"]
+            return {e["reason"] for e in events if e["involvedObject"].get("uid") == uid}
+
+        # events are posted after the status write that the wait above saw: poll for them
+        wait_for(lambda: {"Downloading", "Downloaded", "Ready"} <= reasons(), f"the events (have {reasons()})")
 
         # GitOps: on the InferenceService itself the operator writes only status and kopf's
         # bookkeeping annotations, never a field a Git copy holds, so Argo CD sees no drift.
