@@ -210,7 +210,7 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
         cap = quota_cap(kube, namespace, name, snapshot)
         stamp = now or datetime.now(timezone.utc)
         result = reconcile.reconcile(isvc, observed, ctx.settings, now=stamp, cap=cap,
-                                     provisioning_failure=provisioning_failure(
+                                     provisioning_failure=lambda: provisioning_failure(
                                          kube, observed.get(ROLE_CACHE), (isvc.get("status") or {}).get("conditions"),
                                          log))
         decision = builtin_autoscale(ctx, isvc, observed.get("deployment"), cap, log=log)

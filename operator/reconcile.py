@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import pydantic
 
@@ -153,11 +153,14 @@ def provisioning_failed_message(isvc: api.InferenceService, claim: str, event_me
 
 
 def model_cached(isvc: api.InferenceService, job: Optional[dict], claim: Optional[dict],
-                 recreating: bool = False, provisioning_failure: Optional[str] = None) -> Cond:
+                 recreating: bool = False,
+                 provisioning_failure: Optional[Callable[[], Optional[str]]] = None) -> Cond:
     """``ModelCached`` from the prefetch Job (and the cache claim, for its message);
     ``recreating``: the failed Job is being replaced by one with the current settings;
-    ``provisioning_failure``: the newest ``ProvisioningFailed`` event message of the claim
-    while it is Pending (reason ``ProvisioningFailed``: the claim will not bind as it is)."""
+    ``provisioning_failure``: returns the newest ``ProvisioningFailed`` event message of the
+    claim (reason ``ProvisioningFailed``: the claim will not bind as it is), or None; called
+    only when the answer matters (an unfinished Job waiting for a Pending claim), since it
+    costs an Event list."""
     plan = common.model_plan(isvc)
     if plan.claim is None:
         return Cond("True", "CacheDisabled", "the cache is disabled: each server downloads the model at startup")
@@ -179,8 +182,9 @@ def model_cached(isvc: api.InferenceService, job: Optional[dict], claim: Optiona
         detail = failed.get("message") or failed.get("reason") or "failed"
         return Cond("False", "DownloadFailed", f"Job {name}: {detail} (kubectl logs job/{name})")
     if claim is not None and (claim.get("status") or {}).get("phase") == "Pending":
-        if provisioning_failure:
-            return Cond("False", "ProvisioningFailed", provisioning_failed_message(isvc, plan.claim, provisioning_failure))
+        message = provisioning_failure() if provisioning_failure else None
+        if message:
+            return Cond("False", "ProvisioningFailed", provisioning_failed_message(isvc, plan.claim, message))
         return Cond("False", "Downloading", f"Job {name} is waiting for claim {plan.claim} to bind")
     return Cond("False", "Downloading", f"Job {name} is downloading {isvc.spec.model.uri}")
 
@@ -308,7 +312,7 @@ def _quota_limited(cond: Cond, isvc: api.InferenceService, cap: Optional[quota.C
 
 def reconcile(isvc: dict, observed: Mapping[str, Optional[dict]], settings: OperatorSettings, *,
               now: datetime, cap: Optional[quota.Cap] = None,
-              provisioning_failure: Optional[str] = None) -> ReconcileResult:
+              provisioning_failure: Optional[Callable[[], Optional[str]]] = None) -> ReconcileResult:
     """Compute the children to apply and the status of one InferenceService.
 
     Args:
@@ -319,8 +323,8 @@ def reconcile(isvc: dict, observed: Mapping[str, Optional[dict]], settings: Oper
         cap: the GPUQuota cap of this service (:func:`argosy.operator.quota.caps`); when it
             is below ``scaling.maxReplicas`` the autoscaler is rendered with the cap and
             ``ScalingReady`` (if True) gets reason ``QuotaLimited``. None: no quota applies.
-        provisioning_failure: the newest ``ProvisioningFailed`` event message of the Pending
-            cache claim (see :func:`model_cached`), None when there is none.
+        provisioning_failure: returns the newest ``ProvisioningFailed`` event message of the
+            Pending cache claim, or None; called only when it matters (see :func:`model_cached`).
 
     Returns:
         A :class:`ReconcileResult`. An invalid spec (which the CRD's validation should have

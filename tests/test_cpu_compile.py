@@ -133,10 +133,10 @@ def test_compiled_greedy_agrees_with_float32_where_float32_is_decisive(compiled_
     float32's up to the first near tie (top-2 gap below MARGIN); no step fell back to
     eager."""
     compiled = compiled_engine.executor.runner.compiled
-    before = compiled.compiled_steps
+    before = compiled.steps.compiled
     assert_greedy_agrees_where_decisive(compiled_engine, ref_engine, max_tokens=16)
-    assert compiled.compiled_steps - before == 15 * len(PROMPTS), "every decode step ran compiled"
-    assert compiled.eager_steps == 0
+    assert compiled.steps.compiled - before == 15 * len(PROMPTS), "every decode step ran compiled"
+    assert compiled.steps.eager == 0
 
 
 def test_compiled_layer_stages_pass_the_accuracy_gate(compiled_engine, ref_engine):
@@ -149,10 +149,10 @@ def test_compiled_layer_stages_pass_the_accuracy_gate(compiled_engine, ref_engin
 
     stages = compiled_engine.executor.runner.compiled.stages
     ids = ref_engine.tokenizer.encode(SLICE.read_text())
-    before = stages.compiled_calls
+    before = stages.calls.compiled
     got = compiled_engine.prompt_logits(ids)[:-1]
-    assert stages.compiled_calls - before == 2 * compiled_engine.model_config.num_hidden_layers
-    assert stages.eager_calls == 0
+    assert stages.calls.compiled - before == 2 * compiled_engine.model_config.num_hidden_layers
+    assert stages.calls.eager == 0
     agree = distribution_agreement(ref_engine.prompt_logits(ids)[:-1], got)
     assert agree.mean_kl <= LLAMA_CPP_SLICE_KL, agree
     assert agree.top1 >= LLAMA_CPP_SLICE_TOP1 - TOP1_RESOLUTION, agree
@@ -188,8 +188,8 @@ def test_all_graphs_cover_every_decode_batch(make_engine):
         for rid, tokens in want.items():
             clear = next((i for i, m in enumerate(margins[rid]) if m < MARGIN), len(tokens))
             assert got[rid][:clear] == tokens[:clear], (n, rid)
-    assert compiled.eager_steps == 0
-    assert compiled.compiled_steps > 0
+    assert compiled.steps.eager == 0
+    assert compiled.steps.compiled > 0
 
 
 def test_a_failed_compile_leaves_an_eager_engine(make_engine, monkeypatch, caplog):

@@ -11,7 +11,14 @@ import torch
 
 from argosy.runtime.attention import DecodeMetadata, cpu_decode, torch_paged
 
-pytestmark = pytest.mark.skipif(cpu_decode.kernel() is None, reason="no C++ compiler to build the kernel")
+# Skipped only without a compiler: where one exists a kernel that fails to build fails
+# test_the_kernel_builds (and every test calling the op) instead of skipping them.
+pytestmark = pytest.mark.skipif(cpu_decode._compiler() is None, reason="no C++ compiler to build the kernel")
+
+
+def test_the_kernel_builds_and_loads():
+    assert cpu_decode.build().exists()  # a compile error is raised here, with the compiler's stderr
+    assert cpu_decode.kernel() is not None
 
 
 def _case(lens, heads, kv_heads, d, block_size, dtype, seed=0):
@@ -89,6 +96,23 @@ def test_the_engine_path_takes_the_kernel_only_where_supported():
     assert not cpu_decode.supports(q6, c6)
 
 
+def test_the_decision_made_once_is_used_on_every_call(monkeypatch):
+    """The model runner decides at startup (``use_kernel``); the per-call check is not
+    evaluated again, and ``use_kernel=False`` keeps the torch path."""
+    q, cache, bt, sl = _case([30, 7], 9, 3, 64, 16, torch.bfloat16)
+    meta = DecodeMetadata(slot_mapping=torch.zeros(2, dtype=torch.int64), block_tables=bt, seq_lens=sl)
+    real_op = torch.ops.argosy.paged_decode_attention
+
+    def fail(*_a):
+        raise AssertionError("use_decode_kernel evaluated again")
+
+    monkeypatch.setattr(torch_paged, "use_decode_kernel", fail)
+    with_kernel = torch_paged.decode_attention(q, cache, meta, 0.125, use_kernel=True)
+    without = torch_paged.decode_attention(q, cache, meta, 0.125, use_kernel=False)
+    torch.testing.assert_close(with_kernel.float(), without.float(), atol=2e-2, rtol=1.6e-2)
+    assert torch.equal(with_kernel, real_op(q, cache, bt, sl, 0.125))
+
+
 def test_without_a_compiler_the_build_fails_clearly(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(RuntimeError, match="cannot run"):
@@ -106,3 +130,14 @@ def test_build_is_cached_and_leaves_other_builds(tmp_path):
     assert lib.exists() and lib.parent == tmp_path and other.exists()
     mtime = lib.stat().st_mtime_ns
     assert cpu_decode.build(tmp_path) == lib and lib.stat().st_mtime_ns == mtime  # not rebuilt
+
+
+def test_the_engine_decides_once_for_every_layer(make_engine):
+    """bfloat16 engine: the runner builds the kernel at startup and every layer takes it;
+    float32: every layer keeps the torch path."""
+    bf16 = make_engine(dtype="bfloat16", compilation_config="0").executor.runner
+    assert bf16.decode_kernel is True
+    assert all(layer.self_attn.decode_kernel is True for layer in bf16.model.layers)
+    f32 = make_engine(dtype="float32").executor.runner
+    assert f32.decode_kernel is False
+    assert all(layer.self_attn.decode_kernel is False for layer in f32.model.layers)

@@ -13,6 +13,8 @@ Triton and C++ kernels are tested against, stays pure torch.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -74,7 +76,8 @@ def _decode_attention(query, kc, vc, block_tables, seq_lens, lens: list[int], sc
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).view(b, h, d)
 
 
-def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                    use_kernel: Optional[bool] = None) -> torch.Tensor:
     """Attention of the step's queries over each sequence's paged context.
 
     Queries of a sequence are its newest ``query_len`` tokens; query ``i`` attends to
@@ -87,6 +90,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
             this step's keys/values (call :func:`store_kv` first).
         meta: step metadata (decodes first).
         scale: softmax scale, usually ``head_dim ** -0.5``.
+        use_kernel: decode rows take the C++ kernel; None: decided here by
+            :func:`use_decode_kernel` (~3 us; the model runner decides once at startup).
     Returns:
         ``[num_tokens, num_heads, head_dim]`` in the query's dtype.
     """
@@ -94,7 +99,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     block_size = kc.shape[1]
     out = torch.empty_like(query)
     nd = meta.num_decodes
-    if nd and use_decode_kernel(query, kv_cache):
+    if nd and (use_decode_kernel(query, kv_cache) if use_kernel is None else use_kernel):
         out[:nd] = torch.ops.argosy.paged_decode_attention(query[:nd], kv_cache, meta.block_tables[:nd],
                                                            meta.seq_lens[:nd], scale)
     elif nd:
@@ -147,7 +152,8 @@ def store_kv_decode(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tens
     kv_cache.index_put_((which, blk[None, :], (slots - blk * block_size)[None, :]), torch.stack((key, value)))
 
 
-def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: DecodeMetadata, scale: float) -> torch.Tensor:
+def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: DecodeMetadata, scale: float,
+                     use_kernel: Optional[bool] = None) -> torch.Tensor:
     """:func:`paged_attention` for a decode-only step, in tensor ops only (traceable).
 
     In reduced precision on the CPU this is the C++ kernel (:func:`use_decode_kernel`, one
@@ -163,10 +169,11 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: DecodeMe
         kv_cache: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` holding this step's keys/values.
         meta: the step's :class:`DecodeMetadata`.
         scale: softmax scale.
+        use_kernel: as in :func:`paged_attention`.
     Returns:
         ``[B, num_heads, head_dim]`` in the query's dtype.
     """
-    if use_decode_kernel(query, kv_cache):  # reads the blocks in place, no padding
+    if use_decode_kernel(query, kv_cache) if use_kernel is None else use_kernel:  # reads the blocks in place, no padding
         return torch.ops.argosy.paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, scale)
     b, h, d = query.shape
     kvh = kv_cache.shape[-2]

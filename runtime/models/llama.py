@@ -155,6 +155,9 @@ class LlamaAttention(nn.Module):
         self.o_proj = Linear(cfg.hidden_size, self.q_size, False, dtype, device)
         self.o_bias = _bias_param(cfg.hidden_size, cfg.attention_bias, dtype, device)
         self.store_kv, self.paged_attention = resolve_backend(torch.device(device))
+        #: decode rows take the C++ paged decode kernel (set once by the model runner,
+        #: :meth:`LlamaForCausalLM.set_decode_kernel`); None: decided on every call
+        self.decode_kernel: Optional[bool] = None
 
     def project(self, rope_cs, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``hidden [T, hidden_size]`` -> rotated ``q [T, H, D]``, rotated ``k [T, H_kv, D]``, ``v [T, H_kv, D]``."""
@@ -170,8 +173,10 @@ class LlamaAttention(nn.Module):
         """Write ``k``/``v`` into the paged cache and attend: ``[T, H, D]`` out."""
         if isinstance(meta, DecodeMetadata):  # a compiled decode step (tensor-only attention)
             torch_paged.store_kv_decode(k, v, kv_cache, meta)
-            return torch_paged.decode_attention(q, kv_cache, meta, self.scale)
+            return torch_paged.decode_attention(q, kv_cache, meta, self.scale, self.decode_kernel)
         self.store_kv(k, v, kv_cache, meta)
+        if self.paged_attention is torch_paged.paged_attention:
+            return torch_paged.paged_attention(q, kv_cache, meta, self.scale, self.decode_kernel)
         return self.paged_attention(q, kv_cache, meta, self.scale)
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
@@ -301,6 +306,13 @@ class LlamaForCausalLM(nn.Module):
         self.layer_stages_min_tokens = 1
         #: 4-bit checkpoint weights run packed (bfloat16 on CPU: the int4 kernel's case).
         self.uses_int4 = torch.device(device).type == "cpu" and dtype == torch.bfloat16
+
+    def set_decode_kernel(self, enabled: bool) -> None:
+        """Decide once, for every layer, whether decode rows take the C++ paged decode
+        kernel (:func:`argosy.runtime.attention.torch_paged.use_decode_kernel`, evaluated
+        by the model runner at startup) instead of on every layer call."""
+        for layer in self.layers:
+            layer.self_attn.decode_kernel = bool(enabled)
 
     @property
     def num_kv_heads(self) -> int:

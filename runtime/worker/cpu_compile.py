@@ -149,7 +149,9 @@ class CompiledLayerStages:
         self.model = model
         self.pre_fn = _compile(_pre_attention)
         self.post_fn = _compile(_post_attention)
-        self._guard = _CompiledOrEager("a layer stage", "tokens")
+        #: stage calls run compiled (``calls.compiled``) or eagerly because their shapes
+        #: needed a graph not built at warm-up (``calls.eager``)
+        self.calls = _CompiledOrEager("a layer stage", "tokens")
 
     def warmup(self) -> None:
         """Compile both halves on layer 0 with a dummy 16-token input (no KV cache involved)."""
@@ -167,22 +169,12 @@ class CompiledLayerStages:
         model.layer_stages = (self.pre, self.post)
         model.layer_stages_min_tokens = LAYER_STAGES_MIN_TOKENS
 
-    @property
-    def compiled_calls(self) -> int:
-        """Stage calls run through a compiled graph."""
-        return self._guard.compiled
-
-    @property
-    def eager_calls(self) -> int:
-        """Stage calls run eagerly because their shapes needed a graph not built at warm-up."""
-        return self._guard.eager
-
     def pre(self, layer, rope_cs, x):
-        return self._guard(lambda: self.pre_fn(layer, rope_cs, x), lambda: _pre_attention(layer, rope_cs, x),
+        return self.calls(lambda: self.pre_fn(layer, rope_cs, x), lambda: _pre_attention(layer, rope_cs, x),
                            x.shape[0])
 
     def post(self, layer, x, o):
-        return self._guard(lambda: self.post_fn(layer, x, o), lambda: _post_attention(layer, x, o), x.shape[0])
+        return self.calls(lambda: self.post_fn(layer, x, o), lambda: _post_attention(layer, x, o), x.shape[0])
 
 
 def _decode_step(model, input_ids, positions, kv_caches, meta):
@@ -215,17 +207,9 @@ class CompiledDecodeRunner:
         self.fn = _compile(_decode_step)
         self.stages = CompiledLayerStages(model)
         self.compile_seconds = 0.0
-        self._guard = _CompiledOrEager("a decode step", "sequences")
-
-    @property
-    def compiled_steps(self) -> int:
-        """Decode steps run through a compiled graph (since warm-up)."""
-        return self._guard.compiled
-
-    @property
-    def eager_steps(self) -> int:
-        """Decode steps run eagerly for want of a graph built at warm-up."""
-        return self._guard.eager
+        #: decode steps run through a compiled graph since warm-up (``steps.compiled``) or
+        #: eagerly for want of a graph built at warm-up (``steps.eager``)
+        self.steps = _CompiledOrEager("a decode step", "sequences")
 
     def can_run(self, meta: AttentionMetadata) -> bool:
         """True for a decode-only step without padding slots, and, when the graph's attention
@@ -283,7 +267,7 @@ class CompiledDecodeRunner:
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Run a decode-only step (:meth:`can_run`) through the compiled graphs, or eagerly
         when its shapes would need a graph that was not built at warm-up (never compiles
-        while serving; counted in :attr:`eager_steps`, the first one logged with dynamo's
+        while serving; counted in ``steps.eager``, the first one logged with dynamo's
         reason).
 
         Args:
@@ -291,7 +275,7 @@ class CompiledDecodeRunner:
         Returns:
             Final hidden states ``[B, hidden_size]``.
         """
-        return self._guard(
+        return self.steps(
             lambda: self._call(input_ids, positions, meta.slot_mapping, meta.block_tables, meta.seq_lens, mark=False),
             lambda: self.model(input_ids, positions, self.kv_caches, meta), input_ids.shape[0])
 

@@ -234,6 +234,8 @@ class ModelRunner:
             probe = torch.empty(1, cfg.num_attention_heads // model.tp.world_size, cfg.head_dim,
                                 dtype=model.dtype, device=device)
             self.decode_kernel = torch_paged.use_decode_kernel(probe, self.kv_caches[0])
+        if hasattr(model, "set_decode_kernel"):
+            model.set_decode_kernel(self.decode_kernel)
 
     def enable_cuda_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> None:
         """Capture decode CUDA graphs over this runner's KV cache (``capture=False``: the same

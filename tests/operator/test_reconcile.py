@@ -85,7 +85,7 @@ def test_claim_that_cannot_be_provisioned_says_why():
     pvc = live(obj, "cache", {"phase": "Pending"})
     job = live(obj, "prefetch", {"active": 1})
     msg = "failed to provision volume with StorageClass \"standard\": rpc error: access mode RWX not supported"
-    r = rec.reconcile(obj, {"cache": pvc, "prefetch": job}, SETTINGS, now=T0, provisioning_failure=msg)
+    r = rec.reconcile(obj, {"cache": pvc, "prefetch": job}, SETTINGS, now=T0, provisioning_failure=lambda: msg)
     c = conds(r)
     assert c["ModelCached"]["status"] == "False" and c["ModelCached"]["reason"] == "ProvisioningFailed"
     assert msg in c["ModelCached"]["message"] and "ReadWriteMany" in c["ModelCached"]["message"]
@@ -94,12 +94,20 @@ def test_claim_that_cannot_be_provisioned_says_why():
     # ReadWriteOnce asked for: the provisioner's words only; once bound, the event no longer matters
     rwo = make_isvc({"model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"}, "cache": {"accessMode": "ReadWriteOnce"}})
     c = conds(rec.reconcile(rwo, {"cache": live(rwo, "cache", {"phase": "Pending"}), "prefetch": job},
-                            SETTINGS, now=T0, provisioning_failure=msg))["ModelCached"]
+                            SETTINGS, now=T0, provisioning_failure=lambda: msg))["ModelCached"]
     assert c["reason"] == "ProvisioningFailed" and "ReadWriteMany" not in c["message"]
     bound = {**pvc, "status": {"phase": "Bound"}}
     c = conds(rec.reconcile(obj, {"cache": bound, "prefetch": job}, SETTINGS, now=T0,
-                                  provisioning_failure=msg))["ModelCached"]
+                                  provisioning_failure=lambda: msg))["ModelCached"]
     assert c["reason"] == "Downloading"
+    # the Event list is made only when its answer matters: not for a finished Job
+    def no_list():
+        raise AssertionError("events listed although the model is cached")
+
+    done = live(obj, "prefetch", {"succeeded": 1})
+    c = conds(rec.reconcile(obj, {"cache": pvc, "prefetch": done}, SETTINGS, now=T0,
+                            provisioning_failure=no_list))["ModelCached"]
+    assert c["status"] == "True"
 
 
 def test_download_failure():
