@@ -42,6 +42,7 @@ class AttentionMetadata:
     query_lens_cpu: list[int]
     has_padding: bool = False
     _decode_groups: Optional[list] = field(default=None, init=False, repr=False)
+    _prefix_groups: Optional[list] = field(default=None, init=False, repr=False)
 
     @property
     def num_seqs(self) -> int:
@@ -72,6 +73,45 @@ class AttentionMetadata:
                     groups.append((torch.tensor(members, dtype=torch.int64, device=self.seq_lens.device), members))
             self._decode_groups = groups
         return self._decode_groups
+
+
+    def shared_prefix_groups(self, block_size: int, min_tokens: int,
+                             min_seqs: int = 2) -> list[tuple[list[int], int]]:
+        """Groups of this step's prefill sequences (those after the decodes) whose block
+        tables start with the same physical blocks (a prompt prefix they hit in the prefix
+        cache), for cascade attention. Computed once per step and cached.
+
+        A group's shared prefix is capped at the context every member has before its
+        first query token, so each query sees all of it (no mask on that part).
+
+        Args:
+            block_size: tokens per KV block.
+            min_tokens: shortest shared prefix worth a group (tokens).
+            min_seqs: fewest members of a group.
+        Returns:
+            ``[(member sequence indices, shared blocks)]``, members in step order.
+        """
+        if self._prefix_groups is None:
+            by_first: dict[int, list[int]] = {}
+            first = self.num_decodes
+            if self.num_seqs - first >= min_seqs:
+                heads = self.block_tables[first:, 0].tolist()
+                for s, b in enumerate(heads, start=first):
+                    if (self.seq_lens_cpu[s] - self.query_lens_cpu[s]) >= min_tokens:
+                        by_first.setdefault(b, []).append(s)
+            groups = []
+            for members in by_first.values():
+                if len(members) < min_seqs:
+                    continue
+                cap = min(self.seq_lens_cpu[s] - self.query_lens_cpu[s] for s in members) // block_size
+                idx = torch.tensor(members, device=self.block_tables.device)
+                bt = self.block_tables.index_select(0, idx)[:, :cap]
+                same = (bt == bt[:1]).all(0)
+                n = cap if bool(same.all()) else int(same.to(torch.int8).argmin())
+                if n * block_size >= min_tokens:
+                    groups.append((members, n))
+            self._prefix_groups = groups
+        return self._prefix_groups
 
 
 @dataclass

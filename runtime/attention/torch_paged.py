@@ -114,9 +114,18 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
                 out[:nd] = res
             else:
                 out.index_copy_(0, idx, res)
-    start = nd
+    row_start = [0] * (meta.num_seqs + 1)
+    for s, qlen in enumerate(meta.query_lens_cpu):
+        row_start[s + 1] = row_start[s] + qlen
+    cascaded: set[int] = set()
+    for members, nblk in meta.shared_prefix_groups(block_size, CASCADE_MIN_PREFIX_TOKENS):
+        _cascade_attention(query, kc, vc, meta, members, row_start, nblk, scale, out)
+        cascaded.update(members)
     for s in range(nd, meta.num_seqs):
+        if s in cascaded:
+            continue
         qlen, slen = meta.query_lens_cpu[s], meta.seq_lens_cpu[s]
+        start = row_start[s]
         end = start + qlen
         nblk = -(-slen // block_size)
         bt = meta.block_tables[s : s + 1, :nblk]
@@ -131,8 +140,72 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
             mask = torch.arange(slen, device=query.device)[None, :] <= pos_q[:, None]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start:end] = o.squeeze(0).transpose(0, 1)
-        start = end
     return out
+
+
+#: Prefill sequences of one step that share at least this many tokens of cached prompt
+#: prefix (the same physical blocks) take cascade attention (:func:`_cascade_attention`).
+CASCADE_MIN_PREFIX_TOKENS = 256
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask=None):
+    """PyTorch's CPU flash attention with its log-sum-exp: ``q [1, kvh, L, d]``,
+    ``k``/``v [1, kvh, S, d]``, ``mask [L, S]`` additive in q's dtype ->
+    ``(out [1, kvh, L, d], lse [1, kvh, L] float32)`` (natural log)."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                          scale=scale)[:2]
+    return out, lse
+
+
+def _cascade_attention(query, kc, vc, meta: AttentionMetadata, members: list[int], row_start: list[int],
+                       nblk: int, scale: float, out: torch.Tensor) -> None:
+    """Attention of prefill sequences whose block tables share their first ``nblk`` blocks,
+    written into their rows of ``out``: the shared prefix is gathered once and every
+    member's query rows attend to it in one call (no mask: it precedes all of them), then
+    each member's own rest of the context (causal mask), and the two partial results are
+    merged by their log-sum-exp: ``o = (o1 e^{l1} + o2 e^{l2}) / (e^{l1} + e^{l2})``.
+    Cascade (shared-prefix) attention as in FlashInfer (Ye et al., "Cascade Inference",
+    2024) and vLLM's ``use_cascade_attention``; exact up to rounding. On a CPU the gain is
+    that the prefix's K/V are read and packed once instead of once per sequence (a burst
+    of 31 requests over a 1,000-token cached prompt: 13 -> ~5 ms a layer).
+
+    Query heads sharing a KV head are folded into query rows (``[1, kvh, g * T, d]``), so
+    K/V are never repeated. Shapes: ``query [num_tokens, H, d]``, ``kc``/``vc
+    [num_blocks, block_size, kvh, d]``.
+    """
+    bs, kvh, d = kc.shape[1], kc.shape[-2], kc.shape[-1]
+    h = query.shape[1]
+    g = h // kvh
+    p = nblk * bs
+    dev = query.device
+    idx = torch.cat([torch.arange(row_start[s], row_start[s + 1], device=dev) for s in members])
+    q = query.index_select(0, idx)
+    t = q.shape[0]
+
+    def fold(x: torch.Tensor) -> torch.Tensor:  # [n, H, d] -> [1, kvh, g * n, d], rows (head in group, token)
+        return x.view(x.shape[0], kvh, g, d).permute(1, 2, 0, 3).reshape(1, kvh, g * x.shape[0], d)
+
+    def unfold(o: torch.Tensor, lse: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (o.view(kvh, g, n, d).permute(2, 0, 1, 3).reshape(n, h, d),
+                lse.view(kvh, g, n).permute(2, 0, 1).reshape(n, h))
+
+    head = meta.block_tables[members[0] : members[0] + 1, :nblk]
+    o_p, lse_p = unfold(*_flash(fold(q), _gather(kc, head, p), _gather(vc, head, p), scale), t)
+    o_s = torch.empty_like(q)
+    lse_s = torch.empty(t, h, dtype=torch.float32, device=dev)
+    r = 0
+    for s in members:
+        qlen, slen = meta.query_lens_cpu[s], meta.seq_lens_cpu[s]
+        bt = meta.block_tables[s : s + 1, nblk : -(-slen // bs)]
+        allowed = torch.arange(p, slen, device=dev)[None, :] <= torch.arange(slen - qlen, slen, device=dev)[:, None]
+        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+        o, lse = _flash(fold(q[r : r + qlen]), _gather(kc, bt, slen - p), _gather(vc, bt, slen - p), scale,
+                        mask.repeat(g, 1))
+        o_s[r : r + qlen], lse_s[r : r + qlen] = unfold(o, lse, qlen)
+        r += qlen
+    lse = torch.logaddexp(lse_p, lse_s)
+    merged = o_p.float() * torch.exp(lse_p - lse).unsqueeze(-1) + o_s.float() * torch.exp(lse_s - lse).unsqueeze(-1)
+    out.index_copy_(0, idx, merged.to(out.dtype))
 
 
 def store_kv_decode(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: DecodeMetadata) -> None:

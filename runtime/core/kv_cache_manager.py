@@ -199,6 +199,33 @@ class KVCacheManager:
             parent = hashes[i]
         return hits, len(hits) * bs
 
+    def prompt_block_hashes(self, request_id: str, token_ids: Sequence[int], start: int, end: int) -> list[BlockHash]:
+        """Hashes of the full blocks lying in tokens ``[start, end)`` of ``token_ids``
+        (block ``i`` covers tokens ``[i * block_size, (i + 1) * block_size)``; the block
+        holding ``start`` counts when it ends by ``end``). Empty with caching off."""
+        if not self.enable_caching:
+            return []
+        bs = self.block_size
+        first, last = start // bs, end // bs
+        if last <= first:
+            return []
+        return self._block_hashes(request_id, token_ids, last)[first:last]
+
+    def num_prefix_tokens_in(self, request_id: str, token_ids: Sequence[int], start: int,
+                             hashes: "set[BlockHash]") -> int:
+        """Tokens of the consecutive full blocks from token ``start`` (a block boundary: the
+        end of a prefix-cache hit) whose hashes are in ``hashes``; the last prompt token is
+        not counted (as in :meth:`get_computed_blocks`). 0 with caching off."""
+        if not self.enable_caching or not hashes:
+            return 0
+        bs = self.block_size
+        num_full = (len(token_ids) - 1) // bs
+        own = self._block_hashes(request_id, token_ids, num_full)
+        i = start // bs
+        while i < num_full and own[i] in hashes:
+            i += 1
+        return max(0, i * bs - start)
+
     def record_prefix_lookup(self, num_tokens: int, num_hit_tokens: int) -> None:
         """Count one request's prefix-cache lookup (tokens queried, tokens hit) in the
         metrics counters. The scheduler calls it once per lookup whose request was

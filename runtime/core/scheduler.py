@@ -7,7 +7,10 @@ request just advances ``num_computed_tokens``, so a decode (1 token), a prefill 
 after preemption are the same operation. When blocks run out, the lowest-priority
 running request (latest arrival) is preempted: its blocks are freed and it goes back
 to the front of the waiting queue to be recomputed later (Kwon et al., SOSP 2023, §4.5
-"recomputation"). Pure bookkeeping: no tensors.
+"recomputation"). With prefix caching, a waiting request whose next prompt blocks a
+running prefill is computing waits for them to be cached instead of computing them
+again (:data:`DEFER_SHARED_FRACTION`); requests behind it may go first meanwhile. Pure
+bookkeeping: no tensors.
 """
 
 from __future__ import annotations
@@ -20,6 +23,15 @@ from typing import Iterable, Optional
 from ..config import SchedulerConfig
 from .kv_cache_manager import KVCacheManager
 from .request import Request, RequestStatus
+
+
+#: A waiting request whose next prompt blocks are being computed by a running prefill
+#: (same block hashes: a burst of requests sharing a system prompt that is not cached yet)
+#: waits until they are cached, rather than computing them a second time, when those
+#: blocks make up at least this fraction of what it would compute now. A short shared
+#: preamble (a chat template's system line) in front of a long distinct prompt does not
+#: delay it. The idea of SGLang's in-batch prefix caching check; vLLM computes both.
+DEFER_SHARED_FRACTION = 0.5
 
 
 @dataclass
@@ -116,13 +128,21 @@ class Scheduler:
             i += 1
 
         if not out.preempted:
-            while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
-                req = self.waiting[0]
+            # blocks that running prefills are computing (this step or in later chunks)
+            in_flight = self._in_flight_blocks() if self.kv.enable_caching and self.waiting else set()
+            w = 0
+            while w < len(self.waiting) and budget > 0 and len(self.running) < cfg.max_num_seqs:
+                req = self.waiting[w]
                 hits, num_hit = [], 0
-                if req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None:
+                lookup = req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
+                if lookup:
                     # (prompt_logprobs needs logits at every prompt position: no cache reads)
                     hits, num_hit = self.kv.get_computed_blocks(req.request_id, req.all_token_ids)
                 n = req.num_tokens - num_hit - req.num_computed_tokens
+                if lookup and in_flight and DEFER_SHARED_FRACTION * n <= self.kv.num_prefix_tokens_in(
+                        req.request_id, req.all_token_ids, num_hit, in_flight):
+                    w += 1  # wait for those blocks to be cached instead of computing them twice
+                    continue
                 if n > budget and not cfg.enable_chunked_prefill:
                     break
                 n = min(n, budget)
@@ -130,7 +150,7 @@ class Scheduler:
                     break  # looked up again next step; counted only once it is scheduled
                 if req.num_computed_tokens == 0:
                     self.kv.record_prefix_lookup(req.num_tokens, num_hit)
-                self.waiting.popleft()
+                del self.waiting[w]
                 if req.status is RequestStatus.WAITING:
                     req.num_cached_tokens = num_hit
                 req.num_computed_tokens += num_hit
@@ -141,7 +161,21 @@ class Scheduler:
                 self.running.insert(pos, req)
                 out.scheduled.append((req, n))
                 budget -= n
+                if self.kv.enable_caching:
+                    in_flight.update(self._prefill_blocks(req, req.num_computed_tokens))
         out.num_scheduled_tokens = cfg.max_num_batched_tokens - budget
+        return out
+
+    def _prefill_blocks(self, req: Request, start: int) -> list:
+        """Hashes of the prompt blocks ``req`` has still to compute from token ``start``."""
+        return self.kv.prompt_block_hashes(req.request_id, req.all_token_ids, start, req.num_prompt_tokens)
+
+    def _in_flight_blocks(self) -> set:
+        """Hashes of the prompt blocks that running requests still in prefill will compute."""
+        out: set = set()
+        for req in self.running:
+            if req.num_computed_tokens < req.num_prompt_tokens:
+                out.update(self._prefill_blocks(req, req.num_computed_tokens))
         return out
 
     def _preempt(self, req: Request) -> None:
