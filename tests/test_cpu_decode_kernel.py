@@ -9,11 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from argosy.runtime import cpu_kernels
 from argosy.runtime.attention import DecodeMetadata, cpu_decode, torch_paged
 
 # Skipped only without a compiler: where one exists a kernel that fails to build fails
 # test_the_kernel_builds (and every test calling the op) instead of skipping them.
-pytestmark = pytest.mark.skipif(cpu_decode._compiler() is None, reason="no C++ compiler to build the kernel")
+pytestmark = pytest.mark.skipif(cpu_kernels.compiler() is None, reason="no C++ compiler to build the kernel")
 
 
 def test_the_kernel_builds_and_loads():

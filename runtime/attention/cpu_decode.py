@@ -9,12 +9,9 @@ header). Measured on this 2-core machine, bfloat16, 9 query / 3 KV heads of 64, 
 one layer: 32 sequences of 1-560 tokens (~9,700 tokens) 0.44-0.5 ms vs 1.7-2.0 ms for the
 torch path; one sequence of 300 tokens 16 us vs 74 us.
 
-Build: on first use the source is compiled with the C++ compiler inductor uses
-(``$CXX``, else ``g++``), ``-O3 -fopenmp`` and the vector ISA flags inductor picked for
-this CPU, into ``$ARGOSY_CACHE_DIR/kernels/`` (keyed by source, flags and compiler), and
-loaded with ``ctypes``; its OpenMP calls bind to the runtime torch already loaded (one
-thread pool). If there is no compiler or the build fails, :func:`kernel` returns None
-(one warning line) and callers keep the torch path.
+Build and load: :mod:`argosy.runtime.cpu_kernels` (compiled on first use into
+``$ARGOSY_CACHE_DIR/kernels/``; no compiler or a failed build: :func:`kernel` returns
+None, one warning line, and callers keep the torch path).
 
 It is registered as the op ``argosy::paged_decode_attention`` so that
 ``torch.compile`` keeps it as one opaque call inside the compiled decode step.
@@ -23,21 +20,12 @@ It is registered as the op ``argosy::paged_decode_attention`` so that
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from ..cache_dirs import argosy_cache_root, inductor_vec_isa
-
-logger = logging.getLogger("argosy.attention")
+from .. import cpu_kernels
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
 #: Query heads per KV head, head sizes and block sizes the kernel supports (else the torch path).
@@ -46,64 +34,26 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 MAX_BLOCK_SIZE = 64
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
-_lock = threading.Lock()
-_lib = None
-_tried = False
+
+def _declare(lib: ctypes.CDLL) -> None:
+    for name in ("f32", "bf16"):
+        fn = getattr(lib, f"argosy_paged_decode_attention_{name}")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_float]
 
 
-def _compiler() -> Optional[str]:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-
-
-def _isa_flags() -> list[str]:
-    isa = inductor_vec_isa()  # the ISA inductor's compiled graphs use too
-    return isa.build_arch_flags().split() if isa else []  # none: portable code, no ISA flags
+KERNEL = cpu_kernels.Kernel(SOURCE, "paged_decode", _declare, "the torch path")
 
 
 def build(cache_dir: Optional[Path] = None) -> Path:
-    """Compile the kernel (or find it already compiled) and return the shared library's path.
-
-    Libraries of other sources, compilers or flags are left in place (a cache directory
-    may be shared by machines with different CPUs or compilers).
+    """Compile the kernel (or find it compiled) and return the library's path
+    (:func:`argosy.runtime.cpu_kernels.build`).
 
     Raises:
-        RuntimeError: no C++ compiler, or the compiler failed or timed out (its stderr in
-            the message).
-        OSError: the cache directory cannot be created or written.
+        RuntimeError: no C++ compiler, or the compiler failed or timed out.
+        OSError: the cache directory cannot be written.
     """
-    cxx = _compiler()
-    if not cxx:
-        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    # -fassociative-math (with the two flags it needs) lets the dot products end in a tree
-    # of vector adds instead of a serial chain of scalar ones (0.73 -> 0.49 ms a layer at
-    # batch 32, measured). Not -ffast-math: it would also link crtfastmath, which turns on
-    # flush-to-zero for the whole process.
-    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
-             "-fno-trapping-math", *_isa_flags()]
-    try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except OSError as e:
-        raise RuntimeError(f"C++ compiler {cxx!r} cannot run: {e}") from None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, *flags]).encode()).hexdigest()[:16]
-    out_dir = Path(cache_dir) if cache_dir else argosy_cache_root() / "kernels"
-    lib = out_dir / f"paged_decode-{key}.so"
-    if lib.exists():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-    os.close(fd)
-    try:
-        try:
-            res = subprocess.run([cxx, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{cxx} took more than 300 s") from None
-        if res.returncode != 0:
-            raise RuntimeError(f"{cxx} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
-        os.replace(tmp, lib)  # atomic: concurrent builders never load a half-written file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return lib
+    return KERNEL.build(cache_dir)
 
 
 def kernel():
@@ -111,25 +61,7 @@ def kernel():
     (logged once) or ``ARGOSY_ATTENTION_BACKEND=torch`` asks for the torch path. Inside a
     ``torch.compile`` trace it only reports what an eager call decided before (the model
     runner builds it at startup, before any graph is traced)."""
-    global _lib, _tried
-    if torch.compiler.is_compiling():  # traced code: decided before (the model runner builds it at startup)
-        return _lib
-    if os.environ.get("ARGOSY_ATTENTION_BACKEND", "auto").strip().lower() == "torch":
-        return None
-    with _lock:
-        if not _tried:
-            _tried = True
-            try:
-                lib = ctypes.CDLL(str(build()))
-                for name in ("f32", "bf16"):
-                    fn = getattr(lib, f"argosy_paged_decode_attention_{name}")
-                    fn.restype = ctypes.c_int
-                    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_float]
-                _lib = lib
-            except Exception as e:  # noqa: BLE001 - any build/load problem means: keep the torch path
-                logger.warning("CPU paged decode attention kernel unavailable, using the torch path: %s",
-                               str(e).splitlines()[0] if str(e) else type(e).__name__)
-    return _lib
+    return KERNEL.library()
 
 
 def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
@@ -173,7 +105,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
             (checked before anything is read), or the shapes are unsupported.
         RuntimeError: the kernel is not built (:func:`kernel` returned None).
     """
-    lib = _lib if _lib is not None else kernel()
+    lib = KERNEL.loaded or kernel()
     if lib is None:
         raise RuntimeError("the CPU paged decode attention kernel is not available")
     if not supports(query, kv_cache):

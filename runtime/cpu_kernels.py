@@ -1,0 +1,139 @@
+"""Building and loading Argosy's C++ CPU kernels (``csrc/*.cpp`` next to their modules).
+
+A kernel source is compiled on first use with the C++ compiler inductor uses (``$CXX``,
+else ``g++``, else ``c++``), ``-O3 -fopenmp`` and the vector ISA flags inductor picked for
+this CPU, into ``$ARGOSY_CACHE_DIR/kernels/<name>-<key>.so`` (the key hashes the source,
+compiler, its version and the flags), and loaded with ``ctypes`` (which releases the GIL
+during calls). Its OpenMP calls bind to the runtime torch already loaded: one thread
+pool in the process. If there is no compiler or the build fails, :meth:`Kernel.library`
+returns None (one warning line) and the caller keeps its torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .cache_dirs import argosy_cache_root, inductor_vec_isa
+
+logger = logging.getLogger("argosy.kernels")
+
+# -fassociative-math (with the two flags it needs) lets dot products end in a tree of
+# vector adds instead of a serial chain of scalar ones (the decode attention: 0.73 -> 0.49
+# ms a layer at batch 32, measured). Not -ffast-math: it would also link crtfastmath,
+# which turns on flush-to-zero for the whole process.
+BASE_FLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-fassociative-math", "-fno-signed-zeros",
+              "-fno-trapping-math")
+
+
+def compiler() -> Optional[str]:
+    """The C++ compiler to use (``$CXX``, ``g++``, ``c++``), or None."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def isa_flags() -> list[str]:
+    """The ``-m...`` flags of the vector ISA inductor's compiled graphs use (none: portable code)."""
+    isa = inductor_vec_isa()
+    return isa.build_arch_flags().split() if isa else []
+
+
+def build(source: Path, name: str, cache_dir: Optional[Path] = None) -> Path:
+    """Compile ``source`` (or find it already compiled) and return the shared library's path.
+
+    Libraries of other sources, compilers or flags are left in place (a cache directory
+    may be shared by machines with different CPUs or compilers). The library is written
+    to a temporary file and renamed into place, so concurrent builders never load a
+    half-written file.
+
+    Raises:
+        RuntimeError: no C++ compiler, or the compiler failed or took more than 300 s
+            (its stderr in the message).
+        OSError: the cache directory cannot be created or written.
+    """
+    cxx = compiler()
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    flags = [*BASE_FLAGS, *isa_flags()]
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except OSError as e:
+        raise RuntimeError(f"C++ compiler {cxx!r} cannot run: {e}") from None
+    key = hashlib.sha256("\0".join([source.read_text(), cxx, version, *flags]).encode()).hexdigest()[:16]
+    out_dir = Path(cache_dir) if cache_dir else argosy_cache_root() / "kernels"
+    lib = out_dir / f"{name}-{key}.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    try:
+        try:
+            res = subprocess.run([cxx, *flags, "-o", tmp, str(source)], capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{cxx} took more than 300 s") from None
+        if res.returncode != 0:
+            raise RuntimeError(f"{cxx} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+class Kernel:
+    """One C++ kernel library, built and loaded once per process on first use.
+
+    Args:
+        source: the ``.cpp`` file.
+        name: the library's file-name stem and the name in log lines.
+        declare: sets ``restype``/``argtypes`` of the library's functions (ctypes).
+        what: what the caller falls back to, for the warning line.
+    """
+
+    def __init__(self, source: Path, name: str, declare: Callable[[ctypes.CDLL], None], what: str):
+        self.source = source
+        self.name = name
+        self.declare = declare
+        self.what = what
+        self._lib: Optional[ctypes.CDLL] = None
+        self._tried = False
+        self._lock = threading.Lock()
+
+    def build(self, cache_dir: Optional[Path] = None) -> Path:
+        """:func:`build` of this kernel's source."""
+        return build(self.source, self.name, cache_dir)
+
+    @property
+    def loaded(self) -> Optional[ctypes.CDLL]:
+        """The library if an earlier :meth:`library` call loaded it (no build, no lock)."""
+        return self._lib
+
+    def library(self) -> Optional[ctypes.CDLL]:
+        """The loaded library, building it on first call; None when it cannot be built
+        (logged once) or ``ARGOSY_ATTENTION_BACKEND=torch`` asks for the torch paths.
+        Inside a ``torch.compile`` trace it only reports what an eager call decided before."""
+        if torch.compiler.is_compiling():
+            return self._lib
+        if os.environ.get("ARGOSY_ATTENTION_BACKEND", "auto").strip().lower() == "torch":
+            return None
+        with self._lock:
+            if not self._tried:
+                self._tried = True
+                try:
+                    lib = ctypes.CDLL(str(self.build()))
+                    self.declare(lib)
+                    self._lib = lib
+                except Exception as e:  # noqa: BLE001 - any build/load problem means: keep the torch path
+                    logger.warning("CPU kernel %s unavailable, using %s: %s", self.name, self.what,
+                                   str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return self._lib
