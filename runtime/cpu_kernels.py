@@ -98,13 +98,17 @@ class Kernel:
         name: the library's file-name stem and the name in log lines.
         declare: sets ``restype``/``argtypes`` of the library's functions (ctypes).
         what: what the caller falls back to, for the warning line.
+        disabled: when it returns True, :meth:`library` answers None (the caller's
+            switch to its torch path, e.g. ``ARGOSY_ATTENTION_BACKEND=torch``).
     """
 
-    def __init__(self, source: Path, name: str, declare: Callable[[ctypes.CDLL], None], what: str):
+    def __init__(self, source: Path, name: str, declare: Callable[[ctypes.CDLL], None], what: str,
+                 disabled: Callable[[], bool] = lambda: False):
         self.source = source
         self.name = name
         self.declare = declare
         self.what = what
+        self.disabled = disabled
         self._lib: Optional[ctypes.CDLL] = None
         self._tried = False
         self._lock = threading.Lock()
@@ -120,11 +124,11 @@ class Kernel:
 
     def library(self) -> Optional[ctypes.CDLL]:
         """The loaded library, building it on first call; None when it cannot be built
-        (logged once) or ``ARGOSY_ATTENTION_BACKEND=torch`` asks for the torch paths.
-        Inside a ``torch.compile`` trace it only reports what an eager call decided before."""
+        (logged once) or ``disabled()``. Inside a ``torch.compile`` trace it only reports
+        what an eager call decided before."""
         if torch.compiler.is_compiling():
             return self._lib
-        if os.environ.get("ARGOSY_ATTENTION_BACKEND", "auto").strip().lower() == "torch":
+        if self.disabled():
             return None
         with self._lock:
             if not self._tried:

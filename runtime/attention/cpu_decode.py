@@ -20,6 +20,7 @@ It is registered as the op ``argosy::paged_decode_attention`` so that
 from __future__ import annotations
 
 import ctypes
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -42,7 +43,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_float]
 
 
-KERNEL = cpu_kernels.Kernel(SOURCE, "paged_decode", _declare, "the torch path")
+KERNEL = cpu_kernels.Kernel(SOURCE, "paged_decode", _declare, "the torch path", disabled=lambda: os.environ.get(
+    "ARGOSY_ATTENTION_BACKEND", "auto").strip().lower() == "torch")
 
 
 def build(cache_dir: Optional[Path] = None) -> Path:
@@ -81,7 +83,7 @@ def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
 # Defined with ``torch.library.Library`` rather than ``torch.library.custom_op``: the latter
 # wraps the call in autograd and dynamo-disable layers, ~38 us a call against ~4 us here
 # (measured), and a decode step makes one call per layer.
-_LIBRARY = torch.library.Library("argosy", "DEF")
+_LIBRARY = torch.library.Library("argosy", "FRAGMENT")
 _LIBRARY.define("paged_decode_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, "
                 "float scale) -> Tensor")
 

@@ -184,13 +184,19 @@ def _int4_weight(t, shard, full_shape: tuple[int, ...], cfg: ModelConfig):
     return w
 
 
+#: Tensors handed over as Q8_0 when the file stores them so (the model keeps them for the logits).
+_Q8_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+
+
 def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardFn] = None,
                  int4: bool = False) -> Iterator[tuple[str, object]]:
     """Yield ``(hf_name, weight)`` for every tensor the Llama model uses.
 
-    A weight is a float32 tensor, or, with ``int4`` and a 2-D linear weight stored as
-    Q4_0/Q4_1/Q4_K, an :class:`~argosy.runtime.quantization.int4.Int4Weight` decoded
-    without loss (the embedding stays a float tensor: it is looked up, not multiplied).
+    A weight is a float32 tensor, or, with ``int4`` (the packed fast path): for a 2-D
+    linear weight stored as Q4_0/Q4_1/Q4_K, an
+    :class:`~argosy.runtime.quantization.int4.Int4Weight` decoded without loss; for the
+    embedding or LM head stored as Q8_0, a
+    :class:`~argosy.runtime.quantization.q8_0.Q8Weight` (the file's own values).
     With ``shard_for``, only each tensor's slice is decoded (see :func:`_read_slice`);
     the file is memory-mapped, so the rest is never read.
 
@@ -200,6 +206,7 @@ def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardF
     from gguf.quants import dequantize
 
     from ..quantization.gguf import INT4_TYPES
+    from ..quantization.q8_0 import Q8Weight
 
     for t in reader.tensors:
         name = hf_name(t.name)
@@ -207,6 +214,13 @@ def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardF
             continue
         shard = shard_for(name) if shard_for else None
         full_shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if int4 and t.tensor_type.name == "Q8_0" and len(full_shape) == 2 and name in _Q8_NAMES:
+            data, shape = _read_slice(t, shard, full_shape)  # vocabulary rows only: a row slice
+            try:
+                yield name, Q8Weight.from_gguf(data, shape)
+            except ValueError as e:
+                raise ModelLoadError(f"{path}: cannot decode tensor {t.name} (Q8_0): {e}") from None
+            continue
         if (int4 and t.tensor_type.name in INT4_TYPES and len(full_shape) == 2
                 and name != "model.embed_tokens.weight"):
             try:

@@ -90,8 +90,10 @@ def build_shard(spec: ModelSpec, checkpoint: Checkpoint, tp: TPGroup, device: to
     """
     model = LlamaForCausalLM(checkpoint.config, spec.dtype, device, spec.max_model_len, tp)
     model.load_weights(checkpoint.weights(model.shard_for, int4=model.uses_int4))
-    # parameters plus buffers: packed int4 weights, rotary tables
+    # parameters plus buffers (packed int4 weights, rotary tables) plus the Q8_0 LM head
     weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if model.logits_q8 is not None:
+        weight_bytes += model.logits_q8.nbytes
 
     def profile() -> int:
         from .cuda_graphs import profile_peak_activations

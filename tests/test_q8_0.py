@@ -1,0 +1,120 @@
+"""Q8_0 weights kept as the file stores them, and the C++ linear over them
+(:mod:`argosy.runtime.quantization.q8_0`), against the ``gguf`` package's own dequantizer
+(the oracle) on the bundled model's Q8_0 embedding / LM head."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from argosy.runtime import cpu_kernels
+from argosy.runtime.quantization import q8_0
+
+pytestmark = pytest.mark.skipif(cpu_kernels.compiler() is None, reason="no C++ compiler to build the kernel")
+
+
+@pytest.fixture(scope="module")
+def embed(model_path):
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(model_path)
+    t = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert t.tensor_type.name == "Q8_0"
+    shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+    ref = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float64))
+    return q8_0.Q8Weight.from_gguf(t.data, shape), ref
+
+
+def test_decoded_weight_equals_the_gguf_dequantizer(embed):
+    w, ref = embed
+    assert w.shape == (49152, 576) and w.q.dtype == np.int8 and w.scale.dtype == np.float16
+    assert torch.equal(w.dequantize().double(), ref)
+    with pytest.raises(ValueError, match="does not hold"):
+        q8_0.Q8Weight.from_gguf(np.zeros(34 * 17, dtype=np.uint8), (1, 576))
+
+
+def test_the_kernel_builds_and_loads():
+    assert q8_0.KERNEL.build().exists()  # a compile error is raised here, with the compiler's stderr
+    assert q8_0.kernel() is not None
+
+
+@pytest.mark.parametrize("rows", [(0, 49152), (0, 24576), (32768, 49152)])  # whole, TP=2 rank 0, TP=3 rank 2
+def test_linear_equals_x_times_dequantized_w(embed, rows):
+    """float32 math over the file's values: within 2e-5 of float64 (logits here reach ~20)."""
+    w, ref = embed
+    lo, hi = rows
+    shard = q8_0.Q8Weight(w.q[lo:hi], w.scale[lo:hi])
+    packed = q8_0.PackedQ8.pack(shard)
+    g = torch.Generator().manual_seed(lo)
+    for m in (1, 2, 4, 7, 8, 9, 17):
+        x = torch.randn(m, 576, generator=g).to(torch.bfloat16)
+        got = torch.ops.argosy.q8_0_linear(x, packed.w, packed.scales, packed.n)
+        assert got.dtype == torch.float32 and got.shape == (m, hi - lo)
+        want = x.double() @ ref[lo:hi].T
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
+
+
+def test_padded_rows_and_a_width_that_is_not_a_whole_tile(embed):
+    """A vocabulary slice padded to the other ranks' size (rows past N are zero) and an
+    N that is not a multiple of the 16-row tile: only ``n`` columns come back, the
+    padding's are zero."""
+    w, ref = embed
+    part = q8_0.Q8Weight(w.q[:1000], w.scale[:1000])
+    packed = q8_0.PackedQ8.pack(part, rows=1003)
+    assert packed.n == 1003 and packed.w.shape == (63, 576, 16)
+    x = torch.randn(3, 576)
+    got = torch.ops.argosy.q8_0_linear(x, packed.w, packed.scales, packed.n)
+    assert got.shape == (3, 1003)
+    torch.testing.assert_close(got[:, :1000].double(), x.double() @ ref[:1000].T, atol=2e-5, rtol=0)
+    assert torch.equal(got[:, 1000:], torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="cannot pack"):
+        q8_0.PackedQ8.pack(part, rows=999)
+
+
+def test_mismatched_inputs_are_refused(embed):
+    w, _ = embed
+    packed = q8_0.PackedQ8.pack(q8_0.Q8Weight(w.q[:64], w.scale[:64]))
+    with pytest.raises(ValueError, match="does not match"):
+        torch.ops.argosy.q8_0_linear(torch.randn(2, 512), packed.w, packed.scales, packed.n)
+    with pytest.raises(ValueError, match="does not match"):
+        torch.ops.argosy.q8_0_linear(torch.randn(2, 576), packed.w, packed.scales, 65)
+
+
+def test_the_engine_takes_it_for_few_rows_and_the_dense_copy_for_more(make_engine, embed):
+    """bfloat16 engine on the bundled model: the LM head is kept as Q8_0 too, and logits
+    of up to MAX_ROWS rows are the kernel's (float32 math over the file's values: within
+    1e-4 of float64, where the dense bfloat16 copy is off by ~0.05); more rows take the
+    dense copy."""
+    _, ref = embed
+    model = make_engine(dtype="bfloat16", compilation_config="0").executor.runner.model
+    assert model.logits_q8 is not None and model.logits_q8.n == 49152
+    g = torch.Generator().manual_seed(3)
+    few = torch.randn(q8_0.MAX_ROWS, 576, generator=g).to(torch.bfloat16)
+    want = few.double() @ ref.T
+    torch.testing.assert_close(model.compute_logits(few).double(), want, atol=1e-4, rtol=0)
+    many = torch.randn(q8_0.MAX_ROWS + 1, 576, generator=g).to(torch.bfloat16)
+    dense = model.compute_logits(many).double()
+    err = (dense - many.double() @ ref.T).abs().max().item()
+    assert 1e-3 < err < 0.5, err  # the bfloat16 copy's rounding: a different path
+    f32 = make_engine(dtype="float32").executor.runner.model
+    assert f32.logits_q8 is None  # the exact path keeps dense float32 weights only
+
+
+def test_the_portable_build_gives_the_same_answer(embed, tmp_path, monkeypatch):
+    """Without AVX-512 flags the source compiles its portable loop (a CPU without
+    AVX-512, or inductor finding no vector ISA): same results."""
+    import ctypes
+
+    w, ref = embed
+    monkeypatch.setattr(cpu_kernels, "isa_flags", lambda: [])
+    lib = ctypes.CDLL(str(q8_0.KERNEL.build(tmp_path)))
+    q8_0._declare(lib)
+    part = q8_0.Q8Weight(w.q[:200], w.scale[:200])
+    packed = q8_0.PackedQ8.pack(part)
+    x = torch.randn(3, 576)
+    out = torch.empty(3, 200)
+    assert lib.argosy_q8_0_linear(packed.w.data_ptr(), packed.scales.data_ptr(), x.data_ptr(), out.data_ptr(),
+                                  3, 200, 576) == 0
+    torch.testing.assert_close(out.double(), x.double() @ ref[:200].T, atol=2e-5, rtol=0)
