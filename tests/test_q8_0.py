@@ -118,3 +118,22 @@ def test_the_portable_build_gives_the_same_answer(embed, tmp_path, monkeypatch):
     assert lib.argosy_q8_0_linear(packed.w.data_ptr(), packed.scales.data_ptr(), x.data_ptr(), out.data_ptr(),
                                   3, 200, 576) == 0
     torch.testing.assert_close(out.double(), x.double() @ ref[:200].T, atol=2e-5, rtol=0)
+
+
+def test_each_tensor_parallel_rank_keeps_its_vocabulary_slice(checkpoint, embed):
+    """Under TP=3 (the bundled model's 9 heads allow it) each rank's Q8_0 head holds its
+    vocabulary rows (the GGUF's row slice, decoded without the others) and its logits are
+    that slice of the whole (49,152 / 3 leaves no padding; padding is tested above)."""
+    from argosy.runtime.distributed import TPGroup
+    from argosy.runtime.models import LlamaForCausalLM
+
+    _, ref = embed
+    x = torch.randn(2, 576).to(torch.bfloat16)
+    for rank in range(3):
+        model = LlamaForCausalLM(checkpoint.config, torch.bfloat16, torch.device("cpu"), 256, TPGroup(rank, 3))
+        model.load_weights(checkpoint.weights(model.shard_for, int4=True))
+        p = model.logits_q8
+        assert p is not None and p.n == model.vocab_per_rank == 16384
+        got = torch.ops.argosy.q8_0_linear(x, p.w, p.scales, p.n).double()
+        lo = model.vocab_start
+        torch.testing.assert_close(got, x.double() @ ref[lo : lo + p.n].T, atol=2e-5, rtol=0)
