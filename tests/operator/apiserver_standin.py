@@ -58,13 +58,16 @@ rely on, as the Kubernetes API conventions and "API concepts" pages describe the
 - **Validation and admission the operator's writes can hit**, as the real server and
   KEDA answer them: an HPA's ``behavior`` stabilization window above 3600 s is 422
   Invalid; a PersistentVolumeClaim's spec is immutable except a growing
-  ``resources.requests.storage`` (422 otherwise); KEDA's ScaledObject webhook denies (403)
+  ``resources.requests.storage`` (422 otherwise); so are a Deployment's selector, a Job's
+  selector, template, completions and completionMode, and a Service's clusterIP(s), which
+  are allocated on create (10.96.0.0/16, kept by updates that leave them out, as
+  ``patchAllocatedValues`` does); KEDA's ScaledObject webhook denies (403)
   a ScaledObject whose workload an HPA not owned by a ScaledObject already scales.
 
 Not implemented (a real API server does these; tests must not rely on them):
 authentication, authorization (RBAC) and TLS; other admission (webhooks, policies, quotas,
 LimitRanges); server-side field validation (``fieldValidation=Strict``: unknown fields
-are always pruned); defaulting and other validation of built-in kinds (a Deployment gets no default
+are always pruned); other defaulting and validation of built-in kinds (a Deployment gets no default
 ``replicas``, a Job no selector); controllers of any kind (no ReplicaSets, Pods, Job runs,
 endpoints, PVC binding: tests play the controllers by writing ``status``); conversion
 between versions (a CRD's versions share the stored object); the ``scale`` and other
@@ -526,6 +529,7 @@ class Store:
     def __init__(self, *, history: int = 5000, third_party: bool = True):
         self.lock = threading.RLock()
         self.rv = 0
+        self.next_cluster_ip = 0  # Service clusterIPs handed out (10.96.0.0/16)
         self.types: dict[tuple[str, str], ResourceType] = {}
         self.objects: dict[tuple[str, str, str, str], dict] = {}
         #: the storage version's openAPIV3Schema of each CRD-defined type
@@ -584,6 +588,7 @@ class Store:
     # -- commit
     def _commit(self, rt: ResourceType, key: tuple, old: Optional[dict], new: dict, kind: str) -> dict:
         if kind != "DELETED" and not new["metadata"].get("deletionTimestamp"):
+            self._allocate(rt, old, new)
             self._admit(rt, old, new)
         self.rv += 1
         new["metadata"]["resourceVersion"] = str(self.rv)
@@ -599,10 +604,33 @@ class Store:
             watch.offer(ev)
         return new
 
-    # -- validation and admission of the kinds the operator writes
+    # -- allocation, validation and admission of the kinds the operator writes
+    def _allocate(self, rt: ResourceType, old: Optional[dict], new: dict) -> None:
+        """Values the real server allocates: a Service's ``clusterIP``/``clusterIPs`` on
+        create (``None`` keeps a headless Service, ExternalName gets none) and, on an update
+        that leaves them empty, the allocated ones kept (pkg/registry/core/service/storage:
+        ``patchAllocatedValues``)."""
+        if rt.kind != "Service":
+            return
+        spec = new.setdefault("spec", {})
+        if spec.get("type") == "ExternalName":
+            return
+        if old is None:
+            if not spec.get("clusterIP"):
+                self.next_cluster_ip += 1
+                spec["clusterIP"] = f"10.96.{self.next_cluster_ip // 250}.{self.next_cluster_ip % 250 + 1}"
+            spec.setdefault("clusterIPs", [spec["clusterIP"]])
+            return
+        old_spec = old.get("spec") or {}
+        if not spec.get("clusterIP") and old_spec.get("clusterIP"):
+            spec["clusterIP"] = old_spec["clusterIP"]
+        if not spec.get("clusterIPs") and old_spec.get("clusterIPs"):
+            spec["clusterIPs"] = list(old_spec["clusterIPs"])
+
     def _admit(self, rt: ResourceType, old: Optional[dict], new: dict) -> None:
         """The real server's checks that the operator's writes can hit (see the module
-        doc): HPA behavior windows, PVC spec immutability, and KEDA's ScaledObject webhook.
+        doc): HPA behavior windows; immutable fields of PVCs, Deployments, Jobs and
+        Services; KEDA's ScaledObject webhook.
 
         Raises:
             ApiError: 422 Invalid (built-in validation) or 403 (a webhook's denial).
@@ -634,6 +662,8 @@ class Store:
                 raise ApiError(422, "Invalid", f'PersistentVolumeClaim "{name}" is invalid: '
                                                "spec.resources.requests.storage: Forbidden: field can not be less "
                                                "than previous value")
+        if old is not None:
+            self._check_immutable(rt, name, old.get("spec") or {}, spec)
         if rt.kind == "ScaledObject":
             # KEDA's validating webhook (vscaledobject.kb.io): one owner per workload
             ref = spec.get("scaleTargetRef") or {}
@@ -650,6 +680,20 @@ class Store:
                     raise ApiError(403, "Forbidden", 'admission webhook "vscaledobject.kb.io" denied the request: '
                                                      f"the workload '{target[1]}' of type 'apps/v1.{target[0]}' is "
                                                      f"already managed by the hpa '{obj['metadata']['name']}'")
+
+    #: Built-in fields that updates may not change (pkg/apis/{apps,batch,core}/validation:
+    #: ValidateDeploymentUpdate's selector, ValidateJobSpecUpdate's selector, template,
+    #: completions and completionMode, ValidateServiceUpdate's clusterIP(s)).
+    _IMMUTABLE = {"Deployment": ("selector",), "Job": ("selector", "template", "completions", "completionMode"),
+                  "Service": ("clusterIP", "clusterIPs")}
+
+    @classmethod
+    def _check_immutable(cls, rt: ResourceType, name: str, old_spec: dict, spec: dict) -> None:
+        for field in cls._IMMUTABLE.get(rt.kind, ()):
+            if old_spec.get(field) != spec.get(field):
+                what = f"{rt.plural}.{rt.group}" if rt.group else rt.kind
+                raise ApiError(422, "Invalid", f'{what} "{name}" is invalid: spec.{field}: Invalid value: '
+                                               f"{json.dumps(spec.get(field))}: field is immutable")
 
     @staticmethod
     def _validate_custom_resource(rt: ResourceType, schema: dict, old: Optional[dict], new: dict) -> None:

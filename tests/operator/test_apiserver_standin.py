@@ -286,6 +286,50 @@ def test_validation_and_admission_the_operator_can_hit(standin):
     assert status == 422 and "spec is immutable" in body["message"]
 
 
+def test_immutable_fields_of_deployments_jobs_and_services(standin):
+    """As the real server: a Deployment's selector, a Job's selector/template/completions
+    and a Service's allocated clusterIP cannot change (422 "field is immutable"); other
+    fields can; a Service update that leaves clusterIP out keeps the allocated one (server-
+    side apply by a manager that never set it, or a PUT without it)."""
+    dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+           "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                    "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": []}}}}
+    assert standin.http("POST", DEP, dep)[0] == 201
+    assert standin.http("PATCH", f"{DEP}/web", {"spec": {"replicas": 3}}, content_type=MERGE_PATCH)[0] == 200
+    status, body = standin.http("PATCH", f"{DEP}/web", {"spec": {"selector": {"matchLabels": {"app": "new"}}}},
+                                content_type=MERGE_PATCH)
+    assert status == 422 and "spec.selector" in body["message"] and "field is immutable" in body["message"]
+
+    jobs = "/apis/batch/v1/namespaces/default/jobs"
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "fetch"},
+           "spec": {"backoffLimit": 2, "template": {"spec": {"containers": [{"name": "f", "image": "a:1"}]}}}}
+    assert standin.http("POST", jobs, job)[0] == 201
+    assert standin.http("PATCH", f"{jobs}/fetch", {"spec": {"backoffLimit": 4}}, content_type=MERGE_PATCH)[0] == 200
+    changed = {"spec": {"template": {"spec": {"containers": [{"name": "f", "image": "a:2"}]}}}}
+    status, body = standin.http("PATCH", f"{jobs}/fetch", changed, content_type=MERGE_PATCH)
+    assert status == 422 and "spec.template" in body["message"] and "field is immutable" in body["message"]
+
+    svcs = "/api/v1/namespaces/default/services"
+    svc = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+           "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}}
+    status, created = standin.http("POST", svcs, svc)
+    assert status == 201 and created["spec"]["clusterIP"].startswith("10.96.")
+    ip = created["spec"]["clusterIP"]
+    status, applied = standin.http("PATCH", f"{svcs}/web?fieldManager=op&force=true",
+                                   {**svc, "spec": {**svc["spec"], "ports": [{"port": 8080}]}},
+                                   content_type=APPLY_PATCH)
+    assert status == 200 and applied["spec"]["clusterIP"] == ip and applied["spec"]["ports"][0]["port"] == 8080
+    put = {**applied, "spec": {k: v for k, v in applied["spec"].items() if k not in ("clusterIP", "clusterIPs")}}
+    status, replaced = standin.http("PUT", f"{svcs}/web", put)
+    assert status == 200 and replaced["spec"]["clusterIP"] == ip and replaced["spec"]["clusterIPs"] == [ip]
+    status, body = standin.http("PATCH", f"{svcs}/web", {"spec": {"clusterIP": "10.96.9.9"}},
+                                content_type=MERGE_PATCH)
+    assert status == 422 and "spec.clusterIP" in body["message"]
+    headless = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "peers"},
+                "spec": {"clusterIP": "None", "selector": {"app": "web"}}}
+    assert standin.http("POST", svcs, headless)[1]["spec"]["clusterIP"] == "None"
+
+
 def test_custom_resources_are_defaulted_and_validated_from_their_crd(with_crd):
     """As the real server: defaults filled on create, the structural schema and the CEL
     rules enforced on every write (422), transition rules on updates."""
