@@ -72,6 +72,8 @@ class ModelConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     architecture: str = "LlamaForCausalLM"
+    #: the checkpoint's own quantization method (``gguf``, ``compressed-tensors``), None if dense
+    quantization: Optional[str] = None
 
 
 @dataclass
@@ -138,8 +140,9 @@ class EngineArgs:
         g.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16 (auto: bfloat16; 4-bit GGUF weights run packed in bfloat16 "
                             "on CPU; float32 = dense dequantized weights, exact against HF)")
         g.add_argument("--quantization", "-q", default=None,
-                       help="weight quantization method; 'gguf' is the only one supported so far (4-bit GGUF "
-                            "tensors run packed with bfloat16 on CPU, others are dequantized to --dtype)")
+                       help="the checkpoint's quantization method, detected when omitted: gguf (4-bit GGUF tensors "
+                            "run packed with bfloat16 on CPU, others are dequantized to --dtype) or compressed-tensors "
+                            "(pack-quantized W4A16); a method other than the checkpoint's own is an error")
         g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
         g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens (prompt + output); default: the model's")
         g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")

@@ -202,6 +202,9 @@ def test_prompt_too_long_is_refused(engine):
         engine.add_request("e", [], SamplingParams())
 
 
-def test_unsupported_quantization_is_refused(make_engine):
-    with pytest.raises(ValueError, match="--quantization awq is not supported"):
+def test_quantization_flag_is_checked_against_the_checkpoint(make_engine):
+    """As vLLM: the checkpoint's own method is accepted, another one is refused naming both
+    (no double quantization)."""
+    assert make_engine(quantization="gguf").model_config.quantization == "gguf"
+    with pytest.raises(ValueError, match="--quantization awq does not match .* already quantized with gguf"):
         make_engine(quantization="awq")

@@ -74,6 +74,34 @@ class EngineStats:
     steps: int = 0
 
 
+#: ``--quantization`` values: the methods of checkpoints Argosy reads (online quantization
+#: of a dense checkpoint, vLLM's ``--quantization fp8``, is not implemented: issue 16).
+QUANTIZATION_METHODS = ("gguf", "compressed-tensors")
+
+
+def check_quantization(requested: Optional[str], checkpoint: Checkpoint) -> None:
+    """``--quantization`` against the checkpoint's own method, as vLLM does: unset or the
+    same method is fine; another method on a quantized checkpoint is refused naming both
+    (no double quantization); a method on a dense checkpoint is refused (no online
+    quantization yet).
+
+    Raises:
+        ValueError: one line saying which and what to do.
+    """
+    if requested is None:
+        return
+    own = checkpoint.config.quantization
+    if own is not None and requested != own:
+        raise ValueError(f"--quantization {requested} does not match {checkpoint.path}, which is already quantized "
+                         f"with {own}: drop the flag or pass --quantization {own}")
+    if requested not in QUANTIZATION_METHODS:
+        raise ValueError(f"--quantization {requested} is not supported (supported: "
+                         f"{', '.join(QUANTIZATION_METHODS)}, for checkpoints quantized that way)")
+    if own is None:
+        raise ValueError(f"--quantization {requested} needs a checkpoint quantized with {requested} "
+                         f"({checkpoint.path} is not quantized; online quantization is not implemented)")
+
+
 class LLMEngine:
     """Owns scheduler, KV cache, model runner, sampler and detokenizers.
 
@@ -96,11 +124,8 @@ class LLMEngine:
         self.device = args.resolve_device()
         if self.device.type == "cpu":
             torch.set_num_threads(args.num_threads or default_num_threads())
-        if args.quantization not in (None, "gguf"):
-            raise ValueError(f"--quantization {args.quantization} is not supported (supported: gguf)")
         self.checkpoint = checkpoint or load_checkpoint(args.model, args.tokenizer, args.revision)
-        if args.quantization == "gguf" and not self.checkpoint.path.endswith(".gguf"):
-            raise ValueError(f"--quantization gguf needs a GGUF file, got {self.checkpoint.path}")
+        check_quantization(args.quantization, self.checkpoint)
         self.model_config: ModelConfig = self.checkpoint.config
         self.tokenizer = self.checkpoint.tokenizer
         self._fast_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None) or self.tokenizer

@@ -134,6 +134,7 @@ def read_config(reader, path: str) -> ModelConfig:
         attention_bias="blk.0.attn_q.bias" in names,
         mlp_bias="blk.0.ffn_down.bias" in names,
         architecture="LlamaForCausalLM",
+        quantization="gguf",
     )
 
 

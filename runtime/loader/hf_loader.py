@@ -10,7 +10,46 @@ import torch
 
 from ..config import ModelConfig
 from .base import Checkpoint, ModelLoadError, ShardFn, SUPPORTED_HF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
+from ..quantization.compressed_tensors import PARTS, UnsupportedQuantization, W4A16Scheme, complete, decode, parse_config
 from .tokenizer import load_hf_tokenizer
+
+
+def _config_json(path: Path) -> dict:
+    cfg_path = path / "config.json"
+    try:
+        return json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: no config.json (not a Hugging Face model directory)") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{cfg_path}: unreadable config ({e})") from None
+
+
+def quant_scheme(path: Path, c: dict) -> Optional[W4A16Scheme]:
+    """The checkpoint's quantization scheme from ``config.json`` ``c``: None when dense.
+
+    Raises:
+        ModelLoadError: a ``quantization_config`` that cannot be served (AWQ, GPTQ, FP8,
+            compressed-tensors other than pack-quantized W4A16: issue 16), one line naming
+            it. Packed or scaled weights are never read as plain floats.
+    """
+    qc = c.get("quantization_config")
+    if not qc:
+        return None
+    method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
+    if method == "compressed-tensors":
+        try:
+            return parse_config(qc)
+        except UnsupportedQuantization as e:
+            raise ModelLoadError(f"{path}: pre-quantized checkpoint: {e}") from None
+    detail = ""
+    if isinstance(qc, dict):
+        bits = qc.get("bits") or qc.get("w_bit")
+        fmt = qc.get("format")
+        detail = ", ".join(x for x in (f"{bits}-bit" if bits else "", f"format {fmt}" if fmt else "") if x)
+    raise ModelLoadError(
+        f"{path}: pre-quantized checkpoint (quant_method {method!r}{', ' + detail if detail else ''}) is not "
+        f"supported yet; supported: GGUF files, unquantized safetensors directories and compressed-tensors "
+        f"pack-quantized W4A16")
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -18,28 +57,11 @@ def read_config(path: Path) -> ModelConfig:
 
     Raises:
         ModelLoadError: missing/invalid JSON, an unsupported architecture, or a
-            ``quantization_config`` (AWQ, GPTQ, compressed-tensors, FP8: not implemented yet).
+            ``quantization_config`` that cannot be served (:func:`quant_scheme`).
     """
     cfg_path = path / "config.json"
-    try:
-        c = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise ModelLoadError(f"{path}: no config.json (not a Hugging Face model directory)") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"{cfg_path}: unreadable config ({e})") from None
-    qc = c.get("quantization_config")
-    if qc:
-        # loading packed or scaled weights as plain floats would serve garbage (an FP8
-        # checkpoint's weights without their scales): refuse until the format is implemented
-        method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
-        detail = ""
-        if isinstance(qc, dict):
-            bits = qc.get("bits") or qc.get("w_bit")
-            fmt = qc.get("format")
-            detail = ", ".join(x for x in (f"{bits}-bit" if bits else "", f"format {fmt}" if fmt else "") if x)
-        raise ModelLoadError(
-            f"{path}: pre-quantized checkpoint (quant_method {method!r}{', ' + detail if detail else ''}) is not "
-            f"supported yet; supported: GGUF files and unquantized safetensors directories")
+    c = _config_json(path)
+    quant_scheme(path, c)  # refuses what cannot be served, before anything else is read
     archs = c.get("architectures") or []
     if not (set(archs) & set(SUPPORTED_HF_ARCHITECTURES)) and c.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
@@ -71,26 +93,61 @@ def read_config(path: Path) -> ModelConfig:
             attention_bias=bool(c.get("attention_bias", False)),
             mlp_bias=bool(c.get("mlp_bias", False)),
             architecture=(archs or ["LlamaForCausalLM"])[0],
+            quantization="compressed-tensors" if c.get("quantization_config") else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{cfg_path}: missing or invalid field {e}") from None
 
 
-def iter_weights(path: Path, shard_for: Optional[ShardFn] = None) -> Iterator[tuple[str, torch.Tensor]]:
+def _packed_layer(path: Path, module: str, parts: dict, scheme: W4A16Scheme, shard_for: Optional[ShardFn],
+                  int4: bool) -> tuple[str, object]:
+    """One compressed-tensors layer as ``(hf weight name, Int4Weight or float32 tensor)``,
+    restricted to this rank's shard (whole groups only)."""
+    name = module + ".weight"
+    try:
+        w = decode(parts, scheme)
+        shard = shard_for(name) if shard_for else None
+        if shard is not None:
+            dim, start, stop = shard
+            w = w.rows(start, stop) if dim == 0 else w.cols(start, stop)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: layer {module}: {e}") from None
+    return name, (w if int4 else w.dequantize(torch.float32, kernel_rounding=False))
+
+
+def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = False,
+                 scheme: Optional[W4A16Scheme] = None) -> Iterator[tuple[str, object]]:
     """Yield ``(name, tensor)`` from every ``*.safetensors`` file, one tensor at a time.
 
     With ``shard_for``, a sharded tensor is read as a slice (``safe_open(...).get_slice``),
-    so a tensor-parallel rank reads only its own rows or columns from disk.
+    so a tensor-parallel rank reads only its own rows or columns from disk. With a
+    compressed-tensors ``scheme``, each packed layer's tensors are gathered and yielded
+    once as ``<layer>.weight``: an :class:`~argosy.runtime.quantization.int4.Int4Weight`
+    with ``int4`` (run packed), else dequantized to float32; a tensor-parallel shard of
+    it is cut after decoding, on whole quantization groups.
+
+    Raises:
+        ModelLoadError: no weights, a corrupt file, a packed layer with missing or
+            inconsistent parts, or a shard that splits a quantization group.
     """
     from safetensors import safe_open
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path}: no *.safetensors weights")
+    pending: dict[str, dict[str, torch.Tensor]] = {}  # packed layers whose parts are still arriving
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():
+                    module, _, part = name.rpartition(".")
+                    if scheme is not None and part in PARTS:
+                        parts = pending.setdefault(module, {})
+                        parts[part] = st.get_tensor(name)
+                        if complete(parts, scheme):
+                            del pending[module]
+                            yield _packed_layer(path, module, parts, scheme, shard_for, int4)
+                        continue
                     shard = shard_for(name) if shard_for else None
                     if shard is None:
                         yield name, st.get_tensor(name)
@@ -103,6 +160,10 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None) -> Iterator[tu
             raise
         except Exception as e:
             raise ModelLoadError(f"{f}: corrupt safetensors file ({e})") from None
+    if pending:
+        first = next(iter(pending))
+        raise ModelLoadError(f"{path}: packed layer {first} is missing "
+                             f"{', '.join(p for p in PARTS[:3] if p not in pending[first]) or 'its zero points'}")
 
 
 def load_hf_dir(path: str, tokenizer_path: str | None = None, with_tokenizer: bool = True) -> Checkpoint:
@@ -113,6 +174,7 @@ def load_hf_dir(path: str, tokenizer_path: str | None = None, with_tokenizer: bo
     """
     p = Path(path)
     cfg = read_config(p)
+    scheme = quant_scheme(p, _config_json(p))
     if not any(p.glob("*.safetensors")):
         raise ModelLoadError(f"{path}: no *.safetensors weights")
     tok = None
@@ -120,4 +182,5 @@ def load_hf_dir(path: str, tokenizer_path: str | None = None, with_tokenizer: bo
         tok = load_hf_tokenizer(tokenizer_path or str(p))
     if tok is not None and tok.eos_token_id is not None and tok.eos_token_id not in cfg.eos_token_ids:
         cfg.eos_token_ids = cfg.eos_token_ids + (int(tok.eos_token_id),)
-    return Checkpoint(config=cfg, weights=lambda shard_for=None, int4=False: iter_weights(p, shard_for), tokenizer=tok, name=p.name, path=str(p))
+    return Checkpoint(config=cfg, weights=lambda shard_for=None, int4=False: iter_weights(p, shard_for, int4, scheme),
+                      tokenizer=tok, name=p.name, path=str(p))

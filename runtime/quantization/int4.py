@@ -76,19 +76,23 @@ class Int4Weight:
         return Int4Weight(np.concatenate([p.q for p in parts]), np.concatenate([p.scale for p in parts]),
                           np.concatenate([p.zero for p in parts]), parts[0].group_size)
 
-    def dequantize(self, dtype=None):
-        """``W [N, K]`` as a torch tensor (float32 by default), computed from the scales
-        and zeros rounded to bfloat16 exactly as the packed kernel sees them.
+    def dequantize(self, dtype=None, kernel_rounding: bool = True):
+        """``W [N, K]`` as a torch tensor (float32 by default).
 
         Args:
             dtype: result dtype (torch dtype; None = float32).
+            kernel_rounding: compute from the scales and zeros rounded to bfloat16 exactly
+                as the packed kernel sees them (the dense copy beside a packed weight);
+                False: from the float32 scales and zeros (the checkpoint's own values).
         """
         import torch
 
         n, k = self.q.shape
         g = self.group_size
-        scale = torch.from_numpy(self.scale).to(torch.bfloat16).float()
-        zero = torch.from_numpy(self.zero).to(torch.bfloat16).float()
+        scale = torch.from_numpy(self.scale)
+        zero = torch.from_numpy(self.zero)
+        if kernel_rounding:
+            scale, zero = scale.to(torch.bfloat16).float(), zero.to(torch.bfloat16).float()
         q = torch.from_numpy(self.q.astype(np.float32)).view(n, k // g, g)
         w = ((q - 8.0) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(n, k)
         return w if dtype is None else w.to(dtype)
