@@ -127,7 +127,7 @@ def test_hf_directory_without_weights(tmp_path, tiny_hf_dir):
 
 @pytest.mark.parametrize("qc,named", [
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True}, "'awq', 4-bit"),
-    ({"quant_method": "compressed-tensors", "format": "float-quantized"}, "format float-quantized"),
+    ({"quant_method": "compressed-tensors", "format": "marlin-24"}, "format marlin-24"),
     ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "'fp8'"),
 ])
 def test_a_pre_quantized_directory_is_refused_not_loaded_as_floats(tmp_path, tiny_hf_dir, qc, named):

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
 from ..config import ModelConfig
-from .base import Checkpoint, ModelLoadError, ShardFn, SUPPORTED_HF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
-from ..quantization.compressed_tensors import PARTS, UnsupportedQuantization, W4A16Scheme, complete, decode, parse_config
+from .base import Checkpoint, ModelLoadError, narrow, ShardFn, SUPPORTED_HF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
+from ..quantization.compressed_tensors import (Int8WeightScheme, Scheme, UnsupportedQuantization, complete, decode,
+                                               dequantize_8bit, parse_config, quantized_part)
 from .tokenizer import load_hf_tokenizer
+
+logger = logging.getLogger("argosy.loader")
 
 
 def _config_json(path: Path) -> dict:
@@ -24,13 +28,14 @@ def _config_json(path: Path) -> dict:
         raise ModelLoadError(f"{cfg_path}: unreadable config ({e})") from None
 
 
-def quant_scheme(path: Path, c: dict) -> Optional[W4A16Scheme]:
+def quant_scheme(path: Path, c: dict) -> Optional[Scheme]:
     """The checkpoint's quantization scheme from ``config.json`` ``c``: None when dense.
 
     Raises:
         ModelLoadError: a ``quantization_config`` that cannot be served (AWQ, GPTQ, FP8,
-            compressed-tensors other than pack-quantized W4A16: issue 16), one line naming
-            it. Packed or scaled weights are never read as plain floats.
+            compressed-tensors schemes other than those of
+            :func:`~argosy.runtime.quantization.compressed_tensors.parse_config`: issue
+            16), one line naming it. Packed or scaled weights are never read as plain floats.
     """
     qc = c.get("quantization_config")
     if not qc:
@@ -49,7 +54,7 @@ def quant_scheme(path: Path, c: dict) -> Optional[W4A16Scheme]:
     raise ModelLoadError(
         f"{path}: pre-quantized checkpoint (quant_method {method!r}{', ' + detail if detail else ''}) is not "
         f"supported yet; supported: GGUF files, unquantized safetensors directories and compressed-tensors "
-        f"pack-quantized W4A16")
+        f"W4A16 / W8A8 / FP8")
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -99,12 +104,16 @@ def read_config(path: Path) -> ModelConfig:
         raise ModelLoadError(f"{cfg_path}: missing or invalid field {e}") from None
 
 
-def _packed_layer(path: Path, module: str, parts: dict, scheme: W4A16Scheme, shard_for: Optional[ShardFn],
+def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_for: Optional[ShardFn],
                   int4: bool) -> tuple[str, object]:
     """One compressed-tensors layer as ``(hf weight name, Int4Weight or float32 tensor)``,
     restricted to this rank's shard (whole groups only)."""
     name = module + ".weight"
     try:
+        if isinstance(scheme, Int8WeightScheme):  # served dequantized (see the module doc)
+            dense = dequantize_8bit(parts, scheme)
+            shard = shard_for(name) if shard_for else None
+            return name, dense if shard is None else narrow(dense, shard)
         w = decode(parts, scheme)
         shard = shard_for(name) if shard_for else None
         if shard is not None:
@@ -116,7 +125,7 @@ def _packed_layer(path: Path, module: str, parts: dict, scheme: W4A16Scheme, sha
 
 
 def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = False,
-                 scheme: Optional[W4A16Scheme] = None) -> Iterator[tuple[str, object]]:
+                 scheme: Optional[Scheme] = None) -> Iterator[tuple[str, object]]:
     """Yield ``(name, tensor)`` from every ``*.safetensors`` file, one tensor at a time.
 
     With ``shard_for``, a sharded tensor is read as a slice (``safe_open(...).get_slice``),
@@ -124,7 +133,8 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
     compressed-tensors ``scheme``, each packed layer's tensors are gathered and yielded
     once as ``<layer>.weight``: an :class:`~argosy.runtime.quantization.int4.Int4Weight`
     with ``int4`` (run packed), else dequantized to float32; a tensor-parallel shard of
-    it is cut after decoding, on whole quantization groups.
+    it is cut after decoding, on whole quantization groups. 8-bit (W8A8, FP8) layers
+    come dequantized to float32.
 
     Raises:
         ModelLoadError: no weights, a corrupt file, a packed layer with missing or
@@ -140,8 +150,9 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
         try:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():
-                    module, _, part = name.rpartition(".")
-                    if scheme is not None and part in PARTS:
+                    part = None if scheme is None else quantized_part(name, st.get_slice(name).get_dtype(), scheme)
+                    if part is not None:
+                        module = name.rpartition(".")[0]
                         parts = pending.setdefault(module, {})
                         parts[part] = st.get_tensor(name)
                         if complete(parts, scheme):
@@ -162,8 +173,8 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
             raise ModelLoadError(f"{f}: corrupt safetensors file ({e})") from None
     if pending:
         first = next(iter(pending))
-        raise ModelLoadError(f"{path}: packed layer {first} is missing "
-                             f"{', '.join(p for p in PARTS[:3] if p not in pending[first]) or 'its zero points'}")
+        raise ModelLoadError(f"{path}: quantized layer {first} is missing some of its tensors "
+                             f"(has {', '.join(sorted(pending[first]))})")
 
 
 def load_hf_dir(path: str, tokenizer_path: str | None = None, with_tokenizer: bool = True) -> Checkpoint:
@@ -175,6 +186,11 @@ def load_hf_dir(path: str, tokenizer_path: str | None = None, with_tokenizer: bo
     p = Path(path)
     cfg = read_config(p)
     scheme = quant_scheme(p, _config_json(p))
+    if isinstance(scheme, Int8WeightScheme):
+        logger.warning("%s: compressed-tensors %s checkpoint served weight-only: 8-bit weights are dequantized at "
+                       "load to --dtype%s (no int8/FP8 kernels yet)", p.name, scheme.format,
+                       f"; its {scheme.activations} activation quantization is not applied"
+                       if scheme.activations else "")
     if not any(p.glob("*.safetensors")):
         raise ModelLoadError(f"{path}: no *.safetensors weights")
     tok = None

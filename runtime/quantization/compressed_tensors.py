@@ -14,16 +14,25 @@ types runs it. Group sizes the kernel does not take but that are multiples of 32
 ``channel`` strategy's ``K`` among them) are re-expressed as groups of 32 by repeating
 their scales, exactly.
 
-Everything else in a ``quantization_config`` (W8A8 ``int-quantized``, FP8
-``float-quantized``, other bit widths, activation quantization, sparsity, AWQ, GPTQ,
-FP8) is refused at load with one line naming it (issue 16 tracks them). Unpacking uses
-compressed-tensors' own ``unpack_from_int32``.
+8-bit ``int-quantized`` (W8A8: int8 weights with per-channel or per-tensor scales) and
+``float-quantized`` (FP8: e4m3 weights, per-channel or per-tensor scales) checkpoints are
+served weight-only for now: each weight is dequantized at load with compressed-tensors'
+own ``dequantize`` and runs as a dense matrix in ``--dtype``; the checkpoint's activation
+quantization (dynamic per-token or static int8/FP8) is not applied, as vLLM's weight-only
+FP8 fallback on GPUs without FP8 compute does not apply it either. So these load and
+answer correctly, but hold and read 2 (bfloat16) or 4 (float32) bytes per weight: the
+int8/FP8 kernels (``torch._int_mm``, ``torch._scaled_mm``) are issue 16's next step.
+
+Everything else in a ``quantization_config`` (other bit widths, block or group FP8,
+sparsity, several config groups) is refused at load with one line naming it, as are AWQ,
+GPTQ and ``fp8`` (vLLM's own format) checkpoints. Unpacking and dequantizing use
+compressed-tensors' own functions.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -51,23 +60,89 @@ class W4A16Scheme:
     symmetric: bool
 
 
-def complete(parts: dict, scheme: W4A16Scheme) -> bool:
+@dataclass(frozen=True)
+class Int8WeightScheme:
+    """``int-quantized`` (W8A8) or ``float-quantized`` (FP8) 8-bit weights, served
+    dequantized (see the module doc).
+
+    Attributes:
+        format: ``int-quantized`` or ``float-quantized``.
+        weights: the config group's ``weights`` arguments (compressed-tensors'
+            ``QuantizationArgs`` fields).
+        activations: what the checkpoint asks for its activations (for the log), or None.
+    """
+
+    format: str
+    weights: tuple
+    activations: Optional[str]
+
+    @property
+    def symmetric(self) -> bool:
+        return bool(dict(self.weights).get("symmetric", True))
+
+
+Scheme = Union[W4A16Scheme, Int8WeightScheme]
+
+#: The tensor names (after the layer's prefix) of a dequantized 8-bit layer.
+INT8_PARTS = ("weight", "weight_scale", "weight_zero_point")
+
+
+def quantized_part(name: str, dtype: str, scheme: Scheme) -> Optional[str]:
+    """The part name if checkpoint tensor ``name`` (of safetensors dtype ``dtype``, e.g.
+    ``"I8"``, ``"F8_E4M3"``, ``"BF16"``) belongs to a quantized layer of ``scheme`` (to be
+    gathered with the layer's other parts), else None (a plain tensor: norms, embeddings,
+    an ignored ``lm_head``)."""
+    part = name.rpartition(".")[2]
+    if isinstance(scheme, W4A16Scheme):
+        return part if part in PARTS else None
+    if part == "weight":
+        return part if dtype in ("I8", "F8_E4M3") else None
+    return part if part in INT8_PARTS[1:] else None
+
+
+def complete(parts: dict, scheme: Scheme) -> bool:
     """Whether ``parts`` holds every tensor one layer of ``scheme`` needs."""
-    need = PARTS if not scheme.symmetric else PARTS[:3]
+    if isinstance(scheme, Int8WeightScheme):
+        need = INT8_PARTS if not scheme.symmetric else INT8_PARTS[:2]
+    else:
+        need = PARTS if not scheme.symmetric else PARTS[:3]
     return all(p in parts for p in need)
 
 
-def parse_config(qc: dict) -> W4A16Scheme:
+def dequantize_8bit(parts: dict[str, torch.Tensor], scheme: Int8WeightScheme) -> torch.Tensor:
+    """One 8-bit layer -> its float32 weight ``[N, K]``, by compressed-tensors'
+    ``dequantize`` (``(q - zero_point) * scale``, scales per tensor or per row).
+
+    Raises:
+        ValueError: a scale that fits neither per-tensor nor per-row.
+    """
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    q, scale = parts["weight"], parts["weight_scale"]
+    if scale.numel() not in (1, q.shape[0]):
+        raise ValueError(f"weight_scale {tuple(scale.shape)} is neither per-tensor nor per-row for {tuple(q.shape)}")
+    w = dequantize(x_q=q, scale=scale.to(torch.float32), zero_point=parts.get("weight_zero_point"),
+                   args=QuantizationArgs(**dict(scheme.weights)), dtype=torch.float32)
+    return w.to(torch.float32)
+
+
+_SUPPORTED = ("supported: pack-quantized 4-bit integer weights (W4A16), int-quantized 8-bit integer and "
+              "float-quantized 8-bit float weights per channel or tensor (W8A8, FP8)")
+
+
+def parse_config(qc: dict) -> Scheme:
     """Read a ``quant_method: compressed-tensors`` ``quantization_config``.
 
     Raises:
-        UnsupportedQuantization: anything but one ``pack-quantized`` group of 4-bit integer
-            weights (group or channel strategy) without activation quantization or sparsity.
+        UnsupportedQuantization: anything but one group of Linear layers that is
+            ``pack-quantized`` 4-bit integer weights (group or channel strategy, no
+            activation quantization), or ``int-quantized`` / ``float-quantized`` 8-bit
+            weights per channel or tensor; sparsity.
     """
     groups = qc.get("config_groups") or {}
-    if qc.get("format") not in (None, "pack-quantized"):
-        raise UnsupportedQuantization(f"compressed-tensors format {qc.get('format')} is not supported yet "
-                                      "(supported: pack-quantized 4-bit integer weights, W4A16)")
+    if qc.get("format") not in (None, "pack-quantized", "int-quantized", "float-quantized", "naive-quantized"):
+        raise UnsupportedQuantization(f"compressed-tensors format {qc.get('format')} is not supported yet ({_SUPPORTED})")
     if qc.get("sparsity_config"):
         raise UnsupportedQuantization("compressed-tensors sparsity (e.g. 2:4) is not supported")
     if len(groups) != 1:
@@ -80,16 +155,23 @@ def parse_config(qc: dict) -> W4A16Scheme:
     acts = group.get("input_activations")
     what = f"format {fmt}, {bits}-bit {kind} weights, strategy {strategy}" + (
         f", {acts.get('num_bits')}-bit {acts.get('type', 'int')} activations" if isinstance(acts, dict) else "")
+    targets = group.get("targets") or []
+    if targets not in (["Linear"], ["re:.*Linear"]):
+        raise UnsupportedQuantization(f"compressed-tensors targets {targets} are not supported (['Linear'] is)")
+    if fmt in ("int-quantized", "float-quantized", "naive-quantized") and bits == 8 \
+            and kind == ("float" if fmt == "float-quantized" else "int") and strategy in ("channel", "tensor") \
+            and not group.get("output_activations") and w.get("symmetric", True):
+        act = None if not isinstance(acts, dict) else (
+            f"{acts.get('num_bits')}-bit {acts.get('type', 'int')} {'dynamic' if acts.get('dynamic') else 'static'} "
+            f"per {acts.get('strategy')}")
+        return Int8WeightScheme(fmt, tuple(sorted((k, v) for k, v in w.items() if not isinstance(v, (dict, list)))),
+                                act)
     if fmt != "pack-quantized" or bits != 4 or kind != "int" or acts or group.get("output_activations"):
-        raise UnsupportedQuantization(f"compressed-tensors {what} is not supported yet (supported: pack-quantized "
-                                      "4-bit integer weights, W4A16)")
+        raise UnsupportedQuantization(f"compressed-tensors {what} is not supported yet ({_SUPPORTED})")
     if strategy not in ("group", "channel"):
         raise UnsupportedQuantization(f"compressed-tensors {what} is not supported (group or channel strategy is)")
     if w.get("actorder") not in (None, False, "static", "weight"):
         raise UnsupportedQuantization(f"compressed-tensors activation ordering {w.get('actorder')!r} is not supported")
-    targets = group.get("targets") or []
-    if targets not in (["Linear"], ["re:.*Linear"]):
-        raise UnsupportedQuantization(f"compressed-tensors targets {targets} are not supported (['Linear'] is)")
     gs = w.get("group_size") if strategy == "group" else None
     if strategy == "group" and (not isinstance(gs, int) or gs <= 0 or gs % 32):
         raise UnsupportedQuantization(f"compressed-tensors group size {gs} is not supported (multiples of 32 are)")
