@@ -183,9 +183,18 @@ def test_8bit_checkpoints_run_weight_only(w4a16, checkpoint, hf_model, which, ca
     path = w4a16[which]
     ids = checkpoint.tokenizer.encode(PROMPT * 3)
     with caplog.at_level("WARNING", logger="argosy.loader"):
-        ours, _ = _our_logits(path, ids, "bfloat16")
+        ours, model = _our_logits(path, ids, "bfloat16")
     assert any("weight-only" in r.getMessage() and "activation quantization is not applied" in r.getMessage()
                for r in caplog.records)
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "is_int8")]
+    # int8 weights run on _weight_int8pack_mm for small batches; FP8 ones are dense
+    assert layers and all(m.is_int8 == (which == "w8a8-channel") for m in layers)
+    if which == "w8a8-channel":  # the int8 kernel and the dense copy beside it compute the same layer
+        lin = model.layers[0].mlp.gate_up_proj
+        x = torch.randn(3, lin.in_features).to(torch.bfloat16)
+        small = lin(x).float()
+        dense = torch.nn.functional.linear(x, lin.weight).float()
+        torch.testing.assert_close(small, dense, atol=0.05, rtol=0.02)
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = m(torch.tensor([ids])).logits[0].float()

@@ -12,7 +12,7 @@ import torch
 from ..config import ModelConfig
 from .base import Checkpoint, ModelLoadError, narrow, ShardFn, SUPPORTED_HF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
 from ..quantization.compressed_tensors import (Int8WeightScheme, Scheme, UnsupportedQuantization, complete, decode,
-                                               dequantize_8bit, parse_config, quantized_part)
+                                               dequantize_8bit, int8_weight, parse_config, quantized_part)
 from .tokenizer import load_hf_tokenizer
 
 logger = logging.getLogger("argosy.loader")
@@ -110,9 +110,15 @@ def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_fo
     restricted to this rank's shard (whole groups only)."""
     name = module + ".weight"
     try:
-        if isinstance(scheme, Int8WeightScheme):  # served dequantized (see the module doc)
-            dense = dequantize_8bit(parts, scheme)
+        if isinstance(scheme, Int8WeightScheme):  # weight-only (see the quantization module's doc)
             shard = shard_for(name) if shard_for else None
+            if int4 and scheme.format != "float-quantized":
+                w8 = int8_weight(parts)
+                if shard is not None:
+                    dim, start, stop = shard
+                    w8 = w8.rows(start, stop) if dim == 0 else w8.cols(start, stop)
+                return name, w8
+            dense = dequantize_8bit(parts, scheme)
             return name, dense if shard is None else narrow(dense, shard)
         w = decode(parts, scheme)
         shard = shard_for(name) if shard_for else None
@@ -133,8 +139,9 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
     compressed-tensors ``scheme``, each packed layer's tensors are gathered and yielded
     once as ``<layer>.weight``: an :class:`~argosy.runtime.quantization.int4.Int4Weight`
     with ``int4`` (run packed), else dequantized to float32; a tensor-parallel shard of
-    it is cut after decoding, on whole quantization groups. 8-bit (W8A8, FP8) layers
-    come dequantized to float32.
+    it is cut after decoding, on whole quantization groups. 8-bit layers: int8 (W8A8)
+    as an :class:`~argosy.runtime.quantization.compressed_tensors.Int8Weight` with
+    ``int4`` (the CPU bfloat16 fast path), else, and FP8 always, dequantized to float32.
 
     Raises:
         ModelLoadError: no weights, a corrupt file, a packed layer with missing or
@@ -187,8 +194,9 @@ def load_hf_dir(path: str, tokenizer_path: str | None = None, with_tokenizer: bo
     cfg = read_config(p)
     scheme = quant_scheme(p, _config_json(p))
     if isinstance(scheme, Int8WeightScheme):
-        logger.warning("%s: compressed-tensors %s checkpoint served weight-only: 8-bit weights are dequantized at "
-                       "load to --dtype%s (no int8/FP8 kernels yet)", p.name, scheme.format,
+        logger.warning("%s: compressed-tensors %s checkpoint served weight-only (int8 weights on the CPU in "
+                       "bfloat16: _weight_int8pack_mm for small batches; otherwise dequantized at load)%s", p.name,
+                       scheme.format,
                        f"; its {scheme.activations} activation quantization is not applied"
                        if scheme.activations else "")
     if not any(p.glob("*.safetensors")):

@@ -33,6 +33,7 @@ from ..config import ModelConfig
 from ..distributed import TPGroup
 from ..layers import Linear
 from ..quantization import q8_0
+from ..quantization.compressed_tensors import Int8Weight
 from ..quantization.int4 import Int4Weight
 from ..quantization.q8_0 import PackedQ8, Q8Weight
 
@@ -427,6 +428,11 @@ class LlamaForCausalLM(nn.Module):
                 dst.copy_(w.dequantize(dst.dtype))  # lookups, and logits of many rows
                 if (name == "lm_head.weight" or cfg.tie_word_embeddings) and q8_0.kernel() is not None:
                     self.logits_q8 = PackedQ8.pack(w, self.vocab_per_rank)
+            elif isinstance(w, Int8Weight):
+                if owner is not None:
+                    owner.load_int8(rows[0] if rows else 0, w)
+                else:
+                    dst.copy_(w.dequantize(dst.dtype))
             elif isinstance(w, Int4Weight):
                 if owner is not None:  # a linear layer's weight (or rows of a fused one)
                     owner.load_int4(rows[0] if rows else 0, w)

@@ -16,12 +16,15 @@ their scales, exactly.
 
 8-bit ``int-quantized`` (W8A8: int8 weights with per-channel or per-tensor scales) and
 ``float-quantized`` (FP8: e4m3 weights, per-channel or per-tensor scales) checkpoints are
-served weight-only for now: each weight is dequantized at load with compressed-tensors'
-own ``dequantize`` and runs as a dense matrix in ``--dtype``; the checkpoint's activation
-quantization (dynamic per-token or static int8/FP8) is not applied, as vLLM's weight-only
-FP8 fallback on GPUs without FP8 compute does not apply it either. So these load and
-answer correctly, but hold and read 2 (bfloat16) or 4 (float32) bytes per weight: the
-int8/FP8 kernels (``torch._int_mm``, ``torch._scaled_mm``) are issue 16's next step.
+served weight-only for now; the checkpoint's activation quantization (dynamic per-token
+or static int8/FP8) is not applied, as vLLM's weight-only FP8 fallback on GPUs without
+FP8 compute does not apply it either. int8 weights on the CPU fast path (bfloat16) come
+as :class:`Int8Weight` and run on PyTorch's ``_weight_int8pack_mm`` (int8 weights,
+bfloat16 activations, one scale per output row) for small batches, beside a dense copy,
+like the int4 weights (:mod:`argosy.runtime.layers.linear`); FP8 weights, and everything
+in float32 or on a GPU, are dequantized at load with compressed-tensors' own
+``dequantize`` and run dense (no CPU FP8 matmul; ``torch._scaled_mm`` on sm_89+ is the
+next step).
 
 Everything else in a ``quantization_config`` (other bit widths, block or group FP8,
 sparsity, several config groups) is refused at load with one line naming it, as are AWQ,
@@ -83,6 +86,42 @@ class Int8WeightScheme:
 
 Scheme = Union[W4A16Scheme, Int8WeightScheme]
 
+
+@dataclass
+class Int8Weight:
+    """An int8 weight with one scale per output row: ``W[n, k] = q[n, k] * scale[n]``.
+
+    Attributes:
+        q: ``[N, K] int8`` torch tensor.
+        scale: ``[N] float32``.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def rows(self, start: int, stop: int) -> "Int8Weight":
+        """Output rows ``[start, stop)`` (a column-parallel shard or a fused part)."""
+        return Int8Weight(self.q[start:stop], self.scale[start:stop])
+
+    def cols(self, start: int, stop: int) -> "Int8Weight":
+        """Input columns ``[start, stop)`` (a row-parallel shard; scales are per row)."""
+        return Int8Weight(self.q[:, start:stop].contiguous(), self.scale)
+
+    @staticmethod
+    def cat(parts: list["Int8Weight"]) -> "Int8Weight":
+        """Stack along the output rows."""
+        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+
+    def dequantize(self, dtype=torch.float32, kernel_rounding: bool = True) -> torch.Tensor:
+        """``W [N, K]``; ``kernel_rounding``: from the scales rounded to bfloat16 as
+        ``_weight_int8pack_mm`` takes them (the dense copy beside the int8 one)."""
+        s = self.scale.to(torch.bfloat16).float() if kernel_rounding else self.scale.float()
+        return (self.q.float() * s[:, None]).to(dtype)
+
 #: The tensor names (after the layer's prefix) of a dequantized 8-bit layer.
 INT8_PARTS = ("weight", "weight_scale", "weight_zero_point")
 
@@ -107,6 +146,19 @@ def complete(parts: dict, scheme: Scheme) -> bool:
     else:
         need = PARTS if not scheme.symmetric else PARTS[:3]
     return all(p in parts for p in need)
+
+
+def int8_weight(parts: dict[str, torch.Tensor]) -> Int8Weight:
+    """An ``int-quantized`` symmetric layer as an :class:`Int8Weight` (a per-tensor scale
+    repeated per row: the same values).
+
+    Raises:
+        ValueError: a scale that fits neither per-tensor nor per-row.
+    """
+    q, scale = parts["weight"], parts["weight_scale"].to(torch.float32).flatten()
+    if scale.numel() not in (1, q.shape[0]):
+        raise ValueError(f"weight_scale {tuple(scale.shape)} is neither per-tensor nor per-row for {tuple(q.shape)}")
+    return Int8Weight(q.contiguous(), scale.expand(q.shape[0]).contiguous())
 
 
 def dequantize_8bit(parts: dict[str, torch.Tensor], scheme: Int8WeightScheme) -> torch.Tensor:
