@@ -142,7 +142,7 @@ class EngineArgs:
         g.add_argument("--quantization", "-q", default=None,
                        help="the checkpoint's quantization method, detected when omitted: gguf (4-bit GGUF tensors "
                             "run packed with bfloat16 on CPU, others are dequantized to --dtype) or compressed-tensors "
-                            "(pack-quantized W4A16); a method other than the checkpoint's own is an error")
+                            "(W4A16, W8A8, FP8); a method other than the checkpoint's own is an error")
         g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
         g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens (prompt + output); default: the model's")
         g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")

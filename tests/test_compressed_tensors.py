@@ -273,3 +273,44 @@ def test_each_tensor_parallel_rank_decodes_its_slice(w4a16, checkpoint):
             dim, start, stop = model.shard_for(name)
             want = full[name].rows(start, stop) if dim == 0 else full[name].cols(start, stop)
             assert (w.q == want.q).all() and (w.scale == want.scale).all(), name
+
+
+def test_zero_points_of_symmetric_layers_are_ignored(w4a16, tmp_path):
+    """Older compressed-tensors versions wrote all-zero ``weight_zero_point`` tensors for
+    symmetric layers too: they are not read as a part of the layer (no "missing tensors"
+    error), and the layer decodes as before."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    from argosy.runtime.loader.hf_loader import _config_json, iter_weights, quant_scheme
+
+    src = Path(w4a16["group64-sym"])
+    for f in src.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    tensors = load_file(str(src / "model.safetensors"))
+    tensors["model.layers.0.self_attn.q_proj.weight_zero_point"] = torch.zeros(576, 9, dtype=torch.int8)
+    save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    scheme = quant_scheme(tmp_path, _config_json(tmp_path))
+    got = dict(iter_weights(tmp_path, None, True, scheme))
+    want = dict(iter_weights(src, None, True, scheme))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert (got[name].q == want[name].q).all() and (got[name].scale == want[name].scale).all()
+
+
+def test_a_tensor_parallel_shard_inside_a_group_splits_the_groups():
+    """Group-128 scales and a 192-column row-parallel shard (the bundled model's o_proj
+    at TP=3): the groups are re-expressed as groups of 32 (the same values) instead of
+    refusing the shard."""
+    import numpy as np
+
+    from argosy.runtime.quantization.int4 import Int4Weight
+
+    rng = np.random.default_rng(0)
+    w = Int4Weight(rng.integers(0, 16, (8, 256), dtype=np.uint8), rng.random((8, 2), dtype=np.float32),
+                   rng.random((8, 2), dtype=np.float32), 128)
+    with pytest.raises(ValueError, match="splits a quantization group"):
+        w.cols(0, 96)
+    fine = w.regroup(32)
+    assert fine.group_size == 32 and torch.equal(fine.dequantize(), w.dequantize())
+    assert torch.equal(fine.cols(96, 192).dequantize(), w.dequantize()[:, 96:192])

@@ -73,3 +73,27 @@ def test_without_prefix_caching_or_with_prompt_logprobs_nothing_waits():
     s.add_request(_req("a", prefix + [1]))
     s.add_request(_req("b", prefix + [2], prompt_logprobs=1))  # needs every position: no cache reads
     assert _run_step(s) == {"a": 641, "b": 641}
+
+
+def test_a_held_back_request_keeps_its_seat_and_its_place():
+    """A request held back for shared blocks counts against max_num_seqs (newer ones do
+    not take every seat meanwhile), and a newer request preempted later goes back behind
+    it in arrival order (not to the front of the queue)."""
+    prefix = list(range(1000, 1000 + 40 * BS))
+    cfg = SchedulerConfig(max_num_batched_tokens=2048, max_num_seqs=3, max_model_len=4096)
+    s = Scheduler(cfg, KVCacheManager(512, BS))
+    s.add_request(_req("r", prefix + [1] * 5))
+    s.add_request(_req("w", prefix + [2] * 5))
+    s.add_request(_req("x1", list(range(5000, 5100))))
+    s.add_request(_req("x2", list(range(6000, 6100))))
+    assert set(_run_step(s)) == {"r", "x1"}  # w held back and keeps the third seat: x2 waits
+    assert set(_run_step(s)) == {"r", "x1", "w"}  # w hits the 40 cached blocks
+    assert [r.request_id for r in s.waiting] == ["x2"]
+
+    s = _sched()
+    s.add_request(_req("r", prefix + [1] * 5))
+    s.add_request(_req("w", prefix + [2] * 5))  # held back behind r
+    s.add_request(_req("x", list(range(5000, 5100))))
+    assert set(_run_step(s)) == {"r", "x"}
+    s._preempt(s.requests["x"])  # as when blocks run out
+    assert [r.request_id for r in s.waiting] == ["w", "x"]  # arrival order: x does not jump ahead of w

@@ -79,7 +79,10 @@ class AttentionMetadata:
                              min_seqs: int = 2) -> list[tuple[list[int], int]]:
         """Groups of this step's prefill sequences (those after the decodes) whose block
         tables start with the same physical blocks (a prompt prefix they hit in the prefix
-        cache), for cascade attention. Computed once per step and cached.
+        cache), for cascade attention. Computed once per step (per arguments) and cached.
+        Grouped by their first block, so sequences sharing a long prefix are not grouped
+        when another one shares only its first block with them (a missed speed-up, never
+        a wrong answer).
 
         A group's shared prefix is capped at the context every member has before its
         first query token, so each query sees all of it (no mask on that part).
@@ -91,7 +94,7 @@ class AttentionMetadata:
         Returns:
             ``[(member sequence indices, shared blocks)]``, members in step order.
         """
-        if self._prefix_groups is None:
+        if self._prefix_groups is None or self._prefix_groups[0] != (block_size, min_tokens, min_seqs):
             by_first: dict[int, list[int]] = {}
             first = self.num_decodes
             if self.num_seqs - first >= min_seqs:
@@ -110,8 +113,8 @@ class AttentionMetadata:
                 n = cap if bool(same.all()) else int(same.to(torch.int8).argmin())
                 if n * block_size >= min_tokens:
                     groups.append((members, n))
-            self._prefix_groups = groups
-        return self._prefix_groups
+            self._prefix_groups = ((block_size, min_tokens, min_seqs), groups)
+        return self._prefix_groups[1]
 
 
 @dataclass

@@ -118,7 +118,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     for s, qlen in enumerate(meta.query_lens_cpu):
         row_start[s + 1] = row_start[s] + qlen
     cascaded: set[int] = set()
-    for members, nblk in meta.shared_prefix_groups(block_size, CASCADE_MIN_PREFIX_TOKENS):
+    groups = meta.shared_prefix_groups(block_size, CASCADE_MIN_PREFIX_TOKENS) if query.device.type == "cpu" else []
+    for members, nblk in groups:  # (PyTorch's flash attention with log-sum-exp is CPU-only)
         _cascade_attention(query, kc, vc, meta, members, row_start, nblk, scale, out)
         cascaded.update(members)
     for s in range(nd, meta.num_seqs):

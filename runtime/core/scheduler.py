@@ -7,9 +7,11 @@ request just advances ``num_computed_tokens``, so a decode (1 token), a prefill 
 after preemption are the same operation. When blocks run out, the lowest-priority
 running request (latest arrival) is preempted: its blocks are freed and it goes back
 to the front of the waiting queue to be recomputed later (Kwon et al., SOSP 2023, §4.5
-"recomputation"). With prefix caching, a waiting request whose next prompt blocks a
-running prefill is computing waits for them to be cached instead of computing them
-again (:data:`DEFER_SHARED_FRACTION`); requests behind it may go first meanwhile. Pure
+"recomputation"). The waiting queue stays in arrival order (a preempted request goes
+back ahead of every newer one). With prefix caching, a waiting request whose next prompt
+blocks a running prefill is computing is held back until they are cached instead of
+computing them again (:data:`DEFER_SHARED_FRACTION`); it keeps its seat in
+``max_num_seqs``, and newer requests may take the step's token budget meanwhile. Pure
 bookkeeping: no tensors.
 """
 
@@ -78,10 +80,18 @@ class Scheduler:
         self._seq += 1
         self._order[req.request_id] = self._seq
         self.requests[req.request_id] = req
-        # Keep waiting ordered by arrival: a request never jumps ahead of an older one.
-        key = (req.arrival_time, self._seq)
+        self._insert_waiting(req)
+
+    def _insert_waiting(self, req: Request) -> None:
+        """Put ``req`` in the waiting queue at its arrival-order place: the queue stays
+        ordered by arrival (a preempted request goes back ahead of every newer one, and
+        behind an older one that is still waiting, e.g. held back by the shared-prefix
+        rule)."""
+        key = self._key(req)
         if not self.waiting or self._key(self.waiting[-1]) <= key:
             self.waiting.append(req)
+        elif key <= self._key(self.waiting[0]):
+            self.waiting.appendleft(req)
         else:
             items = list(self.waiting)
             keys = [self._key(r) for r in items]
@@ -130,8 +140,8 @@ class Scheduler:
         if not out.preempted:
             # blocks that running prefills are computing (this step or in later chunks)
             in_flight = self._in_flight_blocks() if self.kv.enable_caching and self.waiting else set()
-            w = 0
-            while w < len(self.waiting) and budget > 0 and len(self.running) < cfg.max_num_seqs:
+            w = 0  # requests held back so far: they keep their seats (max_num_seqs)
+            while w < len(self.waiting) and budget > 0 and len(self.running) + w < cfg.max_num_seqs:
                 req = self.waiting[w]
                 hits, num_hit = [], 0
                 lookup = req.num_computed_tokens == 0 and req.sampling_params.prompt_logprobs is None
@@ -185,7 +195,7 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(req)
+        self._insert_waiting(req)
 
     def _remove_running(self, req: Request) -> None:
         pos = bisect.bisect_left(self._running_keys, self._key(req))

@@ -34,8 +34,11 @@ class Checkpoint:
     Attributes:
         config: architecture hyper-parameters.
         weights: ``weights(shard_for=None, int4=False)`` returns an iterator of
-            ``(hf_name, tensor)``; with ``int4``, 4-bit GGUF linear weights come as
-            :class:`~argosy.runtime.quantization.int4.Int4Weight` instead (run packed);
+            ``(hf_name, tensor)``; with ``int4`` (the CPU bfloat16 fast path), quantized
+            weights come in their own form instead: 4-bit GGUF and compressed-tensors
+            W4A16 linear weights as :class:`~argosy.runtime.quantization.int4.Int4Weight`,
+            a Q8_0 embedding / LM head as ``q8_0.Q8Weight``, compressed-tensors int8
+            weights as ``compressed_tensors.Int8Weight``;
             tensors are float32 (dequantized GGUF) or the checkpoint's dtype (safetensors),
             on CPU, in Hugging Face layout (``[out_features, in_features]`` for linear
             weights). ``shard_for(hf_name)`` may return ``(dim, start, stop)``: then only

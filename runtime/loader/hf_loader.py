@@ -106,8 +106,9 @@ def read_config(path: Path) -> ModelConfig:
 
 def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_for: Optional[ShardFn],
                   int4: bool) -> tuple[str, object]:
-    """One compressed-tensors layer as ``(hf weight name, Int4Weight or float32 tensor)``,
-    restricted to this rank's shard (whole groups only)."""
+    """One compressed-tensors layer as ``(hf weight name, Int4Weight, Int8Weight or float32
+    tensor)``, restricted to this rank's shard (4-bit: on group boundaries, groups split
+    to 32 columns where a shard needs it; a shard that cuts even those is an error)."""
     name = module + ".weight"
     try:
         if isinstance(scheme, Int8WeightScheme):  # weight-only (see the quantization module's doc)
@@ -124,6 +125,8 @@ def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_fo
         shard = shard_for(name) if shard_for else None
         if shard is not None:
             dim, start, stop = shard
+            if dim == 1 and (start % w.group_size or stop % w.group_size) and w.group_size > 32:
+                w = w.regroup(32)  # e.g. 192 columns a rank of group-128 scales: same values, groups of 32
             w = w.rows(start, stop) if dim == 0 else w.cols(start, stop)
     except ValueError as e:
         raise ModelLoadError(f"{path}: layer {module}: {e}") from None

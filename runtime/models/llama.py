@@ -403,8 +403,10 @@ class LlamaForCausalLM(nn.Module):
         A weight is a tensor (dense, any float dtype) or an
         :class:`~argosy.runtime.quantization.int4.Int4Weight` (a 4-bit GGUF tensor, when
         :attr:`uses_int4`), which its :class:`~argosy.runtime.layers.Linear` keeps packed,
-        or a :class:`~argosy.runtime.quantization.q8_0.Q8Weight` embedding / LM head,
-        kept dense and, where the C++ kernel builds, also as :attr:`logits_q8`.
+        a :class:`~argosy.runtime.quantization.q8_0.Q8Weight` embedding / LM head,
+        kept dense and, where the C++ kernel builds, also as :attr:`logits_q8`, or a
+        :class:`~argosy.runtime.quantization.compressed_tensors.Int8Weight` (int8 with
+        per-row scales), which its ``Linear`` keeps for the int8 kernel.
         Under tensor parallelism each tensor must already be this rank's slice
         (:meth:`shard_for`); the loaders read only that slice where the format allows.
 

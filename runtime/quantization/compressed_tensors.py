@@ -66,7 +66,7 @@ class W4A16Scheme:
 @dataclass(frozen=True)
 class Int8WeightScheme:
     """``int-quantized`` (W8A8) or ``float-quantized`` (FP8) 8-bit weights, served
-    dequantized (see the module doc).
+    weight-only (int8 on the int8 kernel, or dequantized: see the module doc).
 
     Attributes:
         format: ``int-quantized`` or ``float-quantized``.
@@ -132,6 +132,8 @@ def quantized_part(name: str, dtype: str, scheme: Scheme) -> Optional[str]:
     gathered with the layer's other parts), else None (a plain tensor: norms, embeddings,
     an ignored ``lm_head``)."""
     part = name.rpartition(".")[2]
+    if part == "weight_zero_point" and scheme.symmetric:
+        return None  # older writers kept all-zero points of symmetric layers: not a part
     if isinstance(scheme, W4A16Scheme):
         return part if part in PARTS else None
     if part == "weight":

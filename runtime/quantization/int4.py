@@ -60,6 +60,17 @@ class Int4Weight:
         return Int4Weight(self.q[:, start:stop], self.scale[:, start // g : stop // g],
                           self.zero[:, start // g : stop // g], g)
 
+    def regroup(self, group_size: int) -> "Int4Weight":
+        """The same values with smaller groups (each scale and zero repeated).
+
+        Raises:
+            ValueError: ``group_size`` does not divide the current one.
+        """
+        if self.group_size % group_size:
+            raise ValueError(f"group size {group_size} does not divide {self.group_size}")
+        r = self.group_size // group_size
+        return Int4Weight(self.q, np.repeat(self.scale, r, axis=1), np.repeat(self.zero, r, axis=1), group_size)
+
     def permute_rows(self, order: np.ndarray) -> "Int4Weight":
         """Rows reordered: row ``i`` of the result is row ``order[i]``."""
         return Int4Weight(self.q[order], self.scale[order], self.zero[order], self.group_size)

@@ -11,7 +11,9 @@ up to ~0.05). Measured alone, warm, 2 cores, 49,152 x 576: 0.8 ms for one row (b
 ``F.linear`` 2.1 ms), 1.1 ms for four, parity at eight; at 16 rows and more oneDNN's AMX
 bfloat16 GEMM wins (2.4 vs 3.7 ms). Whole decode steps of the bundled model: batch 1
 16.0 -> 12.6-13.4 ms, batch 4 18.8 -> 17.6 ms, batch 8 27.4 -> 28.2 ms (slower), so the
-model uses this kernel for up to :data:`MAX_ROWS` rows and the dense copy above (see
+model uses this kernel for up to :data:`MAX_ROWS` rows and the dense copy above (whose
+bfloat16 rounding moves logits by up to ~0.05, so a greedy choice between two nearly
+tied tokens can depend on how many rows a step computes logits for; see
 :meth:`argosy.runtime.models.llama.LlamaForCausalLM.compute_logits`).
 
 The op is ``torch.ops.argosy.q8_0_linear``; its library is built like the other C++
@@ -88,7 +90,8 @@ class PackedQ8:
     Attributes:
         w: ``[ceil(N / 16), K, 16] int8``.
         scales: ``[ceil(N / 16), K // 32, 16] int16`` (float16 bit patterns).
-        n: output features ``N`` (rows past it are zero padding, never written out).
+        n: output features (``pack``'s ``rows``; rows past the weight's own are zero, so
+            their outputs are 0; tile padding past ``n`` is never written out).
     """
 
     w: torch.Tensor
@@ -161,9 +164,9 @@ def q8_0_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int) 
                          f"{w.dtype} / scales {tuple(scales.shape)} {scales.dtype} for {n} outputs")
     xf = x.to(torch.float32).contiguous()
     out = torch.empty(x.shape[0], n, dtype=torch.float32)
-    if x.shape[0]:
-        lib.argosy_q8_0_linear(w.data_ptr(), scales.data_ptr(), xf.data_ptr(), out.data_ptr(), x.shape[0], n,
-                               x.shape[1])
+    if x.shape[0] and lib.argosy_q8_0_linear(w.data_ptr(), scales.data_ptr(), xf.data_ptr(), out.data_ptr(),
+                                             x.shape[0], n, x.shape[1]) != 0:
+        raise ValueError(f"q8_0_linear: K={x.shape[1]} is not a multiple of {GROUP}")
     return out
 
 
