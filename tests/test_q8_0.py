@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,11 @@ import torch
 from argosy.runtime import cpu_kernels
 from argosy.runtime.quantization import q8_0
 
-pytestmark = pytest.mark.skipif(cpu_kernels.compiler() is None, reason="no C++ compiler to build the kernel")
+# Skipped only on a developer machine without a C++ compiler (where one exists, a kernel
+# that fails to build fails test_the_kernel_builds_and_loads); under CI (``CI`` set) a
+# missing compiler fails these tests instead of hiding them.
+pytestmark = pytest.mark.skipif(cpu_kernels.compiler() is None and not os.environ.get("CI"),
+                                reason="no C++ compiler to build the kernel")
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ def test_packed_int4_linear_equals_dequantized_matmul(type_name, shape):
     raw = _raw_blocks(type_name, n, k, seed=n + k)
     w = decode_int4(raw, type_name, (n, k))
     lin = Linear(n, k, False, torch.bfloat16, torch.device("cpu"))
-    lin.load_int4(0, w)
+    lin.load_quantized(0, w)
     lin.process_weights_after_loading()
     assert lin.is_int4
     ref_w = torch.from_numpy(_gguf_dequantize(raw, type_name, n, k))
@@ -93,7 +93,7 @@ def test_int4_kernel_is_used_for_few_rows_and_dense_for_many(monkeypatch):
 
     n, k = 64, 64
     lin = Linear(n, k, True, torch.bfloat16, torch.device("cpu"))
-    lin.load_int4(0, decode_int4(_raw_blocks("Q4_1", n, k), "Q4_1", (n, k)))
+    lin.load_quantized(0, decode_int4(_raw_blocks("Q4_1", n, k), "Q4_1", (n, k)))
     lin.process_weights_after_loading()
     calls = []
     real = int4_mod.matmul
@@ -109,14 +109,14 @@ def test_fused_rows_pack_in_row_order_and_partial_dense_rows_stay_dense():
     parts = [decode_int4(_raw_blocks("Q4_0", n, k, seed=n), "Q4_0", (n, k)) for n in (32, 64, 32)]
     lin = Linear(128, k, False, torch.bfloat16, torch.device("cpu"))
     for start, p in ((96, parts[2]), (0, parts[1]), (64, parts[0])):  # loaded out of row order
-        lin.load_int4(start, p)
+        lin.load_quantized(start, p)
     lin.process_weights_after_loading()
     assert lin.is_int4
     x = torch.randn(1, k).to(torch.bfloat16)
     want = x.float() @ Int4Weight.cat([parts[1], parts[0], parts[2]]).dequantize().t()
     assert (lin(x).float() - want).abs().max() <= 0.01 * want.abs().max()
     half = Linear(128, k, False, torch.bfloat16, torch.device("cpu"))
-    half.load_int4(0, parts[1])  # rows 64.. come as dense tensors
+    half.load_quantized(0, parts[1])  # rows 64.. come as dense tensors
     half.process_weights_after_loading()
     assert not half.is_int4
 

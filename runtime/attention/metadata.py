@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -42,11 +43,23 @@ class AttentionMetadata:
     query_lens_cpu: list[int]
     has_padding: bool = False
     _decode_groups: Optional[list] = field(default=None, init=False, repr=False)
-    _prefix_groups: Optional[list] = field(default=None, init=False, repr=False)
+    _prefix_groups: Optional[tuple] = field(default=None, init=False, repr=False)
+    _row_starts: Optional[list[int]] = field(default=None, init=False, repr=False)
+    #: derived tensors a backend builds once per step and reuses in every layer (keyed by
+    #: the backend; e.g. cascade attention's row indices and masks)
+    step_cache: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def num_seqs(self) -> int:
         return len(self.seq_lens_cpu)
+
+    @property
+    def row_starts(self) -> list[int]:
+        """``query_start_loc`` on the host: sequence ``s``'s query rows are
+        ``[row_starts[s], row_starts[s + 1])`` (``num_seqs + 1`` entries, computed once)."""
+        if self._row_starts is None:
+            self._row_starts = list(itertools.accumulate(self.query_lens_cpu, initial=0))
+        return self._row_starts
 
     def decode_groups(self, max_groups: int = 4, ratio: float = 1.25) -> list[tuple[Optional[torch.Tensor], list[int]]]:
         """Split the decode sequences into groups of similar context length.

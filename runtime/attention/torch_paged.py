@@ -114,9 +114,7 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
                 out[:nd] = res
             else:
                 out.index_copy_(0, idx, res)
-    row_start = [0] * (meta.num_seqs + 1)
-    for s, qlen in enumerate(meta.query_lens_cpu):
-        row_start[s + 1] = row_start[s] + qlen
+    row_start = meta.row_starts
     cascaded: set[int] = set()
     groups = meta.shared_prefix_groups(block_size, CASCADE_MIN_PREFIX_TOKENS) if query.device.type == "cpu" else []
     for members, nblk in groups:  # (PyTorch's flash attention with log-sum-exp is CPU-only)
@@ -158,6 +156,27 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask
     return out, lse
 
 
+def _cascade_inputs(meta: AttentionMetadata, members: list[int], row_start: list[int], p: int, g: int,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A cascade group's query-row indices ``[T] int64`` and, per member, its additive
+    causal mask over its own keys (positions ``p`` .. ``seq_len - 1``), ``[g * qlen,
+    seq_len - p]`` in ``dtype``: built once per step (``meta.step_cache``), used by every
+    layer."""
+    key = ("cascade", tuple(members), p, g, dtype)
+    got = meta.step_cache.get(key)
+    if got is None:
+        dev = meta.block_tables.device
+        idx = torch.cat([torch.arange(row_start[s], row_start[s + 1], device=dev) for s in members])
+        masks = []
+        for s in members:
+            qlen, slen = meta.query_lens_cpu[s], meta.seq_lens_cpu[s]
+            allowed = torch.arange(p, slen, device=dev)[None, :] <= torch.arange(slen - qlen, slen, device=dev)[:, None]
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=dev).masked_fill_(~allowed, float("-inf"))
+            masks.append(mask.repeat(g, 1))
+        got = meta.step_cache[key] = (idx, masks)
+    return got
+
+
 def _cascade_attention(query, kc, vc, meta: AttentionMetadata, members: list[int], row_start: list[int],
                        nblk: int, scale: float, out: torch.Tensor) -> None:
     """Attention of prefill sequences whose block tables share their first ``nblk`` blocks,
@@ -179,7 +198,7 @@ def _cascade_attention(query, kc, vc, meta: AttentionMetadata, members: list[int
     g = h // kvh
     p = nblk * bs
     dev = query.device
-    idx = torch.cat([torch.arange(row_start[s], row_start[s + 1], device=dev) for s in members])
+    idx, masks = _cascade_inputs(meta, members, row_start, p, g, query.dtype)
     q = query.index_select(0, idx)
     t = q.shape[0]
 
@@ -195,13 +214,10 @@ def _cascade_attention(query, kc, vc, meta: AttentionMetadata, members: list[int
     o_s = torch.empty_like(q)
     lse_s = torch.empty(t, h, dtype=torch.float32, device=dev)
     r = 0
-    for s in members:
+    for s, mask in zip(members, masks):
         qlen, slen = meta.query_lens_cpu[s], meta.seq_lens_cpu[s]
         bt = meta.block_tables[s : s + 1, nblk : -(-slen // bs)]
-        allowed = torch.arange(p, slen, device=dev)[None, :] <= torch.arange(slen - qlen, slen, device=dev)[:, None]
-        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=dev).masked_fill_(~allowed, float("-inf"))
-        o, lse = _flash(fold(q[r : r + qlen]), _gather(kc, bt, slen - p), _gather(vc, bt, slen - p), scale,
-                        mask.repeat(g, 1))
+        o, lse = _flash(fold(q[r : r + qlen]), _gather(kc, bt, slen - p), _gather(vc, bt, slen - p), scale, mask)
         o_s[r : r + qlen], lse_s[r : r + qlen] = unfold(o, lse, qlen)
         r += qlen
     lse = torch.logaddexp(lse_p, lse_s)

@@ -26,7 +26,7 @@ vs 244 us.) The dense copy costs 2 bytes per weight beside the packed ~0.63.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +49,9 @@ class Linear(nn.Module):
         dtype, device: of the dense weight and the activations.
 
     Loading: the model copies dense tensors into :attr:`weight` (or row ranges of it,
-    for fused projections), and hands 4-bit ones to :meth:`load_int4` (which also fills
-    the dense rows); :meth:`process_weights_after_loading` then packs the int4 weight
-    if every row came in 4-bit form.
+    for fused projections), and hands 4-bit and int8 ones to :meth:`load_quantized` (which
+    also fills the dense rows); :meth:`process_weights_after_loading` then packs the int4
+    weight, or keeps the int8 one, if every row came in that form.
     """
 
     def __init__(self, out_features: int, in_features: int, bias: bool, dtype: torch.dtype,
@@ -65,63 +65,50 @@ class Linear(nn.Module):
         self.group_size = 0
         self.register_buffer("int4_packed", None, persistent=False)
         self.register_buffer("int4_scales_zeros", None, persistent=False)
-        self._int4_parts: dict[int, Int4Weight] = {}
         self.register_buffer("int8_weight", None, persistent=False)
         self.register_buffer("int8_scales", None, persistent=False)
-        self._int8_parts: dict[int, Int8Weight] = {}
+        #: row start -> quantized rows handed over by :meth:`load_quantized`
+        self._quantized_parts: dict[int, Union[Int4Weight, Int8Weight]] = {}
 
     @property
     def is_int4(self) -> bool:
         """Whether the packed int4 weight is in use."""
         return self.int4_packed is not None
 
-    def load_int4(self, row_start: int, w: Int4Weight) -> None:
-        """Take rows ``[row_start, row_start + N)`` as a 4-bit weight (and their dense
-        values, dequantized the way the kernel sees them).
-
-        Raises:
-            ValueError: the rows do not fit the layer.
-        """
-        n, k = w.shape
-        if k != self.in_features or row_start + n > self.out_features:
-            raise ValueError(f"int4 rows [{row_start}, {row_start + n}) x {k} do not fit {tuple(self.weight.shape)}")
-        self.weight.data[row_start : row_start + n].copy_(w.dequantize(self.weight.dtype))
-        self._int4_parts[row_start] = w
-
     @property
     def is_int8(self) -> bool:
         """Whether the int8 weight is in use."""
         return self.int8_weight is not None
 
-    def load_int8(self, row_start: int, w: Int8Weight) -> None:
-        """Take rows ``[row_start, row_start + N)`` as an int8 weight with per-row scales
-        (and their dense values, with the scales rounded as the kernel sees them).
+    def load_quantized(self, row_start: int, w: Union[Int4Weight, Int8Weight]) -> None:
+        """Take rows ``[row_start, row_start + N)`` as a 4-bit or int8 weight (and their
+        dense values, dequantized the way its kernel sees them).
 
         Raises:
             ValueError: the rows do not fit the layer.
         """
         n, k = w.shape
         if k != self.in_features or row_start + n > self.out_features:
-            raise ValueError(f"int8 rows [{row_start}, {row_start + n}) x {k} do not fit {tuple(self.weight.shape)}")
+            raise ValueError(f"quantized rows [{row_start}, {row_start + n}) x {k} do not fit "
+                             f"{tuple(self.weight.shape)}")
         self.weight.data[row_start : row_start + n].copy_(w.dequantize(self.weight.dtype))
-        self._int8_parts[row_start] = w
+        self._quantized_parts[row_start] = w
 
     def process_weights_after_loading(self) -> None:
-        """Pack the int4 weight when all rows arrived in 4-bit form with one group size
-        and the kernel supports the shape; keep the int8 weight when all rows arrived in
-        int8 and the model runs in bfloat16; otherwise stay dense."""
-        parts8, self._int8_parts = self._int8_parts, {}
-        if parts8 and sum(p.shape[0] for p in parts8.values()) == self.out_features \
-                and self.weight.dtype == torch.bfloat16:
-            whole = Int8Weight.cat([parts8[s] for s in sorted(parts8)])
-            self.int8_weight = whole.q.contiguous().to(self.weight.device)
-            self.int8_scales = whole.scale.to(torch.bfloat16).to(self.weight.device)
-        parts, self._int4_parts = self._int4_parts, {}
-        if not parts:
-            return
+        """When every row arrived quantized in one form: pack the int4 weight if the
+        kernel supports its shape and group size, or keep the int8 weight if the model
+        runs in bfloat16 (``_weight_int8pack_mm``'s case); otherwise stay dense."""
+        parts, self._quantized_parts = self._quantized_parts, {}
         ordered = [parts[s] for s in sorted(parts)]
-        if sum(p.shape[0] for p in ordered) != self.out_features:
-            return  # some rows were dense in the checkpoint
+        if not ordered or sum(p.shape[0] for p in ordered) != self.out_features \
+                or len({type(p) for p in ordered}) != 1:
+            return  # some rows were dense in the checkpoint (or came in another form)
+        if isinstance(ordered[0], Int8Weight):
+            if self.weight.dtype == torch.bfloat16:
+                whole8 = Int8Weight.cat(ordered)
+                self.int8_weight = whole8.q.contiguous().to(self.weight.device)
+                self.int8_scales = whole8.scale.to(torch.bfloat16).to(self.weight.device)
+            return
         try:
             whole = Int4Weight.cat(ordered)
         except ValueError:

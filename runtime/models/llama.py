@@ -430,14 +430,9 @@ class LlamaForCausalLM(nn.Module):
                 dst.copy_(w.dequantize(dst.dtype))  # lookups, and logits of many rows
                 if (name == "lm_head.weight" or cfg.tie_word_embeddings) and q8_0.kernel() is not None:
                     self.logits_q8 = PackedQ8.pack(w, self.vocab_per_rank)
-            elif isinstance(w, Int8Weight):
-                if owner is not None:
-                    owner.load_int8(rows[0] if rows else 0, w)
-                else:
-                    dst.copy_(w.dequantize(dst.dtype))
-            elif isinstance(w, Int4Weight):
+            elif isinstance(w, (Int4Weight, Int8Weight)):
                 if owner is not None:  # a linear layer's weight (or rows of a fused one)
-                    owner.load_int4(rows[0] if rows else 0, w)
+                    owner.load_quantized(rows[0] if rows else 0, w)
                 else:
                     dst.copy_(w.dequantize(dst.dtype))
             else:
