@@ -1,6 +1,8 @@
-"""Q8_0 weights kept as the file stores them, and the C++ linear over them
-(:mod:`argosy.runtime.quantization.q8_0`), against the ``gguf`` package's own dequantizer
-(the oracle) on the bundled model's Q8_0 embedding / LM head."""
+"""GGUF Q8_0, Q5_0, Q5_1, Q5_K and Q6_K weights kept as grouped int8, and the C++ linear
+over them (:mod:`argosy.runtime.quantization.q8_0`), against the ``gguf`` package's own
+dequantizer (the oracle): on the bundled model's Q8_0 embedding / LM head, and on blocks
+of every type (quantized by the ``gguf`` package where it can, random bytes with small
+scales for the K-quants, which it only reads)."""
 
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def test_linear_equals_x_times_dequantized_w(embed, rows):
     g = torch.Generator().manual_seed(lo)
     for m in (1, 2, 4, 7, 8, 9, 17):
         x = torch.randn(m, 576, generator=g).to(torch.bfloat16)
-        got = torch.ops.argosy.q8_0_linear(x, packed.w, packed.scales, packed.n)
+        got = torch.ops.argosy.q8_linear(x, packed.w, packed.scales, None, 32, packed.n)
         assert got.dtype == torch.float32 and got.shape == (m, hi - lo)
         want = x.double() @ ref[lo:hi].T
         torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=0)
@@ -71,7 +73,7 @@ def test_padded_rows_and_a_width_that_is_not_a_whole_tile(embed):
     packed = q8_0.PackedQ8.pack(part, rows=1003)
     assert packed.n == 1003 and packed.w.shape == (63, 576, 16)
     x = torch.randn(3, 576)
-    got = torch.ops.argosy.q8_0_linear(x, packed.w, packed.scales, packed.n)
+    got = torch.ops.argosy.q8_linear(x, packed.w, packed.scales, None, 32, packed.n)
     assert got.shape == (3, 1003)
     torch.testing.assert_close(got[:, :1000].double(), x.double() @ ref[:1000].T, atol=2e-5, rtol=0)
     assert torch.equal(got[:, 1000:], torch.zeros(3, 3))
@@ -83,9 +85,9 @@ def test_mismatched_inputs_are_refused(embed):
     w, _ = embed
     packed = q8_0.PackedQ8.pack(q8_0.Q8Weight(w.q[:64], w.scale[:64]))
     with pytest.raises(ValueError, match="does not match"):
-        torch.ops.argosy.q8_0_linear(torch.randn(2, 512), packed.w, packed.scales, packed.n)
+        torch.ops.argosy.q8_linear(torch.randn(2, 512), packed.w, packed.scales, None, 32, packed.n)
     with pytest.raises(ValueError, match="does not match"):
-        torch.ops.argosy.q8_0_linear(torch.randn(2, 576), packed.w, packed.scales, 65)
+        torch.ops.argosy.q8_linear(torch.randn(2, 576), packed.w, packed.scales, None, 32, 65)
 
 
 def test_the_engine_takes_it_for_few_rows_and_the_dense_copy_for_more(make_engine, embed):
@@ -121,8 +123,8 @@ def test_the_portable_build_gives_the_same_answer(embed, tmp_path, monkeypatch):
     packed = q8_0.PackedQ8.pack(part)
     x = torch.randn(3, 576)
     out = torch.empty(3, 200)
-    assert lib.argosy_q8_0_linear(packed.w.data_ptr(), packed.scales.data_ptr(), x.data_ptr(), out.data_ptr(),
-                                  3, 200, 576) == 0
+    assert lib.argosy_q8_linear(packed.w.data_ptr(), packed.scales.data_ptr(), None, 1, 32, x.data_ptr(),
+                                out.data_ptr(), 3, 200, 576) == 0
     torch.testing.assert_close(out.double(), x.double() @ ref[:200].T, atol=2e-5, rtol=0)
 
 
@@ -140,6 +142,102 @@ def test_each_tensor_parallel_rank_keeps_its_vocabulary_slice(checkpoint, embed)
         model.load_weights(checkpoint.weights(model.shard_for, int4=True))
         p = model.logits_q8
         assert p is not None and p.n == model.vocab_per_rank == 16384
-        got = torch.ops.argosy.q8_0_linear(x, p.w, p.scales, p.n).double()
+        got = torch.ops.argosy.q8_linear(x, p.w, p.scales, p.mins, p.group_size, p.n).double()
         lo = model.vocab_start
         torch.testing.assert_close(got, x.double() @ ref[lo : lo + p.n].T, atol=2e-5, rtol=0)
+
+
+def _raw(type_name: str, n: int, k: int, seed: int = 0) -> np.ndarray:
+    """``[n, k / values * bytes] uint8`` blocks of ``type_name``."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    rng = np.random.default_rng(seed)
+    if type_name in ("Q8_0", "Q5_0", "Q5_1"):
+        w = (rng.standard_normal((n, k)) * 0.05 + rng.uniform(-0.02, 0.02, (n, 1))).astype(np.float32)
+        return quantize(w, GGMLQuantizationType[type_name])
+    values, nbytes = q8_0.BLOCKS[type_name]
+    raw = rng.integers(0, 256, (n * k // values, nbytes), dtype=np.uint8)
+    scales = rng.uniform(1e-4, 2e-3, (n * k // values, 2)).astype(np.float16).view(np.uint8)
+    if type_name == "Q5_K":
+        raw[:, 0:4] = scales  # d, dmin
+    else:
+        raw[:, 208:210] = scales[:, :2]  # d
+    return raw.reshape(n, -1)
+
+
+def _reference(raw: np.ndarray, type_name: str, n: int, k: int) -> torch.Tensor:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]).reshape(n, k).astype(np.float64))
+
+
+@pytest.mark.parametrize("type_name", q8_0.TYPES)
+def test_every_type_decodes_to_the_gguf_dequantizer_exactly(type_name):
+    n, k = 48, 512
+    raw = _raw(type_name, n, k)
+    w = q8_0.Q8Weight.from_gguf(raw, (n, k), type_name)
+    assert w.q.dtype == np.int8 and w.group_size == (16 if type_name == "Q6_K" else 32)
+    assert (w.min is not None) == (type_name in ("Q5_1", "Q5_K"))
+    assert torch.equal(w.dequantize().double(), _reference(raw, type_name, n, k))
+    with pytest.raises(ValueError, match="does not hold"):
+        q8_0.Q8Weight.from_gguf(raw[:, :-1], (n, k), type_name)
+
+
+@pytest.mark.parametrize("type_name", q8_0.TYPES)
+def test_kernel_equals_x_times_dequantized_w_for_every_type(type_name):
+    """Group 16 and 32, float16 and float32 scales, with and without offsets; a width
+    that is not a whole tile; 1 to 9 rows of x."""
+    n, k = 40, 512
+    raw = _raw(type_name, n, k, seed=1)
+    ref = _reference(raw, type_name, n, k)
+    packed = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(raw, (n, k), type_name))
+    g = torch.Generator().manual_seed(2)
+    for m in (1, 3, 8, 9):
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+        got = torch.ops.argosy.q8_linear(x, packed.w, packed.scales, packed.mins, packed.group_size, packed.n)
+        want = x.double() @ ref.T
+        torch.testing.assert_close(got.double(), want, atol=2e-5 * max(1.0, want.abs().max().item()), rtol=0)
+
+
+def test_fused_parts_of_different_types_stack_exactly():
+    """q/k/v (or gate/up) stored in different types: one weight with the smallest group,
+    float32 scales and zero offsets where a part had none; every value unchanged."""
+    k = 512
+    parts = {t: q8_0.Q8Weight.from_gguf(_raw(t, 32, k, seed=i), (32, k), t)
+             for i, t in enumerate(("Q8_0", "Q6_K", "Q5_1"))}
+    whole = q8_0.Q8Weight.cat(list(parts.values()))
+    assert whole.group_size == 16 and whole.scale.dtype == np.float32 and whole.min is not None
+    assert torch.equal(whole.dequantize(), torch.cat([p.dequantize() for p in parts.values()]))
+    packed = q8_0.PackedQ8.pack(whole)
+    x = torch.randn(2, k)
+    got = torch.ops.argosy.q8_linear(x, packed.w, packed.scales, packed.mins, 16, packed.n)
+    torch.testing.assert_close(got.double(), x.double() @ whole.dequantize(torch.float64).T, atol=1e-4, rtol=0)
+    same = q8_0.Q8Weight.cat([parts["Q8_0"], parts["Q8_0"]])
+    assert same.scale.dtype == np.float16 and same.min is None and same.group_size == 32
+
+
+def test_column_shards_split_on_group_boundaries_only():
+    w = q8_0.Q8Weight.from_gguf(_raw("Q6_K", 16, 512), (16, 512), "Q6_K")
+    assert torch.equal(w.cols(16, 272).dequantize(), w.dequantize()[:, 16:272])
+    with pytest.raises(ValueError, match="splits a quantization group"):
+        w.cols(8, 264)
+
+
+@pytest.mark.parametrize("type_name", ["Q5_K", "Q6_K"])
+def test_the_portable_build_handles_offsets_and_group_16(type_name, tmp_path, monkeypatch):
+    import ctypes
+
+    monkeypatch.setattr(cpu_kernels, "isa_flags", lambda: [])
+    lib = ctypes.CDLL(str(q8_0.KERNEL.build(tmp_path)))
+    q8_0._declare(lib)
+    n, k = 24, 512
+    raw = _raw(type_name, n, k, seed=3)
+    packed = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(raw, (n, k), type_name))
+    x = torch.randn(3, k)
+    out = torch.empty(3, n)
+    mins = None if packed.mins is None else packed.mins.data_ptr()
+    assert lib.argosy_q8_linear(packed.w.data_ptr(), packed.scales.data_ptr(), mins, 0, packed.group_size,
+                                x.data_ptr(), out.data_ptr(), 3, n, k) == 0
+    torch.testing.assert_close(out.double(), x.double() @ _reference(raw, type_name, n, k).T, atol=1e-4, rtol=0)

@@ -16,7 +16,10 @@ with the scales rounded to bfloat16 as the kernel rounds them. An int8 weight wi
 per-row scales (a compressed-tensors W8A8 checkpoint, served weight-only) works the same
 way through ``_weight_int8pack_mm`` (one 3072 x 576 weight: 1 row 67 vs 184 us dense, 4
 rows 106 vs 199 us, 8 rows 246 vs 206 us; the same row limit keeps the compiled decode
-graphs' batch buckets). The threshold is measured
+graphs' batch buckets). GGUF's 8-, 6- and 5-bit types (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K) come
+as grouped int8 (:mod:`..quantization.q8_0`, the file's values without loss) and run on
+our C++ kernel (``argosy::q8_linear``, float32 math) for the same rows, output rounded
+to the activation dtype. The threshold is measured
 on whole decode steps of the bundled model (2 cores, AVX-512 + AMX, torch 2.13), where
 the weights stream from memory: batch 2 int4 23 ms vs dense 46 ms per step, batch 8
 33 vs 46 ms, batch 16 51 vs 51 ms. (In isolation, with the weight warm in cache, the int4
@@ -33,8 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantization import int4 as int4_mod
-from ..quantization.compressed_tensors import Int8Weight
+from ..quantization import q8_0
 from ..quantization.int4 import Int4Weight
+from ..quantization.int8 import Int8Weight
+from ..quantization.q8_0 import PackedQ8, Q8Weight
 
 #: Calls with at most this many rows use the packed int4 kernel (see the module doc).
 INT4_MAX_ROWS = 8
@@ -49,9 +54,10 @@ class Linear(nn.Module):
         dtype, device: of the dense weight and the activations.
 
     Loading: the model copies dense tensors into :attr:`weight` (or row ranges of it,
-    for fused projections), and hands 4-bit and int8 ones to :meth:`load_quantized` (which
-    also fills the dense rows); :meth:`process_weights_after_loading` then packs the int4
-    weight, or keeps the int8 one, if every row came in that form.
+    for fused projections), and hands 4-bit, int8 and grouped int8 ones to
+    :meth:`load_quantized` (which also fills the dense rows);
+    :meth:`process_weights_after_loading` then packs the int4 or grouped int8 weight, or
+    keeps the int8 one, if every row came in that form.
     """
 
     def __init__(self, out_features: int, in_features: int, bias: bool, dtype: torch.dtype,
@@ -67,8 +73,12 @@ class Linear(nn.Module):
         self.register_buffer("int4_scales_zeros", None, persistent=False)
         self.register_buffer("int8_weight", None, persistent=False)
         self.register_buffer("int8_scales", None, persistent=False)
+        self.register_buffer("q8_weight", None, persistent=False)
+        self.register_buffer("q8_scales", None, persistent=False)
+        self.register_buffer("q8_mins", None, persistent=False)
+        self.q8_group = 0
         #: row start -> quantized rows handed over by :meth:`load_quantized`
-        self._quantized_parts: dict[int, Union[Int4Weight, Int8Weight]] = {}
+        self._quantized_parts: dict[int, Union[Int4Weight, Int8Weight, Q8Weight]] = {}
 
     @property
     def is_int4(self) -> bool:
@@ -80,9 +90,14 @@ class Linear(nn.Module):
         """Whether the int8 weight is in use."""
         return self.int8_weight is not None
 
-    def load_quantized(self, row_start: int, w: Union[Int4Weight, Int8Weight]) -> None:
-        """Take rows ``[row_start, row_start + N)`` as a 4-bit or int8 weight (and their
-        dense values, dequantized the way its kernel sees them).
+    @property
+    def is_q8(self) -> bool:
+        """Whether the grouped int8 weight (GGUF Q8_0/Q5_x/Q6_K) is in use."""
+        return self.q8_weight is not None
+
+    def load_quantized(self, row_start: int, w: Union[Int4Weight, Int8Weight, Q8Weight]) -> None:
+        """Take rows ``[row_start, row_start + N)`` as a 4-bit, int8 or grouped int8
+        weight (and their dense values, dequantized the way its kernel sees them).
 
         Raises:
             ValueError: the rows do not fit the layer.
@@ -96,13 +111,19 @@ class Linear(nn.Module):
 
     def process_weights_after_loading(self) -> None:
         """When every row arrived quantized in one form: pack the int4 weight if the
-        kernel supports its shape and group size, or keep the int8 weight if the model
-        runs in bfloat16 (``_weight_int8pack_mm``'s case); otherwise stay dense."""
+        kernel supports its shape and group size, keep the int8 weight if the model runs
+        in bfloat16 (``_weight_int8pack_mm``'s case), or pack the grouped int8 weight
+        where its C++ kernel builds (CPU, bfloat16); otherwise stay dense."""
         parts, self._quantized_parts = self._quantized_parts, {}
         ordered = [parts[s] for s in sorted(parts)]
         if not ordered or sum(p.shape[0] for p in ordered) != self.out_features \
                 or len({type(p) for p in ordered}) != 1:
             return  # some rows were dense in the checkpoint (or came in another form)
+        if isinstance(ordered[0], Q8Weight):
+            if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu" and q8_0.kernel() is not None:
+                p = PackedQ8.pack(Q8Weight.cat(ordered))
+                self.q8_weight, self.q8_scales, self.q8_mins, self.q8_group = p.w, p.scales, p.mins, p.group_size
+            return
         if isinstance(ordered[0], Int8Weight):
             if self.weight.dtype == torch.bfloat16:
                 whole8 = Int8Weight.cat(ordered)
@@ -122,6 +143,10 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4_packed is not None and x.shape[0] <= INT4_MAX_ROWS:
             y = int4_mod.matmul(x, self.int4_packed, self.int4_scales_zeros, self.group_size)
+            return y if self.bias is None else y + self.bias
+        if self.q8_weight is not None and x.shape[0] <= INT4_MAX_ROWS:
+            y = torch.ops.argosy.q8_linear(x, self.q8_weight, self.q8_scales, self.q8_mins, self.q8_group,
+                                           self.out_features).to(x.dtype)
             return y if self.bias is None else y + self.bias
         if self.int8_weight is not None and x.shape[0] <= INT4_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x, self.int8_weight, self.int8_scales)

@@ -37,8 +37,8 @@ class Checkpoint:
             ``(hf_name, tensor)``; with ``int4`` (the CPU bfloat16 fast path), quantized
             weights come in their own form instead: 4-bit GGUF and compressed-tensors
             W4A16 linear weights as :class:`~argosy.runtime.quantization.int4.Int4Weight`,
-            a Q8_0 embedding / LM head as ``q8_0.Q8Weight``, compressed-tensors int8
-            weights as ``compressed_tensors.Int8Weight``;
+            GGUF Q8_0/Q5_0/Q5_1/Q5_K/Q6_K linear weights, embedding and LM head as
+            ``q8_0.Q8Weight``, compressed-tensors int8 weights as ``int8.Int8Weight``;
             tensors are float32 (dequantized GGUF) or the checkpoint's dtype (safetensors),
             on CPU, in Hugging Face layout (``[out_features, in_features]`` for linear
             weights). ``shard_for(hf_name)`` may return ``(dim, start, stop)``: then only

@@ -165,14 +165,22 @@ def _read_slice(t, shard, full_shape: tuple[int, ...]) -> tuple[np.ndarray, tupl
     return data[:, start // blk * type_size : stop // blk * type_size], (full_shape[0], stop - start)
 
 
-def _int4_weight(t, shard, full_shape: tuple[int, ...], cfg: ModelConfig):
-    """Tensor ``t`` (Q4_0/Q4_1/Q4_K, 2-D) decoded to an unpacked int4 weight, HF row
-    order, restricted to ``shard``; None when the shard splits a 32-column group (the
-    caller then dequantizes)."""
+def _quantized_weight(t, shard, full_shape: tuple[int, ...], cfg: ModelConfig, grouped_int8: bool):
+    """Tensor ``t`` (2-D) decoded without loss, HF row order, restricted to ``shard``: a
+    :class:`~argosy.runtime.quantization.q8_0.Q8Weight` when ``grouped_int8`` (Q8_0, Q5_x,
+    Q6_K), else an :class:`~argosy.runtime.quantization.int4.Int4Weight` (Q4_0, Q4_1,
+    Q4_K); None when the shard splits a quantization group (the caller then
+    dequantizes).
+
+    Raises:
+        ValueError: the blocks do not match the tensor's shape.
+    """
     from ..quantization.gguf import decode_int4
+    from ..quantization.q8_0 import Q8Weight
 
     data, shape = _read_slice(t, shard, full_shape)
-    w = decode_int4(data, t.tensor_type.name, shape)
+    kind = t.tensor_type.name
+    w = Q8Weight.from_gguf(data, shape, kind) if grouped_int8 else decode_int4(data, kind, shape)
     if t.name.endswith(("attn_q.weight", "attn_k.weight")):
         order = unpermute_qk(np.arange(shape[0]), shape[0] // cfg.head_dim)
         w = w.permute_rows(order)
@@ -185,8 +193,9 @@ def _int4_weight(t, shard, full_shape: tuple[int, ...], cfg: ModelConfig):
     return w
 
 
-#: Tensors handed over as Q8_0 when the file stores them so (the model keeps them for the logits).
-_Q8_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+#: Never handed over as 4-bit (it is looked up); as grouped int8 the model keeps it for
+#: the logits too (tied LM head).
+_EMBEDDING = "model.embed_tokens.weight"
 
 
 def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardFn] = None,
@@ -195,9 +204,10 @@ def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardF
 
     A weight is a float32 tensor, or, with ``int4`` (the packed fast path): for a 2-D
     linear weight stored as Q4_0/Q4_1/Q4_K, an
-    :class:`~argosy.runtime.quantization.int4.Int4Weight` decoded without loss; for the
-    embedding or LM head stored as Q8_0, a
-    :class:`~argosy.runtime.quantization.q8_0.Q8Weight` (the file's own values).
+    :class:`~argosy.runtime.quantization.int4.Int4Weight` decoded without loss; for a
+    linear weight, the embedding or the LM head stored as Q8_0, Q5_0, Q5_1, Q5_K or Q6_K,
+    a :class:`~argosy.runtime.quantization.q8_0.Q8Weight` (grouped int8, also without
+    loss). Other types (Q2_K, Q3_K, the IQ types, floats) come dequantized.
     With ``shard_for``, only each tensor's slice is decoded (see :func:`_read_slice`);
     the file is memory-mapped, so the rest is never read.
 
@@ -207,7 +217,7 @@ def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardF
     from gguf.quants import dequantize
 
     from ..quantization.gguf import INT4_TYPES
-    from ..quantization.q8_0 import Q8Weight
+    from ..quantization.q8_0 import TYPES as Q8_TYPES
 
     for t in reader.tensors:
         name = hf_name(t.name)
@@ -215,19 +225,12 @@ def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardF
             continue
         shard = shard_for(name) if shard_for else None
         full_shape = tuple(int(x) for x in reversed(t.shape.tolist()))
-        if int4 and t.tensor_type.name == "Q8_0" and len(full_shape) == 2 and name in _Q8_NAMES:
-            data, shape = _read_slice(t, shard, full_shape)  # vocabulary rows only: a row slice
+        kind = t.tensor_type.name
+        if int4 and len(full_shape) == 2 and (kind in Q8_TYPES or (kind in INT4_TYPES and name != _EMBEDDING)):
             try:
-                yield name, Q8Weight.from_gguf(data, shape)
+                w = _quantized_weight(t, shard, full_shape, cfg, kind in Q8_TYPES)
             except ValueError as e:
-                raise ModelLoadError(f"{path}: cannot decode tensor {t.name} (Q8_0): {e}") from None
-            continue
-        if (int4 and t.tensor_type.name in INT4_TYPES and len(full_shape) == 2
-                and name != "model.embed_tokens.weight"):
-            try:
-                w = _int4_weight(t, shard, full_shape, cfg)
-            except ValueError as e:
-                raise ModelLoadError(f"{path}: cannot decode tensor {t.name} ({t.tensor_type.name}): {e}") from None
+                raise ModelLoadError(f"{path}: cannot decode tensor {t.name} ({kind}): {e}") from None
             if w is not None:
                 yield name, w
                 continue

@@ -143,7 +143,7 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
     once as ``<layer>.weight``: an :class:`~argosy.runtime.quantization.int4.Int4Weight`
     with ``int4`` (run packed), else dequantized to float32; a tensor-parallel shard of
     it is cut after decoding, on whole quantization groups. 8-bit layers: int8 (W8A8)
-    as an :class:`~argosy.runtime.quantization.compressed_tensors.Int8Weight` with
+    as an :class:`~argosy.runtime.quantization.int8.Int8Weight` with
     ``int4`` (the CPU bfloat16 fast path), else, and FP8 always, dequantized to float32.
 
     Raises:

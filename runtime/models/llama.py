@@ -33,7 +33,7 @@ from ..config import ModelConfig
 from ..distributed import TPGroup
 from ..layers import Linear
 from ..quantization import q8_0
-from ..quantization.compressed_tensors import Int8Weight
+from ..quantization.int8 import Int8Weight
 from ..quantization.int4 import Int4Weight
 from ..quantization.q8_0 import PackedQ8, Q8Weight
 
@@ -308,7 +308,7 @@ class LlamaForCausalLM(nn.Module):
         self.layer_stages: Optional[tuple] = None
         self.layer_stages_min_tokens = 1
         #: 4-bit checkpoint weights run packed (bfloat16 on CPU: the int4 kernel's case);
-        #: a Q8_0 LM head is also kept as such (:attr:`logits_q8`).
+        #: a Q8_0 (or Q5_x/Q6_K) LM head is also kept as such (:attr:`logits_q8`).
         self.uses_int4 = torch.device(device).type == "cpu" and dtype == torch.bfloat16
         #: the LM head in the file's Q8_0 form, for logits of at most ``q8_0.MAX_ROWS``
         #: rows (decode at low batch); None: the dense matrix only
@@ -366,7 +366,7 @@ class LlamaForCausalLM(nn.Module):
         """
         if self.logits_q8 is not None and hidden.shape[0] <= q8_0.MAX_ROWS:
             p = self.logits_q8  # the file's int8 values and scales, float32 math (see q8_0)
-            local = torch.ops.argosy.q8_0_linear(hidden, p.w, p.scales, p.n)
+            local = torch.ops.argosy.q8_linear(hidden, p.w, p.scales, p.mins, p.group_size, p.n)
         else:
             local = F.linear(hidden, self.embed_tokens) if self.lm_head is None else self.lm_head(hidden)
         logits = self.tp.gather_to_first(local)
@@ -403,9 +403,10 @@ class LlamaForCausalLM(nn.Module):
         A weight is a tensor (dense, any float dtype) or an
         :class:`~argosy.runtime.quantization.int4.Int4Weight` (a 4-bit GGUF tensor, when
         :attr:`uses_int4`), which its :class:`~argosy.runtime.layers.Linear` keeps packed,
-        a :class:`~argosy.runtime.quantization.q8_0.Q8Weight` embedding / LM head,
-        kept dense and, where the C++ kernel builds, also as :attr:`logits_q8`, or a
-        :class:`~argosy.runtime.quantization.compressed_tensors.Int8Weight` (int8 with
+        a :class:`~argosy.runtime.quantization.q8_0.Q8Weight` (grouped int8: GGUF Q8_0,
+        Q5_x, Q6_K): an embedding / LM head is kept dense and, where the C++ kernel
+        builds, also as :attr:`logits_q8`, a linear layer's goes to its ``Linear``, or a
+        :class:`~argosy.runtime.quantization.int8.Int8Weight` (int8 with
         per-row scales), which its ``Linear`` keeps for the int8 kernel.
         Under tensor parallelism each tensor must already be this rank's slice
         (:meth:`shard_for`); the loaders read only that slice where the format allows.
@@ -426,11 +427,11 @@ class LlamaForCausalLM(nn.Module):
                 dst = dst[: w.shape[0]]  # the last rank's vocab slice is short; the rest stays zero
             if tuple(dst.shape) != tuple(w.shape):
                 raise ValueError(f"weight {name}: shape {tuple(w.shape)} does not match model {tuple(dst.shape)}")
-            if isinstance(w, Q8Weight):
+            if isinstance(w, Q8Weight) and name in ("model.embed_tokens.weight", "lm_head.weight"):
                 dst.copy_(w.dequantize(dst.dtype))  # lookups, and logits of many rows
                 if (name == "lm_head.weight" or cfg.tie_word_embeddings) and q8_0.kernel() is not None:
                     self.logits_q8 = PackedQ8.pack(w, self.vocab_per_rank)
-            elif isinstance(w, (Int4Weight, Int8Weight)):
+            elif isinstance(w, (Int4Weight, Int8Weight, Q8Weight)):
                 if owner is not None:  # a linear layer's weight (or rows of a fused one)
                     owner.load_quantized(rows[0] if rows else 0, w)
                 else:

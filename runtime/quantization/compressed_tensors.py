@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .int4 import KERNEL_GROUP_SIZES, Int4Weight
+from .int8 import Int8Weight  # noqa: F401  (re-exported: the int8 weight class these checkpoints load into)
 
 #: The suffixes of one quantized linear layer's tensors in the checkpoint.
 PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
@@ -86,41 +87,6 @@ class Int8WeightScheme:
 
 Scheme = Union[W4A16Scheme, Int8WeightScheme]
 
-
-@dataclass
-class Int8Weight:
-    """An int8 weight with one scale per output row: ``W[n, k] = q[n, k] * scale[n]``.
-
-    Attributes:
-        q: ``[N, K] int8`` torch tensor.
-        scale: ``[N] float32``.
-    """
-
-    q: torch.Tensor
-    scale: torch.Tensor
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
-
-    def rows(self, start: int, stop: int) -> "Int8Weight":
-        """Output rows ``[start, stop)`` (a column-parallel shard or a fused part)."""
-        return Int8Weight(self.q[start:stop], self.scale[start:stop])
-
-    def cols(self, start: int, stop: int) -> "Int8Weight":
-        """Input columns ``[start, stop)`` (a row-parallel shard; scales are per row)."""
-        return Int8Weight(self.q[:, start:stop].contiguous(), self.scale)
-
-    @staticmethod
-    def cat(parts: list["Int8Weight"]) -> "Int8Weight":
-        """Stack along the output rows."""
-        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
-
-    def dequantize(self, dtype=torch.float32, kernel_rounding: bool = True) -> torch.Tensor:
-        """``W [N, K]``; ``kernel_rounding``: from the scales rounded to bfloat16 as
-        ``_weight_int8pack_mm`` takes them (the dense copy beside the int8 one)."""
-        s = self.scale.to(torch.bfloat16).float() if kernel_rounding else self.scale.float()
-        return (self.q.float() * s[:, None]).to(dtype)
 
 #: The tensor names (after the layer's prefix) of a dequantized 8-bit layer.
 INT8_PARTS = ("weight", "weight_scale", "weight_zero_point")

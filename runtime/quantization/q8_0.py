@@ -1,23 +1,46 @@
-"""GGUF Q8_0 weights kept in their own form, and a CPU linear over them (``csrc/q8_0_gemm.cpp``).
+"""GGUF's 8-bit and 5/6-bit weights kept as grouped int8, and a CPU linear over them
+(``csrc/q8_0_gemm.cpp``, op ``torch.ops.argosy.q8_linear``).
 
-Q8_0 (ggml's ``block_q8_0``, ``ggml-common.h``): each row of a ``[N, K]`` weight is split
-into groups of 32 values, stored as one float16 scale ``d`` then 32 int8 ``q`` (34 bytes),
-and ``W[n, k] = q[n, k] * d[n, k // 32]``. The bundled model's tied embedding / LM head
-(49,152 x 576) is Q8_0: 28 MB of int8 and 1.8 MB of scales, against 56 MB as a dense
-bfloat16 matrix, and the LM head is the largest matrix a decode step reads. The kernel
-computes ``x @ W.T`` from the int8 values and float16 scales in float32, nothing rounded,
-so it is also closer to the file than the bfloat16 copy (whose rounding moves logits by
-up to ~0.05). Measured alone, warm, 2 cores, 49,152 x 576: 0.8 ms for one row (bfloat16
-``F.linear`` 2.1 ms), 1.1 ms for four, parity at eight; at 16 rows and more oneDNN's AMX
-bfloat16 GEMM wins (2.4 vs 3.7 ms). Whole decode steps of the bundled model: batch 1
-16.0 -> 12.6-13.4 ms, batch 4 18.8 -> 17.6 ms, batch 8 27.4 -> 28.2 ms (slower), so the
-model uses this kernel for up to :data:`MAX_ROWS` rows and the dense copy above (whose
-bfloat16 rounding moves logits by up to ~0.05, so a greedy choice between two nearly
-tied tokens can depend on how many rows a step computes logits for; see
-:meth:`argosy.runtime.models.llama.LlamaForCausalLM.compute_logits`).
+A :class:`Q8Weight` is ``W[n, k] = q[n, k] * scale[n, k // G] (+ min[n, k // G])`` with
+``q`` int8 and groups of ``G`` = 32 or 16 input columns. GGUF block types map onto it
+without loss (block layouts: ggml's ``ggml-common.h``; the ``gguf`` package's
+``gguf.quants`` implements the same and is the tests' oracle):
 
-The op is ``torch.ops.argosy.q8_0_linear``; its library is built like the other C++
-kernels (:mod:`argosy.runtime.cpu_kernels`).
+- ``Q8_0`` (34 bytes / 32 values): float16 ``d``, 32 int8 ``q``; ``W = q d``: as stored.
+- ``Q5_0`` (22 / 32): ``d``, 32 high bits, 16 bytes of nibbles; ``W = (q - 16) d`` with
+  ``q`` in [0, 31]: int8 ``q - 16``, scale ``d``.
+- ``Q5_1`` (24 / 32): ``d``, ``m``, high bits, nibbles; ``W = q d + m``: scale ``d``, min ``m``.
+- ``Q5_K`` (176 / 256): ``d``, ``dmin``, 12 bytes of 6-bit sub-block scales ``sc`` and mins
+  ``mn`` (8 sub-blocks of 32), high bits, nibbles; ``W = d sc q - dmin mn``: scale
+  ``d sc``, min ``-dmin mn`` (float32: exact products of a float16 and a 6-bit integer).
+- ``Q6_K`` (210 / 256): 4-bit low parts, 2-bit high parts, 16 int8 sub-block scales
+  ``sc`` (sub-blocks of 16), float16 ``d``; ``W = d sc (q - 32)``: ``G`` = 16, scale ``d sc``.
+
+The integers are unpacked by the ``gguf`` package itself (its dequantizer run on a copy of
+the blocks whose scales are set to 1 and offsets to 0, which returns the integers
+exactly); the scales and offsets are read from the block headers (``Q4_K.get_scale_min``
+for the K-quants' packed 6-bit ones).
+
+The kernel computes ``x @ W.T`` from those integers and scales in float32, nothing
+rounded, so it is also closer to the file than a bfloat16 copy. It serves:
+
+- linear layers stored in these types, for steps of at most ``INT4_MAX_ROWS`` rows
+  (:mod:`argosy.runtime.layers.linear`; a dense bfloat16 copy runs larger steps). One
+  row, warm, 2 cores: 28 / 23 / 53 / 33 us for the bundled model's 960 x 576, 576 x 576,
+  3072 x 576 and 576 x 1536 weights against 52 / 38 / 141 / 71 us for bfloat16; parity
+  near 8 rows. A per-row int8 requantization on ``_weight_int8pack_mm`` (18 / 12 / 59 /
+  25 us) was measured and dropped: it fails the accuracy gate (mean KL 0.0045 against
+  llama.cpp's 0.0034 on the same Q8_0/Q5_x file; see the README).
+- the embedding / LM head: kept also in its file form for logits of at most
+  :data:`MAX_ROWS` rows (the bundled model's tied 49,152 x 576 Q8_0 matrix: 0.8 ms for one
+  row against bfloat16 ``F.linear``'s 2.1 ms, 1.1 ms for four, parity at eight; at 16
+  rows and more oneDNN's AMX bfloat16 GEMM wins, 2.4 vs 3.7 ms. Whole decode steps:
+  batch 1 16.0 -> 12.6-13.4 ms, batch 4 18.8 -> 17.6 ms, batch 8 27.4 -> 28.2 ms, hence
+  the limit). The dense copy's bfloat16 rounding moves logits by up to ~0.05, so a greedy
+  choice between two nearly tied tokens can depend on how many rows a step computes
+  logits for (see :meth:`argosy.runtime.models.llama.LlamaForCausalLM.compute_logits`).
+
+The library is built like the other C++ kernels (:mod:`argosy.runtime.cpu_kernels`).
 """
 
 from __future__ import annotations
@@ -32,101 +55,234 @@ import torch
 
 from .. import cpu_kernels
 
-#: Values per Q8_0 group, and bytes per block (float16 scale + 32 int8).
-GROUP = 32
-BLOCK_BYTES = 34
-#: Most rows of ``x`` per call that take the kernel in the model (more: the dense copy).
+#: GGUF block types read as :class:`Q8Weight`.
+TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
+#: Values and bytes per block of each type.
+BLOCKS = {"Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+#: Group sizes the kernel takes.
+GROUP_SIZES = (16, 32)
+#: Most rows of ``x`` per call that take the kernel for the logits (more: the dense copy).
 MAX_ROWS = 4
 #: Output rows per tile of the packed layout.
 TILE = 16
 
 SOURCE = Path(__file__).parent / "csrc" / "q8_0_gemm.cpp"
 
+_ONE_F16 = np.array([1.0], dtype=np.float16).view(np.uint8)
+_ZERO_F16 = np.array([0.0], dtype=np.float16).view(np.uint8)
+
+
+def _f16(raw: np.ndarray) -> np.ndarray:
+    """``[B, 2] uint8`` -> ``[B] float16``."""
+    return np.ascontiguousarray(raw).view(np.float16)[:, 0]
+
+
+def _integers(blocks: np.ndarray, type_name: str, unit: dict) -> np.ndarray:
+    """The blocks' integers through the ``gguf`` package's own dequantizer, run on a copy
+    whose header bytes ``unit`` (``{(start, stop): bytes}``) set every scale to 1 and
+    every offset to 0: ``[B, values] int8``."""
+    import gguf
+    from gguf.quants import dequantize
+
+    b = blocks.copy()
+    for (lo, hi), v in unit.items():
+        b[:, lo:hi] = v
+    vals = dequantize(b, gguf.GGMLQuantizationType[type_name])
+    q = np.rint(vals).astype(np.int8)
+    if not np.array_equal(q.astype(np.float32), vals):  # the unit scales make them integers
+        raise ValueError(f"{type_name}: blocks did not decode to integers")
+    return q
+
 
 @dataclass
 class Q8Weight:
-    """A Q8_0 weight as stored in the file (host numpy arrays, Hugging Face row order).
+    """A grouped int8 weight (host numpy arrays, Hugging Face row order):
+    ``W[n, k] = q[n, k] * scale[n, k // group_size] (+ min[n, k // group_size])``.
 
     Attributes:
         q: ``[N, K] int8``.
-        scale: ``[N, K // 32] float16``.
+        scale: ``[N, K // group_size]`` float16 (Q8_0, Q5_0, Q5_1: the file's own) or
+            float32 (the K-quants' products ``d * sc``).
+        group_size: 32 or 16.
+        min: like ``scale``, or None (no offsets).
     """
 
     q: np.ndarray
     scale: np.ndarray
+    group_size: int = 32
+    min: Optional[np.ndarray] = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
 
     @staticmethod
-    def from_gguf(raw: np.ndarray, shape: tuple[int, int]) -> "Q8Weight":
-        """Decode a 2-D Q8_0 tensor's raw blocks (``[N, K / 32 * 34] uint8``, as
-        ``gguf.GGUFReader`` maps them) of Hugging Face shape ``(N, K)``.
+    def from_gguf(raw: np.ndarray, shape: tuple[int, int], type_name: str = "Q8_0") -> "Q8Weight":
+        """Decode a 2-D tensor's raw blocks (``[N, K / values * bytes] uint8``, as
+        ``gguf.GGUFReader`` maps them) of Hugging Face shape ``(N, K)`` and GGUF type
+        ``type_name`` (one of :data:`TYPES`).
 
         Raises:
-            ValueError: K not a multiple of 32, or a size that does not match ``shape``.
+            ValueError: another type, K not a multiple of the block, or a size that does
+                not match ``shape``.
         """
+        if type_name not in BLOCKS:
+            raise ValueError(f"GGUF type {type_name} is not read as grouped int8 ({', '.join(TYPES)})")
+        values, nbytes = BLOCKS[type_name]
         n, k = shape
-        if k % GROUP or raw.size != n * (k // GROUP) * BLOCK_BYTES:
-            raise ValueError(f"Q8_0 tensor of {raw.size} bytes does not hold shape {shape}")
-        blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n, k // GROUP, BLOCK_BYTES)
-        scale = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).reshape(n, k // GROUP)
-        q = np.ascontiguousarray(blocks[:, :, 2:]).view(np.int8).reshape(n, k)
-        return Q8Weight(q, scale)
+        if k % values or raw.size != n * (k // values) * nbytes:
+            raise ValueError(f"{type_name} tensor of {raw.size} bytes does not hold shape {shape}")
+        blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(n * (k // values), nbytes)
+        mins = None
+        group = 32
+        if type_name == "Q8_0":
+            scale = _f16(blocks[:, 0:2])
+            q = blocks[:, 2:].copy().view(np.int8)
+        elif type_name == "Q5_0":
+            scale = _f16(blocks[:, 0:2])
+            q = _integers(blocks, type_name, {(0, 2): _ONE_F16})
+        elif type_name == "Q5_1":
+            scale, mins = _f16(blocks[:, 0:2]), _f16(blocks[:, 2:4])
+            q = _integers(blocks, type_name, {(0, 2): _ONE_F16, (2, 4): _ZERO_F16})
+        elif type_name == "Q5_K":
+            from gguf.quants import Q4_K
 
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        """``W [N, K]`` as a torch tensor (computed in float32, then cast to ``dtype``)."""
+            d = _f16(blocks[:, 0:2]).astype(np.float32)
+            dmin = _f16(blocks[:, 2:4]).astype(np.float32)
+            sc, mn = Q4_K.get_scale_min(blocks[:, 4:16])
+            scale = d[:, None] * sc.astype(np.float32)
+            mins = -(dmin[:, None] * mn.astype(np.float32))
+            # d = 1, dmin = 0, every 6-bit sub-block scale 1 (bytes 0-3 and the low nibbles of 8-11)
+            q = _integers(blocks, type_name, {(0, 2): _ONE_F16, (2, 4): _ZERO_F16, (4, 8): 1, (8, 12): 0,
+                                              (12, 16): 1})
+        else:  # Q6_K
+            d = _f16(blocks[:, 208:210]).astype(np.float32)
+            scale = d[:, None] * blocks[:, 192:208].copy().view(np.int8).astype(np.float32)
+            q = _integers(blocks, type_name, {(192, 208): 1, (208, 210): _ONE_F16})
+            group = 16
+        return Q8Weight(np.ascontiguousarray(q.reshape(n, k)), np.ascontiguousarray(scale.reshape(n, k // group)),
+                        group, None if mins is None else np.ascontiguousarray(mins.reshape(n, k // group)))
+
+    def rows(self, start: int, stop: int) -> "Q8Weight":
+        """Output rows ``[start, stop)`` (a column-parallel shard or a vocabulary slice)."""
+        return Q8Weight(self.q[start:stop], self.scale[start:stop], self.group_size,
+                        None if self.min is None else self.min[start:stop])
+
+    def cols(self, start: int, stop: int) -> "Q8Weight":
+        """Input columns ``[start, stop)`` (a row-parallel shard).
+
+        Raises:
+            ValueError: the range does not start and end on a group boundary.
+        """
+        g = self.group_size
+        if start % g or stop % g:
+            raise ValueError(f"column range [{start}, {stop}) splits a quantization group of {g}")
+        return Q8Weight(np.ascontiguousarray(self.q[:, start:stop]), self.scale[:, start // g : stop // g], g,
+                        None if self.min is None else self.min[:, start // g : stop // g])
+
+    def permute_rows(self, order: np.ndarray) -> "Q8Weight":
+        """Rows reordered: row ``i`` of the result is row ``order[i]``."""
+        return Q8Weight(self.q[order], self.scale[order], self.group_size,
+                        None if self.min is None else self.min[order])
+
+    def _as(self, group_size: int, dtype, with_min: bool) -> "Q8Weight":
+        r = self.group_size // group_size
+        scale = np.repeat(self.scale, r, axis=1).astype(dtype)
+        mins = self.min if self.min is not None or not with_min else np.zeros_like(self.scale)
+        mins = None if mins is None else np.repeat(mins, r, axis=1).astype(dtype)
+        return Q8Weight(self.q, scale, group_size, mins)
+
+    @staticmethod
+    def cat(parts: list["Q8Weight"]) -> "Q8Weight":
+        """Stack along the output rows (fused q/k/v or gate/up parts, which a file may
+        store in different types): the result takes the smallest group size, float32
+        scales unless all are float16, and offsets if any part has them (zero for the
+        others); every value stays exact.
+
+        Raises:
+            ValueError: parts with different K.
+        """
+        if len({p.q.shape[1] for p in parts}) != 1:
+            raise ValueError("cannot stack grouped int8 weights with different K")
+        g = min(p.group_size for p in parts)
+        dtype = np.float16 if all(p.scale.dtype == np.float16 for p in parts) else np.float32
+        with_min = any(p.min is not None for p in parts)
+        parts = [p._as(g, dtype, with_min) for p in parts]
+        return Q8Weight(np.concatenate([p.q for p in parts]), np.concatenate([p.scale for p in parts]), g,
+                        np.concatenate([p.min for p in parts]) if with_min else None)
+
+    def dequantize(self, dtype=torch.float32, kernel_rounding: bool = True) -> torch.Tensor:
+        """``W [N, K]`` as a torch tensor (computed in float32, then cast to ``dtype``;
+        ``kernel_rounding`` is accepted for the other weight classes' signature: the
+        kernel rounds nothing)."""
         n, k = self.shape
-        w = torch.from_numpy(self.q.astype(np.float32)).view(n, k // GROUP, GROUP)
+        g = self.group_size
+        w = torch.from_numpy(self.q.astype(np.float32)).view(n, k // g, g)
         w = w * torch.from_numpy(self.scale.astype(np.float32)).unsqueeze(-1)
+        if self.min is not None:
+            w = w + torch.from_numpy(self.min.astype(np.float32)).unsqueeze(-1)
         return w.view(n, k).to(dtype)
 
 
 @dataclass
 class PackedQ8:
-    """A Q8_0 weight in the kernel's tiled layout (see the source's header).
+    """A :class:`Q8Weight` in the kernel's tiled layout (see the source's header).
 
     Attributes:
         w: ``[ceil(N / 16), K, 16] int8``.
-        scales: ``[ceil(N / 16), K // 32, 16] int16`` (float16 bit patterns).
+        scales: ``[ceil(N / 16), K // G, 16]`` int16 (float16 bit patterns) or float32.
+        mins: like ``scales``, or None.
+        group_size: ``G``.
         n: output features (``pack``'s ``rows``; rows past the weight's own are zero, so
             their outputs are 0; tile padding past ``n`` is never written out).
     """
 
     w: torch.Tensor
     scales: torch.Tensor
+    mins: Optional[torch.Tensor]
+    group_size: int
     n: int
 
     @staticmethod
     def pack(weight: Q8Weight, rows: Optional[int] = None) -> "PackedQ8":
         """Tile ``weight``; ``rows`` (>= N) pads it with zero rows first (a tensor-parallel
-        vocabulary slice shorter than the others). About 31 MB for 49,152 x 576."""
+        vocabulary slice shorter than the others). About 31 MB for a 49,152 x 576 Q8_0.
+
+        Raises:
+            ValueError: ``rows < N``, or a group size the kernel does not take.
+        """
         n, k = weight.shape
+        g = weight.group_size
         rows = n if rows is None else rows
         if rows < n:
             raise ValueError(f"cannot pack {n} rows into {rows}")
+        if g not in GROUP_SIZES or k % g:
+            raise ValueError(f"grouped int8 weight {weight.shape} with group size {g} is not supported")
         padded = -(-rows // TILE) * TILE
-        q = np.zeros((padded, k), dtype=np.int8)
-        q[:n] = weight.q
-        s = np.zeros((padded, k // GROUP), dtype=np.float16)
-        s[:n] = weight.scale
-        w = torch.from_numpy(q).view(padded // TILE, TILE, k).transpose(1, 2).contiguous()
-        sc = torch.from_numpy(s.view(np.int16)).view(padded // TILE, TILE, k // GROUP).transpose(1, 2).contiguous()
-        return PackedQ8(w, sc, rows)
+
+        def tiles(a: np.ndarray, width: int) -> torch.Tensor:
+            full = np.zeros((padded, width), dtype=a.dtype)
+            full[:n] = a
+            if full.dtype == np.float16:
+                full = full.view(np.int16)
+            return torch.from_numpy(full).view(padded // TILE, TILE, width).transpose(1, 2).contiguous()
+
+        scale_dtype = np.float16 if weight.scale.dtype == np.float16 else np.float32
+        mins = None if weight.min is None else tiles(weight.min.astype(scale_dtype), k // g)
+        return PackedQ8(tiles(weight.q, k), tiles(weight.scale.astype(scale_dtype), k // g), mins, g, rows)
 
     @property
     def nbytes(self) -> int:
-        return self.w.numel() + 2 * self.scales.numel()
+        return self.w.numel() + self.scales.nbytes + (0 if self.mins is None else self.mins.nbytes)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    fn = lib.argosy_q8_0_linear
+    fn = lib.argosy_q8_linear
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3
 
 
-KERNEL = cpu_kernels.Kernel(SOURCE, "q8_0_gemm", _declare, "the dense bfloat16 LM head")
+KERNEL = cpu_kernels.Kernel(SOURCE, "q8_0_gemm", _declare, "dense bfloat16 weights")
 
 
 def kernel():
@@ -136,16 +292,17 @@ def kernel():
 
 
 _LIBRARY = torch.library.Library("argosy", "FRAGMENT")
-_LIBRARY.define("q8_0_linear(Tensor x, Tensor w, Tensor scales, int n) -> Tensor")
+_LIBRARY.define("q8_linear(Tensor x, Tensor w, Tensor scales, Tensor? mins, int group_size, int n) -> Tensor")
 
 
-def q8_0_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int) -> torch.Tensor:
+def q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
+              group_size: int, n: int) -> torch.Tensor:
     """``x @ W.T`` over a :class:`PackedQ8` weight: the CPU implementation of
-    ``torch.ops.argosy.q8_0_linear``.
+    ``torch.ops.argosy.q8_linear``.
 
     Args:
         x: ``[M, K]`` float32 or bfloat16 (converted to float32; exact).
-        w, scales: :attr:`PackedQ8.w` / :attr:`PackedQ8.scales`.
+        w, scales, mins, group_size: :attr:`PackedQ8.w`, ``.scales``, ``.mins``, ``.group_size``.
         n: :attr:`PackedQ8.n`.
     Returns:
         ``[M, n] float32``.
@@ -155,24 +312,28 @@ def q8_0_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int) 
     """
     lib = KERNEL.loaded or kernel()
     if lib is None:
-        raise RuntimeError("the CPU Q8_0 linear kernel is not available")
-    if (x.dim() != 2 or w.dim() != 3 or w.dtype != torch.int8 or scales.dtype != torch.int16
-            or w.shape[2] != TILE or x.shape[1] != w.shape[1] or w.shape[1] % GROUP
-            or scales.shape != (w.shape[0], w.shape[1] // GROUP, TILE) or not 0 < n <= w.shape[0] * TILE
-            or not (w.is_contiguous() and scales.is_contiguous())):
-        raise ValueError(f"q8_0_linear: x {tuple(x.shape)} does not match packed weight {tuple(w.shape)} "
-                         f"{w.dtype} / scales {tuple(scales.shape)} {scales.dtype} for {n} outputs")
+        raise RuntimeError("the CPU grouped int8 linear kernel is not available")
+    g = group_size
+    if (x.dim() != 2 or w.dim() != 3 or w.dtype != torch.int8 or scales.dtype not in (torch.int16, torch.float32)
+            or w.shape[2] != TILE or x.shape[1] != w.shape[1] or g not in GROUP_SIZES or w.shape[1] % g
+            or scales.shape != (w.shape[0], w.shape[1] // g, TILE) or not 0 < n <= w.shape[0] * TILE
+            or not (w.is_contiguous() and scales.is_contiguous())
+            or (mins is not None and (mins.shape != scales.shape or mins.dtype != scales.dtype
+                                      or not mins.is_contiguous()))):
+        raise ValueError(f"q8_linear: x {tuple(x.shape)} does not match packed weight {tuple(w.shape)} "
+                         f"{w.dtype} / scales {tuple(scales.shape)} {scales.dtype} / group {g} for {n} outputs")
     xf = x.to(torch.float32).contiguous()
     out = torch.empty(x.shape[0], n, dtype=torch.float32)
-    if x.shape[0] and lib.argosy_q8_0_linear(w.data_ptr(), scales.data_ptr(), xf.data_ptr(), out.data_ptr(),
-                                             x.shape[0], n, x.shape[1]) != 0:
-        raise ValueError(f"q8_0_linear: K={x.shape[1]} is not a multiple of {GROUP}")
+    if x.shape[0] and lib.argosy_q8_linear(w.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(),
+                                           int(scales.dtype == torch.int16), g, xf.data_ptr(), out.data_ptr(),
+                                           x.shape[0], n, x.shape[1]) != 0:
+        raise ValueError(f"q8_linear: K={x.shape[1]} is not a multiple of the group size {g}")
     return out
 
 
-_LIBRARY.impl("q8_0_linear", q8_0_linear, "CPU")
+_LIBRARY.impl("q8_linear", q8_linear, "CPU")
 
 
-@torch.library.register_fake("argosy::q8_0_linear")
-def _(x, w, scales, n):
+@torch.library.register_fake("argosy::q8_linear")
+def _(x, w, scales, mins, group_size, n):
     return x.new_empty(x.shape[0], n, dtype=torch.float32)

@@ -1,62 +1,98 @@
-// Q8_0 linear on the CPU: out[M, N] (float32) = x[M, K] (float32) @ W^T, where W is kept
-// in GGUF's Q8_0 form: per row, groups of 32 int8 values q with one float16 scale d,
-// W[n, k] = q[n, k] * d[n, k / 32] (ggml-common.h, block_q8_0; the gguf package's
-// dequantizer is the test oracle). Nothing is rounded: products and sums in float32.
+// Grouped int8 linear on the CPU: out[M, N] (float32) = x[M, K] (float32) @ W^T, where W is
+// kept as int8 values q with one scale d (and optionally one offset m) per row and group
+// of G = 16 or 32 input columns:
+//   W[n, k] = q[n, k] * d[n, k / G] (+ m[n, k / G]).
+// This holds GGUF's Q8_0 as stored (ggml-common.h, block_q8_0: G = 32, d float16), and,
+// with q re-read from their blocks without loss (argosy.runtime.quantization.q8_0), Q5_0
+// (q - 16, d), Q5_1 (q, d, m), Q5_K (q, d*sc, -dmin*mn per 32) and Q6_K (q - 32, d*sc per
+// 16). The gguf package's dequantizer is the test oracle. Nothing is rounded: products and
+// sums in float32.
 //
-// Layout (argosy.runtime.quantization.q8_0.pack): rows in tiles of 16,
-//   w      [N16 / 16][K][16] int8      (16 consecutive rows side by side per input column)
-//   scales [N16 / 16][K / 32][16] fp16 (as uint16)
+// Layout (argosy.runtime.quantization.q8_0.PackedQ8.pack): rows in tiles of 16,
+//   w      [N16 / 16][K][16] int8       (16 consecutive rows side by side per input column)
+//   scales [N16 / 16][K / G][16] float16 bits (uint16) or float32
+//   mins   same as scales, or null
 // so one 16-lane vector holds the 16 rows of a tile for one input column: an output tile
 // is 16 lanes wide and needs no horizontal sums. Rows past N (padding) are zero and never
-// stored. Per group of 32 columns each row block accumulates in t (float32), then
-// acc += t * d. OpenMP over tiles; up to 8 rows of x share each converted weight vector.
+// stored. Per group each row of x accumulates t (float32), then acc += t * d (+ m * sum of
+// the group's x, computed once per call). OpenMP over tiles; up to 8 rows of x share each
+// converted weight vector.
 //
-// Returns 0, or 1 when K is not a multiple of 32.
+// Returns 0, 1 when K is not a multiple of G, 2 when G is neither 16 nor 32.
 
 #include <stdint.h>
 #include <string.h>
 
+#include <vector>
+
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-template <int MB>
-static inline void tile_rows(const int8_t* w, const uint16_t* sc, const float* x, int64_t K, float* out,
-                             int64_t ldo, __mmask16 keep) {
+template <bool F16>
+static inline __m512 load16(const void* p, int64_t i) {
+  if (F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
+  return _mm512_loadu_ps((const float*)p + i);
+}
+
+template <int MB, int G, bool F16, bool MIN>
+static inline void tile_rows(const int8_t* w, const void* sc, const void* mn, const float* x, const float* xs,
+                             int64_t K, float* out, int64_t ldo, __mmask16 keep) {
+  const int64_t groups = K / G;
   __m512 acc[MB];
   for (int i = 0; i < MB; i++) acc[i] = _mm512_setzero_ps();
-  for (int64_t g = 0; g < K / 32; g++) {
+  for (int64_t g = 0; g < groups; g++) {
     __m512 t[MB];
     for (int i = 0; i < MB; i++) t[i] = _mm512_setzero_ps();
-    const int8_t* wg = w + g * 32 * 16;
-    const float* xg = x + g * 32;
+    const int8_t* wg = w + g * G * 16;
+    const float* xg = x + g * G;
 #pragma GCC unroll 4
-    for (int kk = 0; kk < 32; kk++) {
+    for (int kk = 0; kk < G; kk++) {
       __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wg + kk * 16))));
       for (int i = 0; i < MB; i++) t[i] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xg[i * K + kk]), t[i]);
     }
-    __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(sc + g * 16)));
+    const __m512 d = load16<F16>(sc, g * 16);
     for (int i = 0; i < MB; i++) acc[i] = _mm512_fmadd_ps(t[i], d, acc[i]);
+    if (MIN) {
+      const __m512 m = load16<F16>(mn, g * 16);
+      for (int i = 0; i < MB; i++) acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[i * groups + g]), acc[i]);
+    }
   }
   for (int i = 0; i < MB; i++) _mm512_mask_storeu_ps(out + i * ldo, keep, acc[i]);
 }
 
-static void tile(const int8_t* w, const uint16_t* sc, const float* x, int64_t M, int64_t K, float* out, int64_t ldo,
-                 int64_t cols) {
+template <int G, bool F16, bool MIN>
+static void tile_t(const int8_t* w, const void* sc, const void* mn, const float* x, const float* xs, int64_t M,
+                   int64_t K, float* out, int64_t ldo, int64_t cols) {
   const __mmask16 keep = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
+  const int64_t groups = K / G;
   int64_t m = 0;
-  for (; m + 8 <= M; m += 8) tile_rows<8>(w, sc, x + m * K, K, out + m * ldo, ldo, keep);
+  for (; m + 8 <= M; m += 8)
+    tile_rows<8, G, F16, MIN>(w, sc, mn, x + m * K, xs + m * groups, K, out + m * ldo, ldo, keep);
   const float* xm = x + m * K;
+  const float* xsm = xs + m * groups;
   float* om = out + m * ldo;
   switch (M - m) {
-    case 1: tile_rows<1>(w, sc, xm, K, om, ldo, keep); break;
-    case 2: tile_rows<2>(w, sc, xm, K, om, ldo, keep); break;
-    case 3: tile_rows<3>(w, sc, xm, K, om, ldo, keep); break;
-    case 4: tile_rows<4>(w, sc, xm, K, om, ldo, keep); break;
-    case 5: tile_rows<5>(w, sc, xm, K, om, ldo, keep); break;
-    case 6: tile_rows<6>(w, sc, xm, K, om, ldo, keep); break;
-    case 7: tile_rows<7>(w, sc, xm, K, om, ldo, keep); break;
+    case 1: tile_rows<1, G, F16, MIN>(w, sc, mn, xm, xsm, K, om, ldo, keep); break;
+    case 2: tile_rows<2, G, F16, MIN>(w, sc, mn, xm, xsm, K, om, ldo, keep); break;
+    case 3: tile_rows<3, G, F16, MIN>(w, sc, mn, xm, xsm, K, om, ldo, keep); break;
+    case 4: tile_rows<4, G, F16, MIN>(w, sc, mn, xm, xsm, K, om, ldo, keep); break;
+    case 5: tile_rows<5, G, F16, MIN>(w, sc, mn, xm, xsm, K, om, ldo, keep); break;
+    case 6: tile_rows<6, G, F16, MIN>(w, sc, mn, xm, xsm, K, om, ldo, keep); break;
+    case 7: tile_rows<7, G, F16, MIN>(w, sc, mn, xm, xsm, K, om, ldo, keep); break;
     default: break;
   }
+}
+
+typedef void (*tile_fn)(const int8_t*, const void*, const void*, const float*, const float*, int64_t, int64_t,
+                        float*, int64_t, int64_t);
+
+static tile_fn pick(int64_t G, bool f16, bool has_min) {
+  if (G == 16) {
+    if (f16) return has_min ? tile_t<16, true, true> : tile_t<16, true, false>;
+    return has_min ? tile_t<16, false, true> : tile_t<16, false, false>;
+  }
+  if (f16) return has_min ? tile_t<32, true, true> : tile_t<32, true, false>;
+  return has_min ? tile_t<32, false, true> : tile_t<32, false, false>;
 }
 
 #else  // portable code (the compiler vectorizes what it can)
@@ -81,32 +117,70 @@ static float half_to_float(uint16_t h) {
   return f;
 }
 
-static void tile(const int8_t* w, const uint16_t* sc, const float* x, int64_t M, int64_t K, float* out, int64_t ldo,
-                 int64_t cols) {
+static int64_t G_;
+static bool F16_, MIN_;
+
+static inline float value(const void* p, int64_t i) {
+  return F16_ ? half_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+}
+
+static void tile_any(const int8_t* w, const void* sc, const void* mn, const float* x, const float* xs, int64_t M,
+                     int64_t K, float* out, int64_t ldo, int64_t cols) {
+  const int64_t G = G_, groups = K / G;
   for (int64_t m = 0; m < M; m++) {
     float acc[16] = {0};
-    for (int64_t g = 0; g < K / 32; g++) {
+    for (int64_t g = 0; g < groups; g++) {
       float t[16] = {0};
-      for (int kk = 0; kk < 32; kk++) {
-        const float xv = x[m * K + g * 32 + kk];
-        const int8_t* wr = w + (g * 32 + kk) * 16;
+      for (int64_t kk = 0; kk < G; kk++) {
+        const float xv = x[m * K + g * G + kk];
+        const int8_t* wr = w + (g * G + kk) * 16;
         for (int j = 0; j < 16; j++) t[j] += (float)wr[j] * xv;
       }
-      for (int j = 0; j < 16; j++) acc[j] += t[j] * half_to_float(sc[g * 16 + j]);
+      for (int j = 0; j < 16; j++) {
+        acc[j] += t[j] * value(sc, g * 16 + j);
+        if (MIN_) acc[j] += value(mn, g * 16 + j) * xs[m * groups + g];
+      }
     }
     for (int64_t j = 0; j < cols && j < 16; j++) out[m * ldo + j] = acc[j];
   }
 }
 
+typedef void (*tile_fn)(const int8_t*, const void*, const void*, const float*, const float*, int64_t, int64_t,
+                        float*, int64_t, int64_t);
+
+static tile_fn pick(int64_t G, bool f16, bool has_min) {
+  G_ = G;
+  F16_ = f16;
+  MIN_ = has_min;
+  return tile_any;
+}
+
 #endif
 
-extern "C" int argosy_q8_0_linear(const int8_t* w, const uint16_t* scales, const float* x, float* out, int64_t M,
-                                  int64_t N, int64_t K) {
-  if (K % 32) return 1;
+extern "C" int argosy_q8_linear(const int8_t* w, const void* scales, const void* mins, int scales_f16,
+                                int64_t group, const float* x, float* out, int64_t M, int64_t N, int64_t K) {
+  if (group != 16 && group != 32) return 2;
+  if (K % group) return 1;
+  const int64_t groups = K / group;
+  std::vector<float> xs;  // per row of x, the sum of each group's values (for the offsets)
+  if (mins) {
+    xs.assign(M * groups, 0.0f);
+    for (int64_t m = 0; m < M; m++)
+      for (int64_t g = 0; g < groups; g++) {
+        float s = 0.0f;
+        for (int64_t kk = 0; kk < group; kk++) s += x[m * K + g * group + kk];
+        xs[m * groups + g] = s;
+      }
+  }
+  const tile_fn fn = pick(group, scales_f16 != 0, mins != nullptr);
+  const float* xsp = mins ? xs.data() : nullptr;
   const int64_t tiles = (N + 15) / 16;
+  const int64_t sstride = groups * 16 * (scales_f16 ? 2 : 4);  // bytes of scales per tile
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < tiles; t++) {
-    tile(w + t * K * 16, scales + t * (K / 32) * 16, x, M, K, out + t * 16, N, N - t * 16);
+    const char* sc = (const char*)scales + t * sstride;
+    const char* mn = mins ? (const char*)mins + t * sstride : nullptr;
+    fn(w + t * K * 16, sc, mn, x, xsp, M, K, out + t * 16, N, N - t * 16);
   }
   return 0;
 }

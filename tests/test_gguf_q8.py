@@ -1,0 +1,79 @@
+"""A GGUF file whose linear layers are 8- and 5-bit (Q8_0, Q5_1, Q5_0) on the fast path:
+every layer runs on the grouped int8 kernel (the file's values without loss), greedy
+output agrees with the float32 path where that is decisive, and the accuracy gate holds
+against llama.cpp on the same file (issue 17, item 1).
+
+The file is the bundled model with layer ``i``'s linear weights re-encoded by the
+``gguf`` package (``tests/gguf_files.py``) as Q8_0, Q5_1 or Q5_0 for ``i % 3`` = 0, 1, 2;
+K-quant files (Q5_K, Q6_K), which the package cannot write, are covered per block in
+tests/test_q8_0.py and end to end by ``benchmarks/accuracy_gate.py`` on llama-quantize
+output (README). The float32 path (dense, dequantized by the ``gguf`` package) is the
+reference; it equals Hugging Face ``transformers`` (tests/test_hf_reference.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from argosy.runtime import cpu_kernels
+from argosy.runtime.layers import INT4_MAX_ROWS
+from argosy.runtime.quantization.accuracy import distribution_agreement
+
+from .gguf_files import requantize_gguf
+from .test_fast_path import SLICE, SLICE_POSITIONS, TOP1_RESOLUTION, assert_greedy_agrees_where_decisive
+
+pytestmark = pytest.mark.skipif(cpu_kernels.compiler() is None and not os.environ.get("CI"),
+                                reason="no C++ compiler to build the kernel")
+
+KINDS = ("Q8_0", "Q5_1", "Q5_0")
+
+#: llama.cpp on this file and slice (``benchmarks/accuracy_gate.py --model <this file>
+#: --slice tests/data/seed_slice.txt``, llama-cpp-python 0.3.36, ``logits_all=True``)
+#: against the float32 reference, 733 positions: KL 0.003418 nats, top-1 713 of 733.
+#: Ours in the same run: 0.001329 / 716 of 733. (A per-row int8 requantization of the
+#: same layers on ``_weight_int8pack_mm``, tried first: 0.004509 / 704, failing both.)
+LLAMA_CPP_MIXED_SLICE_KL = 0.003418
+LLAMA_CPP_MIXED_SLICE_TOP1 = 713 / 733
+
+
+@pytest.fixture(scope="module")
+def engines(model_path, tmp_path_factory):
+    from argosy.runtime.config import EngineArgs
+    from argosy.runtime.core.engine import LLMEngine
+    from argosy.runtime.loader import load_checkpoint
+
+    path = str(tmp_path_factory.mktemp("gguf_q8") / "smollm2-q8_0-q5_1-q5_0.gguf")
+    requantize_gguf(model_path, path, lambda i, kind: KINDS[i % 3])
+    ckpt = load_checkpoint(path)
+
+    def make(dtype):
+        return LLMEngine(EngineArgs(model=path, dtype=dtype, max_model_len=1024, kv_cache_memory=128 << 20),
+                         checkpoint=ckpt)
+
+    return make("bfloat16"), make("float32")
+
+
+def test_every_linear_layer_runs_on_the_grouped_int8_kernel(engines):
+    fast, ref = engines
+    model = fast.executor.runner.model
+    assert sum(getattr(m, "is_q8", False) for m in model.modules()) == 4 * model.cfg.num_hidden_layers
+    assert model.logits_q8 is not None  # the Q8_0 tied head, as in the bundled file
+    assert not any(getattr(m, "is_q8", False) for m in ref.executor.runner.model.modules())
+
+
+def test_greedy_agrees_with_float32_where_float32_is_decisive(engines):
+    fast, ref = engines
+    assert_greedy_agrees_where_decisive(fast, ref)
+
+
+def test_accuracy_gate_against_llama_cpp_on_the_same_file(engines):
+    """Teacher-forced over the slice in decode-shaped steps (the kernel runs): KL and
+    top-1 against float32 dense on the same file no worse than llama.cpp's."""
+    fast, ref = engines
+    ids = ref.tokenizer.encode(SLICE.read_text())
+    assert len(ids) == SLICE_POSITIONS + 1
+    got = distribution_agreement(ref.prompt_logits(ids)[:-1], fast.prompt_logits(ids, chunk_size=INT4_MAX_ROWS)[:-1])
+    assert got.mean_kl <= LLAMA_CPP_MIXED_SLICE_KL, got
+    assert got.top1 >= LLAMA_CPP_MIXED_SLICE_TOP1 - TOP1_RESOLUTION, got
