@@ -5,8 +5,9 @@ Teacher-forced over text (default: every file of ``../shared/seeds/``, in window
 
 - the reference: Argosy with ``--dtype float32`` (the file dequantized, dense; agrees with
   Hugging Face ``transformers`` to rounding, tests/test_hf_reference.py);
-- ours: Argosy's default fast path (bfloat16, 4-bit weights packed), fed in decode-shaped
-  steps of ``INT4_MAX_ROWS`` tokens so the packed int4 kernel runs (``--chunk``);
+- ours: Argosy's default fast path (bfloat16; 4-bit weights packed for the int4 kernel,
+  8/6/5-bit ones as grouped int8 for ours), fed in decode-shaped steps of
+  ``INT4_MAX_ROWS`` tokens so those kernels run (``--chunk``);
 - llama.cpp: ``llama-cpp-python`` with ``logits_all=True`` (its own CPU kernels), run in
   the Python given by ``--llama-python`` (a separate venv, see ``benchmarks/llama_baseline.py``).
 
@@ -86,10 +87,10 @@ def main(argv=None) -> int:
     for f in files:
         ids = ref.tokenizer.encode(open(f, encoding="utf-8").read())
         windows += [ids[i : i + args.window] for i in range(0, len(ids), args.window) if len(ids[i : i + args.window]) > 16]
-    rows = {"ours (bf16, int4 packed)": [], "llama.cpp": []}
+    rows = {"ours (bf16 fast path)": [], "llama.cpp": []}
     for ids in windows:
         r = ref.prompt_logits(ids)[:-1]
-        rows["ours (bf16, int4 packed)"].append((distribution_agreement(r, fast.prompt_logits(ids, args.chunk)[:-1])))
+        rows["ours (bf16 fast path)"].append((distribution_agreement(r, fast.prompt_logits(ids, args.chunk)[:-1])))
         if args.llama_python:
             lc = llama_cpp_logits(args.llama_python, path, ids, default_num_threads())[:-1, : r.shape[1]]
             rows["llama.cpp"].append(distribution_agreement(r, lc))

@@ -39,20 +39,59 @@ LLAMA_CPP_MIXED_SLICE_TOP1 = 713 / 733
 
 
 @pytest.fixture(scope="module")
-def engines(model_path, tmp_path_factory):
-    from argosy.runtime.config import EngineArgs
-    from argosy.runtime.core.engine import LLMEngine
+def mixed(model_path, tmp_path_factory):
     from argosy.runtime.loader import load_checkpoint
 
     path = str(tmp_path_factory.mktemp("gguf_q8") / "smollm2-q8_0-q5_1-q5_0.gguf")
     requantize_gguf(model_path, path, lambda i, kind: KINDS[i % 3])
-    ckpt = load_checkpoint(path)
+    return load_checkpoint(path)
+
+
+@pytest.fixture(scope="module")
+def engines(mixed):
+    from argosy.runtime.config import EngineArgs
+    from argosy.runtime.core.engine import LLMEngine
 
     def make(dtype):
-        return LLMEngine(EngineArgs(model=path, dtype=dtype, max_model_len=1024, kv_cache_memory=128 << 20),
-                         checkpoint=ckpt)
+        return LLMEngine(EngineArgs(model=mixed.path, dtype=dtype, max_model_len=1024, kv_cache_memory=128 << 20),
+                         checkpoint=mixed)
 
     return make("bfloat16"), make("float32")
+
+
+def test_tensor_parallel_shards_equal_slicing_the_whole(mixed):
+    """TP=3 shards read from the file slice by slice equal the whole weight decoded and
+    sliced: rows for column-parallel layers (with the q/k row un-permutation), group
+    aligned columns for row-parallel ones, for each of the three types."""
+    import numpy as np
+    import torch
+
+    from argosy.runtime.distributed import TPGroup
+    from argosy.runtime.models.llama import LlamaForCausalLM
+    from argosy.runtime.quantization.q8_0 import Q8Weight
+
+    whole = dict(mixed.weights(None, int4=True))
+    for rank in range(3):
+        tp = TPGroup.__new__(TPGroup)
+        tp.rank, tp.world_size = rank, 3
+        model = LlamaForCausalLM.__new__(LlamaForCausalLM)
+        torch.nn.Module.__init__(model)
+        model.cfg, model.tp = mixed.config, tp
+        model.vocab_per_rank = -(-mixed.config.vocab_size // 3)
+        model.vocab_start = rank * model.vocab_per_rank
+        shards = dict(mixed.weights(model.shard_for, int4=True))
+        for layer in (3, 4, 5):
+            for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.down_proj"):
+                name = f"model.layers.{layer}.{part}.weight"
+                dim, start, stop = model.shard_for(name)
+                want = whole[name].rows(start, stop) if dim == 0 else whole[name].cols(start, stop)
+                got = shards[name]
+                assert isinstance(got, Q8Weight) and got.group_size == want.group_size, name
+                for a, b in ((got.q, want.q), (got.scale, want.scale), (got.min, want.min)):
+                    if a is None or b is None:
+                        assert a is None and b is None, name
+                    else:
+                        np.testing.assert_array_equal(a, b)
 
 
 def test_every_linear_layer_runs_on_the_grouped_int8_kernel(engines):

@@ -123,8 +123,8 @@ def test_the_portable_build_gives_the_same_answer(embed, tmp_path, monkeypatch):
     packed = q8_0.PackedQ8.pack(part)
     x = torch.randn(3, 576)
     out = torch.empty(3, 200)
-    assert lib.argosy_q8_linear(packed.w.data_ptr(), packed.scales.data_ptr(), None, 1, 32, x.data_ptr(),
-                                out.data_ptr(), 3, 200, 576) == 0
+    assert lib.argosy_q8_linear(packed.w.data_ptr(), packed.scales.data_ptr(), None, 1, 32, x.data_ptr(), 0,
+                                out.data_ptr(), 0, 3, 200, 576) == 0
     torch.testing.assert_close(out.double(), x.double() @ ref[:200].T, atol=2e-5, rtol=0)
 
 
@@ -185,20 +185,33 @@ def test_every_type_decodes_to_the_gguf_dequantizer_exactly(type_name):
         q8_0.Q8Weight.from_gguf(raw[:, :-1], (n, k), type_name)
 
 
+#: The bundled model's linear shapes ``(N, K)`` and one TP=3 rank's shards (as in
+#: tests/test_quantization.py), plus a width that is not a whole 16-row tile; the
+#: K-quants' 256-value blocks fit only K = 1536 (down_proj) and its 512-column shard.
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (320, 576), (576, 192), (1024, 576), (576, 512),
+          (40, 512)]
+
+
 @pytest.mark.parametrize("type_name", q8_0.TYPES)
 def test_kernel_equals_x_times_dequantized_w_for_every_type(type_name):
-    """Group 16 and 32, float16 and float32 scales, with and without offsets; a width
-    that is not a whole tile; 1 to 9 rows of x."""
-    n, k = 40, 512
-    raw = _raw(type_name, n, k, seed=1)
-    ref = _reference(raw, type_name, n, k)
-    packed = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(raw, (n, k), type_name))
+    """Group 16 and 32, float16 and float32 scales, with and without offsets; 1 to 9 rows
+    of x: float32 math over the file's values, within 2e-5 relative of float64."""
+    values = q8_0.BLOCKS[type_name][0]
     g = torch.Generator().manual_seed(2)
-    for m in (1, 3, 8, 9):
-        x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-        got = torch.ops.argosy.q8_linear(x, packed.w, packed.scales, packed.mins, packed.group_size, packed.n)
-        want = x.double() @ ref.T
-        torch.testing.assert_close(got.double(), want, atol=2e-5 * max(1.0, want.abs().max().item()), rtol=0)
+    for n, k in (s for s in SHAPES if s[1] % values == 0):
+        raw = _raw(type_name, n, k, seed=n + k)
+        ref = _reference(raw, type_name, n, k)
+        packed = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(raw, (n, k), type_name))
+        for m in (1, 3, 8, 9):
+            x = torch.randn(m, k, generator=g).to(torch.bfloat16)
+            got = torch.ops.argosy.q8_linear(x, packed.w, packed.scales, packed.mins, packed.group_size, packed.n)
+            want = x.double() @ ref.T
+            torch.testing.assert_close(got.double(), want, atol=2e-5 * max(1.0, want.abs().max().item()), rtol=0,
+                                       msg=lambda e: f"{type_name} {n}x{k} m={m}: {e}")
+            # a linear layer's bfloat16 output: the float32 result rounded as torch rounds it
+            bf = torch.ops.argosy.q8_linear(x, packed.w, packed.scales, packed.mins, packed.group_size, packed.n,
+                                            torch.bfloat16)
+            assert bf.dtype == torch.bfloat16 and torch.equal(bf, got.to(torch.bfloat16)), (type_name, n, k, m)
 
 
 def test_fused_parts_of_different_types_stack_exactly():
@@ -239,5 +252,5 @@ def test_the_portable_build_handles_offsets_and_group_16(type_name, tmp_path, mo
     out = torch.empty(3, n)
     mins = None if packed.mins is None else packed.mins.data_ptr()
     assert lib.argosy_q8_linear(packed.w.data_ptr(), packed.scales.data_ptr(), mins, 0, packed.group_size,
-                                x.data_ptr(), out.data_ptr(), 3, n, k) == 0
+                                x.data_ptr(), 0, out.data_ptr(), 0, 3, n, k) == 0
     torch.testing.assert_close(out.double(), x.double() @ _reference(raw, type_name, n, k).T, atol=1e-4, rtol=0)

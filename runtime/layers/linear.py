@@ -1,7 +1,8 @@
 """A linear layer that does not show the model its weight format.
 
 ``Linear`` always holds a dense weight ``[out_features, in_features]`` in the model dtype.
-When the checkpoint's weight is 4-bit (GGUF Q4_0/Q4_1/Q4_K, :mod:`..quantization.gguf`)
+When the checkpoint's weight is 4-bit (GGUF Q4_0/Q4_1/Q4_K, :mod:`..quantization.gguf`;
+compressed-tensors W4A16)
 and the model runs in bfloat16 on the CPU, it also holds the weight packed for
 PyTorch's int4 kernel (``_weight_int4pack_mm_for_cpu``, :mod:`..quantization.int4`), and
 each call picks the kernel by the number of rows:
@@ -146,7 +147,7 @@ class Linear(nn.Module):
             return y if self.bias is None else y + self.bias
         if self.q8_weight is not None and x.shape[0] <= INT4_MAX_ROWS:
             y = torch.ops.argosy.q8_linear(x, self.q8_weight, self.q8_scales, self.q8_mins, self.q8_group,
-                                           self.out_features).to(x.dtype)
+                                           self.out_features, x.dtype)
             return y if self.bias is None else y + self.bias
         if self.int8_weight is not None and x.shape[0] <= INT4_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x, self.int8_weight, self.int8_scales)

@@ -279,7 +279,8 @@ class PackedQ8:
 def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.argosy_q8_linear
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3
+    fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p, ctypes.c_int] * 2
+                   + [ctypes.c_int64] * 3)
 
 
 KERNEL = cpu_kernels.Kernel(SOURCE, "q8_0_gemm", _declare, "dense bfloat16 weights")
@@ -292,20 +293,23 @@ def kernel():
 
 
 _LIBRARY = torch.library.Library("argosy", "FRAGMENT")
-_LIBRARY.define("q8_linear(Tensor x, Tensor w, Tensor scales, Tensor? mins, int group_size, int n) -> Tensor")
+_LIBRARY.define("q8_linear(Tensor x, Tensor w, Tensor scales, Tensor? mins, int group_size, int n, "
+                "ScalarType? out_dtype=None) -> Tensor")
 
 
 def q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
-              group_size: int, n: int) -> torch.Tensor:
+              group_size: int, n: int, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``x @ W.T`` over a :class:`PackedQ8` weight: the CPU implementation of
     ``torch.ops.argosy.q8_linear``.
 
     Args:
-        x: ``[M, K]`` float32 or bfloat16 (converted to float32; exact).
+        x: ``[M, K]`` float32 or bfloat16 (widened to float32 in the kernel; exact).
         w, scales, mins, group_size: :attr:`PackedQ8.w`, ``.scales``, ``.mins``, ``.group_size``.
         n: :attr:`PackedQ8.n`.
+        out_dtype: float32 (default) or bfloat16 (the float32 result rounded to nearest
+            even, as ``.to(torch.bfloat16)`` rounds; a linear layer's output).
     Returns:
-        ``[M, n] float32``.
+        ``[M, n]`` of ``out_dtype``.
     Raises:
         ValueError: shapes or dtypes that do not match the packed layout.
         RuntimeError: the kernel is not built (:func:`kernel` returned None).
@@ -313,21 +317,25 @@ def q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: Opti
     lib = KERNEL.loaded or kernel()
     if lib is None:
         raise RuntimeError("the CPU grouped int8 linear kernel is not available")
+    out_dtype = out_dtype or torch.float32
     g = group_size
-    if (x.dim() != 2 or w.dim() != 3 or w.dtype != torch.int8 or scales.dtype not in (torch.int16, torch.float32)
-            or w.shape[2] != TILE or x.shape[1] != w.shape[1] or g not in GROUP_SIZES or w.shape[1] % g
-            or scales.shape != (w.shape[0], w.shape[1] // g, TILE) or not 0 < n <= w.shape[0] * TILE
+    k = x.shape[-1]
+    shape, sshape = w.shape, scales.shape
+    if (x.dim() != 2 or len(shape) != 3 or shape[2] != TILE or shape[1] != k or g not in GROUP_SIZES or k % g
+            or sshape != (shape[0], k // g, TILE) or not 0 < n <= shape[0] * TILE
+            or w.dtype != torch.int8 or scales.dtype not in (torch.int16, torch.float32)
+            or x.dtype not in (torch.float32, torch.bfloat16) or out_dtype not in (torch.float32, torch.bfloat16)
             or not (w.is_contiguous() and scales.is_contiguous())
-            or (mins is not None and (mins.shape != scales.shape or mins.dtype != scales.dtype
-                                      or not mins.is_contiguous()))):
-        raise ValueError(f"q8_linear: x {tuple(x.shape)} does not match packed weight {tuple(w.shape)} "
-                         f"{w.dtype} / scales {tuple(scales.shape)} {scales.dtype} / group {g} for {n} outputs")
-    xf = x.to(torch.float32).contiguous()
-    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+            or (mins is not None and (mins.shape != sshape or mins.dtype != scales.dtype or not mins.is_contiguous()))):
+        raise ValueError(f"q8_linear: x {tuple(x.shape)} {x.dtype} does not match packed weight {tuple(shape)} "
+                         f"{w.dtype} / scales {tuple(sshape)} {scales.dtype} / group {g} for {n} outputs "
+                         f"(or out_dtype {out_dtype} is not float32/bfloat16)")
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], n, dtype=out_dtype)
     if x.shape[0] and lib.argosy_q8_linear(w.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(),
-                                           int(scales.dtype == torch.int16), g, xf.data_ptr(), out.data_ptr(),
-                                           x.shape[0], n, x.shape[1]) != 0:
-        raise ValueError(f"q8_linear: K={x.shape[1]} is not a multiple of the group size {g}")
+                                           scales.dtype == torch.int16, g, x.data_ptr(), x.dtype == torch.bfloat16,
+                                           out.data_ptr(), out_dtype == torch.bfloat16, x.shape[0], n, k) != 0:
+        raise ValueError(f"q8_linear: K={k} is not a multiple of the group size {g}")
     return out
 
 
@@ -335,5 +343,5 @@ _LIBRARY.impl("q8_linear", q8_linear, "CPU")
 
 
 @torch.library.register_fake("argosy::q8_linear")
-def _(x, w, scales, mins, group_size, n):
-    return x.new_empty(x.shape[0], n, dtype=torch.float32)
+def _(x, w, scales, mins, group_size, n, out_dtype=None):
+    return x.new_empty(x.shape[0], n, dtype=out_dtype or torch.float32)
