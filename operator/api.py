@@ -176,6 +176,10 @@ class RuntimeSpec(_Model):
     dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = Field(
         None, description="Weight and activation dtype (--dtype).")
     quantization: Optional[str] = Field(None, max_length=64, description="Quantization method (--quantization).")
+    kv_cache_dtype: Optional[Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]] = Field(
+        None, description="KV cache element type (--kv-cache-dtype): auto (the model dtype) or fp8 / fp8_e4m3 / "
+                          "fp8_e5m2, one byte a value, twice the cached tokens in the same memory (CPU runtime "
+                          "only so far).")
     shutdown_timeout_seconds: int = Field(
         30, ge=0, le=3600,
         description="Seconds a stopping server lets in-flight requests finish (--shutdown-timeout); the pod's "

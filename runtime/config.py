@@ -31,6 +31,30 @@ _DTYPES = {
 }
 
 
+#: ``--kv-cache-dtype`` values (vLLM's names) other than ``auto`` -> the cache's element type.
+KV_CACHE_DTYPES = {
+    "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3": torch.float8_e4m3fn,
+    "fp8_e5m2": torch.float8_e5m2,
+}
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """Map ``--kv-cache-dtype`` to the KV cache's element type: ``auto`` is the model dtype;
+    ``fp8`` / ``fp8_e4m3`` is OCP FP8 E4M3 (``float8_e4m3fn``, max 448), ``fp8_e5m2``
+    FP8 E5M2 (max 57,344), one byte per value (half of bfloat16's two).
+
+    Raises:
+        ValueError: another name.
+    """
+    if name == "auto":
+        return model_dtype
+    try:
+        return KV_CACHE_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown --kv-cache-dtype {name!r}; choose one of auto, {', '.join(KV_CACHE_DTYPES)}") from None
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """Map a ``--dtype`` value to a torch dtype.
 
@@ -86,6 +110,8 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     num_blocks: Optional[int] = None
     prefix_caching_hash_algo: str = "sha256"
+    #: ``--kv-cache-dtype`` (``auto``: the model dtype; see :func:`resolve_kv_cache_dtype`)
+    cache_dtype: str = "auto"
 
 
 @dataclass
@@ -118,6 +144,7 @@ class EngineArgs:
     num_gpu_blocks_override: Optional[int] = None
     enable_prefix_caching: bool = True
     prefix_caching_hash_algo: str = "sha256"
+    kv_cache_dtype: str = "auto"
     enable_chunked_prefill: bool = True
     max_num_batched_tokens: Optional[int] = None
     max_num_seqs: int = 256
@@ -150,6 +177,10 @@ class EngineArgs:
                        help="fraction of GPU memory for weights, activations and KV cache (CUDA)")
         g.add_argument("--kv-cache-memory", type=_parse_bytes, default=None,
                        help="KV cache size in bytes (suffixes KiB/MiB/GiB accepted); default 1GiB on CPU")
+        g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", *KV_CACHE_DTYPES],
+                       help="KV cache element type: auto (the model dtype) or fp8 (= fp8_e4m3) / fp8_e5m2, one byte "
+                            "per value, so twice the tokens in the same memory; values are stored unscaled (scale "
+                            "1.0, as vLLM without checkpoint scales) and widened to the model dtype on read (CPU)")
         g.add_argument("--num-gpu-blocks-override", type=int, default=None, help="force the number of KV blocks (testing)")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
                        help="reuse KV blocks of shared prompt prefixes (default on)")
@@ -231,6 +262,7 @@ class EngineArgs:
             enable_prefix_caching=self.enable_prefix_caching,
             num_blocks=self.num_gpu_blocks_override,
             prefix_caching_hash_algo=self.prefix_caching_hash_algo,
+            cache_dtype=self.kv_cache_dtype,
         )
 
 

@@ -27,6 +27,7 @@ def server_args(isvc: api.InferenceService) -> list[str]:
         ("--max-num-batched-tokens", rt.max_num_batched_tokens),
         ("--dtype", rt.dtype),
         ("--quantization", rt.quantization),
+        ("--kv-cache-dtype", rt.kv_cache_dtype),
     ):
         if value is not None:
             args += [flag, str(value)]

@@ -8,7 +8,9 @@ its block table. Each step gathers the blocks it needs transiently and runs
 
 Decode rows in bfloat16 take the C++ kernel of :mod:`.cpu_decode` instead (it reads the
 blocks in place; :func:`use_decode_kernel`); float32, the exact path and the oracle the
-Triton and C++ kernels are tested against, stays pure torch.
+Triton and C++ kernels are tested against, stays pure torch, as does an FP8 cache
+(``--kv-cache-dtype fp8``: one byte a value, widened to the query's dtype as blocks are
+gathered; the C++ kernel reads the model dtype only).
 """
 
 from __future__ import annotations
@@ -29,11 +31,29 @@ def use_decode_kernel(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     return query.dtype != torch.float32 and cpu_decode.supports(query, kv_cache) and cpu_decode.kernel() is not None
 
 
+#: FP8 cache element types (``--kv-cache-dtype``): values are stored unscaled (scale 1.0),
+#: saturated to the type's finite range, and widened to the query's dtype where read.
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def to_cache_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in the cache's element type: unchanged for the model dtype; for FP8, clamped
+    to the type's largest finite value (E4M3 448, E5M2 57,344) and rounded to nearest, as
+    vLLM's unscaled FP8 KV cache stores them."""
+    if x.dtype == dtype:
+        return x
+    if dtype in FP8_DTYPES:
+        m = torch.finfo(dtype).max
+        return x.clamp(-m, m).to(dtype)
+    return x.to(dtype)
+
+
 def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
     """Write the step's new keys/values into the paged cache.
 
     Args:
-        key, value: ``[num_tokens, num_kv_heads, head_dim]``, cache dtype.
+        key, value: ``[num_tokens, num_kv_heads, head_dim]``, the model dtype (converted
+            to the cache's, :func:`to_cache_dtype`).
         kv_cache: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (modified in place).
         meta: ``slot_mapping`` gives the flat slot of each token; -1 entries are skipped.
     """
@@ -43,12 +63,16 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, met
     if meta.has_padding:
         valid = slots >= 0
         slots, key, value = slots[valid], key[valid], value[valid]
+    key, value = to_cache_dtype(key, kv_cache.dtype), to_cache_dtype(value, kv_cache.dtype)
+    if kv_cache.dtype in FP8_DTYPES:  # index_copy_ has no FP8 kernel: copy the bytes
+        kc, vc, key, value = (t.view(torch.uint8) for t in (kc, vc, key, value))
     kc.index_copy_(0, slots, key)
     vc.index_copy_(0, slots, value)
 
 
-def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """``[B, nblk]`` block ids -> ``[B, num_kv_heads, length, head_dim]`` context (a view).
+def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, nblk]`` block ids -> ``[B, num_kv_heads, length, head_dim]`` context in
+    ``dtype`` (a view, unless an FP8 cache is widened).
 
     ``index_select`` copies whole blocks (contiguous rows), several times faster on CPU
     than advanced indexing.
@@ -56,7 +80,7 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torc
     b = block_table.shape[0]
     x = torch.index_select(cache, 0, block_table.reshape(-1))  # [B*nblk, block_size, kvh, d]
     x = x.view(b, -1, cache.shape[-2], cache.shape[-1])[:, :length]
-    return x.transpose(1, 2)
+    return x.transpose(1, 2).to(dtype)
 
 
 def _decode_attention(query, kc, vc, block_tables, seq_lens, lens: list[int], scale: float) -> torch.Tensor:
@@ -64,8 +88,8 @@ def _decode_attention(query, kc, vc, block_tables, seq_lens, lens: list[int], sc
     b, h, d = query.shape
     max_len = max(lens)
     nblk = -(-max_len // kc.shape[1])
-    k = _gather(kc, block_tables[:, :nblk], max_len)
-    v = _gather(vc, block_tables[:, :nblk], max_len)
+    k = _gather(kc, block_tables[:, :nblk], max_len, query.dtype)
+    v = _gather(vc, block_tables[:, :nblk], max_len, query.dtype)
     # GQA for one query token: the g query heads sharing a KV head become g query rows
     # of that head ([B, kvh, g, d]); K/V are never expanded.
     kvh = k.shape[1]
@@ -128,8 +152,8 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
         end = start + qlen
         nblk = -(-slen // block_size)
         bt = meta.block_tables[s : s + 1, :nblk]
-        k = _gather(kc, bt, slen)
-        v = _gather(vc, bt, slen)
+        k = _gather(kc, bt, slen, query.dtype)
+        v = _gather(vc, bt, slen, query.dtype)
         q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, qlen, d]
         ctx = slen - qlen
         if ctx == 0:
@@ -210,14 +234,15 @@ def _cascade_attention(query, kc, vc, meta: AttentionMetadata, members: list[int
                 lse.view(kvh, g, n).permute(2, 0, 1).reshape(n, h))
 
     head = meta.block_tables[members[0] : members[0] + 1, :nblk]
-    o_p, lse_p = unfold(*_flash(fold(q), _gather(kc, head, p), _gather(vc, head, p), scale), t)
+    o_p, lse_p = unfold(*_flash(fold(q), _gather(kc, head, p, q.dtype), _gather(vc, head, p, q.dtype), scale), t)
     o_s = torch.empty_like(q)
     lse_s = torch.empty(t, h, dtype=torch.float32, device=dev)
     r = 0
     for s, mask in zip(members, masks):
         qlen, slen = meta.query_lens_cpu[s], meta.seq_lens_cpu[s]
         bt = meta.block_tables[s : s + 1, nblk : -(-slen // bs)]
-        o, lse = _flash(fold(q[r : r + qlen]), _gather(kc, bt, slen - p), _gather(vc, bt, slen - p), scale, mask)
+        o, lse = _flash(fold(q[r : r + qlen]), _gather(kc, bt, slen - p, q.dtype), _gather(vc, bt, slen - p, q.dtype),
+                        scale, mask)
         o_s[r : r + qlen], lse_s[r : r + qlen] = unfold(o, lse, qlen)
         r += qlen
     lse = torch.logaddexp(lse_p, lse_s)
@@ -231,7 +256,8 @@ def store_kv_decode(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tens
     instead of copying the cache).
 
     Args:
-        key, value: ``[B, num_kv_heads, head_dim]``, cache dtype.
+        key, value: ``[B, num_kv_heads, head_dim]``, the model dtype (converted to the
+            cache's, :func:`to_cache_dtype`).
         kv_cache: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (modified in place).
         meta: ``slot_mapping [B]`` (every entry a real slot).
     """
@@ -239,7 +265,8 @@ def store_kv_decode(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tens
     slots = meta.slot_mapping
     blk = torch.div(slots, block_size, rounding_mode="floor")
     which = torch.arange(2, device=slots.device)[:, None]
-    kv_cache.index_put_((which, blk[None, :], (slots - blk * block_size)[None, :]), torch.stack((key, value)))
+    kv_cache.index_put_((which, blk[None, :], (slots - blk * block_size)[None, :]),
+                        to_cache_dtype(torch.stack((key, value)), kv_cache.dtype))
 
 
 def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: DecodeMetadata, scale: float,
@@ -271,8 +298,8 @@ def decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: DecodeMe
     ctx = bt.shape[1] * kv_cache.shape[2]
     idx = bt.flatten()
     # explicit sizes (no -1): inferring one would make torch.compile specialize b == 1
-    k = kv_cache[0].index_select(0, idx).view(b, ctx, kvh, d).transpose(1, 2)
-    v = kv_cache[1].index_select(0, idx).view(b, ctx, kvh, d).transpose(1, 2)
+    k = kv_cache[0].index_select(0, idx).view(b, ctx, kvh, d).transpose(1, 2).to(query.dtype)
+    v = kv_cache[1].index_select(0, idx).view(b, ctx, kvh, d).transpose(1, 2).to(query.dtype)
     mask = (torch.arange(ctx, device=query.device)[None, :] < meta.seq_lens[:, None])[:, None, None, :]
     q = query.unflatten(1, (kvh, h // kvh))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale).flatten(1, 2)

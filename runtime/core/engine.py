@@ -9,7 +9,8 @@ from typing import Optional
 
 import torch
 
-from ..config import EngineArgs, ModelConfig, SchedulerConfig, default_num_threads, resolve_dtype
+from ..config import (EngineArgs, ModelConfig, SchedulerConfig, default_num_threads, resolve_dtype,
+                      resolve_kv_cache_dtype)
 from ..loader import Checkpoint, load_checkpoint
 from ..models.llama import check_tp_divisibility
 from ..worker.executor import ModelSpec, MultiprocExecutor, UniprocExecutor, WorkerDiedError
@@ -133,6 +134,10 @@ class LLMEngine:
         self.dtype = resolve_dtype(args.dtype, self.device)
         self.scheduler_config: SchedulerConfig = args.scheduler_config(self.model_config.max_position_embeddings)
         cache_cfg = args.cache_config()
+        self.kv_cache_dtype = resolve_kv_cache_dtype(cache_cfg.cache_dtype, self.dtype)
+        if self.kv_cache_dtype != self.dtype and self.device.type != "cpu":
+            raise ValueError(f"--kv-cache-dtype {cache_cfg.cache_dtype} is implemented on the CPU only so far "
+                             "(the CUDA attention kernels read the model dtype); use --kv-cache-dtype auto")
 
         tp = args.tensor_parallel_size
         check_tp_divisibility(self.model_config, tp)
@@ -172,15 +177,17 @@ class LLMEngine:
         self.stats = EngineStats()
         self.load_time_s = time.monotonic() - t0
         tp = ex.world_size
-        kv_gib = self.num_blocks * kv_bytes_per_block(self.model_config, self.block_size, self.dtype, tp) / 2**30
+        per_block = kv_bytes_per_block(self.model_config, self.block_size, self.kv_cache_dtype, tp)
+        kv_gib = self.num_blocks * per_block / 2**30
         logger.info(
             "model %s (%s, %d layers, weights %.0f MiB%s) dtype=%s device=%s | KV cache %d blocks x %d tokens = %d tokens "
-            "(%.2f GiB%s) | max_model_len=%d -> max concurrency at max length %.1fx | max_num_seqs=%d "
+            "(%.2f GiB%s, %s, %d bytes a token) | max_model_len=%d -> max concurrency at max length %.1fx | max_num_seqs=%d "
             "max_num_batched_tokens=%d chunked_prefill=%s prefix_caching=%s | loaded in %.1fs",
             self.served_model_name, self.checkpoint.path, self.model_config.num_hidden_layers,
             weight_bytes / 2**20, f" per rank, tensor parallel x{tp}" if tp > 1 else "",
             str(self.dtype).removeprefix("torch."), self.device,
-            self.num_blocks, self.block_size, capacity, kv_gib, " per rank" if tp > 1 else "", max_len, capacity / max_len,
+            self.num_blocks, self.block_size, capacity, kv_gib, " per rank" if tp > 1 else "",
+            str(self.kv_cache_dtype).removeprefix("torch."), per_block // self.block_size, max_len, capacity / max_len,
             self.scheduler_config.max_num_seqs, self.scheduler_config.max_num_batched_tokens,
             self.scheduler_config.enable_chunked_prefill, cache_cfg.enable_prefix_caching, self.load_time_s,
         )

@@ -38,7 +38,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..config import CacheConfig, EngineArgs, default_num_threads
+from ..config import CacheConfig, EngineArgs, default_num_threads, resolve_kv_cache_dtype
 from ..distributed import TPGroup, destroy_group, init_group, open_store
 from ..loader import Checkpoint, load_checkpoint
 from ..models import LlamaForCausalLM
@@ -66,6 +66,11 @@ class ModelSpec:
     cache: CacheConfig
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
+
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """The KV cache's element type (``--kv-cache-dtype``; ``auto``: :attr:`dtype`)."""
+        return resolve_kv_cache_dtype(self.cache.cache_dtype, self.dtype)
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -101,7 +106,7 @@ def build_shard(spec: ModelSpec, checkpoint: Checkpoint, tp: TPGroup, device: to
         return profile_peak_activations(model, spec.max_num_batched_tokens, spec.max_model_len,
                                         spec.cache.block_size, device)
 
-    blocks = num_kv_blocks(checkpoint.config, spec.cache, spec.dtype, device, weight_bytes, tp.world_size,
+    blocks = num_kv_blocks(checkpoint.config, spec.cache, spec.kv_cache_dtype, device, weight_bytes, tp.world_size,
                            profile=profile, enforce_eager=spec.args.enforce_eager or tp.world_size > 1)
     return model, weight_bytes, blocks
 
@@ -119,7 +124,7 @@ class UniprocExecutor:
 
     def __init__(self, spec: ModelSpec, checkpoint: Checkpoint, device: torch.device):
         model, self.weight_bytes, self.num_blocks = build_shard(spec, checkpoint, TPGroup(), device)
-        self.runner = ModelRunner(model, self.num_blocks, spec.cache.block_size, device)
+        self.runner = ModelRunner(model, self.num_blocks, spec.cache.block_size, device, spec.kv_cache_dtype)
         if device.type == "cuda" and not spec.args.enforce_eager:
             self.runner.enable_cuda_graphs(spec.max_num_seqs, spec.max_model_len)
         mode = resolve_mode(spec.args.compilation_config, spec.args.enforce_eager)
@@ -185,7 +190,7 @@ class MultiprocExecutor:
                 conn.send(("init", blocks))
             for rank, _ in self._collect("joined"):
                 pass
-            self.runner = ModelRunner(model, blocks, spec.cache.block_size, dev0)
+            self.runner = ModelRunner(model, blocks, spec.cache.block_size, dev0, spec.kv_cache_dtype)
         except BaseException:
             self._kill_all()
             for conn in self._plan_conns + self._status_conns:
@@ -384,7 +389,7 @@ def worker_main(argv: list[str]) -> None:
         status_conn.send(("ready", rank, blocks))
         init_group(rank, tp.world_size, device, port)
         _, num_blocks = plan_conn.recv()
-        runner = ModelRunner(model, num_blocks, spec.cache.block_size, device)
+        runner = ModelRunner(model, num_blocks, spec.cache.block_size, device, spec.kv_cache_dtype)
         status_conn.send(("joined", rank, None))
     except EOFError:  # rank 0 went away during startup
         os._exit(1)

@@ -211,9 +211,12 @@ class ModelRunner:
         num_blocks: KV blocks to allocate.
         block_size: tokens per block.
         device: compute device.
+        kv_cache_dtype: the cache's element type (None: the model dtype; FP8 halves its
+            bytes: ``[2, num_blocks, block_size, kv_heads, head_dim]`` per layer).
     """
 
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device):
+    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device,
+                 kv_cache_dtype: Optional[torch.dtype] = None):
         cfg = model.cfg
         self.model = model
         self.device = device
@@ -226,7 +229,11 @@ class ModelRunner:
         #: Decode-only steps run torch.compile-d graphs when set (see :meth:`enable_compiled_decode`).
         self.compiled = None
         shape = (2, num_blocks, block_size, model.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=model.dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        #: the KV cache's element type: the model dtype, or FP8 (``--kv-cache-dtype``; stored
+        #: unscaled, widened to the model dtype where attention reads it)
+        self.kv_cache_dtype = kv_cache_dtype or model.dtype
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_cache_dtype, device=device)
+                          for _ in range(cfg.num_hidden_layers)]
         #: decode rows read the paged cache in place through the C++ kernel (reduced
         #: precision on CPU; built here, at startup, rather than in the first step)
         self.decode_kernel = False

@@ -218,6 +218,7 @@ BAD_SCHEMA = {
     "gpu-util-above-1": _with("spec.runtime", {"gpuMemoryUtilization": 1.5}),
     "gpu-util-zero": _with("spec.runtime", {"gpuMemoryUtilization": 0}),
     "bad-dtype": _with("spec.runtime", {"dtype": "int4"}),
+    "bad-kv-cache-dtype": _with("spec.runtime", {"kvCacheDtype": "int8"}),
     "bad-autoscaler": _with("spec.scaling", {"autoscaler": "vpa"}),
     "bad-quantity": _with("spec.resources", {"memory": "32 GB"}),
     "float-quantity": _with("spec.resources", {"cpu": 0.5}),

@@ -236,6 +236,19 @@ def test_keda_rwx_example():
     assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
+def test_kv_cache_dtype_becomes_the_flag():
+    """``runtime.kvCacheDtype`` is passed as ``--kv-cache-dtype`` (vLLM's name); unset, no flag."""
+    args = server(_spec_isvc(runtime={"kvCacheDtype": "fp8"}))["args"]
+    assert args[args.index("--kv-cache-dtype") + 1] == "fp8"
+    assert "--kv-cache-dtype" not in server(_spec_isvc())["args"]
+
+
+def _spec_isvc(**sections):
+    spec = {"model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"}}
+    spec.update(sections)
+    return make_isvc(spec)
+
+
 def test_existing_claim():
     kids = children(make_isvc(SPECS["existing-claim"]))
     assert "cache" not in kids

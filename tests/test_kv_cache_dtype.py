@@ -1,0 +1,125 @@
+"""``--kv-cache-dtype fp8`` (issue 16, item 4): one byte a cached value, so twice the
+tokens in the same memory; attention widens the blocks it reads to the model dtype.
+
+Oracles: a float64 dense attention over the keys/values rounded to FP8 by PyTorch's own
+conversion (the storage step), and the float32 dense model (which equals Hugging Face
+``transformers``, tests/test_hf_reference.py) for greedy output.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from argosy.runtime.attention import AttentionMetadata, DecodeMetadata, torch_paged
+from argosy.runtime.config import EngineArgs, resolve_kv_cache_dtype
+
+from .test_fast_path import assert_greedy_agrees_where_decisive
+
+FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def _dense(q, k, v, scale):
+    """One decode query per sequence: ``q [H, d]``, ``k``/``v [L, Hkv, d]`` -> ``[H, d]`` float64."""
+    h, hkv = q.shape[0], k.shape[1]
+    k = k.double().repeat_interleave(h // hkv, dim=1)
+    v = v.double().repeat_interleave(h // hkv, dim=1)
+    p = torch.softmax(torch.einsum("hd,lhd->hl", q.double(), k) * scale, -1)
+    return torch.einsum("hl,lhd->hd", p, v)
+
+
+@pytest.mark.parametrize("cache_dtype", FP8)
+def test_fp8_cache_stores_rounded_values_and_attention_reads_them(cache_dtype):
+    """Decode rows (eager ``paged_attention`` and the traceable ``decode_attention`` of
+    compiled steps) and a prefill chunk over an FP8 cache: the cache holds each value
+    as PyTorch rounds it to FP8 (saturated at the type's maximum), and attention equals
+    float64 attention over those rounded values, to bfloat16 rounding."""
+    g = torch.Generator().manual_seed(0)
+    h, hkv, d, bs, nblk = 9, 3, 64, 16, 40
+    lens = [37, 5, 64]
+    scale = d**-0.5
+    ctx = {i: (torch.randn(n, hkv, d, generator=g), torch.randn(n, hkv, d, generator=g)) for i, n in enumerate(lens)}
+    ctx[0][0][3, 1, 7] = 1e6  # past either type's range: stored as its maximum
+    perm = torch.randperm(nblk, generator=g).tolist()
+    tables = [[perm.pop() for _ in range(-(-n // bs))] for n in lens]
+    width = max(map(len, tables))
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+
+    def slot(i, p):
+        return tables[i][p // bs] * bs + p % bs
+
+    cache = torch.zeros(2, nblk, bs, hkv, d, dtype=cache_dtype)
+    # everything but each sequence's last token through store_kv (a prefill-shaped write)
+    prefix = [(i, p) for i, n in enumerate(lens) for p in range(n - 1)]
+    meta = AttentionMetadata(slot_mapping=torch.tensor([slot(i, p) for i, p in prefix]), block_tables=bt,
+                             seq_lens=torch.tensor(lens, dtype=torch.int32), query_start_loc=torch.tensor([0, 1]),
+                             max_query_len=1, max_seq_len=max(lens), num_decodes=0, seq_lens_cpu=lens,
+                             query_lens_cpu=[1] * len(lens))
+    keys = torch.stack([ctx[i][0][p] for i, p in prefix]).to(torch.bfloat16)
+    vals = torch.stack([ctx[i][1][p] for i, p in prefix]).to(torch.bfloat16)
+    torch_paged.store_kv(keys, vals, cache, meta)
+    # the last tokens as a decode step writes them (store_kv_decode: the compiled path)
+    last = torch.tensor([slot(i, n - 1) for i, n in enumerate(lens)])
+    dmeta = DecodeMetadata(slot_mapping=last, block_tables=bt, seq_lens=torch.tensor(lens, dtype=torch.int32))
+    torch_paged.store_kv_decode(torch.stack([ctx[i][0][-1] for i in range(3)]).to(torch.bfloat16),
+                                torch.stack([ctx[i][1][-1] for i in range(3)]).to(torch.bfloat16), cache, dmeta)
+    fmax = torch.finfo(cache_dtype).max
+    for i, n in enumerate(lens):
+        for which in (0, 1):
+            want = ctx[i][which].to(torch.bfloat16).float().clamp(-fmax, fmax).to(cache_dtype)
+            got = torch.stack([cache[which, tables[i][p // bs], p % bs] for p in range(n)])
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (i, which)
+    assert cache[0, tables[0][0], 3, 1, 7].float() == fmax
+
+    q = torch.randn(3, h, d, generator=g).to(torch.bfloat16)
+    ref = torch.stack([_dense(q[i], *(t.to(torch.bfloat16).float().clamp(-fmax, fmax).to(cache_dtype).float()
+                                      for t in ctx[i]), scale) for i in range(3)])
+    eager_meta = AttentionMetadata(slot_mapping=last, block_tables=bt, seq_lens=torch.tensor(lens, dtype=torch.int32),
+                                   query_start_loc=torch.arange(4, dtype=torch.int32), max_query_len=1,
+                                   max_seq_len=max(lens), num_decodes=3, seq_lens_cpu=lens, query_lens_cpu=[1] * 3)
+    for out in (torch_paged.paged_attention(q, cache, eager_meta, scale),
+                torch_paged.decode_attention(q, cache, dmeta, scale)):
+        assert out.dtype == torch.bfloat16
+        err = (out.double() - ref).abs().max().item()
+        assert err < 3e-2, err
+    # a prefill row over the same cache (sequence 2's last token as a 1-token chunk)
+    pmeta = AttentionMetadata(slot_mapping=last[2:], block_tables=bt[2:], seq_lens=torch.tensor([64], dtype=torch.int32),
+                              query_start_loc=torch.tensor([0, 1], dtype=torch.int32), max_query_len=1, max_seq_len=64,
+                              num_decodes=0, seq_lens_cpu=[64], query_lens_cpu=[1])
+    err = (torch_paged.paged_attention(q[2:], cache, pmeta, scale).double() - ref[2:]).abs().max().item()
+    assert err < 3e-2, err
+
+
+def test_kv_cache_dtype_names():
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert resolve_kv_cache_dtype("fp8", torch.bfloat16) == torch.float8_e4m3fn
+    assert resolve_kv_cache_dtype("fp8_e5m2", torch.float32) == torch.float8_e5m2
+    with pytest.raises(ValueError, match="unknown --kv-cache-dtype 'int4'"):
+        resolve_kv_cache_dtype("int4", torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def fp8_engine(make_engine):
+    return make_engine(dtype="bfloat16", kv_cache_dtype="fp8")
+
+
+def test_fp8_doubles_the_token_capacity(make_engine, fp8_engine):
+    """Same --kv-cache-memory: twice the blocks, and the model keeps its dtype."""
+    bf16 = make_engine(dtype="bfloat16")
+    assert fp8_engine.num_blocks == 2 * bf16.num_blocks
+    runner = fp8_engine.executor.runner
+    assert runner.kv_caches[0].dtype == torch.float8_e4m3fn and runner.model.dtype == torch.bfloat16
+    assert not runner.decode_kernel  # the C++ decode kernel reads the model dtype only
+
+
+def test_fp8_greedy_agrees_with_float32_where_decisive(fp8_engine, make_engine):
+    assert_greedy_agrees_where_decisive(fp8_engine, make_engine(dtype="float32"))
+
+
+def test_the_flag_parses_as_vllm_spells_it():
+    import argparse
+
+    p = EngineArgs.add_cli_args(argparse.ArgumentParser())
+    assert p.parse_args(["--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8"
+    with pytest.raises(SystemExit):
+        p.parse_args(["--kv-cache-dtype", "int8"])
