@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from argosy.runtime.attention import AttentionMetadata, DecodeMetadata, torch_paged
+from argosy.runtime.attention import AttentionMetadata, DecodeMetadata, cpu_decode, torch_paged
 from argosy.runtime.config import EngineArgs, resolve_kv_cache_dtype
 
 from .test_fast_path import assert_greedy_agrees_where_decisive
@@ -77,9 +77,14 @@ def test_fp8_cache_stores_rounded_values_and_attention_reads_them(cache_dtype):
     eager_meta = AttentionMetadata(slot_mapping=last, block_tables=bt, seq_lens=torch.tensor(lens, dtype=torch.int32),
                                    query_start_loc=torch.arange(4, dtype=torch.int32), max_query_len=1,
                                    max_seq_len=max(lens), num_decodes=3, seq_lens_cpu=lens, query_lens_cpu=[1] * 3)
-    for out in (torch_paged.paged_attention(q, cache, eager_meta, scale),
-                torch_paged.decode_attention(q, cache, dmeta, scale)):
-        assert out.dtype == torch.bfloat16
+    outs = [torch_paged.paged_attention(q, cache, eager_meta, scale, use_kernel=False),
+            torch_paged.decode_attention(q, cache, dmeta, scale, use_kernel=False)]
+    if cpu_decode.kernel() is not None:  # the C++ kernel widening the FP8 rows itself
+        assert torch_paged.use_decode_kernel(q, cache)
+        outs.append(torch.ops.argosy.paged_decode_attention(q, cache, bt, dmeta.seq_lens, scale))
+        outs.append(torch.ops.argosy.paged_decode_attention(q.float(), cache, bt, dmeta.seq_lens, scale))
+    for out in outs:
+        assert out.dtype in (torch.bfloat16, torch.float32)
         err = (out.double() - ref).abs().max().item()
         assert err < 3e-2, err
     # a prefill row over the same cache (sequence 2's last token as a 1-token chunk)
@@ -109,7 +114,7 @@ def test_fp8_doubles_the_token_capacity(make_engine, fp8_engine):
     assert fp8_engine.num_blocks == 2 * bf16.num_blocks
     runner = fp8_engine.executor.runner
     assert runner.kv_caches[0].dtype == torch.float8_e4m3fn and runner.model.dtype == torch.bfloat16
-    assert not runner.decode_kernel  # the C++ decode kernel reads the model dtype only
+    assert runner.decode_kernel or cpu_decode.kernel() is None  # decode rows read the FP8 blocks in place
 
 
 def test_fp8_greedy_agrees_with_float32_where_decisive(fp8_engine, make_engine):
@@ -123,3 +128,35 @@ def test_the_flag_parses_as_vllm_spells_it():
     assert p.parse_args(["--kv-cache-dtype", "fp8"]).kv_cache_dtype == "fp8"
     with pytest.raises(SystemExit):
         p.parse_args(["--kv-cache-dtype", "int8"])
+
+
+@pytest.mark.parametrize("cache_dtype", FP8)
+def test_the_decode_kernels_portable_build_widens_fp8_the_same_way(cache_dtype, tmp_path, monkeypatch):
+    """Without AVX-512 flags the kernel compiles its scalar FP8 widening (a CPU without
+    AVX-512): same attention as the torch path, which widens with PyTorch's own FP8
+    conversion; the values cover normals, subnormals (below 2^-6 for E4M3) and zeros."""
+    import ctypes
+
+    from argosy.runtime import cpu_kernels
+
+    if cpu_kernels.compiler() is None:
+        pytest.skip("no C++ compiler")
+    monkeypatch.setattr(cpu_kernels, "isa_flags", lambda: [])
+    lib = ctypes.CDLL(str(cpu_decode.KERNEL.build(tmp_path)))
+    cpu_decode._declare(lib)
+    g = torch.Generator().manual_seed(5)
+    b, h, kvh, d, bs, nb = 3, 9, 3, 64, 16, 12
+    vals = torch.randn(2, nb, bs, kvh, d, generator=g) * torch.logspace(-4, 1, d)  # tiny to large
+    vals[..., :4] = 0.0
+    cache = vals.to(cache_dtype)
+    bt = torch.arange(12, dtype=torch.int32).view(3, 4)
+    lens = torch.tensor([5, 33, 64], dtype=torch.int32)
+    q = torch.randn(b, h, d, generator=g).to(torch.bfloat16)
+    want = torch_paged.decode_attention(q, cache, DecodeMetadata(slot_mapping=torch.zeros(3, dtype=torch.int64),
+                                                                 block_tables=bt, seq_lens=lens),
+                                        d**-0.5, use_kernel=False)
+    out = torch.empty_like(q)
+    fn = getattr(lib, cpu_decode._symbol(torch.bfloat16, cache_dtype))
+    assert fn(q.data_ptr(), cache.data_ptr(), bt.data_ptr(), lens.data_ptr(), out.data_ptr(),
+              b, h, kvh, d, nb, bs, 4, d**-0.5) == 0
+    torch.testing.assert_close(out.float(), want.float(), atol=3e-2, rtol=2e-2)

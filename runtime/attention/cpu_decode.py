@@ -34,13 +34,21 @@ SUPPORTED_GROUPS = range(1, 9)
 SUPPORTED_HEAD_DIMS = (64, 128)
 MAX_BLOCK_SIZE = 64
 _DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+#: FP8 caches (``--kv-cache-dtype``) the kernel widens as it reads them, with either query dtype.
+_CACHE_DTYPES = {torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
+
+
+def _symbol(query_dtype: torch.dtype, cache_dtype: torch.dtype) -> str:
+    q = _DTYPES[query_dtype]
+    return f"argosy_paged_decode_attention_{q}" + ("" if cache_dtype == query_dtype else f"_{_CACHE_DTYPES[cache_dtype]}")
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    for name in ("f32", "bf16"):
-        fn = getattr(lib, f"argosy_paged_decode_attention_{name}")
-        fn.restype = ctypes.c_int
-        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_float]
+    for q in _DTYPES:
+        for c in (q, *_CACHE_DTYPES):
+            fn = getattr(lib, _symbol(q, c))
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_float]
 
 
 KERNEL = cpu_kernels.Kernel(SOURCE, "paged_decode", _declare, "the torch path", disabled=lambda: os.environ.get(
@@ -67,10 +75,11 @@ def kernel():
 
 
 def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
-    """True when the kernel handles these tensors: CPU, float32/bfloat16 (both the same),
-    ``query [B, H, D]``, a contiguous ``[2, blocks, block_size, KVH, D]`` cache, ``H / KVH``
-    in 1..8, head size 64 or 128, block size <= 64."""
-    if query.device.type != "cpu" or query.dtype not in _DTYPES or kv_cache.dtype != query.dtype:
+    """True when the kernel handles these tensors: CPU, a float32/bfloat16 query and a cache
+    of the same dtype or FP8 (E4M3/E5M2), ``query [B, H, D]``, a contiguous ``[2, blocks,
+    block_size, KVH, D]`` cache, ``H / KVH`` in 1..8, head size 64 or 128, block size <= 64."""
+    if query.device.type != "cpu" or query.dtype not in _DTYPES \
+            or (kv_cache.dtype != query.dtype and kv_cache.dtype not in _CACHE_DTYPES):
         return False
     if query.dim() != 3 or kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or not kv_cache.is_contiguous() \
             or query.shape[-1] != kv_cache.shape[-1]:
@@ -96,7 +105,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
 
     Args:
         query: ``[B, H, D]`` float32 or bfloat16.
-        kv_cache: ``[2, num_blocks, block_size, KVH, D]``, contiguous, the query's dtype.
+        kv_cache: ``[2, num_blocks, block_size, KVH, D]``, contiguous, the query's dtype or
+            FP8 (``float8_e4m3fn`` / ``float8_e5m2``, widened exactly as it is read).
         block_tables: ``[B, W]`` integer block ids.
         seq_lens: ``[B]`` context lengths in tokens (>= 1, at most ``W * block_size``).
         scale: softmax scale.
@@ -122,7 +132,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     out = torch.empty_like(q)
     b, h, d = q.shape
     _, nb, bs, kvh, _ = kv_cache.shape
-    fn = lib.argosy_paged_decode_attention_bf16 if q.dtype == torch.bfloat16 else lib.argosy_paged_decode_attention_f32
+    fn = getattr(lib, _symbol(q.dtype, kv_cache.dtype))
     rc = fn(q.data_ptr(), kv_cache.data_ptr(), bt.data_ptr(), sl.data_ptr(), out.data_ptr(),
             b, h, kvh, d, nb, bs, bt.shape[1], scale)
     if rc == 1:

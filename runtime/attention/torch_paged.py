@@ -8,9 +8,9 @@ its block table. Each step gathers the blocks it needs transiently and runs
 
 Decode rows in bfloat16 take the C++ kernel of :mod:`.cpu_decode` instead (it reads the
 blocks in place; :func:`use_decode_kernel`); float32, the exact path and the oracle the
-Triton and C++ kernels are tested against, stays pure torch, as does an FP8 cache
-(``--kv-cache-dtype fp8``: one byte a value, widened to the query's dtype as blocks are
-gathered; the C++ kernel reads the model dtype only).
+Triton and C++ kernels are tested against, stays pure torch. An FP8 cache
+(``--kv-cache-dtype fp8``: one byte a value) is widened to the query's dtype as blocks are
+gathered here, and as rows are read in the C++ kernel.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@
 //
 // Layouts (all contiguous, row-major):
 //   q        [B, H, D]                      float32 or bfloat16 (raw uint16 bits)
-//   kv       [2, NB, BS, KVH, D]            same dtype as q (K = kv[0], V = kv[1])
+//   kv       [2, NB, BS, KVH, D]            same dtype as q, or FP8 (--kv-cache-dtype fp8:
+//                                           OCP E4M3 or E5M2 bytes, widened to float32
+//                                           exactly as each row is read) (K = kv[0], V = kv[1])
 //   bt       [B, W] int32                   physical block ids (entries past a sequence's
 //                                           ceil(seq_len / BS) blocks are never read)
 //   seq_lens [B] int32                      context length in tokens, >= 1
@@ -31,6 +33,66 @@ static inline float ld(float x) { return x; }
 static inline float ld(uint16_t x) { return bf16_to_f32(x); }
 static inline void st(float* p, float x) { *p = x; }
 static inline void st(uint16_t* p, float x) { *p = f32_to_bf16(x); }
+
+// FP8 cache elements (OCP 8-bit floating point formats, v1.0). Each byte is re-encoded as
+// an IEEE binary16 and widened exactly: E5M2 is binary16's top byte; E4M3 (bias 7) moves
+// its exponent and mantissa bits into binary16's (bias 15), which scales the value by
+// 2^-8, normals and subnormals alike, undone by one multiply. NaN encodings never occur
+// (the cache stores saturated values).
+struct fp8_e4m3 { uint8_t b; };
+struct fp8_e5m2 { uint8_t b; };
+
+static inline float half_bits_to_f32(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+  float f;
+  if (exp == 0) {  // zero or subnormal: man * 2^-24
+    f = (float)man * 5.9604644775390625e-08f;
+    uint32_t u; memcpy(&u, &f, 4); u |= sign; memcpy(&f, &u, 4);
+    return f;
+  }
+  const uint32_t u = sign | ((exp + 112u) << 23) | (man << 13);  // 112 = 127 - 15 (exp < 31 here)
+  memcpy(&f, &u, 4);
+  return f;
+}
+static inline uint16_t e4m3_half_bits(uint8_t b) { return (uint16_t)(((b & 0x80u) << 8) | ((b & 0x7Fu) << 7)); }
+static inline float ld(fp8_e4m3 x) { return half_bits_to_f32(e4m3_half_bits(x.b)) * 256.f; }
+static inline float ld(fp8_e5m2 x) { return half_bits_to_f32((uint16_t)(x.b << 8)); }
+
+// One cache row of D values as float32.
+template <typename C, int D>
+static inline void load_row(const C* p, float* dst) {
+#pragma omp simd
+  for (int d = 0; d < D; ++d) dst[d] = ld(p[d]);
+}
+#if defined(__AVX512F__)
+#include <immintrin.h>
+template <>
+inline void load_row<fp8_e4m3, 64>(const fp8_e4m3* p, float* dst) {
+  for (int d = 0; d < 64; d += 16) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(p + d)));
+    const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
+                                      _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7));
+    _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f)));
+  }
+}
+template <>
+inline void load_row<fp8_e5m2, 64>(const fp8_e5m2* p, float* dst) {
+  for (int d = 0; d < 64; d += 16) {
+    const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(p + d)));
+    _mm512_storeu_ps(dst + d, _mm512_cvtph_ps(_mm256_slli_epi16(b, 8)));
+  }
+}
+template <>
+inline void load_row<fp8_e4m3, 128>(const fp8_e4m3* p, float* dst) {
+  load_row<fp8_e4m3, 64>(p, dst);
+  load_row<fp8_e4m3, 64>(p + 64, dst + 64);
+}
+template <>
+inline void load_row<fp8_e5m2, 128>(const fp8_e5m2* p, float* dst) {
+  load_row<fp8_e5m2, 64>(p, dst);
+  load_row<fp8_e5m2, 64>(p + 64, dst + 64);
+}
+#endif
 
 // exp(x) for x <= 0: 2^(x log2 e) = 2^n 2^f, n = round(x log2 e), |f| <= 1/2, 2^f by its
 // Taylor series to degree 7 (series error < 1e-8 for |f| <= 1/2; rounding x log2 e in
@@ -57,8 +119,8 @@ static inline float exp_nonpos(float x) {
 
 enum { MAX_BS = 64 };
 
-template <typename T, int G, int D>
-static void run(const T* q, const T* kv, const int32_t* bt, const int32_t* seq_lens, T* out,
+template <typename T, typename C, int G, int D>
+static void run(const T* q, const C* kv, const int32_t* bt, const int32_t* seq_lens, T* out,
                 int64_t B, int64_t KVH, int64_t NB, int64_t BS, int64_t W, float scale) {
   const int64_t H = KVH * G;
   const int64_t block_stride = BS * KVH * D;
@@ -82,22 +144,20 @@ static void run(const T* q, const T* kv, const int32_t* bt, const int32_t* seq_l
       for (int64_t j = 0; j < nblk; ++j) {
         const int64_t blk = bt[b * W + j];
         const int64_t ntok = len - j * BS < BS ? len - j * BS : BS;
-        const T* kb = kv + blk * block_stride + hk * D;
-        const T* vb = kb + v_off;
+        const C* kb = kv + blk * block_stride + hk * D;
+        const C* vb = kb + v_off;
         if (j + 1 < nblk) {  // the next block's rows of this head, while this one is computed
-          const T* nk = kv + (int64_t)bt[b * W + j + 1] * block_stride + hk * D;
+          const C* nk = kv + (int64_t)bt[b * W + j + 1] * block_stride + hk * D;
           for (int64_t t = 0; t < BS; ++t) {
-            for (int64_t c = 0; c < (int64_t)(D * sizeof(T)); c += 64) {
+            for (int64_t c = 0; c < (int64_t)(D * sizeof(C)); c += 64) {
               __builtin_prefetch((const char*)(nk + t * tok_stride) + c);
               __builtin_prefetch((const char*)(nk + v_off + t * tok_stride) + c);
             }
           }
         }
         for (int64_t t = 0; t < ntok; ++t) {
-          const T* kp = kb + t * tok_stride;
-          float kf[D];
-#pragma omp simd
-          for (int d = 0; d < D; ++d) kf[d] = ld(kp[d]);
+          alignas(64) float kf[D];
+          load_row<C, D>(kb + t * tok_stride, kf);
           for (int g = 0; g < G; ++g) {
             float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -122,10 +182,11 @@ static void run(const T* q, const T* kv, const int32_t* bt, const int32_t* seq_l
           for (int64_t d = 0; d < D; ++d) acc[g][d] *= c;
         }
         for (int64_t t = 0; t < ntok; ++t) {
-          const T* vp = vb + t * tok_stride;
+          alignas(64) float vf[D];
+          load_row<C, D>(vb + t * tok_stride, vf);
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) {
-            const float v = ld(vp[d]);
+            const float v = vf[d];
             for (int g = 0; g < G; ++g) acc[g][d] += s[g][t] * v;
           }
         }
@@ -139,24 +200,24 @@ static void run(const T* q, const T* kv, const int32_t* bt, const int32_t* seq_l
   }
 }
 
-template <typename T, int D>
-static int dispatch_g(const T* q, const T* kv, const int32_t* bt, const int32_t* sl, T* out, int64_t B, int64_t G,
+template <typename T, typename C, int D>
+static int dispatch_g(const T* q, const C* kv, const int32_t* bt, const int32_t* sl, T* out, int64_t B, int64_t G,
                       int64_t KVH, int64_t NB, int64_t BS, int64_t W, float scale) {
   switch (G) {
-    case 1: run<T, 1, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
-    case 2: run<T, 2, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
-    case 3: run<T, 3, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
-    case 4: run<T, 4, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
-    case 5: run<T, 5, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
-    case 6: run<T, 6, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
-    case 7: run<T, 7, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
-    case 8: run<T, 8, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
+    case 1: run<T, C, 1, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
+    case 2: run<T, C, 2, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
+    case 3: run<T, C, 3, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
+    case 4: run<T, C, 4, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
+    case 5: run<T, C, 5, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
+    case 6: run<T, C, 6, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
+    case 7: run<T, C, 7, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
+    case 8: run<T, C, 8, D>(q, kv, bt, sl, out, B, KVH, NB, BS, W, scale); return 0;
     default: return 1;
   }
 }
 
-template <typename T>
-static int dispatch(const T* q, const T* kv, const int32_t* bt, const int32_t* sl, T* out, int64_t B, int64_t H,
+template <typename T, typename C>
+static int dispatch(const T* q, const C* kv, const int32_t* bt, const int32_t* sl, T* out, int64_t B, int64_t H,
                     int64_t KVH, int64_t D, int64_t NB, int64_t BS, int64_t W, float scale) {
   if (KVH <= 0 || H % KVH || BS <= 0 || BS > MAX_BS) return 1;
   for (int64_t b = 0; b < B; ++b) {  // every block the kernel will read must exist
@@ -166,20 +227,37 @@ static int dispatch(const T* q, const T* kv, const int32_t* bt, const int32_t* s
     for (int64_t j = 0; j < nblk; ++j)
       if (bt[b * W + j] < 0 || bt[b * W + j] >= NB) return 2;
   }
-  if (D == 64) return dispatch_g<T, 64>(q, kv, bt, sl, out, B, H / KVH, KVH, NB, BS, W, scale);
-  if (D == 128) return dispatch_g<T, 128>(q, kv, bt, sl, out, B, H / KVH, KVH, NB, BS, W, scale);
+  if (D == 64) return dispatch_g<T, C, 64>(q, kv, bt, sl, out, B, H / KVH, KVH, NB, BS, W, scale);
+  if (D == 128) return dispatch_g<T, C, 128>(q, kv, bt, sl, out, B, H / KVH, KVH, NB, BS, W, scale);
   return 1;
 }
 
+#define ARGS int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t NB, int64_t BS, int64_t W, float scale
+#define PASS B, H, KVH, D, NB, BS, W, scale
 extern "C" {
+// name: query/output type _ cache type (the cache type is omitted when it is the query's)
 int argosy_paged_decode_attention_f32(const float* q, const float* kv, const int32_t* bt, const int32_t* sl,
-                                      float* out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t NB,
-                                      int64_t BS, int64_t W, float scale) {
-  return dispatch(q, kv, bt, sl, out, B, H, KVH, D, NB, BS, W, scale);
+                                      float* out, ARGS) {
+  return dispatch(q, kv, bt, sl, out, PASS);
 }
 int argosy_paged_decode_attention_bf16(const uint16_t* q, const uint16_t* kv, const int32_t* bt, const int32_t* sl,
-                                       uint16_t* out, int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t NB,
-                                       int64_t BS, int64_t W, float scale) {
-  return dispatch(q, kv, bt, sl, out, B, H, KVH, D, NB, BS, W, scale);
+                                       uint16_t* out, ARGS) {
+  return dispatch(q, kv, bt, sl, out, PASS);
+}
+int argosy_paged_decode_attention_f32_e4m3(const float* q, const fp8_e4m3* kv, const int32_t* bt, const int32_t* sl,
+                                           float* out, ARGS) {
+  return dispatch(q, kv, bt, sl, out, PASS);
+}
+int argosy_paged_decode_attention_bf16_e4m3(const uint16_t* q, const fp8_e4m3* kv, const int32_t* bt,
+                                            const int32_t* sl, uint16_t* out, ARGS) {
+  return dispatch(q, kv, bt, sl, out, PASS);
+}
+int argosy_paged_decode_attention_f32_e5m2(const float* q, const fp8_e5m2* kv, const int32_t* bt, const int32_t* sl,
+                                           float* out, ARGS) {
+  return dispatch(q, kv, bt, sl, out, PASS);
+}
+int argosy_paged_decode_attention_bf16_e5m2(const uint16_t* q, const fp8_e5m2* kv, const int32_t* bt,
+                                            const int32_t* sl, uint16_t* out, ARGS) {
+  return dispatch(q, kv, bt, sl, out, PASS);
 }
 }
