@@ -55,7 +55,8 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, met
     """Write the step's new keys/values into the paged cache (see ``torch_paged.store_kv``).
 
     Args:
-        key, value: ``[num_tokens, num_kv_heads, head_dim]``, cache dtype.
+        key, value: ``[num_tokens, num_kv_heads, head_dim]``, the model dtype (an FP8 cache
+            converts them, ``torch_paged.to_cache_dtype``).
         kv_cache: ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (modified in place).
         meta: ``slot_mapping`` gives each token's flat slot; -1 entries are skipped.
     """

@@ -310,7 +310,7 @@ class LlamaForCausalLM(nn.Module):
         #: 4-bit checkpoint weights run packed (bfloat16 on CPU: the int4 kernel's case);
         #: a Q8_0 (or Q5_x/Q6_K) LM head is also kept as such (:attr:`logits_q8`).
         self.uses_int4 = torch.device(device).type == "cpu" and dtype == torch.bfloat16
-        #: the LM head in the file's Q8_0 form, for logits of at most ``q8_0.MAX_ROWS``
+        #: the LM head in the file's grouped int8 form (Q8_0, Q5_x, Q6_K), for logits of at most ``q8_0.MAX_ROWS``
         #: rows (decode at low batch); None: the dense matrix only
         self.logits_q8: Optional[PackedQ8] = None
 

@@ -68,6 +68,8 @@ TILE = 16
 
 SOURCE = Path(__file__).parent / "csrc" / "q8_0_gemm.cpp"
 
+#: Blocks decoded per call of the ``gguf`` dequantizer (~8 M values: ~64 MB of float32 temporaries).
+_CHUNK_BLOCKS = 1 << 15
 _ONE_F16 = np.array([1.0], dtype=np.float16).view(np.uint8)
 _ZERO_F16 = np.array([0.0], dtype=np.float16).view(np.uint8)
 
@@ -84,14 +86,18 @@ def _integers(blocks: np.ndarray, type_name: str, unit: dict) -> np.ndarray:
     import gguf
     from gguf.quants import dequantize
 
-    b = blocks.copy()
-    for (lo, hi), v in unit.items():
-        b[:, lo:hi] = v
-    vals = dequantize(b, gguf.GGMLQuantizationType[type_name])
-    q = np.rint(vals).astype(np.int8)
-    if not np.array_equal(q.astype(np.float32), vals):  # the unit scales make them integers
-        raise ValueError(f"{type_name}: blocks did not decode to integers")
-    return q
+    qtype = gguf.GGMLQuantizationType[type_name]
+    out = []
+    for start in range(0, blocks.shape[0], _CHUNK_BLOCKS):  # bounded float32 temporaries
+        b = blocks[start : start + _CHUNK_BLOCKS].copy()
+        for (lo, hi), v in unit.items():
+            b[:, lo:hi] = v
+        vals = dequantize(b, qtype)
+        q = np.rint(vals).astype(np.int8)
+        if not np.array_equal(q.astype(np.float32), vals):  # the unit scales make them integers
+            raise ValueError(f"{type_name}: blocks did not decode to integers")
+        out.append(q)
+    return np.concatenate(out) if len(out) != 1 else out[0]
 
 
 @dataclass

@@ -6,14 +6,14 @@ small ATen calls and their Python dispatch (norms, rotary, residuals, views, KV 
 as in its matmuls. Inductor traces the whole decode step once (all layers, the KV write
 and the attention: :class:`~argosy.runtime.attention.DecodeMetadata`), fuses the
 elementwise work into a few generated C++ loops per layer and calls the matmul kernels
-(the packed int4 one, oneDNN) directly. The model code is the same as the eager path's;
+(the packed int4 one, our grouped int8 op, oneDNN) directly. The model code is the same as the eager path's;
 only the attention metadata differs.
 
 Decode shapes. The batch size ``B`` and the block-table width ``W`` are symbolic, so a
 step never recompiles for a new context length or batch size. Three graphs cover every
 decode-only step (each compiled once at startup, :meth:`CompiledDecodeRunner.warmup`):
-``B = 1`` (PyTorch specializes size 1), ``2 <= B <= INT4_MAX_ROWS`` (packed int4
-matmuls) and ``B > INT4_MAX_ROWS`` (dense bfloat16 matmuls). ``W`` is padded to at least
+``B = 1`` (PyTorch specializes size 1), ``2 <= B <= INT4_MAX_ROWS`` (packed int4 or
+grouped int8 matmuls) and ``B > INT4_MAX_ROWS`` (dense bfloat16 matmuls). ``W`` is padded to at least
 2 (a size-1 width would be specialized too: a fourth graph).
 
 Prefill and mixed steps of at least :data:`LAYER_STAGES_MIN_TOKENS` tokens run each

@@ -238,7 +238,7 @@ def test_keda_rwx_example():
 
 def test_kv_cache_dtype_becomes_the_flag():
     """``runtime.kvCacheDtype`` is passed as ``--kv-cache-dtype`` (vLLM's name); unset, no flag."""
-    args = server(_spec_isvc(runtime={"kvCacheDtype": "fp8"}))["args"]
+    args = server(_spec_isvc(runtime={"kvCacheDtype": "fp8"}, resources={"gpus": 0}))["args"]
     assert args[args.index("--kv-cache-dtype") + 1] == "fp8"
     assert "--kv-cache-dtype" not in server(_spec_isvc())["args"]
 

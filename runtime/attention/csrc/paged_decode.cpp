@@ -37,8 +37,9 @@ static inline void st(uint16_t* p, float x) { *p = f32_to_bf16(x); }
 // FP8 cache elements (OCP 8-bit floating point formats, v1.0). Each byte is re-encoded as
 // an IEEE binary16 and widened exactly: E5M2 is binary16's top byte; E4M3 (bias 7) moves
 // its exponent and mantissa bits into binary16's (bias 15), which scales the value by
-// 2^-8, normals and subnormals alike, undone by one multiply. NaN encodings never occur
-// (the cache stores saturated values).
+// 2^-8, normals and subnormals alike, undone by one multiply. The cache stores saturated
+// values, so the only non-finite bytes are NaNs the model itself produced: they read back as
+// NaN (E4M3 S.1111.111; E5M2 infinities and NaNs as binary16's), as in the torch path.
 struct fp8_e4m3 { uint8_t b; };
 struct fp8_e5m2 { uint8_t b; };
 
@@ -50,12 +51,15 @@ static inline float half_bits_to_f32(uint16_t h) {
     uint32_t u; memcpy(&u, &f, 4); u |= sign; memcpy(&f, &u, 4);
     return f;
   }
-  const uint32_t u = sign | ((exp + 112u) << 23) | (man << 13);  // 112 = 127 - 15 (exp < 31 here)
+  const uint32_t u = exp == 31 ? (sign | 0x7F800000u | (man << 13))        // infinity, NaN
+                               : (sign | ((exp + 112u) << 23) | (man << 13));  // 112 = 127 - 15
   memcpy(&f, &u, 4);
   return f;
 }
 static inline uint16_t e4m3_half_bits(uint8_t b) { return (uint16_t)(((b & 0x80u) << 8) | ((b & 0x7Fu) << 7)); }
-static inline float ld(fp8_e4m3 x) { return half_bits_to_f32(e4m3_half_bits(x.b)) * 256.f; }
+static inline float ld(fp8_e4m3 x) {
+  return (x.b & 0x7Fu) == 0x7Fu ? NAN : half_bits_to_f32(e4m3_half_bits(x.b)) * 256.f;
+}
 static inline float ld(fp8_e5m2 x) { return half_bits_to_f32((uint16_t)(x.b << 8)); }
 
 // One cache row of D values as float32.
@@ -64,15 +68,18 @@ static inline void load_row(const C* p, float* dst) {
 #pragma omp simd
   for (int d = 0; d < D; ++d) dst[d] = ld(p[d]);
 }
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 template <>
 inline void load_row<fp8_e4m3, 64>(const fp8_e4m3* p, float* dst) {
   for (int d = 0; d < 64; d += 16) {
     const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i*)(p + d)));
+    const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi16(0x7F));
     const __m256i h = _mm256_or_si256(_mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x80)), 8),
-                                      _mm256_slli_epi16(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)), 7));
-    _mm512_storeu_ps(dst + d, _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f)));
+                                      _mm256_slli_epi16(mag, 7));
+    const __mmask16 nan = _mm256_cmpeq_epi16_mask(mag, _mm256_set1_epi16(0x7F));  // S.1111.111
+    const __m512 f = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
+    _mm512_storeu_ps(dst + d, _mm512_mask_blend_ps(nan, f, _mm512_set1_ps(NAN)));
   }
 }
 template <>

@@ -1,12 +1,13 @@
-// Grouped int8 linear on the CPU: out[M, N] (float32) = x[M, K] (float32) @ W^T, where W is
+// Grouped int8 linear on the CPU: out[M, N] = x[M, K] @ W^T (x float32 or bfloat16, widened
+// exactly; out float32, or bfloat16 rounded to nearest even at the end), where W is
 // kept as int8 values q with one scale d (and optionally one offset m) per row and group
 // of G = 16 or 32 input columns:
 //   W[n, k] = q[n, k] * d[n, k / G] (+ m[n, k / G]).
 // This holds GGUF's Q8_0 as stored (ggml-common.h, block_q8_0: G = 32, d float16), and,
 // with q re-read from their blocks without loss (argosy.runtime.quantization.q8_0), Q5_0
 // (q - 16, d), Q5_1 (q, d, m), Q5_K (q, d*sc, -dmin*mn per 32) and Q6_K (q - 32, d*sc per
-// 16). The gguf package's dequantizer is the test oracle. Nothing is rounded: products and
-// sums in float32.
+// 16). The gguf package's dequantizer is the test oracle. Products and sums in float32
+// (only a bfloat16 output is rounded).
 //
 // Layout (argosy.runtime.quantization.q8_0.PackedQ8.pack): rows in tiles of 16,
 //   w      [N16 / 16][K][16] int8       (16 consecutive rows side by side per input column)
@@ -53,7 +54,10 @@ static inline void tile_rows(const int8_t* w, const void* sc, const void* mn, co
     for (int i = 0; i < MB * U; i++) t[i] = _mm512_setzero_ps();
     const int8_t* wg = w + g * G * 16;
     const float* xg = x + g * G;
-    for (int l = 0; l < G * 16; l += 64) _mm_prefetch((const char*)(wg + PREFETCH + l), _MM_HINT_T0);
+    // A hint only: on x86 a prefetch never faults, so running past the weight's end on the
+    // last tiles is harmless (the address is formed as an integer, not a pointer).
+    for (int l = 0; l < G * 16; l += 64)
+      _mm_prefetch((const char*)((uintptr_t)wg + PREFETCH + l), _MM_HINT_T0);
 #pragma GCC unroll 4
     for (int kk = 0; kk < G; kk += U) {
       for (int u = 0; u < U; u++) {
@@ -134,16 +138,15 @@ static float half_to_float(uint16_t h) {
   return f;
 }
 
-static int64_t G_;
-static bool F16_, MIN_;
-
-static inline float value(const void* p, int64_t i) {
-  return F16_ ? half_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
+static inline float value(const void* p, int64_t i, bool f16) {
+  return f16 ? half_to_float(((const uint16_t*)p)[i]) : ((const float*)p)[i];
 }
 
+// The group size, scale type and offsets come as arguments (no globals: calls from
+// several threads at once stay independent).
 static void tile_any(const int8_t* w, const void* sc, const void* mn, const float* x, const float* xs, int64_t M,
-                     int64_t K, float* out, int64_t ldo, int64_t cols) {
-  const int64_t G = G_, groups = K / G;
+                     int64_t K, float* out, int64_t ldo, int64_t cols, int64_t G, bool f16) {
+  const int64_t groups = K / G;
   for (int64_t m = 0; m < M; m++) {
     float acc[16] = {0};
     for (int64_t g = 0; g < groups; g++) {
@@ -154,22 +157,12 @@ static void tile_any(const int8_t* w, const void* sc, const void* mn, const floa
         for (int j = 0; j < 16; j++) t[j] += (float)wr[j] * xv;
       }
       for (int j = 0; j < 16; j++) {
-        acc[j] += t[j] * value(sc, g * 16 + j);
-        if (MIN_) acc[j] += value(mn, g * 16 + j) * xs[m * groups + g];
+        acc[j] += t[j] * value(sc, g * 16 + j, f16);
+        if (mn) acc[j] += value(mn, g * 16 + j, f16) * xs[m * groups + g];
       }
     }
     for (int64_t j = 0; j < cols && j < 16; j++) out[m * ldo + j] = acc[j];
   }
-}
-
-typedef void (*tile_fn)(const int8_t*, const void*, const void*, const float*, const float*, int64_t, int64_t,
-                        float*, int64_t, int64_t);
-
-static tile_fn pick(int64_t G, bool f16, bool has_min) {
-  G_ = G;
-  F16_ = f16;
-  MIN_ = has_min;
-  return tile_any;
 }
 
 #endif
@@ -219,7 +212,9 @@ extern "C" int argosy_q8_linear(const int8_t* w, const void* scales, const void*
         xs[m * groups + g] = s;
       }
   }
+#if defined(__AVX512F__)
   const tile_fn fn = pick(group, scales_f16 != 0, mins != nullptr);
+#endif
   const float* xsp = mins ? xs.data() : nullptr;
   const int64_t tiles = (N + 15) / 16;
   const int64_t sstride = groups * 16 * (scales_f16 ? 2 : 4);  // bytes of scales per tile
@@ -227,7 +222,11 @@ extern "C" int argosy_q8_linear(const int8_t* w, const void* scales, const void*
   for (int64_t t = 0; t < tiles; t++) {
     const char* sc = (const char*)scales + t * sstride;
     const char* mn = mins ? (const char*)mins + t * sstride : nullptr;
+#if defined(__AVX512F__)
     fn(w + t * K * 16, sc, mn, x, xsp, M, K, out + t * 16, N, N - t * 16);
+#else
+    tile_any(w + t * K * 16, sc, mn, x, xsp, M, K, out + t * 16, N, N - t * 16, group, scales_f16 != 0);
+#endif
   }
   if (out_bf16)
     for (int64_t i = 0; i < M * N; i++) ((uint16_t*)out_p)[i] = float_to_bf16(out[i]);
