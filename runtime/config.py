@@ -167,8 +167,9 @@ class EngineArgs:
         g.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16 (auto: bfloat16; 4-bit GGUF weights run packed in bfloat16 "
                             "on CPU; float32 = dense dequantized weights, exact against HF)")
         g.add_argument("--quantization", "-q", default=None,
-                       help="the checkpoint's quantization method, detected when omitted: gguf (4-bit GGUF tensors "
-                            "run packed with bfloat16 on CPU, others are dequantized to --dtype) or compressed-tensors "
+                       help="the checkpoint's quantization method, detected when omitted: gguf (with bfloat16 on CPU "
+                            "4-bit tensors run packed int4, Q8_0/Q5_x/Q6_K grouped int8, others are dequantized to "
+                            "--dtype) or compressed-tensors "
                             "(W4A16, W8A8, FP8); a method other than the checkpoint's own is an error")
         g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
         g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens (prompt + output); default: the model's")
