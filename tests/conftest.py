@@ -83,6 +83,13 @@ def make_engine(checkpoint):
     return make
 
 
+@pytest.fixture(scope="session")
+def ref_engine(make_engine):
+    """The float32 engine on the bundled model (dense dequantized weights, equal to Hugging
+    Face ``transformers``): the reference of the fast-path tests, built once per run."""
+    return make_engine(dtype="float32", max_model_len=1024)
+
+
 def run_to_completion(engine, prompts, params) -> dict[str, list[int]]:
     """Add ``prompts`` (token-id lists) to ``engine`` and step until all finish.
 

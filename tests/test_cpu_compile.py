@@ -97,11 +97,6 @@ def compiled_engine(make_engine):
     return eng
 
 
-@pytest.fixture(scope="module")
-def ref_engine(make_engine):
-    return make_engine(dtype="float32")
-
-
 def test_compiled_step_equals_the_eager_step(compiled_engine):
     """One decode step after a prefill, through the compiled graph and through the eager
     model on the same KV cache: final hidden states equal to bfloat16 rounding."""

@@ -62,11 +62,6 @@ def fast_engine(make_engine):
     return eng
 
 
-@pytest.fixture(scope="module")
-def ref_engine(make_engine):
-    return make_engine(dtype="float32", max_model_len=1024)
-
-
 def assert_greedy_agrees_where_decisive(engine, ref_engine, max_tokens: int = 16) -> None:
     """Per prompt of PROMPTS, ``engine``'s greedy tokens equal the float32 ``ref_engine``'s
     up to the first step where float32's top-2 log-probabilities are within MARGIN (a near

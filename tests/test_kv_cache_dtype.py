@@ -117,8 +117,8 @@ def test_fp8_doubles_the_token_capacity(make_engine, fp8_engine):
     assert runner.decode_kernel or cpu_decode.kernel() is None  # decode rows read the FP8 blocks in place
 
 
-def test_fp8_greedy_agrees_with_float32_where_decisive(fp8_engine, make_engine):
-    assert_greedy_agrees_where_decisive(fp8_engine, make_engine(dtype="float32"))
+def test_fp8_greedy_agrees_with_float32_where_decisive(fp8_engine, ref_engine):
+    assert_greedy_agrees_where_decisive(fp8_engine, ref_engine)
 
 
 def test_the_flag_parses_as_vllm_spells_it():
