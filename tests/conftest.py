@@ -90,6 +90,25 @@ def ref_engine(make_engine):
     return make_engine(dtype="float32", max_model_len=1024)
 
 
+def shard_plan(config, rank: int, world_size: int):
+    """A ``LlamaForCausalLM`` of ``config`` holding only what :meth:`shard_for` needs to
+    name rank ``rank``'s slices (no weights allocated, no process group): for tests that
+    read a checkpoint's tensor-parallel shards."""
+    import torch
+
+    from argosy.runtime.distributed import TPGroup
+    from argosy.runtime.models.llama import LlamaForCausalLM
+
+    tp = TPGroup.__new__(TPGroup)
+    tp.rank, tp.world_size = rank, world_size
+    model = LlamaForCausalLM.__new__(LlamaForCausalLM)
+    torch.nn.Module.__init__(model)
+    model.cfg, model.tp = config, tp
+    model.vocab_per_rank = -(-config.vocab_size // world_size)
+    model.vocab_start = rank * model.vocab_per_rank
+    return model
+
+
 def run_to_completion(engine, prompts, params) -> dict[str, list[int]]:
     """Add ``prompts`` (token-id lists) to ``engine`` and step until all finish.
 

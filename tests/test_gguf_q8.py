@@ -64,21 +64,14 @@ def test_tensor_parallel_shards_equal_slicing_the_whole(mixed):
     sliced: rows for column-parallel layers (with the q/k row un-permutation), group
     aligned columns for row-parallel ones, for each of the three types."""
     import numpy as np
-    import torch
 
-    from argosy.runtime.distributed import TPGroup
-    from argosy.runtime.models.llama import LlamaForCausalLM
     from argosy.runtime.quantization.q8_0 import Q8Weight
+
+    from .conftest import shard_plan
 
     whole = dict(mixed.weights(None, int4=True))
     for rank in range(3):
-        tp = TPGroup.__new__(TPGroup)
-        tp.rank, tp.world_size = rank, 3
-        model = LlamaForCausalLM.__new__(LlamaForCausalLM)
-        torch.nn.Module.__init__(model)
-        model.cfg, model.tp = mixed.config, tp
-        model.vocab_per_rank = -(-mixed.config.vocab_size // 3)
-        model.vocab_start = rank * model.vocab_per_rank
+        model = shard_plan(mixed.config, rank, 3)
         shards = dict(mixed.weights(model.shard_for, int4=True))
         for layer in (3, 4, 5):
             for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.down_proj"):

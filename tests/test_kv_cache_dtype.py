@@ -8,6 +8,8 @@ conversion (the storage step), and the float32 dense model (which equals Hugging
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -139,7 +141,7 @@ def test_the_decode_kernels_portable_build_widens_fp8_the_same_way(cache_dtype, 
 
     from argosy.runtime import cpu_kernels
 
-    if cpu_kernels.compiler() is None:
+    if cpu_kernels.compiler() is None and not os.environ.get("CI"):  # under CI a missing compiler fails
         pytest.skip("no C++ compiler")
     monkeypatch.setattr(cpu_kernels, "isa_flags", lambda: [])
     lib = ctypes.CDLL(str(cpu_decode.KERNEL.build(tmp_path)))

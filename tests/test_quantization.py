@@ -132,20 +132,13 @@ def test_sharded_int4_loading_equals_slicing_the_whole(checkpoint, model_path):
     """TP=3 shards of the bundled model's 4-bit tensors, read from the file slice by
     slice, equal the whole tensor decoded and sliced (rows for column-parallel layers,
     32-aligned columns for row-parallel ones), including the q/k row un-permutation."""
-    from argosy.runtime.distributed import TPGroup
-    from argosy.runtime.models.llama import LlamaForCausalLM
+    from .conftest import shard_plan
 
     whole = dict(checkpoint.weights(None, int4=True))
     assert isinstance(whole["model.layers.0.self_attn.q_proj.weight"], Int4Weight)
     assert not isinstance(whole["model.embed_tokens.weight"], Int4Weight)  # Q8_0, looked up
     for rank in range(3):
-        tp = TPGroup.__new__(TPGroup)
-        tp.rank, tp.world_size = rank, 3
-        model = LlamaForCausalLM.__new__(LlamaForCausalLM)
-        torch.nn.Module.__init__(model)
-        model.cfg, model.tp = checkpoint.config, tp
-        model.vocab_per_rank = -(-checkpoint.config.vocab_size // 3)
-        model.vocab_start = rank * model.vocab_per_rank
+        model = shard_plan(checkpoint.config, rank, 3)
         shards = dict(checkpoint.weights(model.shard_for, int4=True))
         for name in ("model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.k_proj.weight",
                      "model.layers.3.self_attn.o_proj.weight", "model.layers.3.mlp.down_proj.weight"):

@@ -239,32 +239,18 @@ static int dispatch(const T* q, const C* kv, const int32_t* bt, const int32_t* s
   return 1;
 }
 
-#define ARGS int64_t B, int64_t H, int64_t KVH, int64_t D, int64_t NB, int64_t BS, int64_t W, float scale
-#define PASS B, H, KVH, D, NB, BS, W, scale
+// Entry points, one per (query/output type, cache type): argosy_paged_decode_attention_<q>
+// with the cache in the query's type, _<q>_<cache> for an FP8 cache.
+#define ENTRY(NAME, TQ, TC)                                                                            \
+  int NAME(const TQ* q, const TC* kv, const int32_t* bt, const int32_t* sl, TQ* out, int64_t B, int64_t H, \
+           int64_t KVH, int64_t D, int64_t NB, int64_t BS, int64_t W, float scale) {                  \
+    return dispatch(q, kv, bt, sl, out, B, H, KVH, D, NB, BS, W, scale);                              \
+  }
 extern "C" {
-// name: query/output type _ cache type (the cache type is omitted when it is the query's)
-int argosy_paged_decode_attention_f32(const float* q, const float* kv, const int32_t* bt, const int32_t* sl,
-                                      float* out, ARGS) {
-  return dispatch(q, kv, bt, sl, out, PASS);
-}
-int argosy_paged_decode_attention_bf16(const uint16_t* q, const uint16_t* kv, const int32_t* bt, const int32_t* sl,
-                                       uint16_t* out, ARGS) {
-  return dispatch(q, kv, bt, sl, out, PASS);
-}
-int argosy_paged_decode_attention_f32_e4m3(const float* q, const fp8_e4m3* kv, const int32_t* bt, const int32_t* sl,
-                                           float* out, ARGS) {
-  return dispatch(q, kv, bt, sl, out, PASS);
-}
-int argosy_paged_decode_attention_bf16_e4m3(const uint16_t* q, const fp8_e4m3* kv, const int32_t* bt,
-                                            const int32_t* sl, uint16_t* out, ARGS) {
-  return dispatch(q, kv, bt, sl, out, PASS);
-}
-int argosy_paged_decode_attention_f32_e5m2(const float* q, const fp8_e5m2* kv, const int32_t* bt, const int32_t* sl,
-                                           float* out, ARGS) {
-  return dispatch(q, kv, bt, sl, out, PASS);
-}
-int argosy_paged_decode_attention_bf16_e5m2(const uint16_t* q, const fp8_e5m2* kv, const int32_t* bt,
-                                            const int32_t* sl, uint16_t* out, ARGS) {
-  return dispatch(q, kv, bt, sl, out, PASS);
-}
+ENTRY(argosy_paged_decode_attention_f32, float, float)
+ENTRY(argosy_paged_decode_attention_bf16, uint16_t, uint16_t)
+ENTRY(argosy_paged_decode_attention_f32_e4m3, float, fp8_e4m3)
+ENTRY(argosy_paged_decode_attention_bf16_e4m3, uint16_t, fp8_e4m3)
+ENTRY(argosy_paged_decode_attention_f32_e5m2, float, fp8_e5m2)
+ENTRY(argosy_paged_decode_attention_bf16_e5m2, uint16_t, fp8_e5m2)
 }
