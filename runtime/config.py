@@ -96,7 +96,7 @@ class ModelConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     architecture: str = "LlamaForCausalLM"
-    #: the checkpoint's own quantization method (``gguf``, ``compressed-tensors``), None if dense
+    #: the checkpoint's own quantization method (``gguf``, ``compressed-tensors``, ``awq``, ``gptq``), None if dense
     quantization: Optional[str] = None
 
 
@@ -169,8 +169,9 @@ class EngineArgs:
         g.add_argument("--quantization", "-q", default=None,
                        help="the checkpoint's quantization method, detected when omitted: gguf (with bfloat16 on CPU "
                             "4-bit tensors run packed int4, Q8_0/Q5_x/Q6_K grouped int8, others are dequantized to "
-                            "--dtype) or compressed-tensors "
-                            "(W4A16, W8A8, FP8); a method other than the checkpoint's own is an error")
+                            "--dtype), compressed-tensors "
+                            "(W4A16, W8A8, FP8), awq (4-bit GEMM) or gptq (4/8-bit, act-order too; awq_marlin and "
+                            "gptq_marlin are taken as those); a method other than the checkpoint's own is an error")
         g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
         g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens (prompt + output); default: the model's")
         g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")

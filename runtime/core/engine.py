@@ -77,7 +77,9 @@ class EngineStats:
 
 #: ``--quantization`` values: the methods of checkpoints Argosy reads (online quantization
 #: of a dense checkpoint, vLLM's ``--quantization fp8``, is not implemented: issue 16).
-QUANTIZATION_METHODS = ("gguf", "compressed-tensors")
+QUANTIZATION_METHODS = ("gguf", "compressed-tensors", "awq", "gptq")
+#: vLLM's kernel-specific names for the same checkpoint methods, accepted as those.
+QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 
 
 def check_quantization(requested: Optional[str], checkpoint: Checkpoint) -> None:
@@ -91,6 +93,7 @@ def check_quantization(requested: Optional[str], checkpoint: Checkpoint) -> None
     """
     if requested is None:
         return
+    requested = QUANTIZATION_ALIASES.get(requested, requested)
     own = checkpoint.config.quantization
     if own is not None and requested != own:
         raise ValueError(f"--quantization {requested} does not match {checkpoint.path}, which is already quantized "

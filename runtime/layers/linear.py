@@ -13,7 +13,10 @@ each call picks the kernel by the number of rows:
   (AMX/AVX-512 BF16), several times faster than the int4 kernel there.
 
 Both compute with the same values: the dense copy is dequantized from the int4 weight
-with the scales rounded to bfloat16 as the kernel rounds them. An int8 weight with
+with the scales rounded to bfloat16 as the kernel rounds them. A weight stored with its
+columns permuted (GPTQ act-order, :attr:`Int4Weight.perm`) gathers the input's columns the
+same way before the int4 kernel (``index_select``, one small copy of ``x``); the dense copy
+is in the layer's own order. An int8 weight with
 per-row scales (a compressed-tensors W8A8 checkpoint, served weight-only) works the same
 way through ``_weight_int8pack_mm`` (one 3072 x 576 weight: 1 row 67 vs 184 us dense, 4
 rows 106 vs 199 us, 8 rows 246 vs 206 us; the same row limit keeps the compiled decode
@@ -72,6 +75,8 @@ class Linear(nn.Module):
         self.group_size = 0
         self.register_buffer("int4_packed", None, persistent=False)
         self.register_buffer("int4_scales_zeros", None, persistent=False)
+        #: ``[in_features] int64`` or None: the packed int4 weight's column order (GPTQ act-order)
+        self.register_buffer("input_perm", None, persistent=False)
         self.register_buffer("int8_weight", None, persistent=False)
         self.register_buffer("int8_scales", None, persistent=False)
         self.register_buffer("q8_weight", None, persistent=False)
@@ -140,10 +145,13 @@ class Linear(nn.Module):
         packed, sz = int4_mod.pack(whole, self.weight.dtype)
         self.int4_packed, self.int4_scales_zeros = packed.to(self.weight.device), sz.to(self.weight.device)
         self.group_size = whole.group_size
+        if whole.perm is not None:
+            self.input_perm = torch.as_tensor(whole.perm, dtype=torch.int64, device=self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.int4_packed is not None and x.shape[0] <= INT4_MAX_ROWS:
-            y = int4_mod.matmul(x, self.int4_packed, self.int4_scales_zeros, self.group_size)
+            xp = x if self.input_perm is None else x.index_select(1, self.input_perm)
+            y = int4_mod.matmul(xp, self.int4_packed, self.int4_scales_zeros, self.group_size)
             return y if self.bias is None else y + self.bias
         if self.q8_weight is not None and x.shape[0] <= INT4_MAX_ROWS:
             y = torch.ops.argosy.q8_linear(x, self.q8_weight, self.q8_scales, self.q8_mins, self.q8_group,

@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 
 from ..config import ModelConfig
 from .base import Checkpoint, ModelLoadError, narrow, ShardFn, SUPPORTED_HF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
-from ..quantization.compressed_tensors import (Int8WeightScheme, Scheme, UnsupportedQuantization, complete, decode,
+from ..quantization import gptq_awq
+from ..quantization.base import UnsupportedQuantization
+from ..quantization.compressed_tensors import (Int8WeightScheme, Scheme as CTScheme, complete, decode,
                                                dequantize_8bit, int8_weight, parse_config, quantized_part)
+from ..quantization.int4 import Int4Weight
+
+#: A checkpoint's quantization scheme: compressed-tensors, AWQ or GPTQ.
+Scheme = Union[CTScheme, gptq_awq.Scheme]
 from .tokenizer import load_hf_tokenizer
 
 logger = logging.getLogger("argosy.loader")
@@ -32,18 +38,19 @@ def quant_scheme(path: Path, c: dict) -> Optional[Scheme]:
     """The checkpoint's quantization scheme from ``config.json`` ``c``: None when dense.
 
     Raises:
-        ModelLoadError: a ``quantization_config`` that cannot be served (AWQ, GPTQ, FP8,
-            compressed-tensors schemes other than those of
-            :func:`~argosy.runtime.quantization.compressed_tensors.parse_config`: issue
-            16), one line naming it. Packed or scaled weights are never read as plain floats.
+        ModelLoadError: a ``quantization_config`` that cannot be served (vLLM's ``fp8``
+            format, and the compressed-tensors, AWQ and GPTQ schemes the parsers refuse:
+            :func:`~argosy.runtime.quantization.compressed_tensors.parse_config`,
+            :func:`~argosy.runtime.quantization.gptq_awq.parse_config`), one line naming
+            it. Packed or scaled weights are never read as plain floats.
     """
     qc = c.get("quantization_config")
     if not qc:
         return None
-    method = qc.get("quant_method", "unknown") if isinstance(qc, dict) else "unknown"
-    if method == "compressed-tensors":
+    method = str(qc.get("quant_method", "unknown")).lower() if isinstance(qc, dict) else "unknown"
+    if method in ("compressed-tensors", "awq", "gptq"):
         try:
-            return parse_config(qc)
+            return parse_config(qc) if method == "compressed-tensors" else gptq_awq.parse_config(qc)
         except UnsupportedQuantization as e:
             raise ModelLoadError(f"{path}: pre-quantized checkpoint: {e}") from None
     detail = ""
@@ -53,8 +60,8 @@ def quant_scheme(path: Path, c: dict) -> Optional[Scheme]:
         detail = ", ".join(x for x in (f"{bits}-bit" if bits else "", f"format {fmt}" if fmt else "") if x)
     raise ModelLoadError(
         f"{path}: pre-quantized checkpoint (quant_method {method!r}{', ' + detail if detail else ''}) is not "
-        f"supported yet; supported: GGUF files, unquantized safetensors directories and compressed-tensors "
-        f"W4A16 / W8A8 / FP8")
+        f"supported yet; supported: GGUF files, unquantized safetensors directories, AWQ (4-bit GEMM), GPTQ "
+        f"(4/8-bit) and compressed-tensors W4A16 / W8A8 / FP8")
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -98,7 +105,8 @@ def read_config(path: Path) -> ModelConfig:
             attention_bias=bool(c.get("attention_bias", False)),
             mlp_bias=bool(c.get("mlp_bias", False)),
             architecture=(archs or ["LlamaForCausalLM"])[0],
-            quantization="compressed-tensors" if c.get("quantization_config") else None,
+            quantization=(str(c["quantization_config"].get("quant_method")).lower()
+                          if isinstance(c.get("quantization_config"), dict) else None),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{cfg_path}: missing or invalid field {e}") from None
@@ -111,6 +119,8 @@ def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_fo
     to 32 columns where a shard needs it; a shard that cuts even those is an error)."""
     name = module + ".weight"
     try:
+        if isinstance(scheme, (gptq_awq.AWQScheme, gptq_awq.GPTQScheme)):
+            return name, _awq_gptq_layer(parts, scheme, shard_for(name) if shard_for else None, int4)
         if isinstance(scheme, Int8WeightScheme):  # weight-only (see the quantization module's doc)
             shard = shard_for(name) if shard_for else None
             if int4 and scheme.format != "float-quantized":
@@ -131,6 +141,24 @@ def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_fo
     except ValueError as e:
         raise ModelLoadError(f"{path}: layer {module}: {e}") from None
     return name, (w if int4 else w.dequantize(torch.float32, kernel_rounding=False))
+
+
+def _awq_gptq_layer(parts: dict, scheme: gptq_awq.Scheme, shard, int4: bool) -> object:
+    """One AWQ / GPTQ layer, restricted to ``shard``: the packed weight's class when
+    ``int4`` (the CPU bfloat16 fast path) and the shard keeps whole groups, else float32."""
+    w = gptq_awq.decode_awq(parts, scheme) if isinstance(scheme, gptq_awq.AWQScheme) else \
+        gptq_awq.decode_gptq(parts, scheme)
+    if isinstance(w, torch.Tensor):  # an 8-bit act-order layer: dense
+        return w if shard is None else narrow(w, shard)
+    if shard is not None:
+        dim, start, stop = shard
+        if dim == 1 and isinstance(w, Int4Weight) and w.perm is not None:
+            return narrow(w.dequantize(torch.float32, kernel_rounding=False), shard)  # act-order, row-parallel: dense
+        if dim == 1 and isinstance(w, Int4Weight) and (start % w.group_size or stop % w.group_size) \
+                and w.group_size > 32:
+            w = w.regroup(32)
+        w = w.rows(start, stop) if dim == 0 else w.cols(start, stop)
+    return w if int4 else w.dequantize(torch.float32, kernel_rounding=False)
 
 
 def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = False,
@@ -160,12 +188,19 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
         try:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():
-                    part = None if scheme is None else quantized_part(name, st.get_slice(name).get_dtype(), scheme)
+                    if scheme is None:
+                        part = None
+                    elif isinstance(scheme, (gptq_awq.AWQScheme, gptq_awq.GPTQScheme)):
+                        part = gptq_awq.quantized_part(name, scheme)
+                    else:
+                        part = quantized_part(name, st.get_slice(name).get_dtype(), scheme)
                     if part is not None:
                         module = name.rpartition(".")[0]
                         parts = pending.setdefault(module, {})
                         parts[part] = st.get_tensor(name)
-                        if complete(parts, scheme):
+                        if (gptq_awq.complete(parts, scheme)
+                                if isinstance(scheme, (gptq_awq.AWQScheme, gptq_awq.GPTQScheme))
+                                else complete(parts, scheme)):
                             del pending[module]
                             yield _packed_layer(path, module, parts, scheme, shard_for, int4)
                         continue

@@ -40,15 +40,12 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from .base import UnsupportedQuantization  # noqa: F401  (re-exported)
 from .int4 import KERNEL_GROUP_SIZES, Int4Weight
 from .int8 import Int8Weight  # noqa: F401  (re-exported: the int8 weight class these checkpoints load into)
 
 #: The suffixes of one quantized linear layer's tensors in the checkpoint.
 PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
-
-
-class UnsupportedQuantization(ValueError):
-    """A ``quantization_config`` Argosy cannot serve (the message says what and why)."""
 
 
 @dataclass(frozen=True)

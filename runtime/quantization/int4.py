@@ -17,6 +17,7 @@ The module imports torch only inside functions that need it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -33,12 +34,17 @@ class Int4Weight:
         scale: ``[N, K // group_size] float32``.
         zero: ``[N, K // group_size] float32``.
         group_size: input columns per scale/zero group.
+        perm: ``[K] int64`` or None. When set, the columns are stored permuted: column
+            ``j`` of ``q`` (and its group ``j // group_size``) is input feature
+            ``perm[j]`` of the layer, so ``x @ W.T == x[:, perm] @ Wp.T``. GPTQ's
+            act-order (``desc_act``) checkpoints come this way (:mod:`.gptq_awq`).
     """
 
     q: np.ndarray
     scale: np.ndarray
     zero: np.ndarray
     group_size: int
+    perm: Optional[np.ndarray] = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -46,14 +52,20 @@ class Int4Weight:
 
     def rows(self, start: int, stop: int) -> "Int4Weight":
         """Output rows ``[start, stop)`` (a column-parallel shard or a fused part)."""
-        return Int4Weight(self.q[start:stop], self.scale[start:stop], self.zero[start:stop], self.group_size)
+        return Int4Weight(self.q[start:stop], self.scale[start:stop], self.zero[start:stop], self.group_size,
+                          self.perm)
 
     def cols(self, start: int, stop: int) -> "Int4Weight":
         """Input columns ``[start, stop)`` (a row-parallel shard).
 
         Raises:
-            ValueError: the range does not start and end on a group boundary.
+            ValueError: the range does not start and end on a group boundary, or the
+                columns are permuted (:attr:`perm`: a range of input features is not a
+                range of stored columns).
         """
+        if self.perm is not None:
+            raise ValueError("a column range of a weight with permuted columns (GPTQ act-order) is not a range "
+                             "of its groups")
         g = self.group_size
         if start % g or stop % g:
             raise ValueError(f"column range [{start}, {stop}) splits a quantization group of {g}")
@@ -69,26 +81,32 @@ class Int4Weight:
         if self.group_size % group_size:
             raise ValueError(f"group size {group_size} does not divide {self.group_size}")
         r = self.group_size // group_size
-        return Int4Weight(self.q, np.repeat(self.scale, r, axis=1), np.repeat(self.zero, r, axis=1), group_size)
+        return Int4Weight(self.q, np.repeat(self.scale, r, axis=1), np.repeat(self.zero, r, axis=1), group_size,
+                          self.perm)
 
     def permute_rows(self, order: np.ndarray) -> "Int4Weight":
         """Rows reordered: row ``i`` of the result is row ``order[i]``."""
-        return Int4Weight(self.q[order], self.scale[order], self.zero[order], self.group_size)
+        return Int4Weight(self.q[order], self.scale[order], self.zero[order], self.group_size, self.perm)
 
     @staticmethod
     def cat(parts: list["Int4Weight"]) -> "Int4Weight":
         """Stack weights with the same K and group size along the output rows.
 
         Raises:
-            ValueError: mismatched K or group size.
+            ValueError: mismatched K, group size or column permutation.
         """
         if len({p.group_size for p in parts}) != 1 or len({p.q.shape[1] for p in parts}) != 1:
             raise ValueError("cannot stack int4 weights with different K or group size")
+        perm = parts[0].perm
+        if any((p.perm is None) != (perm is None) or (perm is not None and not np.array_equal(p.perm, perm))
+               for p in parts):
+            raise ValueError("cannot stack int4 weights whose columns are permuted differently")
         return Int4Weight(np.concatenate([p.q for p in parts]), np.concatenate([p.scale for p in parts]),
-                          np.concatenate([p.zero for p in parts]), parts[0].group_size)
+                          np.concatenate([p.zero for p in parts]), parts[0].group_size, perm)
 
     def dequantize(self, dtype=None, kernel_rounding: bool = True):
-        """``W [N, K]`` as a torch tensor (float32 by default).
+        """``W [N, K]`` as a torch tensor (float32 by default), columns in input-feature
+        order (:attr:`perm` undone).
 
         Args:
             dtype: result dtype (torch dtype; None = float32).
@@ -106,6 +124,8 @@ class Int4Weight:
             scale, zero = scale.to(torch.bfloat16).float(), zero.to(torch.bfloat16).float()
         q = torch.from_numpy(self.q.astype(np.float32)).view(n, k // g, g)
         w = ((q - 8.0) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(n, k)
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, torch.from_numpy(np.asarray(self.perm, dtype=np.int64)), w)
         return w if dtype is None else w.to(dtype)
 
 
