@@ -175,7 +175,12 @@ class RuntimeSpec(_Model):
                                                                      "(--[no-]enable-chunked-prefill); default on.")
     dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = Field(
         None, description="Weight and activation dtype (--dtype).")
-    quantization: Optional[str] = Field(None, max_length=64, description="Quantization method (--quantization).")
+    quantization: Optional[Literal["gguf", "compressed-tensors", "awq", "gptq", "awq_marlin", "gptq_marlin"]] = Field(
+        None, description="The checkpoint's quantization method (--quantization): detected from the model when unset "
+                          "(GGUF files; a Hugging Face directory's quantization_config: compressed-tensors, awq, gptq); "
+                          "when set it must be the checkpoint's own (awq_marlin / gptq_marlin are taken as awq / "
+                          "gptq), else the server refuses to start. Online quantization of a dense model is not "
+                          "implemented.")
     kv_cache_dtype: Optional[Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]] = Field(
         None, description="KV cache element type (--kv-cache-dtype): auto (the model dtype) or fp8 / fp8_e4m3 / "
                           "fp8_e5m2, one byte a value, twice the cached tokens in the same memory (CPU runtime "

@@ -213,10 +213,12 @@ def test_float32_logits_equal_the_tools_dequantization(legacy, checkpoint, kind)
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_bfloat16_runs_the_quantized_kernels_and_agrees(legacy, checkpoint, kind):
-    """bfloat16 on CPU: 4-bit layers run packed int4 (act-order ones gather their input
-    columns first), 8-bit ones the grouped int8 kernel; the next-token distributions
-    stay within the accuracy gate's order of magnitude of the oracle (mean KL < 0.01,
-    top-1 >= 90%), and greedy decoding agrees with it on 16 tokens."""
+    """bfloat16 on CPU: 4-bit layers hold packed int4 (act-order ones gather their input
+    columns first), 8-bit ones grouped int8. The prompt's prefill (more rows than
+    ``INT4_MAX_ROWS``) runs the dense bfloat16 copies: its next-token distributions stay
+    within the accuracy gate's order of magnitude of the oracle (mean KL < 0.01, top-1
+    >= 90%). A decode-sized call runs the kernel, checked on one layer against the dense
+    copy (and whole decode steps in the greedy test)."""
     path, oracle = legacy[kind]
     ids = checkpoint.tokenizer.encode(PROMPT * 3)
     ours, model = _our_logits(path, ids, "bfloat16")

@@ -110,9 +110,28 @@ def fp8_engine(make_engine):
     return make_engine(dtype="bfloat16", kv_cache_dtype="fp8")
 
 
-def test_fp8_doubles_the_token_capacity(make_engine, fp8_engine):
-    """Same --kv-cache-memory: twice the blocks, and the model keeps its dtype."""
-    bf16 = make_engine(dtype="bfloat16")
+def test_fp8_doubles_the_token_capacity(make_engine, fp8_engine, caplog):
+    """Same --kv-cache-memory: twice the blocks, and the model keeps its dtype. The
+    startup line gives the KV bytes a token (``2 x layers x kv_heads x head_dim x bytes``
+    = 2 x 30 x 3 x 64 x 2) and the weight bytes by format, which add up to all of the
+    model's tensors."""
+    from argosy.runtime.layers.linear import Linear
+    from argosy.runtime.worker.executor import weight_bytes_by_format
+
+    with caplog.at_level("INFO", logger="argosy.engine"):
+        bf16 = make_engine(dtype="bfloat16")
+    (line,) = [r.getMessage() for r in caplog.records if "bytes a token" in r.getMessage()]
+    assert "23040 bytes a token" in line and "bfloat16 dense copies" in line and "int4" in line, line
+    model = bf16.executor.runner.model
+    by = weight_bytes_by_format(model)
+    linears = [m for m in model.modules() if isinstance(m, Linear) and m.is_int4]
+    assert len(linears) == 4 * 30  # q/k/v, o, gate/up, down: Q4_1 in the bundled file
+    # packed: half a byte a weight; scales and zeros: two bfloat16 per group of 32
+    assert by["int4"] == sum(m.out_features * m.in_features // 2 + m.out_features * m.in_features // 32 * 4
+                             for m in linears)
+    assert by["bfloat16 dense copies"] == sum(2 * m.out_features * m.in_features for m in linears)
+    everything = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    assert sum(by.values()) == everything + model.logits_q8.nbytes
     assert fp8_engine.num_blocks == 2 * bf16.num_blocks
     runner = fp8_engine.executor.runner
     assert runner.kv_caches[0].dtype == torch.float8_e4m3fn and runner.model.dtype == torch.bfloat16

@@ -183,11 +183,13 @@ class LLMEngine:
         per_block = kv_bytes_per_block(self.model_config, self.block_size, self.kv_cache_dtype, tp)
         kv_gib = self.num_blocks * per_block / 2**30
         logger.info(
-            "model %s (%s, %d layers, weights %.0f MiB%s) dtype=%s device=%s | KV cache %d blocks x %d tokens = %d tokens "
+            "model %s (%s, %d layers, weights %.0f MiB%s: %s) dtype=%s device=%s | KV cache %d blocks x %d tokens = %d tokens "
             "(%.2f GiB%s, %s, %d bytes a token) | max_model_len=%d -> max concurrency at max length %.1fx | max_num_seqs=%d "
             "max_num_batched_tokens=%d chunked_prefill=%s prefix_caching=%s | loaded in %.1fs",
             self.served_model_name, self.checkpoint.path, self.model_config.num_hidden_layers,
             weight_bytes / 2**20, f" per rank, tensor parallel x{tp}" if tp > 1 else "",
+            ", ".join(f"{kind} {n / 2**20:.0f} MiB" for kind, n in sorted(
+                getattr(ex.runner.model, "weight_bytes_by_format", {}).items(), key=lambda kv: -kv[1])),
             str(self.dtype).removeprefix("torch."), self.device,
             self.num_blocks, self.block_size, capacity, kv_gib, " per rank" if tp > 1 else "",
             str(self.kv_cache_dtype).removeprefix("torch."), per_block // self.block_size, max_len, capacity / max_len,

@@ -83,6 +83,46 @@ def rank_threads(args: EngineArgs) -> int:
     return args.num_threads or max(1, default_num_threads() // args.tensor_parallel_size)
 
 
+#: Buffer names of :class:`~argosy.runtime.layers.linear.Linear` -> the format they hold.
+_QUANTIZED_BUFFERS = {"int4_packed": "int4", "int4_scales_zeros": "int4", "input_perm": "int4",
+                      "q8_weight": "grouped int8", "q8_scales": "grouped int8", "q8_mins": "grouped int8",
+                      "int8_weight": "int8", "int8_scales": "int8"}
+
+
+def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of ``model``'s parameters and buffers by the format they are held in
+    (this rank's shard): ``int4`` (packed weights, their scales and zeros, act-order
+    permutations), ``grouped int8`` (with its scales and offsets, including the LM head's
+    ``logits_q8``), ``int8``, ``<dtype> dense copies`` (the dense weights kept beside a
+    quantized one for large batches, :mod:`argosy.runtime.layers.linear`) and ``<dtype>``
+    for everything else (embeddings, norms, dense layers, rotary tables). Tied tensors
+    count once."""
+    from ..layers.linear import Linear
+
+    out: dict[str, int] = {}
+    seen: set[int] = set()
+
+    def add(kind: str, t: Optional[torch.Tensor]) -> None:
+        if t is None or t.data_ptr() in seen:
+            return
+        seen.add(t.data_ptr())
+        out[kind] = out.get(kind, 0) + t.numel() * t.element_size()
+
+    for m in model.modules():
+        if isinstance(m, Linear):
+            quantized = m.is_int4 or m.is_q8 or m.is_int8
+            for name, b in m.named_buffers(recurse=False):
+                add(_QUANTIZED_BUFFERS.get(name, str(b.dtype).removeprefix("torch.")), b)
+            dtype = str(m.weight.dtype).removeprefix("torch.")
+            add(f"{dtype} dense copies" if quantized else dtype, m.weight)
+            add(dtype, m.bias)
+    for t in (*model.parameters(), *model.buffers()):
+        add(str(t.dtype).removeprefix("torch."), t)
+    if getattr(model, "logits_q8", None) is not None:
+        out["grouped int8"] = out.get("grouped int8", 0) + model.logits_q8.nbytes
+    return out
+
+
 def build_shard(spec: ModelSpec, checkpoint: Checkpoint, tp: TPGroup, device: torch.device
                 ) -> tuple[LlamaForCausalLM, int, int]:
     """Build rank ``tp.rank``'s model shard and size its KV cache.
@@ -96,9 +136,8 @@ def build_shard(spec: ModelSpec, checkpoint: Checkpoint, tp: TPGroup, device: to
     model = LlamaForCausalLM(checkpoint.config, spec.dtype, device, spec.max_model_len, tp)
     model.load_weights(checkpoint.weights(model.shard_for, int4=model.uses_int4))
     # parameters plus buffers (packed int4 weights, rotary tables) plus the Q8_0 LM head
-    weight_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-    if model.logits_q8 is not None:
-        weight_bytes += model.logits_q8.nbytes
+    model.weight_bytes_by_format = weight_bytes_by_format(model)
+    weight_bytes = sum(model.weight_bytes_by_format.values())
 
     def profile() -> int:
         from .cuda_graphs import profile_peak_activations

@@ -222,6 +222,7 @@ BAD_SCHEMA = {
     "gpu-util-zero": _with("spec.runtime", {"gpuMemoryUtilization": 0}),
     "bad-dtype": _with("spec.runtime", {"dtype": "int4"}),
     "bad-kv-cache-dtype": _with("spec.runtime", {"kvCacheDtype": "int8"}),
+    "bad-quantization": _with("spec.runtime", {"quantization": "int3"}),
     "bad-autoscaler": _with("spec.scaling", {"autoscaler": "vpa"}),
     "bad-quantity": _with("spec.resources", {"memory": "32 GB"}),
     "float-quantity": _with("spec.resources", {"cpu": 0.5}),

@@ -243,6 +243,14 @@ def test_kv_cache_dtype_becomes_the_flag():
     assert "--kv-cache-dtype" not in server(_spec_isvc())["args"]
 
 
+def test_quantization_becomes_the_flag():
+    """``runtime.quantization`` (an enum of the methods the runtime reads) is passed as
+    ``--quantization``; unset, no flag (the runtime detects the checkpoint's method)."""
+    args = server(_spec_isvc(runtime={"quantization": "awq"}))["args"]
+    assert args[args.index("--quantization") + 1] == "awq"
+    assert "--quantization" not in server(_spec_isvc())["args"]
+
+
 def _spec_isvc(**sections):
     spec = {"model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"}}
     spec.update(sections)
