@@ -82,6 +82,23 @@ def test_bundled_model_kernels_compile_for_hopper(tmp_path):
         assert "*bf16" in v["signature"].values(), v["signature"]  # compiled for bf16 tensors
 
 
+def test_w4a16_gemm_compiles_for_hopper(tmp_path):
+    """The W4A16 GEMM (issue 16) for the bundled model's four linear shapes in bf16: every
+    tile choice and both group sizes compile for sm_90, fit its shared memory and spill
+    no registers."""
+    out = _run_compiled("""
+        launches = cc.unique(cc.record_w4a16_launches(cc.SHAPES["smollm2-135m"], torch.bfloat16))
+        print(json.dumps([variant(la, 90) for la in launches]))
+    """, tmp_path)
+    tiles = {(v["constexprs"]["BLOCK_M"], v["constexprs"]["BLOCK_N"]) for v in out}
+    assert tiles == {(16, 64), (32, 64), (64, 64), (64, 128)}
+    assert {v["constexprs"]["GROUP_SIZE"] for v in out} == {64, 128}
+    for v in out:
+        assert "error" not in v, v
+        assert v["constexprs"]["DOT_FP32"] is False, v  # 16-bit MMA operands, as on the GPU
+        assert v["shared_bytes"] <= cc.MAX_SHARED_BYTES[90] and v["spill_bytes"] == 0, v
+
+
 def test_tile_over_the_shared_memory_limit_is_reported(tmp_path):
     """The check can fail: 64 x 128 bf16 tiles at head_dim 256 need more shared memory
     (~290 KB) than an H100 block may use (227 KB), and the compiled variant says so."""
@@ -104,7 +121,10 @@ def test_every_shape_and_dtype_compiles(arch, tmp_path):
         rows = []
         for name, shape in cc.SHAPES.items():
             for dtype in (torch.bfloat16, torch.float16, torch.float32):
-                for launch in cc.unique(cc.record_launches(tk, shape, dtype)):
+                launches = cc.record_launches(tk, shape, dtype)
+                if dtype != torch.float32:  # the W4A16 GEMM runs float16 / bfloat16 layers
+                    launches += cc.record_w4a16_launches(shape, dtype)
+                for launch in cc.unique(launches):
                     rows.append(dict(variant(launch, {arch}), shape=name, dtype=str(dtype)))
         print(json.dumps(rows))
     """, tmp_path)

@@ -7,7 +7,8 @@ module finds those failures on any Linux x86-64 machine:
 
 1. :func:`record_launches` runs the Python wrappers of :mod:`.triton_kernels`
    (``store_kv``, ``paged_attention`` for mixed, decode-only and split-KV decode steps,
-   ``rms_norm``, ``rotary_embedding``) on small CPU tensors shaped like a given model,
+   ``rms_norm``, ``rotary_embedding``; and :func:`record_w4a16_launches`, the W4A16
+   GEMM of :mod:`argosy.runtime.quantization.triton_w4a16`) on small CPU tensors shaped like a given model,
    with every kernel's launch replaced by a recorder and the wrappers' CUDA choices
    (16-bit ``tl.dot``) in force. So the recorded launches carry exactly the constexprs
    (tile sizes, GQA group, head_dim padding) the wrappers pick on a GPU.
@@ -72,14 +73,16 @@ class ModelShape:
     kv_heads: int
     head_dim: int
     hidden: int
+    #: MLP width (the W4A16 GEMM's gate/up and down shapes); 0: ``4 * hidden``
+    intermediate: int = 0
 
 
 #: Shapes the check covers: the bundled model, the common GQA ratios, and head_dim 256
 #: (the kernels' upper limit).
 SHAPES = {
-    "smollm2-135m": ModelShape(heads=9, kv_heads=3, head_dim=64, hidden=576),  # GQA 3, the bundled model
-    "llama3-8b": ModelShape(heads=32, kv_heads=8, head_dim=128, hidden=4096),  # GQA 4
-    "qwen2.5-7b": ModelShape(heads=28, kv_heads=4, head_dim=128, hidden=3584),  # GQA 7
+    "smollm2-135m": ModelShape(heads=9, kv_heads=3, head_dim=64, hidden=576, intermediate=1536),  # GQA 3, bundled
+    "llama3-8b": ModelShape(heads=32, kv_heads=8, head_dim=128, hidden=4096, intermediate=14336),  # GQA 4
+    "qwen2.5-7b": ModelShape(heads=28, kv_heads=4, head_dim=128, hidden=3584, intermediate=18944),  # GQA 7
     "head-dim-256": ModelShape(heads=16, kv_heads=16, head_dim=256, hidden=4096),  # MHA at the head_dim limit
 }
 
@@ -139,13 +142,14 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def recording(tk) -> Iterator[list[Launch]]:
-    """Within the block, kernel launches of module ``tk`` are recorded, not run, and the
-    wrappers choose as they do for CUDA tensors (16-bit ``tl.dot`` operands)."""
+def recording(tk, kernels: tuple = KERNELS) -> Iterator[list[Launch]]:
+    """Within the block, launches of the kernels ``kernels`` of module ``tk`` are
+    recorded, not run, and the wrappers choose as they do for CUDA tensors (16-bit
+    ``tl.dot`` operands)."""
     launches: list[Launch] = []
-    saved = {name: getattr(tk, name) for name in KERNELS + ("_interpreting",)}
+    saved = {name: getattr(tk, name) for name in kernels + ("_interpreting",)}
     try:
-        for name in KERNELS:
+        for name in kernels:
             setattr(tk, name, _Recorder(name, saved[name], launches))
         tk._interpreting = lambda: False
         yield launches
@@ -208,6 +212,25 @@ def record_launches(tk, shape: ModelShape, dtype: torch.dtype, block_size: int =
         qk = torch.zeros(5, shape.heads + shape.kv_heads, shape.head_dim, dtype=dtype)
         cos = torch.zeros(64, shape.head_dim, dtype=dtype)
         tk.rotary_embedding(qk, torch.arange(5), cos, cos.clone(), out=qk)
+    return launches
+
+
+def record_w4a16_launches(shape: ModelShape, dtype: torch.dtype) -> list[Launch]:
+    """The launches :func:`argosy.runtime.quantization.triton_w4a16.matmul` makes for the
+    model's four linear shapes (fused q/k/v, o, fused gate/up, down) at 1, 16, 32, 64 and
+    256 rows (every tile choice), group size 128 where the input width allows, else 64."""
+    from ..quantization import triton_w4a16 as w4
+
+    hidden, inter = shape.hidden, shape.intermediate or 4 * shape.hidden
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    layers = ((q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter))
+    with recording(w4, w4.KERNELS) as launches:
+        for n, k in layers:
+            g = 128 if k % 128 == 0 else 64
+            qw = torch.zeros(k // 8, n, dtype=torch.int32)
+            sz = torch.zeros(k // g, n, dtype=dtype)
+            for m in (1, 16, 32, 64, 256):
+                w4.matmul(torch.zeros(m, k, dtype=dtype), qw, sz, sz.clone(), g)
     return launches
 
 
@@ -287,7 +310,8 @@ def unique(launches: list[Launch]) -> list[Launch]:
 
 
 def _describe(v: CompiledVariant) -> str:
-    keys = ("QUERIES_PER_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK", "BLOCK_H", "NUM_SPLITS", "HAS_RESIDUAL")
+    keys = ("QUERIES_PER_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_SIZE", "BLOCK", "BLOCK_H",
+            "NUM_SPLITS", "HAS_RESIDUAL")
     return " ".join(f"{k}={v.constexprs[k]}" for k in keys if k in v.constexprs)
 
 
@@ -303,7 +327,10 @@ def main(argv=None) -> int:
     rows, failures = [], 0
     for shape_name in args.shapes.split(","):
         for dt in args.dtypes.split(","):
-            for launch in unique(record_launches(tk, SHAPES[shape_name], _DTYPES[dt], args.block_size)):
+            launches = record_launches(tk, SHAPES[shape_name], _DTYPES[dt], args.block_size)
+            if dt != "fp32":  # the W4A16 GEMM runs float16 / bfloat16 layers
+                launches += record_w4a16_launches(SHAPES[shape_name], _DTYPES[dt])
+            for launch in unique(launches):
                 try:
                     v = compile_launch(launch, args.arch)
                 except Exception as e:  # report every failing variant, not just the first

@@ -47,6 +47,14 @@ from ..quantization.q8_0 import PackedQ8, Q8Weight
 
 #: Calls with at most this many rows use the packed int4 kernel (see the module doc).
 INT4_MAX_ROWS = 8
+#: Devices whose 4-bit layers run the Triton W4A16 kernel
+#: (:mod:`..quantization.triton_w4a16`; float16 / bfloat16). Tests add ``"cpu"`` to run
+#: the kernel under Triton's interpreter through this class.
+W4A16_DEVICES = ("cuda",)
+#: Calls with at most this many rows use the W4A16 kernel, more the dense copy (cuBLAS).
+#: Not measured on a GPU yet: a decode-sized guess (the kernel reads a quarter of the
+#: bytes; with more rows the dense GEMM's tensor-core throughput wins).
+W4A16_MAX_ROWS = 16
 
 
 class Linear(nn.Module):
@@ -77,6 +85,10 @@ class Linear(nn.Module):
         self.register_buffer("int4_scales_zeros", None, persistent=False)
         #: ``[in_features] int64`` or None: the packed int4 weight's column order (GPTQ act-order)
         self.register_buffer("input_perm", None, persistent=False)
+        #: the 4-bit weight in the Triton W4A16 layout (CUDA): words, scales, zeros
+        self.register_buffer("w4_qweight", None, persistent=False)
+        self.register_buffer("w4_scales", None, persistent=False)
+        self.register_buffer("w4_zeros", None, persistent=False)
         self.register_buffer("int8_weight", None, persistent=False)
         self.register_buffer("int8_scales", None, persistent=False)
         self.register_buffer("q8_weight", None, persistent=False)
@@ -90,6 +102,11 @@ class Linear(nn.Module):
     def is_int4(self) -> bool:
         """Whether the packed int4 weight is in use."""
         return self.int4_packed is not None
+
+    @property
+    def is_w4a16(self) -> bool:
+        """Whether the Triton W4A16 weight is in use (CUDA)."""
+        return self.w4_qweight is not None
 
     @property
     def is_int8(self) -> bool:
@@ -116,10 +133,12 @@ class Linear(nn.Module):
         self._quantized_parts[row_start] = w
 
     def process_weights_after_loading(self) -> None:
-        """When every row arrived quantized in one form: pack the int4 weight if the
-        kernel supports its shape and group size, keep the int8 weight if the model runs
-        in bfloat16 (``_weight_int8pack_mm``'s case), or pack the grouped int8 weight
-        where its C++ kernel builds (CPU, bfloat16); otherwise stay dense."""
+        """When every row arrived quantized in one form: pack the int4 weight for the
+        Triton W4A16 kernel (CUDA, float16/bfloat16) or for PyTorch's CPU int4 kernel
+        (CPU, bfloat16) if the kernel takes its shape and group size, keep the int8 weight
+        if the model runs in bfloat16 on the CPU (``_weight_int8pack_mm``'s case), or pack
+        the grouped int8 weight where its C++ kernel builds (CPU, bfloat16); otherwise
+        stay dense."""
         parts, self._quantized_parts = self._quantized_parts, {}
         ordered = [parts[s] for s in sorted(parts)]
         if not ordered or sum(p.shape[0] for p in ordered) != self.out_features \
@@ -131,7 +150,7 @@ class Linear(nn.Module):
                 self.q8_weight, self.q8_scales, self.q8_mins, self.q8_group = p.w, p.scales, p.mins, p.group_size
             return
         if isinstance(ordered[0], Int8Weight):
-            if self.weight.dtype == torch.bfloat16:
+            if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu":
                 whole8 = Int8Weight.cat(ordered)
                 self.int8_weight = whole8.q.contiguous().to(self.weight.device)
                 self.int8_scales = whole8.scale.to(torch.bfloat16).to(self.weight.device)
@@ -140,7 +159,18 @@ class Linear(nn.Module):
             whole = Int4Weight.cat(ordered)
         except ValueError:
             return
-        if not int4_mod.kernel_supports(whole):
+        if self.weight.device.type in W4A16_DEVICES and self.weight.dtype in (torch.float16, torch.bfloat16):
+            from ..quantization import triton_w4a16
+
+            if triton_w4a16.supports(whole):
+                qw, sc, zr = triton_w4a16.pack(whole, self.weight.dtype)
+                dev = self.weight.device
+                self.w4_qweight, self.w4_scales, self.w4_zeros = qw.to(dev), sc.to(dev), zr.to(dev)
+                self.group_size = whole.group_size
+                if whole.perm is not None:
+                    self.input_perm = torch.as_tensor(whole.perm, dtype=torch.int64, device=dev)
+            return
+        if self.weight.device.type != "cpu" or not int4_mod.kernel_supports(whole):
             return
         packed, sz = int4_mod.pack(whole, self.weight.dtype)
         self.int4_packed, self.int4_scales_zeros = packed.to(self.weight.device), sz.to(self.weight.device)
@@ -149,6 +179,12 @@ class Linear(nn.Module):
             self.input_perm = torch.as_tensor(whole.perm, dtype=torch.int64, device=self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w4_qweight is not None and x.shape[0] <= W4A16_MAX_ROWS:
+            from ..quantization import triton_w4a16
+
+            y = triton_w4a16.matmul(x, self.w4_qweight, self.w4_scales, self.w4_zeros, self.group_size,
+                                    self.input_perm)
+            return y if self.bias is None else y + self.bias
         if self.int4_packed is not None and x.shape[0] <= INT4_MAX_ROWS:
             xp = x if self.input_perm is None else x.index_select(1, self.input_perm)
             y = int4_mod.matmul(xp, self.int4_packed, self.int4_scales_zeros, self.group_size)

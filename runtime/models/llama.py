@@ -307,9 +307,13 @@ class LlamaForCausalLM(nn.Module):
         #: are not compiled decode steps (set by :mod:`argosy.runtime.worker.cpu_compile`).
         self.layer_stages: Optional[tuple] = None
         self.layer_stages_min_tokens = 1
-        #: 4-bit checkpoint weights run packed (bfloat16 on CPU: the int4 kernel's case);
-        #: a Q8_0 (or Q5_x/Q6_K) LM head is also kept as such (:attr:`logits_q8`).
-        self.uses_int4 = torch.device(device).type == "cpu" and dtype == torch.bfloat16
+        #: quantized checkpoint weights come to the layers in their own form, to run packed:
+        #: bfloat16 on CPU (the int4, int8 and grouped int8 kernels' case; a Q8_0, Q5_x or
+        #: Q6_K LM head is also kept as such, :attr:`logits_q8`) and float16 / bfloat16 on
+        #: CUDA (4-bit weights on the Triton W4A16 kernel, the others dense)
+        dev_type = torch.device(device).type
+        self.uses_int4 = (dev_type == "cpu" and dtype == torch.bfloat16) or (
+            dev_type == "cuda" and dtype in (torch.float16, torch.bfloat16))
         #: the LM head in the file's grouped int8 form (Q8_0, Q5_x, Q6_K), for logits of at most ``q8_0.MAX_ROWS``
         #: rows (decode at low batch); None: the dense matrix only
         self.logits_q8: Optional[PackedQ8] = None
@@ -429,7 +433,8 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(f"weight {name}: shape {tuple(w.shape)} does not match model {tuple(dst.shape)}")
             if isinstance(w, Q8Weight) and name in ("model.embed_tokens.weight", "lm_head.weight"):
                 dst.copy_(w.dequantize(dst.dtype))  # lookups, and logits of many rows
-                if (name == "lm_head.weight" or cfg.tie_word_embeddings) and q8_0.kernel() is not None:
+                if (name == "lm_head.weight" or cfg.tie_word_embeddings) and dst.device.type == "cpu" \
+                        and q8_0.kernel() is not None:
                     self.logits_q8 = PackedQ8.pack(w, self.vocab_per_rank)
             elif isinstance(w, (Int4Weight, Int8Weight, Q8Weight)):
                 if owner is not None:  # a linear layer's weight (or rows of a fused one)

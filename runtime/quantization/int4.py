@@ -110,9 +110,11 @@ class Int4Weight:
 
         Args:
             dtype: result dtype (torch dtype; None = float32).
-            kernel_rounding: compute from the scales and zeros rounded to bfloat16 exactly
-                as the packed kernel sees them (the dense copy beside a packed weight);
-                False: from the float32 scales and zeros (the checkpoint's own values).
+            kernel_rounding: compute from the scales and zeros rounded as the packed
+                kernels see them (the dense copy beside a packed weight): to ``dtype``
+                when it is float16 (the CUDA W4A16 kernel's float16 case), else to
+                bfloat16 (the CPU int4 kernel; W4A16 in bfloat16); False: from the float32
+                scales and zeros (the checkpoint's own values).
         """
         import torch
 
@@ -121,7 +123,8 @@ class Int4Weight:
         scale = torch.from_numpy(self.scale)
         zero = torch.from_numpy(self.zero)
         if kernel_rounding:
-            scale, zero = scale.to(torch.bfloat16).float(), zero.to(torch.bfloat16).float()
+            r = torch.float16 if dtype == torch.float16 else torch.bfloat16
+            scale, zero = scale.to(r).float(), zero.to(r).float()
         q = torch.from_numpy(self.q.astype(np.float32)).view(n, k // g, g)
         w = ((q - 8.0) * scale.unsqueeze(-1) + zero.unsqueeze(-1)).view(n, k)
         if self.perm is not None:

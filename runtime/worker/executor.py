@@ -86,7 +86,8 @@ def rank_threads(args: EngineArgs) -> int:
 #: Buffer names of :class:`~argosy.runtime.layers.linear.Linear` -> the format they hold.
 _QUANTIZED_BUFFERS = {"int4_packed": "int4", "int4_scales_zeros": "int4", "input_perm": "int4",
                       "q8_weight": "grouped int8", "q8_scales": "grouped int8", "q8_mins": "grouped int8",
-                      "int8_weight": "int8", "int8_scales": "int8"}
+                      "int8_weight": "int8", "int8_scales": "int8",
+                      "w4_qweight": "int4", "w4_scales": "int4", "w4_zeros": "int4"}
 
 
 def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
@@ -110,7 +111,7 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
 
     for m in model.modules():
         if isinstance(m, Linear):
-            quantized = m.is_int4 or m.is_q8 or m.is_int8
+            quantized = m.is_int4 or m.is_q8 or m.is_int8 or m.is_w4a16
             for name, b in m.named_buffers(recurse=False):
                 add(_QUANTIZED_BUFFERS.get(name, str(b.dtype).removeprefix("torch.")), b)
             dtype = str(m.weight.dtype).removeprefix("torch.")
