@@ -64,8 +64,21 @@ rely on, as the Kubernetes API conventions and "API concepts" pages describe the
   ``patchAllocatedValues`` does); KEDA's ScaledObject webhook denies (403)
   a ScaledObject whose workload an HPA not owned by a ScaledObject already scales.
 
+- **Authentication and RBAC** when built with ``users`` (bearer token -> the
+  :class:`~tests.operator.rbac.Authorizer` of a ServiceAccount, made from the Roles,
+  ClusterRoles and bindings a chart renders): a request with an unknown token is 401; a
+  known user's request is checked against its rules (verb, API group, resource or
+  ``resource/subresource``, namespace, resourceNames) and refused with the real server's
+  403 message; its writes also pass OwnerReferencesPermissionEnforcement (setting
+  ``blockOwnerDeletion`` needs ``update`` on the owner's ``finalizers``) and RBAC's
+  escalation check (a Role / ClusterRole it writes may grant, and a RoleBinding bind,
+  only what it holds itself). A request without a token is the test harness, unrestricted
+  (cluster-admin). Errors are ``Status`` bodies sent as ``Content-Type: application/json``
+  exactly, as the real server sends them.
+
 Not implemented (a real API server does these; tests must not rely on them):
-authentication, authorization (RBAC) and TLS; other admission (webhooks, policies, quotas,
+other authentication methods (client certificates), the ``escalate`` / ``bind`` verbs,
+RBAC without ``users`` (every request allowed) and TLS; other admission (webhooks, policies, quotas,
 LimitRanges); server-side field validation (``fieldValidation=Strict``: unknown fields
 are always pruned); other defaulting and validation of built-in kinds (a Deployment gets no default
 ``replicas``, a Job no selector); controllers of any kind (no ReplicaSets, Pods, Job runs,
@@ -88,6 +101,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import copy
 import json
 import logging
@@ -106,6 +120,11 @@ from typing import Any, Callable, Iterable, Optional
 
 import yaml
 from aiohttp import web
+
+from .rbac import Authorizer
+
+#: The authenticated user of the request being served (None: the test harness, unrestricted).
+CALLER: contextvars.ContextVar[Optional[Authorizer]] = contextvars.ContextVar("caller", default=None)
 
 WRITE_VERBS = ("create", "update", "patch", "delete")
 MERGE_PATCH = "application/merge-patch+json"
@@ -636,6 +655,9 @@ class Store:
             ApiError: 422 Invalid (built-in validation) or 403 (a webhook's denial).
         """
         name = new["metadata"].get("name")
+        user = CALLER.get()
+        if user is not None:
+            self._check_rbac_admission(user, rt, old, new)
         schema = self.crd_schemas.get((rt.group, rt.plural)) if rt.crd else None
         if schema is not None:
             self._validate_custom_resource(rt, schema, old, new)
@@ -680,6 +702,52 @@ class Store:
                     raise ApiError(403, "Forbidden", 'admission webhook "vscaledobject.kb.io" denied the request: '
                                                      f"the workload '{target[1]}' of type 'apps/v1.{target[0]}' is "
                                                      f"already managed by the hpa '{obj['metadata']['name']}'")
+
+    def _check_rbac_admission(self, user: Authorizer, rt: ResourceType, old: Optional[dict], new: dict) -> None:
+        """What the real server checks on an RBAC-restricted user's writes beyond the
+        request itself: OwnerReferencesPermissionEnforcement (setting
+        ``blockOwnerDeletion`` on a reference needs ``update`` on the owner's
+        ``finalizers``) and RBAC's escalation prevention (a Role or ClusterRole may only
+        grant what its writer holds; a RoleBinding only bind a role whose permissions
+        its writer holds).
+
+        Raises:
+            ApiError: 403 Forbidden.
+        """
+        meta = new["metadata"]
+        name, ns = meta.get("name"), meta.get("namespace")
+        what = f'{rt.plural}{"." + rt.group if rt.group else ""} "{name}"'
+        before = {(r.get("uid"), r.get("name")): r for r in ((old or {}).get("metadata") or {}).get("ownerReferences")
+                  or []}
+        for ref in meta.get("ownerReferences") or []:
+            if not ref.get("blockOwnerDeletion") or (before.get((ref.get("uid"), ref.get("name"))) or {}).get(
+                    "blockOwnerDeletion"):
+                continue
+            group = ref.get("apiVersion", "").rpartition("/")[0]
+            owner = next((t for t in self.types.values() if t.group == group and t.kind == ref.get("kind")), None)
+            plural = owner.plural if owner else str(ref.get("kind", "")).lower() + "s"
+            owner_ns = ns if owner is None or owner.namespaced else None
+            if not user.allows("update", group, plural, "finalizers", owner_ns, ref.get("name")):
+                raise ApiError(403, "Forbidden", f"{what} is forbidden: cannot set blockOwnerDeletion if an "
+                                                 "ownerReference refers to a resource you can't set finalizers on: "
+                                                 + user.forbidden("update", group, plural, "finalizers", owner_ns,
+                                                                  ref.get("name")))
+        if rt.group != "rbac.authorization.k8s.io":
+            return
+        scope = ns if rt.kind in ("Role", "RoleBinding") else None
+        if rt.kind in ("Role", "ClusterRole"):
+            rules = new.get("rules") or []
+        elif rt.kind in ("RoleBinding", "ClusterRoleBinding"):
+            ref = new.get("roleRef") or {}
+            role_key = ("rbac.authorization.k8s.io", "roles" if ref.get("kind") == "Role" else "clusterroles",
+                        (ns or "") if ref.get("kind") == "Role" else "", ref.get("name"))
+            rules = (self.objects.get(role_key) or {}).get("rules") or []
+        else:
+            return
+        missing = user.covers(rules, scope)
+        if missing is not None:
+            raise ApiError(403, "Forbidden", f'{what} is forbidden: user "{user.user}" is attempting to grant RBAC '
+                                             f"permissions not currently held: {missing}")
 
     #: Built-in fields that updates may not change (pkg/apis/{apps,batch,core}/validation:
     #: ValidateDeploymentUpdate's selector, ValidateJobSpecUpdate's selector, template,
@@ -1189,6 +1257,14 @@ _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotF
             504: "Timeout"}
 
 
+def _status_response(e: ApiError) -> web.Response:
+    """An error as the real server sends it: a ``Status`` body with ``Content-Type:
+    application/json`` exactly (no charset; the Python client's ``summary()`` reads the
+    message only then)."""
+    return web.Response(body=json.dumps(e.status()).encode(), status=e.code,
+                        headers={"Content-Type": "application/json"})
+
+
 class StandIn:
     """The stand-in API server on ``http://127.0.0.1:PORT``, run in a background thread.
 
@@ -1197,8 +1273,10 @@ class StandIn:
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, history: int = 5000, third_party: bool = True,
-                 bookmark_interval: float = 30.0):
+                 bookmark_interval: float = 30.0, users: Optional[dict[str, Authorizer]] = None):
         self.store = Store(history=history, third_party=third_party)
+        #: bearer token -> the RBAC-restricted user it authenticates (see the module doc)
+        self.users = users
         self.host, self.port = host, port
         self.bookmark_interval = bookmark_interval
         self.requests: deque[RequestRecord] = deque(maxlen=20000)
@@ -1319,12 +1397,18 @@ class StandIn:
         record = RequestRecord(request.method, request.path, dict(request.query),
                                request.headers.get("Content-Type", ""), 0)
         try:
+            auth = request.headers.get("Authorization", "")
+            request["user"] = None
+            if auth.startswith("Bearer ") and self.users is not None:
+                request["user"] = self.users.get(auth[len("Bearer "):].strip())
+                if request["user"] is None:
+                    raise ApiError(401, "Unauthorized", "Unauthorized")
             response = await self._dispatch(request, record)
         except ApiError as e:
-            response = web.json_response(e.status(), status=e.code)
+            response = _status_response(e)
         except Exception as e:  # noqa: BLE001 - a stand-in bug: answer like an API server would
             logging.getLogger(__name__).exception("stand-in failure on %s %s", request.method, request.path)
-            response = web.json_response(ApiError(500, "InternalError", repr(e)).status(), status=500)
+            response = _status_response(ApiError(500, "InternalError", repr(e)))
         record.status = response.status
         self.requests.append(record)
         return response
@@ -1387,10 +1471,14 @@ class StandIn:
         record.verb = verb
         if verb in WRITE_VERBS and q.get("dryRun"):
             raise ApiError(400, "BadRequest", "dryRun is not supported by the stand-in")
+        user: Optional[Authorizer] = request.get("user")
+        if user is not None and not user.allows(verb, rt.group, plural, sub, namespace, name):
+            raise ApiError(403, "Forbidden", user.forbidden(verb, rt.group, plural, sub, namespace, name))
         fault = self._fault_for(verb, plural, sub, namespace, name)  # reads too, when a test asks for them
         if fault is not None:
             reason = _REASONS.get(fault.code, "InternalError")
             raise ApiError(fault.code, reason, f"injected {fault.code} {reason} for {verb} {plural}")
+        CALLER.set(user)  # this request's task: the store's admission checks read it
         manager = q.get("fieldManager") or request.headers.get("User-Agent", "unknown").split("/")[0] or "unknown"
         store = self.store
         if verb == "watch":
