@@ -125,6 +125,8 @@ from .rbac import Authorizer
 
 #: The authenticated user of the request being served (None: the test harness, unrestricted).
 CALLER: contextvars.ContextVar[Optional[Authorizer]] = contextvars.ContextVar("caller", default=None)
+#: Where a request keeps its authenticated user.
+_USER = web.RequestKey("user", object) if hasattr(web, "RequestKey") else "user"
 
 WRITE_VERBS = ("create", "update", "patch", "delete")
 MERGE_PATCH = "application/merge-patch+json"
@@ -1398,10 +1400,10 @@ class StandIn:
                                request.headers.get("Content-Type", ""), 0)
         try:
             auth = request.headers.get("Authorization", "")
-            request["user"] = None
+            request[_USER] = None
             if auth.startswith("Bearer ") and self.users is not None:
-                request["user"] = self.users.get(auth[len("Bearer "):].strip())
-                if request["user"] is None:
+                request[_USER] = self.users.get(auth[len("Bearer "):].strip())
+                if request[_USER] is None:
                     raise ApiError(401, "Unauthorized", "Unauthorized")
             response = await self._dispatch(request, record)
         except ApiError as e:
@@ -1471,7 +1473,7 @@ class StandIn:
         record.verb = verb
         if verb in WRITE_VERBS and q.get("dryRun"):
             raise ApiError(400, "BadRequest", "dryRun is not supported by the stand-in")
-        user: Optional[Authorizer] = request.get("user")
+        user: Optional[Authorizer] = request.get(_USER)
         if user is not None and not user.allows(verb, rt.group, plural, sub, namespace, name):
             raise ApiError(403, "Forbidden", user.forbidden(verb, rt.group, plural, sub, namespace, name))
         fault = self._fault_for(verb, plural, sub, namespace, name)  # reads too, when a test asks for them

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+from typing import Optional
 
 import kopf
 import kubernetes
@@ -341,14 +342,14 @@ def test_router_from_zero_is_created_and_removed(cluster, tmp_path):
 OPERATOR_TOKEN = "operator-token"
 
 
-def _operator_permissions(helm_env, tmp_path_factory, drop: tuple = ()):
-    """The permissions ``helm template`` of the chart (default values) gives the
-    operator's ServiceAccount, optionally without ``drop``: ``(resource, verb)`` pairs
-    taken out of every rule naming that resource."""
+def _operator_permissions(helm_env, tmp_path_factory, drop: tuple = (), values: Optional[dict] = None):
+    """The permissions ``helm template`` of the chart (``values``, default the chart's
+    defaults) gives the operator's ServiceAccount, optionally without ``drop``:
+    ``(resource, verb)`` pairs taken out of every rule naming that resource."""
     from .rbac import Authorizer
     from .test_helm import NAMESPACE, template
 
-    objs = template(helm_env, tmp_path_factory.mktemp("rbac-values"), {})
+    objs = template(helm_env, tmp_path_factory.mktemp("rbac-values"), values or {})
     (sa,) = [o for o in objs if o["kind"] == "ServiceAccount"]
 
     def without(rule: dict) -> list[dict]:
@@ -374,14 +375,16 @@ def _rbac_cluster(crd, permissions):
     return standin
 
 
-def test_the_charts_rbac_lets_the_operator_do_its_work(crd, helm_env, tmp_path_factory, tmp_path):
+@pytest.mark.parametrize("values", [{}, {"watchNamespaces": [NS]}], ids=["cluster-wide", "namespaced"])
+def test_the_charts_rbac_lets_the_operator_do_its_work(crd, helm_env, tmp_path_factory, tmp_path, values):
     """The operator (kopf and the reconcile passes) authenticated as its ServiceAccount,
-    every request checked against the ClusterRole the chart renders, including the
-    admission checks RBAC brings (``blockOwnerDeletion`` needs ``update`` on
-    ``inferenceservices/finalizers``; the router's Role and RoleBinding only grant what
-    the operator holds): a service with a model cache, KEDA and the router is built
-    without one 403."""
-    s = _rbac_cluster(crd, _operator_permissions(helm_env, tmp_path_factory))
+    every request checked against the RBAC the chart renders (one ClusterRole; or, with
+    ``watchNamespaces``, a Role in each watched namespace plus the cluster-wide discovery
+    and GPUQuota reads), including the admission checks RBAC brings
+    (``blockOwnerDeletion`` needs ``update`` on ``inferenceservices/finalizers``; the
+    router's Role and RoleBinding only grant what the operator holds): a service with a
+    model cache, KEDA and the router is built without one 403."""
+    s = _rbac_cluster(crd, _operator_permissions(helm_env, tmp_path_factory, values=values))
     try:
         spec = {"model": {"uri": SMOL}, "resources": {"gpus": 0},
                 "scaling": {"autoscaler": "keda", "minReplicas": 0, "maxReplicas": 2}, "router": {"enabled": True}}
