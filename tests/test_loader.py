@@ -126,7 +126,8 @@ def test_hf_directory_without_weights(tmp_path, tiny_hf_dir):
 
 
 @pytest.mark.parametrize("qc,named", [
-    ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True}, "'awq', 4-bit"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemv"},
+     "awq version 'gemv'"),
     ({"quant_method": "compressed-tensors", "format": "marlin-24"}, "format marlin-24"),
     ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "'fp8'"),
 ])
@@ -144,3 +145,26 @@ def test_a_pre_quantized_directory_is_refused_not_loaded_as_floats(tmp_path, tin
     with pytest.raises(ModelLoadError, match="pre-quantized checkpoint") as e:
         load_checkpoint(str(tmp_path))
     assert named in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_float_weights_in_an_awq_or_gptq_directory_are_refused(tmp_path, tiny_hf_dir, method):
+    """A directory whose config says AWQ / GPTQ but whose projections are plain floats is
+    refused when its weights are read (one line naming the tensor), unless the config's
+    ``modules_to_not_convert`` names them."""
+    import json
+    import shutil
+
+    d, _ = tiny_hf_dir
+    for f in d.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    cfg = json.loads((d / "config.json").read_text())
+    qc = {"quant_method": method, "bits": 4, "group_size": 32}
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}))
+    ckpt = load_checkpoint(str(tmp_path))
+    with pytest.raises(ModelLoadError, match=f"is a plain float weight in a {method} checkpoint") as e:
+        list(ckpt.weights())
+    assert "\n" not in str(e.value)
+    qc["modules_to_not_convert"] = ["model.layers"]
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": qc}))
+    assert any(n.endswith("q_proj.weight") for n, _ in load_checkpoint(str(tmp_path)).weights())

@@ -204,6 +204,11 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
                             del pending[module]
                             yield _packed_layer(path, module, parts, scheme, shard_for, int4)
                         continue
+                    if isinstance(scheme, (gptq_awq.AWQScheme, gptq_awq.GPTQScheme)) \
+                            and gptq_awq.unexpected_dense(name, scheme):
+                        raise ModelLoadError(f"{path}: {name} is a plain float weight in a {scheme.method} "
+                                             f"checkpoint (expected {name[:-len('weight')]}qweight, or the module "
+                                             "in modules_to_not_convert)")
                     shard = shard_for(name) if shard_for else None
                     if shard is None:
                         yield name, st.get_tensor(name)

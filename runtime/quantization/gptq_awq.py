@@ -61,6 +61,8 @@ class AWQScheme:
     """
 
     group_size: int
+    #: modules the checkpoint left unquantized (``modules_to_not_convert``, name prefixes)
+    not_converted: tuple = ()
     #: tensor names (after the layer's prefix) of one quantized layer
     parts = ("qweight", "qzeros", "scales")
     method = "awq"
@@ -79,6 +81,7 @@ class GPTQScheme:
     bits: int
     group_size: Optional[int]
     desc_act: bool
+    not_converted: tuple = ()
     parts = ("qweight", "qzeros", "scales", "g_idx")
     method = "gptq"
 
@@ -115,7 +118,8 @@ def parse_config(qc: dict) -> Scheme:
                                           "re-export the model with version 'gemm')")
         if qc.get("zero_point", True) is False:
             raise UnsupportedQuantization("awq without zero points (zero_point: false) is not supported")
-        return AWQScheme(_group_size(qc, "awq", "group_size", "q_group_size"))
+        return AWQScheme(_group_size(qc, "awq", "group_size", "q_group_size"),
+                         tuple(qc.get("modules_to_not_convert") or ()))
     if method == "gptq":
         bits = qc.get("bits", 4)
         if bits not in (4, 8):
@@ -124,7 +128,8 @@ def parse_config(qc: dict) -> Scheme:
         if fmt != "gptq":
             raise UnsupportedQuantization(f"gptq checkpoint_format {fmt!r} is not supported (the 'gptq' layout, "
                                           "zero points stored minus one, is)")
-        return GPTQScheme(int(bits), _group_size(qc, "gptq", "group_size"), bool(qc.get("desc_act", False)))
+        return GPTQScheme(int(bits), _group_size(qc, "gptq", "group_size"), bool(qc.get("desc_act", False)),
+                          tuple(qc.get("modules_to_not_convert") or ()))
     raise UnsupportedQuantization(f"quant_method {method!r} is not awq or gptq")
 
 
@@ -133,6 +138,17 @@ def quantized_part(name: str, scheme: Scheme) -> Optional[str]:
     ``scheme`` (``qweight``, ``qzeros``, ``scales``, ``g_idx``), else None (a plain tensor)."""
     part = name.rpartition(".")[2]
     return part if part in scheme.parts else None
+
+
+def unexpected_dense(name: str, scheme: Scheme) -> bool:
+    """Whether plain tensor ``name`` is a decoder projection's weight that ``scheme``
+    should have quantized (not named by ``modules_to_not_convert``): a checkpoint that
+    says AWQ / GPTQ but holds float weights there is refused rather than served as if."""
+    if not name.endswith("_proj.weight"):
+        return False
+    module = name[: -len(".weight")]
+    return not any(m and (module == m or module.startswith(m + ".") or f".{m}." in f".{module}.")
+                   for m in scheme.not_converted)
 
 
 def complete(parts: dict, scheme: Scheme) -> bool:
