@@ -32,7 +32,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # the tests' checkpoint makers
+# the tests' checkpoint makers (``tests`` first, before any installed package of that name;
+# the standard library's ``operator`` is imported by then, so the repository's operator/
+# cannot shadow it)
+sys.path.insert(0, str(REPO))
 
 SINGLE_PROMPT_LEN = 16
 
