@@ -75,13 +75,18 @@ rely on, as the Kubernetes API conventions and "API concepts" pages describe the
   only what it holds itself). A request without a token is the test harness, unrestricted
   (cluster-admin). Errors are ``Status`` bodies sent as ``Content-Type: application/json``
   exactly, as the real server sends them.
+- **Built-in kinds' schemas**: every write of a built-in object is validated against
+  Kubernetes' OpenAPI schema of that kind for v1.31 (``kubernetes-validate``, strict:
+  unknown fields and wrong types are 422 Invalid naming the field). Third-party kinds
+  are served without a schema (as if their CRDs had none).
 
 Not implemented (a real API server does these; tests must not rely on them):
 other authentication methods (client certificates), the ``escalate`` / ``bind`` verbs,
 RBAC without ``users`` (every request allowed) and TLS; other admission (webhooks, policies, quotas,
 LimitRanges); server-side field validation (``fieldValidation=Strict``: unknown fields
-are always pruned); other defaulting and validation of built-in kinds (a Deployment gets no default
-``replicas``, a Job no selector); controllers of any kind (no ReplicaSets, Pods, Job runs,
+are always pruned); defaulting of built-in kinds and their validation beyond the
+schema (a Deployment gets no default ``replicas``, a Job no selector; a selector that does
+not match the template's labels is accepted); controllers of any kind (no ReplicaSets, Pods, Job runs,
 endpoints, PVC binding: tests play the controllers by writing ``status``); conversion
 between versions (a CRD's versions share the stored object); the ``scale`` and other
 subresources; server-side apply's merging of associative lists by key and ownership
@@ -558,6 +563,7 @@ class Store:
         self.log: deque[_Event] = deque(maxlen=history)
         self.expired_rv = 0  # highest resourceVersion dropped from the history
         self.watches: set[_Watch] = set()
+        self._valid_builtin: set[str] = set()  # built-in objects kubernetes-validate accepted
         for rt in BUILTIN_TYPES + (THIRD_PARTY_TYPES if third_party else ()):
             self.types[(rt.group, rt.plural)] = rt
         for ns in ("default", "kube-system", "kube-public"):
@@ -657,6 +663,7 @@ class Store:
             ApiError: 422 Invalid (built-in validation) or 403 (a webhook's denial).
         """
         name = new["metadata"].get("name")
+        self._validate_builtin(rt, new)
         user = CALLER.get()
         if user is not None:
             self._check_rbac_admission(user, rt, old, new)
@@ -704,6 +711,40 @@ class Store:
                     raise ApiError(403, "Forbidden", 'admission webhook "vscaledobject.kb.io" denied the request: '
                                                      f"the workload '{target[1]}' of type 'apps/v1.{target[0]}' is "
                                                      f"already managed by the hpa '{obj['metadata']['name']}'")
+
+    #: Kubernetes version whose built-in schemas writes are validated against (the stand-in
+    #: reports v1.31 at /version).
+    K8S_VERSION = "1.31.0"
+
+    def _validate_builtin(self, rt: ResourceType, new: dict) -> None:
+        """A built-in kind's object against Kubernetes' own OpenAPI schema of that kind
+        (``kubernetes-validate``, strict: unknown fields are errors), as the real server's
+        decoding and validation refuse a malformed object. Third-party kinds (KEDA, the
+        Prometheus Operator) and CRDs are not built-in; identical objects are checked once.
+
+        Raises:
+            ApiError: 422 Invalid naming the field.
+        """
+        if rt.crd or rt in THIRD_PARTY_TYPES:
+            return
+        import kubernetes_validate
+
+        obj = self._view(rt, new, None)
+        obj["metadata"] = {k: v for k, v in obj["metadata"].items() if k != "managedFields"}
+        key = json.dumps(obj, sort_keys=True)
+        if key in self._valid_builtin:
+            return
+        try:
+            kubernetes_validate.validate(obj, self.K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            where = ".".join(str(p) for p in e.path) or "(root)"
+            raise ApiError(422, "Invalid", f'{rt.kind} "{new["metadata"].get("name")}" is invalid: {where}: '
+                                           f"{e.message}") from None
+        except kubernetes_validate.utils.SchemaNotFoundError:
+            return  # a kind this Kubernetes version's schemas do not have
+        if len(self._valid_builtin) > 20000:
+            self._valid_builtin.clear()
+        self._valid_builtin.add(key)
 
     def _check_rbac_admission(self, user: Authorizer, rt: ResourceType, old: Optional[dict], new: dict) -> None:
         """What the real server checks on an RBAC-restricted user's writes beyond the

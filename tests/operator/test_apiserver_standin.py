@@ -150,7 +150,9 @@ def test_status_subresource_and_generation(with_crd):
 
 def test_server_side_apply(standin):
     cfg = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "labels": {"a": "1"}},
-           "spec": {"replicas": 2, "paused": False, "template": {"metadata": {"annotations": {"h": "1"}}}}}
+           "spec": {"replicas": 2, "paused": False, "selector": {"matchLabels": {"app": "d"}},
+                    "template": {"metadata": {"annotations": {"h": "1"}, "labels": {"app": "d"}},
+                                 "spec": {"containers": [{"name": "c", "image": "i"}]}}}}
     status, obj = standin.http("PATCH", f"{DEP}/d", cfg, content_type=APPLY_PATCH, query={"fieldManager": "op"})
     assert status == 201 and obj["spec"]["replicas"] == 2
     (entry,) = obj["metadata"]["managedFields"]
@@ -184,6 +186,26 @@ def test_server_side_apply(standin):
     assert obj["metadata"]["generation"] == gen + 1
 
 
+def test_built_in_objects_are_validated_against_their_schema(standin):
+    """Like the real server, a malformed built-in object is refused (422 naming the field):
+    Kubernetes' own schema of the kind (kubernetes-validate, strict), on create and on
+    every later write; third-party kinds are not checked here (their CRDs would be)."""
+    dep = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "v"},
+           "spec": {"selector": {"matchLabels": {"app": "v"}},
+                    "template": {"metadata": {"labels": {"app": "v"}},
+                                 "spec": {"containers": [{"name": "c", "image": "i"}]}}}}
+    bad = json.loads(json.dumps(dep))
+    bad["spec"]["replicas"] = "two"
+    status, body = standin.http("POST", DEP, bad)
+    assert (status, body["reason"]) == (422, "Invalid") and "spec.replicas" in body["message"], body
+    bad = json.loads(json.dumps(dep))
+    bad["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"  # a typo: strict
+    assert standin.http("POST", DEP, bad)[0] == 422
+    assert standin.http("POST", DEP, dep)[0] == 201
+    status, body = standin.http("PATCH", f"{DEP}/v", {"spec": {"strategy": {"type": 3}}}, content_type=MERGE_PATCH)
+    assert status == 422 and "spec.strategy.type" in body["message"], body
+
+
 def test_garbage_collection_and_finalizers(with_crd):
     s = with_crd
     _, owner = s.http("POST", ISVC, _isvc())
@@ -193,7 +215,10 @@ def test_garbage_collection_and_finalizers(with_crd):
         return {"apiVersion": o["apiVersion"], "kind": o["kind"], "name": o["metadata"]["name"],
                 "uid": o["metadata"]["uid"], "controller": o is owner}
 
-    _, dep = s.http("POST", DEP, {"metadata": {"name": "d", "ownerReferences": [ref(owner)]}, "spec": {}})
+    _, dep = s.http("POST", DEP, {"metadata": {"name": "d", "ownerReferences": [ref(owner)]},
+                                  "spec": {"selector": {"matchLabels": {"app": "d"}},
+                                           "template": {"metadata": {"labels": {"app": "d"}},
+                                                        "spec": {"containers": [{"name": "c", "image": "i"}]}}}})
     s.http("POST", "/api/v1/namespaces/default/pods",
            {"metadata": {"name": "p", "ownerReferences": [ref(dep | {"apiVersion": "apps/v1", "kind": "Deployment"})]}})
     s.http("POST", CM, {"metadata": {"name": "shared", "ownerReferences": [ref(owner), ref(other)]}})
