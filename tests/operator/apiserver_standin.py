@@ -75,14 +75,21 @@ rely on, as the Kubernetes API conventions and "API concepts" pages describe the
   only what it holds itself). A request without a token is the test harness, unrestricted
   (cluster-admin). Errors are ``Status`` bodies sent as ``Content-Type: application/json``
   exactly, as the real server sends them.
+- **Validating admission webhooks**: every create, update and patch is computed without
+  being stored, then sent to the ValidatingWebhookConfigurations whose rules,
+  namespaceSelector, objectSelector and ``matchConditions`` (CEL) select it, over real
+  TLS verified against the configuration's ``caBundle`` for ``<service>.<namespace>.svc``
+  (``services`` maps a Service to a loopback address), with ``failurePolicy`` and
+  ``timeoutSeconds`` applied as the real server applies them. Mutating webhooks are not
+  modelled.
 - **Built-in kinds' schemas**: every write of a built-in object is validated against
   Kubernetes' OpenAPI schema of that kind for v1.31 (``kubernetes-validate``, strict:
   unknown fields and wrong types are 422 Invalid naming the field). Third-party kinds
   are served without a schema (as if their CRDs had none).
 
 Not implemented (a real API server does these; tests must not rely on them):
-other authentication methods (client certificates), the ``escalate`` / ``bind`` verbs,
-RBAC without ``users`` (every request allowed) and TLS; other admission (webhooks, policies, quotas,
+mutating admission webhooks; other authentication methods (client certificates), the ``escalate`` / ``bind`` verbs,
+RBAC without ``users`` (every request allowed) and TLS for its own clients; other admission (policies, quotas,
 LimitRanges); server-side field validation (``fieldValidation=Strict``: unknown fields
 are always pruned); defaulting of built-in kinds and their validation beyond the
 schema (a Deployment gets no default ``replicas``, a Job no selector; a selector that does
@@ -106,6 +113,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextvars
 import copy
 import json
@@ -130,6 +138,20 @@ from .rbac import Authorizer
 
 #: The authenticated user of the request being served (None: the test harness, unrestricted).
 CALLER: contextvars.ContextVar[Optional[Authorizer]] = contextvars.ContextVar("caller", default=None)
+#: Set while a write is computed without being stored (to show validating webhooks the
+#: object it would store).
+_DRY_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("dry_run", default=False)
+
+
+class _Candidate(Exception):
+    """Raised by a write under :data:`_DRY_RUN` instead of storing: the old object (None on
+    create) and the one it would store (None for a removal)."""
+
+    def __init__(self, old: Optional[dict], new: Optional[dict]):
+        super().__init__("dry run")
+        self.old, self.new = old, new
+
+
 #: Where a request keeps its authenticated user.
 _USER = web.RequestKey("user", object) if hasattr(web, "RequestKey") else "user"
 
@@ -614,6 +636,17 @@ class Store:
 
     # -- commit
     def _commit(self, rt: ResourceType, key: tuple, old: Optional[dict], new: dict, kind: str) -> dict:
+        if _DRY_RUN.get():
+            if kind == "DELETED" or new["metadata"].get("deletionTimestamp"):
+                raise _Candidate(old, None)
+            allocated = self.next_cluster_ip
+            candidate = copy.deepcopy(new)
+            try:
+                self._allocate(rt, old, candidate)
+                self._admit(rt, old, candidate)
+            finally:
+                self.next_cluster_ip = allocated
+            raise _Candidate(old, candidate)
         if kind != "DELETED" and not new["metadata"].get("deletionTimestamp"):
             self._allocate(rt, old, new)
             self._admit(rt, old, new)
@@ -1127,6 +1160,8 @@ class Store:
         return committed
 
     def _remove(self, rt: ResourceType, key: tuple, obj: dict, propagation: str) -> dict:
+        if _DRY_RUN.get():
+            raise _Candidate(obj, None)
         gone = self._commit(rt, key, obj, copy.deepcopy(obj), "DELETED")
         if (rt.group, rt.plural) == _CRDS:
             self._drop_crd(obj)
@@ -1300,6 +1335,25 @@ _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotF
             504: "Timeout"}
 
 
+def _selector_matches(selector: dict, labels: dict) -> bool:
+    """A ``LabelSelector`` (``matchLabels``, ``matchExpressions`` with In, NotIn, Exists,
+    DoesNotExist) against ``labels``; the empty selector matches everything."""
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e.get("key"), e.get("operator"), e.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
 def _status_response(e: ApiError) -> web.Response:
     """An error as the real server sends it: a ``Status`` body with ``Content-Type:
     application/json`` exactly (no charset; the Python client's ``summary()`` reads the
@@ -1316,8 +1370,13 @@ class StandIn:
     """
 
     def __init__(self, *, host: str = "127.0.0.1", port: int = 0, history: int = 5000, third_party: bool = True,
-                 bookmark_interval: float = 30.0, users: Optional[dict[str, Authorizer]] = None):
+                 bookmark_interval: float = 30.0, users: Optional[dict[str, Authorizer]] = None,
+                 services: Optional[dict[tuple[str, str], tuple[str, int]]] = None):
         self.store = Store(history=history, third_party=third_party)
+        #: ``(namespace, Service name) -> (host, port)``: where a webhook's ``clientConfig.service``
+        #: is reached (the stand-in has no cluster network); the TLS name checked is still
+        #: ``<name>.<namespace>.svc``
+        self.services = services or {}
         #: bearer token -> the RBAC-restricted user it authenticates (see the module doc)
         self.users = users
         self.host, self.port = host, port
@@ -1532,6 +1591,8 @@ class StandIn:
         if verb == "get":
             return web.json_response(store.get(rt, namespace, name, version))
         body = await self._body(request)
+        if verb in ("create", "update", "patch") and self._has_webhooks():
+            await self._validating_webhooks(request, rt, version, namespace, name, sub, verb, body, manager, user)
         if verb == "create":
             return web.json_response(store.create(rt, namespace, body, manager=manager, version=version), status=201)
         if verb == "update":
@@ -1549,6 +1610,165 @@ class StandIn:
             propagation = "Orphan"
         return web.json_response(store.delete(rt, namespace, name, propagation=propagation,
                                               preconditions=options.get("preconditions"), version=version))
+
+    # -- validating admission webhooks
+    def _has_webhooks(self) -> bool:
+        with self.store.lock:
+            return any(k[:2] == ("admissionregistration.k8s.io", "validatingwebhookconfigurations")
+                       for k in self.store.objects)
+
+    def _dry_write(self, request: web.Request, rt: ResourceType, version: str, namespace: Optional[str],
+                   name: Optional[str], sub: Optional[str], verb: str, body: Any,
+                   manager: str) -> Optional[_Candidate]:
+        """The write computed (schemas, immutability, RBAC admission included) but not
+        stored; None when it would change nothing."""
+        q = request.query
+        token = _DRY_RUN.set(True)
+        try:
+            if verb == "create":
+                self.store.create(rt, namespace, body, manager=manager, version=version)
+            elif verb == "update":
+                self.store.replace(rt, namespace, name, body, subresource=sub, manager=manager, version=version)
+            else:
+                ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
+                self.store.patch(rt, namespace, name, ctype, body, subresource=sub,
+                                 manager=q.get("fieldManager") or (None if ctype == APPLY_PATCH else manager),
+                                 force=q.get("force") in ("true", "1"), version=version)
+        except _Candidate as c:
+            return c
+        finally:
+            _DRY_RUN.reset(token)
+        return None
+
+    async def _validating_webhooks(self, request: web.Request, rt: ResourceType, version: str,
+                                   namespace: Optional[str], name: Optional[str], sub: Optional[str], verb: str,
+                                   body: Any, manager: str, user: Optional[Authorizer]) -> None:
+        """Call every validating webhook whose rules select this write, as the real
+        server does after validation and before storing: ``rules`` (operations, API
+        groups, versions, resources with ``resource/subresource``, scope),
+        ``namespaceSelector`` and ``objectSelector`` (label selectors; namespaces carry
+        ``kubernetes.io/metadata.name``), ``matchConditions`` (CEL over ``object``,
+        ``oldObject``, ``request``); then an ``AdmissionReview`` v1 POSTed over HTTPS to
+        ``clientConfig`` (``url``, or ``service`` through :attr:`services`), the server
+        certificate verified against ``caBundle`` for the Service's DNS name, within
+        ``timeoutSeconds``. A denial is the webhook's code (403 by default) with
+        ``admission webhook "<name>" denied the request: <message>``; a call that fails is
+        500 under ``failurePolicy: Fail`` and ignored under ``Ignore``. (The write is
+        computed again when stored: a change in between is not re-reviewed.)
+
+        Raises:
+            ApiError: a denial or a failed call (see above).
+        """
+        candidate = self._dry_write(request, rt, version, namespace, name, sub, verb, body, manager)
+        if candidate is None or candidate.new is None:
+            return
+        old, new = candidate.old, candidate.new
+        operation = "CREATE" if old is None else "UPDATE"
+        ns = new["metadata"].get("namespace")
+        with self.store.lock:
+            configs = [copy.deepcopy(o) for k, o in self.store.objects.items()
+                       if k[:2] == ("admissionregistration.k8s.io", "validatingwebhookconfigurations")]
+            ns_obj = self.store.objects.get(("", "namespaces", "", ns)) if ns else None
+        ns_labels = dict(((ns_obj or {}).get("metadata") or {}).get("labels") or {})
+        if ns:
+            ns_labels.setdefault("kubernetes.io/metadata.name", ns)
+        obj_view = self.store._view(rt, new, version)
+        old_view = self.store._view(rt, old, version) if old is not None else None
+        req = {"uid": str(uuid.uuid4()),
+               "kind": {"group": rt.group, "version": version, "kind": rt.kind},
+               "resource": {"group": rt.group, "version": version, "resource": rt.plural},
+               "requestKind": {"group": rt.group, "version": version, "kind": rt.kind},
+               "requestResource": {"group": rt.group, "version": version, "resource": rt.plural},
+               "name": new["metadata"].get("name"), "namespace": ns, "operation": operation,
+               "userInfo": {"username": user.user if user else "kubernetes-admin",
+                            "groups": ["system:serviceaccounts", "system:authenticated"] if user
+                            else ["system:masters", "system:authenticated"]},
+               "object": obj_view, "oldObject": old_view, "dryRun": False,
+               "options": {"kind": "CreateOptions" if operation == "CREATE" else "UpdateOptions",
+                           "apiVersion": "meta.k8s.io/v1"}}
+        if sub:
+            req["subResource"] = sub
+        for config in configs:
+            for hook in config.get("webhooks") or []:
+                if not self._selects(hook, rt, version, sub, operation, ns_labels, old_view, obj_view, req):
+                    continue
+                await self._call_webhook(hook, req)
+
+    @staticmethod
+    def _rule_matches(rule: dict, rt: ResourceType, version: str, sub: Optional[str], operation: str) -> bool:
+        def has(values, want):
+            return "*" in (values or []) or want in (values or [])
+
+        target = f"{rt.plural}/{sub}" if sub else rt.plural
+        resources = rule.get("resources") or []
+        res_ok = target in resources or "*/*" in resources or (not sub and "*" in resources) or bool(
+            sub and f"*/{sub}" in resources)
+        scope = rule.get("scope", "*")
+        scope_ok = scope == "*" or (scope == "Namespaced") == rt.namespaced
+        return (has(rule.get("operations"), operation) and has(rule.get("apiGroups"), rt.group)
+                and has(rule.get("apiVersions"), version) and res_ok and scope_ok)
+
+    def _selects(self, hook: dict, rt: ResourceType, version: str, sub: Optional[str], operation: str,
+                 ns_labels: dict, old: Optional[dict], new: dict, req: dict) -> bool:
+        if not any(self._rule_matches(r, rt, version, sub, operation) for r in hook.get("rules") or []):
+            return False
+        if rt.namespaced and not _selector_matches(hook.get("namespaceSelector") or {}, ns_labels):
+            return False
+        obj_sel = hook.get("objectSelector") or {}
+        if obj_sel and not any(_selector_matches(obj_sel, ((o or {}).get("metadata") or {}).get("labels") or {})
+                               for o in (new, old) if o is not None):
+            return False
+        if hook.get("matchConditions"):
+            import celpy
+
+            env = celpy.Environment()
+            act = {"object": celpy.json_to_cel(new), "oldObject": celpy.json_to_cel(old),
+                   "request": celpy.json_to_cel({k: v for k, v in req.items() if k not in ("object", "oldObject")})}
+            for cond in hook["matchConditions"]:
+                result = env.program(env.compile(cond["expression"])).evaluate(act)
+                if not bool(result):
+                    return False
+        return True
+
+    async def _call_webhook(self, hook: dict, req: dict) -> None:
+        import ssl as ssl_mod
+
+        import aiohttp
+
+        name = hook.get("name", "")
+        cc = hook.get("clientConfig") or {}
+        policy = hook.get("failurePolicy", "Fail")
+        timeout = float(hook.get("timeoutSeconds", 10))
+        try:
+            ca = base64.b64decode(cc.get("caBundle") or "").decode() or None
+            tls = ssl_mod.create_default_context(cadata=ca) if ca else ssl_mod.create_default_context()
+            if "url" in cc:
+                url, server_name = cc["url"], None
+            else:
+                svc = cc.get("service") or {}
+                host, port = self.services.get((svc.get("namespace"), svc.get("name")), (None, None))
+                if host is None:
+                    raise ConnectionError(f'service "{svc.get("name")}" not found')
+                url = f"https://{host}:{port}{svc.get('path') or '/'}"
+                server_name = f"{svc.get('name')}.{svc.get('namespace')}.svc"
+            review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": req}
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+                async with session.post(url, json=review, ssl=tls, server_hostname=server_name) as resp:
+                    if resp.status != 200:
+                        raise ConnectionError(f"the server responded with {resp.status}")
+                    answer = await resp.json(content_type=None)
+            response = (answer or {}).get("response") or {}
+            if response.get("uid") != req["uid"]:
+                raise ConnectionError("expected response.uid to match the request.uid")
+        except Exception as e:  # noqa: BLE001 - a call that failed, as the real server reports it
+            if policy == "Ignore":
+                return
+            raise ApiError(500, "InternalError", f'Internal error occurred: failed calling webhook "{name}": '
+                                                 f"{type(e).__name__}: {e}") from None
+        if not response.get("allowed"):
+            st = response.get("status") or {}
+            raise ApiError(int(st.get("code") or 403), st.get("reason") or "Forbidden",
+                           f'admission webhook "{name}" denied the request: {st.get("message", "")}')
 
     @staticmethod
     async def _body(request: web.Request) -> Any:
