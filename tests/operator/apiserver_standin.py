@@ -1377,6 +1377,8 @@ class StandIn:
         #: is reached (the stand-in has no cluster network); the TLS name checked is still
         #: ``<name>.<namespace>.svc``
         self.services = services or {}
+        #: ``(webhook name, operation, resource, object name)`` of every webhook call made
+        self.webhook_calls: list[tuple[str, str, str, str]] = []
         #: bearer token -> the RBAC-restricted user it authenticates (see the module doc)
         self.users = users
         self.host, self.port = host, port
@@ -1736,6 +1738,7 @@ class StandIn:
         import aiohttp
 
         name = hook.get("name", "")
+        self.webhook_calls.append((name, req["operation"], req["resource"]["resource"], req["name"]))
         cc = hook.get("clientConfig") or {}
         policy = hook.get("failurePolicy", "Fail")
         timeout = float(hook.get("timeoutSeconds", 10))

@@ -94,13 +94,13 @@ def test_the_chart_webhook_is_called_over_tls_as_configured(chart_webhook, crd, 
         with WebhookServer(snapshot, port, tmp_path / "tls"):
             # within the quota (4 of 8 GPUs): admitted through the webhook
             assert s.http("POST", ISVCS, isvc("a", gpus=2, min_r=2))[0] == 201
-            assert len(reviews) == 1
+            assert len(reviews) == 1 and s.webhook_calls == [(hook["name"], "CREATE", api.PLURAL, "a")]
             # labels only, and a status write: matchConditions / rules keep them away from it
             assert s.http("PATCH", f"{ISVCS}/a", {"metadata": {"labels": {"x": "1"}}}, content_type=MERGE_PATCH)[0] \
                 == 200
             assert s.http("PATCH", f"{ISVCS}/a/status", {"status": {"replicas": 1}}, content_type=MERGE_PATCH)[0] \
                 == 200
-            assert len(reviews) == 1
+            assert len(reviews) == 1 and len(s.webhook_calls) == 1  # not sent
             # over the quota: the webhook's denial, worded as the API server words it
             code, body = s.http("POST", ISVCS, isvc("b", gpus=2, min_r=3))
             assert code == 403 and body["message"].startswith(
