@@ -156,6 +156,61 @@ def test_paged_attention_decode_only(device, dtype, gqa, d, bs, num_splits):
     assert err < ATTN_ATOL[dtype], f"max error {err}"
 
 
+FP8 = [pytest.param(torch.float8_e4m3fn, id="e4m3"), pytest.param(torch.float8_e5m2, id="e5m2")]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cache_dtype", FP8)
+def test_fp8_cache_store_and_attention_match_torch(device, cache_dtype):
+    """``--kv-cache-dtype fp8`` on the Triton path: store_kv writes exactly the bytes the
+    torch path writes (saturated, rounded to nearest, values past the type's range
+    included), and attention over the FP8 blocks (mixed step, decode tile, split-KV
+    decode) equals the oracle run in fp32 over the same FP8 values widened."""
+    hkv, gqa, d, bs = 2, 3, 32, 16
+    q, k, v, cache, meta, n_real = _make_step(MIXED, hkv, gqa, d, bs, torch.bfloat16, device, seed=31)
+    k = k * 100.0  # some keys past E4M3's 448: saturated, not NaN
+    cache = cache.to(cache_dtype)
+    ref_cache = cache.cpu().clone()
+    torch_paged.store_kv(k.cpu(), v.cpu(), ref_cache, _cpu_meta(meta))
+    tk.store_kv(k, v, cache, meta)
+    assert torch.equal(cache.cpu().view(torch.uint8), ref_cache.view(torch.uint8))
+    assert not torch.isnan(cache.cpu().float()).any()
+    out = tk.paged_attention(q, cache, meta, d**-0.5)
+    ref = torch_paged.paged_attention(q.cpu().float(), cache.cpu().float(), _cpu_meta(meta), d**-0.5)
+    err = (out[:n_real].cpu().float() - ref[:n_real]).abs().max().item()
+    assert out.dtype == torch.bfloat16 and err < ATTN_ATOL[torch.bfloat16], f"max error {err}"
+    seqs = [(c, 1) for c in (1, 9, 16, 47, 130, 63)]
+    q, k, v, cache, meta, n_real = _make_step(seqs, hkv, gqa, d, bs, torch.bfloat16, device, pad=1, seed=32)
+    cache = cache.to(cache_dtype)
+    tk.store_kv(k, v, cache, meta)
+    ref = torch_paged.paged_attention(q.cpu().float(), cache.cpu().float(), _cpu_meta(meta), d**-0.5)
+    for splits in (1, 3):
+        out = tk.paged_attention(q, cache, meta, d**-0.5, num_splits=splits)
+        err = (out[:n_real].cpu().float() - ref[:n_real]).abs().max().item()
+        assert err < ATTN_ATOL[torch.bfloat16], f"max error {err} ({splits} splits)"
+
+
+@pytest.mark.parametrize("cache_dtype", FP8)
+def test_fp8_widening_is_exact_for_every_byte(cache_dtype):
+    """All 256 bytes (normals, subnormals, zeros, NaN; E5M2 infinities) widen to exactly
+    PyTorch's value (NaN stays NaN), through the attention kernels' widening function."""
+    if not _INTERPRET:
+        pytest.skip("runs the widening under the interpreter")
+    import triton.language as tl
+
+    @triton.jit
+    def widen(x_ptr, y_ptr, KV_FP8: tl.constexpr):
+        o = tl.arange(0, 256)
+        tl.store(y_ptr + o, tk._fp8_to_f32(tl.load(x_ptr + o), KV_FP8))
+
+    x = torch.arange(256, dtype=torch.uint8)
+    y = torch.empty(256)
+    widen[(1,)](x, y, KV_FP8=tk._FP8_CODES[cache_dtype])
+    want = x.view(cache_dtype).float()
+    assert torch.equal(torch.isnan(y), torch.isnan(want))
+    assert torch.equal(y[~torch.isnan(want)], want[~torch.isnan(want)])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_paged_attention_unordered_and_small_tiles(device):
     """Prefills before decodes and small tiles (block_m 16, block_n 16): same result."""

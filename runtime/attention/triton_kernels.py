@@ -17,7 +17,14 @@ Sources of the algorithms:
 Limits shared by the kernels (checked by the Python wrappers):
 
 * dtypes: float16, bfloat16 and float32 (query, cache and output share one dtype;
-  accumulation is always fp32). fp32 matmuls use IEEE precision (no TF32).
+  accumulation is always fp32). fp32 matmuls use IEEE precision (no TF32). The cache may
+  instead be FP8 (``--kv-cache-dtype fp8``: ``float8_e4m3fn`` or ``float8_e5m2``, one
+  byte a value): :func:`store_kv` converts the new keys and values with PyTorch
+  (saturated, rounded to nearest: :func:`~.torch_paged.to_cache_dtype`, the CPU path's
+  conversion) and copies the bytes; the attention kernels load the bytes and widen them
+  in registers with integer operations (:func:`_fp8_to_f32`, exact, on every
+  architecture: sm_80 has no E4M3 conversion instruction), then run as for the model
+  dtype.
 * ``head_dim``: any value from 16 to 256 (padded internally to a power of two; a
   power of two wastes nothing).
 * ``block_size`` (KV cache block): any positive integer; tiles of keys may span blocks.
@@ -38,6 +45,8 @@ import triton.language as tl
 from .metadata import AttentionMetadata
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: FP8 cache element types -> the kernels' ``KV_FP8`` constexpr (0: the query's dtype).
+_FP8_CODES = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
 
 
 def _interpreting() -> bool:
@@ -58,6 +67,49 @@ def _dot_fp32(query: torch.Tensor) -> bool:
     operands. Upcasting 16-bit operands is exact (their products fit fp32) and the
     accumulation is fp32 either way, so the interpreter computes what the GPU does."""
     return query.dtype == torch.float32 or _interpreting()
+
+
+def _cache_view(kv_cache: torch.Tensor, query_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """``(cache to pass to the kernels, KV_FP8 code)``: an FP8 cache as its bytes (uint8
+    view) with its code, any other cache as is (it must have the query's dtype).
+
+    Raises:
+        TypeError: a cache dtype that is neither the query's nor FP8.
+    """
+    code = _FP8_CODES.get(kv_cache.dtype, 0)
+    if code:
+        if kv_cache.stride(-1) != 1:
+            raise ValueError("the last dimension must be contiguous")
+        return kv_cache.view(torch.uint8), code
+    _check_dtype(kv_cache)
+    if kv_cache.dtype != query_dtype:
+        raise TypeError(f"the cache ({kv_cache.dtype}) must have the query's dtype ({query_dtype}) or be FP8")
+    return kv_cache, 0
+
+
+@triton.jit
+def _fp8_to_f32(b, KV_FP8: tl.constexpr):
+    """FP8 bytes (uint8) -> fp32, exactly: E4M3 (``KV_FP8 == 1``: bias 7, no infinities,
+    S.1111.111 is NaN; OCP FP8 spec) or E5M2 (``2``: bias 15, IEEE-like infinities and
+    NaNs). Normals become fp32 bit patterns (exponent rebiased to 127, mantissa shifted
+    to the top); subnormals are ``mantissa x 2^(1 - bias - mantissa bits)``."""
+    x = b.to(tl.int32)
+    sign = (x >> 7) & 1
+    if KV_FP8 == 1:
+        e = (x >> 3) & 0xF
+        m = x & 0x7
+        normal = ((e + (127 - 7)) << 23) | (m << 20)
+        sub = m.to(tl.float32) * 0.001953125  # m * 2^-9
+        mag = tl.where(e == 0, sub, normal.to(tl.float32, bitcast=True))
+        mag = tl.where((e == 15) & (m == 7), float("nan"), mag)
+    else:
+        e = (x >> 2) & 0x1F
+        m = x & 0x3
+        normal = ((e + (127 - 15)) << 23) | (m << 21)
+        sub = m.to(tl.float32) * 0.0000152587890625  # m * 2^-16
+        mag = tl.where(e == 0, sub, normal.to(tl.float32, bitcast=True))
+        mag = tl.where(e == 31, tl.where(m == 0, float("inf"), float("nan")), mag)
+    return tl.where(sign == 1, -mag, mag)
 
 
 def _check_dtype(*tensors: torch.Tensor) -> None:
@@ -102,14 +154,20 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, met
     Args:
         key, value: ``[num_tokens, num_kv_heads, head_dim]``, the cache's dtype
             (fp16/bf16/fp32), last dim contiguous (other strides free: q/k/v slices of a
-            fused projection are fine).
+            fused projection are fine); with an FP8 cache, the model dtype (converted).
         kv_cache: ``[2, num_blocks, block_size, num_kv_heads, head_dim]``, modified in place.
         meta: its ``slot_mapping`` (``[num_tokens] int64``, -1 = skip) is used.
     """
-    _check_dtype(key, value, kv_cache)
     num_tokens, kvh, d = key.shape
     if num_tokens == 0:
         return
+    if kv_cache.dtype in _FP8_CODES:  # convert with PyTorch (saturate, round to nearest), copy the bytes
+        from .torch_paged import to_cache_dtype
+
+        key, value = (to_cache_dtype(t, kv_cache.dtype).view(torch.uint8) for t in (key, value))
+        kv_cache = kv_cache.view(torch.uint8)
+    else:
+        _check_dtype(key, value, kv_cache)
     kc, vc = kv_cache[0], kv_cache[1]
     assert kc.stride() == vc.stride() and kc.shape[-2:] == (kvh, d)
     assert key.dtype == value.dtype == kv_cache.dtype, "key/value must have the cache dtype"
@@ -133,7 +191,7 @@ def _paged_attention_kernel(
     stride_cb, stride_cs, stride_ch, stride_bt,
     QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
-    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, KV_FP8: tl.constexpr = 0,
 ):
     # Program (q_block, seq, kv_head). Its BLOCK_M tile rows are BLOCK_Q query tokens x
     # the QUERIES_PER_KV query heads that share kv_head (row r: token r // G, head r % G),
@@ -172,7 +230,11 @@ def _paged_attention_kernel(
         blk = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0)
         kv_off = blk.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:  # bytes, widened exactly to the query's dtype
+            k = _fp8_to_f32(tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0),
+                            KV_FP8).to(q.dtype)
+        else:
+            k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if DOT_FP32:  # fp32 operands, IEEE (no TF32)
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -185,7 +247,11 @@ def _paged_attention_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            v = _fp8_to_f32(tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0),
+                            KV_FP8).to(q.dtype)
+        else:
+            v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if DOT_FP32:  # P rounded to the value dtype first, as the 16-bit MMA path does
             pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
         else:
@@ -209,6 +275,7 @@ def _paged_decode_split_kernel(
     NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr,
     QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    KV_FP8: tl.constexpr = 0,
 ):
     # Split-KV decode (flash-decoding): program (split, seq, kv_head) attends the one
     # query token of `seq` (its GQA group of heads as rows) to keys
@@ -238,7 +305,11 @@ def _paged_decode_split_kernel(
         blk = tl.load(bt_row + n // BLOCK_SIZE, mask=n_ok, other=0)
         kv_off = blk.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kvh * stride_ch
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:  # bytes, widened exactly to the query's dtype
+            k = _fp8_to_f32(tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0),
+                            KV_FP8).to(q.dtype)
+        else:
+            k = tl.load(k_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if DOT_FP32:
             s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -248,7 +319,11 @@ def _paged_decode_split_kernel(
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:
+            v = _fp8_to_f32(tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0),
+                            KV_FP8).to(q.dtype)
+        else:
+            v = tl.load(v_cache_ptr + kv_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
         if DOT_FP32:  # P rounded to the value dtype first, as the 16-bit MMA path does
             pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), input_precision="ieee")
         else:
@@ -321,8 +396,9 @@ def paged_attention(
 
     Args:
         query: ``[num_tokens, H, head_dim]`` fp16/bf16/fp32 (last dim contiguous).
-        kv_cache: ``[2, num_blocks, block_size, H_kv, head_dim]``, same dtype, already
-            holding this step's keys/values (call :func:`store_kv` first).
+        kv_cache: ``[2, num_blocks, block_size, H_kv, head_dim]``, the query's dtype or
+            FP8 (widened as read), already holding this step's keys/values (call
+            :func:`store_kv` first).
         meta: ``query_start_loc [num_seqs+1] int32``, ``seq_lens [num_seqs] int32``,
             ``block_tables [num_seqs, max_blocks] int32``, ``max_query_len``. The
             decodes-first ordering is not required. Padding tokens past
@@ -341,8 +417,8 @@ def paged_attention(
     Limits:
         ``16 <= head_dim <= 256``; ``H`` divisible by ``H_kv``; ``H / H_kv <= block_m``.
     """
-    _check_dtype(query, kv_cache)
-    assert query.dtype == kv_cache.dtype, "query and cache must share a dtype"
+    _check_dtype(query)
+    kv_cache, kv_fp8 = _cache_view(kv_cache, query.dtype)
     num_tokens, h, d = query.shape
     kc, vc = kv_cache[0], kv_cache[1]
     kvh = kc.shape[2]
@@ -365,7 +441,7 @@ def paged_attention(
         if num_splits is None:
             num_splits = _auto_num_splits(query, meta, kvh, block_n)
         if num_splits > 1:
-            return _split_decode(query, kc, vc, meta, scale, out, g, block_n, num_splits)
+            return _split_decode(query, kc, vc, meta, scale, out, g, block_n, num_splits, kv_fp8)
     block_q = block_m // g
     grid = (triton.cdiv(meta.max_query_len, block_q), meta.num_seqs, kvh)
     _paged_attention_kernel[grid](
@@ -376,14 +452,14 @@ def paged_attention(
         kc.stride(0), kc.stride(1), kc.stride(2), meta.block_tables.stride(0),
         QUERIES_PER_KV=g, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_SIZE=kc.shape[1], BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-        DOT_FP32=_dot_fp32(query),
+        DOT_FP32=_dot_fp32(query), KV_FP8=kv_fp8,
         # head_dim 256 tiles spill registers at 4 warps on sm_80 (compile_check); 8 do not
         num_warps=8 if d > 128 else 4,
     )
     return out
 
 
-def _split_decode(query, kc, vc, meta, scale, out, g, block_n, num_splits):
+def _split_decode(query, kc, vc, meta, scale, out, g, block_n, num_splits, kv_fp8=0):
     """Decode-only step through the split-KV kernel pair (see :func:`paged_attention`)."""
     num_seqs, h, d = meta.num_seqs, query.shape[1], query.shape[2]
     kvh = kc.shape[2]
@@ -400,7 +476,7 @@ def _split_decode(query, kc, vc, meta, scale, out, g, block_n, num_splits):
         kc.stride(0), kc.stride(1), kc.stride(2), meta.block_tables.stride(0),
         NUM_HEADS=h, NUM_SPLITS=num_splits, QUERIES_PER_KV=g, HEAD_DIM=d, BLOCK_D=block_d,
         BLOCK_SIZE=kc.shape[1], BLOCK_M=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n,
-        DOT_FP32=_dot_fp32(query),
+        DOT_FP32=_dot_fp32(query), KV_FP8=kv_fp8,
     )
     _combine_splits_kernel[(num_seqs, h)](
         part_acc, part_ml, out, meta.query_start_loc,
