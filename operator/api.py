@@ -183,8 +183,8 @@ class RuntimeSpec(_Model):
                           "implemented.")
     kv_cache_dtype: Optional[Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]] = Field(
         None, description="KV cache element type (--kv-cache-dtype): auto (the model dtype) or fp8 / fp8_e4m3 / "
-                          "fp8_e5m2, one byte a value, twice the cached tokens in the same memory (CPU runtime "
-                          "only so far: needs resources.gpus 0).")
+                          "fp8_e5m2, one byte a value, twice the cached tokens in the same memory (unscaled, as "
+                          "vLLM without checkpoint scales).")
     shutdown_timeout_seconds: int = Field(
         30, ge=0, le=3600,
         description="Seconds a stopping server lets in-flight requests finish (--shutdown-timeout); the pod's "
@@ -462,10 +462,6 @@ class InferenceServiceSpec(_Model):
              "self.model.uri.matches('^hf://[^/]+/[^/]+$')",
              "with the cache disabled the server downloads the model itself, which works only for hf://ORG/NAME "
              "(s3://, gs:// and single-file URIs need the cache)", ".cache.enabled"),
-        Rule("!has(self.runtime.kvCacheDtype) || self.runtime.kvCacheDtype == 'auto' || "
-             "(has(self.resources.gpus) && self.resources.gpus == 0)",
-             "runtime.kvCacheDtype fp8 is implemented on the CPU runtime only: set resources.gpus: 0, or leave "
-             "kvCacheDtype unset (auto) on GPUs", ".runtime.kvCacheDtype"),
     ]
 
     @model_validator(mode="after")
@@ -478,9 +474,6 @@ class InferenceServiceSpec(_Model):
         if not (self.cache.enabled or uri.startswith("pvc://") or re.match(r"^hf://[^/]+/[^/]+$", uri)):
             raise ValueError("with the cache disabled the server downloads the model itself, which works only for "
                              "hf://ORG/NAME (s3://, gs:// and single-file URIs need the cache)")
-        if self.runtime.kv_cache_dtype not in (None, "auto") and self.resources.gpus != 0:
-            raise ValueError("runtime.kvCacheDtype fp8 is implemented on the CPU runtime only: set resources.gpus: 0, "
-                             "or leave kvCacheDtype unset (auto) on GPUs")
         return self
 
 

@@ -99,6 +99,28 @@ def test_w4a16_gemm_compiles_for_hopper(tmp_path):
         assert v["shared_bytes"] <= cc.MAX_SHARED_BYTES[90] and v["spill_bytes"] == 0, v
 
 
+@pytest.mark.parametrize("arch", [80, 90])
+def test_fp8_cache_kernels_compile(arch, tmp_path):
+    """``--kv-cache-dtype fp8`` (E4M3 and E5M2) on the bundled model in bf16: the byte
+    copy and the attention kernels that widen FP8 in registers compile for sm_80 too
+    (which has no E4M3 conversion instruction: the widening is integer arithmetic),
+    fit shared memory and spill nothing."""
+    out = _run_compiled(f"""
+        rows = []
+        for kv in (torch.float8_e4m3fn, torch.float8_e5m2):
+            launches = [la for la in cc.record_launches(tk, cc.SHAPES["smollm2-135m"], torch.bfloat16,
+                                                        kv_cache_dtype=kv)
+                        if la.name in ("_store_kv_kernel", "_paged_attention_kernel", "_paged_decode_split_kernel")]
+            rows += [variant(la, {arch}) for la in cc.unique(launches)]
+        print(json.dumps(rows))
+    """, tmp_path)
+    assert {v["constexprs"].get("KV_FP8") for v in out if "KV_FP8" in v.get("constexprs", {})} == {1, 2}
+    assert len(out) >= 7
+    for v in out:
+        assert "error" not in v, v
+        assert v["shared_bytes"] <= cc.MAX_SHARED_BYTES[arch] and v["spill_bytes"] == 0, v
+
+
 def test_tile_over_the_shared_memory_limit_is_reported(tmp_path):
     """The check can fail: 64 x 128 bf16 tiles at head_dim 256 need more shared memory
     (~290 KB) than an H100 block may use (227 KB), and the compiled variant says so."""

@@ -39,7 +39,7 @@ import re
 import subprocess
 import tempfile
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -192,17 +192,21 @@ def _step(shape: ModelShape, dtype: torch.dtype, block_size: int, seqs: list[tup
     return qkv[:, :h], qkv[:, h : h + kvh], qkv[:, h + kvh :], cache, meta
 
 
-def record_launches(tk, shape: ModelShape, dtype: torch.dtype, block_size: int = 16) -> list[Launch]:
+def record_launches(tk, shape: ModelShape, dtype: torch.dtype, block_size: int = 16,
+                    kv_cache_dtype: Optional[torch.dtype] = None) -> list[Launch]:
     """The launches the wrappers of module ``tk`` make for one model shape and dtype:
     ``store_kv`` and ``paged_attention`` on a mixed step (decodes + prefill chunks), a
     decode-only step (one kernel) and a decode-only step split 4 ways (split kernel +
     combine), ``rms_norm`` with and without residual, ``rotary_embedding`` on the
-    stacked q/k heads."""
+    stacked q/k heads. ``kv_cache_dtype``: an FP8 cache (``--kv-cache-dtype fp8``)
+    instead of the model dtype."""
     scale = shape.head_dim**-0.5
     with recording(tk) as launches:
         for seqs, splits in (([(40, 1), (7, 1), (0, 37), (20, 13)], None), ([(40, 1), (300, 1)], 1),
                              ([(40, 1), (300, 1)], 4)):
             q, k, v, cache, meta = _step(shape, dtype, block_size, seqs)
+            if kv_cache_dtype is not None:
+                cache = cache.to(kv_cache_dtype)
             tk.store_kv(k, v, cache, meta)
             tk.paged_attention(q, cache, meta, scale, num_splits=splits)
         x = torch.zeros(5, shape.hidden, dtype=dtype)
@@ -311,7 +315,7 @@ def unique(launches: list[Launch]) -> list[Launch]:
 
 def _describe(v: CompiledVariant) -> str:
     keys = ("QUERIES_PER_KV", "HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_SIZE", "BLOCK", "BLOCK_H",
-            "NUM_SPLITS", "HAS_RESIDUAL")
+            "NUM_SPLITS", "HAS_RESIDUAL", "KV_FP8")
     return " ".join(f"{k}={v.constexprs[k]}" for k in keys if k in v.constexprs)
 
 

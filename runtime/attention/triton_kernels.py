@@ -435,7 +435,9 @@ def paged_attention(
         # 64-row tiles for prefill in 16-bit; fp32 tiles need twice the registers and
         # spill at 64 and 32 rows on sm_90 (python -m argosy.runtime.attention.compile_check
         # --dtypes fp32), so fp32 and decode-only steps use 16.
-        block_m = 16 if meta.max_query_len == 1 or query.dtype == torch.float32 else 64
+        # An FP8 cache's widening takes registers too: 64-row tiles spill 32 bytes on sm_80
+        # (compile_check), 32-row ones do not.
+        block_m = 16 if meta.max_query_len == 1 or query.dtype == torch.float32 else (32 if kv_fp8 else 64)
     block_m = max(block_m, triton.next_power_of_2(g), 16)
     if meta.max_query_len == 1:
         if num_splits is None:

@@ -138,9 +138,6 @@ class LLMEngine:
         self.scheduler_config: SchedulerConfig = args.scheduler_config(self.model_config.max_position_embeddings)
         cache_cfg = args.cache_config()
         self.kv_cache_dtype = resolve_kv_cache_dtype(cache_cfg.cache_dtype, self.dtype)
-        if self.kv_cache_dtype != self.dtype and self.device.type != "cpu":
-            raise ValueError(f"--kv-cache-dtype {cache_cfg.cache_dtype} is implemented on the CPU only so far "
-                             "(the CUDA attention kernels read the model dtype); use --kv-cache-dtype auto")
 
         tp = args.tensor_parallel_size
         check_tp_divisibility(self.model_config, tp)

@@ -205,9 +205,6 @@ BAD_CEL = {
                  "set value or valueFrom"),
     "toleration-exists-value": (_spec(scheduling={"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}),
                                 "value must be empty"),
-    "fp8-kv-on-gpu": (_spec(runtime={"kvCacheDtype": "fp8"}), "kvCacheDtype fp8 is implemented on the CPU"),
-    "fp8-kv-on-gpus-1": (_spec(runtime={"kvCacheDtype": "fp8_e5m2"}, resources={"gpus": 1}),
-                         "kvCacheDtype fp8 is implemented on the CPU"),
     "long-name": (make_isvc(name="a" * (api.MAX_NAME_LENGTH + 1)), "metadata.name must be at most"),
     "dotted-name": (make_isvc(name="a.b"), "metadata.name must be at most"),
 }

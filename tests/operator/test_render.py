@@ -240,6 +240,8 @@ def test_kv_cache_dtype_becomes_the_flag():
     """``runtime.kvCacheDtype`` is passed as ``--kv-cache-dtype`` (vLLM's name); unset, no flag."""
     args = server(_spec_isvc(runtime={"kvCacheDtype": "fp8"}, resources={"gpus": 0}))["args"]
     assert args[args.index("--kv-cache-dtype") + 1] == "fp8"
+    args = server(_spec_isvc(runtime={"kvCacheDtype": "fp8_e5m2"}))["args"]  # on GPUs too (the Triton kernels)
+    assert args[args.index("--kv-cache-dtype") + 1] == "fp8_e5m2"
     assert "--kv-cache-dtype" not in server(_spec_isvc())["args"]
 
 
