@@ -146,6 +146,9 @@ def test_every_shape_and_dtype_compiles(arch, tmp_path):
                 launches = cc.record_launches(tk, shape, dtype)
                 if dtype != torch.float32:  # the W4A16 GEMM runs float16 / bfloat16 layers
                     launches += cc.record_w4a16_launches(shape, dtype)
+                    for kv in (torch.float8_e4m3fn, torch.float8_e5m2):  # --kv-cache-dtype fp8
+                        launches += [la for la in cc.record_launches(tk, shape, dtype, kv_cache_dtype=kv)
+                                     if la.name != "_rms_norm_kernel" and la.name != "_rotary_kernel"]
                 for launch in cc.unique(launches):
                     rows.append(dict(variant(launch, {arch}), shape=name, dtype=str(dtype)))
         print(json.dumps(rows))

@@ -381,7 +381,7 @@ def paged_attention(
     scale: float,
     out: Optional[torch.Tensor] = None,
     block_m: Optional[int] = None,
-    block_n: int = 32,
+    block_n: Optional[int] = None,
     num_splits: Optional[int] = None,
 ) -> torch.Tensor:
     """Paged attention for a step mixing decodes and prefill chunks (one Triton kernel).
@@ -407,7 +407,9 @@ def paged_attention(
         out: optional ``[num_tokens, H, head_dim]`` output buffer.
         block_m: tile rows (query tokens x GQA group); default 16 for decode-only steps
             and fp32, 64 otherwise. Power of two >= 16.
-        block_n: keys per tile, power of two >= 16.
+        block_n: keys per tile, power of two >= 16; default 32 (16 for an FP8 cache with
+            head_dim above 128, whose widening spilled registers at 32 on sm_80/sm_90).
+            Tiles the caller sets are taken as given.
         num_splits: decode-only steps (``max_query_len == 1``) may split each context
             into this many parts processed by separate programs and merged by a second
             kernel (flash-decoding), so that few long sequences still fill the GPU.
@@ -427,6 +429,8 @@ def paged_attention(
     if not 16 <= d <= 256:
         raise ValueError(f"head_dim {d} outside [16, 256]")
     g = h // kvh
+    if block_n is None:
+        block_n = 16 if kv_fp8 and d > 128 else 32
     if out is None:
         out = torch.empty_like(query)
     if num_tokens == 0 or meta.num_seqs == 0:
@@ -436,8 +440,10 @@ def paged_attention(
         # spill at 64 and 32 rows on sm_90 (python -m argosy.runtime.attention.compile_check
         # --dtypes fp32), so fp32 and decode-only steps use 16.
         # An FP8 cache's widening takes registers too: 64-row tiles spill 32 bytes on sm_80
-        # (compile_check), 32-row ones do not.
-        block_m = 16 if meta.max_query_len == 1 or query.dtype == torch.float32 else (32 if kv_fp8 else 64)
+        # (compile_check), 32-row ones do not; at head_dim 256 only 16 x 16 tiles are free
+        # of spills on both architectures.
+        block_m = 16 if meta.max_query_len == 1 or query.dtype == torch.float32 else (
+            (16 if d > 128 else 32) if kv_fp8 else 64)
     block_m = max(block_m, triton.next_power_of_2(g), 16)
     if meta.max_query_len == 1:
         if num_splits is None:
