@@ -32,7 +32,7 @@ def _download(spec: str, dest: Path, binary: bool) -> Path:
     # AutoGPTQ ships only binary wheels; any CPython 3.11 x86-64 one holds the same Python files
     cmd += (["--only-binary=:all:", "--python-version", "3.11", "--platform", "manylinux2014_x86_64",
              "--implementation", "cp"] if binary else ["--no-binary=:all:"])
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
     name = spec.split("==")[0].replace("-", "_").lower()
     (found,) = [p for p in dest.iterdir() if p.name.replace("-", "_").lower().startswith(name)]
     return found

@@ -291,7 +291,8 @@ def test_each_tensor_parallel_rank_decodes_its_slice(legacy, checkpoint):
                 dim, start, stop = model.shard_for(name)
                 if dim == 0 or kind == "awq":
                     want = full[name].rows(start, stop) if dim == 0 else full[name].cols(start, stop)
-                    assert isinstance(w, Int4Weight) and (w.q == want.q).all() and (w.scale == want.scale).all()
+                    assert isinstance(w, Int4Weight) and (w.q == want.q).all() and (w.scale == want.scale).all() \
+                        and (w.zero == want.zero).all()
                     assert (w.perm is None) == (want.perm is None)
                     if w.perm is not None:
                         assert (w.perm == want.perm).all()
@@ -359,6 +360,13 @@ def test_decoding_equals_the_tools_on_odd_layouts(tools):
             assert isinstance(w, torch.Tensor) == (bits == 8 and perm is not None)
             got = w if isinstance(w, torch.Tensor) else w.dequantize(torch.float32, kernel_rounding=False)
             torch.testing.assert_close(got, ref, rtol=0, atol=0)
+            if perm is None:  # older exports without desc_act leave g_idx out: groups in column order
+                scheme = gptq_awq.GPTQScheme(bits, None if g == 256 else g, False)
+                bare = {n: t for n, t in parts.items() if n != "g_idx"}
+                assert gptq_awq.complete(bare, scheme) and not gptq_awq.complete(bare, gptq_awq.GPTQScheme(
+                    bits, None if g == 256 else g, True))
+                w2 = gptq_awq.decode_gptq(bare, scheme)
+                torch.testing.assert_close(w2.dequantize(torch.float32, kernel_rounding=False), ref, rtol=0, atol=0)
         for g in (128, 64):
             GROUP = g
             parts, ref = _awq_layer(tools, lin, with_tool=True)

@@ -58,9 +58,9 @@ def test_packed_layout_holds_the_weight():
 
 @pytest.mark.parametrize("perm", [False, True], ids=["plain", "act-order"])
 def test_linear_runs_the_kernel_for_few_rows(monkeypatch, perm):
-    """A layer whose 4-bit weight arrived (in two fused parts) runs the kernel for up to
-    ``W4A16_MAX_ROWS`` rows, act-order input gathered first, and the dense copy above;
-    both compute the same layer."""
+    """A layer whose 4-bit weight arrived (in two fused parts) runs the kernel for every
+    call (decode- and prefill-sized), act-order input gathered first, equal to the
+    weight's own product; its dense weight is freed (the memory a 4-bit model saves)."""
     from argosy.runtime.layers import linear
 
     monkeypatch.setattr(linear, "W4A16_DEVICES", ("cuda", "cpu"))
@@ -70,7 +70,8 @@ def test_linear_runs_the_kernel_for_few_rows(monkeypatch, perm):
     lin.load_quantized(96, w.rows(96, 128))
     lin.process_weights_after_loading()
     assert lin.is_w4a16 and not lin.is_int4 and (lin.input_perm is not None) == perm
+    assert lin.weight.numel() == 0
     dense = w.dequantize(torch.float32)
-    for m in (3, linear.W4A16_MAX_ROWS + 4):
+    for m in (3, 70):
         x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(torch.bfloat16)
         torch.testing.assert_close(lin(x).float(), x.float() @ dense.T, rtol=2e-2, atol=2e-2)

@@ -48,13 +48,11 @@ from ..quantization.q8_0 import PackedQ8, Q8Weight
 #: Calls with at most this many rows use the packed int4 kernel (see the module doc).
 INT4_MAX_ROWS = 8
 #: Devices whose 4-bit layers run the Triton W4A16 kernel
-#: (:mod:`..quantization.triton_w4a16`; float16 / bfloat16). Tests add ``"cpu"`` to run
-#: the kernel under Triton's interpreter through this class.
+#: (:mod:`..quantization.triton_w4a16`; float16 / bfloat16) for every call, the dense
+#: weight freed after packing: on a GPU the point of a 4-bit checkpoint is the memory
+#: (0.5 + 4/g bytes a weight instead of 2). Tests add ``"cpu"`` to run the kernel under
+#: Triton's interpreter through this class.
 W4A16_DEVICES = ("cuda",)
-#: Calls with at most this many rows use the W4A16 kernel, more the dense copy (cuBLAS).
-#: Not measured on a GPU yet: a decode-sized guess (the kernel reads a quarter of the
-#: bytes; with more rows the dense GEMM's tensor-core throughput wins).
-W4A16_MAX_ROWS = 16
 
 
 class Linear(nn.Module):
@@ -120,7 +118,9 @@ class Linear(nn.Module):
 
     def load_quantized(self, row_start: int, w: Union[Int4Weight, Int8Weight, Q8Weight]) -> None:
         """Take rows ``[row_start, row_start + N)`` as a 4-bit, int8 or grouped int8
-        weight (and their dense values, dequantized the way its kernel sees them).
+        weight (and their dense values: on the CPU dequantized the way its kernel sees
+        them, scales rounded as the kernel rounds them; elsewhere, where only the W4A16
+        kernel runs and a layer it does not take stays dense, exactly).
 
         Raises:
             ValueError: the rows do not fit the layer.
@@ -129,7 +129,8 @@ class Linear(nn.Module):
         if k != self.in_features or row_start + n > self.out_features:
             raise ValueError(f"quantized rows [{row_start}, {row_start + n}) x {k} do not fit "
                              f"{tuple(self.weight.shape)}")
-        self.weight.data[row_start : row_start + n].copy_(w.dequantize(self.weight.dtype))
+        self.weight.data[row_start : row_start + n].copy_(
+            w.dequantize(self.weight.dtype, kernel_rounding=self.weight.device.type == "cpu"))
         self._quantized_parts[row_start] = w
 
     def process_weights_after_loading(self) -> None:
@@ -169,6 +170,9 @@ class Linear(nn.Module):
                 self.group_size = whole.group_size
                 if whole.perm is not None:
                     self.input_perm = torch.as_tensor(whole.perm, dtype=torch.int64, device=dev)
+                # every call runs the kernel: the dense weight is not kept (its memory is freed)
+                self.weight = nn.Parameter(torch.empty(0, self.in_features, dtype=self.weight.dtype, device=dev),
+                                           requires_grad=False)
             return
         if self.weight.device.type != "cpu" or not int4_mod.kernel_supports(whole):
             return
@@ -179,7 +183,7 @@ class Linear(nn.Module):
             self.input_perm = torch.as_tensor(whole.perm, dtype=torch.int64, device=self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w4_qweight is not None and x.shape[0] <= W4A16_MAX_ROWS:
+        if self.w4_qweight is not None:
             from ..quantization import triton_w4a16
 
             y = triton_w4a16.matmul(x, self.w4_qweight, self.w4_scales, self.w4_zeros, self.group_size,

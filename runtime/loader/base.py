@@ -34,9 +34,11 @@ class Checkpoint:
     Attributes:
         config: architecture hyper-parameters.
         weights: ``weights(shard_for=None, int4=False)`` returns an iterator of
-            ``(hf_name, tensor)``; with ``int4`` (the CPU bfloat16 fast path), quantized
-            weights come in their own form instead: 4-bit GGUF and compressed-tensors
-            W4A16 linear weights as :class:`~argosy.runtime.quantization.int4.Int4Weight`,
+            ``(hf_name, tensor)``; with ``int4`` (bfloat16 on CPU, float16/bfloat16 on
+            CUDA: :attr:`LlamaForCausalLM.uses_int4`), quantized weights come in their own
+            form instead: 4-bit GGUF, compressed-tensors W4A16, AWQ and GPTQ linear
+            weights as :class:`~argosy.runtime.quantization.int4.Int4Weight`, 8-bit GPTQ
+            ones as ``q8_0.Q8Weight``,
             GGUF Q8_0/Q5_0/Q5_1/Q5_K/Q6_K linear weights, embedding and LM head as
             ``q8_0.Q8Weight``, compressed-tensors int8 weights as ``int8.Int8Weight``;
             tensors are float32 (dequantized GGUF) or the checkpoint's dtype (safetensors),

@@ -114,7 +114,7 @@ def read_config(path: Path) -> ModelConfig:
 
 def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_for: Optional[ShardFn],
                   int4: bool) -> tuple[str, object]:
-    """One compressed-tensors layer as ``(hf weight name, Int4Weight, Int8Weight or float32
+    """One quantized layer (compressed-tensors, AWQ or GPTQ) as ``(hf weight name, Int4Weight, Q8Weight, Int8Weight or float32
     tensor)``, restricted to this rank's shard (4-bit: on group boundaries, groups split
     to 32 columns where a shard needs it; a shard that cuts even those is an error)."""
     name = module + ".weight"
@@ -145,7 +145,8 @@ def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_fo
 
 def _awq_gptq_layer(parts: dict, scheme: gptq_awq.Scheme, shard, int4: bool) -> object:
     """One AWQ / GPTQ layer, restricted to ``shard``: the packed weight's class when
-    ``int4`` (the CPU bfloat16 fast path) and the shard keeps whole groups, else float32."""
+    ``int4`` (the quantized kernels' case, :attr:`LlamaForCausalLM.uses_int4`) and the shard
+    keeps whole groups, else float32."""
     w = gptq_awq.decode_awq(parts, scheme) if isinstance(scheme, gptq_awq.AWQScheme) else \
         gptq_awq.decode_gptq(parts, scheme)
     if isinstance(w, torch.Tensor):  # an 8-bit act-order layer: dense
@@ -172,7 +173,8 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
     with ``int4`` (run packed), else dequantized to float32; a tensor-parallel shard of
     it is cut after decoding, on whole quantization groups. 8-bit layers: int8 (W8A8)
     as an :class:`~argosy.runtime.quantization.int8.Int8Weight` with
-    ``int4`` (the CPU bfloat16 fast path), else, and FP8 always, dequantized to float32.
+    ``int4`` (the quantized kernels' case), else, and FP8 always, dequantized to float32.
+    AWQ / GPTQ layers likewise (:func:`_awq_gptq_layer`).
 
     Raises:
         ModelLoadError: no weights, a corrupt file, a packed layer with missing or

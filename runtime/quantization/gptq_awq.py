@@ -152,8 +152,10 @@ def unexpected_dense(name: str, scheme: Scheme) -> bool:
 
 
 def complete(parts: dict, scheme: Scheme) -> bool:
-    """Whether ``parts`` holds every tensor one layer of ``scheme`` needs."""
-    return all(p in parts for p in scheme.parts)
+    """Whether ``parts`` holds every tensor one layer of ``scheme`` needs (GPTQ without
+    ``desc_act`` may leave ``g_idx`` out, as older exports do: groups in column order)."""
+    need = scheme.parts if not (isinstance(scheme, GPTQScheme) and not scheme.desc_act) else scheme.parts[:3]
+    return all(p in parts for p in need)
 
 
 def _unpack_rows(packed: np.ndarray, bits: int) -> np.ndarray:
@@ -237,7 +239,7 @@ def decode_gptq(parts: dict[str, torch.Tensor], scheme: GPTQScheme) -> Union[Int
     _check(parts, qw.shape, k, n, groups)
     if tuple(parts["qzeros"].shape) != (groups, n * b // 32):
         raise ValueError(f"qzeros {tuple(parts['qzeros'].shape)} do not match {groups} groups x {n} columns")
-    g_idx = parts["g_idx"].numpy().astype(np.int64)
+    g_idx = parts["g_idx"].numpy().astype(np.int64) if "g_idx" in parts else np.arange(k) // g
     if g_idx.shape != (k,) or g_idx.min(initial=0) < 0 or g_idx.max(initial=0) >= groups:
         raise ValueError(f"g_idx {tuple(g_idx.shape)} does not give each of {k} columns one of {groups} groups")
     q = _unpack_rows(qw, b).T  # [N, K]

@@ -6,7 +6,8 @@ consecutive input columns, meaning
 
     W[n, k] = (q[n, k] - 8) * scale[n, k // g] + zero[n, k // g]
 
-which is the convention of ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (PyTorch's
+which is the convention of the CUDA W4A16 kernel (:mod:`.triton_w4a16`) and of
+``torch.ops.aten._weight_int4pack_mm_for_cpu`` (PyTorch's
 ``aten/src/ATen/native/cpu/int4mm_kernel.cpp``: ``scales_and_zeros[k // g, n] =
 (scale, zero)``, both in the activation dtype, bfloat16 here). GGUF's Q4_0, Q4_1 and Q4_K
 blocks map onto it exactly (:mod:`.gguf`), up to the bfloat16 rounding of the scales.

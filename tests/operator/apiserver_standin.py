@@ -637,15 +637,16 @@ class Store:
     # -- commit
     def _commit(self, rt: ResourceType, key: tuple, old: Optional[dict], new: dict, kind: str) -> dict:
         if _DRY_RUN.get():
-            if kind == "DELETED" or new["metadata"].get("deletionTimestamp"):
+            if kind == "DELETED":
                 raise _Candidate(old, None)
-            allocated = self.next_cluster_ip
             candidate = copy.deepcopy(new)
-            try:
-                self._allocate(rt, old, candidate)
-                self._admit(rt, old, candidate)
-            finally:
-                self.next_cluster_ip = allocated
+            if not new["metadata"].get("deletionTimestamp"):  # as below: a terminating object is not re-admitted
+                allocated = self.next_cluster_ip
+                try:
+                    self._allocate(rt, old, candidate)
+                    self._admit(rt, old, candidate)
+                finally:
+                    self.next_cluster_ip = allocated
             raise _Candidate(old, candidate)
         if kind != "DELETED" and not new["metadata"].get("deletionTimestamp"):
             self._allocate(rt, old, new)
@@ -1655,8 +1656,11 @@ class StandIn:
         certificate verified against ``caBundle`` for the Service's DNS name, within
         ``timeoutSeconds``. A denial is the webhook's code (403 by default) with
         ``admission webhook "<name>" denied the request: <message>``; a call that fails is
-        500 under ``failurePolicy: Fail`` and ignored under ``Ignore``. (The write is
-        computed again when stored: a change in between is not re-reviewed.)
+        500 under ``failurePolicy: Fail`` and ignored under ``Ignore``. Updates of objects
+        being deleted (finalizer removal) are reviewed like any update. Differences from
+        the real server: the write is computed again when stored (a change in between is
+        not re-reviewed, and a ``generateName`` name or ``uid`` reviewed is not the one
+        stored), and a write that changes nothing is not reviewed.
 
         Raises:
             ApiError: a denial or a failed call (see above).
@@ -1770,8 +1774,11 @@ class StandIn:
                                                  f"{type(e).__name__}: {e}") from None
         if not response.get("allowed"):
             st = response.get("status") or {}
-            raise ApiError(int(st.get("code") or 403), st.get("reason") or "Forbidden",
-                           f'admission webhook "{name}" denied the request: {st.get("message", "")}')
+            code = int(st.get("code") or 400)  # the real server's default for a denial without a code
+            why = (f'denied the request: {st["message"]}' if st.get("message")
+                   else "denied the request without explanation")
+            raise ApiError(code, st.get("reason") or _REASONS.get(code, "BadRequest"),
+                           f'admission webhook "{name}" {why}')
 
     @staticmethod
     async def _body(request: web.Request) -> Any:

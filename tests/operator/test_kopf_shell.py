@@ -355,10 +355,15 @@ def _operator_permissions(helm_env, tmp_path_factory, drop: tuple = (), values: 
     def without(rule: dict) -> list[dict]:
         out = [rule]
         for res, verb in drop:
-            if res in rule.get("resources", []) and verb in rule.get("verbs", []):
-                rest = [r for r in rule["resources"] if r != res]
-                out = ([dict(rule, resources=rest)] if rest else []) + [
-                    dict(rule, resources=[res], verbs=[v for v in rule["verbs"] if v != verb])]
+            nxt = []
+            for r in out:
+                if res in r.get("resources", []) and verb in r.get("verbs", []):
+                    rest = [x for x in r["resources"] if x != res]
+                    nxt += ([dict(r, resources=rest)] if rest else []) + [
+                        dict(r, resources=[res], verbs=[v for v in r["verbs"] if v != verb])]
+                else:
+                    nxt.append(r)
+            out = nxt
         return out
 
     # (the rendered objects are cached per values: filter copies)
@@ -370,8 +375,12 @@ def _operator_permissions(helm_env, tmp_path_factory, drop: tuple = (), values: 
 def _rbac_cluster(crd, permissions):
     standin = StandIn(users={OPERATOR_TOKEN: permissions})
     standin.start()
-    assert standin.http("POST", CRDS, crd)[0] == 201  # the test is the cluster admin (no token)
-    assert standin.http("POST", "/api/v1/namespaces", {"metadata": {"name": NS}})[0] == 201
+    try:
+        assert standin.http("POST", CRDS, crd)[0] == 201  # the test is the cluster admin (no token)
+        assert standin.http("POST", "/api/v1/namespaces", {"metadata": {"name": NS}})[0] == 201
+    except BaseException:
+        standin.stop()
+        raise
     return standin
 
 

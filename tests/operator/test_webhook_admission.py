@@ -126,9 +126,17 @@ def test_the_chart_webhook_is_called_over_tls_as_configured(chart_webhook, crd, 
 
             assert repair_ca_bundle(ctx) is True
             assert s.http("POST", ISVCS, isvc("c", gpus=0, min_r=1))[0] == 201
+            held = isvc("e", gpus=0, min_r=1)
+            held["metadata"]["finalizers"] = ["example.com/hold"]
+            assert s.http("POST", ISVCS, held)[0] == 201
         # the webhook unreachable: Fail refuses; the configuration's Ignore would admit
         code, body = s.http("POST", ISVCS, isvc("d", gpus=0, min_r=1))
         assert code == 500 and "failed calling webhook" in body["message"], body
+        # ... but an object being deleted can still lose its finalizer (matchConditions keep
+        # it away from the webhook): an operator outage does not wedge deletions
+        assert s.http("DELETE", f"{ISVCS}/e")[0] == 200
+        assert s.http("PATCH", f"{ISVCS}/e", {"metadata": {"finalizers": None}}, content_type=MERGE_PATCH)[0] == 200
+        assert s.http("GET", f"{ISVCS}/e")[0] == 404
         patch = [{"op": "replace", "path": "/webhooks/0/failurePolicy", "value": "Ignore"}]
         s.http("PATCH", f"{VWC}/{vwc['metadata']['name']}", patch, content_type="application/json-patch+json")
         assert s.http("POST", ISVCS, isvc("d", gpus=0, min_r=1))[0] == 201
