@@ -57,13 +57,17 @@ def make_prompts(tok, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
     return prompts
 
 
-def run_ours(args, prompts):
-    from argosy.runtime import LLM, SamplingParams
+def time_generation(llm, prompts: list[list[int]], output_len: int) -> tuple[float, float]:
+    """One warm-up, then ``prompts`` batched and the single-prompt row on ``llm`` (an
+    Argosy ``LLM``), greedy, ``output_len`` tokens each, EOS ignored.
 
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=1024, max_num_seqs=args.max_num_seqs,
-              kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=False)
-    sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate([prompts[0][:8]], SamplingParams(max_tokens=2))  # warm-up
+    Returns:
+        ``(offline output tok/s, single-prompt decode tok/s)``.
+    """
+    from argosy.runtime import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": prompts[0][:8]}], SamplingParams(max_tokens=2))  # warm-up
     t = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp)
     dt = time.perf_counter() - t
@@ -71,7 +75,16 @@ def run_ours(args, prompts):
     t = time.perf_counter()
     one = llm.generate([{"prompt_token_ids": prompts[0][:SINGLE_PROMPT_LEN]}], sp)
     dt1 = time.perf_counter() - t
-    return n_out / dt, len(one[0].outputs[0].token_ids) / dt1, llm.engine.scheduler.num_preemptions
+    return n_out / dt, len(one[0].outputs[0].token_ids) / dt1
+
+
+def run_ours(args, prompts):
+    from argosy.runtime import LLM
+
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=1024, max_num_seqs=args.max_num_seqs,
+              kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=False)
+    offline, single = time_generation(llm, prompts, args.output_len)
+    return offline, single, llm.engine.scheduler.num_preemptions
 
 
 def run_hf(args, prompts, model_path, device: str = "cpu"):

@@ -37,8 +37,6 @@ REPO = Path(__file__).resolve().parent.parent
 # cannot shadow it)
 sys.path.insert(0, str(REPO))
 
-SINGLE_PROMPT_LEN = 16
-
 
 def make_checkpoints(root: Path, formats: list[str]) -> dict[str, str]:
     """``format -> directory`` for ``formats`` (``bf16``, ``w4a16``, ``w8a8``, ``awq``, ``gptq``)."""
@@ -83,22 +81,14 @@ def make_checkpoints(root: Path, formats: list[str]) -> dict[str, str]:
 
 
 def run(path: str, prompts: list[list[int]], args) -> dict:
-    from argosy.runtime import LLM, SamplingParams
-    from argosy.runtime.worker.executor import weight_bytes_by_format
+    from argosy.runtime import LLM
+    from offline_throughput import time_generation
 
     llm = LLM(path, dtype="bfloat16", max_model_len=1024, max_num_seqs=args.max_num_seqs,
               kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=False)
-    sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    llm.generate([{"prompt_token_ids": prompts[0][:8]}], SamplingParams(max_tokens=2))  # warm-up
-    t = time.perf_counter()
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp)
-    dt = time.perf_counter() - t
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    t = time.perf_counter()
-    one = llm.generate([{"prompt_token_ids": prompts[0][:SINGLE_PROMPT_LEN]}], sp)
-    dt1 = time.perf_counter() - t
-    by = weight_bytes_by_format(llm.engine.executor.runner.model)
-    res = {"offline_tok_s": n_out / dt, "single_tok_s": len(one[0].outputs[0].token_ids) / dt1,
+    offline, single = time_generation(llm, prompts, args.output_len)
+    by = llm.engine.executor.runner.model.weight_bytes_by_format  # the startup accounting
+    res = {"offline_tok_s": offline, "single_tok_s": single,
            "weights_mib": {k: round(v / 2**20) for k, v in sorted(by.items(), key=lambda kv: -kv[1])}}
     del llm
     gc.collect()

@@ -24,6 +24,8 @@ import torch
 
 from argosy.runtime.loader import ModelLoadError, load_checkpoint
 
+from .test_compressed_tensors import _kl, _our_logits
+
 PROMPT = "The capital of France is Paris, and the capital of Italy is"
 GROUP = 64  # hidden 576 is not a multiple of 128: AWQ's and GPTQ's default group size cannot be used here
 
@@ -185,18 +187,6 @@ def legacy(tools, hf_model, checkpoint, tmp_path_factory):
     GPTQ 4-bit asymmetric act-order, GPTQ 8-bit symmetric; all group size 64."""
     root = tmp_path_factory.mktemp("legacy-quant")
     return {kind: _make(tools, hf_model, checkpoint.tokenizer, root / kind, kind) for kind in KINDS}
-
-
-def _our_logits(path: str, ids: list[int], dtype: str):
-    from .test_compressed_tensors import _our_logits as run
-
-    return run(path, ids, dtype)
-
-
-def _kl(p: torch.Tensor, q: torch.Tensor) -> float:
-    """Mean over positions of KL(q || p) in nats, from logits ``[T, V]``."""
-    return torch.nn.functional.kl_div(p.log_softmax(-1), q.log_softmax(-1), log_target=True,
-                                      reduction="none").sum(-1).mean().item()
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -190,12 +190,11 @@ def test_fp8_cache_store_and_attention_match_torch(device, cache_dtype):
         assert err < ATTN_ATOL[torch.bfloat16], f"max error {err} ({splits} splits)"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cache_dtype", FP8)
-def test_fp8_widening_is_exact_for_every_byte(cache_dtype):
+def test_fp8_widening_is_exact_for_every_byte(device, cache_dtype):
     """All 256 bytes (normals, subnormals, zeros, NaN; E5M2 infinities) widen to exactly
     PyTorch's value (NaN stays NaN), through the attention kernels' widening function."""
-    if not _INTERPRET:
-        pytest.skip("runs the widening under the interpreter")
     import triton.language as tl
 
     @triton.jit
@@ -203,9 +202,10 @@ def test_fp8_widening_is_exact_for_every_byte(cache_dtype):
         o = tl.arange(0, 256)
         tl.store(y_ptr + o, tk._fp8_to_f32(tl.load(x_ptr + o), KV_FP8))
 
-    x = torch.arange(256, dtype=torch.uint8)
-    y = torch.empty(256)
+    x = torch.arange(256, dtype=torch.uint8, device=device)
+    y = torch.empty(256, device=device)
     widen[(1,)](x, y, KV_FP8=tk._FP8_CODES[cache_dtype])
+    x, y = x.cpu(), y.cpu()
     want = x.view(cache_dtype).float()
     assert torch.equal(torch.isnan(y), torch.isnan(want))
     assert torch.equal(y[~torch.isnan(want)], want[~torch.isnan(want)])

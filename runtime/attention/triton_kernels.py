@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from .metadata import AttentionMetadata
+from .torch_paged import to_cache_dtype
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: FP8 cache element types -> the kernels' ``KV_FP8`` constexpr (0: the query's dtype).
@@ -162,8 +163,6 @@ def store_kv(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, met
     if num_tokens == 0:
         return
     if kv_cache.dtype in _FP8_CODES:  # convert with PyTorch (saturate, round to nearest), copy the bytes
-        from .torch_paged import to_cache_dtype
-
         key, value = (to_cache_dtype(t, kv_cache.dtype).view(torch.uint8) for t in (key, value))
         kv_cache = kv_cache.view(torch.uint8)
     else:

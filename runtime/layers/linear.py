@@ -53,6 +53,9 @@ INT4_MAX_ROWS = 8
 #: (0.5 + 4/g bytes a weight instead of 2). Tests add ``"cpu"`` to run the kernel under
 #: Triton's interpreter through this class.
 W4A16_DEVICES = ("cuda",)
+#: :mod:`..quantization.triton_w4a16`, once a layer has packed for it (it imports Triton,
+#: which a CPU server need not load)
+_triton_w4a16 = None
 
 
 class Linear(nn.Module):
@@ -161,8 +164,10 @@ class Linear(nn.Module):
         except ValueError:
             return
         if self.weight.device.type in W4A16_DEVICES and self.weight.dtype in (torch.float16, torch.bfloat16):
+            global _triton_w4a16
             from ..quantization import triton_w4a16
 
+            _triton_w4a16 = triton_w4a16  # imported once, here: it imports Triton
             if triton_w4a16.supports(whole):
                 qw, sc, zr = triton_w4a16.pack(whole, self.weight.dtype)
                 dev = self.weight.device
@@ -184,9 +189,7 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.w4_qweight is not None:
-            from ..quantization import triton_w4a16
-
-            y = triton_w4a16.matmul(x, self.w4_qweight, self.w4_scales, self.w4_zeros, self.group_size,
+            y = _triton_w4a16.matmul(x, self.w4_qweight, self.w4_scales, self.w4_zeros, self.group_size,
                                     self.input_perm)
             return y if self.bias is None else y + self.bias
         if self.int4_packed is not None and x.shape[0] <= INT4_MAX_ROWS:

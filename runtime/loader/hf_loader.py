@@ -186,13 +186,14 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
     if not files:
         raise ModelLoadError(f"{path}: no *.safetensors weights")
     pending: dict[str, dict[str, torch.Tensor]] = {}  # packed layers whose parts are still arriving
+    legacy = isinstance(scheme, (gptq_awq.AWQScheme, gptq_awq.GPTQScheme))  # AWQ / GPTQ, not compressed-tensors
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for name in st.keys():
                     if scheme is None:
                         part = None
-                    elif isinstance(scheme, (gptq_awq.AWQScheme, gptq_awq.GPTQScheme)):
+                    elif legacy:
                         part = gptq_awq.quantized_part(name, scheme)
                     else:
                         part = quantized_part(name, st.get_slice(name).get_dtype(), scheme)
@@ -200,14 +201,11 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
                         module = name.rpartition(".")[0]
                         parts = pending.setdefault(module, {})
                         parts[part] = st.get_tensor(name)
-                        if (gptq_awq.complete(parts, scheme)
-                                if isinstance(scheme, (gptq_awq.AWQScheme, gptq_awq.GPTQScheme))
-                                else complete(parts, scheme)):
+                        if gptq_awq.complete(parts, scheme) if legacy else complete(parts, scheme):
                             del pending[module]
                             yield _packed_layer(path, module, parts, scheme, shard_for, int4)
                         continue
-                    if isinstance(scheme, (gptq_awq.AWQScheme, gptq_awq.GPTQScheme)) \
-                            and gptq_awq.unexpected_dense(name, scheme):
+                    if legacy and gptq_awq.unexpected_dense(name, scheme):
                         raise ModelLoadError(f"{path}: {name} is a plain float weight in a {scheme.method} "
                                              f"checkpoint (expected {name[:-len('weight')]}qweight, or the module "
                                              "in modules_to_not_convert)")

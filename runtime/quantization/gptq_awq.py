@@ -258,9 +258,9 @@ def decode_gptq(parts: dict[str, torch.Tensor], scheme: GPTQScheme) -> Union[Int
         dense = np.empty_like(w)
         dense[:, perm] = w
         return torch.from_numpy(dense)
-    r = g // 32 if g % 32 == 0 else 1
     if g % 32:
         raise ValueError(f"8-bit group size {g} is not a multiple of 32")
+    r = g // 32  # groups of 32, the grouped int8 kernel's, by repeating each scale
     scale = np.repeat(s.T.astype(np.float32), r, axis=1)
     mins = np.repeat(((128 - z.T).astype(np.float32) * s.T.astype(np.float32)), r, axis=1)
     return Q8Weight(np.ascontiguousarray((q.astype(np.int16) - 128).astype(np.int8)), np.ascontiguousarray(scale),

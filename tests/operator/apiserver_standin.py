@@ -1594,8 +1594,11 @@ class StandIn:
         if verb == "get":
             return web.json_response(store.get(rt, namespace, name, version))
         body = await self._body(request)
-        if verb in ("create", "update", "patch") and self._has_webhooks():
-            await self._validating_webhooks(request, rt, version, namespace, name, sub, verb, body, manager, user)
+        if verb in ("create", "update", "patch"):
+            configs = self._webhook_configurations()
+            if configs:
+                await self._validating_webhooks(configs, request, rt, version, namespace, name, sub, verb, body,
+                                                manager, user)
         if verb == "create":
             return web.json_response(store.create(rt, namespace, body, manager=manager, version=version), status=201)
         if verb == "update":
@@ -1615,10 +1618,11 @@ class StandIn:
                                               preconditions=options.get("preconditions"), version=version))
 
     # -- validating admission webhooks
-    def _has_webhooks(self) -> bool:
+    def _webhook_configurations(self) -> list[dict]:
+        """Copies of the stored ValidatingWebhookConfigurations."""
         with self.store.lock:
-            return any(k[:2] == ("admissionregistration.k8s.io", "validatingwebhookconfigurations")
-                       for k in self.store.objects)
+            return [copy.deepcopy(o) for k, o in self.store.objects.items()
+                    if k[:2] == ("admissionregistration.k8s.io", "validatingwebhookconfigurations")]
 
     def _dry_write(self, request: web.Request, rt: ResourceType, version: str, namespace: Optional[str],
                    name: Optional[str], sub: Optional[str], verb: str, body: Any,
@@ -1643,7 +1647,7 @@ class StandIn:
             _DRY_RUN.reset(token)
         return None
 
-    async def _validating_webhooks(self, request: web.Request, rt: ResourceType, version: str,
+    async def _validating_webhooks(self, configs: list[dict], request: web.Request, rt: ResourceType, version: str,
                                    namespace: Optional[str], name: Optional[str], sub: Optional[str], verb: str,
                                    body: Any, manager: str, user: Optional[Authorizer]) -> None:
         """Call every validating webhook whose rules select this write, as the real
@@ -1672,8 +1676,6 @@ class StandIn:
         operation = "CREATE" if old is None else "UPDATE"
         ns = new["metadata"].get("namespace")
         with self.store.lock:
-            configs = [copy.deepcopy(o) for k, o in self.store.objects.items()
-                       if k[:2] == ("admissionregistration.k8s.io", "validatingwebhookconfigurations")]
             ns_obj = self.store.objects.get(("", "namespaces", "", ns)) if ns else None
         ns_labels = dict(((ns_obj or {}).get("metadata") or {}).get("labels") or {})
         if ns:
