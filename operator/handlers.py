@@ -37,6 +37,7 @@ from typing import Any, Optional
 import kopf
 
 from . import api, autoscale, quota, reconcile
+from .informer import WATCH_TIMEOUT_S, ChildCache
 from .kube import Kube, KindNotServed, load_api_client
 from .render import ISVC_LABEL, ROLE_CACHE, ROLE_DEPLOYMENT
 from .settings import OperatorSettings
@@ -78,11 +79,17 @@ class Context:
         connection: what kopf's login returns (a :class:`kopf.ConnectionInfo`); default:
             kopf's login through the ``kubernetes`` client's configuration.
         discovery_cache: file for the DynamicClient's discovery cache (default: its temp file).
+        namespaces: the namespaces served (kopf's ``--namespace`` values), None for all: where
+            :meth:`start_children_cache` watches.
     """
 
     def __init__(self, settings: OperatorSettings, *, api_client: Any = None,
-                 connection: Optional[kopf.ConnectionInfo] = None, discovery_cache: Optional[str] = None):
+                 connection: Optional[kopf.ConnectionInfo] = None, discovery_cache: Optional[str] = None,
+                 namespaces: Optional[list[str]] = None):
         self.settings = settings
+        self.namespaces = list(namespaces) if namespaces else None
+        #: the watch-backed cache of children passes read first (:meth:`start_children_cache`)
+        self.children: Optional[ChildCache] = None
         self.connection = connection
         self._api_client = api_client
         self._discovery_cache = discovery_cache
@@ -99,6 +106,36 @@ class Context:
             if self._kube is None:
                 self._kube = Kube(self._api_client or load_api_client(), cache_file=self._discovery_cache)
             return self._kube
+
+    def start_children_cache(self, *, watch_timeout_s: int = WATCH_TIMEOUT_S) -> Optional[ChildCache]:
+        """Start a :class:`~argosy.operator.informer.ChildCache` of every kind in
+        :data:`CHILD_KINDS` labelled :data:`ISVC_LABEL`, in :attr:`namespaces` (cluster-wide
+        when None), on its own API connection pool (one long-lived connection per watch).
+        Passes read it first and fall back to the API while it is not synced. Not started
+        (None) when a namespace is a kopf glob pattern (``team-*``): passes then read the API.
+        """
+        import copy
+
+        if self.namespaces and any(set(ns) & set("*?[]!") for ns in self.namespaces):
+            logger.info("namespace patterns %s: children are read from the API server, not watched", self.namespaces)
+            return None
+        base = self.kube._api_client
+        cfg = copy.deepcopy(base.configuration)
+        streams = len(CHILD_KINDS) * len(self.namespaces or [None])
+        cfg.connection_pool_maxsize = max(getattr(cfg, "connection_pool_maxsize", 0) or 0, streams + 4)
+        from kubernetes import client as kclient
+
+        cache_file = f"{self._discovery_cache}.informers" if self._discovery_cache else None
+        kube = Kube(kclient.ApiClient(cfg), cache_file=cache_file, request_timeout=self.kube.request_timeout)
+        self.children = ChildCache(kube, CHILD_KINDS, ISVC_LABEL, self.namespaces,
+                                   watch_timeout_s=watch_timeout_s).start()
+        return self.children
+
+    def stop_children_cache(self) -> None:
+        """Stop the children cache (passes read the API server again)."""
+        cache, self.children = self.children, None
+        if cache is not None:
+            cache.stop()
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         """The lock that keeps passes over one InferenceService from overlapping."""
@@ -205,8 +242,15 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
         if isvc is None or isvc["metadata"].get("deletionTimestamp"):
             return None
         wanted = reconcile.desired_children(isvc, ctx.settings)
-        observed = {role: kube.get(m["apiVersion"], m["kind"], namespace, m["metadata"]["name"])
-                    for role, m in wanted.items()}
+        cache = ctx.children
+
+        def live(api_version: str, kind: str, child: str) -> Optional[dict]:
+            """The cached child, else the server's (a miss is never trusted: it is read)."""
+            hit = cache.get(api_version, kind, namespace, child) if cache is not None else None
+            return hit if hit is not None else kube.get(api_version, kind, namespace, child)
+
+        observed = {role: live(m["apiVersion"], m["kind"], m["metadata"]["name"]) for role, m in wanted.items()}
+        live_by_name = {(m["kind"], m["metadata"]["name"]): observed[role] for role, m in wanted.items()}
         cap = quota_cap(kube, namespace, name, snapshot)
         stamp = now or datetime.now(timezone.utc)
         result = reconcile.reconcile(isvc, observed, ctx.settings, now=stamp, cap=cap,
@@ -232,6 +276,10 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
         if wanted:
             owned: list[dict] = []
             for api_version, kind in CHILD_KINDS:
+                cached = cache.owned(api_version, kind, namespace, name) if cache is not None else None
+                if cached is not None:
+                    owned.extend(cached)
+                    continue
                 attempt({"kind": kind, "metadata": {"name": f"{ISVC_LABEL}={name}"}}, "list",
                         lambda a=api_version, k=kind: owned.extend(kube.list(a, k, namespace, f"{ISVC_LABEL}={name}")))
             for obj in reconcile.orphans(isvc, owned, ctx.settings):
@@ -252,6 +300,9 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
                 if handover is not None:
                     attempt(handover, "hand over replicas of",
                             lambda h=handover: kube.apply(h, field_manager=reconcile.REPLICAS_HANDOVER_MANAGER))
+            manifest = reconcile.with_applied_hash(manifest)
+            if reconcile.up_to_date(manifest, live_by_name.get((manifest["kind"], manifest["metadata"]["name"]))):
+                continue  # the live object already is what this apply would make it
             attempt(manifest, "apply", lambda m=manifest: kube.apply(m))
         for obj in result.to_delete:
             log.info("deleting %s %s to recreate it with the current spec", obj["kind"], obj["metadata"]["name"])
@@ -597,6 +648,14 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
     @kopf.index(*resource, id="inference_services", registry=registry)
     def inference_services(namespace: str, name: str, **_: Any) -> dict:
         return {(namespace, name): True}
+
+    @kopf.on.startup(registry=registry)
+    async def start_children_cache(**_: Any) -> None:
+        await asyncio.to_thread(ctx.start_children_cache)
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_children_cache(**_: Any) -> None:
+        await asyncio.to_thread(ctx.stop_children_cache)
 
     @kopf.on.startup(registry=registry)
     async def start_resync(inference_services: Any, **_: Any) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from datetime import datetime, timezone
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 #: Field manager of everything the operator applies (Kubernetes "Server-Side Apply").
 FIELD_MANAGER = "argosy-operator"
@@ -140,6 +140,64 @@ class Kube:
             item.setdefault("apiVersion", api_version)
             item.setdefault("kind", kind)
         return items
+
+    def list_versioned(self, api_version: str, kind: str, namespace: Optional[str],
+                       label_selector: str) -> tuple[list[dict], str]:
+        """The objects matching ``label_selector`` and the collection's ``resourceVersion`` (the
+        point a watch of the same collection starts from, Kubernetes "Efficient detection of
+        changes").
+
+        Raises:
+            KindNotServed: the cluster does not serve the kind.
+        """
+        res = self._served(api_version, kind)
+        got = res.get(namespace=namespace, label_selector=label_selector,
+                      _request_timeout=self.request_timeout).to_dict()
+        items = got.get("items") or []
+        for item in items:
+            item.setdefault("apiVersion", api_version)
+            item.setdefault("kind", kind)
+        return items, str((got.get("metadata") or {}).get("resourceVersion") or "")
+
+    def watch(self, api_version: str, kind: str, namespace: Optional[str], label_selector: str,
+              resource_version: str, timeout_s: int, stopper: Optional[list] = None) -> Iterator[tuple[str, dict]]:
+        """Watch events after ``resource_version``: ``(type, object)`` with type ``ADDED``,
+        ``MODIFIED``, ``DELETED`` or ``BOOKMARK`` (bookmarks asked for, Kubernetes API
+        concepts "Watch bookmarks"), until the server ends the stream after ``timeout_s``
+        seconds (``timeoutSeconds``). The socket's read timeout is ``timeout_s`` plus
+        :attr:`request_timeout`, so a silent dead connection ends the stream too.
+
+        ``stopper``: a list the open ``kubernetes.watch.Watch`` is appended to, for another
+        thread to ``stop()`` it.
+
+        Raises:
+            KindNotServed: the cluster does not serve the kind.
+            kubernetes.client.exceptions.ApiException: an ``ERROR`` event, e.g. 410 Gone when
+                ``resource_version`` is too old (list again).
+        """
+        import json
+
+        from kubernetes import watch as kwatch
+
+        res = self._served(api_version, kind)
+        w = kwatch.Watch()
+        if stopper is not None:
+            stopper.append(w)
+        for event in w.stream(res.get, namespace=namespace, label_selector=label_selector,
+                              resource_version=resource_version, timeout_seconds=int(timeout_s),
+                              allow_watch_bookmarks=True, deserialize=False, serialize=False,
+                              _request_timeout=(self.request_timeout, timeout_s + self.request_timeout)):
+            if isinstance(event, (str, bytes)):
+                event = json.loads(event)
+            obj = event.get("object") or {}
+            if event.get("type") == "ERROR":
+                from kubernetes.client.exceptions import ApiException
+
+                raise ApiException(status=obj.get("code"), reason=f"{obj.get('reason')}: {obj.get('message')}")
+            if event.get("type") != "BOOKMARK":
+                obj.setdefault("apiVersion", api_version)
+                obj.setdefault("kind", kind)
+            yield event["type"], obj
 
     def apply(self, manifest: dict, field_manager: Optional[str] = None) -> dict:
         """Server-side apply ``manifest`` as ``field_manager`` (default :attr:`field_manager`),

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
         return _fail(str(e))
 
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat[args.log_format.upper()])
-    ctx = Context(settings)
+    ctx = Context(settings, namespaces=args.namespaces)
     kopf.run(
         registry=build_registry(ctx),
         settings=kopf_settings(ctx),

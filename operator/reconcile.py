@@ -487,3 +487,52 @@ def orphans(isvc: dict, owned: list[dict], settings: OperatorSettings) -> list[d
         if key not in keep:
             out.append(obj)
     return out
+
+
+#: Annotation on every applied child: a digest of the manifest the operator last applied.
+APPLIED_HASH_ANNOTATION = "serving.argosy.dev/applied-hash"
+
+
+def with_applied_hash(manifest: dict) -> dict:
+    """``manifest`` with :data:`APPLIED_HASH_ANNOTATION` set to the first 16 hex digits of
+    the SHA-256 of its canonical JSON (sorted keys, the annotation itself left out); a copy,
+    the input is not modified."""
+    import hashlib
+    import json
+
+    meta = dict(manifest.get("metadata") or {})
+    annotations = {k: v for k, v in (meta.get("annotations") or {}).items() if k != APPLIED_HASH_ANNOTATION}
+    meta["annotations"] = annotations
+    body = {**manifest, "metadata": meta}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    return {**body, "metadata": {**meta, "annotations": {**annotations, APPLIED_HASH_ANNOTATION: digest}}}
+
+
+def _contained(want, have) -> bool:
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(k in have and _contained(v, have[k]) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(have, list) and len(want) == len(have) and all(map(_contained, want, have))
+    if want == have:
+        return True
+    # a quantity or int-or-string applied as a number comes back as its string (resources: 1 -> "1")
+    return isinstance(want, (int, float)) and not isinstance(want, bool) and isinstance(have, str) \
+        and str(want) == have
+
+
+def up_to_date(manifest: dict, live: Optional[dict]) -> bool:
+    """Whether server-side applying ``manifest`` (as made by :func:`with_applied_hash`) onto
+    ``live`` would change nothing, so the write can be skipped.
+
+    True only when ``live`` carries the same applied hash (so no field the operator applied
+    before and has since dropped is still owned: dropping it would need the apply) and every
+    field of ``manifest`` has the same value in ``live`` (dicts by key, lists element by
+    element with the same length; a number equals its string form, as quantities come back).
+    Fields others set (defaults, other managers) are ignored, as server-side apply leaves
+    them. A False answer only costs an apply.
+    """
+    if live is None:
+        return False
+    want = ((manifest.get("metadata") or {}).get("annotations") or {}).get(APPLIED_HASH_ANNOTATION)
+    have = ((live.get("metadata") or {}).get("annotations") or {}).get(APPLIED_HASH_ANNOTATION)
+    return want is not None and want == have and _contained(manifest, live)

@@ -1434,6 +1434,17 @@ class StandIn:
         await site.start()
         self.port = self._runner.addresses[0][1]
 
+    def compact(self) -> None:
+        """Drop the whole event history and end every open watch stream, as an API server
+        does after an etcd compaction or a restart: a watch resumed from a version older than
+        the current one gets 410 Gone and must list again."""
+        assert self._loop is not None
+        with self.store.lock:
+            self.store.log.clear()
+            self.store.expired_rv = self.store.rv
+            for watch in list(self.store.watches):
+                watch.push(None)
+
     def stop(self) -> None:
         """Close every watch stream and stop the server."""
         if self._loop is None or self._thread is None:

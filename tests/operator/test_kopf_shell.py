@@ -70,7 +70,7 @@ class RunningOperator:
 
     def __init__(self, standin: StandIn, workdir, settings: OperatorSettings = FAST, token: str | None = None):
         workdir.mkdir(parents=True, exist_ok=True)
-        self.ctx = Context(settings, api_client=_api_client(standin.url, token),
+        self.ctx = Context(settings, api_client=_api_client(standin.url, token), namespaces=[NS],
                            connection=kopf.ConnectionInfo(server=standin.url, insecure=True, token=token),
                            discovery_cache=str(workdir / "discovery.json"))
         self.stop_flag, self.ready_flag = threading.Event(), threading.Event()

@@ -90,7 +90,8 @@ else as its string.
 RBAC rules for the namespaces whose InferenceServices the operator manages. Every child
 kind the operator renders (argosy.operator.render) is listed: server-side apply needs
 create and patch, the status refresh reads children with get, orphans are found with list
-(by label) and removed with delete. Children are polled, not watched: no watch verb.
+(by label) and removed with delete; passes read them from a label-selected list-and-watch
+cache (argosy.operator.informer): list and watch.
 */}}
 {{- define "argosy-operator.namespacedRules" -}}
 - apiGroups: ["serving.argosy.dev"]
@@ -106,25 +107,25 @@ create and patch, the status refresh reads children with get, orphans are found 
   verbs: ["update"]
 - apiGroups: [""]
   resources: ["persistentvolumeclaims", "services"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["policy"]
   resources: ["poddisruptionbudgets"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["autoscaling"]
   resources: ["horizontalpodautoscalers"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["servicemonitors"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 # list: a Pending cache claim's ProvisioningFailed events, surfaced in status
 - apiGroups: [""]
   resources: ["events"]
@@ -139,10 +140,10 @@ create and patch, the status refresh reads children with get, orphans are found 
 # EndpointSlice reads it grants (RBAC lets no one grant what it does not have)
 - apiGroups: [""]
   resources: ["serviceaccounts"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["rbac.authorization.k8s.io"]
   resources: ["roles", "rolebindings"]
-  verbs: ["get", "list", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["discovery.k8s.io"]
   resources: ["endpointslices"]
   verbs: ["get", "list", "watch"]

@@ -1,0 +1,169 @@
+"""The children cache (``argosy.operator.informer``) and the no-op apply check, against the
+API stand-in: list-and-watch with a server-side label selector, events folded in, a relist
+after 410 Gone, passes that read the cache and skip applies that would change nothing, and
+drift (a user's edit of an applied field, a deleted child) still repaired."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from argosy.operator import reconcile
+from argosy.operator.handlers import CHILD_KINDS, Context, converge
+from argosy.operator.informer import Informer
+from argosy.operator.kube import Kube
+from argosy.operator.render import ISVC_LABEL
+
+from .apiserver_standin import MERGE_PATCH
+from .test_kopf_shell import FAST, ISVCS, KINDS, NS, _api_client, _new_isvc, cluster, one  # noqa: F401
+
+DEPLOYMENTS = KINDS["Deployment"]
+
+
+def _deployment(name: str, labels: dict) -> dict:
+    return {"apiVersion": "apps/v1", "kind": "Deployment",
+            "metadata": {"name": name, "namespace": NS, "labels": labels},
+            "spec": {"selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}},
+                                  "spec": {"containers": [{"name": "c", "image": "busybox:1"}]}}}}
+
+
+def wait_for(probe, what: str, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def informer(cluster, tmp_path):
+    kube = Kube(_api_client(cluster.url), cache_file=str(tmp_path / "discovery.json"))
+    inf = Informer(kube, "apps/v1", "Deployment", ISVC_LABEL, NS).start()
+    assert inf.synced.wait(10)
+    yield inf
+    inf.stop()
+
+
+def test_informer_follows_labelled_objects_only(cluster, informer):
+    """Create, modify, relabel, delete: the cache follows each labelled Deployment; an
+    unlabelled one never reaches it, because the selector is evaluated by the server (the
+    list and the watch requests carry it)."""
+    s = cluster
+    assert s.http("POST", DEPLOYMENTS, _deployment("a", {ISVC_LABEL: "llm"}))[0] == 201
+    assert s.http("POST", DEPLOYMENTS, _deployment("b", {ISVC_LABEL: "llm"}))[0] == 201
+    assert s.http("POST", DEPLOYMENTS, _deployment("other", {"app": "x"}))[0] == 201
+    wait_for(lambda: len(informer.by_label(NS, "llm") or []) == 2, "two cached Deployments")
+    assert informer.get(NS, "other") is None and len(informer) == 2
+    code, _ = s.http("PATCH", f"{DEPLOYMENTS}/a", {"spec": {"replicas": 3}}, content_type=MERGE_PATCH)
+    assert code == 200
+    wait_for(lambda: (informer.get(NS, "a") or {}).get("spec", {}).get("replicas") == 3, "the modified replicas")
+    # moved to another owner's label, then the label removed: indexed under the new value, then gone
+    s.http("PATCH", f"{DEPLOYMENTS}/b", {"metadata": {"labels": {ISVC_LABEL: "other-llm"}}}, content_type=MERGE_PATCH)
+    wait_for(lambda: [o["metadata"]["name"] for o in informer.by_label(NS, "other-llm") or []] == ["b"], "relabelled")
+    assert [o["metadata"]["name"] for o in informer.by_label(NS, "llm")] == ["a"]
+    s.http("PATCH", f"{DEPLOYMENTS}/b", {"metadata": {"labels": {ISVC_LABEL: None}}}, content_type=MERGE_PATCH)
+    wait_for(lambda: informer.get(NS, "b") is None, "the unlabelled Deployment dropped")
+    assert s.http("DELETE", f"{DEPLOYMENTS}/a")[0] == 200
+    wait_for(lambda: informer.get(NS, "a") is None, "the deleted Deployment dropped")
+    assert informer.by_label(NS, "llm") == [] and len(informer) == 0
+    sent = [r for r in s.requests if r.path == DEPLOYMENTS and r.verb in ("list", "watch")]
+    assert sent and all(r.query.get("labelSelector") == ISVC_LABEL for r in sent)
+    assert informer.lists == 1
+
+
+def test_informer_lists_again_after_410_gone(cluster, informer):
+    """The server drops its history and ends the stream (an etcd compaction): resuming from
+    the informer's version is 410 Gone, so it lists again, and what changed meanwhile is
+    there."""
+    s = cluster
+    assert s.http("POST", DEPLOYMENTS, _deployment("a", {ISVC_LABEL: "llm"}))[0] == 201
+    wait_for(lambda: informer.get(NS, "a") is not None, "the first Deployment")
+    assert s.http("POST", DEPLOYMENTS, _deployment("unrelated", {"app": "x"}))[0] == 201  # moves the version on
+    s.compact()
+    assert s.http("POST", DEPLOYMENTS, _deployment("b", {ISVC_LABEL: "llm"}))[0] == 201
+    wait_for(lambda: informer.get(NS, "b") is not None, "the Deployment created across the compaction")
+    assert informer.lists >= 2 and informer.synced.is_set()
+    assert any(r.verb == "watch" and r.path == DEPLOYMENTS for r in s.requests)
+
+
+def test_an_unserved_kind_is_synced_and_empty(cluster, tmp_path):
+    kube = Kube(_api_client(cluster.url), cache_file=str(tmp_path / "discovery.json"))
+    inf = Informer(kube, "example.com/v1", "Gadget", ISVC_LABEL, NS).start()
+    try:
+        assert inf.synced.wait(10) and inf.by_label(NS, "llm") == [] and inf.get(NS, "x") is None
+    finally:
+        inf.stop()
+
+
+def test_up_to_date():
+    """The no-op check: same applied hash and every applied field equal; extra live fields
+    (defaults, status, other managers) do not matter; a dropped field changes the hash."""
+    m = reconcile.with_applied_hash(_deployment("a", {ISVC_LABEL: "llm"}))
+    live = {**m, "metadata": {**m["metadata"], "uid": "u", "resourceVersion": "9"}, "status": {"replicas": 1}}
+    live["spec"] = {**m["spec"], "replicas": 1, "strategy": {"type": "RollingUpdate"}}
+    assert reconcile.up_to_date(m, live)
+    assert not reconcile.up_to_date(m, None)
+    edited = {**live, "spec": {**live["spec"], "selector": {"matchLabels": {"app": "b"}}}}
+    assert not reconcile.up_to_date(m, edited)
+    # a container added by someone else: lists compare element by element, same length
+    tmpl = live["spec"]["template"]
+    more = {**live, "spec": {**live["spec"], "template": {**tmpl, "spec": {"containers": [
+        *tmpl["spec"]["containers"], {"name": "sidecar", "image": "x"}]}}}}
+    assert not reconcile.up_to_date(m, more)
+    # the operator stops applying a label it applied before: same fields otherwise, new hash
+    fewer = _deployment("a", {ISVC_LABEL: "llm"})
+    fewer["metadata"]["labels"] = {}
+    assert not reconcile.up_to_date(reconcile.with_applied_hash(fewer), live)
+    # quantities come back as strings
+    q = reconcile.with_applied_hash({"apiVersion": "v1", "kind": "X", "metadata": {"name": "q"},
+                                     "spec": {"limits": {"nvidia.com/gpu": 1}}})
+    assert reconcile.up_to_date(q, {**q, "spec": {"limits": {"nvidia.com/gpu": "1"}}})
+    assert not reconcile.up_to_date(q, {**q, "spec": {"limits": {"nvidia.com/gpu": "2"}}})
+    assert reconcile.with_applied_hash(m) == m  # idempotent
+
+
+def test_passes_read_the_cache_skip_no_op_applies_and_repair_drift(cluster, tmp_path):
+    """With the children cache synced, a steady-state pass reads the InferenceService and
+    nothing else; a user's edit of a field the operator applied, and a deleted child, are
+    put back by the next pass."""
+    s = cluster
+    spec = {"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0},
+            "scaling": {"autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 2}}
+    assert s.http("POST", ISVCS, _new_isvc("llm", spec))[0] == 201
+    ctx = Context(FAST, api_client=_api_client(s.url), discovery_cache=str(tmp_path / "discovery.json"),
+                  namespaces=[NS])
+    try:
+        converge(ctx, NS, "llm")  # creates the children (no cache yet)
+        assert ctx.start_children_cache().wait_synced(10)
+        dep = one(s, "Deployment")
+        wait_for(lambda: ctx.children.get("apps/v1", "Deployment", NS, "llm") is not None, "the cached Deployment")
+        converge(ctx, NS, "llm")  # settles anything the first pass left to do
+        time.sleep(0.3)
+        s.requests.clear()
+        converge(ctx, NS, "llm")
+        calls = [(r.verb, r.path) for r in s.requests]
+        assert calls == [("get", f"{ISVCS}/llm")], calls
+        # drift: the container image edited by hand
+        image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
+        containers = [{**dep["spec"]["template"]["spec"]["containers"][0], "image": "evil:1"}]
+        code, _ = s.http("PATCH", f"{KINDS['Deployment']}/llm", {"spec": {"template": {"spec": {
+            "containers": containers}}}}, content_type=MERGE_PATCH)
+        assert code == 200
+        wait_for(lambda: ctx.children.get("apps/v1", "Deployment", NS, "llm")["spec"]["template"]["spec"][
+            "containers"][0]["image"] == "evil:1", "the edit in the cache")
+        converge(ctx, NS, "llm")
+        assert one(s, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"] == image
+        # a deleted child is a cache miss, read from the server and created again
+        assert s.http("DELETE", f"{KINDS['HorizontalPodAutoscaler']}/llm")[0] == 200
+        wait_for(lambda: ctx.children.get("autoscaling/v2", "HorizontalPodAutoscaler", NS, "llm") is None,
+                 "the deletion in the cache")
+        converge(ctx, NS, "llm")
+        one(s, "HorizontalPodAutoscaler")
+        assert len(ctx.children.informers) == len(CHILD_KINDS)
+    finally:
+        ctx.stop_children_cache()
