@@ -223,6 +223,14 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
     Returns:
         The status written (or already there), None when the object is gone or being deleted.
 
+    Children are read from :attr:`Context.children` (the list-and-watch cache) when it holds
+    them, else from the API server; orphans are found the same way. Each applied manifest
+    carries :data:`~argosy.operator.reconcile.APPLIED_HASH_ANNOTATION` and is not sent when
+    the live object already holds it and every applied field
+    (:func:`~argosy.operator.reconcile.up_to_date`), so a steady-state pass with a synced
+    cache makes one API call (the GET of the InferenceService, read fresh so the status
+    patch compares against the latest status) plus the status patch when status changed.
+
     Every child is written independently (orphans deleted first, then a replica restored
     for an HPA taking over a Deployment at zero, then the applies): one failed write does
     not stop the others, the orphan clean-up or the status patch. Failures are reported in

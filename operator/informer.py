@@ -237,7 +237,8 @@ class ChildCache:
         per_ns = self.informers.get((api_version, kind))
         if per_ns is None:
             return None
-        return per_ns.get(None) or per_ns.get(namespace)
+        cluster_wide = per_ns.get(None)  # (not ``or``: an empty informer is falsy, len() 0)
+        return cluster_wide if cluster_wide is not None else per_ns.get(namespace)
 
     def get(self, api_version: str, kind: str, namespace: str, name: str) -> Optional[dict]:
         """The cached child, None when it is not cached (absent, not synced or not a watched kind:

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -219,3 +220,66 @@ def test_rendered_promql_and_builtin_autoscaler_against_real_prometheus(server, 
         time.sleep(1.0)
     assert any(r == "StabilizingDown" for *_, r in decisions) or len(decisions) > 2
     assert decisions[-1][3] == 1
+
+
+_METRIC_RE = re.compile(r"\b((?:vllm|argosy|kube)[a-z_:]*[a-z_])\s*(?=[{\[)\s]|$)")
+_THRESHOLD_RE = re.compile(r"\s*>\s*[0-9.eE+-]+\s*$")
+
+
+def test_chart_dashboard_and_alert_queries_against_real_prometheus(server, prometheus, helm_env, tmp_path):
+    """Every query of the chart's Grafana dashboard (its ``$namespace``/``$service``
+    variables set to this service) and every alert expression of its PrometheusRule (the
+    threshold comparison removed, so the series is there to compare) runs on the real
+    Prometheus scraping ``argosy serve``: each succeeds, each runtime query returns exactly
+    one series for this service, and each runtime metric name it uses is one the server
+    exports. The kube-state-metrics queries (the replica panel, the not-Ready alert) run
+    and return nothing here: no kube-state-metrics runs on loopback, so their metric names
+    are not checked."""
+    from .test_helm import CHART, RELEASE, by_kind, run_helm
+    from .test_monitoring import VALUES
+
+    res = run_helm(helm_env, "template", RELEASE, str(CHART), "--namespace", "argosy-system", values=VALUES,
+                   tmp=tmp_path)
+    assert res.returncode == 0, res.stderr
+    import yaml
+
+    rendered = [d for d in yaml.safe_load_all(res.stdout) if d]
+    (cm,) = [c for c in by_kind(rendered, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    dash = json.loads(cm["data"]["argosy.json"])
+    panels = [(p["title"], t["expr"].replace("$namespace", NAMESPACE).replace("$service", SERVICE))
+              for p in dash["panels"] for t in p["targets"]]
+    (rule,) = by_kind(rendered, "PrometheusRule")
+    alerts = [(r["alert"], _THRESHOLD_RE.sub("", r["expr"].strip())) for g in rule["spec"]["groups"]
+              for r in g["rules"]]
+    assert len(panels) >= 9 and len(alerts) >= 6
+
+    # traffic inside the queries' 5 m windows (the same prompt twice: a prefix-cache hit),
+    # then two scrapes so the counters' increase is stored
+    base = f"http://127.0.0.1:{server}"
+    model = http_json(base + "/v1/models")["data"][0]["id"]
+    for _ in range(2):
+        http_json(base + "/v1/completions", {"model": model, "prompt": "The dashboard of a language model server shows",
+                                              "max_tokens": 8, "temperature": 0})
+    time.sleep(3)
+
+    exported = set(http_json(f"{prometheus}/api/v1/label/__name__/values")["data"])
+    assert "vllm:num_requests_waiting" in exported
+    checked = []
+    for source, expr in [*(("panel " + t, e) for t, e in panels), *(("alert " + a, e) for a, e in alerts)]:
+        names = set(_METRIC_RE.findall(expr))
+        assert names, (source, expr)
+        body = http_json(f"{prometheus}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+        assert body["status"] == "success", (source, expr, body)
+        result = body["data"]["result"]
+        if any(n.startswith("kube_") for n in names):
+            assert result == [], (source, result)  # no kube-state-metrics here
+            continue
+        missing = sorted(n for n in names if n not in exported)
+        assert not missing, f"{source}: {missing} not exported by argosy serve"
+        assert len(result) == 1, (source, expr, result)
+        labels = result[0]["metric"]
+        assert labels.get("service") == SERVICE, (source, labels)
+        if source.startswith("alert"):
+            assert labels.get("namespace") == NAMESPACE, (source, labels)
+        checked.append(source)
+    print(f"{len(checked)} dashboard and alert queries answered for {NAMESPACE}/{SERVICE}: {checked}")
