@@ -66,9 +66,11 @@ VALUE_SETS: dict[str, dict] = {
                                          "certManager": {"enabled": True}}},
 }
 
-#: What the kopf shell does with children (operator/kube.py): get, list by label, server-side
-#: apply (create or patch), delete orphans. It polls them; it does not watch them.
-CHILD_VERBS = {"get", "list", "create", "patch", "delete"}
+#: What the kopf shell does with children (operator/kube.py, operator/informer.py): get, list
+#: and watch by label (the children cache), server-side apply (create or patch), delete orphans.
+CHILD_VERBS = {"get", "list", "watch", "create", "patch", "delete"}
+#: ResourceQuotas (GPUQuota backstops) are applied and read, not cached.
+QUOTA_VERBS = {"get", "list", "create", "patch", "delete"}
 #: Resources the operator itself is granted besides its children.
 OWN_RESOURCES = {("serving.argosy.dev", "inferenceservices"): {"get", "list", "watch", "patch", "update"},
                  ("serving.argosy.dev", "inferenceservices/status"): {"get", "patch", "update"},
@@ -76,7 +78,7 @@ OWN_RESOURCES = {("serving.argosy.dev", "inferenceservices"): {"get", "list", "w
                  ("serving.argosy.dev", "inferenceservices/finalizers"): {"update"},
                  ("", "events"): {"create", "patch", "list"},  # list: a Pending claim's ProvisioningFailed events
                  # GPUQuota backstops in each covered namespace, and the builtin autoscaler
-                 ("", "resourcequotas"): CHILD_VERBS,
+                 ("", "resourcequotas"): QUOTA_VERBS,
                  ("apps", "deployments/scale"): {"get", "patch"},
                  # what the router's Role grants (spec.router): RBAC lets no one grant more than it holds
                  ("discovery.k8s.io", "endpointslices"): {"get", "list", "watch"}}

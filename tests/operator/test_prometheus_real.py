@@ -222,7 +222,7 @@ def test_rendered_promql_and_builtin_autoscaler_against_real_prometheus(server, 
     assert decisions[-1][3] == 1
 
 
-_METRIC_RE = re.compile(r"\b((?:vllm|argosy|kube)[a-z_:]*[a-z_])\s*(?=[{\[)\s]|$)")
+_METRIC_RE = re.compile(r"\b((?:vllm|argosy|kube)[a-z0-9_:]*[a-z0-9_])\s*(?=[{\[)\s]|$)")
 _THRESHOLD_RE = re.compile(r"\s*>\s*[0-9.eE+-]+\s*$")
 
 
