@@ -171,7 +171,10 @@ class EngineArgs:
                             "4-bit tensors run packed int4, Q8_0/Q5_x/Q6_K grouped int8, others are dequantized to "
                             "--dtype), compressed-tensors "
                             "(W4A16, W8A8, FP8), awq (4-bit GEMM) or gptq (4/8-bit, act-order too; awq_marlin and "
-                            "gptq_marlin are taken as those); a method other than the checkpoint's own is an error")
+                            "gptq_marlin are taken as those); a method other than the checkpoint's own is an error; "
+                            "fp8 on a float Hugging Face checkpoint quantizes its linear layers at load (E4M3, one "
+                            "scale per output row; torch._scaled_mm with per-token FP8 activations on GPUs that take "
+                            "it, dense on the FP8 values elsewhere)")
         g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
         g.add_argument("--max-model-len", type=int, default=None, help="context length in tokens (prompt + output); default: the model's")
         g.add_argument("--block-size", type=int, default=d.block_size, help="tokens per KV cache block")

@@ -115,12 +115,14 @@ def _hf_logits(path: str, ids: list[int], hf_model) -> torch.Tensor:
         return m(torch.tensor([ids])).logits[0].float()
 
 
-def _our_logits(path: str, ids: list[int], dtype: str) -> tuple[torch.Tensor, object]:
+def _our_logits(path: str, ids: list[int], dtype: str, **engine_args) -> tuple[torch.Tensor, object]:
+    """Argosy's float32 logits ``[T, V]`` for the prompt ``ids`` (one prefill) and its model;
+    ``engine_args``: more :class:`EngineArgs` fields (e.g. ``quantization``)."""
     from argosy.runtime.config import EngineArgs
     from argosy.runtime.core.engine import LLMEngine
 
     eng = LLMEngine(EngineArgs(model=path, dtype=dtype, max_model_len=256, kv_cache_memory=16 << 20,
-                               compilation_config="0"))
+                               compilation_config="0", **engine_args))
     model = eng.executor.runner.model
     pos = torch.arange(len(ids))
     from argosy.runtime.attention import AttentionMetadata
@@ -189,6 +191,7 @@ def test_8bit_checkpoints_run_weight_only(w4a16, checkpoint, hf_model, which, ca
     layers = [m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "is_int8")]
     # int8 weights run on _weight_int8pack_mm for small batches; FP8 ones are dense
     assert layers and all(m.is_int8 == (which == "w8a8-channel") for m in layers)
+    assert all(m.fp8_dense == (which == "fp8-tensor") for m in layers if m is not model.lm_head)
     if which == "w8a8-channel":  # the int8 kernel and the dense copy beside it compute the same layer
         lin = model.layers[0].mlp.gate_up_proj
         x = torch.randn(3, lin.in_features).to(torch.bfloat16)
@@ -220,17 +223,20 @@ def test_quantization_flag_matches_the_checkpoint(w4a16, make_engine):
 
 
 def test_quantization_flag_on_a_dense_checkpoint(checkpoint):
-    """No online quantization yet: a method on a dense checkpoint is refused, saying so."""
+    """A checkpoint method on a dense checkpoint is refused, naming the online one
+    (``fp8``, accepted: tests/test_fp8.py); an unknown method is refused listing both kinds."""
     import dataclasses
 
     from argosy.runtime.core.engine import check_quantization
 
     dense = dataclasses.replace(checkpoint, config=dataclasses.replace(checkpoint.config, quantization=None))
     check_quantization(None, dense)
-    with pytest.raises(ValueError, match="needs a checkpoint quantized with compressed-tensors .* online"):
+    check_quantization("fp8", dense)
+    with pytest.raises(ValueError, match="needs a checkpoint quantized with compressed-tensors .* online "
+                                         "quantization: --quantization fp8"):
         check_quantization("compressed-tensors", dense)
-    with pytest.raises(ValueError, match="--quantization fp8 is not supported"):
-        check_quantization("fp8", dense)
+    with pytest.raises(ValueError, match="--quantization bitsandbytes is not supported .* fp8, applied at load"):
+        check_quantization("bitsandbytes", dense)
 
 
 @pytest.mark.parametrize("change,named", [

@@ -13,6 +13,7 @@ from ..config import (EngineArgs, ModelConfig, SchedulerConfig, default_num_thre
                       resolve_kv_cache_dtype)
 from ..loader import Checkpoint, load_checkpoint
 from ..models.llama import check_tp_divisibility
+from ..quantization import ONLINE_METHODS as _ONLINE_METHODS
 from ..worker.executor import ModelSpec, MultiprocExecutor, UniprocExecutor, WorkerDiedError
 from ..worker.model_runner import StepPlanner, kv_bytes_per_block
 from .detokenizer import IncrementalDetokenizer
@@ -75,9 +76,10 @@ class EngineStats:
     steps: int = 0
 
 
-#: ``--quantization`` values: the methods of checkpoints Argosy reads (online quantization
-#: of a dense checkpoint, vLLM's ``--quantization fp8``, is not implemented: issue 16).
+#: ``--quantization`` values naming a checkpoint's own method (the formats Argosy reads).
 QUANTIZATION_METHODS = ("gguf", "compressed-tensors", "awq", "gptq")
+#: Methods applied at load to a float checkpoint (vLLM's online quantization).
+ONLINE_METHODS = _ONLINE_METHODS
 #: vLLM's kernel-specific names for the same checkpoint methods, accepted as those.
 QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 
@@ -85,8 +87,9 @@ QUANTIZATION_ALIASES = {"awq_marlin": "awq", "gptq_marlin": "gptq"}
 def check_quantization(requested: Optional[str], checkpoint: Checkpoint) -> None:
     """``--quantization`` against the checkpoint's own method, as vLLM does: unset or the
     same method is fine; another method on a quantized checkpoint is refused naming both
-    (no double quantization); a method on a dense checkpoint is refused (no online
-    quantization yet).
+    (no double quantization); ``fp8`` on a float Hugging Face checkpoint quantizes its
+    linear layers at load (online FP8, :mod:`argosy.runtime.quantization.fp8`); another
+    method on a float checkpoint is refused (it needs a checkpoint quantized that way).
 
     Raises:
         ValueError: one line saying which and what to do.
@@ -98,12 +101,14 @@ def check_quantization(requested: Optional[str], checkpoint: Checkpoint) -> None
     if own is not None and requested != own:
         raise ValueError(f"--quantization {requested} does not match {checkpoint.path}, which is already quantized "
                          f"with {own}: drop the flag or pass --quantization {own}")
-    if requested not in QUANTIZATION_METHODS:
+    if requested not in QUANTIZATION_METHODS + ONLINE_METHODS:
         raise ValueError(f"--quantization {requested} is not supported (supported: "
-                         f"{', '.join(QUANTIZATION_METHODS)}, for checkpoints quantized that way)")
-    if own is None:
+                         f"{', '.join(QUANTIZATION_METHODS)}, for checkpoints quantized that way; "
+                         f"{', '.join(ONLINE_METHODS)}, applied at load to a float checkpoint)")
+    if own is None and requested not in ONLINE_METHODS:
         raise ValueError(f"--quantization {requested} needs a checkpoint quantized with {requested} "
-                         f"({checkpoint.path} is not quantized; online quantization is not implemented)")
+                         f"({checkpoint.path} is not quantized; online quantization: "
+                         f"--quantization {' or '.join(ONLINE_METHODS)})")
 
 
 class LLMEngine:

@@ -23,7 +23,11 @@ rows 106 vs 199 us, 8 rows 246 vs 206 us; the same row limit keeps the compiled 
 graphs' batch buckets). GGUF's 8-, 6- and 5-bit types (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K) come
 as grouped int8 (:mod:`..quantization.q8_0`, the file's values without loss) and run on
 our C++ kernel (``argosy::q8_linear``, float32 math) for the same rows, output rounded
-to the activation dtype. The threshold is measured
+to the activation dtype. An FP8 weight (:mod:`..quantization.fp8`: a compressed-tensors
+``float-quantized`` checkpoint, or ``--quantization fp8`` quantizing a float one at load)
+runs on ``torch._scaled_mm`` with per-token FP8 activations for every call where the
+GPU takes it, the dense weight freed; elsewhere it runs dense on its FP8 values. The
+threshold is measured
 on whole decode steps of the bundled model (2 cores, AVX-512 + AMX, torch 2.13), where
 the weights stream from memory: batch 2 int4 23 ms vs dense 46 ms per step, batch 8
 33 vs 46 ms, batch 16 51 vs 51 ms. (In isolation, with the weight warm in cache, the int4
@@ -40,7 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantization import int4 as int4_mod
+from ..quantization import fp8 as fp8_mod
 from ..quantization import q8_0
+from ..quantization.fp8 import Fp8Weight
 from ..quantization.int4 import Int4Weight
 from ..quantization.int8 import Int8Weight
 from ..quantization.q8_0 import PackedQ8, Q8Weight
@@ -96,8 +102,13 @@ class Linear(nn.Module):
         self.register_buffer("q8_scales", None, persistent=False)
         self.register_buffer("q8_mins", None, persistent=False)
         self.q8_group = 0
+        #: the FP8 weight ``[N, K] float8_e4m3fn`` and its scales ``[1, N] float32`` (``_scaled_mm``, GPU)
+        self.register_buffer("fp8_weight", None, persistent=False)
+        self.register_buffer("fp8_scales", None, persistent=False)
+        #: whether the dense weight holds FP8 values (an FP8 layer where ``_scaled_mm`` does not run)
+        self.fp8_dense = False
         #: row start -> quantized rows handed over by :meth:`load_quantized`
-        self._quantized_parts: dict[int, Union[Int4Weight, Int8Weight, Q8Weight]] = {}
+        self._quantized_parts: dict[int, Union[Int4Weight, Int8Weight, Q8Weight, Fp8Weight]] = {}
 
     @property
     def is_int4(self) -> bool:
@@ -115,12 +126,17 @@ class Linear(nn.Module):
         return self.int8_weight is not None
 
     @property
+    def is_fp8(self) -> bool:
+        """Whether the FP8 weight runs on ``_scaled_mm`` (a GPU that takes it)."""
+        return self.fp8_weight is not None
+
+    @property
     def is_q8(self) -> bool:
         """Whether the grouped int8 weight (GGUF Q8_0/Q5_x/Q6_K) is in use."""
         return self.q8_weight is not None
 
-    def load_quantized(self, row_start: int, w: Union[Int4Weight, Int8Weight, Q8Weight]) -> None:
-        """Take rows ``[row_start, row_start + N)`` as a 4-bit, int8 or grouped int8
+    def load_quantized(self, row_start: int, w: Union[Int4Weight, Int8Weight, Q8Weight, Fp8Weight]) -> None:
+        """Take rows ``[row_start, row_start + N)`` as a 4-bit, int8, grouped int8 or FP8
         weight (and their dense values: on the CPU dequantized the way its kernel sees
         them, scales rounded as the kernel rounds them; elsewhere, where only the W4A16
         kernel runs and a layer it does not take stays dense, exactly).
@@ -141,13 +157,26 @@ class Linear(nn.Module):
         Triton W4A16 kernel (CUDA, float16/bfloat16) or for PyTorch's CPU int4 kernel
         (CPU, bfloat16) if the kernel takes its shape and group size, keep the int8 weight
         if the model runs in bfloat16 on the CPU (``_weight_int8pack_mm``'s case), or pack
-        the grouped int8 weight where its C++ kernel builds (CPU, bfloat16); otherwise
-        stay dense."""
+        the grouped int8 weight where its C++ kernel builds (CPU, bfloat16), keep the FP8
+        weight where ``_scaled_mm`` runs (:func:`~argosy.runtime.quantization.fp8.scaled_mm_supported`,
+        16-multiple shapes; the dense weight freed); otherwise stay dense."""
         parts, self._quantized_parts = self._quantized_parts, {}
         ordered = [parts[s] for s in sorted(parts)]
         if not ordered or sum(p.shape[0] for p in ordered) != self.out_features \
                 or len({type(p) for p in ordered}) != 1:
             return  # some rows were dense in the checkpoint (or came in another form)
+        if isinstance(ordered[0], Fp8Weight):
+            self.fp8_dense = True
+            dev = self.weight.device
+            if fp8_mod.shape_supported(self.out_features, self.in_features) and fp8_mod.scaled_mm_supported(dev):
+                whole = Fp8Weight.cat(ordered)
+                self.fp8_weight = whole.q.to(dev).contiguous()
+                self.fp8_scales = whole.scale.to(dev, torch.float32)[None, :].contiguous()
+                self.fp8_dense = False
+                # every call runs _scaled_mm: the dense weight is not kept (its memory is freed)
+                self.weight = nn.Parameter(torch.empty(0, self.in_features, dtype=self.weight.dtype, device=dev),
+                                           requires_grad=False)
+            return
         if isinstance(ordered[0], Q8Weight):
             if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu" and q8_0.kernel() is not None:
                 p = PackedQ8.pack(Q8Weight.cat(ordered))
@@ -188,6 +217,8 @@ class Linear(nn.Module):
             self.input_perm = torch.as_tensor(whole.perm, dtype=torch.int64, device=self.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp8_weight is not None:
+            return fp8_mod.fp8_linear(x, self.fp8_weight, self.fp8_scales, self.bias)
         if self.w4_qweight is not None:
             y = _triton_w4a16.matmul(x, self.w4_qweight, self.w4_scales, self.w4_zeros, self.group_size,
                                     self.input_perm)

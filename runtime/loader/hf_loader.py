@@ -15,6 +15,7 @@ from ..quantization import gptq_awq
 from ..quantization.base import UnsupportedQuantization
 from ..quantization.compressed_tensors import (Int8WeightScheme, Scheme as CTScheme, complete, decode,
                                                dequantize_8bit, int8_weight, parse_config, quantized_part)
+from ..quantization.fp8 import Fp8Weight
 from ..quantization.int4 import Int4Weight
 
 #: A checkpoint's quantization scheme: compressed-tensors, AWQ or GPTQ.
@@ -123,8 +124,10 @@ def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_fo
             return name, _awq_gptq_layer(parts, scheme, shard_for(name) if shard_for else None, int4)
         if isinstance(scheme, Int8WeightScheme):  # weight-only (see the quantization module's doc)
             shard = shard_for(name) if shard_for else None
-            if int4 and scheme.format != "float-quantized":
-                w8 = int8_weight(parts)
+            if int4 and (scheme.format != "float-quantized" or
+                         (scheme.symmetric and parts["weight"].dtype == torch.float8_e4m3fn)):
+                w8 = int8_weight(parts) if scheme.format != "float-quantized" else \
+                    Fp8Weight.from_checkpoint(parts["weight"], parts["weight_scale"])
                 if shard is not None:
                     dim, start, stop = shard
                     w8 = w8.rows(start, stop) if dim == 0 else w8.cols(start, stop)
@@ -173,7 +176,9 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
     with ``int4`` (run packed), else dequantized to float32; a tensor-parallel shard of
     it is cut after decoding, on whole quantization groups. 8-bit layers: int8 (W8A8)
     as an :class:`~argosy.runtime.quantization.int8.Int8Weight` with
-    ``int4`` (the quantized kernels' case), else, and FP8 always, dequantized to float32.
+    ``int4`` (the quantized kernels' case), else dequantized to float32; FP8 (E4M3,
+    symmetric) as an :class:`~argosy.runtime.quantization.fp8.Fp8Weight` with ``int4``,
+    else dequantized.
     AWQ / GPTQ layers likewise (:func:`_awq_gptq_layer`).
 
     Raises:

@@ -33,6 +33,7 @@ from ..config import ModelConfig
 from ..distributed import TPGroup
 from ..layers import Linear
 from ..quantization import q8_0
+from ..quantization.fp8 import Fp8Weight
 from ..quantization.int8 import Int8Weight
 from ..quantization.int4 import Int4Weight
 from ..quantization.q8_0 import PackedQ8, Q8Weight
@@ -317,6 +318,10 @@ class LlamaForCausalLM(nn.Module):
         #: the LM head in the file's grouped int8 form (Q8_0, Q5_x, Q6_K), for logits of at most ``q8_0.MAX_ROWS``
         #: rows (decode at low batch); None: the dense matrix only
         self.logits_q8: Optional[PackedQ8] = None
+        #: ``--quantization`` applied at load to a float checkpoint's linear layers (``"fp8"``:
+        #: :meth:`~argosy.runtime.quantization.fp8.Fp8Weight.quantize`; the embeddings and
+        #: LM head stay as they are, as in vLLM), None: none
+        self.online_quantization: Optional[str] = None
 
     def set_decode_kernel(self, enabled: bool) -> None:
         """Decide once, for every layer, whether decode rows take the C++ paged decode
@@ -411,7 +416,10 @@ class LlamaForCausalLM(nn.Module):
         Q5_x, Q6_K): an embedding / LM head is kept dense and, where the C++ kernel
         builds, also as :attr:`logits_q8`, a linear layer's goes to its ``Linear``, or a
         :class:`~argosy.runtime.quantization.int8.Int8Weight` (int8 with
-        per-row scales), which its ``Linear`` keeps for the int8 kernel.
+        per-row scales), which its ``Linear`` keeps for the int8 kernel, or an
+        :class:`~argosy.runtime.quantization.fp8.Fp8Weight` (FP8 with per-row scales). With
+        :attr:`online_quantization` ``"fp8"``, a dense weight of a decoder layer's linear
+        projection is quantized to FP8 as it arrives (this rank's shard).
         Under tensor parallelism each tensor must already be this rank's slice
         (:meth:`shard_for`); the loaders read only that slice where the format allows.
 
@@ -436,7 +444,10 @@ class LlamaForCausalLM(nn.Module):
                 if (name == "lm_head.weight" or cfg.tie_word_embeddings) and dst.device.type == "cpu" \
                         and q8_0.kernel() is not None:
                     self.logits_q8 = PackedQ8.pack(w, self.vocab_per_rank)
-            elif isinstance(w, (Int4Weight, Int8Weight, Q8Weight)):
+            elif self.online_quantization == "fp8" and owner is not None and owner is not self.lm_head \
+                    and isinstance(w, torch.Tensor) and name.endswith("_proj.weight"):
+                owner.load_quantized(rows[0] if rows else 0, Fp8Weight.quantize(w))
+            elif isinstance(w, (Int4Weight, Int8Weight, Q8Weight, Fp8Weight)):
                 if owner is not None:  # a linear layer's weight (or rows of a fused one)
                     owner.load_quantized(rows[0] if rows else 0, w)
                 else:

@@ -42,6 +42,7 @@ from ..config import CacheConfig, EngineArgs, default_num_threads, resolve_kv_ca
 from ..distributed import TPGroup, destroy_group, init_group, open_store
 from ..loader import Checkpoint, load_checkpoint
 from ..models import LlamaForCausalLM
+from ..quantization import online_quantization
 from .cpu_compile import resolve_mode, should_compile
 from .model_runner import ModelRunner, StepPlan, num_kv_blocks
 
@@ -87,15 +88,18 @@ def rank_threads(args: EngineArgs) -> int:
 _QUANTIZED_BUFFERS = {"int4_packed": "int4", "int4_scales_zeros": "int4", "input_perm": "int4",
                       "q8_weight": "grouped int8", "q8_scales": "grouped int8", "q8_mins": "grouped int8",
                       "int8_weight": "int8", "int8_scales": "int8",
-                      "w4_qweight": "int4", "w4_scales": "int4", "w4_zeros": "int4"}
+                      "w4_qweight": "int4", "w4_scales": "int4", "w4_zeros": "int4",
+                      "fp8_weight": "fp8", "fp8_scales": "fp8"}
 
 
 def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
     """Bytes of ``model``'s parameters and buffers by the format they are held in
     (this rank's shard): ``int4`` (packed weights, their scales and zeros, act-order
     permutations), ``grouped int8`` (with its scales and offsets, including the LM head's
-    ``logits_q8``), ``int8``, ``<dtype> dense copies`` (the dense weights kept beside a
-    quantized one for large batches, :mod:`argosy.runtime.layers.linear`) and ``<dtype>``
+    ``logits_q8``), ``int8``, ``fp8`` (FP8 weights on ``_scaled_mm`` and their scales),
+    ``<dtype> dense copies`` (the dense weights kept beside a quantized one for large
+    batches, or holding an FP8 layer's values where ``_scaled_mm`` does not run,
+    :mod:`argosy.runtime.layers.linear`) and ``<dtype>``
     for everything else (embeddings, norms, dense layers, rotary tables). Tied tensors
     count once."""
     from ..layers.linear import Linear
@@ -111,7 +115,7 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
 
     for m in model.modules():
         if isinstance(m, Linear):
-            quantized = m.is_int4 or m.is_q8 or m.is_int8 or m.is_w4a16
+            quantized = m.is_int4 or m.is_q8 or m.is_int8 or m.is_w4a16 or m.is_fp8 or m.fp8_dense
             for name, b in m.named_buffers(recurse=False):
                 add(_QUANTIZED_BUFFERS.get(name, str(b.dtype).removeprefix("torch.")), b)
             dtype = str(m.weight.dtype).removeprefix("torch.")
@@ -135,6 +139,7 @@ def build_shard(spec: ModelSpec, checkpoint: Checkpoint, tp: TPGroup, device: to
             the wrong shape, or not one KV block fits.
     """
     model = LlamaForCausalLM(checkpoint.config, spec.dtype, device, spec.max_model_len, tp)
+    model.online_quantization = online_quantization(spec.args.quantization, checkpoint.config.quantization)
     model.load_weights(checkpoint.weights(model.shard_for, int4=model.uses_int4))
     # parameters plus buffers (packed int4 weights, rotary tables) plus the Q8_0 LM head
     model.weight_bytes_by_format = weight_bytes_by_format(model)

@@ -1,0 +1,203 @@
+"""FP8 weights (issue 16): online ``--quantization fp8`` of a float checkpoint, and the
+``torch._scaled_mm`` path FP8 layers take on GPUs.
+
+The oracle is compressed-tensors' own FP8 quantizer (``calculate_qparams`` min-max scale
+per output channel, ``fake_quantize``) applied to Hugging Face ``transformers``' float
+model of the bundled GGUF: an independent implementation of the same per-channel E4M3
+quantization vLLM's online FP8 applies. ``torch._scaled_mm`` also runs on the CPU (20-30x
+slower than dense there, so the engine does not use it on the CPU): the tests run the GPU
+path's exact calls through it, including a whole engine with the path forced on.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from .test_compressed_tensors import PROMPT, _kl, _our_logits
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _ct_fake_quantize(w: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' per-channel symmetric FP8 quantize-dequantize of ``w [N, K]``."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="channel")
+    scale, zp = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), args)
+    return fake_quantize(w, scale, zp, args)
+
+
+@pytest.fixture(scope="module")
+def dense_dir(hf_model, checkpoint, tmp_path_factory) -> str:
+    """The bundled model as a float32 Hugging Face directory (no quantization_config)."""
+    out = tmp_path_factory.mktemp("dense")
+    m = copy.deepcopy(hf_model)
+    m.hf_quantizer = None
+    if hasattr(m.config, "quantization_config"):
+        del m.config.quantization_config
+    m.save_pretrained(out)
+    checkpoint.tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def oracle(hf_model):
+    """HF's float32 model with every decoder projection replaced by compressed-tensors'
+    FP8 quantize-dequantize (the embeddings / tied LM head stay float, as vLLM leaves them)."""
+    m = copy.deepcopy(hf_model).eval()
+    n = 0
+    with torch.no_grad():
+        for name, mod in m.named_modules():
+            if name.rpartition(".")[2] in PROJ:
+                mod.weight.copy_(_ct_fake_quantize(mod.weight.float()))
+                n += 1
+    assert n == 7 * m.config.num_hidden_layers
+    return m
+
+
+def test_quantize_equals_compressed_tensors():
+    """Our per-row E4M3 quantization gives compressed-tensors' values bit for bit (scales,
+    saturation, rounding), including a zero row and values at the range's edge."""
+    from argosy.runtime.quantization.fp8 import Fp8Weight
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 80) * torch.logspace(-4, 1, 48)[:, None]
+    w[3] = 0.0
+    w[5, 7] = 1e4  # one outlier: its row's scale
+    q = Fp8Weight.quantize(w)
+    assert q.q.dtype == torch.float8_e4m3fn and q.scale.shape == (48,)
+    assert torch.equal(q.dequantize(), _ct_fake_quantize(w))
+    assert torch.equal(q.rows(8, 16).dequantize(), q.dequantize()[8:16])
+    assert torch.equal(q.cols(16, 32).dequantize(), q.dequantize()[:, 16:32])
+    assert torch.equal(Fp8Weight.cat([q.rows(0, 20), q.rows(20, 48)]).dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_fp8_linear_is_the_scaled_product(dtype, rows):
+    """:func:`fp8_linear` (``torch._scaled_mm``, row-wise scales, the GPU path's call) equals
+    the product of the per-token FP8 activations and the FP8 weight computed in float64,
+    within the bfloat16 output rounding; with a bias; a zero row stays zero."""
+    from argosy.runtime.quantization.fp8 import Fp8Weight, fp8_linear, quantize_per_token
+
+    torch.manual_seed(1)
+    w = Fp8Weight.quantize(torch.randn(96, 64) * 0.1)
+    x = torch.randn(rows, 64).to(dtype)
+    x[0] = 0.0
+    bias = torch.randn(96).to(dtype)
+    y = fp8_linear(x, w.q, w.scale[None, :], bias)
+    assert y.dtype == dtype and y.shape == (rows, 96)
+    xq, xs = quantize_per_token(x)
+    ref = (xq.double() * xs.double()) @ (w.q.double() * w.scale.double()[:, None]).t() + bias.double()
+    torch.testing.assert_close(y.double(), ref, atol=2e-2, rtol=1e-2)
+    assert torch.equal(y[0].float(), bias.float())
+    # per-token activation quantization is close to the unquantized product
+    dense = x.double() @ w.dequantize(torch.float64).t() + bias.double()
+    assert ((y.double() - dense).norm() / dense.norm()).item() < 0.05
+
+
+def test_online_fp8_float32_logits_equal_the_oracle(dense_dir, checkpoint, oracle):
+    """``--quantization fp8`` on a float checkpoint in float32 on the CPU: every decoder
+    projection holds compressed-tensors' FP8 values, so the logits are the oracle's within
+    the float32 tolerance of the dense HF tests, and far from the unquantized model's."""
+    ids = checkpoint.tokenizer.encode(PROMPT)
+    ours, model = _our_logits(dense_dir, ids, "float32", quantization="fp8")
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear"]
+    assert layers and all(m.fp8_dense and not m.is_fp8 for m in layers)
+    with torch.no_grad():
+        ref = oracle(torch.tensor([ids])).logits[0].float()
+    assert (ours - ref).abs().max().item() < 1e-3
+    plain, _ = _our_logits(dense_dir, ids, "float32")
+    assert (plain - ref).abs().max().item() > 1e-2  # the quantization is really there
+
+
+def test_online_fp8_bfloat16_and_the_startup_accounting(dense_dir, checkpoint, oracle):
+    """bfloat16 on the CPU: the FP8 layers run dense on their FP8 values (counted as
+    "bfloat16 dense copies"), next-token distributions within the accuracy gate of the
+    oracle (mean KL < 0.01, top-1 >= 90%)."""
+    ids = checkpoint.tokenizer.encode(PROMPT * 3)
+    ours, model = _our_logits(dense_dir, ids, "bfloat16", quantization="fp8")
+    fmt = model.weight_bytes_by_format
+    proj = sum(m.weight.numel() for m in model.modules() if type(m).__name__ == "Linear")
+    assert fmt["bfloat16 dense copies"] == 2 * proj and "fp8" not in fmt
+    with torch.no_grad():
+        ref = oracle(torch.tensor([ids])).logits[0].float()
+    kl, top1 = _kl(ours, ref), (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert kl < 0.01 and top1 >= 0.9, (kl, top1)
+
+
+def test_the_scaled_mm_path_through_the_engine(dense_dir, checkpoint, oracle, monkeypatch):
+    """The GPU path, forced on the CPU: every projection keeps only its FP8 weight and
+    scales (1 byte a weight + 4 a row, counted as "fp8"; the dense weight freed) and runs
+    ``_scaled_mm`` with per-token FP8 activations; the logits stay within the accuracy gate
+    of the (weight-only) oracle."""
+    from argosy.runtime.quantization import fp8
+
+    monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
+    ids = checkpoint.tokenizer.encode(PROMPT)
+    ours, model = _our_logits(dense_dir, ids, "bfloat16", quantization="fp8")
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear"]
+    assert layers and all(m.is_fp8 and m.weight.numel() == 0 for m in layers)
+    want = sum(m.out_features * m.in_features + 4 * m.out_features for m in layers)
+    assert model.weight_bytes_by_format["fp8"] == want
+    assert "bfloat16 dense copies" not in model.weight_bytes_by_format
+    with torch.no_grad():
+        ref = oracle(torch.tensor([ids])).logits[0].float()
+    kl, top1 = _kl(ours, ref), (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert kl < 0.02 and top1 >= 0.9, (kl, top1)
+
+
+def test_compressed_tensors_fp8_checkpoint_takes_the_same_path(hf_model, checkpoint, tmp_path, monkeypatch):
+    """A compressed-tensors ``float-quantized`` checkpoint (per-channel) arrives as the
+    same FP8 weights: where ``_scaled_mm`` runs its layers keep the checkpoint's bytes."""
+    from safetensors import safe_open
+
+    from argosy.runtime.quantization import fp8
+
+    from .test_compressed_tensors import _make
+
+    path = _make(hf_model, checkpoint.tokenizer, tmp_path / "fp8ch", "channel", True, kind="fp8")
+    monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
+    _, model = _our_logits(path, checkpoint.tokenizer.encode(PROMPT), "bfloat16")
+    down = model.layers[0].mlp.down_proj
+    assert down.is_fp8
+    with safe_open(f"{path}/model.safetensors", "pt") as st:
+        want = st.get_tensor("model.layers.0.mlp.down_proj.weight")
+        scale = st.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
+    assert torch.equal(down.fp8_weight.view(torch.uint8), want.view(torch.uint8))
+    torch.testing.assert_close(down.fp8_scales.flatten(), scale.float().flatten())
+
+
+def test_fp8_flag_errors(make_engine, dense_dir):
+    """``--quantization fp8`` on the GGUF (already quantized) is one line naming both;
+    a checkpoint method on the float directory names the online one."""
+    from argosy.runtime.config import EngineArgs
+    from argosy.runtime.core.engine import LLMEngine
+
+    with pytest.raises(ValueError, match="--quantization fp8 does not match .* already quantized with gguf") as e:
+        make_engine(quantization="fp8")
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="needs a checkpoint quantized with awq .* --quantization fp8"):
+        LLMEngine(EngineArgs(model=dense_dir, quantization="awq", max_model_len=128, kv_cache_memory=8 << 20))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_online_fp8_on_cuda(dense_dir, checkpoint, oracle):
+    """On a GPU that takes row-wise ``_scaled_mm`` (sm_89+), the layers keep FP8 only and
+    agree with the oracle; elsewhere they run dense on the FP8 values."""
+    from argosy.runtime.quantization import fp8
+
+    ids = checkpoint.tokenizer.encode(PROMPT * 3)
+    ours, model = _our_logits(dense_dir, ids, "bfloat16", quantization="fp8", device="cuda")
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear"]
+    on_kernel = fp8.scaled_mm_supported(torch.device("cuda"))
+    assert all(m.is_fp8 == on_kernel and m.fp8_dense == (not on_kernel) for m in layers)
+    with torch.no_grad():
+        ref = oracle(torch.tensor([ids])).logits[0].float()
+    kl, top1 = _kl(ours.cpu(), ref), (ours.cpu().argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert kl < 0.02 and top1 >= 0.9, (kl, top1)
