@@ -108,7 +108,7 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
     seen: set[int] = set()
 
     def add(kind: str, t: Optional[torch.Tensor]) -> None:
-        if t is None or t.data_ptr() in seen:
+        if t is None or t.numel() == 0 or t.data_ptr() in seen:  # (a freed dense weight is empty)
             return
         seen.add(t.data_ptr())
         out[kind] = out.get(kind, 0) + t.numel() * t.element_size()
