@@ -175,12 +175,14 @@ class RuntimeSpec(_Model):
                                                                      "(--[no-]enable-chunked-prefill); default on.")
     dtype: Optional[Literal["auto", "float32", "bfloat16", "float16"]] = Field(
         None, description="Weight and activation dtype (--dtype).")
-    quantization: Optional[Literal["gguf", "compressed-tensors", "awq", "gptq", "awq_marlin", "gptq_marlin"]] = Field(
-        None, description="The checkpoint's quantization method (--quantization): detected from the model when unset "
-                          "(GGUF files; a Hugging Face directory's quantization_config: compressed-tensors, awq, gptq); "
-                          "when set it must be the checkpoint's own (awq_marlin / gptq_marlin are taken as awq / "
-                          "gptq), else the server refuses to start. Online quantization of a dense model is not "
-                          "implemented.")
+    quantization: Optional[Literal["gguf", "compressed-tensors", "awq", "gptq", "awq_marlin", "gptq_marlin",
+                                   "fp8"]] = Field(
+        None, description="Quantization method (--quantization): detected from the model when unset (GGUF files; a "
+                          "Hugging Face directory's quantization_config: compressed-tensors, awq, gptq); a checkpoint "
+                          "method must be the checkpoint's own (awq_marlin / gptq_marlin are taken as awq / gptq), "
+                          "else the server refuses to start; fp8 on a float Hugging Face checkpoint quantizes its "
+                          "linear layers at load (online FP8: E4M3 weights, one scale per output row, per-token FP8 "
+                          "activations on GPUs whose torch._scaled_mm takes row-wise scales).")
     kv_cache_dtype: Optional[Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]] = Field(
         None, description="KV cache element type (--kv-cache-dtype): auto (the model dtype) or fp8 / fp8_e4m3 / "
                           "fp8_e5m2, one byte a value, twice the cached tokens in the same memory (unscaled, as "

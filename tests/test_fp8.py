@@ -227,3 +227,32 @@ def test_online_fp8_on_cuda(dense_dir, checkpoint, oracle):
         ref = oracle(torch.tensor([ids])).logits[0].float()
     kl, top1 = _kl(ours.cpu(), ref), (ours.cpu().argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert kl < 0.02 and top1 >= 0.9, (kl, top1)
+
+
+def test_each_tensor_parallel_rank_quantizes_its_shard(dense_dir, checkpoint, hf_model):
+    """TP=3 with ``--quantization fp8`` (each rank quantizes what it reads, as vLLM does):
+    a column-parallel layer holds rows of the whole layer's FP8 values, a row-parallel one
+    the FP8 values of its own columns (their scales from those columns), every value
+    compressed-tensors'."""
+    from pathlib import Path
+
+    from argosy.runtime.distributed import TPGroup
+    from argosy.runtime.loader.hf_loader import iter_weights
+    from argosy.runtime.models import LlamaForCausalLM
+
+    layer = hf_model.model.layers[2]
+    full = {"q": layer.self_attn.q_proj.weight.float(), "o": layer.self_attn.o_proj.weight.float(),
+            "down": layer.mlp.down_proj.weight.float()}
+    for rank in range(3):
+        model = LlamaForCausalLM(checkpoint.config, torch.float32, torch.device("cpu"), 256, TPGroup(rank, 3))
+        model.online_quantization = "fp8"
+        model.load_weights(iter_weights(Path(dense_dir), model.shard_for))
+        ours = model.layers[2]
+        _, start, stop = model.shard_for("model.layers.2.self_attn.q_proj.weight")
+        q_rows = ours.self_attn.qkv_proj.weight[: stop - start]
+        assert torch.equal(q_rows, _ct_fake_quantize(full["q"])[start:stop])
+        for name, lin in (("o", ours.self_attn.o_proj), ("down", ours.mlp.down_proj)):
+            dim, start, stop = model.shard_for(f"model.layers.2.{'self_attn.o_proj' if name == 'o' else 'mlp.down_proj'}"
+                                               ".weight")
+            assert dim == 1 and lin.fp8_dense
+            assert torch.equal(lin.weight, _ct_fake_quantize(full[name][:, start:stop].contiguous())), name

@@ -241,7 +241,12 @@ def load_hf_dir(path: str, tokenizer_path: str | None = None, with_tokenizer: bo
     p = Path(path)
     cfg = read_config(p)
     scheme = quant_scheme(p, _config_json(p))
-    if isinstance(scheme, Int8WeightScheme):
+    if isinstance(scheme, Int8WeightScheme) and scheme.format == "float-quantized":
+        logger.warning("%s: compressed-tensors FP8 checkpoint: its layers run torch._scaled_mm with per-token FP8 "
+                       "activations on GPUs that take row-wise scales, elsewhere weight-only (dense on the FP8 "
+                       "values; its %s activation quantization is not applied there)", p.name,
+                       scheme.activations or "(no)")
+    elif isinstance(scheme, Int8WeightScheme):
         logger.warning("%s: compressed-tensors %s checkpoint served weight-only (int8 weights on the CPU in "
                        "bfloat16: _weight_int8pack_mm for small batches; otherwise dequantized at load)%s", p.name,
                        scheme.format,

@@ -250,6 +250,8 @@ def test_quantization_becomes_the_flag():
     ``--quantization``; unset, no flag (the runtime detects the checkpoint's method)."""
     args = server(_spec_isvc(runtime={"quantization": "awq"}))["args"]
     assert args[args.index("--quantization") + 1] == "awq"
+    args = server(_spec_isvc(runtime={"quantization": "fp8"}))["args"]  # online FP8 of a float checkpoint
+    assert args[args.index("--quantization") + 1] == "fp8"
     assert "--quantization" not in server(_spec_isvc())["args"]
 
 
