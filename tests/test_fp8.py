@@ -256,3 +256,86 @@ def test_each_tensor_parallel_rank_quantizes_its_shard(dense_dir, checkpoint, hf
                                                ".weight")
             assert dim == 1 and lin.fp8_dense
             assert torch.equal(lin.weight, _ct_fake_quantize(full[name][:, start:stop].contiguous())), name
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoints(dense_dir, tmp_path_factory) -> dict[str, str]:
+    """``quant_method: fp8`` checkpoints written by ``transformers``' own FP8 quantizer
+    (``FineGrainedFP8Config``, the format of the ``*-FP8`` releases): per tensor, 64 x 64
+    blocks. (A block size that does not divide a layer's columns makes ``transformers``
+    leave that layer in float with an orphan scale, so no per-row block case is made.) Its environment check refuses to
+    quantize without a GPU, although the quantization runs on the CPU: the check is
+    skipped here, the quantizer itself is unchanged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, FineGrainedFP8Config
+    from transformers.quantizers import quantizer_finegrained_fp8 as qf
+
+    root = tmp_path_factory.mktemp("fp8fmt")
+    out = {}
+    mp = pytest.MonkeyPatch()
+    mp.setattr(qf.FineGrainedFP8HfQuantizer, "validate_environment", lambda self, *a, **k: None)
+    try:
+        for name, block in (("tensor", None), ("block64", (64, 64))):
+            m = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32,
+                                                     quantization_config=FineGrainedFP8Config(weight_block_size=block))
+            m.save_pretrained(root / name)
+            AutoTokenizer.from_pretrained(dense_dir).save_pretrained(root / name)
+            out[name] = str(root / name)
+    finally:
+        mp.undo()
+    return out
+
+
+@pytest.mark.parametrize("which", ["tensor", "block64"])
+def test_fp8_format_checkpoints_equal_transformers(fp8_checkpoints, checkpoint, which, monkeypatch):
+    """A ``quant_method: fp8`` directory is served with no flag: float32 logits equal
+    ``transformers`` loading the same directory (on the CPU it dequantizes the FP8 weights:
+    the oracle) within 1e-3; per-tensor and per-row scaled layers arrive as FP8 weights
+    (kept as the file's bytes where ``_scaled_mm`` runs), block-scaled ones run dense."""
+    from transformers import AutoModelForCausalLM
+
+    from argosy.runtime.quantization import fp8
+
+    path = fp8_checkpoints[which]
+    ids = checkpoint.tokenizer.encode(PROMPT)
+    ours, model = _our_logits(path, ids, "float32")
+    assert model.cfg.quantization == "fp8"
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = m(torch.tensor([ids])).logits[0].float()
+    assert (ours - ref).abs().max().item() < 1e-3
+    monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
+    _, model = _our_logits(path, ids, "bfloat16", quantization="fp8")
+    down, o = model.layers[0].mlp.down_proj, model.layers[0].self_attn.o_proj
+    assert down.is_fp8 == o.is_fp8 == (which == "tensor")
+    from safetensors import safe_open
+
+    with safe_open(f"{path}/model.safetensors", "pt") as st:
+        want = st.get_tensor("model.layers.0.self_attn.o_proj.weight")
+    if o.is_fp8:
+        assert torch.equal(o.fp8_weight.view(torch.uint8), want.view(torch.uint8))
+
+
+def test_fp8_format_refusals(fp8_checkpoints, tmp_path):
+    """A malformed ``weight_block_size``, and scales that do not fit the blocks, are one
+    error line each; ``--quantization awq`` on an fp8 directory names both methods."""
+    import json
+    import shutil
+
+    from argosy.runtime.config import EngineArgs
+    from argosy.runtime.core.engine import LLMEngine
+    from argosy.runtime.loader import ModelLoadError, load_checkpoint
+
+    src = fp8_checkpoints["block64"]
+    shutil.copytree(src, tmp_path / "bad")
+    cfg = json.loads((tmp_path / "bad" / "config.json").read_text())
+    cfg["quantization_config"]["weight_block_size"] = [64]
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="weight_block_size .* is not supported") as e:
+        load_checkpoint(str(tmp_path / "bad"))
+    assert "\n" not in str(e.value)
+    cfg["quantization_config"]["weight_block_size"] = [128, 128]  # the file holds 64 x 64 blocks
+    (tmp_path / "bad" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="does not match .* in blocks of 128 x 128"):
+        list(load_checkpoint(str(tmp_path / "bad")).weights())
+    with pytest.raises(ValueError, match="--quantization awq does not match .* already quantized with fp8"):
+        LLMEngine(EngineArgs(model=src, quantization="awq", max_model_len=128, kv_cache_memory=8 << 20))

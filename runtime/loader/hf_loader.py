@@ -11,15 +11,15 @@ import torch
 
 from ..config import ModelConfig
 from .base import Checkpoint, ModelLoadError, narrow, ShardFn, SUPPORTED_HF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
-from ..quantization import gptq_awq
+from ..quantization import fp8, gptq_awq
 from ..quantization.base import UnsupportedQuantization
 from ..quantization.compressed_tensors import (Int8WeightScheme, Scheme as CTScheme, complete, decode,
                                                dequantize_8bit, int8_weight, parse_config, quantized_part)
 from ..quantization.fp8 import Fp8Weight
 from ..quantization.int4 import Int4Weight
 
-#: A checkpoint's quantization scheme: compressed-tensors, AWQ or GPTQ.
-Scheme = Union[CTScheme, gptq_awq.Scheme]
+#: A checkpoint's quantization scheme: compressed-tensors, AWQ, GPTQ or FP8.
+Scheme = Union[CTScheme, gptq_awq.Scheme, fp8.Fp8Scheme]
 from .tokenizer import load_hf_tokenizer
 
 logger = logging.getLogger("argosy.loader")
@@ -39,18 +39,21 @@ def quant_scheme(path: Path, c: dict) -> Optional[Scheme]:
     """The checkpoint's quantization scheme from ``config.json`` ``c``: None when dense.
 
     Raises:
-        ModelLoadError: a ``quantization_config`` that cannot be served (vLLM's ``fp8``
-            format, and the compressed-tensors, AWQ and GPTQ schemes the parsers refuse:
+        ModelLoadError: a ``quantization_config`` that cannot be served (another method,
+            and the schemes the parsers refuse:
             :func:`~argosy.runtime.quantization.compressed_tensors.parse_config`,
-            :func:`~argosy.runtime.quantization.gptq_awq.parse_config`), one line naming
+            :func:`~argosy.runtime.quantization.gptq_awq.parse_config`,
+            :func:`~argosy.runtime.quantization.fp8.parse_config`), one line naming
             it. Packed or scaled weights are never read as plain floats.
     """
     qc = c.get("quantization_config")
     if not qc:
         return None
     method = str(qc.get("quant_method", "unknown")).lower() if isinstance(qc, dict) else "unknown"
-    if method in ("compressed-tensors", "awq", "gptq"):
+    if method in ("compressed-tensors", "awq", "gptq", "fp8"):
         try:
+            if method == "fp8":
+                return fp8.parse_config(qc)
             return parse_config(qc) if method == "compressed-tensors" else gptq_awq.parse_config(qc)
         except UnsupportedQuantization as e:
             raise ModelLoadError(f"{path}: pre-quantized checkpoint: {e}") from None
@@ -62,7 +65,7 @@ def quant_scheme(path: Path, c: dict) -> Optional[Scheme]:
     raise ModelLoadError(
         f"{path}: pre-quantized checkpoint (quant_method {method!r}{', ' + detail if detail else ''}) is not "
         f"supported yet; supported: GGUF files, unquantized safetensors directories, AWQ (4-bit GEMM), GPTQ "
-        f"(4/8-bit) and compressed-tensors W4A16 / W8A8 / FP8")
+        f"(4/8-bit), fp8 (per-tensor or block scales) and compressed-tensors W4A16 / W8A8 / FP8")
 
 
 def read_config(path: Path) -> ModelConfig:
@@ -120,6 +123,15 @@ def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_fo
     to 32 columns where a shard needs it; a shard that cuts even those is an error)."""
     name = module + ".weight"
     try:
+        if isinstance(scheme, fp8.Fp8Scheme):
+            w = fp8.decode(parts, scheme)
+            shard = shard_for(name) if shard_for else None
+            if isinstance(w, torch.Tensor):  # block scales: dense
+                return name, w if shard is None else narrow(w, shard)
+            if shard is not None:
+                dim, start, stop = shard
+                w = w.rows(start, stop) if dim == 0 else w.cols(start, stop)
+            return name, w if int4 else w.dequantize(torch.float32)
         if isinstance(scheme, (gptq_awq.AWQScheme, gptq_awq.GPTQScheme)):
             return name, _awq_gptq_layer(parts, scheme, shard_for(name) if shard_for else None, int4)
         if isinstance(scheme, Int8WeightScheme):  # weight-only (see the quantization module's doc)
@@ -179,7 +191,9 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
     ``int4`` (the quantized kernels' case), else dequantized to float32; FP8 (E4M3,
     symmetric) as an :class:`~argosy.runtime.quantization.fp8.Fp8Weight` with ``int4``,
     else dequantized.
-    AWQ / GPTQ layers likewise (:func:`_awq_gptq_layer`).
+    AWQ / GPTQ layers likewise (:func:`_awq_gptq_layer`). ``fp8`` checkpoints: per-tensor
+    (or per-row) scaled layers as :class:`~argosy.runtime.quantization.fp8.Fp8Weight`
+    with ``int4``, block-scaled ones dequantized to float32.
 
     Raises:
         ModelLoadError: no weights, a corrupt file, a packed layer with missing or
@@ -198,6 +212,8 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
                 for name in st.keys():
                     if scheme is None:
                         part = None
+                    elif isinstance(scheme, fp8.Fp8Scheme):
+                        part = fp8.quantized_part(name, st.get_slice(name).get_dtype())
                     elif legacy:
                         part = gptq_awq.quantized_part(name, scheme)
                     else:
@@ -206,7 +222,9 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
                         module = name.rpartition(".")[0]
                         parts = pending.setdefault(module, {})
                         parts[part] = st.get_tensor(name)
-                        if gptq_awq.complete(parts, scheme) if legacy else complete(parts, scheme):
+                        done = fp8.complete(parts) if isinstance(scheme, fp8.Fp8Scheme) else \
+                            gptq_awq.complete(parts, scheme) if legacy else complete(parts, scheme)
+                        if done:
                             del pending[module]
                             yield _packed_layer(path, module, parts, scheme, shard_for, int4)
                         continue
@@ -241,6 +259,13 @@ def load_hf_dir(path: str, tokenizer_path: str | None = None, with_tokenizer: bo
     p = Path(path)
     cfg = read_config(p)
     scheme = quant_scheme(p, _config_json(p))
+    if isinstance(scheme, fp8.Fp8Scheme):
+        logger.info("%s: fp8 checkpoint (%s scales, %s activations): %s", p.name,
+                    f"{scheme.block[0]} x {scheme.block[1]} block" if scheme.block else "per-tensor",
+                    scheme.activation_scheme,
+                    "block-scaled layers run dense on their FP8 values" if scheme.block else
+                    "torch._scaled_mm with per-token FP8 activations on GPUs that take row-wise scales, elsewhere "
+                    "dense on the FP8 values")
     if isinstance(scheme, Int8WeightScheme) and scheme.format == "float-quantized":
         logger.warning("%s: compressed-tensors FP8 checkpoint: its layers run torch._scaled_mm with per-token FP8 "
                        "activations on GPUs that take row-wise scales, elsewhere weight-only (dense on the FP8 "

@@ -145,3 +145,95 @@ def scaled_mm_supported(device: torch.device) -> bool:
                 ok = False
         _PROBED[key] = ok
     return _PROBED[key]
+
+
+# --------------------------------------------------------------- the ``fp8`` checkpoint format
+@dataclass(frozen=True)
+class Fp8Scheme:
+    """A ``quant_method: fp8`` checkpoint (vLLM's and ``transformers``' FP8 format, e.g. the
+    ``*-FP8`` releases of Qwen and DeepSeek): each quantized linear layer stores ``weight``
+    ``[N, K] float8_e4m3fn`` and ``weight_scale_inv`` (or, in older checkpoints,
+    ``weight_scale``) in float32, multiplied to dequantize: one value per tensor, or one
+    per ``weight_block_size`` block ``[ceil(N / b0), ceil(K / b1)]``. Layers in
+    ``modules_to_not_convert`` are plain float weights. Static activation scales
+    (``input_scale``) are not used: activations are quantized per token where
+    ``_scaled_mm`` runs (see the module doc).
+
+    Attributes:
+        block: ``(b0, b1)`` rows and columns a scale covers, or None (per tensor).
+        activation_scheme: ``dynamic`` or ``static`` (as written; logged).
+    """
+
+    block: Optional[tuple[int, int]]
+    activation_scheme: str
+    method: str = "fp8"
+
+
+#: the tensor names (after the layer's prefix) of a ``quant_method: fp8`` layer
+FP8_SCALE_NAMES = ("weight_scale_inv", "weight_scale")
+
+
+def parse_config(qc: dict) -> Fp8Scheme:
+    """Read a ``quant_method: fp8`` ``quantization_config``.
+
+    Raises:
+        UnsupportedQuantization: a ``weight_block_size`` that is not two positive integers,
+            an ``activation_scheme`` other than dynamic / static, or experts stored in
+            another type (``expert_dtype``).
+    """
+    from .base import UnsupportedQuantization
+
+    block = qc.get("weight_block_size")
+    if block is not None:
+        if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0
+                                                                             for b in block)):
+            raise UnsupportedQuantization(f"fp8 weight_block_size {block!r} is not supported (two positive integers "
+                                          "or none are)")
+        block = (int(block[0]), int(block[1]))
+    scheme = str(qc.get("activation_scheme", "dynamic"))
+    if scheme not in ("dynamic", "static"):
+        raise UnsupportedQuantization(f"fp8 activation_scheme {scheme!r} is not supported (dynamic or static is)")
+    if qc.get("expert_dtype") not in (None, "fp8"):
+        raise UnsupportedQuantization(f"fp8 expert_dtype {qc.get('expert_dtype')!r} is not supported")
+    return Fp8Scheme(block, scheme)
+
+
+def quantized_part(name: str, dtype: str) -> Optional[str]:
+    """``"weight"`` / ``"weight_scale"`` when checkpoint tensor ``name`` (safetensors dtype
+    ``dtype``) is part of an FP8 layer, else None (plain: norms, embeddings, float layers
+    left unconverted, static ``input_scale`` tensors, which the model ignores)."""
+    part = name.rpartition(".")[2]
+    if part == "weight":
+        return "weight" if dtype == "F8_E4M3" else None
+    return "weight_scale" if part in FP8_SCALE_NAMES else None
+
+
+def complete(parts: dict) -> bool:
+    """Whether ``parts`` holds one FP8 layer's weight and scale."""
+    return "weight" in parts and "weight_scale" in parts
+
+
+def decode(parts: dict[str, torch.Tensor], scheme: Fp8Scheme) -> "Fp8Weight | torch.Tensor":
+    """One layer -> an :class:`Fp8Weight` (a per-tensor scale, the file's bytes kept) or,
+    for block scales, its float32 weight ``[N, K]`` (``q * scale`` block by block, as
+    vLLM's and ``transformers``' dequantization).
+
+    Raises:
+        ValueError: a weight that is not ``float8_e4m3fn``, or a scale whose shape fits
+            neither one value nor the blocks.
+    """
+    q, scale = parts["weight"], parts["weight_scale"].to(torch.float32)
+    if q.dtype != torch.float8_e4m3fn or q.dim() != 2:
+        raise ValueError(f"an fp8 layer's weight is a 2-D float8_e4m3fn tensor, got {q.dtype} {tuple(q.shape)}")
+    n, k = q.shape
+    if scale.numel() == 1:
+        return Fp8Weight.from_checkpoint(q, scale)
+    if scheme.block is None:
+        raise ValueError(f"weight scale {tuple(scale.shape)} for {tuple(q.shape)} without weight_block_size")
+    b0, b1 = scheme.block
+    want = (-(-n // b0), -(-k // b1))
+    if tuple(scale.shape) != want:
+        raise ValueError(f"weight scale {tuple(scale.shape)} does not match {tuple(q.shape)} in blocks of "
+                         f"{b0} x {b1} (expected {want})")
+    full = scale.repeat_interleave(b0, dim=0)[:n].repeat_interleave(b1, dim=1)[:, :k]
+    return q.to(torch.float32) * full
