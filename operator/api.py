@@ -178,7 +178,7 @@ class RuntimeSpec(_Model):
     quantization: Optional[Literal["gguf", "compressed-tensors", "awq", "gptq", "awq_marlin", "gptq_marlin",
                                    "fp8"]] = Field(
         None, description="Quantization method (--quantization): detected from the model when unset (GGUF files; a "
-                          "Hugging Face directory's quantization_config: compressed-tensors, awq, gptq); a checkpoint "
+                          "Hugging Face directory's quantization_config: compressed-tensors, awq, gptq, fp8); a checkpoint "
                           "method must be the checkpoint's own (awq_marlin / gptq_marlin are taken as awq / gptq), "
                           "else the server refuses to start; fp8 on a float Hugging Face checkpoint quantizes its "
                           "linear layers at load (online FP8: E4M3 weights, one scale per output row, per-token FP8 "

@@ -172,7 +172,8 @@ class EngineArgs:
                             "--dtype), compressed-tensors "
                             "(W4A16, W8A8, FP8), awq (4-bit GEMM) or gptq (4/8-bit, act-order too; awq_marlin and "
                             "gptq_marlin are taken as those); a method other than the checkpoint's own is an error; "
-                            "fp8 on a float Hugging Face checkpoint quantizes its linear layers at load (E4M3, one "
+                            "fp8: a quant_method fp8 checkpoint (per-tensor or block scales), or on a float Hugging "
+                            "Face checkpoint it quantizes the linear layers at load (E4M3, one "
                             "scale per output row; torch._scaled_mm with per-token FP8 activations on GPUs that take "
                             "it, dense on the FP8 values elsewhere)")
         g.add_argument("--device", default=d.device, help="auto | cpu | cuda")
