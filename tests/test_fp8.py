@@ -339,3 +339,162 @@ def test_fp8_format_refusals(fp8_checkpoints, tmp_path):
         list(load_checkpoint(str(tmp_path / "bad")).weights())
     with pytest.raises(ValueError, match="--quantization awq does not match .* already quantized with fp8"):
         LLMEngine(EngineArgs(model=src, quantization="awq", max_model_len=128, kv_cache_memory=8 << 20))
+
+
+# ------------------------------------------------------------------ FP8 KV-cache scales
+def _kv_fake_quantize(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """compressed-tensors' per-tensor FP8 quantize-dequantize of ``x`` with a fixed
+    (calibrated, static) ``scale``: what a ``kv_cache_scheme`` does to keys and values."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    args = QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy="tensor", dynamic=False)
+    return fake_quantize(x, torch.tensor([scale], dtype=x.dtype), torch.zeros(1, dtype=torch.float8_e4m3fn), args)
+
+
+def _hf_with_kv(hf_model, ids: list[int], scales: dict[int, tuple[float, float]] | None = None,
+                seen: dict | None = None) -> torch.Tensor:
+    """HF's float32 logits with every layer's post-rotary keys and values passed through
+    :func:`_kv_fake_quantize` (``scales``: layer -> (k_scale, v_scale)) on their way into the
+    cache, as compressed-tensors' hooked KV cache does (``QuantizedKVCache``; its hook does
+    not attach to ``transformers`` 5.25's attention, which names the argument ``cache``);
+    ``seen`` collects each layer's largest |k| and |v| instead."""
+    from transformers import DynamicCache
+
+    class QuantizedCache(DynamicCache):
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            if seen is not None:
+                k, v = seen.get(layer_idx, (0.0, 0.0))
+                seen[layer_idx] = (max(k, key_states.abs().max().item()), max(v, value_states.abs().max().item()))
+            if scales is not None:
+                ks, vs = scales[layer_idx]
+                key_states, value_states = _kv_fake_quantize(key_states, ks), _kv_fake_quantize(value_states, vs)
+            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids]), past_key_values=QuantizedCache(config=hf_model.config),
+                        use_cache=True).logits[0].float()
+
+
+@pytest.fixture(scope="module")
+def kv_scaled_dir(dense_dir, checkpoint, hf_model, tmp_path_factory):
+    """The float directory plus a compressed-tensors ``kv_cache_scheme`` (8-bit float, per
+    tensor, static; the config written by compressed-tensors' own ``QuantizationConfig``)
+    and each layer's ``self_attn.k_scale`` / ``v_scale``, calibrated as llm-compressor's
+    min-max observer does (the largest |k| and |v| the float model produces on a
+    calibration text, over 448), then rounded up to a power of two. Returns ``(path, scales)``.
+
+    Why powers of two: with FP8 keys and values in every layer the forward pass is
+    chaotic (a 1-ulp difference in one layer flips E4M3 roundings, 1/16 of a value, in the
+    next), so two correct implementations that divide by an arbitrary scale in a different
+    order end up measurably apart after 30 layers (0.075 in the logits here, against 2.6
+    for the quantization itself). A power-of-two scale makes the division exact in both,
+    and the whole model comparable within float32 rounding; arbitrary scales are checked
+    one attention layer at a time (:func:`test_kv_scales_fold_around_the_attention`)."""
+    import math
+    import json
+    import shutil
+
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationStatus
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("kvscaled") / "m"
+    shutil.copytree(dense_dir, out)
+    seen: dict = {}
+    _hf_with_kv(hf_model, checkpoint.tokenizer.encode(PROMPT * 4 + " Rome, Madrid, Berlin and Vienna."), seen=seen)
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32).item()  # noqa: E731 - as the file stores them
+    pow2 = lambda x: 2.0 ** math.ceil(math.log2(x / 448.0))  # noqa: E731
+    scales = {i: (f32(pow2(k)), f32(pow2(v))) for i, (k, v) in seen.items()}
+    assert len(set(scales.values())) > 3  # the layers differ
+    tensors = load_file(str(out / "model.safetensors"))
+    for i, (ks, vs) in scales.items():
+        tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([ks], dtype=torch.float32)
+        tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([vs], dtype=torch.float32)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    qc = QuantizationConfig(config_groups={}, quantization_status=QuantizationStatus.COMPRESSED,
+                            kv_cache_scheme=QuantizationArgs(num_bits=8, type="float", symmetric=True,
+                                                             strategy="tensor", dynamic=False))
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = json.loads(qc.model_dump_json()) | {"quant_method": "compressed-tensors"}
+    (out / "config.json").write_text(json.dumps(cfg))
+    return str(out), scales
+
+
+def test_checkpoint_kv_scales_with_an_fp8_kv_cache(kv_scaled_dir, checkpoint, hf_model):
+    """``--kv-cache-dtype fp8`` on a checkpoint with per-tensor KV-cache scales: keys and
+    values are stored divided by them and multiplied back on read, so float32 logits equal
+    HF's model whose keys and values compressed-tensors quantizes with the same scales,
+    within 1e-3; unscaled (1.0, what vLLM uses without scales) is measurably farther from
+    it; with the model dtype's KV cache the scales are not used (the float model's logits)."""
+    path, scales = kv_scaled_dir
+    ids = checkpoint.tokenizer.encode(PROMPT * 2)
+    ref = _hf_with_kv(hf_model, ids, scales)
+    ours, model = _our_logits(path, ids, "float32", kv_cache_dtype="fp8")
+    assert [layer.self_attn.kv_scales for layer in model.layers] == [scales[i] for i in range(len(model.layers))]
+    err = (ours - ref).abs().max().item()
+    assert err < 1e-3, err
+    unscaled = _hf_with_kv(hf_model, ids, {i: (1.0, 1.0) for i in scales})
+    assert (unscaled - ref).abs().max().item() > 10 * max(err, 1e-4)
+    plain, model = _our_logits(path, ids, "float32")
+    assert all(layer.self_attn.kv_scales is None for layer in model.layers)
+    with torch.no_grad():
+        dense = hf_model(torch.tensor([ids])).logits[0].float()
+    assert (plain - dense).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.0195, 0.00134), (2.0, 0.125)])
+def test_kv_scales_fold_around_the_attention(scales):
+    """One attention layer over an E4M3 paged cache (two blocks, GQA 9/3 heads, a causal
+    prompt): with scales ``(s_k, s_v)`` its output equals attention over compressed-tensors'
+    per-tensor FP8 quantize-dequantize of the keys and values with those scales, within
+    float32 rounding, for arbitrary scales (the engine test uses powers of two)."""
+    from argosy.runtime.attention import AttentionMetadata
+    from argosy.runtime.config import ModelConfig
+    from argosy.runtime.distributed import TPGroup
+    from argosy.runtime.models.llama import LlamaAttention
+
+    cfg = ModelConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=8, head_dim=64)
+    attn = LlamaAttention(cfg, torch.float32, torch.device("cpu"), TPGroup())
+    attn.kv_scales = None if scales == (1.0, 1.0) else scales
+    T, H, Hkv, D, bs = 26, 9, 3, 64, 16
+    torch.manual_seed(0)
+    q, k, v = torch.randn(T, H, D), torch.randn(T, Hkv, D) * 8, torch.randn(T, Hkv, D) * 0.5
+    meta = AttentionMetadata(slot_mapping=torch.arange(T), block_tables=torch.arange(2)[None].int(),
+                             seq_lens=torch.tensor([T], dtype=torch.int32),
+                             query_start_loc=torch.tensor([0, T], dtype=torch.int32), max_query_len=T,
+                             max_seq_len=T, num_decodes=0, seq_lens_cpu=[T], query_lens_cpu=[T])
+    cache = torch.zeros(2, 4, bs, Hkv, D, dtype=torch.float8_e4m3fn)
+    out = attn.attend(q, k, v, cache, meta)
+    kq = _kv_fake_quantize(k, scales[0]).repeat_interleave(H // Hkv, 1)
+    vq = _kv_fake_quantize(v, scales[1]).repeat_interleave(H // Hkv, 1)
+    p = (torch.einsum("thd,shd->hts", q, kq) * D ** -0.5).masked_fill(~torch.ones(T, T).tril().bool(),
+                                                                      float("-inf")).softmax(-1)
+    torch.testing.assert_close(out, torch.einsum("hts,shd->thd", p, vq), atol=1e-5, rtol=1e-5)
+
+
+def test_kv_scales_refusals(kv_scaled_dir, tmp_path):
+    """A per-head (not per-tensor) KV scale and a ``kv_cache_scheme`` other than 8-bit float
+    per tensor are one clear error each."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from argosy.runtime.loader import ModelLoadError, load_checkpoint
+
+    path, _ = kv_scaled_dir
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["kv_cache_scheme"]["strategy"] = "attn_head"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="kv_cache_scheme .* is not supported .* per tensor"):
+        load_checkpoint(str(bad))
+    shutil.rmtree(bad)
+    shutil.copytree(path, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    tensors["model.layers.3.self_attn.k_scale"] = torch.ones(3)
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(Exception, match="only per-tensor FP8 KV-cache scales are supported, got shape \\(3,\\)"):
+        _our_logits(str(bad), [1, 2, 3], "float32", kv_cache_dtype="fp8")

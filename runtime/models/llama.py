@@ -21,6 +21,7 @@ the KV cache is sharded by KV heads with no communication in attention.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterable, Optional
 
@@ -38,6 +39,7 @@ from ..quantization.int8 import Int8Weight
 from ..quantization.int4 import Int4Weight
 from ..quantization.q8_0 import PackedQ8, Q8Weight
 
+logger = logging.getLogger("argosy.model")
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm, computed in float32 as in HF ``LlamaRMSNorm``.
@@ -162,6 +164,9 @@ class LlamaAttention(nn.Module):
         #: decode rows take the C++ paged decode kernel (set once by the model runner,
         #: :meth:`LlamaForCausalLM.set_decode_kernel`); None: decided on every call
         self.decode_kernel: Optional[bool] = None
+        #: the checkpoint's per-tensor FP8 KV-cache scales ``(k_scale, v_scale)``, used with an
+        #: E4M3 KV cache (:meth:`LlamaForCausalLM.load_weights`); None: values stored unscaled
+        self.kv_scales: Optional[tuple[float, float]] = None
 
     def project(self, rope_cs, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``hidden [T, hidden_size]`` -> rotated ``q [T, H, D]``, rotated ``k [T, H_kv, D]``, ``v [T, H_kv, D]``."""
@@ -174,7 +179,20 @@ class LlamaAttention(nn.Module):
         return q, k, qkv[:, self.num_heads + self.num_kv_heads :]
 
     def attend(self, q, k, v, kv_cache, meta) -> torch.Tensor:
-        """Write ``k``/``v`` into the paged cache and attend: ``[T, H, D]`` out."""
+        """Write ``k``/``v`` into the paged cache and attend: ``[T, H, D]`` out.
+
+        With :attr:`kv_scales` ``(s_k, s_v)`` the cache holds ``k / s_k`` and ``v / s_v``
+        (vLLM's FP8 KV-cache scales: stored divided, multiplied on read); the attention
+        kernels read the cache unscaled, so the scales are folded around them:
+        ``q s_k . k / s_k = q . k`` and ``softmax (v / s_v) s_v = softmax v``, exact up to
+        rounding, with no kernel change. Every attention path reads keys and values from
+        the cache after storing them, so the current chunk's are scaled alike."""
+        if self.kv_scales is not None:
+            ks, vs = self.kv_scales
+            return self._attend(q * ks, k / ks, v / vs, kv_cache, meta) * vs
+        return self._attend(q, k, v, kv_cache, meta)
+
+    def _attend(self, q, k, v, kv_cache, meta) -> torch.Tensor:
         if isinstance(meta, DecodeMetadata):  # a compiled decode step (tensor-only attention)
             torch_paged.store_kv_decode(k, v, kv_cache, meta)
             return torch_paged.decode_attention(q, kv_cache, meta, self.scale, self.decode_kernel)
@@ -270,6 +288,30 @@ def check_tp_divisibility(cfg: ModelConfig, world_size: int) -> None:
 Shard = tuple[int, int, int]
 
 
+#: checkpoint names of FP8 KV-cache scales (compressed-tensors' ``kv_cache_scheme``,
+#: vLLM's ``fp8`` format; ``kv_scale``: one for both, older checkpoints)
+KV_SCALE_NAMES = ("k_scale", "v_scale", "kv_scale")
+
+
+def _kv_scale_name(name: str) -> Optional[tuple[int, str]]:
+    """``(layer index, "k_scale" | "v_scale" | "kv_scale")`` for
+    ``model.layers.<i>.self_attn.<k|v|kv>_scale``, else None."""
+    parts = name.split(".")
+    if len(parts) == 5 and parts[:2] == ["model", "layers"] and parts[3] == "self_attn" \
+            and parts[4] in KV_SCALE_NAMES and parts[2].isdigit():
+        return int(parts[2]), parts[4]
+    return None
+
+
+def _scalar_scale(name: str, w) -> float:
+    """A per-tensor KV-cache scale as a float. Raises ValueError for a tensor of more than
+    one value (per-head scales are not supported)."""
+    if not isinstance(w, torch.Tensor) or w.numel() != 1:
+        shape = tuple(w.shape) if hasattr(w, "shape") else type(w).__name__
+        raise ValueError(f"{name}: only per-tensor FP8 KV-cache scales are supported, got shape {shape}")
+    return float(w.float().item())
+
+
 class LlamaForCausalLM(nn.Module):
     """Llama decoder over a paged KV cache.
 
@@ -322,6 +364,9 @@ class LlamaForCausalLM(nn.Module):
         #: :meth:`~argosy.runtime.quantization.fp8.Fp8Weight.quantize`; the embeddings and
         #: LM head stay as they are, as in vLLM), None: none
         self.online_quantization: Optional[str] = None
+        #: the KV cache's element type (set before :meth:`load_weights`): a checkpoint's FP8
+        #: KV-cache scales are used with ``float8_e4m3fn`` only, as vLLM does
+        self.kv_cache_dtype: Optional[torch.dtype] = None
 
     def set_decode_kernel(self, enabled: bool) -> None:
         """Decide once, for every layer, whether decode rows take the C++ paged decode
@@ -430,7 +475,12 @@ class LlamaForCausalLM(nn.Module):
         attn0 = self.layers[0].self_attn
         q_size, kv_size = attn0.q_size, attn0.kv_size
         seen: set[str] = set()
+        kv_scales: dict[int, dict[str, float]] = {}
         for name, w in weights:
+            scale_of = _kv_scale_name(name)
+            if scale_of is not None:
+                kv_scales.setdefault(scale_of[0], {})[scale_of[1]] = _scalar_scale(name, w)
+                continue
             owner, target, rows = self._target(name, q_size, kv_size)
             if target is None:
                 continue
@@ -462,7 +512,33 @@ class LlamaForCausalLM(nn.Module):
             needed += 3 * cfg.num_hidden_layers
         if len(seen) < needed:
             raise ValueError(f"checkpoint is missing weights: loaded {len(seen)} of {needed} tensors")
+        self._set_kv_scales(kv_scales)
         self.process_weights_after_loading()
+
+    def _set_kv_scales(self, found: dict[int, dict[str, float]]) -> None:
+        """Give each attention layer its checkpoint KV-cache scales when the cache is E4M3
+        (``k_scale``/``v_scale``, or one ``kv_scale`` for both); a layer without them keeps
+        1.0 (unscaled), as vLLM does.
+
+        Raises:
+            ValueError: a non-positive or non-finite scale.
+        """
+        if not found:
+            return
+        if self.kv_cache_dtype != torch.float8_e4m3fn:
+            logger.info("the checkpoint's FP8 KV-cache scales are not used: the KV cache is %s (they apply to "
+                        "--kv-cache-dtype fp8 / fp8_e4m3)", self.kv_cache_dtype)
+            return
+        for i, layer in enumerate(self.layers):
+            got = found.get(i, {})
+            ks = got.get("k_scale", got.get("kv_scale", 1.0))
+            vs = got.get("v_scale", got.get("kv_scale", 1.0))
+            for v in (ks, vs):
+                if not (v > 0 and v < float("inf")):
+                    raise ValueError(f"layer {i}: FP8 KV-cache scale {v} is not a positive finite number")
+            layer.self_attn.kv_scales = None if (ks, vs) == (1.0, 1.0) else (float(ks), float(vs))
+        logger.info("FP8 KV cache with the checkpoint's per-tensor scales (%d of %d layers scaled)",
+                    sum(layer.self_attn.kv_scales is not None for layer in self.layers), len(self.layers))
 
     def process_weights_after_loading(self) -> None:
         """Pack every linear layer whose weight arrived in 4-bit form (see

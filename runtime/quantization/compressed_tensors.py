@@ -148,16 +148,29 @@ _SUPPORTED = ("supported: pack-quantized 4-bit integer weights (W4A16), int-quan
               "float-quantized 8-bit float weights per channel or tensor (W8A8, FP8)")
 
 
-def parse_config(qc: dict) -> Scheme:
-    """Read a ``quant_method: compressed-tensors`` ``quantization_config``.
+def parse_config(qc: dict) -> Optional[Scheme]:
+    """Read a ``quant_method: compressed-tensors`` ``quantization_config`` (None: only a
+    ``kv_cache_scheme``, the weights are dense). A ``kv_cache_scheme`` of 8-bit float
+    per-tensor scales is accepted: its ``k_scale`` / ``v_scale`` tensors are read by the
+    model and used with an E4M3 KV cache
+    (:meth:`~argosy.runtime.models.llama.LlamaForCausalLM.load_weights`).
 
     Raises:
         UnsupportedQuantization: anything but one group of Linear layers that is
             ``pack-quantized`` 4-bit integer weights (group or channel strategy, no
             activation quantization), or ``int-quantized`` / ``float-quantized`` 8-bit
-            weights per channel or tensor; sparsity.
+            weights per channel or tensor; sparsity; a ``kv_cache_scheme`` other than
+            8-bit float per tensor.
     """
     groups = qc.get("config_groups") or {}
+    kv = qc.get("kv_cache_scheme")
+    if kv:
+        if not (isinstance(kv, dict) and kv.get("num_bits") == 8 and kv.get("type") == "float"
+                and kv.get("strategy", "tensor") == "tensor" and kv.get("symmetric", True)):
+            raise UnsupportedQuantization(f"compressed-tensors kv_cache_scheme {kv!r} is not supported (8-bit float "
+                                          "per tensor, symmetric, is: used with --kv-cache-dtype fp8)")
+        if not groups:
+            return None  # only the KV cache is quantized: dense weights, scales read by the model
     if qc.get("format") not in (None, "pack-quantized", "int-quantized", "float-quantized", "naive-quantized"):
         raise UnsupportedQuantization(f"compressed-tensors format {qc.get('format')} is not supported yet ({_SUPPORTED})")
     if qc.get("sparsity_config"):

@@ -140,6 +140,7 @@ def build_shard(spec: ModelSpec, checkpoint: Checkpoint, tp: TPGroup, device: to
     """
     model = LlamaForCausalLM(checkpoint.config, spec.dtype, device, spec.max_model_len, tp)
     model.online_quantization = online_quantization(spec.args.quantization, checkpoint.config.quantization)
+    model.kv_cache_dtype = spec.kv_cache_dtype  # (a checkpoint's FP8 KV-cache scales apply to E4M3 only)
     model.load_weights(checkpoint.weights(model.shard_for, int4=model.uses_int4))
     # parameters plus buffers (packed int4 weights, rotary tables) plus the Q8_0 LM head
     model.weight_bytes_by_format = weight_bytes_by_format(model)
