@@ -372,7 +372,7 @@ def _hf_with_kv(hf_model, ids: list[int], scales: dict[int, tuple[float, float]]
             return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     with torch.no_grad():
-        return hf_model(torch.tensor([ids]), past_key_values=QuantizedCache(config=hf_model.config),
+        return hf_model(torch.tensor([ids]), cache=QuantizedCache(config=hf_model.config),
                         use_cache=True).logits[0].float()
 
 
@@ -408,8 +408,10 @@ def kv_scaled_dir(dense_dir, checkpoint, hf_model, tmp_path_factory):
     assert len(set(scales.values())) > 3  # the layers differ
     tensors = load_file(str(out / "model.safetensors"))
     for i, (ks, vs) in scales.items():
-        tensors[f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([ks], dtype=torch.float32)
-        tensors[f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([vs], dtype=torch.float32)
+        # (layer 0 under the names older llm-compressor versions used: k_proj / v_proj output_scale)
+        names = ("k_proj.output_scale", "v_proj.output_scale") if i == 0 else ("k_scale", "v_scale")
+        tensors[f"model.layers.{i}.self_attn.{names[0]}"] = torch.tensor([ks], dtype=torch.float32)
+        tensors[f"model.layers.{i}.self_attn.{names[1]}"] = torch.tensor([vs], dtype=torch.float32)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     qc = QuantizationConfig(config_groups={}, quantization_status=QuantizationStatus.COMPRESSED,
                             kv_cache_scheme=QuantizationArgs(num_bits=8, type="float", symmetric=True,

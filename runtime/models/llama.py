@@ -295,11 +295,16 @@ KV_SCALE_NAMES = ("k_scale", "v_scale", "kv_scale")
 
 def _kv_scale_name(name: str) -> Optional[tuple[int, str]]:
     """``(layer index, "k_scale" | "v_scale" | "kv_scale")`` for
-    ``model.layers.<i>.self_attn.<k|v|kv>_scale``, else None."""
+    ``model.layers.<i>.self_attn.<k|v|kv>_scale``, or for the ``k_proj`` / ``v_proj``
+    ``output_scale`` older llm-compressor versions wrote for the same scales (vLLM reads
+    both), else None."""
     parts = name.split(".")
-    if len(parts) == 5 and parts[:2] == ["model", "layers"] and parts[3] == "self_attn" \
-            and parts[4] in KV_SCALE_NAMES and parts[2].isdigit():
+    if len(parts) < 5 or parts[:2] != ["model", "layers"] or parts[3] != "self_attn" or not parts[2].isdigit():
+        return None
+    if len(parts) == 5 and parts[4] in KV_SCALE_NAMES:
         return int(parts[2]), parts[4]
+    if len(parts) == 6 and parts[4] in ("k_proj", "v_proj") and parts[5] == "output_scale":
+        return int(parts[2]), parts[4][0] + "_scale"
     return None
 
 
