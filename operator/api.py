@@ -185,8 +185,9 @@ class RuntimeSpec(_Model):
                           "activations on GPUs whose torch._scaled_mm takes row-wise scales).")
     kv_cache_dtype: Optional[Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"]] = Field(
         None, description="KV cache element type (--kv-cache-dtype): auto (the model dtype) or fp8 / fp8_e4m3 / "
-                          "fp8_e5m2, one byte a value, twice the cached tokens in the same memory (unscaled, as "
-                          "vLLM without checkpoint scales).")
+                          "fp8_e5m2, one byte a value, twice the cached tokens in the same memory (with fp8 / "
+                          "fp8_e4m3 the checkpoint's per-tensor KV-cache scales when it has them, else unscaled, "
+                          "as vLLM).")
     shutdown_timeout_seconds: int = Field(
         30, ge=0, le=3600,
         description="Seconds a stopping server lets in-flight requests finish (--shutdown-timeout); the pod's "

@@ -185,8 +185,9 @@ class EngineArgs:
                        help="KV cache size in bytes (suffixes KiB/MiB/GiB accepted); default 1GiB on CPU")
         g.add_argument("--kv-cache-dtype", default=d.kv_cache_dtype, choices=["auto", *KV_CACHE_DTYPES],
                        help="KV cache element type: auto (the model dtype) or fp8 (= fp8_e4m3) / fp8_e5m2, one byte "
-                            "per value, so twice the tokens in the same memory; values are stored unscaled (scale "
-                            "1.0, as vLLM without checkpoint scales) and widened to the model dtype on read (CPU, and "
+                            "per value, so twice the tokens in the same memory; values are stored divided by the "
+                            "checkpoint's per-tensor KV-cache scales (fp8 / fp8_e4m3, when it has them; else "
+                            "unscaled, as vLLM) and widened to the model dtype on read (CPU, and "
                             "CUDA through the Triton kernels)")
         g.add_argument("--num-gpu-blocks-override", type=int, default=None, help="force the number of KV blocks (testing)")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
