@@ -408,8 +408,10 @@ def kv_scaled_dir(dense_dir, checkpoint, hf_model, tmp_path_factory):
     assert len(set(scales.values())) > 3  # the layers differ
     tensors = load_file(str(out / "model.safetensors"))
     for i, (ks, vs) in scales.items():
-        # (layer 0 under the names older llm-compressor versions used: k_proj / v_proj output_scale)
-        names = ("k_proj.output_scale", "v_proj.output_scale") if i == 0 else ("k_scale", "v_scale")
+        # layer 0 under the names older llm-compressor versions used (k_proj / v_proj
+        # output_scale), layer 1 under AutoFP8's (k_proj.k_scale / v_proj.v_scale)
+        names = {0: ("k_proj.output_scale", "v_proj.output_scale"),
+                 1: ("k_proj.k_scale", "v_proj.v_scale")}.get(i, ("k_scale", "v_scale"))
         tensors[f"model.layers.{i}.self_attn.{names[0]}"] = torch.tensor([ks], dtype=torch.float32)
         tensors[f"model.layers.{i}.self_attn.{names[1]}"] = torch.tensor([vs], dtype=torch.float32)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -473,6 +475,23 @@ def test_kv_scales_fold_around_the_attention(scales):
     p = (torch.einsum("thd,shd->hts", q, kq) * D ** -0.5).masked_fill(~torch.ones(T, T).tril().bool(),
                                                                       float("-inf")).softmax(-1)
     torch.testing.assert_close(out, torch.einsum("hts,shd->thd", p, vq), atol=1e-5, rtol=1e-5)
+
+
+def test_each_tensor_parallel_rank_reads_the_kv_scales_whole(kv_scaled_dir, checkpoint):
+    """TP=3: the per-tensor scales kept under a projection's name (``k_proj.output_scale``)
+    are read whole by every rank, not sliced like the projection's weight."""
+    from pathlib import Path
+
+    from argosy.runtime.distributed import TPGroup
+    from argosy.runtime.loader.hf_loader import iter_weights
+    from argosy.runtime.models import LlamaForCausalLM
+
+    path, scales = kv_scaled_dir
+    for rank in range(3):
+        model = LlamaForCausalLM(checkpoint.config, torch.float32, torch.device("cpu"), 256, TPGroup(rank, 3))
+        model.kv_cache_dtype = torch.float8_e4m3fn
+        model.load_weights(iter_weights(Path(path), model.shard_for))
+        assert [layer.self_attn.kv_scales for layer in model.layers] == [scales[i] for i in range(len(model.layers))]
 
 
 def test_kv_scales_refusals(kv_scaled_dir, tmp_path):

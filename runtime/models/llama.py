@@ -41,6 +41,7 @@ from ..quantization.q8_0 import PackedQ8, Q8Weight
 
 logger = logging.getLogger("argosy.model")
 
+
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm, computed in float32 as in HF ``LlamaRMSNorm``.
 
@@ -295,15 +296,16 @@ KV_SCALE_NAMES = ("k_scale", "v_scale", "kv_scale")
 
 def _kv_scale_name(name: str) -> Optional[tuple[int, str]]:
     """``(layer index, "k_scale" | "v_scale" | "kv_scale")`` for
-    ``model.layers.<i>.self_attn.<k|v|kv>_scale``, or for the ``k_proj`` / ``v_proj``
-    ``output_scale`` older llm-compressor versions wrote for the same scales (vLLM reads
-    both), else None."""
+    ``model.layers.<i>.self_attn.<k|v|kv>_scale``, or for the same scales under the
+    ``k_proj`` / ``v_proj`` names older writers used (llm-compressor's ``output_scale``,
+    AutoFP8's ``k_proj.k_scale`` / ``v_proj.v_scale``; vLLM reads them all), else None."""
     parts = name.split(".")
     if len(parts) < 5 or parts[:2] != ["model", "layers"] or parts[3] != "self_attn" or not parts[2].isdigit():
         return None
     if len(parts) == 5 and parts[4] in KV_SCALE_NAMES:
         return int(parts[2]), parts[4]
-    if len(parts) == 6 and parts[4] in ("k_proj", "v_proj") and parts[5] == "output_scale":
+    if len(parts) == 6 and (parts[4], parts[5]) in (("k_proj", "output_scale"), ("v_proj", "output_scale"),
+                                                    ("k_proj", "k_scale"), ("v_proj", "v_scale")):
         return int(parts[2]), parts[4][0] + "_scale"
     return None
 
@@ -436,9 +438,12 @@ class LlamaForCausalLM(nn.Module):
     # ------------------------------------------------------------- loading
     def shard_for(self, name: str) -> Optional[Shard]:
         """The slice of checkpoint tensor ``name`` (Hugging Face naming, full shape) this
-        rank loads, or None for the whole tensor (replicated, or a single rank)."""
+        rank loads, or None for the whole tensor (replicated, or a single rank). Only a
+        ``weight`` or ``bias`` is sharded: the per-tensor scales some checkpoints keep
+        under a projection's name (``k_proj.output_scale``, ``q_proj.input_scale``) are
+        read whole."""
         tp = self.tp
-        if not tp.is_parallel:
+        if not tp.is_parallel or name.rpartition(".")[2] not in ("weight", "bias"):
             return None
         cfg = self.cfg
         r = tp.rank
