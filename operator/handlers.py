@@ -96,6 +96,10 @@ class Context:
         self._kube: Optional[Kube] = None
         self._guard = threading.Lock()
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+        #: (namespace, owner) -> {(kind, name): resourceVersion} the server returned for this
+        #: operator's last write of each child: a cached child is trusted to skip an apply
+        #: only when it is at least that write (not an older copy still in the watch's pipe)
+        self.written: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
         self.resync_task: Optional[asyncio.Task] = None
         self.webhook_runner: Any = None
 
@@ -136,6 +140,33 @@ class Context:
         cache, self.children = self.children, None
         if cache is not None:
             cache.stop()
+
+    def note_written(self, namespace: str, owner: str, obj: Optional[dict]) -> None:
+        """Remember the resourceVersion of ``obj`` (a write's response) for :meth:`fresh`."""
+        md = (obj or {}).get("metadata") or {}
+        if md.get("resourceVersion"):
+            self.written.setdefault((namespace, owner), {})[(obj.get("kind"), md.get("name"))] = \
+                str(md["resourceVersion"])
+
+    def fresh(self, namespace: str, owner: str, live: Optional[dict]) -> bool:
+        """Whether ``live`` (a cached child) reflects this operator's last write of it: the
+        same resourceVersion, or no write remembered (the cache's list is newer than any)."""
+        if live is None:
+            return False
+        md = live.get("metadata") or {}
+        last = self.written.get((namespace, owner), {}).get((live.get("kind"), md.get("name")))
+        return last is None or last == str(md.get("resourceVersion"))
+
+    def prune(self, present: set[tuple[str, str]]) -> None:
+        """Forget the per-service state (locks not held, written resourceVersions, autoscaler
+        history) of InferenceServices not in ``present``: deleted ones."""
+        with self._guard:
+            for key in [k for k in self._locks if k not in present and not self._locks[k].locked()]:
+                del self._locks[key]
+        for key in [k for k in self.written if k not in present]:
+            self.written.pop(key, None)
+        for key in [k for k in _HISTORY if k not in present]:
+            _HISTORY.pop(key, None)
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         """The lock that keeps passes over one InferenceService from overlapping."""
@@ -300,18 +331,21 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
         restore = reconcile.replicas_from_zero(isvc, observed.get(ROLE_DEPLOYMENT), leaving_keda)
         if restore is not None:  # an HPA does not scale a Deployment KEDA left at zero
             log.info("Deployment %s is at 0 replicas under an HPA: setting %d", name, restore["spec"]["replicas"])
-            attempt(restore, "scale", lambda: kube.apply(restore, field_manager=reconcile.REPLICAS_HANDOVER_MANAGER))
+            attempt(restore, "scale", lambda: ctx.note_written(namespace, name, kube.apply(
+                restore, field_manager=reconcile.REPLICAS_HANDOVER_MANAGER)))
         for manifest in result.manifests_to_apply:
             if manifest["kind"] == "Deployment":
                 handover = reconcile.replicas_handover(manifest, observed.get(ROLE_DEPLOYMENT),
                                                        kube.field_manager)
                 if handover is not None:
                     attempt(handover, "hand over replicas of",
-                            lambda h=handover: kube.apply(h, field_manager=reconcile.REPLICAS_HANDOVER_MANAGER))
+                            lambda h=handover: ctx.note_written(namespace, name, kube.apply(
+                                h, field_manager=reconcile.REPLICAS_HANDOVER_MANAGER)))
             manifest = reconcile.with_applied_hash(manifest)
-            if reconcile.up_to_date(manifest, live_by_name.get((manifest["kind"], manifest["metadata"]["name"]))):
+            current = live_by_name.get((manifest["kind"], manifest["metadata"]["name"]))
+            if reconcile.up_to_date(manifest, current) and ctx.fresh(namespace, name, current):
                 continue  # the live object already is what this apply would make it
-            attempt(manifest, "apply", lambda m=manifest: kube.apply(m))
+            attempt(manifest, "apply", lambda m=manifest: ctx.note_written(namespace, name, kube.apply(m)))
         for obj in result.to_delete:
             log.info("deleting %s %s to recreate it with the current spec", obj["kind"], obj["metadata"]["name"])
             attempt(obj, "delete", lambda obj=obj: kube.delete(obj))
@@ -589,7 +623,10 @@ def handle(ctx: Context, namespace: str, name: str, retry: int, log: logging.Log
 def resync_round(ctx: Context, keys: list[tuple[str, str]]) -> None:
     """One resync round: the GPUQuota pass, then :func:`converge` of each ``(namespace,
     name)`` in turn, all sharing one :func:`cluster_snapshot` (the cluster-wide lists once
-    per round, not once per service). Failures are logged; the next round retries."""
+    per round, not once per service). ``keys`` is every InferenceService: the state kept
+    for others (deleted ones) is dropped (:meth:`Context.prune`). Failures are logged; the
+    next round retries."""
+    ctx.prune(set(keys))
     try:
         converge_quotas(ctx)
     except Exception as e:  # noqa: BLE001 - logged, retried next round

@@ -158,16 +158,17 @@ class Informer:
         delay = RELIST_DELAY_S
         selector = self.label
         while not self._stop.is_set():
+            healthy = False  # a watch delivered an event or ran to its end since the last list
             try:
                 items, version = self.kube.list_versioned(self.api_version, self.kind, self.namespace, selector)
                 self._replace(items)
                 self.lists += 1
                 self.synced.set()
-                delay = RELIST_DELAY_S
                 while not self._stop.is_set():
                     self._watchers.clear()
                     for type_, obj in self.kube.watch(self.api_version, self.kind, self.namespace, selector, version,
                                                       self.watch_timeout_s, stopper=self._watchers):
+                        healthy = True
                         got = (obj.get("metadata") or {}).get("resourceVersion")
                         if got:
                             version = str(got)
@@ -175,6 +176,7 @@ class Informer:
                             self.apply_event(type_, obj)
                         if self._stop.is_set():
                             break
+                    healthy = True  # the server ended the stream: resume from ``version``
             except KindNotServed:
                 self._replace(())
                 self.synced.set()  # nothing of that kind can exist
@@ -183,6 +185,10 @@ class Informer:
                 if self._stop.is_set():
                     break
                 self.synced.clear()
+                if healthy:
+                    delay = RELIST_DELAY_S
+                # a watch that fails at once after every list (e.g. 403: a ClusterRole without
+                # ``watch``) backs off to RELIST_MAX_DELAY_S instead of listing every second
                 logger.warning("watch of %s (%s) failed, listing again in %.0fs: %s", self.kind,
                                self.namespace or "all namespaces", delay, e)
                 self._stop.wait(delay)

@@ -180,12 +180,14 @@ class Kube:
         from kubernetes import watch as kwatch
 
         res = self._served(api_version, kind)
-        w = kwatch.Watch()
+        # return_type "object": events are parsed to dicts and keep their raw_object, which the
+        # client's ERROR handling reads (with deserialize=False it fails on a KeyError instead)
+        w = kwatch.Watch(return_type="object")
         if stopper is not None:
             stopper.append(w)
         for event in w.stream(res.get, namespace=namespace, label_selector=label_selector,
                               resource_version=resource_version, timeout_seconds=int(timeout_s),
-                              allow_watch_bookmarks=True, deserialize=False, serialize=False,
+                              allow_watch_bookmarks=True, serialize=False,
                               _request_timeout=(self.request_timeout, timeout_s + self.request_timeout)):
             if isinstance(event, (str, bytes)):
                 event = json.loads(event)

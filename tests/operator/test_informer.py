@@ -167,3 +167,45 @@ def test_passes_read_the_cache_skip_no_op_applies_and_repair_drift(cluster, tmp_
         assert len(ctx.children.informers) == len(CHILD_KINDS)
     finally:
         ctx.stop_children_cache()
+
+
+def test_a_stale_cached_child_does_not_skip_a_needed_apply(cluster, tmp_path):
+    """The cache can hold an older copy of a child than the operator's own last write (the
+    write's watch event still in flight). A pass whose desired manifest equals that older
+    copy (a spec changed and changed back) must apply, not skip: the skip needs the
+    cached resourceVersion to be the one this operator's last write returned."""
+    s = cluster
+    spec = {"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0},
+            "scaling": {"autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 2}}
+    assert s.http("POST", ISVCS, _new_isvc("llm", spec))[0] == 201
+    ctx = Context(FAST, api_client=_api_client(s.url), discovery_cache=str(tmp_path / "discovery.json"),
+                  namespaces=[NS])
+    try:
+        converge(ctx, NS, "llm")
+        assert ctx.start_children_cache().wait_synced(10)
+        wait_for(lambda: ctx.children.get("apps/v1", "Deployment", NS, "llm") is not None, "the cached Deployment")
+        converge(ctx, NS, "llm")
+        before = ctx.children.get("apps/v1", "Deployment", NS, "llm")  # the copy that will go stale
+        old_hash = before["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION]
+
+        def set_max_num_seqs(value):
+            code, _ = s.http("PATCH", f"{ISVCS}/llm", {"spec": {"runtime": {"maxNumSeqs": value}}},
+                             content_type=MERGE_PATCH)
+            assert code == 200
+
+        set_max_num_seqs(7)
+        converge(ctx, NS, "llm")  # writes the changed Deployment
+        changed = one(s, "Deployment")["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION]
+        assert changed != old_hash
+        wait_for(lambda: ctx.children.get("apps/v1", "Deployment", NS, "llm")["metadata"]["annotations"][
+            reconcile.APPLIED_HASH_ANNOTATION] == changed, "the write in the cache")
+        # the cache falls behind: it shows the copy from before the write again
+        (inf,) = ctx.children.informers[("apps/v1", "Deployment")].values()
+        inf.apply_event("MODIFIED", before)
+        code, obj = s.http("GET", f"{ISVCS}/llm")
+        obj["spec"]["runtime"].pop("maxNumSeqs")  # changed back: the desired Deployment is the stale copy's
+        assert s.http("PUT", f"{ISVCS}/llm", obj)[0] == 200
+        converge(ctx, NS, "llm")
+        assert one(s, "Deployment")["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION] == old_hash
+    finally:
+        ctx.stop_children_cache()
