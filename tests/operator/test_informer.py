@@ -209,3 +209,39 @@ def test_a_stale_cached_child_does_not_skip_a_needed_apply(cluster, tmp_path):
         assert one(s, "Deployment")["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION] == old_hash
     finally:
         ctx.stop_children_cache()
+
+
+def test_a_watch_refused_after_every_list_backs_off(cluster, tmp_path, monkeypatch):
+    """A watch that fails at once after each successful list (403: a ClusterRole without
+    ``watch``) doubles the wait between lists instead of listing at the base rate."""
+    from argosy.operator import informer as informer_mod
+
+    monkeypatch.setattr(informer_mod, "RELIST_DELAY_S", 0.1)
+    s = cluster
+    fault = s.fail_next("deployments", 403, times=4, verbs=("watch",))
+    kube = Kube(_api_client(s.url), cache_file=str(tmp_path / "discovery.json"))
+    t0 = time.monotonic()
+    inf = Informer(kube, "apps/v1", "Deployment", ISVC_LABEL, NS).start()
+    try:
+        wait_for(lambda: inf.lists == 5 and inf.synced.is_set(), "four refused watches, then a healthy list")
+        elapsed = time.monotonic() - t0
+        assert len(fault.hits) == 4
+        assert elapsed >= 0.1 + 0.2 + 0.4 + 0.8 - 0.05, elapsed  # 0.4 s at the base rate
+    finally:
+        inf.stop()
+
+
+def test_state_of_deleted_services_is_pruned(tmp_path):
+    """A resync round drops the locks, written resourceVersions and autoscaler history of
+    InferenceServices it no longer sees, and keeps the others'."""
+    from argosy.operator import handlers
+
+    ctx = Context(FAST, api_client=object(), discovery_cache=str(tmp_path / "d.json"))
+    for name in ("gone", "kept"):
+        ctx.lock(NS, name)
+        ctx.note_written(NS, name, {"kind": "Deployment", "metadata": {"name": name, "resourceVersion": "7"}})
+        handlers._HISTORY[(NS, name)] = [(0.0, 1)]
+    ctx.prune({(NS, "kept")})
+    assert set(ctx._locks) == {(NS, "kept")} and set(ctx.written) == {(NS, "kept")}
+    assert (NS, "gone") not in handlers._HISTORY and (NS, "kept") in handlers._HISTORY
+    handlers._HISTORY.pop((NS, "kept"))
