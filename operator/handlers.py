@@ -696,7 +696,10 @@ def build_registry(ctx: Context) -> kopf.OperatorRegistry:
 
     @kopf.on.startup(registry=registry)
     async def start_children_cache(**_: Any) -> None:
-        await asyncio.to_thread(ctx.start_children_cache)
+        try:
+            await asyncio.to_thread(ctx.start_children_cache)
+        except Exception as e:  # noqa: BLE001 - the cache is an optimization: passes read the API instead
+            logger.warning("children cache not started, passes read the API server: %s", _summary(e))
 
     @kopf.on.cleanup(registry=registry)
     async def stop_children_cache(**_: Any) -> None:

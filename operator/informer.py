@@ -34,8 +34,10 @@ from .kube import MISSING_KIND_RECHECK, KindNotServed, Kube
 logger = logging.getLogger("argosy.operator.informer")
 
 #: Seconds a watch stream may stay open before the server ends it (``timeoutSeconds``); the
-#: informer then resumes from its last resourceVersion (no relist).
-WATCH_TIMEOUT_S = 300
+#: informer then resumes from its last resourceVersion (no relist). Short, so that a
+#: connection that died without a close (no events, no bookmarks) is noticed within this
+#: plus the request timeout, not after many minutes of serving a stale cache.
+WATCH_TIMEOUT_S = 60
 #: Seconds between relist attempts after an error, doubling up to :data:`RELIST_MAX_DELAY_S`.
 RELIST_DELAY_S = 1.0
 RELIST_MAX_DELAY_S = 30.0
@@ -209,6 +211,7 @@ class ChildCache:
     def __init__(self, kube: Kube, kinds: Iterable[tuple[str, str]], label: str,
                  namespaces: Optional[Iterable[str]] = None, *, watch_timeout_s: int = WATCH_TIMEOUT_S):
         spaces = [None] if namespaces is None else list(dict.fromkeys(namespaces))
+        self.kube = kube
         self.label = label
         self.informers: dict[tuple[str, str], dict[Optional[str], Informer]] = {
             (av, k): {ns: Informer(kube, av, k, label, ns, watch_timeout_s=watch_timeout_s) for ns in spaces}
@@ -221,14 +224,23 @@ class ChildCache:
                 inf.start()
         return self
 
-    def stop(self) -> None:
-        """Stop every informer."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop every informer, waiting ``timeout`` seconds in all (not per informer) for
+        their threads (daemons: one still blocked in a read dies with the process), then
+        close the API client's connection pool."""
         for per_ns in self.informers.values():
             for inf in per_ns.values():
                 inf._stop.set()
+        deadline = time.monotonic() + timeout
         for per_ns in self.informers.values():
             for inf in per_ns.values():
-                inf.stop()
+                inf.stop(max(0.0, deadline - time.monotonic()))
+        client = getattr(self.kube, "_api_client", None)
+        if client is not None and hasattr(client, "close"):
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - shutting down
+                pass
 
     def wait_synced(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every informer's first list; True when all have."""
