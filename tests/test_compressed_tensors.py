@@ -19,13 +19,14 @@ from argosy.runtime.loader import ModelLoadError, load_checkpoint
 PROMPT = "The capital of France is Paris, and the capital of Italy is"
 
 
-def _make(hf_model, tokenizer, out, strategy: str, symmetric: bool, group_size=64, kind: str = "w4a16") -> str:
+def _make(hf_model, tokenizer, out, strategy: str, symmetric: bool, group_size=64, kind: str = "w4a16",
+          weight_only: bool = False) -> str:
     """HF's float32 model of the bundled GGUF (the ``hf_model`` fixture, copied) -> a
     compressed-tensors checkpoint saved with the tokenizer: ``w4a16`` (4-bit int weights,
     ``pack-quantized``), ``w8a8`` (8-bit int weights, dynamic per-token int8 activations,
     ``int-quantized``) or ``fp8`` (e4m3 weights, dynamic per-token FP8 activations,
-    ``float-quantized``); min-max scales per group, channel or tensor, packed by the
-    library's own compressor."""
+    ``float-quantized``; ``weight_only``: no activation quantization); min-max scales
+    per group, channel or tensor, packed by the library's own compressor."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  QuantizationStatus, apply_quantization_config)
@@ -40,7 +41,8 @@ def _make(hf_model, tokenizer, out, strategy: str, symmetric: bool, group_size=6
     typ = "float" if kind == "fp8" else "int"
     args = QuantizationArgs(num_bits=4 if kind == "w4a16" else 8, type=typ, symmetric=symmetric, strategy=strategy,
                             group_size=group_size if strategy == "group" else None)
-    acts = None if kind == "w4a16" else QuantizationArgs(num_bits=8, type=typ, strategy="token", dynamic=True)
+    acts = None if kind == "w4a16" or weight_only else QuantizationArgs(num_bits=8, type=typ, strategy="token",
+                                                                         dynamic=True)
     cfg = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args,
                                                                           input_activations=acts)},
                              ignore=["lm_head"], quantization_status=QuantizationStatus.INITIALIZED)

@@ -178,8 +178,9 @@ def test_the_scaled_mm_path_through_the_engine(dense_dir, checkpoint, hf_model, 
 
 
 def test_compressed_tensors_fp8_checkpoint_takes_the_same_path(hf_model, checkpoint, tmp_path, monkeypatch):
-    """A compressed-tensors ``float-quantized`` checkpoint (per-channel) arrives as the
-    same FP8 weights: where ``_scaled_mm`` runs its layers keep the checkpoint's bytes."""
+    """A compressed-tensors ``float-quantized`` checkpoint (per-channel, dynamic per-token
+    activations) arrives as the same FP8 weights: where ``_scaled_mm`` runs its layers keep
+    the checkpoint's bytes; a weight-only one stays dense there too."""
     from safetensors import safe_open
 
     from argosy.runtime.quantization import fp8
@@ -196,6 +197,11 @@ def test_compressed_tensors_fp8_checkpoint_takes_the_same_path(hf_model, checkpo
         scale = st.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
     assert torch.equal(down.fp8_weight.view(torch.uint8), want.view(torch.uint8))
     torch.testing.assert_close(down.fp8_scales.flatten(), scale.float().flatten())
+    # a weight-only FP8 checkpoint (no input_activations) never quantizes activations: dense
+    path = _make(hf_model, checkpoint.tokenizer, tmp_path / "fp8wo", "channel", True, kind="fp8", weight_only=True)
+    _, model = _our_logits(path, checkpoint.tokenizer.encode(PROMPT), "bfloat16")
+    down = model.layers[0].mlp.down_proj
+    assert not down.is_fp8 and down.fp8_dense
 
 
 

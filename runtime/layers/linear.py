@@ -168,8 +168,9 @@ class Linear(nn.Module):
         if isinstance(ordered[0], Fp8Weight):
             self.fp8_dense = True
             dev = self.weight.device
-            if fp8_mod.shape_supported(self.out_features, self.in_features) and fp8_mod.scaled_mm_supported(dev):
-                whole = Fp8Weight.cat(ordered)
+            whole = Fp8Weight.cat(ordered)
+            if whole.dynamic_activations and fp8_mod.shape_supported(self.out_features, self.in_features) \
+                    and fp8_mod.scaled_mm_supported(dev):
                 self.fp8_weight = whole.q.to(dev).contiguous()
                 self.fp8_scales = whole.scale.to(dev, torch.float32)[None, :].contiguous()
                 self.fp8_dense = False

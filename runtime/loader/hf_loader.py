@@ -139,7 +139,8 @@ def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_fo
             if int4 and (scheme.format != "float-quantized" or
                          (scheme.symmetric and parts["weight"].dtype == torch.float8_e4m3fn)):
                 w8 = int8_weight(parts) if scheme.format != "float-quantized" else \
-                    Fp8Weight.from_checkpoint(parts["weight"], parts["weight_scale"])
+                    Fp8Weight.from_checkpoint(parts["weight"], parts["weight_scale"],
+                                              dynamic_activations=scheme.activations is not None)
                 if shard is not None:
                     dim, start, stop = shard
                     w8 = w8.rows(start, stop) if dim == 0 else w8.cols(start, stop)
@@ -267,10 +268,13 @@ def load_hf_dir(path: str, tokenizer_path: str | None = None, with_tokenizer: bo
                     "torch._scaled_mm with per-token FP8 activations on GPUs that take row-wise scales, elsewhere "
                     "dense on the FP8 values")
     if isinstance(scheme, Int8WeightScheme) and scheme.format == "float-quantized":
-        logger.warning("%s: compressed-tensors FP8 checkpoint: its layers run torch._scaled_mm with per-token FP8 "
-                       "activations on GPUs that take row-wise scales, elsewhere weight-only (dense on the FP8 "
-                       "values; its %s activation quantization is not applied there)", p.name,
-                       scheme.activations or "(no)")
+        if scheme.activations is None:
+            logger.info("%s: compressed-tensors FP8 weight-only checkpoint: dense on its FP8 values", p.name)
+        else:
+            logger.warning("%s: compressed-tensors FP8 checkpoint: its layers run torch._scaled_mm with per-token "
+                           "FP8 activations on GPUs that take row-wise scales, elsewhere weight-only (dense on the "
+                           "FP8 values; its %s activation quantization is not applied there)", p.name,
+                           scheme.activations)
     elif isinstance(scheme, Int8WeightScheme):
         logger.warning("%s: compressed-tensors %s checkpoint served weight-only (int8 weights on the CPU in "
                        "bfloat16: _weight_int8pack_mm for small batches; otherwise dequantized at load)%s", p.name,

@@ -42,10 +42,15 @@ class Fp8Weight:
     Attributes:
         q: ``[N, K] float8_e4m3fn``.
         scale: ``[N] float32``.
+        dynamic_activations: whether the layer may quantize its activations per token
+            (``_scaled_mm``); False for a weight-only FP8 checkpoint (no
+            ``input_activations``), which then runs dense on its FP8 values everywhere,
+            as vLLM runs such checkpoints weight-only.
     """
 
     q: torch.Tensor
     scale: torch.Tensor
+    dynamic_activations: bool = True
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -64,7 +69,7 @@ class Fp8Weight:
         return Fp8Weight(q.contiguous(), scale.contiguous())
 
     @staticmethod
-    def from_checkpoint(q: torch.Tensor, scale: torch.Tensor) -> "Fp8Weight":
+    def from_checkpoint(q: torch.Tensor, scale: torch.Tensor, dynamic_activations: bool = True) -> "Fp8Weight":
         """A checkpoint's E4M3 weight ``q [N, K]`` with a per-tensor (one element) or
         per-row (``N`` elements, any shape) scale. Raises ValueError for another scale shape
         or a weight that is not ``float8_e4m3fn``."""
@@ -74,20 +79,21 @@ class Fp8Weight:
         if s.numel() not in (1, q.shape[0]):
             raise ValueError(f"weight_scale {tuple(scale.shape)} is neither per-tensor nor per-row for "
                              f"{tuple(q.shape)}")
-        return Fp8Weight(q.contiguous(), s.expand(q.shape[0]).contiguous())
+        return Fp8Weight(q.contiguous(), s.expand(q.shape[0]).contiguous(), dynamic_activations)
 
     def rows(self, start: int, stop: int) -> "Fp8Weight":
         """Output rows ``[start, stop)`` (a column-parallel shard or a fused part)."""
-        return Fp8Weight(self.q[start:stop], self.scale[start:stop])
+        return Fp8Weight(self.q[start:stop], self.scale[start:stop], self.dynamic_activations)
 
     def cols(self, start: int, stop: int) -> "Fp8Weight":
         """Input columns ``[start, stop)`` (a row-parallel shard; scales are per row)."""
-        return Fp8Weight(self.q[:, start:stop].contiguous(), self.scale)
+        return Fp8Weight(self.q[:, start:stop].contiguous(), self.scale, self.dynamic_activations)
 
     @staticmethod
     def cat(parts: list["Fp8Weight"]) -> "Fp8Weight":
         """Stack along the output rows."""
-        return Fp8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+        return Fp8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                         all(p.dynamic_activations for p in parts))
 
     def dequantize(self, dtype: torch.dtype = torch.float32, kernel_rounding: bool = False) -> torch.Tensor:
         """``W [N, K]`` in ``dtype`` (float32 product, then rounded once). ``kernel_rounding``
