@@ -96,10 +96,6 @@ class Context:
         self._kube: Optional[Kube] = None
         self._guard = threading.Lock()
         self._locks: dict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
-        #: (namespace, owner) -> {(kind, name): resourceVersion} the server returned for this
-        #: operator's last write of each child: a cached child is trusted to skip an apply
-        #: only when it is at least that write (not an older copy still in the watch's pipe)
-        self.written: dict[tuple[str, str], dict[tuple[str, str], str]] = {}
         self.resync_task: Optional[asyncio.Task] = None
         self.webhook_runner: Any = None
 
@@ -141,30 +137,18 @@ class Context:
         if cache is not None:
             cache.stop()
 
-    def note_written(self, namespace: str, owner: str, obj: Optional[dict]) -> None:
-        """Remember the resourceVersion of ``obj`` (a write's response) for :meth:`fresh`."""
-        md = (obj or {}).get("metadata") or {}
-        if md.get("resourceVersion"):
-            self.written.setdefault((namespace, owner), {})[(obj.get("kind"), md.get("name"))] = \
-                str(md["resourceVersion"])
-
-    def fresh(self, namespace: str, owner: str, live: Optional[dict]) -> bool:
-        """Whether ``live`` (a cached child) reflects this operator's last write of it: the
-        same resourceVersion, or no write remembered (the cache's list is newer than any)."""
-        if live is None:
-            return False
-        md = live.get("metadata") or {}
-        last = self.written.get((namespace, owner), {}).get((live.get("kind"), md.get("name")))
-        return last is None or last == str(md.get("resourceVersion"))
+    def note_written(self, obj: Optional[dict]) -> None:
+        """Tell the children cache of a write of ours (``obj``: the server's answer), so that
+        a copy older than it is not trusted to skip an apply (:meth:`ChildCache.caught_up`)."""
+        if self.children is not None:
+            self.children.expect(obj)
 
     def prune(self, present: set[tuple[str, str]]) -> None:
-        """Forget the per-service state (locks not held, written resourceVersions, autoscaler
-        history) of InferenceServices not in ``present``: deleted ones."""
+        """Forget the per-service state (locks not held, autoscaler history) of
+        InferenceServices not in ``present``: deleted ones."""
         with self._guard:
             for key in [k for k in self._locks if k not in present and not self._locks[k].locked()]:
                 del self._locks[key]
-        for key in [k for k in self.written if k not in present]:
-            self.written.pop(key, None)
         for key in [k for k in _HISTORY if k not in present]:
             _HISTORY.pop(key, None)
 
@@ -283,10 +267,23 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
         wanted = reconcile.desired_children(isvc, ctx.settings)
         cache = ctx.children
 
+        stale_ok: set[tuple[str, str]] = set()  # children read from the server in this pass
+
         def live(api_version: str, kind: str, child: str) -> Optional[dict]:
             """The cached child, else the server's (a miss is never trusted: it is read)."""
             hit = cache.get(api_version, kind, namespace, child) if cache is not None else None
-            return hit if hit is not None else kube.get(api_version, kind, namespace, child)
+            if hit is not None:
+                return hit
+            stale_ok.add((kind, child))
+            return kube.get(api_version, kind, namespace, child)
+
+        def fresh(manifest: dict) -> bool:
+            """Whether the live copy of ``manifest``'s object read in this pass is at least this
+            operator's last write of it (read from the server, or the cache has its event)."""
+            kind, child = manifest["kind"], manifest["metadata"]["name"]
+            if cache is None or (kind, child) in stale_ok:
+                return True
+            return cache.caught_up(manifest["apiVersion"], kind, namespace, child)
 
         observed = {role: live(m["apiVersion"], m["kind"], m["metadata"]["name"]) for role, m in wanted.items()}
         live_by_name = {(m["kind"], m["metadata"]["name"]): observed[role] for role, m in wanted.items()}
@@ -331,7 +328,7 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
         restore = reconcile.replicas_from_zero(isvc, observed.get(ROLE_DEPLOYMENT), leaving_keda)
         if restore is not None:  # an HPA does not scale a Deployment KEDA left at zero
             log.info("Deployment %s is at 0 replicas under an HPA: setting %d", name, restore["spec"]["replicas"])
-            attempt(restore, "scale", lambda: ctx.note_written(namespace, name, kube.apply(
+            attempt(restore, "scale", lambda: ctx.note_written(kube.apply(
                 restore, field_manager=reconcile.REPLICAS_HANDOVER_MANAGER)))
         for manifest in result.manifests_to_apply:
             if manifest["kind"] == "Deployment":
@@ -339,13 +336,13 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
                                                        kube.field_manager)
                 if handover is not None:
                     attempt(handover, "hand over replicas of",
-                            lambda h=handover: ctx.note_written(namespace, name, kube.apply(
+                            lambda h=handover: ctx.note_written(kube.apply(
                                 h, field_manager=reconcile.REPLICAS_HANDOVER_MANAGER)))
             manifest = reconcile.with_applied_hash(manifest)
             current = live_by_name.get((manifest["kind"], manifest["metadata"]["name"]))
-            if reconcile.up_to_date(manifest, current) and ctx.fresh(namespace, name, current):
+            if reconcile.up_to_date(manifest, current) and fresh(manifest):
                 continue  # the live object already is what this apply would make it
-            attempt(manifest, "apply", lambda m=manifest: ctx.note_written(namespace, name, kube.apply(m)))
+            attempt(manifest, "apply", lambda m=manifest: ctx.note_written(kube.apply(m)))
         for obj in result.to_delete:
             log.info("deleting %s %s to recreate it with the current spec", obj["kind"], obj["metadata"]["name"])
             attempt(obj, "delete", lambda obj=obj: kube.delete(obj))

@@ -72,6 +72,8 @@ class Informer:
         self._lock = threading.Lock()
         self._objects: dict[tuple[str, str], dict] = {}  # (namespace, name) -> object
         self._by_value: dict[tuple[str, str], set[str]] = {}  # (namespace, label value) -> names
+        #: (namespace, name) -> resourceVersion of a write of ours the cache has not seen yet
+        self._pending: dict[tuple[str, str], str] = {}
         self._stop = threading.Event()
         self._watchers: list = []
         self._thread: Optional[threading.Thread] = None
@@ -95,17 +97,38 @@ class Informer:
         with self._lock:
             return len(self._objects)
 
+    def expect(self, namespace: str, name: str, resource_version: str) -> None:
+        """Note a write of ours that the server answered with ``resource_version``: until the
+        cache holds that version of the object (its watch event), :meth:`caught_up` is False
+        for it. A write the cache already shows (the event came first) leaves nothing pending."""
+        key = (namespace, name)
+        with self._lock:
+            cur = self._objects.get(key)
+            if cur is not None and str((cur.get("metadata") or {}).get("resourceVersion")) == resource_version:
+                self._pending.pop(key, None)
+            else:
+                self._pending[key] = resource_version
+
+    def caught_up(self, namespace: str, name: str) -> bool:
+        """Whether the cached object reflects every write :meth:`expect` was told of."""
+        with self._lock:
+            return (namespace, name) not in self._pending
+
     # -- the store
     def _put(self, obj: dict) -> None:
         meta = obj.get("metadata") or {}
         key = (meta.get("namespace") or "", meta.get("name") or "")
         self._drop(key)
         self._objects[key] = obj
+        if self._pending.get(key) == str(meta.get("resourceVersion")):
+            del self._pending[key]  # our write has arrived (later ones arrive after it)
         value = (meta.get("labels") or {}).get(self.label)
         if value is not None:
             self._by_value.setdefault((key[0], value), set()).add(key[1])
 
-    def _drop(self, key: tuple[str, str]) -> None:
+    def _drop(self, key: tuple[str, str], deleted: bool = False) -> None:
+        if deleted:
+            self._pending.pop(key, None)
         old = self._objects.pop(key, None)
         if old is None:
             return
@@ -132,7 +155,7 @@ class Informer:
                 self._put(obj)
             elif type_ == "DELETED":
                 meta = obj.get("metadata") or {}
-                self._drop((meta.get("namespace") or "", meta.get("name") or ""))
+                self._drop((meta.get("namespace") or "", meta.get("name") or ""), deleted=True)
 
     # -- the thread
     def start(self) -> "Informer":
@@ -263,6 +286,21 @@ class ChildCache:
         ask the API server)."""
         inf = self._informer(api_version, kind, namespace)
         return None if inf is None else inf.get(namespace, name)
+
+    def expect(self, obj: Optional[dict]) -> None:
+        """Note a write of ours (``obj``: the server's answer) for :meth:`caught_up`."""
+        md = (obj or {}).get("metadata") or {}
+        if not md.get("resourceVersion"):
+            return
+        inf = self._informer(obj.get("apiVersion", ""), obj.get("kind", ""), md.get("namespace") or "")
+        if inf is not None:
+            inf.expect(md.get("namespace") or "", md.get("name") or "", str(md["resourceVersion"]))
+
+    def caught_up(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Whether the cached child reflects this operator's last write of it (its watch
+        event has arrived); True for kinds not cached."""
+        inf = self._informer(api_version, kind, namespace)
+        return True if inf is None else inf.caught_up(namespace, name)
 
     def owned(self, api_version: str, kind: str, namespace: str, owner: str) -> Optional[list[dict]]:
         """The cached objects of ``kind`` in ``namespace`` labelled ``label=owner``; None when

@@ -172,8 +172,10 @@ def test_passes_read_the_cache_skip_no_op_applies_and_repair_drift(cluster, tmp_
 def test_a_stale_cached_child_does_not_skip_a_needed_apply(cluster, tmp_path):
     """The cache can hold an older copy of a child than the operator's own last write (the
     write's watch event still in flight). A pass whose desired manifest equals that older
-    copy (a spec changed and changed back) must apply, not skip: the skip needs the
-    cached resourceVersion to be the one this operator's last write returned."""
+    copy (a spec changed and changed back) must apply, not skip: a cached child is trusted
+    to skip only once its informer has seen the resourceVersion this operator's last write
+    returned. Here the Deployments' watch is stopped before the write (its event never
+    arrives), the cache staying "synced" with the old copy."""
     s = cluster
     spec = {"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0},
             "scaling": {"autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 2}}
@@ -185,23 +187,16 @@ def test_a_stale_cached_child_does_not_skip_a_needed_apply(cluster, tmp_path):
         assert ctx.start_children_cache().wait_synced(10)
         wait_for(lambda: ctx.children.get("apps/v1", "Deployment", NS, "llm") is not None, "the cached Deployment")
         converge(ctx, NS, "llm")
-        before = ctx.children.get("apps/v1", "Deployment", NS, "llm")  # the copy that will go stale
-        old_hash = before["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION]
-
-        def set_max_num_seqs(value):
-            code, _ = s.http("PATCH", f"{ISVCS}/llm", {"spec": {"runtime": {"maxNumSeqs": value}}},
-                             content_type=MERGE_PATCH)
-            assert code == 200
-
-        set_max_num_seqs(7)
-        converge(ctx, NS, "llm")  # writes the changed Deployment
-        changed = one(s, "Deployment")["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION]
-        assert changed != old_hash
-        wait_for(lambda: ctx.children.get("apps/v1", "Deployment", NS, "llm")["metadata"]["annotations"][
-            reconcile.APPLIED_HASH_ANNOTATION] == changed, "the write in the cache")
-        # the cache falls behind: it shows the copy from before the write again
+        old_hash = one(s, "Deployment")["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION]
         (inf,) = ctx.children.informers[("apps/v1", "Deployment")].values()
-        inf.apply_event("MODIFIED", before)
+        inf.stop()  # the cache keeps the current copy, and now falls behind
+        assert inf.synced.is_set()
+
+        code, _ = s.http("PATCH", f"{ISVCS}/llm", {"spec": {"runtime": {"maxNumSeqs": 7}}}, content_type=MERGE_PATCH)
+        assert code == 200
+        converge(ctx, NS, "llm")  # writes the changed Deployment; the cache still shows the old one
+        assert one(s, "Deployment")["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION] != old_hash
+        assert not inf.caught_up(NS, "llm")
         code, obj = s.http("GET", f"{ISVCS}/llm")
         obj["spec"]["runtime"].pop("maxNumSeqs")  # changed back: the desired Deployment is the stale copy's
         assert s.http("PUT", f"{ISVCS}/llm", obj)[0] == 200
@@ -209,6 +204,29 @@ def test_a_stale_cached_child_does_not_skip_a_needed_apply(cluster, tmp_path):
         assert one(s, "Deployment")["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION] == old_hash
     finally:
         ctx.stop_children_cache()
+
+
+def test_our_write_seen_by_the_cache_is_caught_up():
+    """:meth:`Informer.expect` / ``caught_up``: pending until the event of that version is
+    folded in (or the object is deleted); a write the cache already shows leaves nothing
+    pending; a newer write replaces an older pending one."""
+    inf = Informer(None, "apps/v1", "Deployment", ISVC_LABEL, NS)
+    dep = lambda rv: {"metadata": {"namespace": NS, "name": "d", "resourceVersion": rv,  # noqa: E731
+                                   "labels": {ISVC_LABEL: "llm"}}}
+    inf.apply_event("ADDED", dep("1"))
+    inf.expect(NS, "d", "2")
+    assert not inf.caught_up(NS, "d")
+    inf.apply_event("MODIFIED", dep("2"))
+    assert inf.caught_up(NS, "d")
+    inf.apply_event("MODIFIED", dep("3"))  # e.g. a status update by another controller
+    inf.expect(NS, "d", "3")  # a no-op apply answered with the version the cache shows
+    assert inf.caught_up(NS, "d")
+    inf.expect(NS, "d", "4")
+    inf.expect(NS, "d", "5")
+    inf.apply_event("MODIFIED", dep("4"))
+    assert not inf.caught_up(NS, "d")
+    inf.apply_event("DELETED", dep("5"))
+    assert inf.caught_up(NS, "d")
 
 
 def test_a_watch_refused_after_every_list_backs_off(cluster, tmp_path, monkeypatch):
@@ -232,16 +250,15 @@ def test_a_watch_refused_after_every_list_backs_off(cluster, tmp_path, monkeypat
 
 
 def test_state_of_deleted_services_is_pruned(tmp_path):
-    """A resync round drops the locks, written resourceVersions and autoscaler history of
+    """A resync round drops the locks and autoscaler history of
     InferenceServices it no longer sees, and keeps the others'."""
     from argosy.operator import handlers
 
     ctx = Context(FAST, api_client=object(), discovery_cache=str(tmp_path / "d.json"))
     for name in ("gone", "kept"):
         ctx.lock(NS, name)
-        ctx.note_written(NS, name, {"kind": "Deployment", "metadata": {"name": name, "resourceVersion": "7"}})
         handlers._HISTORY[(NS, name)] = [(0.0, 1)]
     ctx.prune({(NS, "kept")})
-    assert set(ctx._locks) == {(NS, "kept")} and set(ctx.written) == {(NS, "kept")}
+    assert set(ctx._locks) == {(NS, "kept")}
     assert (NS, "gone") not in handlers._HISTORY and (NS, "kept") in handlers._HISTORY
     handlers._HISTORY.pop((NS, "kept"))
