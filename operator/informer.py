@@ -18,8 +18,11 @@ object carrying an InferenceService's label. It answers only while every informe
 listed at least once and its stream is healthy (``synced``); otherwise the caller asks the
 API server, as before. A cached object may be a moment older than the server's (a watch
 event in flight): passes treat a cache miss as "ask the server" (``get``), so only present
-objects are ever read from the cache, and an apply the cache says is a no-op is one the next
-watch event would show otherwise at the next pass.
+objects are ever read from the cache; and the operator tells the cache of each of its own
+writes (:meth:`ChildCache.expect`, the resourceVersion the server answered), so a cached
+copy older than that write is not trusted to skip an apply (:meth:`ChildCache.caught_up`)
+until the write's event has arrived. Other writers' changes reach the cache by their events
+and are repaired by the next pass that sees them.
 """
 
 from __future__ import annotations
