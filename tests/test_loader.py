@@ -129,7 +129,8 @@ def test_hf_directory_without_weights(tmp_path, tiny_hf_dir):
     ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemv"},
      "awq version 'gemv'"),
     ({"quant_method": "compressed-tensors", "format": "marlin-24"}, "format marlin-24"),
-    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, "'fp8'"),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "'bitsandbytes'"),
+    ({"quant_method": "fp8", "weight_block_size": [128]}, "fp8 weight_block_size [128] is not supported"),
 ])
 def test_a_pre_quantized_directory_is_refused_not_loaded_as_floats(tmp_path, tiny_hf_dir, qc, named):
     """A ``quantization_config`` names a format this loader does not implement yet: one clear
@@ -147,9 +148,9 @@ def test_a_pre_quantized_directory_is_refused_not_loaded_as_floats(tmp_path, tin
     assert named in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq"])
+@pytest.mark.parametrize("method", ["awq", "gptq", "fp8"])
 def test_float_weights_in_an_awq_or_gptq_directory_are_refused(tmp_path, tiny_hf_dir, method):
-    """A directory whose config says AWQ / GPTQ but whose projections are plain floats is
+    """A directory whose config says AWQ / GPTQ / fp8 but whose projections are plain floats is
     refused when its weights are read (one line naming the tensor), unless the config's
     ``modules_to_not_convert`` names them."""
     import json

@@ -229,10 +229,12 @@ def iter_weights(path: Path, shard_for: Optional[ShardFn] = None, int4: bool = F
                             del pending[module]
                             yield _packed_layer(path, module, parts, scheme, shard_for, int4)
                         continue
-                    if legacy and gptq_awq.unexpected_dense(name, scheme):
+                    if (legacy or isinstance(scheme, fp8.Fp8Scheme)) and gptq_awq.unexpected_dense(name, scheme):
+                        expected = "an F8_E4M3 weight with its weight_scale_inv" if not legacy else \
+                            f"{name[:-len('weight')]}qweight"
                         raise ModelLoadError(f"{path}: {name} is a plain float weight in a {scheme.method} "
-                                             f"checkpoint (expected {name[:-len('weight')]}qweight, or the module "
-                                             "in modules_to_not_convert)")
+                                             f"checkpoint (expected {expected}, or the module in "
+                                             "modules_to_not_convert)")
                     shard = shard_for(name) if shard_for else None
                     if shard is None:
                         yield name, st.get_tensor(name)

@@ -161,17 +161,20 @@ class Fp8Scheme:
     ``[N, K] float8_e4m3fn`` and ``weight_scale_inv`` (or, in older checkpoints,
     ``weight_scale``) in float32, multiplied to dequantize: one value per tensor, or one
     per ``weight_block_size`` block ``[ceil(N / b0), ceil(K / b1)]``. Layers in
-    ``modules_to_not_convert`` are plain float weights. Static activation scales
+    ``modules_to_not_convert`` (``transformers``) or ``ignored_layers`` (vLLM) are plain
+    float weights; any other float projection weight is refused. Static activation scales
     (``input_scale``) are not used: activations are quantized per token where
     ``_scaled_mm`` runs (see the module doc).
 
     Attributes:
         block: ``(b0, b1)`` rows and columns a scale covers, or None (per tensor).
         activation_scheme: ``dynamic`` or ``static`` (as written; logged).
+        not_converted: module names left in float.
     """
 
     block: Optional[tuple[int, int]]
     activation_scheme: str
+    not_converted: tuple[str, ...] = ()
     method: str = "fp8"
 
 
@@ -201,7 +204,8 @@ def parse_config(qc: dict) -> Fp8Scheme:
         raise UnsupportedQuantization(f"fp8 activation_scheme {scheme!r} is not supported (dynamic or static is)")
     if qc.get("expert_dtype") not in (None, "fp8"):
         raise UnsupportedQuantization(f"fp8 expert_dtype {qc.get('expert_dtype')!r} is not supported")
-    return Fp8Scheme(block, scheme)
+    skip = [*(qc.get("modules_to_not_convert") or ()), *(qc.get("ignored_layers") or ())]
+    return Fp8Scheme(block, scheme, tuple(str(m) for m in skip))
 
 
 def quantized_part(name: str, dtype: str) -> Optional[str]:
