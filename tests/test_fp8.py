@@ -18,6 +18,10 @@ import torch
 
 from .test_compressed_tensors import PROMPT, _kl, _our_logits
 
+#: ~1 min on 2 cores (several engines, two checkpoints written by ``transformers``):
+#: ``.ci/run`` runs it after the default suite (``pytest -m slow tests/test_fp8.py``)
+pytestmark = pytest.mark.slow
+
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

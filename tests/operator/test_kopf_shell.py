@@ -695,8 +695,12 @@ def test_a_hung_api_server_fails_a_call_instead_of_stalling(tmp_path):
         server.close()
 
 
+@pytest.mark.slow
 def test_fleet_pass_cost(cluster, tmp_path):
-    """A resync round over a fleet (ARGOSY_FLEET_SIZE services, default 100, with a GPUQuota
+    """Slow (~30 s at 100 services, 4 min at 500): ``.ci/run`` runs it after the default suite;
+    tests/operator/test_informer.py checks the cached steady state's single call in the default run.
+
+    A resync round over a fleet (ARGOSY_FLEET_SIZE services, default 100, with a GPUQuota
     so the cap is computed): the cluster-wide lists are read once per round, not once per
     service, and each service's pass costs a bounded number of API calls. Prints the calls
     per service by verb and the pass time (the chart README quotes the 500-service numbers)."""
