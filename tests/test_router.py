@@ -226,7 +226,8 @@ def _run_workload(router, prompts: list[str], n: int, concurrency: int, seed: in
     return ttfts
 
 
-@pytest.mark.parametrize("order", ["interleaved", pytest.param("shuffled", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~50 s an order on 2 cores: .ci/run runs both after the default suite
+@pytest.mark.parametrize("order", ["interleaved", "shuffled"])
 def test_prefix_routing_beats_round_robin_on_cache_hits(engines, tmp_path, order):
     """64 requests over 8 distinct ~600-token system prompts, 3 engines whose KV caches
     hold ~3.6 such prompts each: prefix routing keeps each prompt on one engine (8 cold
@@ -235,7 +236,7 @@ def test_prefix_routing_beats_round_robin_on_cache_hits(engines, tmp_path, order
 
     - interleaved (the 8 prompts' users take turns): every round-robin engine cycles
       through all 8 prompts with room for ~3.6, the LRU worst case; the issue's 3x is asserted.
-    - shuffled (slow suite): an LRU cache of C prompts over P equally likely ones hits ~C/P
+    - shuffled: an LRU cache of C prompts over P equally likely ones hits ~C/P
       of the time, so round-robin still hits ~3.6/8 of its requests and the expected ratio
       is only (1 - 8/64) / (3.6/8) ~ 1.9x; seen 1.7x-2.8x depending on timing, so only 1.4x
       is asserted there. Prefix routing itself is held to >= 60% of the ideal hit tokens in
