@@ -334,6 +334,12 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
             if manifest["kind"] == "Deployment":
                 handover = reconcile.replicas_handover(manifest, observed.get(ROLE_DEPLOYMENT),
                                                        kube.field_manager)
+                if handover is not None and ("Deployment", manifest["metadata"]["name"]) not in stale_ok:
+                    # The cache's copy can be a moment old (an autoscaler may just have scaled):
+                    # hand over the server's replicas, not the cached ones.
+                    handover = reconcile.replicas_handover(
+                        manifest, kube.get(manifest["apiVersion"], "Deployment", namespace,
+                                           manifest["metadata"]["name"]), kube.field_manager)
                 if handover is not None:
                     attempt(handover, "hand over replicas of",
                             lambda h=handover: ctx.note_written(kube.apply(

@@ -16,7 +16,7 @@ from argosy.operator.kube import Kube
 from argosy.operator.render import ISVC_LABEL
 
 from .apiserver_standin import MERGE_PATCH
-from .test_kopf_shell import FAST, ISVCS, KINDS, NS, _api_client, _new_isvc, cluster, one  # noqa: F401
+from .test_kopf_shell import FAST, ISVCS, KINDS, NS, _api_client, _new_isvc, cluster, one, wait_for  # noqa: F401
 
 DEPLOYMENTS = KINDS["Deployment"]
 
@@ -29,15 +29,31 @@ def _deployment(name: str, labels: dict) -> dict:
                                   "spec": {"containers": [{"name": "c", "image": "busybox:1"}]}}}}
 
 
-def wait_for(probe, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+@pytest.fixture
+def cached_service(cluster, tmp_path):
+    """``start(spec)``: an InferenceService ``llm`` with ``spec``, converged once without the
+    children cache, then again with the cache synced and holding its Deployment; returns
+    the :class:`Context`. The cache is stopped after the test."""
+    contexts: list[Context] = []
+
+    def start(spec: dict) -> Context:
+        assert cluster.http("POST", ISVCS, _new_isvc("llm", spec))[0] == 201
+        ctx = Context(FAST, api_client=_api_client(cluster.url), discovery_cache=str(tmp_path / "discovery.json"),
+                      namespaces=[NS])
+        contexts.append(ctx)
+        converge(ctx, NS, "llm")  # creates the children (no cache yet)
+        assert ctx.start_children_cache().wait_synced(10)
+        wait_for(lambda: ctx.children.get("apps/v1", "Deployment", NS, "llm") is not None, "the cached Deployment")
+        converge(ctx, NS, "llm")  # settles anything the first pass left to do
+        return ctx
+
+    yield start
+    for ctx in contexts:
+        ctx.stop_children_cache()
+
+
+HPA_SPEC = {"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0},
+            "scaling": {"autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 2}}
 
 
 @pytest.fixture
@@ -127,49 +143,47 @@ def test_up_to_date():
     assert reconcile.with_applied_hash(m) == m  # idempotent
 
 
-def test_passes_read_the_cache_skip_no_op_applies_and_repair_drift(cluster, tmp_path):
+def test_passes_read_the_cache_skip_no_op_applies_and_repair_drift(cluster, cached_service):
     """With the children cache synced, a steady-state pass reads the InferenceService and
     nothing else; a user's edit of a field the operator applied, and a deleted child, are
     put back by the next pass."""
     s = cluster
-    spec = {"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0},
-            "scaling": {"autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 2}}
-    assert s.http("POST", ISVCS, _new_isvc("llm", spec))[0] == 201
-    ctx = Context(FAST, api_client=_api_client(s.url), discovery_cache=str(tmp_path / "discovery.json"),
-                  namespaces=[NS])
-    try:
-        converge(ctx, NS, "llm")  # creates the children (no cache yet)
-        assert ctx.start_children_cache().wait_synced(10)
-        dep = one(s, "Deployment")
-        wait_for(lambda: ctx.children.get("apps/v1", "Deployment", NS, "llm") is not None, "the cached Deployment")
-        converge(ctx, NS, "llm")  # settles anything the first pass left to do
-        time.sleep(0.3)
-        s.requests.clear()
-        converge(ctx, NS, "llm")
-        calls = [(r.verb, r.path) for r in s.requests]
-        assert calls == [("get", f"{ISVCS}/llm")], calls
-        # drift: the container image edited by hand
-        image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
-        containers = [{**dep["spec"]["template"]["spec"]["containers"][0], "image": "evil:1"}]
-        code, _ = s.http("PATCH", f"{KINDS['Deployment']}/llm", {"spec": {"template": {"spec": {
-            "containers": containers}}}}, content_type=MERGE_PATCH)
-        assert code == 200
-        wait_for(lambda: ctx.children.get("apps/v1", "Deployment", NS, "llm")["spec"]["template"]["spec"][
-            "containers"][0]["image"] == "evil:1", "the edit in the cache")
-        converge(ctx, NS, "llm")
-        assert one(s, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"] == image
-        # a deleted child is a cache miss, read from the server and created again
-        assert s.http("DELETE", f"{KINDS['HorizontalPodAutoscaler']}/llm")[0] == 200
-        wait_for(lambda: ctx.children.get("autoscaling/v2", "HorizontalPodAutoscaler", NS, "llm") is None,
-                 "the deletion in the cache")
-        converge(ctx, NS, "llm")
-        one(s, "HorizontalPodAutoscaler")
-        assert len(ctx.children.informers) == len(CHILD_KINDS)
-    finally:
-        ctx.stop_children_cache()
+    ctx = cached_service(HPA_SPEC)
+    dep = one(s, "Deployment")
+    time.sleep(0.3)
+    s.requests.clear()
+    converge(ctx, NS, "llm")
+    calls = [(r.verb, r.path) for r in s.requests]
+    assert calls == [("get", f"{ISVCS}/llm")], calls
+    # drift: the container image edited by hand
+    image = dep["spec"]["template"]["spec"]["containers"][0]["image"]
+    containers = [{**dep["spec"]["template"]["spec"]["containers"][0], "image": "evil:1"}]
+    code, _ = s.http("PATCH", f"{KINDS['Deployment']}/llm", {"spec": {"template": {"spec": {
+        "containers": containers}}}}, content_type=MERGE_PATCH)
+    assert code == 200
+    wait_for(lambda: ctx.children.get("apps/v1", "Deployment", NS, "llm")["spec"]["template"]["spec"][
+        "containers"][0]["image"] == "evil:1", "the edit in the cache")
+    converge(ctx, NS, "llm")
+    assert one(s, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"] == image
+    # a deleted child is a cache miss, read from the server and created again
+    assert s.http("DELETE", f"{KINDS['HorizontalPodAutoscaler']}/llm")[0] == 200
+    wait_for(lambda: ctx.children.get("autoscaling/v2", "HorizontalPodAutoscaler", NS, "llm") is None,
+             "the deletion in the cache")
+    converge(ctx, NS, "llm")
+    one(s, "HorizontalPodAutoscaler")
+    assert len(ctx.children.informers) == len(CHILD_KINDS)
 
 
-def test_a_stale_cached_child_does_not_skip_a_needed_apply(cluster, tmp_path):
+def _freeze_deployments(ctx: Context):
+    """Stop the Deployments' informer: the cache keeps its current copies (still "synced")
+    and falls behind every later write."""
+    (inf,) = ctx.children.informers[("apps/v1", "Deployment")].values()
+    inf.stop()
+    assert inf.synced.is_set()
+    return inf
+
+
+def test_a_stale_cached_child_does_not_skip_a_needed_apply(cluster, cached_service):
     """The cache can hold an older copy of a child than the operator's own last write (the
     write's watch event still in flight). A pass whose desired manifest equals that older
     copy (a spec changed and changed back) must apply, not skip: a cached child is trusted
@@ -177,33 +191,45 @@ def test_a_stale_cached_child_does_not_skip_a_needed_apply(cluster, tmp_path):
     returned. Here the Deployments' watch is stopped before the write (its event never
     arrives), the cache staying "synced" with the old copy."""
     s = cluster
-    spec = {"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0},
-            "scaling": {"autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 2}}
-    assert s.http("POST", ISVCS, _new_isvc("llm", spec))[0] == 201
-    ctx = Context(FAST, api_client=_api_client(s.url), discovery_cache=str(tmp_path / "discovery.json"),
-                  namespaces=[NS])
-    try:
-        converge(ctx, NS, "llm")
-        assert ctx.start_children_cache().wait_synced(10)
-        wait_for(lambda: ctx.children.get("apps/v1", "Deployment", NS, "llm") is not None, "the cached Deployment")
-        converge(ctx, NS, "llm")
-        old_hash = one(s, "Deployment")["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION]
-        (inf,) = ctx.children.informers[("apps/v1", "Deployment")].values()
-        inf.stop()  # the cache keeps the current copy, and now falls behind
-        assert inf.synced.is_set()
+    ctx = cached_service(HPA_SPEC)
+    old_hash = one(s, "Deployment")["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION]
+    inf = _freeze_deployments(ctx)
 
-        code, _ = s.http("PATCH", f"{ISVCS}/llm", {"spec": {"runtime": {"maxNumSeqs": 7}}}, content_type=MERGE_PATCH)
-        assert code == 200
-        converge(ctx, NS, "llm")  # writes the changed Deployment; the cache still shows the old one
-        assert one(s, "Deployment")["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION] != old_hash
-        assert not inf.caught_up(NS, "llm")
-        code, obj = s.http("GET", f"{ISVCS}/llm")
-        obj["spec"]["runtime"].pop("maxNumSeqs")  # changed back: the desired Deployment is the stale copy's
-        assert s.http("PUT", f"{ISVCS}/llm", obj)[0] == 200
-        converge(ctx, NS, "llm")
-        assert one(s, "Deployment")["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION] == old_hash
-    finally:
-        ctx.stop_children_cache()
+    code, _ = s.http("PATCH", f"{ISVCS}/llm", {"spec": {"runtime": {"maxNumSeqs": 7}}}, content_type=MERGE_PATCH)
+    assert code == 200
+    converge(ctx, NS, "llm")  # writes the changed Deployment; the cache still shows the old one
+    assert one(s, "Deployment")["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION] != old_hash
+    assert not inf.caught_up(NS, "llm")
+    code, obj = s.http("GET", f"{ISVCS}/llm")
+    obj["spec"]["runtime"].pop("maxNumSeqs")  # changed back: the desired Deployment is the stale copy's
+    assert s.http("PUT", f"{ISVCS}/llm", obj)[0] == 200
+    converge(ctx, NS, "llm")
+    assert one(s, "Deployment")["metadata"]["annotations"][reconcile.APPLIED_HASH_ANNOTATION] == old_hash
+
+
+def test_a_replicas_hand_over_reads_the_server_not_the_cache(cluster, cached_service):
+    """autoscaler none -> hpa hands the Deployment's live replicas to a second field manager
+    (``reconcile.replicas_handover``). The cached Deployment can be older than the server's
+    (here: the operator's own scale 3 -> 4 whose watch event never arrived); the hand-over
+    must carry the server's 4, not the cache's 3."""
+    s = cluster
+    ctx = cached_service({"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0},
+                          "scaling": {"autoscaler": "none", "minReplicas": 3}})
+    assert one(s, "Deployment")["spec"]["replicas"] == 3
+    inf = _freeze_deployments(ctx)
+    code, _ = s.http("PATCH", f"{ISVCS}/llm", {"spec": {"scaling": {"minReplicas": 4}}}, content_type=MERGE_PATCH)
+    assert code == 200
+    converge(ctx, NS, "llm")
+    assert one(s, "Deployment")["spec"]["replicas"] == 4
+    assert inf.get(NS, "llm")["spec"]["replicas"] == 3  # the cache is behind
+    code, _ = s.http("PATCH", f"{ISVCS}/llm", {"spec": {"scaling": {
+        "autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 5}}}, content_type=MERGE_PATCH)
+    assert code == 200
+    converge(ctx, NS, "llm")
+    dep = one(s, "Deployment")
+    assert dep["spec"]["replicas"] == 4
+    owners = {m["manager"] for m in dep["metadata"]["managedFields"] if "f:replicas" in m["fieldsV1"].get("f:spec", {})}
+    assert owners == {reconcile.REPLICAS_HANDOVER_MANAGER}
 
 
 def test_our_write_seen_by_the_cache_is_caught_up():
