@@ -116,6 +116,16 @@ def read_config(path: Path) -> ModelConfig:
         raise ModelLoadError(f"{cfg_path}: missing or invalid field {e}") from None
 
 
+def _take(w, shard: Optional[tuple[int, int, int]]):
+    """``w`` (a quantized weight class with ``rows``/``cols``) restricted to ``shard``
+    ``(dim, start, stop)``: output rows for dim 0, input columns for dim 1; ``w`` itself
+    when ``shard`` is None."""
+    if shard is None:
+        return w
+    dim, start, stop = shard
+    return w.rows(start, stop) if dim == 0 else w.cols(start, stop)
+
+
 def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_for: Optional[ShardFn],
                   int4: bool) -> tuple[str, object]:
     """One quantized layer (compressed-tensors, AWQ or GPTQ) as ``(hf weight name, Int4Weight, Q8Weight, Int8Weight or float32
@@ -128,9 +138,7 @@ def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_fo
             shard = shard_for(name) if shard_for else None
             if isinstance(w, torch.Tensor):  # block scales: dense
                 return name, w if shard is None else narrow(w, shard)
-            if shard is not None:
-                dim, start, stop = shard
-                w = w.rows(start, stop) if dim == 0 else w.cols(start, stop)
+            w = _take(w, shard)
             return name, w if int4 else w.dequantize(torch.float32)
         if isinstance(scheme, (gptq_awq.AWQScheme, gptq_awq.GPTQScheme)):
             return name, _awq_gptq_layer(parts, scheme, shard_for(name) if shard_for else None, int4)
@@ -141,10 +149,7 @@ def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_fo
                 w8 = int8_weight(parts) if scheme.format != "float-quantized" else \
                     Fp8Weight.from_checkpoint(parts["weight"], parts["weight_scale"],
                                               dynamic_activations=scheme.activations is not None)
-                if shard is not None:
-                    dim, start, stop = shard
-                    w8 = w8.rows(start, stop) if dim == 0 else w8.cols(start, stop)
-                return name, w8
+                return name, _take(w8, shard)
             dense = dequantize_8bit(parts, scheme)
             return name, dense if shard is None else narrow(dense, shard)
         w = decode(parts, scheme)
@@ -153,7 +158,7 @@ def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_fo
             dim, start, stop = shard
             if dim == 1 and (start % w.group_size or stop % w.group_size) and w.group_size > 32:
                 w = w.regroup(32)  # e.g. 192 columns a rank of group-128 scales: same values, groups of 32
-            w = w.rows(start, stop) if dim == 0 else w.cols(start, stop)
+            w = _take(w, shard)
     except ValueError as e:
         raise ModelLoadError(f"{path}: layer {module}: {e}") from None
     return name, (w if int4 else w.dequantize(torch.float32, kernel_rounding=False))
@@ -174,7 +179,7 @@ def _awq_gptq_layer(parts: dict, scheme: gptq_awq.Scheme, shard, int4: bool) -> 
         if dim == 1 and isinstance(w, Int4Weight) and (start % w.group_size or stop % w.group_size) \
                 and w.group_size > 32:
             w = w.regroup(32)
-        w = w.rows(start, stop) if dim == 0 else w.cols(start, stop)
+        w = _take(w, shard)
     return w if int4 else w.dequantize(torch.float32, kernel_rounding=False)
 
 

@@ -24,10 +24,15 @@ PyTorch's CPU ``_scaled_mm`` was measured 20-30x slower than bfloat16 ``F.linear
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+
+from .base import RowScaledWeight
+
+logger = logging.getLogger(__name__)
 
 #: ``torch.finfo(torch.float8_e4m3fn).max``
 E4M3_MAX = 448.0
@@ -36,8 +41,9 @@ MIN_SCALE = 1e-12
 
 
 @dataclass
-class Fp8Weight:
-    """An E4M3 weight with one float32 scale per output row.
+class Fp8Weight(RowScaledWeight):
+    """An E4M3 weight with one float32 scale per output row (slicing and stacking from
+    :class:`~.base.RowScaledWeight`).
 
     Attributes:
         q: ``[N, K] float8_e4m3fn``.
@@ -48,13 +54,7 @@ class Fp8Weight:
             as vLLM runs such checkpoints weight-only.
     """
 
-    q: torch.Tensor
-    scale: torch.Tensor
     dynamic_activations: bool = True
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
 
     @staticmethod
     def quantize(w: torch.Tensor) -> "Fp8Weight":
@@ -81,19 +81,10 @@ class Fp8Weight:
                              f"{tuple(q.shape)}")
         return Fp8Weight(q.contiguous(), s.expand(q.shape[0]).contiguous(), dynamic_activations)
 
-    def rows(self, start: int, stop: int) -> "Fp8Weight":
-        """Output rows ``[start, stop)`` (a column-parallel shard or a fused part)."""
-        return Fp8Weight(self.q[start:stop], self.scale[start:stop], self.dynamic_activations)
-
-    def cols(self, start: int, stop: int) -> "Fp8Weight":
-        """Input columns ``[start, stop)`` (a row-parallel shard; scales are per row)."""
-        return Fp8Weight(self.q[:, start:stop].contiguous(), self.scale, self.dynamic_activations)
-
-    @staticmethod
-    def cat(parts: list["Fp8Weight"]) -> "Fp8Weight":
-        """Stack along the output rows."""
-        return Fp8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
-                         all(p.dynamic_activations for p in parts))
+    @classmethod
+    def cat(cls, parts: list["Fp8Weight"]) -> "Fp8Weight":
+        """Stack along the output rows; dynamic activations only if every part has them."""
+        return replace(super().cat(parts), dynamic_activations=all(p.dynamic_activations for p in parts))
 
     def dequantize(self, dtype: torch.dtype = torch.float32, kernel_rounding: bool = False) -> torch.Tensor:
         """``W [N, K]`` in ``dtype`` (float32 product, then rounded once). ``kernel_rounding``
@@ -134,8 +125,8 @@ _PROBED: dict[str, bool] = {}
 def scaled_mm_supported(device: torch.device) -> bool:
     """Whether :func:`fp8_linear` runs on ``device``: a CUDA device of compute capability
     8.9 or newer whose PyTorch build runs a row-wise scaled ``_scaled_mm`` (tried once per
-    device on a 16 x 32 x 16 product, the answer kept). False on the CPU (slower than
-    dense there, see the module doc)."""
+    device on a 16 x 32 x 16 product, the answer kept; a failing probe is logged once as a
+    warning). False on the CPU (slower than dense there, see the module doc)."""
     device = torch.device(device)
     if device.type != "cuda":
         return False
@@ -147,7 +138,9 @@ def scaled_mm_supported(device: torch.device) -> bool:
                 w = Fp8Weight.quantize(torch.randn(16, 32, device=device))
                 fp8_linear(torch.randn(16, 32, device=device, dtype=torch.bfloat16), w.q, w.scale[None, :])
                 torch.cuda.synchronize(device)
-            except (RuntimeError, NotImplementedError):
+            except (RuntimeError, NotImplementedError) as e:
+                logger.warning("%s: torch._scaled_mm with row-wise scales failed (%s); FP8 layers run dense "
+                               "on their FP8 values (no memory saved)", device, str(e).splitlines()[0] if str(e) else e)
                 ok = False
         _PROBED[key] = ok
     return _PROBED[key]

@@ -16,35 +16,18 @@ from dataclasses import dataclass
 
 import torch
 
+from .base import RowScaledWeight
+
 
 @dataclass
-class Int8Weight:
-    """An int8 weight with one scale per output row: ``W[n, k] = q[n, k] * scale[n]``.
+class Int8Weight(RowScaledWeight):
+    """An int8 weight with one scale per output row: ``W[n, k] = q[n, k] * scale[n]``
+    (slicing and stacking from :class:`~.base.RowScaledWeight`).
 
     Attributes:
         q: ``[N, K] int8`` torch tensor.
         scale: ``[N] float32``.
     """
-
-    q: torch.Tensor
-    scale: torch.Tensor
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.q.shape)
-
-    def rows(self, start: int, stop: int) -> "Int8Weight":
-        """Output rows ``[start, stop)`` (a column-parallel shard or a fused part)."""
-        return Int8Weight(self.q[start:stop], self.scale[start:stop])
-
-    def cols(self, start: int, stop: int) -> "Int8Weight":
-        """Input columns ``[start, stop)`` (a row-parallel shard; scales are per row)."""
-        return Int8Weight(self.q[:, start:stop].contiguous(), self.scale)
-
-    @staticmethod
-    def cat(parts: list["Int8Weight"]) -> "Int8Weight":
-        """Stack along the output rows."""
-        return Int8Weight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
 
     def dequantize(self, dtype=torch.float32, kernel_rounding: bool = True) -> torch.Tensor:
         """``W [N, K]``; ``kernel_rounding``: from the scales rounded to bfloat16 as
