@@ -198,7 +198,7 @@ def test_8bit_checkpoints_run_weight_only(w4a16, checkpoint, hf_model, which, ca
         lin = model.layers[0].mlp.gate_up_proj
         x = torch.randn(3, lin.in_features).to(torch.bfloat16)
         small = lin(x).float()
-        dense = torch.nn.functional.linear(x, lin.weight).float()
+        dense = torch.nn.functional.linear(x, lin.dense_weight()).float()
         torch.testing.assert_close(small, dense, atol=0.05, rtol=0.02)
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -227,7 +227,8 @@ def test_bfloat16_runs_the_quantized_kernels_and_agrees(legacy, checkpoint, kind
     # one layer on its kernel (a decode-sized call) against the same layer dense
     lin = layers[0]
     x = torch.randn(2, lin.in_features, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    torch.testing.assert_close(lin(x).float(), torch.nn.functional.linear(x, lin.weight).float(), atol=0.06, rtol=0.03)
+    torch.testing.assert_close(lin(x).float(), torch.nn.functional.linear(x, lin.dense_weight()).float(), atol=0.06,
+                               rtol=0.03)
 
 
 def test_greedy_decoding_agrees_with_the_oracle(legacy, checkpoint):

@@ -37,12 +37,14 @@ vs 244 us.) The dense copy costs 2 bytes per weight beside the packed ~0.63.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quantization import dequant
 from ..quantization import int4 as int4_mod
 from ..quantization import fp8 as fp8_mod
 from ..quantization import q8_0
@@ -53,6 +55,10 @@ from ..quantization.q8_0 import PackedQ8, Q8Weight
 
 #: Calls with at most this many rows use the packed int4 kernel (see the module doc).
 INT4_MAX_ROWS = 8
+#: ``ARGOSY_CPU_DENSE_COPIES=keep``: quantized CPU layers keep a dense bfloat16 copy for
+#: calls of more rows (2 bytes a weight; prefill a few percent faster, see the module doc)
+#: instead of dequantizing into a scratch matrix per call (the default, ``scratch``).
+DENSE_COPIES = os.environ.get("ARGOSY_CPU_DENSE_COPIES", "scratch").strip().lower()
 #: Devices whose 4-bit layers run the Triton W4A16 kernel
 #: (:mod:`..quantization.triton_w4a16`; float16 / bfloat16) for every call, the dense
 #: weight freed after packing: on a GPU the point of a 4-bit checkpoint is the memory
@@ -96,6 +102,8 @@ class Linear(nn.Module):
         self.register_buffer("w4_qweight", None, persistent=False)
         self.register_buffer("w4_scales", None, persistent=False)
         self.register_buffer("w4_zeros", None, persistent=False)
+        #: the 4-bit weight's integers for the CPU dequantization kernel (:func:`..quantization.dequant.pack_nibbles`)
+        self.register_buffer("int4_nibbles", None, persistent=False)
         self.register_buffer("int8_weight", None, persistent=False)
         self.register_buffer("int8_scales", None, persistent=False)
         self.register_buffer("q8_weight", None, persistent=False)
@@ -107,6 +115,10 @@ class Linear(nn.Module):
         self.register_buffer("fp8_scales", None, persistent=False)
         #: whether the dense weight holds FP8 values (an FP8 layer where ``_scaled_mm`` does not run)
         self.fp8_dense = False
+        #: whether calls of more than ``INT4_MAX_ROWS`` rows dequantize the int4, int8 or
+        #: grouped int8 weight into a per-thread scratch matrix (:mod:`..quantization.dequant`)
+        #: instead of keeping a dense copy (the dense weight is then freed)
+        self.dense_on_demand = False
         #: row start -> quantized rows handed over by :meth:`load_quantized`
         self._quantized_parts: dict[int, Union[Int4Weight, Int8Weight, Q8Weight, Fp8Weight]] = {}
 
@@ -137,9 +149,12 @@ class Linear(nn.Module):
 
     def load_quantized(self, row_start: int, w: Union[Int4Weight, Int8Weight, Q8Weight, Fp8Weight]) -> None:
         """Take rows ``[row_start, row_start + N)`` as a 4-bit, int8, grouped int8 or FP8
-        weight (and their dense values: on the CPU dequantized the way its kernel sees
-        them, scales rounded as the kernel rounds them; elsewhere, where only the W4A16
-        kernel runs and a layer it does not take stays dense, exactly).
+        weight. Once every row of the layer has arrived this way, the layer is processed
+        at once (:meth:`process_weights_after_loading`), so a checkpoint's layers are never
+        all held dense while loading; rows the layer keeps dense get their values there (on
+        the CPU dequantized the way its kernel sees them, scales rounded as the kernel
+        rounds them; elsewhere, where only the W4A16 kernel runs and a layer it does not
+        take stays dense, exactly).
 
         Raises:
             ValueError: the rows do not fit the layer.
@@ -148,9 +163,9 @@ class Linear(nn.Module):
         if k != self.in_features or row_start + n > self.out_features:
             raise ValueError(f"quantized rows [{row_start}, {row_start + n}) x {k} do not fit "
                              f"{tuple(self.weight.shape)}")
-        self.weight.data[row_start : row_start + n].copy_(
-            w.dequantize(self.weight.dtype, kernel_rounding=self.weight.device.type == "cpu"))
         self._quantized_parts[row_start] = w
+        if sum(p.shape[0] for p in self._quantized_parts.values()) == self.out_features:
+            self.process_weights_after_loading()
 
     def process_weights_after_loading(self) -> None:
         """When every row arrived quantized in one form: pack the int4 weight for the
@@ -161,9 +176,17 @@ class Linear(nn.Module):
         weight where ``_scaled_mm`` runs (:func:`~argosy.runtime.quantization.fp8.scaled_mm_supported`,
         16-multiple shapes; the dense weight freed); otherwise stay dense."""
         parts, self._quantized_parts = self._quantized_parts, {}
-        ordered = [parts[s] for s in sorted(parts)]
-        if not ordered or sum(p.shape[0] for p in ordered) != self.out_features \
-                or len({type(p) for p in ordered}) != 1:
+        if not parts:
+            return
+        self._pack([parts[s] for s in sorted(parts)])
+        if self.weight.numel():  # the layer runs dense (for some calls, or all): the dense values of its rows
+            for start, w in parts.items():
+                self.weight.data[start : start + w.shape[0]].copy_(
+                    w.dequantize(self.weight.dtype, kernel_rounding=self.weight.device.type == "cpu"))
+
+    def _pack(self, ordered: list) -> None:
+        """:meth:`process_weights_after_loading` for the quantized parts ``ordered`` by row."""
+        if sum(p.shape[0] for p in ordered) != self.out_features or len({type(p) for p in ordered}) != 1:
             return  # some rows were dense in the checkpoint (or came in another form)
         if isinstance(ordered[0], Fp8Weight):
             self.fp8_dense = True
@@ -182,12 +205,14 @@ class Linear(nn.Module):
             if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu" and q8_0.kernel() is not None:
                 p = PackedQ8.pack(Q8Weight.cat(ordered))
                 self.q8_weight, self.q8_scales, self.q8_mins, self.q8_group = p.w, p.scales, p.mins, p.group_size
+                self._free_dense_copy()
             return
         if isinstance(ordered[0], Int8Weight):
             if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu":
                 whole8 = Int8Weight.cat(ordered)
                 self.int8_weight = whole8.q.contiguous().to(self.weight.device)
                 self.int8_scales = whole8.scale.to(torch.bfloat16).to(self.weight.device)
+                self._free_dense_copy()
             return
         try:
             whole = Int4Weight.cat(ordered)
@@ -216,6 +241,34 @@ class Linear(nn.Module):
         self.group_size = whole.group_size
         if whole.perm is not None:
             self.input_perm = torch.as_tensor(whole.perm, dtype=torch.int64, device=self.weight.device)
+        self.int4_nibbles = dequant.pack_nibbles(whole.q)
+        self._free_dense_copy()
+
+    def _free_dense_copy(self) -> None:
+        """Run calls of more than ``INT4_MAX_ROWS`` rows on a dequantized scratch
+        (:mod:`..quantization.dequant`) and free the dense weight, unless the kernel is not
+        built or ``ARGOSY_CPU_DENSE_COPIES=keep``."""
+        if DENSE_COPIES == "keep" or dequant.kernel() is None:
+            self.int4_nibbles = None
+            return
+        self.dense_on_demand = True
+        self.weight = nn.Parameter(torch.empty(0, self.in_features, dtype=self.weight.dtype,
+                                               device=self.weight.device), requires_grad=False)
+
+    def dense_weight(self) -> torch.Tensor:
+        """``W [out_features, in_features]`` in the layer's dtype, input columns in the
+        layer's own order: :attr:`weight`, or for a layer that keeps no dense copy
+        (:attr:`dense_on_demand`) its quantized weight dequantized into a new tensor (the
+        values its large calls multiply)."""
+        if not self.dense_on_demand:
+            return self.weight
+        if self.int4_nibbles is not None:
+            w = dequant.int4_dequantize(self.int4_nibbles, self.int4_scales_zeros, self.group_size)
+            return w if self.input_perm is None else torch.empty_like(w).index_copy_(1, self.input_perm, w)
+        if self.q8_weight is not None:
+            return dequant.q8_dequantize(self.q8_weight, self.q8_scales, self.q8_mins, self.q8_group,
+                                         self.out_features)
+        return dequant.int8_dequantize(self.int8_weight, self.int8_scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp8_weight is not None:
@@ -235,4 +288,12 @@ class Linear(nn.Module):
         if self.int8_weight is not None and x.shape[0] <= INT4_MAX_ROWS:
             y = torch.ops.aten._weight_int8pack_mm(x, self.int8_weight, self.int8_scales)
             return y if self.bias is None else y + self.bias
+        if self.dense_on_demand:
+            if self.int4_nibbles is not None:
+                return torch.ops.argosy.int4_dense_linear(x, self.int4_nibbles, self.int4_scales_zeros,
+                                                          self.group_size, self.input_perm, self.bias)
+            if self.q8_weight is not None:
+                return torch.ops.argosy.q8_dense_linear(x, self.q8_weight, self.q8_scales, self.q8_mins,
+                                                        self.q8_group, self.out_features, self.bias)
+            return torch.ops.argosy.int8_dense_linear(x, self.int8_weight, self.int8_scales, self.bias)
         return F.linear(x, self.weight, self.bias)

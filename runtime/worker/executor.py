@@ -85,7 +85,7 @@ def rank_threads(args: EngineArgs) -> int:
 
 
 #: Buffer names of :class:`~argosy.runtime.layers.linear.Linear` -> the format they hold.
-_QUANTIZED_BUFFERS = {"int4_packed": "int4", "int4_scales_zeros": "int4", "input_perm": "int4",
+_QUANTIZED_BUFFERS = {"int4_packed": "int4", "int4_scales_zeros": "int4", "input_perm": "int4", "int4_nibbles": "int4",
                       "q8_weight": "grouped int8", "q8_scales": "grouped int8", "q8_mins": "grouped int8",
                       "int8_weight": "int8", "int8_scales": "int8",
                       "w4_qweight": "int4", "w4_scales": "int4", "w4_zeros": "int4",

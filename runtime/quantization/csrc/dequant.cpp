@@ -1,0 +1,211 @@
+// Dequantize a quantized linear weight to a dense bfloat16 matrix out[N][K] (row-major,
+// bit patterns as uint16), for the CPU's large-row calls (prefill, large decode batches):
+// argosy.runtime.layers.linear fills one scratch matrix per call and multiplies it with
+// oneDNN, instead of keeping a dense copy of every quantized layer (2 bytes a weight).
+//
+// Every value is computed in float32 and rounded once to bfloat16, to nearest even, the
+// way the reference dequantizers in argosy.runtime.quantization compute the dense copy
+// they replace (torch's float -> bfloat16 conversion; finite values only):
+//
+//   argosy_int4_dequant   W[n, k] = (q[n, k] - 8) * s + z, with (s, z) the bfloat16
+//                         scales_and_zeros[k / G][n][0..1] PyTorch's int4 kernel reads
+//                         (argosy.runtime.quantization.int4). (q - 8) * s is exact in
+//                         float32 (4-bit integer times an 8-bit mantissa), so a fused
+//                         multiply-add rounds exactly as a multiply and an add.
+//                         q: [N][K / 2] bytes; in every 32-column chunk c, byte 16c + j
+//                         holds column 32c + j in its low nibble and 32c + 16 + j in its
+//                         high nibble (argosy.runtime.quantization.int4.pack_nibbles).
+//   argosy_int8_dequant   W[n, k] = q[n, k] * s[n], q int8 [N][K], s bfloat16 [N] (the
+//                         scales PyTorch's _weight_int8pack_mm reads; exact product).
+//   argosy_q8_dequant     W[n, k] = q[n, k] * d (+ m), the grouped int8 tiled layout of
+//                         q8_0_gemm.cpp (w [N16/16][K][16], scales and mins [N16/16][K/G]
+//                         [16] float16 bits or float32): product, then sum, each rounded in
+//                         float32 (no contraction into a fused multiply-add).
+//
+// OpenMP over rows (tiles of 16 for the grouped layout). Return 0, or 1 when K is not a
+// multiple of the group size (and of 32 for int4).
+
+#include <stdint.h>
+#include <string.h>
+
+static inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+static inline float from_bf16(uint16_t h) {
+  uint32_t u = (uint32_t)h << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+static inline float from_f16(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1Fu, man = h & 0x3FFu, u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalize
+      exp = 127 - 15 + 1;
+      while (!(man & 0x400u)) {
+        man <<= 1;
+        exp--;
+      }
+      u = sign | (exp << 23) | ((man & 0x3FFu) << 13);
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7F800000u | (man << 13);
+  } else {
+    u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  }
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define ARGOSY_DEQUANT_AVX512 1
+
+// 16 float32 -> 16 bfloat16 bit patterns, rounded to nearest even like to_bf16 (integer
+// arithmetic: AVX512-BF16's conversion would flush subnormals).
+static inline __m256i bf16x16(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+// in[i]: 16 bytes; out[j] byte i = in[i] byte j (a 16 x 16 byte transpose in four rounds
+// of unpacks: byte pairs, then 2-, 4- and 8-byte units).
+static inline void transpose16x16(const __m128i in[16], __m128i out[16]) {
+  __m128i s1[2][8], s2[2][2][4], s3[2][2][2][2];
+  for (int i = 0; i < 8; i++) {
+    s1[0][i] = _mm_unpacklo_epi8(in[2 * i], in[2 * i + 1]);
+    s1[1][i] = _mm_unpackhi_epi8(in[2 * i], in[2 * i + 1]);
+  }
+  for (int h = 0; h < 2; h++)
+    for (int m = 0; m < 4; m++) {
+      s2[h][0][m] = _mm_unpacklo_epi16(s1[h][2 * m], s1[h][2 * m + 1]);
+      s2[h][1][m] = _mm_unpackhi_epi16(s1[h][2 * m], s1[h][2 * m + 1]);
+    }
+  for (int h = 0; h < 2; h++)
+    for (int cb = 0; cb < 2; cb++)
+      for (int o = 0; o < 2; o++) {
+        s3[h][cb][0][o] = _mm_unpacklo_epi32(s2[h][cb][2 * o], s2[h][cb][2 * o + 1]);
+        s3[h][cb][1][o] = _mm_unpackhi_epi32(s2[h][cb][2 * o], s2[h][cb][2 * o + 1]);
+      }
+  for (int h = 0; h < 2; h++)
+    for (int cb = 0; cb < 2; cb++)
+      for (int cc = 0; cc < 2; cc++) {
+        const int j = h * 8 + cb * 4 + cc * 2;
+        out[j] = _mm_unpacklo_epi64(s3[h][cb][cc][0], s3[h][cb][cc][1]);
+        out[j + 1] = _mm_unpackhi_epi64(s3[h][cb][cc][0], s3[h][cb][cc][1]);
+      }
+}
+#endif
+
+extern "C" int argosy_int4_dequant(const uint8_t* q, const uint16_t* sz, int64_t G, int64_t N, int64_t K,
+                                   uint16_t* out) {
+  if (G <= 0 || K % G || K % 32 || G % 32) return 1;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; n++) {
+    const uint8_t* qr = q + n * (K / 2);
+    uint16_t* o = out + n * K;
+    for (int64_t g = 0; g < K / G; g++) {
+      const float s = from_bf16(sz[(g * N + n) * 2]), z = from_bf16(sz[(g * N + n) * 2 + 1]);
+      for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
+        const uint8_t* b = qr + c / 2;
+        uint16_t* oc = o + c;
+#ifdef ARGOSY_DEQUANT_AVX512
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)b)), eight = _mm512_set1_epi32(8);
+        const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), eight));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight));
+        _mm256_storeu_si256((__m256i*)oc, bf16x16(_mm512_fmadd_ps(lo, vs, vz)));
+        _mm256_storeu_si256((__m256i*)(oc + 16), bf16x16(_mm512_fmadd_ps(hi, vs, vz)));
+        continue;
+#endif
+        for (int j = 0; j < 16; j++) {
+          oc[j] = to_bf16((float)((int)(b[j] & 15) - 8) * s + z);
+          oc[j + 16] = to_bf16((float)((int)(b[j] >> 4) - 8) * s + z);
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+extern "C" int argosy_int8_dequant(const int8_t* q, const uint16_t* s, int64_t N, int64_t K, uint16_t* out) {
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < N; n++) {
+    const float d = from_bf16(s[n]);
+    const int8_t* qr = q + n * K;
+    uint16_t* o = out + n * K;
+    int64_t k = 0;
+#ifdef ARGOSY_DEQUANT_AVX512
+    const __m512 vd = _mm512_set1_ps(d);
+    for (; k + 16 <= K; k += 16)
+      _mm256_storeu_si256((__m256i*)(o + k), bf16x16(_mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(qr + k)))), vd)));
+#endif
+    for (; k < K; k++) o[k] = to_bf16((float)qr[k] * d);
+  }
+  return 0;
+}
+
+template <bool F16, bool MIN>
+__attribute__((optimize("fp-contract=off"))) static void q8_rows(const int8_t* w, const void* sc, const void* mn,
+                                                                 int64_t G, int64_t N, int64_t K, uint16_t* out) {
+  const int64_t tiles = (N + 15) / 16, groups = K / G;
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < tiles; t++) {
+    const int rows = (int)(N - t * 16 < 16 ? N - t * 16 : 16);
+    const int8_t* wt = w + t * K * 16;
+    for (int64_t g = 0; g < groups; g++) {
+      float d[16], m[16];
+      for (int r = 0; r < 16; r++) {
+        const int64_t i = (t * groups + g) * 16 + r;
+        d[r] = F16 ? from_f16(((const uint16_t*)sc)[i]) : ((const float*)sc)[i];
+        m[r] = MIN ? (F16 ? from_f16(((const uint16_t*)mn)[i]) : ((const float*)mn)[i]) : 0.0f;
+      }
+#ifdef ARGOSY_DEQUANT_AVX512
+      for (int64_t k0 = g * G; k0 < (g + 1) * G; k0 += 16) {  // G is 16 or 32: whole 16-column blocks
+        __m128i cols[16], rws[16];
+        for (int i = 0; i < 16; i++) cols[i] = _mm_loadu_si128((const __m128i*)(wt + (k0 + i) * 16));
+        transpose16x16(cols, rws);
+        for (int r = 0; r < rows; r++) {
+          __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(rws[r])), _mm512_set1_ps(d[r]));
+          if (MIN) v = _mm512_add_ps(v, _mm512_set1_ps(m[r]));
+          _mm256_storeu_si256((__m256i*)(out + (t * 16 + r) * K + k0), bf16x16(v));
+        }
+      }
+      if (G % 16 == 0) continue;
+#endif
+      for (int r = 0; r < rows; r++) {
+        uint16_t* o = out + (t * 16 + r) * K;
+        for (int64_t k = g * G; k < (g + 1) * G; k++) {
+          float v = (float)wt[k * 16 + r] * d[r];
+          if (MIN) v = v + m[r];
+          o[k] = to_bf16(v);
+        }
+      }
+    }
+  }
+}
+
+extern "C" int argosy_q8_dequant(const int8_t* w, const void* scales, const void* mins, int f16, int64_t G, int64_t N,
+                                 int64_t K, uint16_t* out) {
+  if (G <= 0 || K % G) return 1;
+  if (f16) {
+    if (mins) q8_rows<true, true>(w, scales, mins, G, N, K, out);
+    else q8_rows<true, false>(w, scales, mins, G, N, K, out);
+  } else {
+    if (mins) q8_rows<false, true>(w, scales, mins, G, N, K, out);
+    else q8_rows<false, false>(w, scales, mins, G, N, K, out);
+  }
+  return 0;
+}

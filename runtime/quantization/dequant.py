@@ -1,0 +1,199 @@
+"""Dense products over quantized weights without a dense copy (CPU, bfloat16).
+
+A quantized linear layer on the CPU runs its packed kernel for calls of at most
+``INT4_MAX_ROWS`` rows (:mod:`argosy.runtime.layers.linear`); larger calls (prefill,
+large decode batches) are faster through oneDNN's bfloat16 GEMM. Instead of a dense
+bfloat16 copy of every quantized layer (2 bytes a weight, more than the packed weight
+itself), each such call dequantizes the layer into one scratch matrix per thread
+(``csrc/dequant.cpp``, OpenMP) and multiplies that: the scratch is as large as the
+largest layer, and is reused by every layer and every call.
+
+The ops (``torch.ops.argosy.int4_dense_linear``, ``int8_dense_linear``,
+``q8_dense_linear``) are opaque to ``torch.compile`` (fake implementations give the
+output shape), so the compiled decode graphs call them like ``F.linear``.
+
+Values: each dequantized weight is computed in float32 and rounded once to bfloat16 (to
+nearest even), bit-identical to the dense copy the layer kept before (the reference
+dequantizers :meth:`~.int4.Int4Weight.dequantize`, :meth:`~.int8.Int8Weight.dequantize`,
+:meth:`~.q8_0.Q8Weight.dequantize` with the kernels' scale rounding; the tests check it).
+
+Where the C++ library cannot be built (no compiler), :func:`kernel` answers None and
+layers keep their dense copies, as before.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import cpu_kernels
+
+SOURCE = Path(__file__).parent / "csrc" / "dequant.cpp"
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.argosy_int4_dequant.restype = ctypes.c_int
+    lib.argosy_int4_dequant.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    lib.argosy_int8_dequant.restype = ctypes.c_int
+    lib.argosy_int8_dequant.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
+    lib.argosy_q8_dequant.restype = ctypes.c_int
+    lib.argosy_q8_dequant.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 3
+                                      + [ctypes.c_void_p])
+
+
+KERNEL = cpu_kernels.Kernel(SOURCE, "dequant", _declare, "dense bfloat16 copies of quantized layers")
+
+
+def kernel() -> Optional[ctypes.CDLL]:
+    """The loaded library (built on first call), or None where it cannot be built (logged
+    once; layers then keep dense copies)."""
+    return KERNEL.library()
+
+
+_SCRATCH = threading.local()
+
+
+def scratch(n: int, k: int) -> torch.Tensor:
+    """This thread's scratch matrix viewed as ``[n, k] bfloat16`` (grown, never shrunk:
+    after the first call of the largest layer it is never allocated again)."""
+    buf = getattr(_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < n * k:
+        buf = _SCRATCH.buf = torch.empty(n * k, dtype=torch.bfloat16)
+    return buf[: n * k].view(n, k)
+
+
+def pack_nibbles(q: np.ndarray) -> torch.Tensor:
+    """4-bit integers ``q [N, K] uint8`` in [0, 15] (K a multiple of 32) to the dequant
+    kernel's layout ``[N, K // 2] uint8``: in each 32-column chunk ``c``, byte ``16c + j``
+    holds column ``32c + j`` in its low nibble and ``32c + 16 + j`` in its high one."""
+    n, k = q.shape
+    if k % 32:
+        raise ValueError(f"int4 nibbles need K a multiple of 32, got {k}")
+    c = np.asarray(q, dtype=np.uint8).reshape(n, k // 32, 2, 16)
+    return torch.from_numpy(np.ascontiguousarray((c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2)))
+
+
+def _lib() -> ctypes.CDLL:
+    lib = KERNEL.loaded or kernel()
+    if lib is None:
+        raise RuntimeError("the CPU dequantization kernel is not available")
+    return lib
+
+
+def int4_dequantize(nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``W [N, K] bfloat16`` from :func:`pack_nibbles`' ``nibbles [N, K // 2] uint8`` and
+    PyTorch's int4 ``scales_and_zeros [K // g, N, 2] bfloat16``
+    (``W = (q - 8) * scale + zero``), into ``out`` (a new tensor if None).
+
+    Raises:
+        ValueError: shapes, dtypes or group size that do not match.
+        RuntimeError: the kernel is not built.
+    """
+    n, k2 = nibbles.shape
+    k = 2 * k2
+    if (nibbles.dtype != torch.uint8 or scales_and_zeros.dtype != torch.bfloat16 or group_size % 32 or k % group_size
+            or tuple(scales_and_zeros.shape) != (k // group_size, n, 2) or not nibbles.is_contiguous()
+            or not scales_and_zeros.is_contiguous()):
+        raise ValueError(f"int4_dequantize: nibbles {tuple(nibbles.shape)} {nibbles.dtype}, scales_and_zeros "
+                         f"{tuple(scales_and_zeros.shape)} {scales_and_zeros.dtype}, group {group_size} do not match")
+    out = torch.empty(n, k, dtype=torch.bfloat16) if out is None else out
+    _lib().argosy_int4_dequant(nibbles.data_ptr(), scales_and_zeros.data_ptr(), group_size, n, k, out.data_ptr())
+    return out
+
+
+def int8_dequantize(q: torch.Tensor, scales: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``W [N, K] bfloat16 = q [N, K] int8 * scales [N] bfloat16`` (per row), into ``out``.
+
+    Raises:
+        ValueError: shapes or dtypes that do not match. RuntimeError: the kernel is not built.
+    """
+    n, k = q.shape
+    if q.dtype != torch.int8 or scales.dtype != torch.bfloat16 or tuple(scales.shape) != (n,) \
+            or not q.is_contiguous() or not scales.is_contiguous():
+        raise ValueError(f"int8_dequantize: q {tuple(q.shape)} {q.dtype}, scales {tuple(scales.shape)} "
+                         f"{scales.dtype} do not match")
+    out = torch.empty(n, k, dtype=torch.bfloat16) if out is None else out
+    _lib().argosy_int8_dequant(q.data_ptr(), scales.data_ptr(), n, k, out.data_ptr())
+    return out
+
+
+def q8_dequantize(w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor], group_size: int, n: int,
+                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``W [n, K] bfloat16`` from a :class:`~.q8_0.PackedQ8`'s ``w [ceil(n / 16), K, 16]
+    int8``, ``scales`` / ``mins`` ``[ceil(n / 16), K // G, 16]`` (int16 float16 bits or
+    float32), into ``out``.
+
+    Raises:
+        ValueError: shapes or dtypes that do not match. RuntimeError: the kernel is not built.
+    """
+    tiles, k, t = w.shape
+    g = group_size
+    if (w.dtype != torch.int8 or t != 16 or g <= 0 or k % g or tuple(scales.shape) != (tiles, k // g, 16)
+            or scales.dtype not in (torch.int16, torch.float32) or not 0 < n <= tiles * 16
+            or (mins is not None and (mins.shape != scales.shape or mins.dtype != scales.dtype))
+            or not w.is_contiguous() or not scales.is_contiguous() or (mins is not None and not mins.is_contiguous())):
+        raise ValueError(f"q8_dequantize: w {tuple(w.shape)} {w.dtype}, scales {tuple(scales.shape)} {scales.dtype}, "
+                         f"group {g}, n {n} do not match")
+    out = torch.empty(n, k, dtype=torch.bfloat16) if out is None else out
+    _lib().argosy_q8_dequant(w.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(),
+                             scales.dtype == torch.int16, g, n, k, out.data_ptr())
+    return out
+
+
+# ------------------------------------------------------------------------- the torch ops
+_LIBRARY = torch.library.Library("argosy", "FRAGMENT")
+_LIBRARY.define("int4_dense_linear(Tensor x, Tensor nibbles, Tensor scales_and_zeros, int group_size, "
+                "Tensor? perm, Tensor? bias) -> Tensor")
+_LIBRARY.define("int8_dense_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias) -> Tensor")
+_LIBRARY.define("q8_dense_linear(Tensor x, Tensor w, Tensor scales, Tensor? mins, int group_size, int n, "
+                "Tensor? bias) -> Tensor")
+
+
+def int4_dense_linear(x: torch.Tensor, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                      perm: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y [M, N] = x[:, perm] @ W.T (+ bias)`` with ``W`` dequantized into the scratch
+    (:func:`int4_dequantize`; ``perm`` the act-order column order, or None); ``x [M, K]``
+    bfloat16."""
+    n = nibbles.shape[0]
+    w = int4_dequantize(nibbles, scales_and_zeros, group_size, scratch(n, 2 * nibbles.shape[1]))
+    return F.linear(x if perm is None else x.index_select(1, perm), w, bias)
+
+
+def int8_dense_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y [M, N] = x @ (q * scales).T (+ bias)`` through the scratch; ``x [M, K]`` bfloat16."""
+    return F.linear(x, int8_dequantize(q, scales, scratch(*q.shape)), bias)
+
+
+def q8_dense_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
+                    group_size: int, n: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y [M, n] = x @ W.T (+ bias)``, ``W`` the grouped int8 weight dequantized into the
+    scratch; ``x [M, K]`` bfloat16."""
+    return F.linear(x, q8_dequantize(w, scales, mins, group_size, n, scratch(n, w.shape[1])), bias)
+
+
+_LIBRARY.impl("int4_dense_linear", int4_dense_linear, "CPU")
+_LIBRARY.impl("int8_dense_linear", int8_dense_linear, "CPU")
+_LIBRARY.impl("q8_dense_linear", q8_dense_linear, "CPU")
+
+
+@torch.library.register_fake("argosy::int4_dense_linear")
+def _(x, nibbles, scales_and_zeros, group_size, perm, bias):
+    return x.new_empty(x.shape[0], nibbles.shape[0])
+
+
+@torch.library.register_fake("argosy::int8_dense_linear")
+def _(x, q, scales, bias):
+    return x.new_empty(x.shape[0], q.shape[0])
+
+
+@torch.library.register_fake("argosy::q8_dense_linear")
+def _(x, w, scales, mins, group_size, n, bias):
+    return x.new_empty(x.shape[0], n)

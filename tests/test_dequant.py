@@ -1,0 +1,187 @@
+"""Quantized CPU layers without dense copies (``argosy.runtime.quantization.dequant``):
+the C++ dequantization kernels against the ``gguf`` package's own dequantizer (GGUF 4-,
+5-, 6- and 8-bit blocks) and against the dense copies the layers kept before (bit for
+bit), the portable (no AVX-512) build, ``Linear``'s large calls on the scratch matrix, and
+the ops under ``torch.compile``."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from argosy.runtime import cpu_kernels
+from argosy.runtime.layers import INT4_MAX_ROWS, Linear
+from argosy.runtime.layers import linear as linear_mod
+from argosy.runtime.quantization import dequant, q8_0
+from argosy.runtime.quantization.gguf import decode_int4
+from argosy.runtime.quantization.int4 import Int4Weight, pack
+from argosy.runtime.quantization.int8 import Int8Weight
+
+from .test_q8_0 import _raw, _reference
+from .test_quantization import _gguf_dequantize, _raw_blocks
+
+pytestmark = pytest.mark.skipif(dequant.kernel() is None, reason="needs a C++ compiler")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16)
+
+
+def _int4(type_name: str, n: int, k: int, seed: int = 0) -> tuple[Int4Weight, np.ndarray]:
+    raw = _raw_blocks(type_name, n, k, seed=seed)
+    return decode_int4(raw, type_name, (n, k)), _gguf_dequantize(raw, type_name, n, k)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q4_K"])
+def test_int4_dequantization_equals_the_gguf_dequantizer(type_name):
+    """``W = (q - 8) * scale + zero`` from the nibbles and PyTorch's bfloat16 scales and
+    zeros: within the bfloat16 rounding of the scales (2^-7 of the largest weight) of the
+    ``gguf`` package's dequantization, and bit-identical to the dense copy a layer kept
+    before (:meth:`Int4Weight.dequantize`, kernel rounding)."""
+    n, k = 96, 512
+    w, ref = _int4(type_name, n, k)
+    _, sz = pack(w, torch.bfloat16)
+    got = dequant.int4_dequantize(dequant.pack_nibbles(w.q), sz, w.group_size)
+    np.testing.assert_allclose(got.float().numpy(), ref, rtol=0, atol=float(np.abs(ref).max()) * 2**-7)
+    assert torch.equal(_bits(got), _bits(w.dequantize(torch.bfloat16, kernel_rounding=True)))
+
+
+@pytest.mark.parametrize("type_name", q8_0.TYPES)
+def test_grouped_int8_dequantization_equals_the_gguf_dequantizer(type_name):
+    """Q8_0, Q5_0, Q5_1, Q5_K, Q6_K (group 16, float32 scales, offsets) from the tiled
+    layout: the ``gguf`` package's float32 dequantization rounded once to bfloat16, bit for
+    bit, for 40 rows (a partial tile of 16)."""
+    n, k = 40, 512
+    raw = _raw(type_name, n, k, seed=5)
+    w = q8_0.Q8Weight.from_gguf(raw, (n, k), type_name)
+    p = q8_0.PackedQ8.pack(w)
+    got = dequant.q8_dequantize(p.w, p.scales, p.mins, p.group_size, p.n)
+    want = _reference(raw, type_name, n, k).float().to(torch.bfloat16)
+    assert torch.equal(_bits(got), _bits(want))
+
+
+def test_int8_dequantization():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-128, 128, (48, 80), dtype=torch.int8, generator=gen)
+    s = (torch.rand(48, generator=gen) * 0.01).to(torch.bfloat16)
+    got = dequant.int8_dequantize(q, s)
+    assert torch.equal(_bits(got), _bits((q.float() * s.float()[:, None]).to(torch.bfloat16)))
+    assert torch.equal(_bits(got), _bits(Int8Weight(q, s.float()).dequantize(torch.bfloat16)))
+
+
+def test_the_portable_build_gives_the_same_bits(tmp_path, monkeypatch):
+    """Without the AVX-512 flags the source compiles its portable loops (a CPU without
+    AVX-512): the same bits for all three kernels."""
+    monkeypatch.setattr(cpu_kernels, "isa_flags", lambda: [])
+    lib = ctypes.CDLL(str(dequant.KERNEL.build(tmp_path)))
+    dequant._declare(lib)
+    w, _ = _int4("Q4_1", 64, 256, seed=2)
+    _, sz = pack(w, torch.bfloat16)
+    out = torch.empty(64, 256, dtype=torch.bfloat16)
+    assert lib.argosy_int4_dequant(dequant.pack_nibbles(w.q).data_ptr(), sz.data_ptr(), 32, 64, 256,
+                                   out.data_ptr()) == 0
+    assert torch.equal(_bits(out), _bits(w.dequantize(torch.bfloat16)))
+    for type_name in ("Q5_K", "Q6_K", "Q8_0"):
+        n, k = 24, 512
+        qw = q8_0.Q8Weight.from_gguf(_raw(type_name, n, k, seed=3), (n, k), type_name)
+        p = q8_0.PackedQ8.pack(qw)
+        out = torch.empty(n, k, dtype=torch.bfloat16)
+        assert lib.argosy_q8_dequant(p.w.data_ptr(), p.scales.data_ptr(), None if p.mins is None else p.mins.data_ptr(),
+                                     p.scales.dtype == torch.int16, p.group_size, n, k, out.data_ptr()) == 0
+        assert torch.equal(_bits(out), _bits(qw.dequantize(torch.bfloat16))), type_name
+    q = torch.randint(-128, 128, (8, 40), dtype=torch.int8)
+    s = torch.rand(8).to(torch.bfloat16)
+    out = torch.empty(8, 40, dtype=torch.bfloat16)
+    assert lib.argosy_int8_dequant(q.data_ptr(), s.data_ptr(), 8, 40, out.data_ptr()) == 0
+    assert torch.equal(_bits(out), _bits((q.float() * s.float()[:, None]).to(torch.bfloat16)))
+
+
+def test_bad_layouts_are_refused():
+    w, _ = _int4("Q4_0", 32, 64)
+    _, sz = pack(w, torch.bfloat16)
+    with pytest.raises(ValueError, match="do not match"):
+        dequant.int4_dequantize(dequant.pack_nibbles(w.q), sz, 64)  # the scales are per 32
+    with pytest.raises(ValueError, match="multiple of 32"):
+        dequant.pack_nibbles(np.zeros((4, 48), dtype=np.uint8))
+    with pytest.raises(ValueError, match="do not match"):
+        dequant.int8_dequantize(torch.zeros(4, 8, dtype=torch.int8), torch.ones(3, dtype=torch.bfloat16))
+
+
+def _layer(parts, monkeypatch, keep: bool) -> Linear:
+    monkeypatch.setattr(linear_mod, "DENSE_COPIES", "keep" if keep else "scratch")
+    n = sum(p.shape[0] for _, p in parts)
+    lin = Linear(n, parts[0][1].shape[1], True, torch.bfloat16, torch.device("cpu"))
+    lin.bias.data.copy_(torch.linspace(-1, 1, n))
+    for start, p in parts:
+        lin.load_quantized(start, p)
+    return lin
+
+
+@pytest.mark.parametrize("kind", ["int4", "int4-actorder", "int8", "q8"])
+def test_large_calls_run_on_the_scratch_and_equal_the_dense_copy(kind, monkeypatch):
+    """A quantized CPU layer frees its dense weight once every row arrived (no
+    ``process_weights_after_loading`` call needed) and runs calls of more than
+    ``INT4_MAX_ROWS`` rows on the scratch matrix: the same output as the same layer with
+    its dense copy kept (``ARGOSY_CPU_DENSE_COPIES=keep``), bit for bit (act-order: the
+    input's columns are gathered instead, so the sums run in another order); small calls
+    still take the packed kernels."""
+    k = 256
+    if kind.startswith("int4"):
+        a, _ = _int4("Q4_1", 64, k, seed=1)
+        b, _ = _int4("Q4_0", 32, k, seed=2)
+        if kind == "int4-actorder":
+            perm = np.random.default_rng(0).permutation(k)
+            a, b = (Int4Weight(w.q, w.scale, w.zero, w.group_size, perm) for w in (a, b))
+        parts = [(0, a), (64, b)]
+    elif kind == "int8":
+        gen = torch.Generator().manual_seed(0)
+        parts = [(0, Int8Weight(torch.randint(-127, 128, (96, k), dtype=torch.int8, generator=gen),
+                                torch.rand(96, generator=gen) * 0.01))]
+    else:
+        parts = [(0, q8_0.Q8Weight.from_gguf(_raw("Q5_1", 64, k, seed=1), (64, k), "Q5_1")),
+                 (64, q8_0.Q8Weight.from_gguf(_raw("Q6_K", 32, k, seed=2), (32, k), "Q6_K"))]
+    lean, kept = _layer(parts, monkeypatch, keep=False), _layer(parts, monkeypatch, keep=True)
+    assert lean.dense_on_demand and lean.weight.numel() == 0
+    assert not kept.dense_on_demand and kept.weight.shape == (96, k)
+    assert torch.equal(lean.dense_weight(), kept.weight)  # (as values: a weight of zero may differ in sign)
+    gen = torch.Generator().manual_seed(3)
+    for rows in (INT4_MAX_ROWS + 1, 40):
+        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+        got, want = lean(x), kept(x)
+        if kind == "int4-actorder":
+            torch.testing.assert_close(got.float(), want.float(), atol=0.02 * want.abs().max().item(), rtol=0)
+        else:
+            assert torch.equal(_bits(got), _bits(want)), kind
+        torch.testing.assert_close(got.float(), F.linear(x.float(), lean.dense_weight().float(), lean.bias.float()),
+                                   atol=0.02 * want.abs().max().item(), rtol=0)
+    x = torch.randn(INT4_MAX_ROWS, k, generator=gen).to(torch.bfloat16)
+    assert torch.equal(_bits(lean(x)), _bits(kept(x)))  # the packed kernels, same in both
+
+
+def test_a_partly_dense_layer_keeps_its_dense_weight(monkeypatch):
+    """Rows that came dense (some other form in the checkpoint) keep the layer dense:
+    the quantized rows' values are written into it at processing."""
+    w, _ = _int4("Q4_1", 64, 128)
+    lin = _layer([(0, w)], monkeypatch, keep=False)
+    lin2 = Linear(96, 128, False, torch.bfloat16, torch.device("cpu"))
+    lin2.weight.data[64:] = 1.0
+    lin2.load_quantized(0, w)
+    lin2.process_weights_after_loading()
+    assert not lin2.dense_on_demand and not lin2.is_int4
+    assert torch.equal(_bits(lin2.weight[:64]), _bits(w.dequantize(torch.bfloat16)))
+    assert torch.equal(lin2.weight[64:], torch.ones(32, 128, dtype=torch.bfloat16))
+    assert lin.dense_on_demand
+
+
+def test_the_ops_trace_under_torch_compile(monkeypatch):
+    """``torch.compile`` traces through the opaque ops (their fake implementations give
+    the shapes), as the compiled decode graphs of 9+ rows do."""
+    w, _ = _int4("Q4_1", 64, 128)
+    lin = _layer([(0, w)], monkeypatch, keep=False)
+    x = torch.randn(16, 128).to(torch.bfloat16)
+    compiled = torch.compile(lambda t: lin(t) * 2, backend="aot_eager", fullgraph=True, dynamic=True)
+    assert torch.equal(compiled(x), lin(x) * 2)
