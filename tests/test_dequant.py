@@ -81,10 +81,10 @@ def test_the_portable_build_gives_the_same_bits(tmp_path, monkeypatch):
     dequant._declare(lib)
     w, _ = _int4("Q4_1", 64, 256, seed=2)
     _, sz = pack(w, torch.bfloat16)
-    out = torch.empty(64, 256, dtype=torch.bfloat16)
-    assert lib.argosy_int4_dequant(dequant.pack_nibbles(w.q).data_ptr(), sz.data_ptr(), 32, 64, 256,
+    out = torch.empty(48, 256, dtype=torch.bfloat16)  # rows 16..64
+    assert lib.argosy_int4_dequant(dequant.pack_nibbles(w.q).data_ptr(), sz.data_ptr(), 32, 64, 256, 16, 64,
                                    out.data_ptr()) == 0
-    assert torch.equal(_bits(out), _bits(w.dequantize(torch.bfloat16)))
+    assert torch.equal(_bits(out), _bits(w.dequantize(torch.bfloat16)[16:]))
     for type_name in ("Q5_K", "Q6_K", "Q8_0"):
         n, k = 24, 512
         qw = q8_0.Q8Weight.from_gguf(_raw(type_name, n, k, seed=3), (n, k), type_name)
@@ -121,6 +121,39 @@ def _layer(parts, monkeypatch, keep: bool) -> Linear:
     return lin
 
 
+def _parts(kind: str, k: int = 256) -> list:
+    """Quantized parts ``(row start, weight)`` of a 96-row layer of each kind."""
+    if kind.startswith("int4"):
+        a, _ = _int4("Q4_1", 64, k, seed=1)
+        b, _ = _int4("Q4_0", 32, k, seed=2)
+        if kind == "int4-actorder":
+            perm = np.random.default_rng(0).permutation(k)
+            a, b = (Int4Weight(w.q, w.scale, w.zero, w.group_size, perm) for w in (a, b))
+        return [(0, a), (64, b)]
+    if kind == "int8":
+        gen = torch.Generator().manual_seed(0)
+        return [(0, Int8Weight(torch.randint(-127, 128, (96, k), dtype=torch.int8, generator=gen),
+                               torch.rand(96, generator=gen) * 0.01))]
+    return [(0, q8_0.Q8Weight.from_gguf(_raw("Q5_1", 64, k, seed=1), (64, k), "Q5_1")),
+            (64, q8_0.Q8Weight.from_gguf(_raw("Q6_K", 32, k, seed=2), (32, k), "Q6_K"))]
+
+
+@pytest.mark.parametrize("kind", ["int4", "int4-actorder", "int8", "q8"])
+def test_a_weight_larger_than_the_scratch_runs_in_row_blocks(kind, monkeypatch):
+    """With the scratch capped at 40 rows' worth, the 96-row layer runs in blocks of 32
+    rows (16-row multiples), each product written into its columns: the same output, bit
+    for bit, as one whole-weight product."""
+    lin = _layer(_parts(kind), monkeypatch, keep=False)
+    x = torch.randn(24, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    whole = lin(x)
+    monkeypatch.setattr(dequant, "SCRATCH_MAX_ELEMENTS", 40 * 256)
+    calls = []
+    real = dequant.scratch
+    monkeypatch.setattr(dequant, "scratch", lambda n, k: (calls.append(n), real(n, k))[1])
+    assert torch.equal(_bits(lin(x)), _bits(whole))
+    assert calls == [32, 32, 32]
+
+
 @pytest.mark.parametrize("kind", ["int4", "int4-actorder", "int8", "q8"])
 def test_large_calls_run_on_the_scratch_and_equal_the_dense_copy(kind, monkeypatch):
     """A quantized CPU layer frees its dense weight once every row arrived (no
@@ -130,20 +163,7 @@ def test_large_calls_run_on_the_scratch_and_equal_the_dense_copy(kind, monkeypat
     input's columns are gathered instead, so the sums run in another order); small calls
     still take the packed kernels."""
     k = 256
-    if kind.startswith("int4"):
-        a, _ = _int4("Q4_1", 64, k, seed=1)
-        b, _ = _int4("Q4_0", 32, k, seed=2)
-        if kind == "int4-actorder":
-            perm = np.random.default_rng(0).permutation(k)
-            a, b = (Int4Weight(w.q, w.scale, w.zero, w.group_size, perm) for w in (a, b))
-        parts = [(0, a), (64, b)]
-    elif kind == "int8":
-        gen = torch.Generator().manual_seed(0)
-        parts = [(0, Int8Weight(torch.randint(-127, 128, (96, k), dtype=torch.int8, generator=gen),
-                                torch.rand(96, generator=gen) * 0.01))]
-    else:
-        parts = [(0, q8_0.Q8Weight.from_gguf(_raw("Q5_1", 64, k, seed=1), (64, k), "Q5_1")),
-                 (64, q8_0.Q8Weight.from_gguf(_raw("Q6_K", 32, k, seed=2), (32, k), "Q6_K"))]
+    parts = _parts(kind, k)
     lean, kept = _layer(parts, monkeypatch, keep=False), _layer(parts, monkeypatch, keep=True)
     assert lean.dense_on_demand and lean.weight.numel() == 0
     assert not kept.dense_on_demand and kept.weight.shape == (96, k)

@@ -1,29 +1,37 @@
 """A linear layer that does not show the model its weight format.
 
-``Linear`` always holds a dense weight ``[out_features, in_features]`` in the model dtype.
-When the checkpoint's weight is 4-bit (GGUF Q4_0/Q4_1/Q4_K, :mod:`..quantization.gguf`;
-compressed-tensors W4A16)
-and the model runs in bfloat16 on the CPU, it also holds the weight packed for
-PyTorch's int4 kernel (``_weight_int4pack_mm_for_cpu``, :mod:`..quantization.int4`), and
-each call picks the kernel by the number of rows:
+``Linear`` holds a dense weight ``[out_features, in_features]`` in the model dtype, unless
+its checkpoint weight is quantized and a kernel runs it without one. When the weight is
+4-bit (GGUF Q4_0/Q4_1/Q4_K, :mod:`..quantization.gguf`; compressed-tensors W4A16, AWQ,
+GPTQ) and the model runs in bfloat16 on the CPU, it is packed for PyTorch's int4 kernel
+(``_weight_int4pack_mm_for_cpu``, :mod:`..quantization.int4`), and each call picks the
+kernel by the number of rows:
 
 - ``rows <= INT4_MAX_ROWS`` (decode at low batch sizes): the packed int4 kernel, which
   reads a quarter of the bytes; the memory-bound matrix-vector case.
-- more rows (prefill, large decode batches): the dense bfloat16 weight through oneDNN
-  (AMX/AVX-512 BF16), several times faster than the int4 kernel there.
+- more rows (prefill, large decode batches): a bfloat16 GEMM through oneDNN (AMX/AVX-512
+  BF16), several times faster than the int4 kernel there, on the weight dequantized for
+  that call into a per-thread scratch matrix (:mod:`..quantization.dequant`, a C++
+  kernel: 0.13 ms for a 3072 x 576 weight on 2 cores, against 0.62 ms for the 64-row
+  product it feeds and 8.6 ms for 1,024 rows). The layer keeps no dense copy (2 bytes a
+  weight); it keeps the 4-bit integers a second time as nibbles for that kernel (0.5
+  bytes a weight: PyTorch's packed layout depends on the CPU's vector ISA, so it is not
+  read directly). ``ARGOSY_CPU_DENSE_COPIES=keep``, or a machine where the C++ kernel
+  cannot be built, keeps the dense copy instead, as before.
 
-Both compute with the same values: the dense copy is dequantized from the int4 weight
-with the scales rounded to bfloat16 as the kernel rounds them. A weight stored with its
-columns permuted (GPTQ act-order, :attr:`Int4Weight.perm`) gathers the input's columns the
-same way before the int4 kernel (``index_select``, one small copy of ``x``); the dense copy
-is in the layer's own order. An int8 weight with
+Both paths compute with the same values: the scratch (or the dense copy) holds the int4
+weight with the scales rounded to bfloat16 as the kernel rounds them. A weight stored with
+its columns permuted (GPTQ act-order, :attr:`Int4Weight.perm`) gathers the input's columns
+the same way before either kernel (``index_select``, one small copy of ``x``); a kept dense
+copy is in the layer's own order. An int8 weight with
 per-row scales (a compressed-tensors W8A8 checkpoint, served weight-only) works the same
 way through ``_weight_int8pack_mm`` (one 3072 x 576 weight: 1 row 67 vs 184 us dense, 4
 rows 106 vs 199 us, 8 rows 246 vs 206 us; the same row limit keeps the compiled decode
 graphs' batch buckets). GGUF's 8-, 6- and 5-bit types (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K) come
 as grouped int8 (:mod:`..quantization.q8_0`, the file's values without loss) and run on
 our C++ kernel (``argosy::q8_linear``, float32 math) for the same rows, output rounded
-to the activation dtype. An FP8 weight (:mod:`..quantization.fp8`: a compressed-tensors
+to the activation dtype; larger calls dequantize them into the scratch too. An FP8 weight
+(:mod:`..quantization.fp8`: a compressed-tensors
 ``float-quantized`` checkpoint, or ``--quantization fp8`` quantizing a float one at load)
 runs on ``torch._scaled_mm`` with per-token FP8 activations for every call where the
 GPU takes it, the dense weight freed; elsewhere it runs dense on its FP8 values. The
@@ -32,7 +40,12 @@ on whole decode steps of the bundled model (2 cores, AVX-512 + AMX, torch 2.13),
 the weights stream from memory: batch 2 int4 23 ms vs dense 46 ms per step, batch 8
 33 vs 46 ms, batch 16 51 vs 51 ms. (In isolation, with the weight warm in cache, the int4
 kernel loses already at 8 rows: one 3072 x 576 weight, 8 rows 214 vs 229 us, 32 rows 792
-vs 244 us.) The dense copy costs 2 bytes per weight beside the packed ~0.63.
+vs 244 us.)
+
+Loading: a layer whose rows all arrive quantized (:meth:`Linear.load_quantized`) is
+processed as soon as the last part arrives, so its dense weight is never written (the
+allocation's pages are never touched on the CPU) and a checkpoint is never held dense as a
+whole while loading.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ SOURCE = Path(__file__).parent / "csrc" / "dequant.cpp"
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.argosy_int4_dequant.restype = ctypes.c_int
-    lib.argosy_int4_dequant.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
+    lib.argosy_int4_dequant.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
     lib.argosy_int8_dequant.restype = ctypes.c_int
     lib.argosy_int8_dequant.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.argosy_q8_dequant.restype = ctypes.c_int
@@ -57,6 +57,9 @@ def kernel() -> Optional[ctypes.CDLL]:
 
 
 _SCRATCH = threading.local()
+#: The scratch's largest size (bfloat16 elements, 64 MiB): a larger 4-bit weight (e.g. a
+#: 70B model's 57,344 x 8,192 gate/up projection) is dequantized and multiplied in row blocks.
+SCRATCH_MAX_ELEMENTS = 32 << 20
 
 
 def scratch(n: int, k: int) -> torch.Tensor:
@@ -87,24 +90,28 @@ def _lib() -> ctypes.CDLL:
 
 
 def int4_dequantize(nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``W [N, K] bfloat16`` from :func:`pack_nibbles`' ``nibbles [N, K // 2] uint8`` and
-    PyTorch's int4 ``scales_and_zeros [K // g, N, 2] bfloat16``
-    (``W = (q - 8) * scale + zero``), into ``out`` (a new tensor if None).
+                    out: Optional[torch.Tensor] = None, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """``W [N, K] bfloat16`` (or its rows ``rows = (n0, n1)``: ``[n1 - n0, K]``) from
+    :func:`pack_nibbles`' ``nibbles [N, K // 2] uint8`` and PyTorch's int4
+    ``scales_and_zeros [K // g, N, 2] bfloat16`` (``W = (q - 8) * scale + zero``), into
+    ``out`` (a new tensor if None).
 
     Raises:
-        ValueError: shapes, dtypes or group size that do not match.
+        ValueError: shapes, dtypes, group size or row range that do not match.
         RuntimeError: the kernel is not built.
     """
     n, k2 = nibbles.shape
     k = 2 * k2
+    n0, n1 = rows or (0, n)
     if (nibbles.dtype != torch.uint8 or scales_and_zeros.dtype != torch.bfloat16 or group_size % 32 or k % group_size
             or tuple(scales_and_zeros.shape) != (k // group_size, n, 2) or not nibbles.is_contiguous()
-            or not scales_and_zeros.is_contiguous()):
+            or not scales_and_zeros.is_contiguous() or not 0 <= n0 <= n1 <= n):
         raise ValueError(f"int4_dequantize: nibbles {tuple(nibbles.shape)} {nibbles.dtype}, scales_and_zeros "
-                         f"{tuple(scales_and_zeros.shape)} {scales_and_zeros.dtype}, group {group_size} do not match")
-    out = torch.empty(n, k, dtype=torch.bfloat16) if out is None else out
-    _lib().argosy_int4_dequant(nibbles.data_ptr(), scales_and_zeros.data_ptr(), group_size, n, k, out.data_ptr())
+                         f"{tuple(scales_and_zeros.shape)} {scales_and_zeros.dtype}, group {group_size}, rows "
+                         f"{rows} do not match")
+    out = torch.empty(n1 - n0, k, dtype=torch.bfloat16) if out is None else out
+    _lib().argosy_int4_dequant(nibbles.data_ptr(), scales_and_zeros.data_ptr(), group_size, n, k, n0, n1,
+                               out.data_ptr())
     return out
 
 
@@ -156,27 +163,48 @@ _LIBRARY.define("q8_dense_linear(Tensor x, Tensor w, Tensor scales, Tensor? mins
                 "Tensor? bias) -> Tensor")
 
 
+def _dense_linear(x: torch.Tensor, n: int, k: int, bias: Optional[torch.Tensor], fill) -> torch.Tensor:
+    """``y [M, n] = x @ W.T (+ bias)`` with ``fill(n0, n1, out)`` writing rows ``[n0, n1)``
+    of ``W`` into ``out [n1 - n0, k]``: the whole weight in the scratch, or row blocks of
+    at most :data:`SCRATCH_MAX_ELEMENTS` (multiples of 16 rows), each product written into
+    its columns of ``y``."""
+    if n * k <= SCRATCH_MAX_ELEMENTS:
+        return F.linear(x, fill(0, n, scratch(n, k)), bias)
+    step = max(16, SCRATCH_MAX_ELEMENTS // k // 16 * 16)
+    y = x.new_empty(x.shape[0], n)
+    for n0 in range(0, n, step):
+        n1 = min(n, n0 + step)
+        y[:, n0:n1] = F.linear(x, fill(n0, n1, scratch(n1 - n0, k)), None if bias is None else bias[n0:n1])
+    return y
+
+
 def int4_dense_linear(x: torch.Tensor, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                       perm: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``y [M, N] = x[:, perm] @ W.T (+ bias)`` with ``W`` dequantized into the scratch
     (:func:`int4_dequantize`; ``perm`` the act-order column order, or None); ``x [M, K]``
     bfloat16."""
-    n = nibbles.shape[0]
-    w = int4_dequantize(nibbles, scales_and_zeros, group_size, scratch(n, 2 * nibbles.shape[1]))
-    return F.linear(x if perm is None else x.index_select(1, perm), w, bias)
+    n, k = nibbles.shape[0], 2 * nibbles.shape[1]
+    return _dense_linear(x if perm is None else x.index_select(1, perm), n, k, bias,
+                         lambda n0, n1, out: int4_dequantize(nibbles, scales_and_zeros, group_size, out, (n0, n1)))
 
 
 def int8_dense_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``y [M, N] = x @ (q * scales).T (+ bias)`` through the scratch; ``x [M, K]`` bfloat16."""
-    return F.linear(x, int8_dequantize(q, scales, scratch(*q.shape)), bias)
+    return _dense_linear(x, q.shape[0], q.shape[1], bias,
+                         lambda n0, n1, out: int8_dequantize(q[n0:n1], scales[n0:n1], out))
 
 
 def q8_dense_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
                     group_size: int, n: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``y [M, n] = x @ W.T (+ bias)``, ``W`` the grouped int8 weight dequantized into the
-    scratch; ``x [M, K]`` bfloat16."""
-    return F.linear(x, q8_dequantize(w, scales, mins, group_size, n, scratch(n, w.shape[1])), bias)
+    scratch; ``x [M, K]`` bfloat16 (row blocks start on the layout's 16-row tiles)."""
+    def fill(n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+        t0, t1 = n0 // 16, -(-n1 // 16)
+        return q8_dequantize(w[t0:t1], scales[t0:t1], None if mins is None else mins[t0:t1], group_size, n1 - n0,
+                             out)
+
+    return _dense_linear(x, n, w.shape[1], bias, fill)
 
 
 _LIBRARY.impl("int4_dense_linear", int4_dense_linear, "CPU")

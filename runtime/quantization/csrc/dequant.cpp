@@ -7,7 +7,8 @@
 // way the reference dequantizers in argosy.runtime.quantization compute the dense copy
 // they replace (torch's float -> bfloat16 conversion; finite values only):
 //
-//   argosy_int4_dequant   W[n, k] = (q[n, k] - 8) * s + z, with (s, z) the bfloat16
+//   argosy_int4_dequant   rows [n0, n1) of W into out[n1 - n0][K]:
+//                         W[n, k] = (q[n, k] - 8) * s + z, with (s, z) the bfloat16
 //                         scales_and_zeros[k / G][n][0..1] PyTorch's int4 kernel reads
 //                         (argosy.runtime.quantization.int4). (q - 8) * s is exact in
 //                         float32 (4-bit integer times an 8-bit mantissa), so a fused
@@ -23,7 +24,7 @@
 //                         float32 (no contraction into a fused multiply-add).
 //
 // OpenMP over rows (tiles of 16 for the grouped layout). Return 0, or 1 when K is not a
-// multiple of the group size (and of 32 for int4).
+// multiple of the group size (and of 32 for int4) or the row range is not inside [0, N).
 
 #include <stdint.h>
 #include <string.h>
@@ -109,12 +110,12 @@ static inline void transpose16x16(const __m128i in[16], __m128i out[16]) {
 #endif
 
 extern "C" int argosy_int4_dequant(const uint8_t* q, const uint16_t* sz, int64_t G, int64_t N, int64_t K,
-                                   uint16_t* out) {
-  if (G <= 0 || K % G || K % 32 || G % 32) return 1;
+                                   int64_t n0, int64_t n1, uint16_t* out) {
+  if (G <= 0 || K % G || K % 32 || G % 32 || n0 < 0 || n1 > N || n0 > n1) return 1;
 #pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < N; n++) {
+  for (int64_t n = n0; n < n1; n++) {
     const uint8_t* qr = q + n * (K / 2);
-    uint16_t* o = out + n * K;
+    uint16_t* o = out + (n - n0) * K;
     for (int64_t g = 0; g < K / G; g++) {
       const float s = from_bf16(sz[(g * N + n) * 2]), z = from_bf16(sz[(g * N + n) * 2 + 1]);
       for (int64_t c = g * G; c < (g + 1) * G; c += 32) {
