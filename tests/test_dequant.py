@@ -205,3 +205,15 @@ def test_the_ops_trace_under_torch_compile(monkeypatch):
     x = torch.randn(16, 128).to(torch.bfloat16)
     compiled = torch.compile(lambda t: lin(t) * 2, backend="aot_eager", fullgraph=True, dynamic=True)
     assert torch.equal(compiled(x), lin(x) * 2)
+
+
+def test_gather_columns():
+    """The act-order input gather equals ``x[:, perm]`` (bfloat16 and float16); an index
+    outside ``[0, K)`` is refused, not read."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(300, 96, generator=gen).to(dtype)  # enough rows for the parallel loop
+        perm = torch.randperm(96, generator=gen)
+        assert torch.equal(dequant.gather_columns(x, perm), x[:, perm])
+    with pytest.raises(ValueError, match="outside"):
+        dequant.gather_columns(x, torch.full((96,), 96, dtype=torch.int64))

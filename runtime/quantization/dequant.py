@@ -42,6 +42,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.argosy_int4_dequant.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
     lib.argosy_int8_dequant.restype = ctypes.c_int
     lib.argosy_int8_dequant.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
+    lib.argosy_gather_columns.restype = ctypes.c_int
+    lib.argosy_gather_columns.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                          ctypes.c_void_p]
     lib.argosy_q8_dequant.restype = ctypes.c_int
     lib.argosy_q8_dequant.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 3
                                       + [ctypes.c_void_p])
@@ -115,6 +118,24 @@ def int4_dequantize(nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, group
     return out
 
 
+def gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``x[:, perm]`` for ``x [M, K]`` bfloat16/float16 and ``perm [K] int64`` (a GPTQ
+    act-order layer's column order); several times faster than ``index_select`` on
+    dimension 1 (2048 x 576: ~0.1 vs 2.4 ms on 2 cores).
+
+    Raises:
+        ValueError: shapes, dtypes or an index outside ``[0, K)``. RuntimeError: the kernel is not built.
+    """
+    m, k = x.shape
+    if x.element_size() != 2 or perm.dtype != torch.int64 or tuple(perm.shape) != (k,) or not perm.is_contiguous():
+        raise ValueError(f"gather_columns: x {tuple(x.shape)} {x.dtype}, perm {tuple(perm.shape)} {perm.dtype}")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if _lib().argosy_gather_columns(x.data_ptr(), perm.data_ptr(), m, k, out.data_ptr()) != 0:
+        raise ValueError("gather_columns: perm has an index outside [0, K)")
+    return out
+
+
 def int8_dequantize(q: torch.Tensor, scales: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``W [N, K] bfloat16 = q [N, K] int8 * scales [N] bfloat16`` (per row), into ``out``.
 
@@ -184,7 +205,7 @@ def int4_dense_linear(x: torch.Tensor, nibbles: torch.Tensor, scales_and_zeros: 
     (:func:`int4_dequantize`; ``perm`` the act-order column order, or None); ``x [M, K]``
     bfloat16."""
     n, k = nibbles.shape[0], 2 * nibbles.shape[1]
-    return _dense_linear(x if perm is None else x.index_select(1, perm), n, k, bias,
+    return _dense_linear(x if perm is None else gather_columns(x, perm), n, k, bias,
                          lambda n0, n1, out: int4_dequantize(nibbles, scales_and_zeros, group_size, out, (n0, n1)))
 
 

@@ -112,7 +112,7 @@ class Int4Weight:
         Args:
             dtype: result dtype (torch dtype; None = float32).
             kernel_rounding: compute from the scales and zeros rounded as the packed
-                kernels see them (the dense copy beside a packed weight): to ``dtype``
+                kernels see them (the dense values a large call multiplies): to ``dtype``
                 when it is float16 (the CUDA W4A16 kernel's float16 case), else to
                 bfloat16 (the CPU int4 kernel; W4A16 in bfloat16); False: from the float32
                 scales and zeros (the checkpoint's own values).

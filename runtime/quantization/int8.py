@@ -31,7 +31,8 @@ class Int8Weight(RowScaledWeight):
 
     def dequantize(self, dtype=torch.float32, kernel_rounding: bool = True) -> torch.Tensor:
         """``W [N, K]``; ``kernel_rounding``: from the scales rounded to bfloat16 as
-        ``_weight_int8pack_mm`` takes them (the dense copy beside the int8 one)."""
+        ``_weight_int8pack_mm`` takes them (the values a large call multiplies,
+        :mod:`.dequant`)."""
         s = self.scale.to(torch.bfloat16).float() if kernel_rounding else self.scale.float()
         return (self.q.float() * s[:, None]).to(dtype)
 

@@ -17,7 +17,8 @@ it loads the words, shifts out the nibbles, applies the step's scales and zeros 
 rounds the tile to the activation dtype and multiplies on the tensor cores (``tl.dot``,
 fp32 accumulation). The weight streams from memory once per ``BLOCK_M`` rows: a quarter
 of a 16-bit weight's bytes, which is what decode steps (few rows, memory-bound) gain.
-The layer keeps its dense copy for larger steps (:mod:`argosy.runtime.layers.linear`).
+Every step of a CUDA layer runs it; the layer keeps no dense copy
+(:mod:`argosy.runtime.layers.linear`).
 
 Dequantizing in registers inside the GEMM's K loop is the scheme of the Triton W4A16
 kernels in AutoGPTQ (``qlinear_triton``) and vLLM (``awq_triton``); the code here is our

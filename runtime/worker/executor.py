@@ -94,11 +94,12 @@ _QUANTIZED_BUFFERS = {"int4_packed": "int4", "int4_scales_zeros": "int4", "input
 
 def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
     """Bytes of ``model``'s parameters and buffers by the format they are held in
-    (this rank's shard): ``int4`` (packed weights, their scales and zeros, act-order
-    permutations), ``grouped int8`` (with its scales and offsets, including the LM head's
+    (this rank's shard): ``int4`` (packed weights, the nibbles the CPU dequantization
+    kernel reads, scales and zeros, act-order permutations), ``grouped int8`` (with its scales and offsets, including the LM head's
     ``logits_q8``), ``int8``, ``fp8`` (FP8 weights on ``_scaled_mm`` and their scales),
-    ``<dtype> dense copies`` (the dense weights kept beside a quantized one for large
-    batches, or holding an FP8 layer's values where ``_scaled_mm`` does not run,
+    ``<dtype> dense copies`` (dense weights kept beside a quantized one for large batches
+    where the CPU dequantization kernel is not built or ``ARGOSY_CPU_DENSE_COPIES=keep``,
+    or holding an FP8 layer's values where ``_scaled_mm`` does not run,
     :mod:`argosy.runtime.layers.linear`) and ``<dtype>``
     for everything else (embeddings, norms, dense layers, rotary tables). Tied tensors
     count once."""

@@ -23,6 +23,9 @@
 //                         [16] float16 bits or float32): product, then sum, each rounded in
 //                         float32 (no contraction into a fused multiply-add).
 //
+//   argosy_gather_columns out[m][j] = x[m][perm[j]] for x [M][K] 16-bit values: a GPTQ
+//                         act-order layer's input in the order of its stored columns.
+//
 // OpenMP over rows (tiles of 16 for the grouped layout). Return 0, or 1 when K is not a
 // multiple of the group size (and of 32 for int4) or the row range is not inside [0, N).
 
@@ -207,6 +210,18 @@ extern "C" int argosy_q8_dequant(const int8_t* w, const void* scales, const void
   } else {
     if (mins) q8_rows<false, true>(w, scales, mins, G, N, K, out);
     else q8_rows<false, false>(w, scales, mins, G, N, K, out);
+  }
+  return 0;
+}
+
+extern "C" int argosy_gather_columns(const uint16_t* x, const int64_t* perm, int64_t M, int64_t K, uint16_t* out) {
+  for (int64_t j = 0; j < K; j++)
+    if (perm[j] < 0 || perm[j] >= K) return 1;
+#pragma omp parallel for schedule(static) if (M * K >= 65536)
+  for (int64_t m = 0; m < M; m++) {
+    const uint16_t* xr = x + m * K;
+    uint16_t* o = out + m * K;
+    for (int64_t j = 0; j < K; j++) o[j] = xr[perm[j]];
   }
   return 0;
 }
