@@ -217,3 +217,54 @@ def test_gather_columns():
         assert torch.equal(dequant.gather_columns(x, perm), x[:, perm])
     with pytest.raises(ValueError, match="outside"):
         dequant.gather_columns(x, torch.full((96,), 96, dtype=torch.int64))
+
+
+def test_auto_keeps_dense_copies_only_when_they_are_a_small_share_of_memory(monkeypatch):
+    """``ARGOSY_CPU_DENSE_COPIES``: ``keep`` / ``scratch`` decide; ``auto`` keeps the copies
+    when they take at most 1/16 of the memory limit (physical memory or the cgroup's); any
+    other value is one clear error."""
+    monkeypatch.setattr(linear_mod, "memory_limit_bytes", lambda: 16 << 30)
+    for mode, small, large in (("auto", True, False), ("keep", True, True), ("scratch", False, False)):
+        monkeypatch.setattr(linear_mod, "DENSE_COPIES", mode)
+        assert linear_mod.keep_dense_copies(1 << 30) is small, mode
+        assert linear_mod.keep_dense_copies((1 << 30) + 1) is large, mode
+    monkeypatch.setattr(linear_mod, "DENSE_COPIES", "never")
+    with pytest.raises(ValueError, match="ARGOSY_CPU_DENSE_COPIES='never'"):
+        linear_mod.keep_dense_copies(0)
+    monkeypatch.undo()
+    limit = linear_mod.memory_limit_bytes()
+    import os
+
+    assert 0 < limit <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def test_the_bundled_model_without_dense_copies(make_engine, monkeypatch):
+    """The bundled model with ``ARGOSY_CPU_DENSE_COPIES=scratch`` against ``keep``: its 120
+    4-bit layers hold no dense copy (the weight bytes drop by the copies, 2 bytes a weight,
+    and gain the nibbles, half a byte), and greedy output is identical token for token
+    (prompts of more than ``INT4_MAX_ROWS`` tokens: their prefill runs on the scratch
+    matrix, the same values as the dense copies)."""
+    from argosy.runtime import SamplingParams
+    from argosy.runtime.worker.executor import weight_bytes_by_format
+
+    from .conftest import run_to_completion
+    from .test_fast_path import PROMPTS
+
+    engines = {}
+    for mode in ("keep", "scratch"):
+        monkeypatch.setattr(linear_mod, "DENSE_COPIES", mode)
+        engines[mode] = make_engine(dtype="bfloat16", compilation_config="0")
+    layers = {mode: [m for m in e.executor.runner.model.modules() if isinstance(m, Linear) and m.is_int4]
+              for mode, e in engines.items()}
+    assert len(layers["scratch"]) == 120 and all(m.dense_on_demand for m in layers["scratch"])
+    assert not any(m.dense_on_demand for m in layers["keep"])
+    by = {mode: weight_bytes_by_format(e.executor.runner.model) for mode, e in engines.items()}
+    weights = sum(m.out_features * m.in_features for m in layers["scratch"])
+    assert "bfloat16 dense copies" not in by["scratch"] and by["keep"]["bfloat16 dense copies"] == 2 * weights
+    assert sum(by["keep"].values()) - sum(by["scratch"].values()) == 2 * weights - weights // 2
+    tok = engines["keep"].tokenizer
+    prompts = [ids for ids in (tok.encode(p) for p in PROMPTS) if len(ids) > INT4_MAX_ROWS]
+    prompts.append(tok.encode(" ".join(PROMPTS)))
+    assert len(prompts) >= 3
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert run_to_completion(engines["scratch"], prompts, params) == run_to_completion(engines["keep"], prompts, params)

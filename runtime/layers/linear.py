@@ -68,10 +68,44 @@ from ..quantization.q8_0 import PackedQ8, Q8Weight
 
 #: Calls with at most this many rows use the packed int4 kernel (see the module doc).
 INT4_MAX_ROWS = 8
-#: ``ARGOSY_CPU_DENSE_COPIES=keep``: quantized CPU layers keep a dense bfloat16 copy for
-#: calls of more rows (2 bytes a weight; prefill a few percent faster, see the module doc)
-#: instead of dequantizing into a scratch matrix per call (the default, ``scratch``).
-DENSE_COPIES = os.environ.get("ARGOSY_CPU_DENSE_COPIES", "scratch").strip().lower()
+#: ``ARGOSY_CPU_DENSE_COPIES``: whether quantized CPU layers keep a dense copy for calls of
+#: more than ``INT4_MAX_ROWS`` rows (``keep``: 2 bytes a weight beside the quantized one)
+#: or dequantize into a scratch matrix per call (``scratch``); ``auto`` (the default) keeps
+#: them when a model's copies take at most :data:`AUTO_DENSE_COPIES_FRACTION` of the memory
+#: the process may use (:func:`keep_dense_copies`; see the module doc for the trade).
+DENSE_COPIES = os.environ.get("ARGOSY_CPU_DENSE_COPIES", "auto").strip().lower()
+#: ``auto``'s share of the memory limit that dense copies may take
+AUTO_DENSE_COPIES_FRACTION = 1 / 16
+
+
+def memory_limit_bytes() -> int:
+    """The memory this process may use (bytes): physical memory, or the cgroup's limit when
+    lower (a Kubernetes pod's ``resources.limits.memory``: cgroup v2 ``memory.max``, v1
+    ``memory.limit_in_bytes``)."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = open(path).read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+    return limit
+
+
+def keep_dense_copies(dense_bytes: int) -> bool:
+    """Whether a model's quantized CPU layers keep dense copies, their total being
+    ``dense_bytes``: ``ARGOSY_CPU_DENSE_COPIES=keep`` / ``scratch`` decide; ``auto`` keeps
+    them when ``dense_bytes <= AUTO_DENSE_COPIES_FRACTION * memory_limit_bytes()``.
+
+    Raises:
+        ValueError: another value of ``ARGOSY_CPU_DENSE_COPIES``.
+    """
+    if DENSE_COPIES not in ("auto", "keep", "scratch"):
+        raise ValueError(f"ARGOSY_CPU_DENSE_COPIES={DENSE_COPIES!r}: expected auto, keep or scratch")
+    if DENSE_COPIES != "auto":
+        return DENSE_COPIES == "keep"
+    return dense_bytes <= AUTO_DENSE_COPIES_FRACTION * memory_limit_bytes()
 #: Devices whose 4-bit layers run the Triton W4A16 kernel
 #: (:mod:`..quantization.triton_w4a16`; float16 / bfloat16) for every call, the dense
 #: weight freed after packing: on a GPU the point of a 4-bit checkpoint is the memory
@@ -128,6 +162,9 @@ class Linear(nn.Module):
         self.register_buffer("fp8_scales", None, persistent=False)
         #: whether the dense weight holds FP8 values (an FP8 layer where ``_scaled_mm`` does not run)
         self.fp8_dense = False
+        #: True / False: keep a dense copy beside a quantized CPU weight, or not (the model
+        #: sets it, :func:`keep_dense_copies`); None: ``ARGOSY_CPU_DENSE_COPIES=keep`` decides
+        self.keep_dense_copy: Optional[bool] = None
         #: whether calls of more than ``INT4_MAX_ROWS`` rows dequantize the int4, int8 or
         #: grouped int8 weight into a per-thread scratch matrix (:mod:`..quantization.dequant`)
         #: instead of keeping a dense copy (the dense weight is then freed)
@@ -259,9 +296,10 @@ class Linear(nn.Module):
 
     def _free_dense_copy(self) -> None:
         """Run calls of more than ``INT4_MAX_ROWS`` rows on a dequantized scratch
-        (:mod:`..quantization.dequant`) and free the dense weight, unless the kernel is not
-        built or ``ARGOSY_CPU_DENSE_COPIES=keep``."""
-        if DENSE_COPIES == "keep" or dequant.kernel() is None:
+        (:mod:`..quantization.dequant`) and free the dense weight, unless the layer keeps
+        its dense copy (:attr:`keep_dense_copy`) or the kernel is not built."""
+        keep = self.keep_dense_copy if self.keep_dense_copy is not None else DENSE_COPIES == "keep"
+        if keep or dequant.kernel() is None:
             self.int4_nibbles = None
             return
         self.dense_on_demand = True

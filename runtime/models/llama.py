@@ -460,6 +460,23 @@ class LlamaForCausalLM(nn.Module):
                 return (dim, r * size, (r + 1) * size)
         return None
 
+    def _decide_dense_copies(self) -> None:
+        """On the CPU, tell every decoder linear layer whether a quantized weight keeps a
+        dense copy for large calls (:func:`~argosy.runtime.layers.linear.keep_dense_copies`
+        on their total dense bytes, this rank's shard), and log the choice once."""
+        from ..layers import linear
+
+        layers = [m for m in self.modules() if isinstance(m, Linear) and m is not self.lm_head]
+        if not layers or layers[0].weight.device.type != "cpu":
+            return
+        dense = sum(m.out_features * m.in_features * m.weight.element_size() for m in layers)
+        keep = linear.keep_dense_copies(dense)
+        for m in layers:
+            m.keep_dense_copy = keep
+        self._dense_copies_note = (f"quantized linear layers {'keep' if keep else 'keep no'} dense copies for "
+                                   f"large steps ({dense >> 20} MiB if all were dense; ARGOSY_CPU_DENSE_COPIES="
+                                   f"{linear.DENSE_COPIES}, memory limit {linear.memory_limit_bytes() >> 20} MiB)")
+
     def load_weights(self, weights: Iterable[tuple[str, object]]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up, then pack the
         4-bit ones (:meth:`process_weights_after_loading`).
@@ -484,6 +501,7 @@ class LlamaForCausalLM(nn.Module):
         cfg = self.cfg
         attn0 = self.layers[0].self_attn
         q_size, kv_size = attn0.q_size, attn0.kv_size
+        self._decide_dense_copies()
         seen: set[str] = set()
         kv_scales: dict[int, dict[str, float]] = {}
         for name, w in weights:
@@ -524,6 +542,9 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"checkpoint is missing weights: loaded {len(seen)} of {needed} tensors")
         self._set_kv_scales(kv_scales)
         self.process_weights_after_loading()
+        note = getattr(self, "_dense_copies_note", None)
+        if note and any(m.is_int4 or m.is_int8 or m.is_q8 for m in self.modules() if isinstance(m, Linear)):
+            logger.info("%s", note)
 
     def _set_kv_scales(self, found: dict[int, dict[str, float]]) -> None:
         """Give each attention layer its checkpoint KV-cache scales when the cache is E4M3
