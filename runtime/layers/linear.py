@@ -10,14 +10,20 @@ kernel by the number of rows:
 - ``rows <= INT4_MAX_ROWS`` (decode at low batch sizes): the packed int4 kernel, which
   reads a quarter of the bytes; the memory-bound matrix-vector case.
 - more rows (prefill, large decode batches): a bfloat16 GEMM through oneDNN (AMX/AVX-512
-  BF16), several times faster than the int4 kernel there, on the weight dequantized for
-  that call into a per-thread scratch matrix (:mod:`..quantization.dequant`, a C++
-  kernel: 0.13 ms for a 3072 x 576 weight on 2 cores, against 0.62 ms for the 64-row
-  product it feeds and 8.6 ms for 1,024 rows). The layer keeps no dense copy (2 bytes a
-  weight); it keeps the 4-bit integers a second time as nibbles for that kernel (0.5
-  bytes a weight: PyTorch's packed layout depends on the CPU's vector ISA, so it is not
-  read directly). ``ARGOSY_CPU_DENSE_COPIES=keep``, or a machine where the C++ kernel
-  cannot be built, keeps the dense copy instead, as before.
+  BF16), several times faster than the int4 kernel there, on a dense copy of the weight
+  kept beside the packed one (2 bytes a weight), or, when the layer keeps none
+  (:attr:`Linear.keep_dense_copy`, decided per model by :func:`keep_dense_copies`:
+  ``ARGOSY_CPU_DENSE_COPIES=auto`` drops them when a model's would take more than 1/16 of
+  the memory limit), on the weight dequantized for that call into a per-thread scratch
+  matrix (:mod:`..quantization.dequant`, a C++ kernel: 0.13 ms for a 3072 x 576 weight on
+  2 cores, against 0.62 ms for the 64-row product it feeds and 8.6 ms for 1,024 rows). A
+  layer without a dense copy keeps the 4-bit integers a second time as nibbles for that
+  kernel (0.5 bytes a weight: PyTorch's packed layout depends on the CPU's vector ISA, so
+  it is not read directly). Measured on whole passes over the bundled model's 120 layers
+  (``benchmarks/dense_copies.py``, 2-vCPU VM): the scratch costs 0-4% at 16-2,048 rows
+  in some periods and up to 2x at 16-32 rows in others (the scratch written by one core
+  and read by the other's GEMM when the vCPUs share no cache), hence ``auto``. A machine
+  where the C++ kernel cannot be built keeps the dense copies.
 
 Both paths compute with the same values: the scratch (or the dense copy) holds the int4
 weight with the scales rounded to bfloat16 as the kernel rounds them. A weight stored with

@@ -2,11 +2,13 @@
 
 A quantized linear layer on the CPU runs its packed kernel for calls of at most
 ``INT4_MAX_ROWS`` rows (:mod:`argosy.runtime.layers.linear`); larger calls (prefill,
-large decode batches) are faster through oneDNN's bfloat16 GEMM. Instead of a dense
-bfloat16 copy of every quantized layer (2 bytes a weight, more than the packed weight
-itself), each such call dequantizes the layer into one scratch matrix per thread
+large decode batches) are faster through oneDNN's bfloat16 GEMM. A layer that keeps no
+dense bfloat16 copy (2 bytes a weight, more than the packed weight itself;
+``ARGOSY_CPU_DENSE_COPIES``, :func:`argosy.runtime.layers.linear.keep_dense_copies`)
+dequantizes itself on each such call into one scratch matrix per thread
 (``csrc/dequant.cpp``, OpenMP) and multiplies that: the scratch is as large as the
-largest layer, and is reused by every layer and every call.
+largest layer (at most :data:`SCRATCH_MAX_ELEMENTS`; larger layers run in row blocks),
+and is reused by every layer and every call.
 
 The ops (``torch.ops.argosy.int4_dense_linear``, ``int8_dense_linear``,
 ``q8_dense_linear``) are opaque to ``torch.compile`` (fake implementations give the
