@@ -463,13 +463,15 @@ class LlamaForCausalLM(nn.Module):
     def _decide_dense_copies(self) -> None:
         """On the CPU, tell every decoder linear layer whether a quantized weight keeps a
         dense copy for large calls (:func:`~argosy.runtime.layers.linear.keep_dense_copies`
-        on their total dense bytes, this rank's shard), and log the choice once."""
+        on the whole model's dense bytes: every tensor-parallel rank runs on this machine);
+        the choice is logged after loading when a layer is quantized."""
         from ..layers import linear
 
         layers = [m for m in self.modules() if isinstance(m, Linear) and m is not self.lm_head]
         if not layers or layers[0].weight.device.type != "cpu":
             return
-        dense = sum(m.out_features * m.in_features * m.weight.element_size() for m in layers)
+        # every rank of the machine holds its shard's copies: decide on the model's total
+        dense = sum(m.out_features * m.in_features * m.weight.element_size() for m in layers) * self.tp.world_size
         keep = linear.keep_dense_copies(dense)
         for m in layers:
             m.keep_dense_copy = keep
