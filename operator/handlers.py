@@ -336,10 +336,15 @@ def converge(ctx: Context, namespace: str, name: str, *, log: Optional[logging.L
                                                        kube.field_manager)
                 if handover is not None and ("Deployment", manifest["metadata"]["name"]) not in stale_ok:
                     # The cache's copy can be a moment old (an autoscaler may just have scaled):
-                    # hand over the server's replicas, not the cached ones.
-                    handover = reconcile.replicas_handover(
-                        manifest, kube.get(manifest["apiVersion"], "Deployment", namespace,
-                                           manifest["metadata"]["name"]), kube.field_manager)
+                    # hand over the server's replicas, not the cached ones (the cached ones if
+                    # the read fails: the pass goes on, as for any other failed call).
+                    try:
+                        handover = reconcile.replicas_handover(
+                            manifest, kube.get(manifest["apiVersion"], "Deployment", namespace,
+                                               manifest["metadata"]["name"]), kube.field_manager)
+                    except Exception as e:  # noqa: BLE001 - recorded as a failure; the pass goes on
+                        log.warning("cannot read Deployment %s for the replicas hand-over: %s", name, _summary(e))
+                        failures.append((manifest, e))
                 if handover is not None:
                     attempt(handover, "hand over replicas of",
                             lambda h=handover: ctx.note_written(kube.apply(

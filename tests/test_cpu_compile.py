@@ -188,12 +188,15 @@ def test_all_graphs_cover_every_decode_batch(make_engine):
 
 
 @pytest.mark.slow
-def test_compiled_graphs_with_grouped_int8_layers_and_an_fp8_cache(model_path, tmp_path):
+def test_compiled_graphs_with_grouped_int8_layers_and_an_fp8_cache(model_path, tmp_path, monkeypatch):
     """The other compiled-graph inputs: a GGUF whose linear layers are Q8_0/Q5_1/Q5_0 (the
-    grouped int8 op inside the batch-1 and 2-8 graphs) and an FP8 KV cache (clamp, cast
-    and ``index_put_`` of the KV write, the FP8-reading decode kernel, all traced): every
+    grouped int8 op inside the batch-1 and 2-8 graphs), kept without dense copies
+    (``ARGOSY_CPU_DENSE_COPIES=scratch``: the dequantize-and-multiply op inside the 9+
+    graph and the prefill layer stages), and an FP8 KV cache (clamp, cast and
+    ``index_put_`` of the KV write, the FP8-reading decode kernel, all traced): every
     decode step of batches 1, 4 and 10 runs compiled, and greedy tokens agree with the
     eager engine of the same configuration up to its first near tie."""
+    from argosy.runtime.layers import linear
     from argosy.runtime.config import EngineArgs
     from argosy.runtime.core.engine import LLMEngine
     from argosy.runtime.loader import load_checkpoint
@@ -208,10 +211,11 @@ def test_compiled_graphs_with_grouped_int8_layers_and_an_fp8_cache(model_path, t
         return LLMEngine(EngineArgs(model=path, dtype="bfloat16", kv_cache_dtype="fp8", compilation_config=mode,
                                     max_num_seqs=16, max_model_len=1024, kv_cache_memory=64 << 20), checkpoint=ckpt)
 
+    monkeypatch.setattr(linear, "DENSE_COPIES", "scratch")
     compiled_eng, eager_eng = make("3"), make("0")
     runner = compiled_eng.executor.runner
     assert runner.kv_caches[0].dtype == torch.float8_e4m3fn
-    assert sum(getattr(m, "is_q8", False) for m in runner.model.modules()) == 120
+    assert sum(getattr(m, "is_q8", False) and m.dense_on_demand for m in runner.model.modules()) == 120
     compiled = runner.compiled
     tok = eager_eng.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS]

@@ -109,6 +109,17 @@ def test_bad_layouts_are_refused():
         dequant.pack_nibbles(np.zeros((4, 48), dtype=np.uint8))
     with pytest.raises(ValueError, match="do not match"):
         dequant.int8_dequantize(torch.zeros(4, 8, dtype=torch.int8), torch.ones(3, dtype=torch.bfloat16))
+    # the kernels write through raw pointers: a wrong output buffer is refused, not overrun
+    q, s = torch.zeros(4, 8, dtype=torch.int8), torch.ones(4, dtype=torch.bfloat16)
+    for bad in (torch.empty(3, 8, dtype=torch.bfloat16), torch.empty(4, 8, dtype=torch.float32),
+                torch.empty(8, 4, dtype=torch.bfloat16).t()):
+        with pytest.raises(ValueError, match="out must be"):
+            dequant.int8_dequantize(q, s, bad)
+    with pytest.raises(ValueError, match="out must be"):
+        dequant.int4_dequantize(dequant.pack_nibbles(w.q), sz, 32, torch.empty(16, 64, dtype=torch.bfloat16))
+    p = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(_raw("Q8_0", 16, 64), (16, 64), "Q8_0"))
+    with pytest.raises(ValueError, match="do not match"):
+        dequant.q8_dequantize(p.w, p.scales.reshape(1, 1, 32), None, 64, 16)  # not a group size of the layout
 
 
 def _layer(parts, monkeypatch, keep: bool) -> Linear:
@@ -122,7 +133,8 @@ def _layer(parts, monkeypatch, keep: bool) -> Linear:
 
 
 def _parts(kind: str, k: int = 256) -> list:
-    """Quantized parts ``(row start, weight)`` of a 96-row layer of each kind."""
+    """Quantized parts ``(row start, weight)`` of a layer of each kind (96 rows; q8: 88, its
+    last 16-row tile partial)."""
     if kind.startswith("int4"):
         a, _ = _int4("Q4_1", 64, k, seed=1)
         b, _ = _int4("Q4_0", 32, k, seed=2)
@@ -135,14 +147,14 @@ def _parts(kind: str, k: int = 256) -> list:
         return [(0, Int8Weight(torch.randint(-127, 128, (96, k), dtype=torch.int8, generator=gen),
                                torch.rand(96, generator=gen) * 0.01))]
     return [(0, q8_0.Q8Weight.from_gguf(_raw("Q5_1", 64, k, seed=1), (64, k), "Q5_1")),
-            (64, q8_0.Q8Weight.from_gguf(_raw("Q6_K", 32, k, seed=2), (32, k), "Q6_K"))]
+            (64, q8_0.Q8Weight.from_gguf(_raw("Q6_K", 24, k, seed=2), (24, k), "Q6_K"))]  # a partial 16-row tile
 
 
 @pytest.mark.parametrize("kind", ["int4", "int4-actorder", "int8", "q8"])
 def test_a_weight_larger_than_the_scratch_runs_in_row_blocks(kind, monkeypatch):
-    """With the scratch capped at 40 rows' worth, the 96-row layer runs in blocks of 32
-    rows (16-row multiples), each product written into its columns: the same output, bit
-    for bit, as one whole-weight product."""
+    """With the scratch capped at 40 rows' worth, the layer runs in blocks of 32 rows
+    (16-row multiples; the q8 layer's last block 24 rows, a partial tile), each product
+    written into its columns: the same output, bit for bit, as one whole-weight product."""
     lin = _layer(_parts(kind), monkeypatch, keep=False)
     x = torch.randn(24, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     whole = lin(x)
@@ -151,7 +163,7 @@ def test_a_weight_larger_than_the_scratch_runs_in_row_blocks(kind, monkeypatch):
     real = dequant.scratch
     monkeypatch.setattr(dequant, "scratch", lambda n, k: (calls.append(n), real(n, k))[1])
     assert torch.equal(_bits(lin(x)), _bits(whole))
-    assert calls == [32, 32, 32]
+    assert calls == ([32, 32, 24] if kind == "q8" else [32, 32, 32])
 
 
 @pytest.mark.parametrize("kind", ["int4", "int4-actorder", "int8", "q8"])
@@ -166,7 +178,7 @@ def test_large_calls_run_on_the_scratch_and_equal_the_dense_copy(kind, monkeypat
     parts = _parts(kind, k)
     lean, kept = _layer(parts, monkeypatch, keep=False), _layer(parts, monkeypatch, keep=True)
     assert lean.dense_on_demand and lean.weight.numel() == 0
-    assert not kept.dense_on_demand and kept.weight.shape == (96, k)
+    assert not kept.dense_on_demand and kept.weight.shape == (lean.out_features, k)
     assert torch.equal(lean.dense_weight(), kept.weight)  # (as values: a weight of zero may differ in sign)
     gen = torch.Generator().manual_seed(3)
     for rows in (INT4_MAX_ROWS + 1, 40):
@@ -219,6 +231,59 @@ def test_gather_columns():
         dequant.gather_columns(x, torch.full((96,), 96, dtype=torch.int64))
 
 
+def test_the_memory_limit_is_the_lowest_cgroup_limit_on_the_path(tmp_path):
+    """cgroup v2: ``memory.max`` of the process's cgroup and every parent (``max`` = no
+    limit); v1: the ``memory`` controller's ``memory.limit_in_bytes`` likewise; physical
+    memory when nothing is lower."""
+    import os
+
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    root = tmp_path / "cg"
+    (root / "kubepods" / "pod1" / "ctr").mkdir(parents=True)
+    (root / "kubepods" / "pod1" / "ctr" / "memory.max").write_text("max\n")
+    (root / "kubepods" / "pod1" / "memory.max").write_text(f"{4 << 30}\n")
+    (root / "kubepods" / "memory.max").write_text(f"{8 << 30}\n")
+    proc = tmp_path / "cgroup"
+    proc.write_text("0::/kubepods/pod1/ctr\n")
+    assert linear_mod.memory_limit_bytes(str(proc), str(root)) == min(physical, 4 << 30)
+    (root / "memory" / "docker" / "c1").mkdir(parents=True)
+    (root / "memory" / "docker" / "c1" / "memory.limit_in_bytes").write_text(f"{2 << 30}\n")
+    proc.write_text("12:cpu,cpuacct:/docker/c1\n4:memory:/docker/c1\n")
+    assert linear_mod.memory_limit_bytes(str(proc), str(root)) == min(physical, 2 << 30)
+    proc.write_text("0::/\n")
+    assert linear_mod.memory_limit_bytes(str(proc), str(tmp_path / "none")) == physical
+
+
+def test_the_decision_counts_the_whole_model_under_tensor_parallelism(checkpoint, monkeypatch):
+    """Every tensor-parallel rank runs on the machine: each rank decides on the whole
+    model's dense bytes (its shard's x the world size), LM head included, and every linear
+    layer gets the answer. (The bundled model ties its LM head, so an untied config is
+    used; weights are allocated, never written.)"""
+    import dataclasses
+
+    from argosy.runtime.distributed import TPGroup
+    from argosy.runtime.models.llama import LlamaForCausalLM
+
+    cfg = dataclasses.replace(checkpoint.config, tie_word_embeddings=False, num_hidden_layers=2)
+
+    def model(rank: int, world: int) -> LlamaForCausalLM:
+        tp = TPGroup.__new__(TPGroup)
+        tp.rank, tp.world_size = rank, world
+        return LlamaForCausalLM(cfg, torch.bfloat16, torch.device("cpu"), max_positions=64, tp=tp)
+
+    whole = model(0, 1)
+    assert whole.lm_head is not None
+    want = sum(m.out_features * m.in_features * 2 for m in whole.modules() if isinstance(m, Linear))
+    for answer in (True, False):
+        seen = []
+        monkeypatch.setattr(linear_mod, "keep_dense_copies", lambda b: (seen.append(b), answer)[1])
+        shard = model(1, 3)
+        shard._decide_dense_copies()
+        assert seen == [want]
+        layers = [m for m in shard.modules() if isinstance(m, Linear)]
+        assert shard.lm_head in layers and all(m.keep_dense_copy is answer for m in layers)
+
+
 def test_auto_keeps_dense_copies_only_when_they_are_a_small_share_of_memory(monkeypatch):
     """``ARGOSY_CPU_DENSE_COPIES``: ``keep`` / ``scratch`` decide; ``auto`` keeps the copies
     when they take at most 1/16 of the memory limit (physical memory or the cgroup's); any
@@ -238,8 +303,9 @@ def test_auto_keeps_dense_copies_only_when_they_are_a_small_share_of_memory(monk
     assert 0 < limit <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def test_the_bundled_model_without_dense_copies(make_engine, monkeypatch):
-    """The bundled model with ``ARGOSY_CPU_DENSE_COPIES=scratch`` against ``keep``: its 120
+def test_the_bundled_model_without_dense_copies(make_engine, monkeypatch, caplog):
+    """The bundled model without dense copies (``ARGOSY_CPU_DENSE_COPIES=auto`` under a 1 GiB
+    memory limit) against ``keep``: its 120
     4-bit layers hold no dense copy (the weight bytes drop by the copies, 2 bytes a weight,
     and gain the nibbles, half a byte), and greedy output is identical token for token
     (prompts of more than ``INT4_MAX_ROWS`` tokens: their prefill runs on the scratch
@@ -251,9 +317,14 @@ def test_the_bundled_model_without_dense_copies(make_engine, monkeypatch):
     from .test_fast_path import PROMPTS
 
     engines = {}
-    for mode in ("keep", "scratch"):
-        monkeypatch.setattr(linear_mod, "DENSE_COPIES", mode)
-        engines[mode] = make_engine(dtype="bfloat16", compilation_config="0")
+    monkeypatch.setattr(linear_mod, "DENSE_COPIES", "keep")
+    engines["keep"] = make_engine(dtype="bfloat16", compilation_config="0")
+    # auto, in a 1 GiB container: the copies (202 MiB) would pass 1/16 of it
+    monkeypatch.setattr(linear_mod, "DENSE_COPIES", "auto")
+    monkeypatch.setattr(linear_mod, "memory_limit_bytes", lambda: 1 << 30)
+    with caplog.at_level("INFO", logger="argosy.model"):
+        engines["scratch"] = make_engine(dtype="bfloat16", compilation_config="0")
+    assert any(r.getMessage().startswith("0 of 120 quantized linear layers keep a dense copy") for r in caplog.records)
     layers = {mode: [m for m in e.executor.runner.model.modules() if isinstance(m, Linear) and m.is_int4]
               for mode, e in engines.items()}
     assert len(layers["scratch"]) == 120 and all(m.dense_on_demand for m in layers["scratch"])

@@ -28,7 +28,9 @@ kernel by the number of rows:
 Both paths compute with the same values: the scratch (or the dense copy) holds the int4
 weight with the scales rounded to bfloat16 as the kernel rounds them. A weight stored with
 its columns permuted (GPTQ act-order, :attr:`Int4Weight.perm`) gathers the input's columns
-the same way before either kernel (``index_select``, one small copy of ``x``); a kept dense
+the same way before either kernel (one small copy of ``x``: ``index_select`` for the int4
+kernel, a C++ gather, :func:`..quantization.dequant.gather_columns`, before the scratch's
+GEMM); a kept dense
 copy is in the layer's own order. An int8 weight with
 per-row scales (a compressed-tensors W8A8 checkpoint, served weight-only) works the same
 way through ``_weight_int8pack_mm`` (one 3072 x 576 weight: 1 row 67 vs 184 us dense, 4
@@ -84,18 +86,37 @@ DENSE_COPIES = os.environ.get("ARGOSY_CPU_DENSE_COPIES", "auto").strip().lower()
 AUTO_DENSE_COPIES_FRACTION = 1 / 16
 
 
-def memory_limit_bytes() -> int:
-    """The memory this process may use (bytes): physical memory, or the cgroup's limit when
-    lower (a Kubernetes pod's ``resources.limits.memory``: cgroup v2 ``memory.max``, v1
-    ``memory.limit_in_bytes``)."""
+def memory_limit_bytes(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int:
+    """The memory this process may use (bytes): physical memory, or the lowest memory limit
+    of its cgroup and the cgroups above it when lower (a Kubernetes pod's
+    ``resources.limits.memory``): cgroup v2 ``memory.max`` under the ``0::<path>`` line of
+    ``/proc/self/cgroup``, v1 ``memory.limit_in_bytes`` under the ``memory`` controller's
+    line (Linux ``Documentation/admin-guide/cgroup-v2.rst``, ``cgroup-v1/memory.rst``); in a
+    cgroup namespace the path is ``/``, the container's own."""
+    from pathlib import PurePosixPath
+
     limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = open(path).read().strip()
-        except OSError:
+    try:
+        lines = open(proc_cgroup).read().splitlines()
+    except OSError:
+        lines = []
+    candidates = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
             continue
-        if text.isdigit():
-            limit = min(limit, int(text))
+        if parts[0] == "0" and parts[1] == "":
+            candidates.append((root, PurePosixPath(parts[2] or "/"), "memory.max"))
+        elif "memory" in parts[1].split(","):
+            candidates.append((f"{root}/memory", PurePosixPath(parts[2] or "/"), "memory.limit_in_bytes"))
+    for base, path, name in candidates:
+        for p in (path, *path.parents):
+            try:
+                text = open(f"{base}{'' if str(p) == '/' else p}/{name}").read().strip()
+            except OSError:
+                continue
+            if text.isdigit():
+                limit = min(limit, int(text))
     return limit
 
 
@@ -132,10 +153,11 @@ class Linear(nn.Module):
         dtype, device: of the dense weight and the activations.
 
     Loading: the model copies dense tensors into :attr:`weight` (or row ranges of it,
-    for fused projections), and hands 4-bit, int8 and grouped int8 ones to
-    :meth:`load_quantized` (which also fills the dense rows);
-    :meth:`process_weights_after_loading` then packs the int4 or grouped int8 weight, or
-    keeps the int8 one, if every row came in that form.
+    for fused projections), and hands 4-bit, int8, grouped int8 and FP8 ones to
+    :meth:`load_quantized`; :meth:`process_weights_after_loading` (called by
+    ``load_quantized`` once every row came quantized, and by the model after loading)
+    packs the weight for its kernel if every row came in one form, and writes the dense
+    values of the quantized rows where the layer keeps a dense weight.
     """
 
     def __init__(self, out_features: int, in_features: int, bias: bool, dtype: torch.dtype,
@@ -303,9 +325,11 @@ class Linear(nn.Module):
     def _free_dense_copy(self) -> None:
         """Run calls of more than ``INT4_MAX_ROWS`` rows on a dequantized scratch
         (:mod:`..quantization.dequant`) and free the dense weight, unless the layer keeps
-        its dense copy (:attr:`keep_dense_copy`) or the kernel is not built."""
+        its dense copy (:attr:`keep_dense_copy`), is not a bfloat16 CPU layer (the kernels
+        write bfloat16) or the kernel is not built."""
         keep = self.keep_dense_copy if self.keep_dense_copy is not None else DENSE_COPIES == "keep"
-        if keep or dequant.kernel() is None:
+        if keep or self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu" \
+                or dequant.kernel() is None:
             self.int4_nibbles = None
             return
         self.dense_on_demand = True

@@ -32,7 +32,7 @@ from torch import nn
 from ..attention import AttentionMetadata, DecodeMetadata, resolve_backend, torch_paged
 from ..config import ModelConfig
 from ..distributed import TPGroup
-from ..layers import Linear
+from ..layers import INT4_MAX_ROWS, Linear
 from ..quantization import q8_0
 from ..quantization.fp8 import Fp8Weight
 from ..quantization.int8 import Int8Weight
@@ -461,13 +461,14 @@ class LlamaForCausalLM(nn.Module):
         return None
 
     def _decide_dense_copies(self) -> None:
-        """On the CPU, tell every decoder linear layer whether a quantized weight keeps a
-        dense copy for large calls (:func:`~argosy.runtime.layers.linear.keep_dense_copies`
-        on the whole model's dense bytes: every tensor-parallel rank runs on this machine);
-        the choice is logged after loading when a layer is quantized."""
+        """On the CPU, tell every linear layer (the LM head included) whether a quantized
+        weight keeps a dense copy for large calls
+        (:func:`~argosy.runtime.layers.linear.keep_dense_copies` on the whole model's dense
+        bytes: every tensor-parallel rank runs on this machine); what the layers did is
+        logged after loading when one is quantized."""
         from ..layers import linear
 
-        layers = [m for m in self.modules() if isinstance(m, Linear) and m is not self.lm_head]
+        layers = [m for m in self.modules() if isinstance(m, Linear)]
         if not layers or layers[0].weight.device.type != "cpu":
             return
         # every rank of the machine holds its shard's copies: decide on the model's total
@@ -475,9 +476,8 @@ class LlamaForCausalLM(nn.Module):
         keep = linear.keep_dense_copies(dense)
         for m in layers:
             m.keep_dense_copy = keep
-        self._dense_copies_note = (f"quantized linear layers {'keep' if keep else 'keep no'} dense copies for "
-                                   f"large steps ({dense >> 20} MiB if all were dense; ARGOSY_CPU_DENSE_COPIES="
-                                   f"{linear.DENSE_COPIES}, memory limit {linear.memory_limit_bytes() >> 20} MiB)")
+        self._dense_copies_note = (f"ARGOSY_CPU_DENSE_COPIES={linear.DENSE_COPIES}, {dense >> 20} MiB if all were "
+                                   f"dense, memory limit {linear.memory_limit_bytes() >> 20} MiB")
 
     def load_weights(self, weights: Iterable[tuple[str, object]]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up, then pack the
@@ -545,8 +545,12 @@ class LlamaForCausalLM(nn.Module):
         self._set_kv_scales(kv_scales)
         self.process_weights_after_loading()
         note = getattr(self, "_dense_copies_note", None)
-        if note and any(m.is_int4 or m.is_int8 or m.is_q8 for m in self.modules() if isinstance(m, Linear)):
-            logger.info("%s", note)
+        quantized = [m for m in self.modules() if isinstance(m, Linear) and (m.is_int4 or m.is_int8 or m.is_q8)]
+        if note and quantized:
+            lean = sum(m.dense_on_demand for m in quantized)
+            logger.info("%d of %d quantized linear layers keep a dense copy for steps of more than %d rows, the "
+                        "others dequantize into a scratch matrix (%s)", len(quantized) - lean, len(quantized),
+                        INT4_MAX_ROWS, note)
 
     def _set_kv_scales(self, found: dict[int, dict[str, float]]) -> None:
         """Give each attention layer its checkpoint KV-cache scales when the cache is E4M3

@@ -20,8 +20,9 @@ served weight-only for now; the checkpoint's activation quantization (dynamic pe
 or static int8/FP8) is not applied, as vLLM's weight-only FP8 fallback on GPUs without
 FP8 compute does not apply it either. int8 weights on the CPU fast path (bfloat16) come
 as :class:`Int8Weight` and run on PyTorch's ``_weight_int8pack_mm`` (int8 weights,
-bfloat16 activations, one scale per output row) for small batches, and are dequantized
-per call into a scratch matrix for larger ones, like the int4 weights
+bfloat16 activations, one scale per output row) for small batches, and larger ones
+multiply a dense copy or, where the layer keeps none, the weight dequantized per call
+into a scratch matrix, like the int4 weights
 (:mod:`argosy.runtime.layers.linear`, :mod:`.dequant`); FP8 weights, and everything
 in float32 or on a GPU, are dequantized at load with compressed-tensors' own
 ``dequantize`` and run dense (no CPU FP8 matmul; ``torch._scaled_mm`` on sm_89+ is the

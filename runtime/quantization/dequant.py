@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import cpu_kernels
+from . import q8_0
 
 SOURCE = Path(__file__).parent / "csrc" / "dequant.cpp"
 
@@ -87,6 +88,24 @@ def pack_nibbles(q: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray((c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2)))
 
 
+def _out(out: Optional[torch.Tensor], n: int, k: int, *inputs: Optional[torch.Tensor]) -> torch.Tensor:
+    """``out``, checked to be a contiguous ``[n, k]`` bfloat16 CPU tensor (a new one if
+    None), after checking every input is a CPU tensor: the kernels write through raw
+    pointers.
+
+    Raises:
+        ValueError: an input off the CPU, or ``out`` of another shape, dtype, device or layout.
+    """
+    if any(t is not None and t.device.type != "cpu" for t in inputs):
+        raise ValueError("the dequantization kernels run on CPU tensors only")
+    if out is None:
+        return torch.empty(n, k, dtype=torch.bfloat16)
+    if out.dtype != torch.bfloat16 or out.device.type != "cpu" or tuple(out.shape) != (n, k) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous [{n}, {k}] bfloat16 CPU tensor, got {tuple(out.shape)} "
+                         f"{out.dtype} on {out.device}")
+    return out
+
+
 def _lib() -> ctypes.CDLL:
     lib = KERNEL.loaded or kernel()
     if lib is None:
@@ -114,7 +133,7 @@ def int4_dequantize(nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, group
         raise ValueError(f"int4_dequantize: nibbles {tuple(nibbles.shape)} {nibbles.dtype}, scales_and_zeros "
                          f"{tuple(scales_and_zeros.shape)} {scales_and_zeros.dtype}, group {group_size}, rows "
                          f"{rows} do not match")
-    out = torch.empty(n1 - n0, k, dtype=torch.bfloat16) if out is None else out
+    out = _out(out, n1 - n0, k, nibbles, scales_and_zeros)
     _lib().argosy_int4_dequant(nibbles.data_ptr(), scales_and_zeros.data_ptr(), group_size, n, k, n0, n1,
                                out.data_ptr())
     return out
@@ -129,7 +148,8 @@ def gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
         ValueError: shapes, dtypes or an index outside ``[0, K)``. RuntimeError: the kernel is not built.
     """
     m, k = x.shape
-    if x.element_size() != 2 or perm.dtype != torch.int64 or tuple(perm.shape) != (k,) or not perm.is_contiguous():
+    if x.element_size() != 2 or perm.dtype != torch.int64 or tuple(perm.shape) != (k,) or not perm.is_contiguous() \
+            or x.device.type != "cpu" or perm.device.type != "cpu":
         raise ValueError(f"gather_columns: x {tuple(x.shape)} {x.dtype}, perm {tuple(perm.shape)} {perm.dtype}")
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -149,7 +169,7 @@ def int8_dequantize(q: torch.Tensor, scales: torch.Tensor, out: Optional[torch.T
             or not q.is_contiguous() or not scales.is_contiguous():
         raise ValueError(f"int8_dequantize: q {tuple(q.shape)} {q.dtype}, scales {tuple(scales.shape)} "
                          f"{scales.dtype} do not match")
-    out = torch.empty(n, k, dtype=torch.bfloat16) if out is None else out
+    out = _out(out, n, k, q, scales)
     _lib().argosy_int8_dequant(q.data_ptr(), scales.data_ptr(), n, k, out.data_ptr())
     return out
 
@@ -165,13 +185,14 @@ def q8_dequantize(w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Te
     """
     tiles, k, t = w.shape
     g = group_size
-    if (w.dtype != torch.int8 or t != 16 or g <= 0 or k % g or tuple(scales.shape) != (tiles, k // g, 16)
+    if (w.dtype != torch.int8 or t != 16 or g not in q8_0.GROUP_SIZES or k % g
+            or tuple(scales.shape) != (tiles, k // g, 16)
             or scales.dtype not in (torch.int16, torch.float32) or not 0 < n <= tiles * 16
             or (mins is not None and (mins.shape != scales.shape or mins.dtype != scales.dtype))
             or not w.is_contiguous() or not scales.is_contiguous() or (mins is not None and not mins.is_contiguous())):
         raise ValueError(f"q8_dequantize: w {tuple(w.shape)} {w.dtype}, scales {tuple(scales.shape)} {scales.dtype}, "
                          f"group {g}, n {n} do not match")
-    out = torch.empty(n, k, dtype=torch.bfloat16) if out is None else out
+    out = _out(out, n, k, w, scales, mins)
     _lib().argosy_q8_dequant(w.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(),
                              scales.dtype == torch.int16, g, n, k, out.data_ptr())
     return out

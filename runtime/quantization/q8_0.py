@@ -25,8 +25,8 @@ The kernel computes ``x @ W.T`` from those integers and scales in float32, nothi
 rounded, so it is also closer to the file than a bfloat16 copy. It serves:
 
 - linear layers stored in these types, for steps of at most ``INT4_MAX_ROWS`` rows
-  (:mod:`argosy.runtime.layers.linear`; larger steps multiply the weight dequantized into
-  a scratch matrix, :mod:`.dequant`). One
+  (:mod:`argosy.runtime.layers.linear`; larger steps multiply a dense bfloat16 copy or,
+  where the layer keeps none, the weight dequantized into a scratch matrix, :mod:`.dequant`). One
   row, warm, 2 cores: 28 / 23 / 53 / 33 us for the bundled model's 960 x 576, 576 x 576,
   3072 x 576 and 576 x 1536 weights against 52 / 38 / 141 / 71 us for bfloat16; parity
   near 8 rows. A per-row int8 requantization on ``_weight_int8pack_mm`` (18 / 12 / 59 /

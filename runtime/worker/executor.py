@@ -97,9 +97,10 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
     (this rank's shard): ``int4`` (packed weights, the nibbles the CPU dequantization
     kernel reads, scales and zeros, act-order permutations), ``grouped int8`` (with its scales and offsets, including the LM head's
     ``logits_q8``), ``int8``, ``fp8`` (FP8 weights on ``_scaled_mm`` and their scales),
-    ``<dtype> dense copies`` (dense weights kept beside a quantized one for large batches
-    where the CPU dequantization kernel is not built or ``ARGOSY_CPU_DENSE_COPIES=keep``,
-    or holding an FP8 layer's values where ``_scaled_mm`` does not run,
+    ``<dtype> dense copies`` (dense weights kept beside a quantized one for large batches:
+    ``ARGOSY_CPU_DENSE_COPIES=auto`` for a model whose copies are small next to the memory
+    limit, ``keep``, or where the CPU dequantization kernel is not built; or holding an FP8
+    layer's values where ``_scaled_mm`` does not run,
     :mod:`argosy.runtime.layers.linear`) and ``<dtype>``
     for everything else (embeddings, norms, dense layers, rotary tables). Tied tensors
     count once."""

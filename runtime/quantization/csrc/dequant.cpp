@@ -27,7 +27,8 @@
 //                         act-order layer's input in the order of its stored columns.
 //
 // OpenMP over rows (tiles of 16 for the grouped layout). Return 0, or 1 when K is not a
-// multiple of the group size (and of 32 for int4) or the row range is not inside [0, N).
+// multiple of the group size (and of 32 for int4), the group size is not a multiple of 32
+// (int4) or 16 (grouped int8), or the row range is not inside [0, N).
 
 #include <stdint.h>
 #include <string.h>
@@ -203,7 +204,7 @@ __attribute__((optimize("fp-contract=off"))) static void q8_rows(const int8_t* w
 
 extern "C" int argosy_q8_dequant(const int8_t* w, const void* scales, const void* mins, int f16, int64_t G, int64_t N,
                                  int64_t K, uint16_t* out) {
-  if (G <= 0 || K % G) return 1;
+  if (G <= 0 || G % 16 || K % G) return 1;  // the layout's groups: 16 or 32 (q8_0_gemm.cpp)
   if (f16) {
     if (mins) q8_rows<true, true>(w, scales, mins, G, N, K, out);
     else q8_rows<true, false>(w, scales, mins, G, N, K, out);
