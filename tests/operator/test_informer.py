@@ -288,3 +288,32 @@ def test_state_of_deleted_services_is_pruned(tmp_path):
     assert set(ctx._locks) == {(NS, "kept")}
     assert (NS, "gone") not in handlers._HISTORY and (NS, "kept") in handlers._HISTORY
     handlers._HISTORY.pop((NS, "kept"))
+
+
+def test_a_failed_hand_over_read_does_not_stop_the_pass(cluster, cached_service):
+    """The hand-over's read of the Deployment from the server fails (a connection reset):
+    the pass hands over the cached replicas, makes its other writes and writes the status,
+    then raises the failure so that the pass is retried (as for any failed call)."""
+    s = cluster
+    ctx = cached_service({"model": {"uri": "pvc://models/smol"}, "resources": {"gpus": 0},
+                          "scaling": {"autoscaler": "none", "minReplicas": 3}})
+    code, _ = s.http("PATCH", f"{ISVCS}/llm", {"spec": {"scaling": {
+        "autoscaler": "hpa", "minReplicas": 1, "maxReplicas": 5}}}, content_type=MERGE_PATCH)
+    assert code == 200
+    real_get = ctx.kube.get
+
+    def get(api_version, kind, namespace, name):
+        if kind == "Deployment":
+            raise ConnectionResetError("connection reset by peer")
+        return real_get(api_version, kind, namespace, name)
+
+    ctx.kube.get = get
+    with pytest.raises(ConnectionResetError):
+        converge(ctx, NS, "llm")
+    ctx.kube.get = real_get
+    dep = one(s, "Deployment")
+    assert dep["spec"]["replicas"] == 3  # the cached copy's replicas, handed over
+    one(s, "HorizontalPodAutoscaler")  # the other writes were made
+    code, isvc = s.http("GET", f"{ISVCS}/llm")
+    cond = {c["type"]: c for c in isvc["status"]["conditions"]}
+    assert cond["ChildrenApplied"]["status"] == "False" and "connection reset" in cond["ChildrenApplied"]["message"]
