@@ -303,6 +303,7 @@ def test_auto_keeps_dense_copies_only_when_they_are_a_small_share_of_memory(monk
     assert 0 < limit <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+@pytest.mark.slow
 def test_the_bundled_model_without_dense_copies(make_engine, monkeypatch, caplog):
     """The bundled model without dense copies (``ARGOSY_CPU_DENSE_COPIES=auto`` under a 1 GiB
     memory limit) against ``keep``: its 120

@@ -95,11 +95,13 @@ def test_every_linear_layer_runs_on_the_grouped_int8_kernel(engines):
     assert not any(getattr(m, "is_q8", False) for m in ref.executor.runner.model.modules())
 
 
+@pytest.mark.slow
 def test_greedy_agrees_with_float32_where_float32_is_decisive(engines):
     fast, ref = engines
     assert_greedy_agrees_where_decisive(fast, ref)
 
 
+@pytest.mark.slow
 def test_accuracy_gate_against_llama_cpp_on_the_same_file(engines):
     """Teacher-forced over the slice in decode-shaped steps (the kernel runs): KL and
     top-1 against float32 dense on the same file no worse than llama.cpp's."""
