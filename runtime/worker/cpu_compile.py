@@ -133,11 +133,32 @@ def _post_attention(layer, x, o):
     return layer.post_attention(x, o)
 
 
+def layer_signature(layer) -> tuple:
+    """What a decoder layer's stages branch on besides its tensors: for each linear layer,
+    the kernel its large calls take and the non-tensor arguments of that kernel (whether
+    it keeps a dense copy, the quantized form, group sizes, an offset or a column
+    permutation present, a bias). A layer stage graph is traced on one layer and, its
+    module guards skipped (:func:`_compile`), runs every layer of the same signature; a
+    GGUF whose layers mix quantization types (or an ``auto`` choice per layer) gets one
+    graph per signature."""
+    from ..layers import Linear
+
+    sig = []
+    for name, m in layer.named_modules():
+        if isinstance(m, Linear):
+            sig.append((name, m.dense_on_demand, m.int4_nibbles is not None, m.q8_weight is not None,
+                        m.int8_weight is not None, m.q8_mins is not None, m.q8_group, m.group_size,
+                        m.input_perm is not None, m.bias is not None, m.fp8_weight is not None, m.fp8_dense,
+                        m.w4_qweight is not None, tuple(m.weight.shape)))
+    return tuple(sig)
+
+
 class CompiledLayerStages:
     """Each decoder layer's attention-free halves (:meth:`LlamaDecoderLayer.pre_attention`:
     norm, QKV, rotary; ``post_attention``: o_proj, residual, norm, MLP, residual)
-    compiled once for all layers with a symbolic token count, for prefill and mixed steps
-    (attention between them stays eager: its per-sequence loop depends on the step's
+    compiled with a symbolic token count, once for all layers of the same
+    :func:`layer_signature` (one graph per half for a uniform model), for prefill and mixed
+    steps (attention between them stays eager: its per-sequence loop depends on the step's
     lengths). Inductor fuses the bfloat16 elementwise work that takes ~35% of an eager
     prefill step. Installed as the model's ``layer_stages``.
 
@@ -147,34 +168,43 @@ class CompiledLayerStages:
 
     def __init__(self, model):
         self.model = model
-        self.pre_fn = _compile(_pre_attention)
-        self.post_fn = _compile(_post_attention)
+        #: ``id(layer)`` -> its signature's ``(pre, post)`` compiled functions
+        self.fns: dict[int, tuple] = {}
         #: stage calls run compiled (``calls.compiled``) or eagerly because their shapes
         #: needed a graph not built at warm-up (``calls.eager``)
         self.calls = _CompiledOrEager("a layer stage", "tokens")
 
     def warmup(self) -> None:
-        """Compile both halves on layer 0 with a dummy 16-token input (no KV cache involved)."""
+        """Compile both halves on the first layer of each signature with a dummy 16-token
+        input (no KV cache involved)."""
         model = self.model
         t = 16
-        x = torch.zeros(t, model.cfg.hidden_size, dtype=model.dtype)
-        cos, sin = model.rope.cos_sin(torch.arange(t))
-        for v in (x, cos, sin):
-            torch._dynamo.mark_dynamic(v, 0)
-        layer = model.layers[0]
-        q, _, _ = self.pre_fn(layer, (cos, sin), x)
-        o = torch.zeros_like(q)
-        torch._dynamo.mark_dynamic(o, 0)
-        self.post_fn(layer, x, o)
+        by_sig: dict[tuple, tuple] = {}
+        for i, layer in enumerate(model.layers):
+            sig = layer_signature(layer)
+            if sig not in by_sig:
+                fns = by_sig[sig] = (_compile(_pre_attention), _compile(_post_attention))
+                x = torch.zeros(t, model.cfg.hidden_size, dtype=model.dtype)
+                cos, sin = model.rope.cos_sin(torch.arange(t))
+                for v in (x, cos, sin):
+                    torch._dynamo.mark_dynamic(v, 0)
+                q, _, _ = fns[0](layer, (cos, sin), x)
+                o = torch.zeros_like(q)
+                torch._dynamo.mark_dynamic(o, 0)
+                fns[1](layer, x, o)
+            self.fns[id(layer)] = by_sig[sig]
+        if len(by_sig) > 1:
+            logger.info("torch.compile: layer stages for %d kinds of decoder layers", len(by_sig))
         model.layer_stages = (self.pre, self.post)
         model.layer_stages_min_tokens = LAYER_STAGES_MIN_TOKENS
 
     def pre(self, layer, rope_cs, x):
-        return self.calls(lambda: self.pre_fn(layer, rope_cs, x), lambda: _pre_attention(layer, rope_cs, x),
-                           x.shape[0])
+        fn = self.fns[id(layer)][0]
+        return self.calls(lambda: fn(layer, rope_cs, x), lambda: _pre_attention(layer, rope_cs, x), x.shape[0])
 
     def post(self, layer, x, o):
-        return self.calls(lambda: self.post_fn(layer, x, o), lambda: _post_attention(layer, x, o), x.shape[0])
+        fn = self.fns[id(layer)][1]
+        return self.calls(lambda: fn(layer, x, o), lambda: _post_attention(layer, x, o), x.shape[0])
 
 
 def _decode_step(model, input_ids, positions, kv_caches, meta):
