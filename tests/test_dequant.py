@@ -25,6 +25,7 @@ from .test_q8_0 import _raw, _reference
 from .test_quantization import _gguf_dequantize, _raw_blocks
 
 pytestmark = pytest.mark.skipif(dequant.kernel() is None, reason="needs a C++ compiler")
+_INT4PACK_BLOCK = dequant.int4pack_block
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -48,6 +49,26 @@ def test_int4_dequantization_equals_the_gguf_dequantizer(type_name):
     got = dequant.int4_dequantize(dequant.pack_nibbles(w.q), sz, w.group_size)
     np.testing.assert_allclose(got.float().numpy(), ref, rtol=0, atol=float(np.abs(ref).max()) * 2**-7)
     assert torch.equal(_bits(got), _bits(w.dequantize(torch.bfloat16, kernel_rounding=True)))
+
+
+@pytest.mark.parametrize("n", [64, 96, 160, 576])
+def test_pytorchs_packed_int4_weight_is_read_directly(n):
+    """The kernel reads PyTorch's own packed int4 weight (no second copy of the
+    integers): this PyTorch's layout is the one :func:`dequant.torch_int4pack_model`
+    describes (whole row blocks and, for 96 and 160 rows, a last partial block), and
+    dequantizing it gives the nibble layout's bits, whole and by row blocks. Fails when a
+    PyTorch upgrade changes the layout (layers would then keep the nibbles again)."""
+    block = dequant.int4pack_block()
+    assert block in (64, 32), "PyTorch's CPU int4 layout is not the one the kernel reads"
+    w, _ = _int4("Q4_K", n, 512, seed=n)
+    packed, sz = pack(w, torch.bfloat16)
+    assert np.array_equal(packed.view(-1).numpy(), dequant.torch_int4pack_model(w.q, block))
+    want = dequant.int4_dequantize(dequant.pack_nibbles(w.q), sz, w.group_size)
+    assert torch.equal(_bits(dequant.int4pack_dequantize(packed, sz, w.group_size, block)), _bits(want))
+    for n0 in range(0, n, block):
+        n1 = min(n, n0 + block)
+        part = dequant.int4pack_dequantize(packed, sz, w.group_size, block, rows=(n0, n1))
+        assert torch.equal(_bits(part), _bits(want[n0:n1]))
 
 
 @pytest.mark.parametrize("type_name", q8_0.TYPES)
@@ -85,6 +106,14 @@ def test_the_portable_build_gives_the_same_bits(tmp_path, monkeypatch):
     assert lib.argosy_int4_dequant(dequant.pack_nibbles(w.q).data_ptr(), sz.data_ptr(), 32, 64, 256, 16, 64,
                                    out.data_ptr()) == 0
     assert torch.equal(_bits(out), _bits(w.dequantize(torch.bfloat16)[16:]))
+    for n, block in ((96, 64), (96, 32), (80, 32)):  # PyTorch's layout, whole and partial blocks
+        w, _ = _int4("Q4_K", n, 256, seed=n)
+        sz = torch.stack([torch.from_numpy(w.scale).t(), torch.from_numpy(w.zero).t()], -1).to(torch.bfloat16)
+        packed = torch.from_numpy(dequant.torch_int4pack_model(w.q, block)).view(n, 128)
+        out = torch.empty(n, 256, dtype=torch.bfloat16)
+        assert lib.argosy_int4pack_dequant(packed.data_ptr(), sz.data_ptr(), w.group_size, n, 256, block, 0, n,
+                                           out.data_ptr()) == 0
+        assert torch.equal(_bits(out), _bits(w.dequantize(torch.bfloat16))), (n, block)
     for type_name in ("Q5_K", "Q6_K", "Q8_0"):
         n, k = 24, 512
         qw = q8_0.Q8Weight.from_gguf(_raw(type_name, n, k, seed=3), (n, k), type_name)
@@ -107,6 +136,13 @@ def test_bad_layouts_are_refused():
         dequant.int4_dequantize(dequant.pack_nibbles(w.q), sz, 64)  # the scales are per 32
     with pytest.raises(ValueError, match="multiple of 32"):
         dequant.pack_nibbles(np.zeros((4, 48), dtype=np.uint8))
+    w96, _ = _int4("Q4_0", 96, 64)
+    packed96, sz96 = pack(w96, torch.bfloat16)
+    for bad_rows in ((32, 96), (0, 48)):  # PyTorch's layout: row ranges start on a block, end on one or at N
+        with pytest.raises(ValueError, match="do not match"):
+            dequant.int4pack_dequantize(packed96, sz96, 32, 64, rows=bad_rows)
+    with pytest.raises(ValueError, match="do not match"):
+        dequant.int4pack_dequantize(packed96, sz96, 32, 48)  # not a block of the layout
     with pytest.raises(ValueError, match="do not match"):
         dequant.int8_dequantize(torch.zeros(4, 8, dtype=torch.int8), torch.ones(3, dtype=torch.bfloat16))
     # the kernels write through raw pointers: a wrong output buffer is refused, not overrun
@@ -122,8 +158,11 @@ def test_bad_layouts_are_refused():
         dequant.q8_dequantize(p.w, p.scales.reshape(1, 1, 32), None, 64, 16)  # not a group size of the layout
 
 
-def _layer(parts, monkeypatch, keep: bool) -> Linear:
+def _layer(parts, monkeypatch, keep: bool, nibbles: bool = False) -> Linear:
+    """A layer of ``parts``; ``nibbles``: as where PyTorch's int4 layout is not the one the
+    kernel reads (the integers kept a second time)."""
     monkeypatch.setattr(linear_mod, "DENSE_COPIES", "keep" if keep else "scratch")
+    monkeypatch.setattr(dequant, "int4pack_block", (lambda: 0) if nibbles else _INT4PACK_BLOCK)
     n = sum(p.shape[0] for _, p in parts)
     lin = Linear(n, parts[0][1].shape[1], True, torch.bfloat16, torch.device("cpu"))
     lin.bias.data.copy_(torch.linspace(-1, 1, n))
@@ -135,7 +174,7 @@ def _layer(parts, monkeypatch, keep: bool) -> Linear:
 def _parts(kind: str, k: int = 256) -> list:
     """Quantized parts ``(row start, weight)`` of a layer of each kind (96 rows; q8: 88, its
     last 16-row tile partial)."""
-    if kind.startswith("int4"):
+    if kind.startswith("int4"):  # "int4", "int4-actorder", "int4-nibbles"
         a, _ = _int4("Q4_1", 64, k, seed=1)
         b, _ = _int4("Q4_0", 32, k, seed=2)
         if kind == "int4-actorder":
@@ -150,12 +189,13 @@ def _parts(kind: str, k: int = 256) -> list:
             (64, q8_0.Q8Weight.from_gguf(_raw("Q6_K", 24, k, seed=2), (24, k), "Q6_K"))]  # a partial 16-row tile
 
 
-@pytest.mark.parametrize("kind", ["int4", "int4-actorder", "int8", "q8"])
+@pytest.mark.parametrize("kind", ["int4", "int4-nibbles", "int4-actorder", "int8", "q8"])
 def test_a_weight_larger_than_the_scratch_runs_in_row_blocks(kind, monkeypatch):
     """With the scratch capped at 40 rows' worth, the layer runs in blocks of 32 rows
-    (16-row multiples; the q8 layer's last block 24 rows, a partial tile), each product
-    written into its columns: the same output, bit for bit, as one whole-weight product."""
-    lin = _layer(_parts(kind), monkeypatch, keep=False)
+    (16-row multiples; the q8 layer's last block 24 rows, a partial tile; PyTorch's int4
+    layout in its own row blocks, 64 and a partial 32 with AVX-512), each product written
+    into its columns: the same output, bit for bit, as one whole-weight product."""
+    lin = _layer(_parts(kind), monkeypatch, keep=False, nibbles=kind == "int4-nibbles")
     x = torch.randn(24, 256, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     whole = lin(x)
     monkeypatch.setattr(dequant, "SCRATCH_MAX_ELEMENTS", 40 * 256)
@@ -163,10 +203,12 @@ def test_a_weight_larger_than_the_scratch_runs_in_row_blocks(kind, monkeypatch):
     real = dequant.scratch
     monkeypatch.setattr(dequant, "scratch", lambda n, k: (calls.append(n), real(n, k))[1])
     assert torch.equal(_bits(lin(x)), _bits(whole))
-    assert calls == ([32, 32, 24] if kind == "q8" else [32, 32, 32])
+    block = dequant.int4pack_block()
+    assert calls == ([32, 32, 24] if kind == "q8" else [64, 32] if kind in ("int4", "int4-actorder") and block == 64
+                     else [32, 32, 32])
 
 
-@pytest.mark.parametrize("kind", ["int4", "int4-actorder", "int8", "q8"])
+@pytest.mark.parametrize("kind", ["int4", "int4-nibbles", "int4-actorder", "int8", "q8"])
 def test_large_calls_run_on_the_scratch_and_equal_the_dense_copy(kind, monkeypatch):
     """A quantized CPU layer frees its dense weight once every row arrived (no
     ``process_weights_after_loading`` call needed) and runs calls of more than
@@ -176,8 +218,13 @@ def test_large_calls_run_on_the_scratch_and_equal_the_dense_copy(kind, monkeypat
     still take the packed kernels."""
     k = 256
     parts = _parts(kind, k)
-    lean, kept = _layer(parts, monkeypatch, keep=False), _layer(parts, monkeypatch, keep=True)
+    lean = _layer(parts, monkeypatch, keep=False, nibbles=kind == "int4-nibbles")
+    kept = _layer(parts, monkeypatch, keep=True)
     assert lean.dense_on_demand and lean.weight.numel() == 0
+    if kind.startswith("int4"):  # the integers once (PyTorch's packed weight), or twice where it cannot be read
+        assert (lean.int4_nibbles is not None) == (kind == "int4-nibbles")
+        assert (lean.int4_block == 0) == (kind == "int4-nibbles")
+        assert kept.int4_nibbles is None
     assert not kept.dense_on_demand and kept.weight.shape == (lean.out_features, k)
     assert torch.equal(lean.dense_weight(), kept.weight)  # (as values: a weight of zero may differ in sign)
     gen = torch.Generator().manual_seed(3)
@@ -340,3 +387,39 @@ def test_the_bundled_model_without_dense_copies(make_engine, monkeypatch, caplog
     assert len(prompts) >= 3
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     assert run_to_completion(engines["scratch"], prompts, params) == run_to_completion(engines["keep"], prompts, params)
+
+
+@pytest.mark.parametrize("capability,block", [("avx2", 32), ("default", 0)])
+def test_the_layout_check_follows_pytorchs_cpu_capability(capability, block, tmp_path):
+    """PyTorch packs int4 weights by the CPU capability it runs with: under AVX2 in row
+    blocks of 32, which the kernel reads (a 4-bit layer without a dense copy then holds
+    no nibbles and equals its dense copy); without vector code in another layout, which
+    the check refuses: the layer keeps the nibbles and still computes the same output."""
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import numpy as np, torch\n"
+        "from argosy.runtime.layers import Linear, linear\n"
+        "from argosy.runtime.quantization import dequant\n"
+        "from argosy.runtime.quantization.int4 import Int4Weight\n"
+        "rng = np.random.default_rng(0)\n"
+        "w = Int4Weight(rng.integers(0, 16, (96, 128), dtype=np.uint8), rng.random((96, 4), dtype=np.float32) / 50,\n"
+        "               rng.random((96, 4), dtype=np.float32) / 50 - 0.01, 32)\n"
+        "layers = []\n"
+        "for mode in ('scratch', 'keep'):\n"
+        "    linear.DENSE_COPIES = mode\n"
+        "    lin = Linear(96, 128, False, torch.bfloat16, torch.device('cpu'))\n"
+        "    lin.load_quantized(0, w)\n"
+        "    layers.append(lin)\n"
+        "x = torch.randn(40, 128).to(torch.bfloat16)\n"
+        "assert layers[0].dense_on_demand and torch.equal(layers[0](x), layers[1](x))\n"
+        "print(dequant.int4pack_block(), layers[0].int4_nibbles is not None)\n")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [str(block), str(block == 0)]
+    assert ("not one the dequantization kernel reads" in out.stderr) == (block == 0)

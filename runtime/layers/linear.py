@@ -17,9 +17,11 @@ kernel by the number of rows:
   the memory limit), on the weight dequantized for that call into a per-thread scratch
   matrix (:mod:`..quantization.dequant`, a C++ kernel: 0.13 ms for a 3072 x 576 weight on
   2 cores, against 0.62 ms for the 64-row product it feeds and 8.6 ms for 1,024 rows). A
-  layer without a dense copy keeps the 4-bit integers a second time as nibbles for that
-  kernel (0.5 bytes a weight: PyTorch's packed layout depends on the CPU's vector ISA, so
-  it is not read directly). Measured on whole passes over the bundled model's 120 layers
+  layer without a dense copy keeps no second copy of its 4-bit integers: the kernel reads
+  PyTorch's packed weight itself, whose layout depends on the CPU capability PyTorch runs
+  with and is checked once per process (:func:`..quantization.dequant.int4pack_block`);
+  where it does not match, the integers are kept a second time in the kernel's own layout
+  (0.5 bytes a weight). Measured on whole passes over the bundled model's 120 layers
   (``benchmarks/dense_copies.py``, 2-vCPU VM): the scratch costs 0-4% at 16-2,048 rows
   in some periods and up to 2x at 16-32 rows in others (the scratch written by one core
   and read by the other's GEMM when the vCPUs share no cache), hence ``auto``. A machine
@@ -177,8 +179,13 @@ class Linear(nn.Module):
         self.register_buffer("w4_qweight", None, persistent=False)
         self.register_buffer("w4_scales", None, persistent=False)
         self.register_buffer("w4_zeros", None, persistent=False)
-        #: the 4-bit weight's integers for the CPU dequantization kernel (:func:`..quantization.dequant.pack_nibbles`)
+        #: the 4-bit weight's integers a second time for the CPU dequantization kernel
+        #: (:func:`..quantization.dequant.pack_nibbles`), only where it cannot read
+        #: :attr:`int4_packed` itself (:func:`..quantization.dequant.int4pack_block` is 0)
         self.register_buffer("int4_nibbles", None, persistent=False)
+        #: row block of :attr:`int4_packed`'s layout the dequantization kernel reads (64 or
+        #: 32), or 0 where it reads :attr:`int4_nibbles`
+        self.int4_block = 0
         self.register_buffer("int8_weight", None, persistent=False)
         self.register_buffer("int8_scales", None, persistent=False)
         self.register_buffer("q8_weight", None, persistent=False)
@@ -319,7 +326,9 @@ class Linear(nn.Module):
         self.group_size = whole.group_size
         if whole.perm is not None:
             self.input_perm = torch.as_tensor(whole.perm, dtype=torch.int64, device=self.weight.device)
-        self.int4_nibbles = dequant.pack_nibbles(whole.q)
+        self.int4_block = dequant.int4pack_block()
+        if not self.int4_block:
+            self.int4_nibbles = dequant.pack_nibbles(whole.q)
         self._free_dense_copy()
 
     def _free_dense_copy(self) -> None:
@@ -330,7 +339,7 @@ class Linear(nn.Module):
         keep = self.keep_dense_copy if self.keep_dense_copy is not None else DENSE_COPIES == "keep"
         if keep or self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu" \
                 or dequant.kernel() is None:
-            self.int4_nibbles = None
+            self.int4_nibbles, self.int4_block = None, 0
             return
         self.dense_on_demand = True
         self.weight = nn.Parameter(torch.empty(0, self.in_features, dtype=self.weight.dtype,
@@ -343,8 +352,10 @@ class Linear(nn.Module):
         values its large calls multiply)."""
         if not self.dense_on_demand:
             return self.weight
-        if self.int4_nibbles is not None:
-            w = dequant.int4_dequantize(self.int4_nibbles, self.int4_scales_zeros, self.group_size)
+        if self.int4_packed is not None:
+            w = (dequant.int4pack_dequantize(self.int4_packed, self.int4_scales_zeros, self.group_size, self.int4_block)
+                 if self.int4_block else dequant.int4_dequantize(self.int4_nibbles, self.int4_scales_zeros,
+                                                                 self.group_size))
             return w if self.input_perm is None else torch.empty_like(w).index_copy_(1, self.input_perm, w)
         if self.q8_weight is not None:
             return dequant.q8_dequantize(self.q8_weight, self.q8_scales, self.q8_mins, self.q8_group,
@@ -370,9 +381,10 @@ class Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x, self.int8_weight, self.int8_scales)
             return y if self.bias is None else y + self.bias
         if self.dense_on_demand:
-            if self.int4_nibbles is not None:
-                return torch.ops.argosy.int4_dense_linear(x, self.int4_nibbles, self.int4_scales_zeros,
-                                                          self.group_size, self.input_perm, self.bias)
+            if self.int4_packed is not None:
+                return torch.ops.argosy.int4_dense_linear(
+                    x, self.int4_packed if self.int4_block else self.int4_nibbles, self.int4_scales_zeros,
+                    self.group_size, self.int4_block, self.input_perm, self.bias)
             if self.q8_weight is not None:
                 return torch.ops.argosy.q8_dense_linear(x, self.q8_weight, self.q8_scales, self.q8_mins,
                                                         self.q8_group, self.out_features, self.bias)

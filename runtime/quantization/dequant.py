@@ -26,6 +26,7 @@ layers keep their dense copies, as before.
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 from pathlib import Path
 from typing import Optional
@@ -37,12 +38,16 @@ import torch.nn.functional as F
 from .. import cpu_kernels
 from . import q8_0
 
+logger = logging.getLogger(__name__)
+
 SOURCE = Path(__file__).parent / "csrc" / "dequant.cpp"
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.argosy_int4_dequant.restype = ctypes.c_int
     lib.argosy_int4_dequant.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
+    lib.argosy_int4pack_dequant.restype = ctypes.c_int
+    lib.argosy_int4pack_dequant.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_void_p]
     lib.argosy_int8_dequant.restype = ctypes.c_int
     lib.argosy_int8_dequant.argtypes = [ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p]
     lib.argosy_gather_columns.restype = ctypes.c_int
@@ -139,6 +144,83 @@ def int4_dequantize(nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, group
     return out
 
 
+def torch_int4pack_model(q: np.ndarray, block: int) -> np.ndarray:
+    """What ``_convert_weight_to_int4pack_for_cpu(q, 1)`` returns (flattened ``uint8``)
+    for ``q [N, K]`` in [0, 15] when PyTorch's CPU int4 layout has row blocks of
+    ``block`` (64 with AVX-512, 32 otherwise; ``aten/src/ATen/native/cpu/int4mm_kernel.cpp``):
+    per whole block ``[K, block / 2]`` bytes, byte ``j`` of column ``k`` holding row ``j``
+    (low nibble) and ``j + block / 2`` (high); a last block of ``t < block`` rows
+    ``[K, t / 2]``, byte ``d`` holding rows ``2d`` and ``2d + 1``. A model of PyTorch's
+    layout, for :func:`int4pack_block`'s check and the tests."""
+    n, k = q.shape
+    q = np.asarray(q, dtype=np.uint8)
+    parts = []
+    for b0 in range(0, n, block):
+        blk = q[b0 : b0 + block]
+        t = blk.shape[0]
+        lo, hi = (blk[: t // 2], blk[t // 2 :]) if t == block else (blk[0::2], blk[1::2])
+        parts.append((lo | (hi << 4)).T.reshape(-1))
+    return np.concatenate(parts)
+
+
+_INT4PACK_BLOCK: Optional[int] = None
+
+
+def int4pack_block() -> int:
+    """The row block of PyTorch's CPU int4 layout in this process (64 or 32), or 0 when
+    the layout is not one :func:`int4pack_dequantize` reads (another PyTorch version or
+    CPU capability) or the kernel is not built: then layers keep their integers a second
+    time in :func:`pack_nibbles`' layout. Checked once per process: a ``[176, 64]``
+    weight (whole blocks and a tail under either block size) packed by PyTorch against
+    :func:`torch_int4pack_model`, then dequantized by the C++ kernel against the integers."""
+    global _INT4PACK_BLOCK
+    if _INT4PACK_BLOCK is None:
+        _INT4PACK_BLOCK = 0
+        if kernel() is not None:
+            q = np.random.default_rng(0).integers(0, 16, size=(176, 64), dtype=np.uint8)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.from_numpy(q.astype(np.int32)), 1)
+            flat = packed.contiguous().view(-1).numpy()
+            for block in (64, 32):
+                if np.array_equal(flat, torch_int4pack_model(q, block)):
+                    sz = torch.zeros(2, 176, 2, dtype=torch.bfloat16)
+                    sz[..., 0] = 1.0
+                    w = int4pack_dequantize(packed, sz, 32, block)
+                    if torch.equal(w, torch.from_numpy(q.astype(np.float32) - 8.0).to(torch.bfloat16)):
+                        _INT4PACK_BLOCK = block
+                    break
+            if not _INT4PACK_BLOCK:
+                logger.warning("PyTorch %s's packed int4 layout (CPU capability %s) is not one the dequantization "
+                               "kernel reads: 4-bit layers without dense copies keep their integers a second time "
+                               "(0.5 bytes a weight)", torch.__version__, torch.backends.cpu.get_cpu_capability())
+    return _INT4PACK_BLOCK
+
+
+def int4pack_dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int, block: int,
+                        out: Optional[torch.Tensor] = None, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """:func:`int4_dequantize` from PyTorch's own packed int4 weight ``packed [N, K // 2]
+    uint8`` (:func:`..int4.pack`), whose layout has row blocks of ``block``
+    (:func:`int4pack_block`); ``rows`` must start on a block and end on one or at ``N``.
+
+    Raises:
+        ValueError: shapes, dtypes, group size, block or row range that do not match.
+        RuntimeError: the kernel is not built.
+    """
+    n, k2 = packed.shape
+    k = 2 * k2
+    n0, n1 = rows or (0, n)
+    if (packed.dtype != torch.uint8 or scales_and_zeros.dtype != torch.bfloat16 or group_size % 32 or k % group_size
+            or block <= 0 or block % 32 or n % 2 or n0 % block or (n1 % block and n1 != n)
+            or tuple(scales_and_zeros.shape) != (k // group_size, n, 2) or not packed.is_contiguous()
+            or not scales_and_zeros.is_contiguous() or not 0 <= n0 <= n1 <= n):
+        raise ValueError(f"int4pack_dequantize: packed {tuple(packed.shape)} {packed.dtype}, scales_and_zeros "
+                         f"{tuple(scales_and_zeros.shape)} {scales_and_zeros.dtype}, group {group_size}, block "
+                         f"{block}, rows {rows} do not match")
+    out = _out(out, n1 - n0, k, packed, scales_and_zeros)
+    _lib().argosy_int4pack_dequant(packed.data_ptr(), scales_and_zeros.data_ptr(), group_size, n, k, block, n0, n1,
+                                   out.data_ptr())
+    return out
+
+
 def gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
     """``x[:, perm]`` for ``x [M, K]`` bfloat16/float16 and ``perm [K] int64`` (a GPTQ
     act-order layer's column order); several times faster than ``index_select`` on
@@ -200,21 +282,21 @@ def q8_dequantize(w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Te
 
 # ------------------------------------------------------------------------- the torch ops
 _LIBRARY = torch.library.Library("argosy", "FRAGMENT")
-_LIBRARY.define("int4_dense_linear(Tensor x, Tensor nibbles, Tensor scales_and_zeros, int group_size, "
+_LIBRARY.define("int4_dense_linear(Tensor x, Tensor q, Tensor scales_and_zeros, int group_size, int block, "
                 "Tensor? perm, Tensor? bias) -> Tensor")
 _LIBRARY.define("int8_dense_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias) -> Tensor")
 _LIBRARY.define("q8_dense_linear(Tensor x, Tensor w, Tensor scales, Tensor? mins, int group_size, int n, "
                 "Tensor? bias) -> Tensor")
 
 
-def _dense_linear(x: torch.Tensor, n: int, k: int, bias: Optional[torch.Tensor], fill) -> torch.Tensor:
+def _dense_linear(x: torch.Tensor, n: int, k: int, bias: Optional[torch.Tensor], fill, align: int = 16) -> torch.Tensor:
     """``y [M, n] = x @ W.T (+ bias)`` with ``fill(n0, n1, out)`` writing rows ``[n0, n1)``
     of ``W`` into ``out [n1 - n0, k]``: the whole weight in the scratch, or row blocks of
-    at most :data:`SCRATCH_MAX_ELEMENTS` (multiples of 16 rows), each product written into
-    its columns of ``y``."""
+    at most :data:`SCRATCH_MAX_ELEMENTS` (multiples of ``align`` rows, a multiple of 16),
+    each product written into its columns of ``y``."""
     if n * k <= SCRATCH_MAX_ELEMENTS:
         return F.linear(x, fill(0, n, scratch(n, k)), bias)
-    step = max(16, SCRATCH_MAX_ELEMENTS // k // 16 * 16)
+    step = max(align, SCRATCH_MAX_ELEMENTS // k // align * align)
     y = x.new_empty(x.shape[0], n)
     for n0 in range(0, n, step):
         n1 = min(n, n0 + step)
@@ -222,14 +304,20 @@ def _dense_linear(x: torch.Tensor, n: int, k: int, bias: Optional[torch.Tensor],
     return y
 
 
-def int4_dense_linear(x: torch.Tensor, nibbles: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
-                      perm: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
+def int4_dense_linear(x: torch.Tensor, q: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                      block: int, perm: Optional[torch.Tensor], bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``y [M, N] = x[:, perm] @ W.T (+ bias)`` with ``W`` dequantized into the scratch
-    (:func:`int4_dequantize`; ``perm`` the act-order column order, or None); ``x [M, K]``
-    bfloat16."""
-    n, k = nibbles.shape[0], 2 * nibbles.shape[1]
-    return _dense_linear(x if perm is None else gather_columns(x, perm), n, k, bias,
-                         lambda n0, n1, out: int4_dequantize(nibbles, scales_and_zeros, group_size, out, (n0, n1)))
+    from ``q [N, K // 2] uint8``: PyTorch's packed int4 weight with row blocks of
+    ``block`` (:func:`int4pack_dequantize`), or with ``block = 0`` :func:`pack_nibbles`'
+    layout (:func:`int4_dequantize`); ``perm`` the act-order column order, or None;
+    ``x [M, K]`` bfloat16."""
+    n, k = q.shape[0], 2 * q.shape[1]
+    xp = x if perm is None else gather_columns(x, perm)
+    if block:
+        return _dense_linear(xp, n, k, bias, lambda n0, n1, out: int4pack_dequantize(
+            q, scales_and_zeros, group_size, block, out, (n0, n1)), align=block)
+    return _dense_linear(xp, n, k, bias,
+                         lambda n0, n1, out: int4_dequantize(q, scales_and_zeros, group_size, out, (n0, n1)))
 
 
 def int8_dense_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
@@ -257,8 +345,8 @@ _LIBRARY.impl("q8_dense_linear", q8_dense_linear, "CPU")
 
 
 @torch.library.register_fake("argosy::int4_dense_linear")
-def _(x, nibbles, scales_and_zeros, group_size, perm, bias):
-    return x.new_empty(x.shape[0], nibbles.shape[0])
+def _(x, q, scales_and_zeros, group_size, block, perm, bias):
+    return x.new_empty(x.shape[0], q.shape[0])
 
 
 @torch.library.register_fake("argosy::int8_dense_linear")

@@ -94,8 +94,9 @@ _QUANTIZED_BUFFERS = {"int4_packed": "int4", "int4_scales_zeros": "int4", "input
 
 def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
     """Bytes of ``model``'s parameters and buffers by the format they are held in
-    (this rank's shard): ``int4`` (packed weights, the nibbles the CPU dequantization
-    kernel reads, scales and zeros, act-order permutations), ``grouped int8`` (with its scales and offsets, including the LM head's
+    (this rank's shard): ``int4`` (packed weights, scales and zeros, act-order permutations, and
+    where the CPU dequantization kernel cannot read PyTorch's packed layout the second copy
+    of the integers it reads), ``grouped int8`` (with its scales and offsets, including the LM head's
     ``logits_q8``), ``int8``, ``fp8`` (FP8 weights on ``_scaled_mm`` and their scales),
     ``<dtype> dense copies`` (dense weights kept beside a quantized one for large batches:
     ``ARGOSY_CPU_DENSE_COPIES=auto`` for a model whose copies are small next to the memory
@@ -130,6 +131,24 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
     return out
 
 
+def release_freed_heap() -> bool:
+    """Hand the C heap's free memory back to the system (glibc ``malloc_trim(0)``), after
+    loading: the checkpoint's decoded tensors, freed layer by layer, leave freed chunks
+    the allocator keeps, ~80-140 MiB of resident memory for the bundled model on the CPU
+    (the README's "Memory"). Returns whether it ran (False where the C library is not
+    glibc); never raises."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True
+
+
 def build_shard(spec: ModelSpec, checkpoint: Checkpoint, tp: TPGroup, device: torch.device
                 ) -> tuple[LlamaForCausalLM, int, int]:
     """Build rank ``tp.rank``'s model shard and size its KV cache.
@@ -144,6 +163,7 @@ def build_shard(spec: ModelSpec, checkpoint: Checkpoint, tp: TPGroup, device: to
     model.online_quantization = online_quantization(spec.args.quantization, checkpoint.config.quantization)
     model.kv_cache_dtype = spec.kv_cache_dtype  # (a checkpoint's FP8 KV-cache scales apply to E4M3 only)
     model.load_weights(checkpoint.weights(model.shard_for, int4=model.uses_int4))
+    release_freed_heap()
     # parameters plus buffers (packed int4 weights, rotary tables) plus the Q8_0 LM head
     model.weight_bytes_by_format = weight_bytes_by_format(model)
     weight_bytes = sum(model.weight_bytes_by_format.values())

@@ -16,6 +16,19 @@
 //                         q: [N][K / 2] bytes; in every 32-column chunk c, byte 16c + j
 //                         holds column 32c + j in its low nibble and 32c + 16 + j in its
 //                         high nibble (argosy.runtime.quantization.int4.pack_nibbles).
+//   argosy_int4pack_dequant
+//                         the same rows from PyTorch's CPU int4 weight itself (the output of
+//                         _convert_weight_to_int4pack_for_cpu, aten/src/ATen/native/cpu/
+//                         int4mm_kernel.cpp), so a layer needs no second copy of its
+//                         integers: rows in blocks of B (64 where PyTorch dispatched to
+//                         AVX-512, 32 otherwise), block b at byte b * B * K / 2; a whole
+//                         block is [K][B / 2] bytes, byte j of column k holding row j in its
+//                         low nibble and row j + B / 2 in its high one; a last block of
+//                         t < B rows is [K][t / 2], byte d holding rows 2d (low) and 2d + 1
+//                         (high). The layout is PyTorch's internal one and depends on the CPU
+//                         capability it runs with, so the caller checks it once per process
+//                         (argosy.runtime.quantization.dequant.int4pack_block) and uses
+//                         argosy_int4_dequant's own layout where it does not match.
 //   argosy_int8_dequant   W[n, k] = q[n, k] * s[n], q int8 [N][K], s bfloat16 [N] (the
 //                         scales PyTorch's _weight_int8pack_mm reads; exact product).
 //   argosy_q8_dequant     W[n, k] = q[n, k] * d (+ m), the grouped int8 tiled layout of
@@ -26,9 +39,11 @@
 //   argosy_gather_columns out[m][j] = x[m][perm[j]] for x [M][K] 16-bit values: a GPTQ
 //                         act-order layer's input in the order of its stored columns.
 //
-// OpenMP over rows (tiles of 16 for the grouped layout). Return 0, or 1 when K is not a
-// multiple of the group size (and of 32 for int4), the group size is not a multiple of 32
-// (int4) or 16 (grouped int8), or the row range is not inside [0, N).
+// OpenMP over rows (tiles of 16 for the grouped layout, half-blocks of 16 x 2 rows for
+// PyTorch's int4 layout). Return 0, or 1 when K is not a multiple of the group size (and
+// of 32 for int4), the group size is not a multiple of 32 (int4) or 16 (grouped int8), or
+// the row range is not inside [0, N) (and, for PyTorch's layout, does not start on a block
+// or end on one or at N, or B is not a multiple of 32).
 
 #include <stdint.h>
 #include <string.h>
@@ -137,6 +152,69 @@ extern "C" int argosy_int4_dequant(const uint8_t* q, const uint16_t* sz, int64_t
         for (int j = 0; j < 16; j++) {
           oc[j] = to_bf16((float)((int)(b[j] & 15) - 8) * s + z);
           oc[j + 16] = to_bf16((float)((int)(b[j] >> 4) - 8) * s + z);
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+extern "C" int argosy_int4pack_dequant(const uint8_t* p, const uint16_t* sz, int64_t G, int64_t N, int64_t K,
+                                       int64_t B, int64_t n0, int64_t n1, uint16_t* out) {
+  if (G <= 0 || K % G || K % 32 || G % 32 || B <= 0 || B % 32 || N % 2 || n0 < 0 || n1 > N || n0 > n1 || n0 % B
+      || (n1 % B && n1 != N))
+    return 1;
+  const int64_t H = B / 2, b0 = n0 / B, b1 = (n1 + B - 1) / B, units = (b1 - b0) * (H / 16);
+  // unit u: block b0 + u / (H / 16), rows jh..jh+15 and H+jh..H+jh+15 of it (jh = 16 (u % (H / 16)));
+  // a last block of fewer than B rows is done whole by its first unit
+#pragma omp parallel for schedule(static)
+  for (int64_t u = 0; u < units; u++) {
+    const int64_t b = b0 + u / (H / 16), jh = 16 * (u % (H / 16));
+    const int64_t rows = N - b * B < B ? N - b * B : B;
+    const uint8_t* pb = p + b * B * (K / 2);
+    uint16_t* ob = out + (b * B - n0) * K;
+    if (rows < B) {
+      if (jh) continue;
+      const int64_t t2 = rows / 2;
+      for (int64_t r = 0; r < rows; r++) {
+        const int64_t n = b * B + r;
+        const int shift = (r & 1) * 4;
+        for (int64_t k = 0; k < K; k++) {
+          const int64_t i = ((k / G) * N + n) * 2;
+          const int q = (pb[k * t2 + r / 2] >> shift) & 15;
+          ob[r * K + k] = to_bf16((float)(q - 8) * from_bf16(sz[i]) + from_bf16(sz[i + 1]));
+        }
+      }
+      continue;
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {  // 16 columns, inside one group (G a multiple of 32)
+      const uint16_t* szg = sz + (k0 / G) * N * 2;
+#ifdef ARGOSY_DEQUANT_AVX512
+      __m128i cols[16], rws[16];
+      for (int i = 0; i < 16; i++) cols[i] = _mm_loadu_si128((const __m128i*)(pb + (k0 + i) * H + jh));
+      transpose16x16(cols, rws);  // rws[r]: byte r of the 16 columns (rows jh + r and H + jh + r)
+      const __m512i eight = _mm512_set1_epi32(8);
+      for (int r = 0; r < 16; r++) {
+        const __m512i v = _mm512_cvtepu8_epi32(rws[r]);
+        const int64_t lo = jh + r, hi = H + jh + r;
+        const __m512 flo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), eight));
+        const __m512 fhi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight));
+        const uint16_t *slo = szg + (b * B + lo) * 2, *shi = szg + (b * B + hi) * 2;
+        _mm256_storeu_si256((__m256i*)(ob + lo * K + k0), bf16x16(_mm512_fmadd_ps(
+            flo, _mm512_set1_ps(from_bf16(slo[0])), _mm512_set1_ps(from_bf16(slo[1])))));
+        _mm256_storeu_si256((__m256i*)(ob + hi * K + k0), bf16x16(_mm512_fmadd_ps(
+            fhi, _mm512_set1_ps(from_bf16(shi[0])), _mm512_set1_ps(from_bf16(shi[1])))));
+      }
+      continue;
+#endif
+      for (int r = 0; r < 16; r++) {
+        const int64_t lo = jh + r, hi = H + jh + r;
+        const uint16_t *slo = szg + (b * B + lo) * 2, *shi = szg + (b * B + hi) * 2;
+        const float sl = from_bf16(slo[0]), zl = from_bf16(slo[1]), sh = from_bf16(shi[0]), zh = from_bf16(shi[1]);
+        for (int i = 0; i < 16; i++) {
+          const uint8_t byte = pb[(k0 + i) * H + lo];
+          ob[lo * K + k0 + i] = to_bf16((float)((int)(byte & 15) - 8) * sl + zl);
+          ob[hi * K + k0 + i] = to_bf16((float)((int)(byte >> 4) - 8) * sh + zh);
         }
       }
     }
