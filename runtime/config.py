@@ -98,6 +98,9 @@ class ModelConfig:
     architecture: str = "LlamaForCausalLM"
     #: the checkpoint's own quantization method (``gguf``, ``compressed-tensors``, ``awq``, ``gptq``), None if dense
     quantization: Optional[str] = None
+    #: whether that method quantizes only the KV cache (a compressed-tensors ``kv_cache_scheme``
+    #: with dense weights): ``--quantization fp8`` may then quantize the weights at load
+    kv_cache_only_quantization: bool = False
 
 
 @dataclass

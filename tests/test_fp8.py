@@ -456,6 +456,27 @@ def test_checkpoint_kv_scales_with_an_fp8_kv_cache(kv_scaled_dir, checkpoint, hf
     assert (plain - dense).abs().max().item() < 1e-3
 
 
+def test_online_fp8_weights_with_the_checkpoints_kv_scales(kv_scaled_dir, checkpoint, oracle):
+    """A checkpoint whose compressed-tensors config quantizes only the KV cache takes
+    ``--quantization fp8`` (vLLM refuses it as a method mismatch): the weights are
+    quantized at load and the checkpoint's KV scales still apply, so float32 logits equal
+    HF's model with compressed-tensors' FP8 weights and its FP8 keys and values, within
+    1e-3. Another method is still refused, naming both."""
+    from argosy.runtime.config import EngineArgs
+    from argosy.runtime.core.engine import LLMEngine
+
+    path, scales = kv_scaled_dir
+    ids = checkpoint.tokenizer.encode(PROMPT * 2)
+    ours, model = _our_logits(path, ids, "float32", quantization="fp8", kv_cache_dtype="fp8")
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear"]
+    assert layers and all(m.fp8_dense for m in layers)
+    assert [layer.self_attn.kv_scales for layer in model.layers] == [scales[i] for i in range(len(model.layers))]
+    ref = _hf_with_kv(oracle, ids, scales)
+    assert (ours - ref).abs().max().item() < 1e-3
+    with pytest.raises(ValueError, match="--quantization awq does not match .* compressed-tensors"):
+        LLMEngine(EngineArgs(model=path, quantization="awq", max_model_len=128, kv_cache_memory=8 << 20))
+
+
 @pytest.mark.parametrize("scales", [(1.0, 1.0), (0.0195, 0.00134), (2.0, 0.125)])
 def test_kv_scales_fold_around_the_attention(scales):
     """One attention layer over an E4M3 paged cache (two blocks, GQA 9/3 heads, a causal

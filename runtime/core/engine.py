@@ -89,7 +89,10 @@ def check_quantization(requested: Optional[str], checkpoint: Checkpoint) -> None
     same method is fine; another method on a quantized checkpoint is refused naming both
     (no double quantization); ``fp8`` on a float Hugging Face checkpoint quantizes its
     linear layers at load (online FP8, :mod:`argosy.runtime.quantization.fp8`); another
-    method on a float checkpoint is refused (it needs a checkpoint quantized that way).
+    method on a float checkpoint is refused (it needs a checkpoint quantized that way). A
+    checkpoint whose method quantizes only the KV cache (a compressed-tensors
+    ``kv_cache_scheme`` with dense weights) takes ``fp8`` too: its weights are quantized at
+    load and its KV-cache scales still apply (vLLM refuses this combination).
 
     Raises:
         ValueError: one line saying which and what to do.
@@ -98,7 +101,8 @@ def check_quantization(requested: Optional[str], checkpoint: Checkpoint) -> None
         return
     requested = QUANTIZATION_ALIASES.get(requested, requested)
     own = checkpoint.config.quantization
-    if own is not None and requested != own:
+    if own is not None and requested != own and not (
+            requested in ONLINE_METHODS and checkpoint.config.kv_cache_only_quantization):
         raise ValueError(f"--quantization {requested} does not match {checkpoint.path}, which is already quantized "
                          f"with {own}: drop the flag or pass --quantization {own}")
     if requested not in QUANTIZATION_METHODS + ONLINE_METHODS:

@@ -77,7 +77,7 @@ def read_config(path: Path) -> ModelConfig:
     """
     cfg_path = path / "config.json"
     c = _config_json(path)
-    quant_scheme(path, c)  # refuses what cannot be served, before anything else is read
+    scheme = quant_scheme(path, c)  # refuses what cannot be served, before anything else is read
     archs = c.get("architectures") or []
     if not (set(archs) & set(SUPPORTED_HF_ARCHITECTURES)) and c.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise ModelLoadError(
@@ -111,6 +111,7 @@ def read_config(path: Path) -> ModelConfig:
             architecture=(archs or ["LlamaForCausalLM"])[0],
             quantization=(str(c["quantization_config"].get("quant_method")).lower()
                           if isinstance(c.get("quantization_config"), dict) else None),
+            kv_cache_only_quantization=isinstance(c.get("quantization_config"), dict) and scheme is None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ModelLoadError(f"{cfg_path}: missing or invalid field {e}") from None
