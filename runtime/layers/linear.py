@@ -69,6 +69,7 @@ from torch import nn
 
 from ..quantization import dequant
 from ..quantization import int4 as int4_mod
+from ..quantization import int8 as int8_mod
 from ..quantization import fp8 as fp8_mod
 from ..quantization import q8_0
 from ..quantization.fp8 import Fp8Weight
@@ -187,7 +188,12 @@ class Linear(nn.Module):
         #: 32), or 0 where it reads :attr:`int4_nibbles`
         self.int4_block = 0
         self.register_buffer("int8_weight", None, persistent=False)
+        #: ``[N]``: bfloat16 for ``_weight_int8pack_mm`` (weight-only), float32 for a W8A8 layer
         self.register_buffer("int8_scales", None, persistent=False)
+        #: whether the layer quantizes its input to int8 per token (a W8A8 checkpoint:
+        #: :func:`..quantization.int8.w8a8_linear` on the CPU in bfloat16, else its dense
+        #: weight after :func:`..quantization.int8.fake_quantize_per_token`)
+        self.int8_activations = False
         self.register_buffer("q8_weight", None, persistent=False)
         self.register_buffer("q8_scales", None, persistent=False)
         self.register_buffer("q8_mins", None, persistent=False)
@@ -293,9 +299,15 @@ class Linear(nn.Module):
                 self._free_dense_copy()
             return
         if isinstance(ordered[0], Int8Weight):
+            whole8 = Int8Weight.cat(ordered)
+            self.int8_activations = whole8.dynamic_activations
             if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu":
-                whole8 = Int8Weight.cat(ordered)
                 self.int8_weight = whole8.q.contiguous().to(self.weight.device)
+                if self.int8_activations:  # every call runs _int_mm: no dense weight at all
+                    self.int8_scales = whole8.scale.to(self.weight.device, torch.float32).contiguous()
+                    self.weight = nn.Parameter(torch.empty(0, self.in_features, dtype=self.weight.dtype,
+                                                           device=self.weight.device), requires_grad=False)
+                    return
                 self.int8_scales = whole8.scale.to(torch.bfloat16).to(self.weight.device)
                 self._free_dense_copy()
             return
@@ -350,6 +362,8 @@ class Linear(nn.Module):
         layer's own order: :attr:`weight`, or for a layer that keeps no dense copy
         (:attr:`dense_on_demand`) its quantized weight dequantized into a new tensor (the
         values its large calls multiply)."""
+        if self.int8_activations and self.int8_weight is not None:
+            return (self.int8_weight.float() * self.int8_scales[:, None]).to(self.weight.dtype)
         if not self.dense_on_demand:
             return self.weight
         if self.int4_packed is not None:
@@ -369,6 +383,10 @@ class Linear(nn.Module):
             y = _triton_w4a16.matmul(x, self.w4_qweight, self.w4_scales, self.w4_zeros, self.group_size,
                                     self.input_perm)
             return y if self.bias is None else y + self.bias
+        if self.int8_activations:
+            if self.int8_weight is not None:
+                return int8_mod.w8a8_linear(x, self.int8_weight, self.int8_scales, self.bias)
+            return F.linear(int8_mod.fake_quantize_per_token(x), self.weight, self.bias)
         if self.int4_packed is not None and x.shape[0] <= INT4_MAX_ROWS:
             xp = x if self.input_perm is None else x.index_select(1, self.input_perm)
             y = int4_mod.matmul(xp, self.int4_packed, self.int4_scales_zeros, self.group_size)

@@ -13,7 +13,7 @@ from ..config import ModelConfig
 from .base import Checkpoint, ModelLoadError, narrow, ShardFn, SUPPORTED_HF_ARCHITECTURES, SUPPORTED_MODEL_TYPES
 from ..quantization import fp8, gptq_awq
 from ..quantization.base import UnsupportedQuantization
-from ..quantization.compressed_tensors import (Int8WeightScheme, Scheme as CTScheme, complete, decode,
+from ..quantization.compressed_tensors import (W8A8_ACTIVATIONS, Int8WeightScheme, Scheme as CTScheme, complete, decode,
                                                dequantize_8bit, int8_weight, parse_config, quantized_part)
 from ..quantization.fp8 import Fp8Weight
 from ..quantization.int4 import Int4Weight
@@ -143,11 +143,13 @@ def _packed_layer(path: Path, module: str, parts: dict, scheme: Scheme, shard_fo
             return name, w if int4 else w.dequantize(torch.float32)
         if isinstance(scheme, (gptq_awq.AWQScheme, gptq_awq.GPTQScheme)):
             return name, _awq_gptq_layer(parts, scheme, shard_for(name) if shard_for else None, int4)
-        if isinstance(scheme, Int8WeightScheme):  # weight-only (see the quantization module's doc)
+        if isinstance(scheme, Int8WeightScheme):
             shard = shard_for(name) if shard_for else None
-            if int4 and (scheme.format != "float-quantized" or
-                         (scheme.symmetric and parts["weight"].dtype == torch.float8_e4m3fn)):
-                w8 = int8_weight(parts) if scheme.format != "float-quantized" else \
+            w8a8 = scheme.format != "float-quantized" and scheme.symmetric and scheme.activations == W8A8_ACTIVATIONS
+            if w8a8 or (int4 and (scheme.format != "float-quantized" or
+                                  (scheme.symmetric and parts["weight"].dtype == torch.float8_e4m3fn))):
+                # (a W8A8 layer comes as int8 at every dtype: its activations are quantized too)
+                w8 = int8_weight(parts, w8a8) if scheme.format != "float-quantized" else \
                     Fp8Weight.from_checkpoint(parts["weight"], parts["weight_scale"],
                                               dynamic_activations=scheme.activations is not None)
                 return name, _take(w8, shard)
@@ -283,6 +285,10 @@ def load_hf_dir(path: str, tokenizer_path: str | None = None, with_tokenizer: bo
                            "FP8 activations on GPUs that take row-wise scales, elsewhere weight-only (dense on the "
                            "FP8 values; its %s activation quantization is not applied there)", p.name,
                            scheme.activations)
+    elif isinstance(scheme, Int8WeightScheme) and scheme.symmetric and scheme.activations == W8A8_ACTIVATIONS:
+        logger.info("%s: compressed-tensors W8A8 checkpoint: int8 weights and dynamic per-token int8 activations "
+                    "(torch._int_mm on the CPU in bfloat16; elsewhere the weights run dense on their int8 values, "
+                    "the activations quantized the same way)", p.name)
     elif isinstance(scheme, Int8WeightScheme):
         logger.warning("%s: compressed-tensors %s checkpoint served weight-only (int8 weights on the CPU in "
                        "bfloat16: _weight_int8pack_mm for small batches; otherwise dequantized at load)%s", p.name,

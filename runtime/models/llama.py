@@ -545,7 +545,8 @@ class LlamaForCausalLM(nn.Module):
         self._set_kv_scales(kv_scales)
         self.process_weights_after_loading()
         note = getattr(self, "_dense_copies_note", None)
-        quantized = [m for m in self.modules() if isinstance(m, Linear) and (m.is_int4 or m.is_int8 or m.is_q8)]
+        quantized = [m for m in self.modules() if isinstance(m, Linear)
+                     and (m.is_int4 or (m.is_int8 and not m.int8_activations) or m.is_q8)]
         if note and quantized:
             lean = sum(m.dense_on_demand for m in quantized)
             logger.info("%d of %d quantized linear layers keep a dense copy for steps of more than %d rows, the "

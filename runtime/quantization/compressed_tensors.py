@@ -65,7 +65,9 @@ class W4A16Scheme:
 
 @dataclass(frozen=True)
 class Int8WeightScheme:
-    """``int-quantized`` (W8A8) or ``float-quantized`` (FP8) 8-bit weights, served
+    """``int-quantized`` (W8A8) or ``float-quantized`` (FP8) 8-bit weights: int8 weights
+    with :data:`W8A8_ACTIVATIONS` run with int8 activations (:func:`~.int8.w8a8_linear`),
+    FP8 ones with per-token activations on ``_scaled_mm`` where a GPU takes it; otherwise
     weight-only (int8 on the int8 kernel, or dequantized: see the module doc).
 
     Attributes:
@@ -115,9 +117,15 @@ def complete(parts: dict, scheme: Scheme) -> bool:
     return all(p in parts for p in need)
 
 
-def int8_weight(parts: dict[str, torch.Tensor]) -> Int8Weight:
+#: the activation scheme of a W8A8 checkpoint that runs with int8 activations
+#: (:attr:`Int8WeightScheme.activations`' wording): dynamic symmetric per-token int8
+W8A8_ACTIVATIONS = "8-bit int dynamic per token"
+
+
+def int8_weight(parts: dict[str, torch.Tensor], dynamic_activations: bool = False) -> Int8Weight:
     """An ``int-quantized`` symmetric layer as an :class:`Int8Weight` (a per-tensor scale
-    repeated per row: the same values).
+    repeated per row: the same values); ``dynamic_activations``: a W8A8 layer whose input
+    is quantized per token.
 
     Raises:
         ValueError: a scale that fits neither per-tensor nor per-row.
@@ -125,7 +133,7 @@ def int8_weight(parts: dict[str, torch.Tensor]) -> Int8Weight:
     q, scale = parts["weight"], parts["weight_scale"].to(torch.float32).flatten()
     if scale.numel() not in (1, q.shape[0]):
         raise ValueError(f"weight_scale {tuple(scale.shape)} is neither per-tensor nor per-row for {tuple(q.shape)}")
-    return Int8Weight(q.contiguous(), scale.expand(q.shape[0]).contiguous())
+    return Int8Weight(q.contiguous(), scale.expand(q.shape[0]).contiguous(), dynamic_activations)
 
 
 def dequantize_8bit(parts: dict[str, torch.Tensor], scheme: Int8WeightScheme) -> torch.Tensor:
@@ -195,7 +203,7 @@ def parse_config(qc: dict) -> Optional[Scheme]:
             and not group.get("output_activations") and w.get("symmetric", True):
         act = None if not isinstance(acts, dict) else (
             f"{acts.get('num_bits')}-bit {acts.get('type', 'int')} {'dynamic' if acts.get('dynamic') else 'static'} "
-            f"per {acts.get('strategy')}")
+            f"per {acts.get('strategy')}" + ("" if acts.get("symmetric", True) else " asymmetric"))
         return Int8WeightScheme(fmt, tuple(sorted((k, v) for k, v in w.items() if not isinstance(v, (dict, list)))),
                                 act)
     if fmt != "pack-quantized" or bits != 4 or kind != "int" or acts or group.get("output_activations"):

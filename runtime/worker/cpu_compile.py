@@ -147,7 +147,7 @@ def layer_signature(layer) -> tuple:
     for name, m in layer.named_modules():
         if isinstance(m, Linear):
             sig.append((name, m.dense_on_demand, m.int4_nibbles is not None, m.int4_block, m.q8_weight is not None,
-                        m.int8_weight is not None, m.q8_mins is not None, m.q8_group, m.group_size,
+                        m.int8_weight is not None, m.int8_activations, m.q8_mins is not None, m.q8_group, m.group_size,
                         m.input_perm is not None, m.bias is not None, m.fp8_weight is not None, m.fp8_dense,
                         m.w4_qweight is not None, tuple(m.weight.shape)))
     return tuple(sig)
