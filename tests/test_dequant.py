@@ -110,10 +110,10 @@ def test_the_portable_build_gives_the_same_bits(tmp_path, monkeypatch):
         w, _ = _int4("Q4_K", n, 256, seed=n)
         sz = torch.stack([torch.from_numpy(w.scale).t(), torch.from_numpy(w.zero).t()], -1).to(torch.bfloat16)
         packed = torch.from_numpy(dequant.torch_int4pack_model(w.q, block)).view(n, 128)
-        out = torch.empty(n, 256, dtype=torch.bfloat16)
+        out = torch.empty(256, n, dtype=torch.bfloat16)  # (this kernel writes W transposed)
         assert lib.argosy_int4pack_dequant(packed.data_ptr(), sz.data_ptr(), w.group_size, n, 256, block, 0, n,
                                            out.data_ptr()) == 0
-        assert torch.equal(_bits(out), _bits(w.dequantize(torch.bfloat16))), (n, block)
+        assert torch.equal(_bits(out.t()), _bits(w.dequantize(torch.bfloat16))), (n, block)
     for type_name in ("Q5_K", "Q6_K", "Q8_0"):
         n, k = 24, 512
         qw = q8_0.Q8Weight.from_gguf(_raw(type_name, n, k, seed=3), (n, k), type_name)
@@ -201,7 +201,8 @@ def test_a_weight_larger_than_the_scratch_runs_in_row_blocks(kind, monkeypatch):
     monkeypatch.setattr(dequant, "SCRATCH_MAX_ELEMENTS", 40 * 256)
     calls = []
     real = dequant.scratch
-    monkeypatch.setattr(dequant, "scratch", lambda n, k: (calls.append(n), real(n, k))[1])
+    # (rows of the weight each block dequantizes: the scratch is [rows, 256], or [256, rows] transposed)
+    monkeypatch.setattr(dequant, "scratch", lambda n, k: (calls.append(n * k // 256), real(n, k))[1])
     assert torch.equal(_bits(lin(x)), _bits(whole))
     block = dequant.int4pack_block()
     assert calls == ([32, 32, 24] if kind == "q8" else [64, 32] if kind in ("int4", "int4-actorder") and block == 64

@@ -367,7 +367,8 @@ class Linear(nn.Module):
         if not self.dense_on_demand:
             return self.weight
         if self.int4_packed is not None:
-            w = (dequant.int4pack_dequantize(self.int4_packed, self.int4_scales_zeros, self.group_size, self.int4_block)
+            w = (dequant.int4pack_dequantize(self.int4_packed, self.int4_scales_zeros, self.group_size,
+                                             self.int4_block).contiguous()
                  if self.int4_block else dequant.int4_dequantize(self.int4_nibbles, self.int4_scales_zeros,
                                                                  self.group_size))
             return w if self.input_perm is None else torch.empty_like(w).index_copy_(1, self.input_perm, w)

@@ -200,6 +200,9 @@ def int4pack_dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, gr
     """:func:`int4_dequantize` from PyTorch's own packed int4 weight ``packed [N, K // 2]
     uint8`` (:func:`..int4.pack`), whose layout has row blocks of ``block``
     (:func:`int4pack_block`); ``rows`` must start on a block and end on one or at ``N``.
+    The kernel writes the transpose (the layout's columns are its natural order, and
+    oneDNN's GEMM takes either as fast): ``out`` is a contiguous ``[K, n1 - n0]`` buffer,
+    and the result ``W [n1 - n0, K]`` its transposed view.
 
     Raises:
         ValueError: shapes, dtypes, group size, block or row range that do not match.
@@ -215,10 +218,10 @@ def int4pack_dequantize(packed: torch.Tensor, scales_and_zeros: torch.Tensor, gr
         raise ValueError(f"int4pack_dequantize: packed {tuple(packed.shape)} {packed.dtype}, scales_and_zeros "
                          f"{tuple(scales_and_zeros.shape)} {scales_and_zeros.dtype}, group {group_size}, block "
                          f"{block}, rows {rows} do not match")
-    out = _out(out, n1 - n0, k, packed, scales_and_zeros)
+    out = _out(out, k, n1 - n0, packed, scales_and_zeros)
     _lib().argosy_int4pack_dequant(packed.data_ptr(), scales_and_zeros.data_ptr(), group_size, n, k, block, n0, n1,
                                    out.data_ptr())
-    return out
+    return out.t()
 
 
 def gather_columns(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
@@ -289,18 +292,21 @@ _LIBRARY.define("q8_dense_linear(Tensor x, Tensor w, Tensor scales, Tensor? mins
                 "Tensor? bias) -> Tensor")
 
 
-def _dense_linear(x: torch.Tensor, n: int, k: int, bias: Optional[torch.Tensor], fill, align: int = 16) -> torch.Tensor:
-    """``y [M, n] = x @ W.T (+ bias)`` with ``fill(n0, n1, out)`` writing rows ``[n0, n1)``
-    of ``W`` into ``out [n1 - n0, k]``: the whole weight in the scratch, or row blocks of
-    at most :data:`SCRATCH_MAX_ELEMENTS` (multiples of ``align`` rows, a multiple of 16),
-    each product written into its columns of ``y``."""
+def _dense_linear(x: torch.Tensor, n: int, k: int, bias: Optional[torch.Tensor], fill, align: int = 16,
+                  transposed: bool = False) -> torch.Tensor:
+    """``y [M, n] = x @ W.T (+ bias)`` with ``fill(n0, n1, out)`` returning rows ``[n0,
+    n1)`` of ``W`` written into the scratch ``out``: ``[n1 - n0, k]``, or ``[k, n1 - n0]``
+    (``transposed``, ``fill`` returning its transposed view); the whole weight, or row
+    blocks of at most :data:`SCRATCH_MAX_ELEMENTS` (multiples of ``align`` rows, a multiple
+    of 16), each product written into its columns of ``y``."""
+    buf = (lambda rows: scratch(k, rows)) if transposed else (lambda rows: scratch(rows, k))
     if n * k <= SCRATCH_MAX_ELEMENTS:
-        return F.linear(x, fill(0, n, scratch(n, k)), bias)
+        return F.linear(x, fill(0, n, buf(n)), bias)
     step = max(align, SCRATCH_MAX_ELEMENTS // k // align * align)
     y = x.new_empty(x.shape[0], n)
     for n0 in range(0, n, step):
         n1 = min(n, n0 + step)
-        y[:, n0:n1] = F.linear(x, fill(n0, n1, scratch(n1 - n0, k)), None if bias is None else bias[n0:n1])
+        y[:, n0:n1] = F.linear(x, fill(n0, n1, buf(n1 - n0)), None if bias is None else bias[n0:n1])
     return y
 
 
@@ -315,7 +321,7 @@ def int4_dense_linear(x: torch.Tensor, q: torch.Tensor, scales_and_zeros: torch.
     xp = x if perm is None else gather_columns(x, perm)
     if block:
         return _dense_linear(xp, n, k, bias, lambda n0, n1, out: int4pack_dequantize(
-            q, scales_and_zeros, group_size, block, out, (n0, n1)), align=block)
+            q, scales_and_zeros, group_size, block, out, (n0, n1)), align=block, transposed=True)
     return _dense_linear(xp, n, k, bias,
                          lambda n0, n1, out: int4_dequantize(q, scales_and_zeros, group_size, out, (n0, n1)))
 

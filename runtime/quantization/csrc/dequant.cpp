@@ -17,7 +17,9 @@
 //                         holds column 32c + j in its low nibble and 32c + 16 + j in its
 //                         high nibble (argosy.runtime.quantization.int4.pack_nibbles).
 //   argosy_int4pack_dequant
-//                         the same rows from PyTorch's CPU int4 weight itself (the output of
+//                         the same rows, transposed (out[K][n1 - n0]: W's columns n0..n1 of
+//                         row k, which oneDNN's GEMM takes as fast as W itself), from
+//                         PyTorch's CPU int4 weight itself (the output of
 //                         _convert_weight_to_int4pack_for_cpu, aten/src/ATen/native/cpu/
 //                         int4mm_kernel.cpp), so a layer needs no second copy of its
 //                         integers: rows in blocks of B (64 where PyTorch dispatched to
@@ -39,7 +41,7 @@
 //   argosy_gather_columns out[m][j] = x[m][perm[j]] for x [M][K] 16-bit values: a GPTQ
 //                         act-order layer's input in the order of its stored columns.
 //
-// OpenMP over rows (tiles of 16 for the grouped layout, half-blocks of 16 x 2 rows for
+// OpenMP over rows (tiles of 16 for the grouped layout, half blocks of B rows for
 // PyTorch's int4 layout). Return 0, or 1 when K is not a multiple of the group size (and
 // of 32 for int4), the group size is not a multiple of 32 (int4) or 16 (grouped int8), or
 // the row range is not inside [0, N) (and, for PyTorch's layout, does not start on a block
@@ -164,59 +166,61 @@ extern "C" int argosy_int4pack_dequant(const uint8_t* p, const uint16_t* sz, int
   if (G <= 0 || K % G || K % 32 || G % 32 || B <= 0 || B % 32 || N % 2 || n0 < 0 || n1 > N || n0 > n1 || n0 % B
       || (n1 % B && n1 != N))
     return 1;
-  const int64_t H = B / 2, b0 = n0 / B, b1 = (n1 + B - 1) / B, units = (b1 - b0) * (H / 16);
-  // unit u: block b0 + u / (H / 16), rows jh..jh+15 and H+jh..H+jh+15 of it (jh = 16 (u % (H / 16)));
-  // a last block of fewer than B rows is done whole by its first unit
+  const int64_t H = B / 2, b0 = n0 / B, b1 = (n1 + B - 1) / B, ld = n1 - n0;  // out: [K][n1 - n0]
+  // a unit is one block's half of the columns (two per block, for an even share between
+  // threads when a layer has few blocks): it reads its bytes in order and writes B
+  // consecutive outputs of each of its rows of out
+  const int64_t steps = K / 32, split = steps >= 2 ? 2 : 1, units = (b1 - b0) * split;
 #pragma omp parallel for schedule(static)
   for (int64_t u = 0; u < units; u++) {
-    const int64_t b = b0 + u / (H / 16), jh = 16 * (u % (H / 16));
+    const int64_t b = b0 + u / split, part = u % split;
+    const int64_t ks = steps * part / split * 32, ke = steps * (part + 1) / split * 32;
     const int64_t rows = N - b * B < B ? N - b * B : B;
     const uint8_t* pb = p + b * B * (K / 2);
-    uint16_t* ob = out + (b * B - n0) * K;
+    uint16_t* ob = out + (b * B - n0);
     if (rows < B) {
-      if (jh) continue;
       const int64_t t2 = rows / 2;
-      for (int64_t r = 0; r < rows; r++) {
-        const int64_t n = b * B + r;
-        const int shift = (r & 1) * 4;
-        for (int64_t k = 0; k < K; k++) {
-          const int64_t i = ((k / G) * N + n) * 2;
-          const int q = (pb[k * t2 + r / 2] >> shift) & 15;
-          ob[r * K + k] = to_bf16((float)(q - 8) * from_bf16(sz[i]) + from_bf16(sz[i + 1]));
+      for (int64_t k = ks; k < ke; k++) {
+        const uint16_t* szg = sz + ((k / G) * N + b * B) * 2;
+        for (int64_t r = 0; r < rows; r++) {
+          const int q = (pb[k * t2 + r / 2] >> ((r & 1) * 4)) & 15;
+          ob[k * ld + r] = to_bf16((float)(q - 8) * from_bf16(szg[2 * r]) + from_bf16(szg[2 * r + 1]));
         }
       }
       continue;
     }
-    for (int64_t k0 = 0; k0 < K; k0 += 16) {  // 16 columns, inside one group (G a multiple of 32)
-      const uint16_t* szg = sz + (k0 / G) * N * 2;
+    for (int64_t g0 = ks; g0 < ke; g0 += 32) {  // 32 columns, inside one group (G a multiple of 32)
+      const uint16_t* szg = sz + ((g0 / G) * N + b * B) * 2;
 #ifdef ARGOSY_DEQUANT_AVX512
-      __m128i cols[16], rws[16];
-      for (int i = 0; i < 16; i++) cols[i] = _mm_loadu_si128((const __m128i*)(pb + (k0 + i) * H + jh));
-      transpose16x16(cols, rws);  // rws[r]: byte r of the 16 columns (rows jh + r and H + jh + r)
-      const __m512i eight = _mm512_set1_epi32(8);
-      for (int r = 0; r < 16; r++) {
-        const __m512i v = _mm512_cvtepu8_epi32(rws[r]);
-        const int64_t lo = jh + r, hi = H + jh + r;
-        const __m512 flo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, _mm512_set1_epi32(15)), eight));
-        const __m512 fhi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight));
-        const uint16_t *slo = szg + (b * B + lo) * 2, *shi = szg + (b * B + hi) * 2;
-        _mm256_storeu_si256((__m256i*)(ob + lo * K + k0), bf16x16(_mm512_fmadd_ps(
-            flo, _mm512_set1_ps(from_bf16(slo[0])), _mm512_set1_ps(from_bf16(slo[1])))));
-        _mm256_storeu_si256((__m256i*)(ob + hi * K + k0), bf16x16(_mm512_fmadd_ps(
-            fhi, _mm512_set1_ps(from_bf16(shi[0])), _mm512_set1_ps(from_bf16(shi[1])))));
-      }
-      continue;
-#endif
-      for (int r = 0; r < 16; r++) {
-        const int64_t lo = jh + r, hi = H + jh + r;
-        const uint16_t *slo = szg + (b * B + lo) * 2, *shi = szg + (b * B + hi) * 2;
-        const float sl = from_bf16(slo[0]), zl = from_bf16(slo[1]), sh = from_bf16(shi[0]), zh = from_bf16(shi[1]);
-        for (int i = 0; i < 16; i++) {
-          const uint8_t byte = pb[(k0 + i) * H + lo];
-          ob[lo * K + k0 + i] = to_bf16((float)((int)(byte & 15) - 8) * sl + zl);
-          ob[hi * K + k0 + i] = to_bf16((float)((int)(byte >> 4) - 8) * sh + zh);
+      if (H == 32) {
+        // (scale, zero) pairs of the block's 64 rows as 32-bit words: scale the low half, zero the high
+        __m512 s[4], z[4];
+        for (int c = 0; c < 4; c++) {
+          const __m512i w = _mm512_loadu_si512((const void*)(szg + 32 * c));
+          s[c] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+          z[c] = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xFFFF0000u)));
         }
+        const __m512i eight = _mm512_set1_epi32(8), fifteen = _mm512_set1_epi32(15);
+        for (int64_t k = g0; k < g0 + 32; k++) {
+          for (int c = 0; c < 2; c++) {  // bytes 16c..16c+15: rows 16c.. (low nibbles) and 32 + 16c.. (high)
+            const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(pb + k * 32 + 16 * c)));
+            const __m512 flo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, fifteen), eight));
+            const __m512 fhi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight));
+            _mm256_storeu_si256((__m256i*)(ob + k * ld + 16 * c), bf16x16(_mm512_fmadd_ps(flo, s[c], z[c])));
+            _mm256_storeu_si256((__m256i*)(ob + k * ld + 32 + 16 * c),
+                                bf16x16(_mm512_fmadd_ps(fhi, s[c + 2], z[c + 2])));
+          }
+        }
+        continue;
       }
+#endif
+      for (int64_t k = g0; k < g0 + 32; k++)
+        for (int64_t j = 0; j < H; j++) {
+          const uint8_t byte = pb[k * H + j];
+          ob[k * ld + j] = to_bf16((float)((int)(byte & 15) - 8) * from_bf16(szg[2 * j]) + from_bf16(szg[2 * j + 1]));
+          ob[k * ld + H + j] =
+              to_bf16((float)((int)(byte >> 4) - 8) * from_bf16(szg[2 * (H + j)]) + from_bf16(szg[2 * (H + j) + 1]));
+        }
     }
   }
   return 0;
