@@ -34,13 +34,16 @@ the same way before either kernel (one small copy of ``x``: ``index_select`` for
 kernel, a C++ gather, :func:`..quantization.dequant.gather_columns`, before the scratch's
 GEMM); a kept dense
 copy is in the layer's own order. An int8 weight with
-per-row scales (a compressed-tensors W8A8 checkpoint, served weight-only) works the same
-way through ``_weight_int8pack_mm`` (one 3072 x 576 weight: 1 row 67 vs 184 us dense, 4
+per-row scales served weight-only (a compressed-tensors ``int-quantized`` checkpoint
+without int8 activations) works the same way through ``_weight_int8pack_mm`` (one 3072 x 576 weight: 1 row 67 vs 184 us dense, 4
 rows 106 vs 199 us, 8 rows 246 vs 206 us; the same row limit keeps the compiled decode
 graphs' batch buckets). GGUF's 8-, 6- and 5-bit types (Q8_0, Q5_0, Q5_1, Q5_K, Q6_K) come
 as grouped int8 (:mod:`..quantization.q8_0`, the file's values without loss) and run on
 our C++ kernel (``argosy::q8_linear``, float32 math) for the same rows, output rounded
-to the activation dtype; larger calls dequantize them into the scratch too. An FP8 weight
+to the activation dtype; larger calls dequantize them into the scratch too. A W8A8
+layer (int8 weights and dynamic per-token int8 activations) runs every call on
+``torch._int_mm`` (:func:`..quantization.int8.w8a8_linear`) and keeps no dense weight at
+all on the CPU in bfloat16. An FP8 weight
 (:mod:`..quantization.fp8`: a compressed-tensors
 ``float-quantized`` checkpoint, or ``--quantization fp8`` quantizing a float one at load)
 runs on ``torch._scaled_mm`` with per-token FP8 activations for every call where the

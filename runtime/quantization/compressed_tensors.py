@@ -14,19 +14,21 @@ types runs it. Group sizes the kernel does not take but that are multiples of 32
 ``channel`` strategy's ``K`` among them) are re-expressed as groups of 32 by repeating
 their scales, exactly.
 
-8-bit ``int-quantized`` (W8A8: int8 weights with per-channel or per-tensor scales) and
-``float-quantized`` (FP8: e4m3 weights, per-channel or per-tensor scales) checkpoints are
-served weight-only for now; the checkpoint's activation quantization (dynamic per-token
-or static int8/FP8) is not applied, as vLLM's weight-only FP8 fallback on GPUs without
-FP8 compute does not apply it either. int8 weights on the CPU fast path (bfloat16) come
-as :class:`Int8Weight` and run on PyTorch's ``_weight_int8pack_mm`` (int8 weights,
-bfloat16 activations, one scale per output row) for small batches, and larger ones
-multiply a dense copy or, where the layer keeps none, the weight dequantized per call
-into a scratch matrix, like the int4 weights
-(:mod:`argosy.runtime.layers.linear`, :mod:`.dequant`); FP8 weights, and everything
-in float32 or on a GPU, are dequantized at load with compressed-tensors' own
-``dequantize`` and run dense (no CPU FP8 matmul; ``torch._scaled_mm`` on sm_89+ is the
-next step).
+8-bit ``int-quantized`` checkpoints (int8 weights with per-channel or per-tensor scales)
+whose activations are dynamic per-token symmetric int8 (W8A8, :data:`W8A8_ACTIVATIONS`)
+run that whole scheme at every dtype: their layers come as :class:`Int8Weight` with
+``dynamic_activations`` and run :func:`~.int8.w8a8_linear` (``torch._int_mm``) on the CPU
+in bfloat16, or their dense int8 values after :func:`~.int8.fake_quantize_per_token`
+elsewhere. Other int8 checkpoints (no, static or asymmetric activation quantization) and
+``float-quantized`` ones (FP8: e4m3 weights, per-channel or per-tensor scales) are served
+weight-only, the activation quantization not applied, as vLLM's weight-only FP8 fallback
+on GPUs without FP8 compute does not apply it either: int8 weights on the CPU fast path
+(bfloat16) run on PyTorch's ``_weight_int8pack_mm`` (int8 weights, bfloat16 activations,
+one scale per output row) for small batches, and larger ones multiply a dense copy or,
+where the layer keeps none, the weight dequantized per call into a scratch matrix, like
+the int4 weights (:mod:`argosy.runtime.layers.linear`, :mod:`.dequant`); FP8 weights run
+on ``torch._scaled_mm`` where a GPU takes row-wise scales (:mod:`.fp8`), and otherwise,
+like every weight-only int8 layer in float32 or on a GPU, dense.
 
 Everything else in a ``quantization_config`` (other bit widths, block or group FP8,
 sparsity, several config groups) is refused at load with one line naming it, as are AWQ,
