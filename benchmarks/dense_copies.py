@@ -11,7 +11,8 @@ two variants interleaved, and prints the best of ``--reps`` passes of each and t
 each holds.
 
 Kinds: ``int4`` (group 32, as GGUF Q4_0/Q4_1), ``int4-actorder`` (group 64 with a column
-permutation, as GPTQ ``desc_act``), ``int8`` (per-row scales, compressed-tensors W8A8),
+permutation, as GPTQ ``desc_act``), ``int8`` (per-row scales, a compressed-tensors int8 checkpoint served weight-only; W8A8
+with int8 activations keeps no dense weight at all, :func:`argosy.runtime.quantization.int8.w8a8_linear`),
 ``q8`` (GGUF Q8_0: int8 with one float16 scale per 32).
 
     python benchmarks/dense_copies.py
