@@ -102,6 +102,12 @@ class ModelConfig:
     #: with dense weights): ``--quantization fp8`` may then quantize the weights at load
     kv_cache_only_quantization: bool = False
 
+    @property
+    def weights_quantized(self) -> bool:
+        """Whether the checkpoint's weights are quantized (a method that quantizes only the
+        KV cache leaves them dense: ``--quantization fp8`` may then quantize them at load)."""
+        return self.quantization is not None and not self.kv_cache_only_quantization
+
 
 @dataclass
 class CacheConfig:

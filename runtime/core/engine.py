@@ -101,8 +101,8 @@ def check_quantization(requested: Optional[str], checkpoint: Checkpoint) -> None
         return
     requested = QUANTIZATION_ALIASES.get(requested, requested)
     own = checkpoint.config.quantization
-    if own is not None and requested != own and not (
-            requested in ONLINE_METHODS and checkpoint.config.kv_cache_only_quantization):
+    if own is not None and requested != own and (checkpoint.config.weights_quantized
+                                                 or requested not in ONLINE_METHODS):
         raise ValueError(f"--quantization {requested} does not match {checkpoint.path}, which is already quantized "
                          f"with {own}: drop the flag or pass --quantization {own}")
     if requested not in QUANTIZATION_METHODS + ONLINE_METHODS:

@@ -366,7 +366,7 @@ class Linear(nn.Module):
         (:attr:`dense_on_demand`) its quantized weight dequantized into a new tensor (the
         values its large calls multiply)."""
         if self.int8_activations and self.int8_weight is not None:
-            return (self.int8_weight.float() * self.int8_scales[:, None]).to(self.weight.dtype)
+            return Int8Weight(self.int8_weight, self.int8_scales, True).dequantize(self.weight.dtype)
         if not self.dense_on_demand:
             return self.weight
         if self.int4_packed is not None:

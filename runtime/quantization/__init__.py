@@ -9,11 +9,10 @@ from typing import Optional
 ONLINE_METHODS = ("fp8",)
 
 
-def online_quantization(requested: Optional[str], checkpoint_method: Optional[str],
-                        kv_cache_only: bool = False) -> Optional[str]:
+def online_quantization(requested: Optional[str], weights_quantized: bool) -> Optional[str]:
     """The online method to apply at load: ``requested`` (``--quantization``) when it is one
     of :data:`ONLINE_METHODS` and the checkpoint's weights are not quantized
-    (``checkpoint_method`` None, or ``kv_cache_only``: its method quantizes only the KV
+    (``ModelConfig.weights_quantized``: no method, or one that quantizes only the KV
     cache), else None. The flags are checked before (``check_quantization`` in
     :mod:`argosy.runtime.core.engine`)."""
-    return requested if requested in ONLINE_METHODS and (checkpoint_method is None or kv_cache_only) else None
+    return requested if requested in ONLINE_METHODS and not weights_quantized else None

@@ -160,8 +160,7 @@ def build_shard(spec: ModelSpec, checkpoint: Checkpoint, tp: TPGroup, device: to
             the wrong shape, or not one KV block fits.
     """
     model = LlamaForCausalLM(checkpoint.config, spec.dtype, device, spec.max_model_len, tp)
-    model.online_quantization = online_quantization(spec.args.quantization, checkpoint.config.quantization,
-                                                    checkpoint.config.kv_cache_only_quantization)
+    model.online_quantization = online_quantization(spec.args.quantization, checkpoint.config.weights_quantized)
     model.kv_cache_dtype = spec.kv_cache_dtype  # (a checkpoint's FP8 KV-cache scales apply to E4M3 only)
     model.load_weights(checkpoint.weights(model.shard_for, int4=model.uses_int4))
     release_freed_heap()
