@@ -15,6 +15,9 @@ import pytest
 import torch
 
 from argosy.runtime.loader import ModelLoadError, load_checkpoint
+from argosy.runtime.quantization.fp8 import Fp8DenseMethod
+from argosy.runtime.quantization.int4 import Int4CpuMethod
+from argosy.runtime.quantization.int8 import Int8CpuMethod, W8A8Method
 
 PROMPT = "The capital of France is Paris, and the capital of Italy is"
 
@@ -164,9 +167,9 @@ def test_bfloat16_runs_the_packed_int4_kernel_and_agrees(w4a16, checkpoint, hf_m
     path = w4a16[which]
     ids = checkpoint.tokenizer.encode(PROMPT * 3)
     ours, model = _our_logits(path, ids, "bfloat16")
-    layers = [m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "is_int4")]
-    assert layers and all(m.is_int4 for m in layers)
-    assert {m.group_size for m in layers} == ({64} if which == "group64-sym" else {32})
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "quant_method")]
+    assert layers and all(isinstance(m.quant_method, Int4CpuMethod) for m in layers)
+    assert {m.quant_method.group_size for m in layers} == ({64} if which == "group64-sym" else {32})
     ref = _hf_logits(path, ids, hf_model)
     kl, top1 = _kl(ours, ref), (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert kl < 0.01 and top1 >= 0.9, (kl, top1)
@@ -199,14 +202,15 @@ def test_w8a8_runs_int8_activations_on_int_mm(w4a16, checkpoint, hf_model, caplo
         ours, model = _our_logits(path, ids, "bfloat16")
     assert any("W8A8" in r.getMessage() and "per-token int8 activations" in r.getMessage() for r in caplog.records)
     layers = [m for m in model.modules() if type(m).__name__ == "Linear" and m is not model.lm_head]
-    assert layers and all(m.is_int8 and m.int8_activations and m.weight.numel() == 0 for m in layers)
+    assert layers and all(isinstance(m.quant_method, W8A8Method) and m.quant_method.weight is not None
+                          and m.weight.numel() == 0 for m in layers)
     fmt = model.weight_bytes_by_format
     assert "bfloat16 dense copies" not in fmt
-    assert fmt["int8"] == sum(m.int8_weight.numel() + 4 * m.out_features for m in layers)
+    assert fmt["int8"] == sum(m.quant_method.weight.numel() + 4 * m.out_features for m in layers)
     lin = model.layers[0].mlp.gate_up_proj
     x = torch.randn(40, lin.in_features).to(torch.bfloat16)
     xq, xs = quantize_per_token(x)
-    ref = (xq.double() * xs.double()) @ (lin.int8_weight.double() * lin.int8_scales.double()[:, None]).t()
+    ref = (xq.double() * xs.double()) @ (lin.quant_method.weight.double() * lin.quant_method.scales.double()[:, None]).t()
     torch.testing.assert_close(lin(x).double(), ref, atol=1e-6 * ref.abs().max().item(), rtol=2**-8)  # (an exact 0)
     with torch.no_grad():
         theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()(
@@ -233,7 +237,8 @@ def test_8bit_checkpoints_run_weight_only(w4a16, checkpoint, hf_model, tmp_path,
         ours, model = _our_logits(path, ids, "bfloat16")
     assert any("weight-only" in r.getMessage() and "activation quantization is not applied" in r.getMessage()
                for r in caplog.records)
-    assert all(m.fp8_dense for m in model.modules() if type(m).__name__ == "Linear" and m is not model.lm_head)
+    assert all(isinstance(m.quant_method, Fp8DenseMethod) for m in model.modules()
+               if type(m).__name__ == "Linear" and m is not model.lm_head)
     m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = m(torch.tensor([ids])).logits[0].float()
@@ -244,7 +249,7 @@ def test_8bit_checkpoints_run_weight_only(w4a16, checkpoint, hf_model, tmp_path,
     wo = _make(hf_model, checkpoint.tokenizer, tmp_path / "w8wo", "channel", True, kind="w8a8", weight_only=True)
     ours, model = _our_logits(wo, ids, "bfloat16")
     layers = [m for m in model.modules() if type(m).__name__ == "Linear" and m is not model.lm_head]
-    assert layers and all(m.is_int8 and not m.int8_activations for m in layers)
+    assert layers and all(isinstance(m.quant_method, Int8CpuMethod) for m in layers)
     lin = model.layers[0].mlp.gate_up_proj
     x = torch.randn(3, lin.in_features).to(torch.bfloat16)
     torch.testing.assert_close(lin(x).float(), torch.nn.functional.linear(x, lin.dense_weight()).float(),

@@ -17,6 +17,7 @@ import torch
 from argosy.runtime import SamplingParams
 from argosy.runtime.attention import AttentionMetadata, DecodeMetadata, torch_paged
 from argosy.runtime.config import EngineArgs
+from argosy.runtime.quantization.q8_0 import Q8Method
 from argosy.runtime.worker.cpu_compile import MODE_ENV, resolve_mode, should_compile
 
 from .conftest import run_to_completion
@@ -215,7 +216,7 @@ def test_compiled_graphs_with_grouped_int8_layers_and_an_fp8_cache(model_path, t
     compiled_eng, eager_eng = make("3"), make("0")
     runner = compiled_eng.executor.runner
     assert runner.kv_caches[0].dtype == torch.float8_e4m3fn
-    assert sum(getattr(m, "is_q8", False) and m.dense_on_demand for m in runner.model.modules()) == 120
+    assert sum(isinstance(getattr(m, "quant_method", None), Q8Method) and m.dense_on_demand for m in runner.model.modules()) == 120
     compiled = runner.compiled
     tok = eager_eng.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS]

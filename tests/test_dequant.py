@@ -18,7 +18,7 @@ from argosy.runtime.layers import INT4_MAX_ROWS, Linear
 from argosy.runtime.layers import linear as linear_mod
 from argosy.runtime.quantization import dequant, q8_0
 from argosy.runtime.quantization.gguf import decode_int4
-from argosy.runtime.quantization.int4 import Int4Weight, pack
+from argosy.runtime.quantization.int4 import Int4CpuMethod, Int4Weight, pack
 from argosy.runtime.quantization.int8 import Int8Weight
 
 from .test_q8_0 import _raw, _reference
@@ -223,9 +223,9 @@ def test_large_calls_run_on_the_scratch_and_equal_the_dense_copy(kind, monkeypat
     kept = _layer(parts, monkeypatch, keep=True)
     assert lean.dense_on_demand and lean.weight.numel() == 0
     if kind.startswith("int4"):  # the integers once (PyTorch's packed weight), or twice where it cannot be read
-        assert (lean.int4_nibbles is not None) == (kind == "int4-nibbles")
-        assert (lean.int4_block == 0) == (kind == "int4-nibbles")
-        assert kept.int4_nibbles is None
+        assert (lean.quant_method.nibbles is not None) == (kind == "int4-nibbles")
+        assert (lean.quant_method.block == 0) == (kind == "int4-nibbles")
+        assert kept.quant_method.nibbles is None
     assert not kept.dense_on_demand and kept.weight.shape == (lean.out_features, k)
     assert torch.equal(lean.dense_weight(), kept.weight)  # (as values: a weight of zero may differ in sign)
     gen = torch.Generator().manual_seed(3)
@@ -244,15 +244,16 @@ def test_large_calls_run_on_the_scratch_and_equal_the_dense_copy(kind, monkeypat
 
 def test_a_partly_dense_layer_keeps_its_dense_weight(monkeypatch):
     """Rows that came dense (some other form in the checkpoint) keep the layer dense:
-    the quantized rows' values are written into it at processing."""
+    the quantized rows' values are written into it at processing, exactly (no kernel
+    runs them: the checkpoint's float32 scales, not the kernels' rounded ones)."""
     w, _ = _int4("Q4_1", 64, 128)
     lin = _layer([(0, w)], monkeypatch, keep=False)
     lin2 = Linear(96, 128, False, torch.bfloat16, torch.device("cpu"))
     lin2.weight.data[64:] = 1.0
     lin2.load_quantized(0, w)
     lin2.process_weights_after_loading()
-    assert not lin2.dense_on_demand and not lin2.is_int4
-    assert torch.equal(_bits(lin2.weight[:64]), _bits(w.dequantize(torch.bfloat16)))
+    assert not lin2.dense_on_demand and lin2.quant_method is None
+    assert torch.equal(_bits(lin2.weight[:64]), _bits(w.dequantize(torch.bfloat16, kernel_rounding=False)))
     assert torch.equal(lin2.weight[64:], torch.ones(32, 128, dtype=torch.bfloat16))
     assert lin.dense_on_demand
 
@@ -374,7 +375,7 @@ def test_the_bundled_model_without_dense_copies(make_engine, monkeypatch, caplog
     with caplog.at_level("INFO", logger="argosy.model"):
         engines["scratch"] = make_engine(dtype="bfloat16", compilation_config="0")
     assert any(r.getMessage().startswith("0 of 120 quantized linear layers keep a dense copy") for r in caplog.records)
-    layers = {mode: [m for m in e.executor.runner.model.modules() if isinstance(m, Linear) and m.is_int4]
+    layers = {mode: [m for m in e.executor.runner.model.modules() if isinstance(m, Linear) and isinstance(m.quant_method, Int4CpuMethod)]
               for mode, e in engines.items()}
     assert len(layers["scratch"]) == 120 and all(m.dense_on_demand for m in layers["scratch"])
     assert not any(m.dense_on_demand for m in layers["keep"])
@@ -413,7 +414,7 @@ def test_the_layout_check_follows_pytorchs_cpu_capability(capability, block, tmp
         "    layers.append(lin)\n"
         "x = torch.randn(40, 128).to(torch.bfloat16)\n"
         "assert layers[0].dense_on_demand and torch.equal(layers[0](x), layers[1](x))\n"
-        "print(dequant.int4pack_block(), layers[0].int4_nibbles is not None)\n")
+        "print(dequant.int4pack_block(), layers[0].quant_method.nibbles is not None)\n")
     import os
     import subprocess
     import sys

@@ -15,6 +15,7 @@ import pytest
 from argosy.runtime import SamplingParams
 from argosy.runtime.layers import INT4_MAX_ROWS
 from argosy.runtime.quantization.accuracy import distribution_agreement
+from argosy.runtime.quantization.int4 import Int4CpuMethod
 
 from .conftest import run_to_completion
 
@@ -60,7 +61,7 @@ MARGIN = 0.5
 def fast_engine(make_engine):
     eng = make_engine(dtype="bfloat16", max_model_len=1024)
     model = eng.executor.runner.model
-    packed = [m for m in model.modules() if getattr(m, "is_int4", False)]
+    packed = [m for m in model.modules() if isinstance(getattr(m, "quant_method", None), Int4CpuMethod)]
     assert len(packed) == 4 * model.cfg.num_hidden_layers, "every Q4_1 linear layer runs packed"
     return eng
 

@@ -16,6 +16,7 @@ import copy
 import pytest
 import torch
 
+from argosy.runtime.quantization.fp8 import Fp8DenseMethod, Fp8ScaledMMMethod
 from .test_compressed_tensors import PROMPT, _kl, _our_logits
 
 #: ~1 min on 2 cores (several engines, two checkpoints written by ``transformers``):
@@ -125,7 +126,7 @@ def test_online_fp8_float32_logits_equal_the_oracle(dense_dir, checkpoint, oracl
     ids = checkpoint.tokenizer.encode(PROMPT)
     ours, model = _our_logits(dense_dir, ids, "float32", quantization="fp8")
     layers = [m for m in model.modules() if type(m).__name__ == "Linear"]
-    assert layers and all(m.fp8_dense and not m.is_fp8 for m in layers)
+    assert layers and all(isinstance(m.quant_method, Fp8DenseMethod) for m in layers)
     with torch.no_grad():
         ref = oracle(torch.tensor([ids])).logits[0].float()
     assert (ours - ref).abs().max().item() < 1e-3
@@ -167,7 +168,7 @@ def test_the_scaled_mm_path_through_the_engine(dense_dir, checkpoint, hf_model, 
     ids = checkpoint.tokenizer.encode(PROMPT * 3)
     ours, model = _our_logits(dense_dir, ids, "bfloat16", quantization="fp8")
     layers = [m for m in model.modules() if type(m).__name__ == "Linear"]
-    assert layers and all(m.is_fp8 and m.weight.numel() == 0 for m in layers)
+    assert layers and all(isinstance(m.quant_method, Fp8ScaledMMMethod) and m.weight.numel() == 0 for m in layers)
     want = sum(m.out_features * m.in_features + 4 * m.out_features for m in layers)
     assert model.weight_bytes_by_format["fp8"] == want
     assert "bfloat16 dense copies" not in model.weight_bytes_by_format
@@ -195,17 +196,17 @@ def test_compressed_tensors_fp8_checkpoint_takes_the_same_path(hf_model, checkpo
     monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
     _, model = _our_logits(path, checkpoint.tokenizer.encode(PROMPT), "bfloat16")
     down = model.layers[0].mlp.down_proj
-    assert down.is_fp8
+    assert isinstance(down.quant_method, Fp8ScaledMMMethod)
     with safe_open(f"{path}/model.safetensors", "pt") as st:
         want = st.get_tensor("model.layers.0.mlp.down_proj.weight")
         scale = st.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
-    assert torch.equal(down.fp8_weight.view(torch.uint8), want.view(torch.uint8))
-    torch.testing.assert_close(down.fp8_scales.flatten(), scale.float().flatten())
+    assert torch.equal(down.quant_method.weight.view(torch.uint8), want.view(torch.uint8))
+    torch.testing.assert_close(down.quant_method.scales.flatten(), scale.float().flatten())
     # a weight-only FP8 checkpoint (no input_activations) never quantizes activations: dense
     path = _make(hf_model, checkpoint.tokenizer, tmp_path / "fp8wo", "channel", True, kind="fp8", weight_only=True)
     _, model = _our_logits(path, checkpoint.tokenizer.encode(PROMPT), "bfloat16")
     down = model.layers[0].mlp.down_proj
-    assert not down.is_fp8 and down.fp8_dense
+    assert isinstance(down.quant_method, Fp8DenseMethod)
 
 
 
@@ -232,7 +233,7 @@ def test_online_fp8_on_cuda(dense_dir, checkpoint, oracle):
     ours, model = _our_logits(dense_dir, ids, "bfloat16", quantization="fp8", device="cuda")
     layers = [m for m in model.modules() if type(m).__name__ == "Linear"]
     on_kernel = fp8.scaled_mm_supported(torch.device("cuda"))
-    assert all(m.is_fp8 == on_kernel and m.fp8_dense == (not on_kernel) for m in layers)
+    assert all(isinstance(m.quant_method, Fp8ScaledMMMethod if on_kernel else Fp8DenseMethod) for m in layers)
     with torch.no_grad():
         ref = oracle(torch.tensor([ids])).logits[0].float()
     kl, top1 = _kl(ours.cpu(), ref), (ours.cpu().argmax(-1) == ref.argmax(-1)).float().mean().item()
@@ -264,7 +265,7 @@ def test_each_tensor_parallel_rank_quantizes_its_shard(dense_dir, checkpoint, hf
         for name, lin in (("o", ours.self_attn.o_proj), ("down", ours.mlp.down_proj)):
             dim, start, stop = model.shard_for(f"model.layers.2.{'self_attn.o_proj' if name == 'o' else 'mlp.down_proj'}"
                                                ".weight")
-            assert dim == 1 and lin.fp8_dense
+            assert dim == 1 and isinstance(lin.quant_method, Fp8DenseMethod)
             assert torch.equal(lin.weight, _ct_fake_quantize(full[name][:, start:stop].contiguous())), name
 
 
@@ -316,13 +317,14 @@ def test_fp8_format_checkpoints_equal_transformers(fp8_checkpoints, checkpoint, 
     monkeypatch.setattr(fp8, "scaled_mm_supported", lambda device: True)
     _, model = _our_logits(path, ids, "bfloat16", quantization="fp8")
     down, o = model.layers[0].mlp.down_proj, model.layers[0].self_attn.o_proj
-    assert down.is_fp8 == o.is_fp8 == (which == "tensor")
+    assert isinstance(down.quant_method, Fp8ScaledMMMethod) == isinstance(o.quant_method, Fp8ScaledMMMethod) \
+        == (which == "tensor")
     from safetensors import safe_open
 
     with safe_open(f"{path}/model.safetensors", "pt") as st:
         want = st.get_tensor("model.layers.0.self_attn.o_proj.weight")
-    if o.is_fp8:
-        assert torch.equal(o.fp8_weight.view(torch.uint8), want.view(torch.uint8))
+    if isinstance(o.quant_method, Fp8ScaledMMMethod):
+        assert torch.equal(o.quant_method.weight.view(torch.uint8), want.view(torch.uint8))
 
 
 def test_fp8_format_refusals(fp8_checkpoints, tmp_path):
@@ -469,7 +471,7 @@ def test_online_fp8_weights_with_the_checkpoints_kv_scales(kv_scaled_dir, checkp
     ids = checkpoint.tokenizer.encode(PROMPT * 2)
     ours, model = _our_logits(path, ids, "float32", quantization="fp8", kv_cache_dtype="fp8")
     layers = [m for m in model.modules() if type(m).__name__ == "Linear"]
-    assert layers and all(m.fp8_dense for m in layers)
+    assert layers and all(isinstance(m.quant_method, Fp8DenseMethod) for m in layers)
     assert [layer.self_attn.kv_scales for layer in model.layers] == [scales[i] for i in range(len(model.layers))]
     ref = _hf_with_kv(oracle, ids, scales)
     assert (ours - ref).abs().max().item() < 1e-3

@@ -20,6 +20,7 @@ import pytest
 from argosy.runtime import cpu_kernels
 from argosy.runtime.layers import INT4_MAX_ROWS
 from argosy.runtime.quantization.accuracy import distribution_agreement
+from argosy.runtime.quantization.q8_0 import Q8Method
 
 from .gguf_files import requantize_gguf
 from .test_fast_path import SLICE, SLICE_POSITIONS, TOP1_RESOLUTION, assert_greedy_agrees_where_decisive
@@ -90,9 +91,9 @@ def test_tensor_parallel_shards_equal_slicing_the_whole(mixed):
 def test_every_linear_layer_runs_on_the_grouped_int8_kernel(engines):
     fast, ref = engines
     model = fast.executor.runner.model
-    assert sum(getattr(m, "is_q8", False) for m in model.modules()) == 4 * model.cfg.num_hidden_layers
+    assert sum(isinstance(getattr(m, "quant_method", None), Q8Method) for m in model.modules()) == 4 * model.cfg.num_hidden_layers
     assert model.logits_q8 is not None  # the Q8_0 tied head, as in the bundled file
-    assert not any(getattr(m, "is_q8", False) for m in ref.executor.runner.model.modules())
+    assert not any(isinstance(getattr(m, "quant_method", None), Q8Method) for m in ref.executor.runner.model.modules())
 
 
 @pytest.mark.slow

@@ -23,6 +23,8 @@ import pytest
 import torch
 
 from argosy.runtime.loader import ModelLoadError, load_checkpoint
+from argosy.runtime.quantization.int4 import Int4CpuMethod
+from argosy.runtime.quantization.q8_0 import Q8Method
 
 from .test_compressed_tensors import _kl, _our_logits
 
@@ -212,14 +214,14 @@ def test_bfloat16_runs_the_quantized_kernels_and_agrees(legacy, checkpoint, kind
     path, oracle = legacy[kind]
     ids = checkpoint.tokenizer.encode(PROMPT * 3)
     ours, model = _our_logits(path, ids, "bfloat16")
-    layers = [m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "is_int4")
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "quant_method")
               and m is not getattr(model, "lm_head", None)]
     assert len(layers) == 4 * 30
     if kind == "gptq8":
-        assert all(m.is_q8 for m in layers)
+        assert all(isinstance(m.quant_method, Q8Method) for m in layers)
     else:
-        assert all(m.is_int4 and m.group_size == GROUP for m in layers)
-        assert all((m.input_perm is not None) == (kind == "gptq4-actorder") for m in layers)
+        assert all(isinstance(m.quant_method, Int4CpuMethod) and m.quant_method.group_size == GROUP for m in layers)
+        assert all((m.quant_method.perm is not None) == (kind == "gptq4-actorder") for m in layers)
     with torch.no_grad():
         ref = oracle(torch.tensor([ids])).logits[0].float()
     kl, top1 = _kl(ours, ref), (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()

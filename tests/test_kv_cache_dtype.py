@@ -15,6 +15,7 @@ import torch
 
 from argosy.runtime.attention import AttentionMetadata, DecodeMetadata, cpu_decode, torch_paged
 from argosy.runtime.config import EngineArgs, resolve_kv_cache_dtype
+from argosy.runtime.quantization.int4 import Int4CpuMethod
 
 from .test_fast_path import assert_greedy_agrees_where_decisive
 
@@ -124,7 +125,7 @@ def test_fp8_doubles_the_token_capacity(make_engine, fp8_engine, caplog):
     assert "23040 bytes a token" in line and "int4" in line, line
     model = bf16.executor.runner.model
     by = weight_bytes_by_format(model)
-    linears = [m for m in model.modules() if isinstance(m, Linear) and m.is_int4]
+    linears = [m for m in model.modules() if isinstance(m, Linear) and isinstance(m.quant_method, Int4CpuMethod)]
     assert len(linears) == 4 * 30  # q/k/v, o, gate/up, down: Q4_1 in the bundled file
     # packed: half a byte a weight, and as much again as nibbles for the dequantization
     # kernel where no dense copy is kept (ARGOSY_CPU_DENSE_COPIES, layers.linear); scales

@@ -11,7 +11,7 @@ import torch
 
 from argosy.runtime.layers import INT4_MAX_ROWS, Linear
 from argosy.runtime.quantization.gguf import decode_int4
-from argosy.runtime.quantization.int4 import Int4Weight
+from argosy.runtime.quantization.int4 import Int4CpuMethod, Int4Weight
 
 #: Bundled SmolLM2-135M (hidden 576, 9 heads / 3 KV heads of 64, MLP 1536) linear shapes
 #: ``(N, K)``, whole and as one rank's shard at TP=3.
@@ -72,7 +72,7 @@ def test_packed_int4_linear_equals_dequantized_matmul(type_name, shape):
     lin = Linear(n, k, False, torch.bfloat16, torch.device("cpu"))
     lin.load_quantized(0, w)
     lin.process_weights_after_loading()
-    assert lin.is_int4
+    assert isinstance(lin.quant_method, Int4CpuMethod)
     ref_w = torch.from_numpy(_gguf_dequantize(raw, type_name, n, k))
     # the kernel's scales and zeros are bfloat16: the reference uses the same rounding
     np.testing.assert_allclose(w.dequantize().numpy(), ref_w.numpy(), rtol=0,
@@ -111,14 +111,14 @@ def test_fused_rows_pack_in_row_order_and_partial_dense_rows_stay_dense():
     for start, p in ((96, parts[2]), (0, parts[1]), (64, parts[0])):  # loaded out of row order
         lin.load_quantized(start, p)
     lin.process_weights_after_loading()
-    assert lin.is_int4
+    assert isinstance(lin.quant_method, Int4CpuMethod)
     x = torch.randn(1, k).to(torch.bfloat16)
     want = x.float() @ Int4Weight.cat([parts[1], parts[0], parts[2]]).dequantize().t()
     assert (lin(x).float() - want).abs().max() <= 0.01 * want.abs().max()
     half = Linear(128, k, False, torch.bfloat16, torch.device("cpu"))
     half.load_quantized(0, parts[1])  # rows 64.. come as dense tensors
     half.process_weights_after_loading()
-    assert not half.is_int4
+    assert half.quant_method is None
 
 
 def test_column_shard_must_not_split_a_group():
@@ -149,3 +149,52 @@ def test_sharded_int4_loading_equals_slicing_the_whole(checkpoint, model_path):
             assert isinstance(got, Int4Weight)
             for a, b in ((got.q, want.q), (got.scale, want.scale), (got.zero, want.zero)):
                 np.testing.assert_array_equal(a, b)
+
+
+def test_each_weight_form_gets_the_method_its_device_and_dtype_run():
+    """The registry (``quantization.base.choose_linear_method``) by weight form, dtype and
+    device on the CPU: 4-bit -> the packed int4 method; weight-only int8 and grouped int8
+    -> their CPU methods in bfloat16, dense in float32 (no method); W8A8 -> the
+    ``_int_mm`` method in bfloat16 (no dense weight), its fake-quantized dense form in
+    float32; FP8 -> dense on its FP8 values (no ``_scaled_mm`` on the CPU). A decoder
+    layer's compile signature tells the methods apart."""
+    from argosy.runtime.quantization.fp8 import Fp8DenseMethod, Fp8Weight
+    from argosy.runtime.quantization.int8 import Int8CpuMethod, Int8Weight, W8A8Method
+    from argosy.runtime.quantization.q8_0 import Q8Method, Q8Weight
+    from argosy.runtime.worker.cpu_compile import layer_signature
+
+    from .test_q8_0 import _raw
+
+    n, k = 64, 64
+    g = torch.Generator().manual_seed(0)
+    q8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    forms = {
+        "int4": decode_int4(_raw_blocks("Q4_1", n, k), "Q4_1", (n, k)),
+        "int8": Int8Weight(q8, torch.rand(n, generator=g) / 100),
+        "w8a8": Int8Weight(q8, torch.rand(n, generator=g) / 100, dynamic_activations=True),
+        "q8": Q8Weight.from_gguf(_raw("Q8_0", n, k), (n, k), "Q8_0"),
+        "fp8": Fp8Weight.quantize(torch.randn(n, k, generator=g)),
+    }
+    want = {torch.bfloat16: {"int4": Int4CpuMethod, "int8": Int8CpuMethod, "w8a8": W8A8Method, "q8": Q8Method,
+                             "fp8": Fp8DenseMethod},
+            torch.float32: {"int4": Int4CpuMethod, "int8": type(None), "w8a8": W8A8Method, "q8": type(None),
+                            "fp8": Fp8DenseMethod}}
+    for dtype, methods in want.items():
+        layers = {}
+        for name, w in forms.items():
+            lin = layers[name] = Linear(n, k, False, dtype, torch.device("cpu"))
+            lin.load_quantized(0, w)
+            assert type(lin.quant_method) is methods[name], (dtype, name, lin.quant_method)
+            # every layer computes its weight's function, small calls (the kernels) and large
+            # ones (the dense copy) alike; float32: the checkpoint's exact values
+            want_w = w.dequantize(torch.float32, kernel_rounding=dtype != torch.float32)
+            tol = 0.03 if dtype == torch.bfloat16 or name == "w8a8" else 1e-5
+            for rows in (3, 24):
+                xr = torch.randn(rows, k, generator=g).to(dtype)
+                want_y = xr.float() @ want_w.t()
+                torch.testing.assert_close(lin(xr).float(), want_y, atol=tol * want_y.abs().max().item(), rtol=0,
+                                           msg=lambda m: f"{dtype} {name} {rows} rows: {m}")
+        w8a8 = layers["w8a8"]
+        assert (w8a8.weight.numel() == 0) == (dtype == torch.bfloat16)
+        sigs = {layer_signature(torch.nn.ModuleDict({"proj": lin})) for lin in layers.values()}
+        assert len(sigs) == len(set(methods.values()))  # (float32: int8 and q8 both dense)

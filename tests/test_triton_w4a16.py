@@ -62,14 +62,16 @@ def test_linear_runs_the_kernel_for_few_rows(monkeypatch, perm):
     call (decode- and prefill-sized), act-order input gathered first, equal to the
     weight's own product; its dense weight is freed (the memory a 4-bit model saves)."""
     from argosy.runtime.layers import linear
+    from argosy.runtime.quantization import int4
+    from argosy.runtime.quantization.triton_w4a16 import W4A16Method
 
-    monkeypatch.setattr(linear, "W4A16_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(int4, "W4A16_DEVICES", ("cuda", "cpu"))
     w = _weight(128, 256, 64, seed=5, perm=perm)
     lin = linear.Linear(128, 256, False, torch.bfloat16, torch.device("cpu"))
     lin.load_quantized(0, w.rows(0, 96))
     lin.load_quantized(96, w.rows(96, 128))
     lin.process_weights_after_loading()
-    assert lin.is_w4a16 and not lin.is_int4 and (lin.input_perm is not None) == perm
+    assert isinstance(lin.quant_method, W4A16Method) and (lin.quant_method.perm is not None) == perm
     assert lin.weight.numel() == 0
     dense = w.dequantize(torch.float32)
     for m in (3, 70):

@@ -1,11 +1,18 @@
 """A linear layer that does not show the model its weight format.
 
 ``Linear`` holds a dense weight ``[out_features, in_features]`` in the model dtype, unless
-its checkpoint weight is quantized and a kernel runs it without one. When the weight is
-4-bit (GGUF Q4_0/Q4_1/Q4_K, :mod:`..quantization.gguf`; compressed-tensors W4A16, AWQ,
-GPTQ) and the model runs in bfloat16 on the CPU, it is packed for PyTorch's int4 kernel
-(``_weight_int4pack_mm_for_cpu``, :mod:`..quantization.int4`), and each call picks the
-kernel by the number of rows:
+its checkpoint weight is quantized and a kernel runs it without one. A quantized weight is
+run by its quantization method (:class:`~..quantization.base.LinearMethod`, vLLM's
+``QuantizeMethodBase``: one per weight form and device, in that form's module, chosen by
+:func:`~..quantization.base.choose_linear_method`); the layer only collects the rows,
+holds the dense-copy policy and calls ``method.apply(layer, x)``. What the methods do:
+
+When the weight is 4-bit (GGUF Q4_0/Q4_1/Q4_K, :mod:`..quantization.gguf`;
+compressed-tensors W4A16, AWQ, GPTQ) and the model runs in bfloat16 on the CPU, it is
+packed for PyTorch's int4 kernel (``_weight_int4pack_mm_for_cpu``,
+:class:`..quantization.int4.Int4CpuMethod`), and each call picks the kernel by the number
+of rows (the rule of :class:`..quantization.base.CpuPackedMethod`, shared by the int8 and
+grouped int8 CPU methods):
 
 - ``rows <= INT4_MAX_ROWS`` (decode at low batch sizes): the packed int4 kernel, which
   reads a quarter of the bytes; the memory-bound matrix-vector case.
@@ -71,17 +78,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..quantization import dequant
-from ..quantization import int4 as int4_mod
-from ..quantization import int8 as int8_mod
-from ..quantization import fp8 as fp8_mod
-from ..quantization import q8_0
+from ..quantization import fp8 as _fp8  # noqa: F401  (each form's module registers its methods)
+from ..quantization import int4 as _int4  # noqa: F401
+from ..quantization import int8 as _int8  # noqa: F401
+from ..quantization import q8_0 as _q8  # noqa: F401
+from ..quantization.base import INT4_MAX_ROWS, LinearMethod, choose_linear_method
 from ..quantization.fp8 import Fp8Weight
 from ..quantization.int4 import Int4Weight
 from ..quantization.int8 import Int8Weight
-from ..quantization.q8_0 import PackedQ8, Q8Weight
+from ..quantization.q8_0 import Q8Weight
 
-#: Calls with at most this many rows use the packed int4 kernel (see the module doc).
-INT4_MAX_ROWS = 8
 #: ``ARGOSY_CPU_DENSE_COPIES``: whether quantized CPU layers keep a dense copy for calls of
 #: more than ``INT4_MAX_ROWS`` rows (``keep``: 2 bytes a weight beside the quantized one)
 #: or dequantize into a scratch matrix per call (``scratch``); ``auto`` (the default) keeps
@@ -139,15 +145,6 @@ def keep_dense_copies(dense_bytes: int) -> bool:
     if DENSE_COPIES != "auto":
         return DENSE_COPIES == "keep"
     return dense_bytes <= AUTO_DENSE_COPIES_FRACTION * memory_limit_bytes()
-#: Devices whose 4-bit layers run the Triton W4A16 kernel
-#: (:mod:`..quantization.triton_w4a16`; float16 / bfloat16) for every call, the dense
-#: weight freed after packing: on a GPU the point of a 4-bit checkpoint is the memory
-#: (0.5 + 4/g bytes a weight instead of 2). Tests add ``"cpu"`` to run the kernel under
-#: Triton's interpreter through this class.
-W4A16_DEVICES = ("cuda",)
-#: :mod:`..quantization.triton_w4a16`, once a layer has packed for it (it imports Triton,
-#: which a CPU server need not load)
-_triton_w4a16 = None
 
 
 class Linear(nn.Module):
@@ -162,8 +159,9 @@ class Linear(nn.Module):
     for fused projections), and hands 4-bit, int8, grouped int8 and FP8 ones to
     :meth:`load_quantized`; :meth:`process_weights_after_loading` (called by
     ``load_quantized`` once every row came quantized, and by the model after loading)
-    packs the weight for its kernel if every row came in one form, and writes the dense
-    values of the quantized rows where the layer keeps a dense weight.
+    gives the whole weight to its quantization method (:attr:`quant_method`) if every
+    row came in one form, and writes the dense values of the quantized rows where the
+    layer keeps a dense weight.
     """
 
     def __init__(self, out_features: int, in_features: int, bias: bool, dtype: torch.dtype,
@@ -174,81 +172,43 @@ class Linear(nn.Module):
                                    requires_grad=False)
         self.bias: Optional[nn.Parameter] = (
             nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None)
-        self.group_size = 0
-        self.register_buffer("int4_packed", None, persistent=False)
-        self.register_buffer("int4_scales_zeros", None, persistent=False)
-        #: ``[in_features] int64`` or None: the packed int4 weight's column order (GPTQ act-order)
-        self.register_buffer("input_perm", None, persistent=False)
-        #: the 4-bit weight in the Triton W4A16 layout (CUDA): words, scales, zeros
-        self.register_buffer("w4_qweight", None, persistent=False)
-        self.register_buffer("w4_scales", None, persistent=False)
-        self.register_buffer("w4_zeros", None, persistent=False)
-        #: the 4-bit weight's integers a second time for the CPU dequantization kernel
-        #: (:func:`..quantization.dequant.pack_nibbles`), only where it cannot read
-        #: :attr:`int4_packed` itself (:func:`..quantization.dequant.int4pack_block` is 0)
-        self.register_buffer("int4_nibbles", None, persistent=False)
-        #: row block of :attr:`int4_packed`'s layout the dequantization kernel reads (64 or
-        #: 32), or 0 where it reads :attr:`int4_nibbles`
-        self.int4_block = 0
-        self.register_buffer("int8_weight", None, persistent=False)
-        #: ``[N]``: bfloat16 for ``_weight_int8pack_mm`` (weight-only), float32 for a W8A8 layer
-        self.register_buffer("int8_scales", None, persistent=False)
-        #: whether the layer quantizes its input to int8 per token (a W8A8 checkpoint:
-        #: :func:`..quantization.int8.w8a8_linear` on the CPU in bfloat16, else its dense
-        #: weight after :func:`..quantization.int8.fake_quantize_per_token`)
-        self.int8_activations = False
-        self.register_buffer("q8_weight", None, persistent=False)
-        self.register_buffer("q8_scales", None, persistent=False)
-        self.register_buffer("q8_mins", None, persistent=False)
-        self.q8_group = 0
-        #: the FP8 weight ``[N, K] float8_e4m3fn`` and its scales ``[1, N] float32`` (``_scaled_mm``, GPU)
-        self.register_buffer("fp8_weight", None, persistent=False)
-        self.register_buffer("fp8_scales", None, persistent=False)
-        #: whether the dense weight holds FP8 values (an FP8 layer where ``_scaled_mm`` does not run)
-        self.fp8_dense = False
+        #: the quantization method running the weight (:class:`~..quantization.base.LinearMethod`),
+        #: or None: a dense layer
+        self.quant_method: Optional[LinearMethod] = None
         #: True / False: keep a dense copy beside a quantized CPU weight, or not (the model
         #: sets it, :func:`keep_dense_copies`); None: ``ARGOSY_CPU_DENSE_COPIES=keep`` decides
         self.keep_dense_copy: Optional[bool] = None
-        #: whether calls of more than ``INT4_MAX_ROWS`` rows dequantize the int4, int8 or
-        #: grouped int8 weight into a per-thread scratch matrix (:mod:`..quantization.dequant`)
-        #: instead of keeping a dense copy (the dense weight is then freed)
-        self.dense_on_demand = False
         #: row start -> quantized rows handed over by :meth:`load_quantized`
         self._quantized_parts: dict[int, Union[Int4Weight, Int8Weight, Q8Weight, Fp8Weight]] = {}
 
     @property
-    def is_int4(self) -> bool:
-        """Whether the packed int4 weight is in use."""
-        return self.int4_packed is not None
+    def dense_on_demand(self) -> bool:
+        """Whether calls of more than ``INT4_MAX_ROWS`` rows dequantize the weight into the
+        scratch (:class:`~..quantization.base.CpuPackedMethod`) rather than use a dense copy."""
+        return bool(getattr(self.quant_method, "dense_on_demand", False))
 
-    @property
-    def is_w4a16(self) -> bool:
-        """Whether the Triton W4A16 weight is in use (CUDA)."""
-        return self.w4_qweight is not None
+    def keeps_dense_copy(self) -> bool:
+        """Whether a CPU-packed quantized weight keeps the dense copy for large calls:
+        :attr:`keep_dense_copy` (``ARGOSY_CPU_DENSE_COPIES=keep`` when unset), and always
+        where the scratch cannot run: not a bfloat16 CPU layer (the kernels write
+        bfloat16) or the dequantization kernel not built."""
+        keep = self.keep_dense_copy if self.keep_dense_copy is not None else DENSE_COPIES == "keep"
+        return (keep or self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu"
+                or dequant.kernel() is None)
 
-    @property
-    def is_int8(self) -> bool:
-        """Whether the int8 weight is in use."""
-        return self.int8_weight is not None
-
-    @property
-    def is_fp8(self) -> bool:
-        """Whether the FP8 weight runs on ``_scaled_mm`` (a GPU that takes it)."""
-        return self.fp8_weight is not None
-
-    @property
-    def is_q8(self) -> bool:
-        """Whether the grouped int8 weight (GGUF Q8_0/Q5_x/Q6_K) is in use."""
-        return self.q8_weight is not None
+    def free_dense_weight(self) -> None:
+        """Replace the dense weight by an empty ``[0, in_features]`` one (its memory freed;
+        on the CPU its pages were never touched when every row came quantized)."""
+        self.weight = nn.Parameter(torch.empty(0, self.in_features, dtype=self.weight.dtype,
+                                               device=self.weight.device), requires_grad=False)
 
     def load_quantized(self, row_start: int, w: Union[Int4Weight, Int8Weight, Q8Weight, Fp8Weight]) -> None:
         """Take rows ``[row_start, row_start + N)`` as a 4-bit, int8, grouped int8 or FP8
         weight. Once every row of the layer has arrived this way, the layer is processed
         at once (:meth:`process_weights_after_loading`), so a checkpoint's layers are never
-        all held dense while loading; rows the layer keeps dense get their values there (on
-        the CPU dequantized the way its kernel sees them, scales rounded as the kernel
-        rounds them; elsewhere, where only the W4A16 kernel runs and a layer it does not
-        take stays dense, exactly).
+        all held dense while loading; rows the layer keeps dense get their values there
+        (beside a kernel in a 16-bit dtype dequantized the way the kernel sees them, scales
+        rounded as it rounds them; in float32, or where no method runs the layer, exactly).
 
         Raises:
             ValueError: the rows do not fit the layer.
@@ -262,153 +222,39 @@ class Linear(nn.Module):
             self.process_weights_after_loading()
 
     def process_weights_after_loading(self) -> None:
-        """When every row arrived quantized in one form: pack the int4 weight for the
-        Triton W4A16 kernel (CUDA, float16/bfloat16) or for PyTorch's CPU int4 kernel
-        (CPU, bfloat16) if the kernel takes its shape and group size, keep the int8 weight
-        if the model runs in bfloat16 on the CPU (``_weight_int8pack_mm``'s case), or pack
-        the grouped int8 weight where its C++ kernel builds (CPU, bfloat16), keep the FP8
-        weight where ``_scaled_mm`` runs (:func:`~argosy.runtime.quantization.fp8.scaled_mm_supported`,
-        16-multiple shapes; the dense weight freed); otherwise stay dense."""
+        """When every row arrived quantized in one form: give the whole weight to its
+        quantization method (:func:`~..quantization.base.choose_linear_method`), which packs
+        it for its kernel and frees the dense weight where it needs none; then, where the
+        layer keeps a dense weight (no method took it, some rows came dense, or the method
+        uses a dense copy), write the dense values of the quantized rows."""
         parts, self._quantized_parts = self._quantized_parts, {}
         if not parts:
             return
-        self._pack([parts[s] for s in sorted(parts)])
+        ordered = [parts[s] for s in sorted(parts)]
+        if sum(p.shape[0] for p in ordered) == self.out_features and len({type(p) for p in ordered}) == 1:
+            try:
+                whole = type(ordered[0]).cat(ordered)
+            except ValueError:  # parts that do not stack (4-bit parts of different group sizes)
+                whole = None
+            if whole is not None:
+                self.quant_method = choose_linear_method(whole, self)
         if self.weight.numel():  # the layer runs dense (for some calls, or all): the dense values of its rows
+            # a dense copy beside a CPU kernel holds the kernel's values (its scales rounded to
+            # the 16-bit dtype it packs them in); a float32 layer's kernel keeps float32
+            # scales, and a layer no method runs is exact
+            rounded = self.quant_method is not None and self.weight.dtype != torch.float32
             for start, w in parts.items():
-                self.weight.data[start : start + w.shape[0]].copy_(
-                    w.dequantize(self.weight.dtype, kernel_rounding=self.weight.device.type == "cpu"))
-
-    def _pack(self, ordered: list) -> None:
-        """:meth:`process_weights_after_loading` for the quantized parts ``ordered`` by row."""
-        if sum(p.shape[0] for p in ordered) != self.out_features or len({type(p) for p in ordered}) != 1:
-            return  # some rows were dense in the checkpoint (or came in another form)
-        if isinstance(ordered[0], Fp8Weight):
-            self.fp8_dense = True
-            dev = self.weight.device
-            whole = Fp8Weight.cat(ordered)
-            if whole.dynamic_activations and fp8_mod.shape_supported(self.out_features, self.in_features) \
-                    and fp8_mod.scaled_mm_supported(dev):
-                self.fp8_weight = whole.q.to(dev).contiguous()
-                self.fp8_scales = whole.scale.to(dev, torch.float32)[None, :].contiguous()
-                self.fp8_dense = False
-                # every call runs _scaled_mm: the dense weight is not kept (its memory is freed)
-                self.weight = nn.Parameter(torch.empty(0, self.in_features, dtype=self.weight.dtype, device=dev),
-                                           requires_grad=False)
-            return
-        if isinstance(ordered[0], Q8Weight):
-            if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu" and q8_0.kernel() is not None:
-                p = PackedQ8.pack(Q8Weight.cat(ordered))
-                self.q8_weight, self.q8_scales, self.q8_mins, self.q8_group = p.w, p.scales, p.mins, p.group_size
-                self._free_dense_copy()
-            return
-        if isinstance(ordered[0], Int8Weight):
-            whole8 = Int8Weight.cat(ordered)
-            self.int8_activations = whole8.dynamic_activations
-            if self.weight.dtype == torch.bfloat16 and self.weight.device.type == "cpu":
-                self.int8_weight = whole8.q.contiguous().to(self.weight.device)
-                if self.int8_activations:  # every call runs _int_mm: no dense weight at all
-                    self.int8_scales = whole8.scale.to(self.weight.device, torch.float32).contiguous()
-                    self.weight = nn.Parameter(torch.empty(0, self.in_features, dtype=self.weight.dtype,
-                                                           device=self.weight.device), requires_grad=False)
-                    return
-                self.int8_scales = whole8.scale.to(torch.bfloat16).to(self.weight.device)
-                self._free_dense_copy()
-            return
-        try:
-            whole = Int4Weight.cat(ordered)
-        except ValueError:
-            return
-        if self.weight.device.type in W4A16_DEVICES and self.weight.dtype in (torch.float16, torch.bfloat16):
-            global _triton_w4a16
-            from ..quantization import triton_w4a16
-
-            _triton_w4a16 = triton_w4a16  # imported once, here: it imports Triton
-            if triton_w4a16.supports(whole):
-                qw, sc, zr = triton_w4a16.pack(whole, self.weight.dtype)
-                dev = self.weight.device
-                self.w4_qweight, self.w4_scales, self.w4_zeros = qw.to(dev), sc.to(dev), zr.to(dev)
-                self.group_size = whole.group_size
-                if whole.perm is not None:
-                    self.input_perm = torch.as_tensor(whole.perm, dtype=torch.int64, device=dev)
-                # every call runs the kernel: the dense weight is not kept (its memory is freed)
-                self.weight = nn.Parameter(torch.empty(0, self.in_features, dtype=self.weight.dtype, device=dev),
-                                           requires_grad=False)
-            return
-        if self.weight.device.type != "cpu" or not int4_mod.kernel_supports(whole):
-            return
-        packed, sz = int4_mod.pack(whole, self.weight.dtype)
-        self.int4_packed, self.int4_scales_zeros = packed.to(self.weight.device), sz.to(self.weight.device)
-        self.group_size = whole.group_size
-        if whole.perm is not None:
-            self.input_perm = torch.as_tensor(whole.perm, dtype=torch.int64, device=self.weight.device)
-        self.int4_block = dequant.int4pack_block()
-        if not self.int4_block:
-            self.int4_nibbles = dequant.pack_nibbles(whole.q)
-        self._free_dense_copy()
-
-    def _free_dense_copy(self) -> None:
-        """Run calls of more than ``INT4_MAX_ROWS`` rows on a dequantized scratch
-        (:mod:`..quantization.dequant`) and free the dense weight, unless the layer keeps
-        its dense copy (:attr:`keep_dense_copy`), is not a bfloat16 CPU layer (the kernels
-        write bfloat16) or the kernel is not built."""
-        keep = self.keep_dense_copy if self.keep_dense_copy is not None else DENSE_COPIES == "keep"
-        if keep or self.weight.dtype != torch.bfloat16 or self.weight.device.type != "cpu" \
-                or dequant.kernel() is None:
-            self.int4_nibbles, self.int4_block = None, 0
-            return
-        self.dense_on_demand = True
-        self.weight = nn.Parameter(torch.empty(0, self.in_features, dtype=self.weight.dtype,
-                                               device=self.weight.device), requires_grad=False)
+                self.weight.data[start : start + w.shape[0]].copy_(w.dequantize(self.weight.dtype,
+                                                                               kernel_rounding=rounded))
 
     def dense_weight(self) -> torch.Tensor:
         """``W [out_features, in_features]`` in the layer's dtype, input columns in the
-        layer's own order: :attr:`weight`, or for a layer that keeps no dense copy
-        (:attr:`dense_on_demand`) its quantized weight dequantized into a new tensor (the
-        values its large calls multiply)."""
-        if self.int8_activations and self.int8_weight is not None:
-            return Int8Weight(self.int8_weight, self.int8_scales, True).dequantize(self.weight.dtype)
-        if not self.dense_on_demand:
-            return self.weight
-        if self.int4_packed is not None:
-            w = (dequant.int4pack_dequantize(self.int4_packed, self.int4_scales_zeros, self.group_size,
-                                             self.int4_block).contiguous()
-                 if self.int4_block else dequant.int4_dequantize(self.int4_nibbles, self.int4_scales_zeros,
-                                                                 self.group_size))
-            return w if self.input_perm is None else torch.empty_like(w).index_copy_(1, self.input_perm, w)
-        if self.q8_weight is not None:
-            return dequant.q8_dequantize(self.q8_weight, self.q8_scales, self.q8_mins, self.q8_group,
-                                         self.out_features)
-        return dequant.int8_dequantize(self.int8_weight, self.int8_scales)
+        layer's own order: :attr:`weight`, or, for a layer whose method keeps no dense
+        weight, its quantized weight dequantized into a new tensor (the values its calls
+        multiply)."""
+        return self.weight if self.quant_method is None else self.quant_method.dense_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp8_weight is not None:
-            return fp8_mod.fp8_linear(x, self.fp8_weight, self.fp8_scales, self.bias)
-        if self.w4_qweight is not None:
-            y = _triton_w4a16.matmul(x, self.w4_qweight, self.w4_scales, self.w4_zeros, self.group_size,
-                                    self.input_perm)
-            return y if self.bias is None else y + self.bias
-        if self.int8_activations:
-            if self.int8_weight is not None:
-                return int8_mod.w8a8_linear(x, self.int8_weight, self.int8_scales, self.bias)
-            return F.linear(int8_mod.fake_quantize_per_token(x), self.weight, self.bias)
-        if self.int4_packed is not None and x.shape[0] <= INT4_MAX_ROWS:
-            xp = x if self.input_perm is None else x.index_select(1, self.input_perm)
-            y = int4_mod.matmul(xp, self.int4_packed, self.int4_scales_zeros, self.group_size)
-            return y if self.bias is None else y + self.bias
-        if self.q8_weight is not None and x.shape[0] <= INT4_MAX_ROWS:
-            y = torch.ops.argosy.q8_linear(x, self.q8_weight, self.q8_scales, self.q8_mins, self.q8_group,
-                                           self.out_features, x.dtype)
-            return y if self.bias is None else y + self.bias
-        if self.int8_weight is not None and x.shape[0] <= INT4_MAX_ROWS:
-            y = torch.ops.aten._weight_int8pack_mm(x, self.int8_weight, self.int8_scales)
-            return y if self.bias is None else y + self.bias
-        if self.dense_on_demand:
-            if self.int4_packed is not None:
-                return torch.ops.argosy.int4_dense_linear(
-                    x, self.int4_packed if self.int4_block else self.int4_nibbles, self.int4_scales_zeros,
-                    self.group_size, self.int4_block, self.input_perm, self.bias)
-            if self.q8_weight is not None:
-                return torch.ops.argosy.q8_dense_linear(x, self.q8_weight, self.q8_scales, self.q8_mins,
-                                                        self.q8_group, self.out_features, self.bias)
-            return torch.ops.argosy.int8_dense_linear(x, self.int8_weight, self.int8_scales, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        if self.quant_method is None:
+            return F.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x)

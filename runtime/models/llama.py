@@ -34,6 +34,7 @@ from ..config import ModelConfig
 from ..distributed import TPGroup
 from ..layers import INT4_MAX_ROWS, Linear
 from ..quantization import q8_0
+from ..quantization.base import CpuPackedMethod
 from ..quantization.fp8 import Fp8Weight
 from ..quantization.int8 import Int8Weight
 from ..quantization.int4 import Int4Weight
@@ -545,8 +546,7 @@ class LlamaForCausalLM(nn.Module):
         self._set_kv_scales(kv_scales)
         self.process_weights_after_loading()
         note = getattr(self, "_dense_copies_note", None)
-        quantized = [m for m in self.modules() if isinstance(m, Linear)
-                     and (m.is_int4 or (m.is_int8 and not m.int8_activations) or m.is_q8)]
+        quantized = [m for m in self.modules() if isinstance(m, Linear) and isinstance(m.quant_method, CpuPackedMethod)]
         if note and quantized:
             lean = sum(m.dense_on_demand for m in quantized)
             logger.info("%d of %d quantized linear layers keep a dense copy for steps of more than %d rows, the "

@@ -1,6 +1,9 @@
 """Weight formats executed in their quantized form (see ``ARCHITECTURE.md``, "Fast CPU
-path and quantized weights"). :mod:`.int4` holds the packed 4-bit weight every 4-bit
-format maps onto; :mod:`.gguf` decodes GGUF blocks into it."""
+path and quantized weights"). Checkpoint formats (:mod:`.gguf`, :mod:`.gptq_awq`,
+:mod:`.compressed_tensors`, :mod:`.fp8`) decode their tensors into a few weight forms
+(:mod:`.int4`, :mod:`.int8`, :mod:`.q8_0`, :mod:`.fp8`); each form's module registers the
+linear-layer methods that run it (:class:`.base.LinearMethod`, chosen per layer by
+:func:`.base.choose_linear_method`)."""
 
 from typing import Optional
 

@@ -1,10 +1,14 @@
-"""What every checkpoint quantization format shares."""
+"""What every checkpoint quantization format shares: the errors, the row-scaled weight
+base, and the interface of a linear layer's quantization method with its registry."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
 class UnsupportedQuantization(ValueError):
@@ -43,3 +47,132 @@ class RowScaledWeight:
         """Stack ``parts`` (of this class) along the output rows; other fields from the
         first part."""
         return replace(parts[0], q=torch.cat([p.q for p in parts]), scale=torch.cat([p.scale for p in parts]))
+
+
+#: Calls of at most this many rows run a CPU-packed layer's quantized kernel (decode at low
+#: batch sizes: memory-bound, the kernel reads a quarter or half of the bytes); more rows
+#: (prefill, large decode batches) run a bfloat16 GEMM on a dense copy or a dequantized
+#: scratch (:class:`CpuPackedMethod`; measured in :mod:`argosy.runtime.layers.linear`).
+INT4_MAX_ROWS = 8
+
+
+class LinearMethod(nn.Module):
+    """How a :class:`~argosy.runtime.layers.Linear` holds and runs a quantized weight: the
+    interface of vLLM's ``QuantizeMethodBase`` (``create_weights``,
+    ``process_weights_after_loading``, ``apply``), one object per layer.
+
+    Every checkpoint format decodes its tensors into one of a few weight forms
+    (:class:`~.int4.Int4Weight`, :class:`~.int8.Int8Weight`, :class:`~.q8_0.Q8Weight`,
+    :class:`~.fp8.Fp8Weight`; AWQ, GPTQ, compressed-tensors and GGUF 4-bit all become
+    ``Int4Weight``), so a method is registered per weight form (:func:`register`), not per
+    checkpoint format, and lives in that form's module. The layer hands the whole weight
+    (its rows stacked) to :func:`choose_linear_method` once every row has arrived; the
+    first registered method whose :meth:`create` takes it (device, dtype, shape, kernel
+    built) packs it into its own buffers (tensors of this module, so the compiled graphs
+    see them as the layer's inputs) and frees the layer's dense weight where it does not
+    need it. A layer no method takes stays dense.
+
+    The layer is passed to every call (it owns ``weight [out_features, in_features]``,
+    ``bias [out_features]`` or None, and the dense-copy policy) rather than kept here, so
+    the module tree has no cycle.
+    """
+
+    #: what :func:`~argosy.runtime.worker.executor.weight_bytes_by_format` counts this
+    #: method's buffers as (``int4``, ``int8``, ``grouped int8``, ``fp8``); a layer with a
+    #: method counts a dense weight it keeps as ``<dtype> dense copies``
+    kind: str = ""
+
+    @classmethod
+    def create(cls, whole, layer) -> Optional["LinearMethod"]:
+        """The method running ``whole`` (the layer's quantized weight, ``[out_features,
+        in_features]``) in ``layer``, its tensors packed, or None when it cannot run here.
+        May free the layer's dense weight (:meth:`~argosy.runtime.layers.Linear.free_dense_weight`)."""
+        raise NotImplementedError
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        """``x [M, in_features] -> x W^T (+ bias) [M, out_features]`` in ``x.dtype``."""
+        raise NotImplementedError
+
+    def dense_weight(self, layer) -> torch.Tensor:
+        """``W [out_features, in_features]`` in the layer's dtype and input-column order:
+        the values :meth:`apply` multiplies (quantized weights dequantized into a new tensor
+        where the layer keeps no dense copy)."""
+        return layer.weight
+
+    def signature(self) -> tuple:
+        """What :meth:`apply` branches on besides its tensors' values (flags, group sizes,
+        which optional buffers exist): compiled graphs traced on one layer run every layer
+        of the same signature (:func:`argosy.runtime.worker.cpu_compile.layer_signature`)."""
+        return ()
+
+
+class CpuPackedMethod(LinearMethod):
+    """A CPU layer in bfloat16 with a packed quantized weight and a kernel for few rows
+    (:meth:`small`); the rule by rows, in one place: at most :data:`INT4_MAX_ROWS` rows run
+    :meth:`small`; more run a bfloat16 GEMM on the layer's dense copy, or, where the layer
+    keeps none (:attr:`dense_on_demand`), on the weight dequantized into a per-thread
+    scratch (:meth:`scratch`, :mod:`.dequant`)."""
+
+    def __init__(self):
+        super().__init__()
+        #: whether calls of more than ``INT4_MAX_ROWS`` rows dequantize into the scratch
+        #: (the layer's dense weight freed) instead of using the dense copy
+        self.dense_on_demand = False
+
+    def finish(self, layer) -> None:
+        """After packing: free the layer's dense weight and run large calls on the scratch,
+        unless the layer keeps its dense copy (:meth:`~argosy.runtime.layers.Linear.keeps_dense_copy`)."""
+        if not layer.keeps_dense_copy():
+            self.dense_on_demand = True
+            layer.free_dense_weight()
+
+    def small(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [M <= INT4_MAX_ROWS, K] bfloat16 -> x W^T [M, N]`` on the packed kernel (no bias)."""
+        raise NotImplementedError
+
+    def scratch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """``x W^T (+ bias)`` through the dequantized scratch (:mod:`.dequant`'s ops)."""
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The packed weight as a new ``[N, K] bfloat16`` tensor in the layer's column order."""
+        raise NotImplementedError
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= INT4_MAX_ROWS:
+            y = self.small(x)
+            return y if layer.bias is None else y + layer.bias
+        if self.dense_on_demand:
+            return self.scratch(x, layer.bias)
+        return F.linear(x, layer.weight, layer.bias)
+
+    def dense_weight(self, layer) -> torch.Tensor:
+        return self.dequantize() if self.dense_on_demand else layer.weight
+
+    def signature(self) -> tuple:
+        return (self.dense_on_demand,)
+
+
+#: weight form -> the method classes that may run it, in the order tried
+_METHODS: dict[type, list] = {}
+
+
+def register(weight_cls: type):
+    """Class decorator: the decorated :class:`LinearMethod` (or an object with its
+    ``create``) may run layers whose weight is a ``weight_cls``; tried in registration
+    order."""
+    def deco(method):
+        _METHODS.setdefault(weight_cls, []).append(method)
+        return method
+
+    return deco
+
+
+def choose_linear_method(whole, layer) -> Optional[LinearMethod]:
+    """The first registered method for ``type(whole)`` whose ``create`` takes it, or None
+    (the layer stays dense)."""
+    for method in _METHODS.get(type(whole), ()):
+        m = method.create(whole, layer)
+        if m is not None:
+            return m
+    return None

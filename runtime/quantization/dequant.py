@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import cpu_kernels
-from . import q8_0
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +269,7 @@ def q8_dequantize(w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Te
     """
     tiles, k, t = w.shape
     g = group_size
-    if (w.dtype != torch.int8 or t != 16 or g not in q8_0.GROUP_SIZES or k % g
+    if (w.dtype != torch.int8 or t != 16 or g <= 0 or g % 16 or k % g
             or tuple(scales.shape) != (tiles, k // g, 16)
             or scales.dtype not in (torch.int16, torch.float32) or not 0 < n <= tiles * 16
             or (mins is not None and (mins.shape != scales.shape or mins.dtype != scales.dtype))

@@ -29,8 +29,9 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from .base import RowScaledWeight
+from .base import LinearMethod, RowScaledWeight, register
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,56 @@ def scaled_mm_supported(device: torch.device) -> bool:
                 ok = False
         _PROBED[key] = ok
     return _PROBED[key]
+
+
+@register(Fp8Weight)
+class Fp8ScaledMMMethod(LinearMethod):
+    """An FP8 weight on ``torch._scaled_mm`` with per-token FP8 activations
+    (:func:`fp8_linear`) for every call, where the GPU takes it (:func:`scaled_mm_supported`,
+    :func:`shape_supported`, a checkpoint with dynamic activations); the layer's dense
+    weight is freed.
+
+    Buffers: ``weight [N, K] float8_e4m3fn``, ``scales [1, N] float32``.
+    """
+
+    kind = "fp8"
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+
+    @classmethod
+    def create(cls, whole: Fp8Weight, layer) -> Optional["Fp8ScaledMMMethod"]:
+        dev = layer.weight.device
+        if not (whole.dynamic_activations and shape_supported(layer.out_features, layer.in_features)
+                and scaled_mm_supported(dev)):
+            return None
+        m = cls(whole.q.to(dev).contiguous(), whole.scale.to(dev, torch.float32)[None, :].contiguous())
+        layer.free_dense_weight()
+        return m
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.scales, layer.bias)
+
+    def dense_weight(self, layer) -> torch.Tensor:
+        return Fp8Weight(self.weight, self.scales[0]).dequantize(layer.weight.dtype)
+
+
+@register(Fp8Weight)
+class Fp8DenseMethod(LinearMethod):
+    """An FP8 weight where ``_scaled_mm`` does not run (the CPU, older GPUs, other shapes,
+    weight-only checkpoints): the layer's dense weight holds the FP8 values (times the
+    scales, in the layer's dtype) and every call is a dense product; no memory saved."""
+
+    kind = "fp8"
+
+    @classmethod
+    def create(cls, whole: Fp8Weight, layer) -> "Fp8DenseMethod":
+        return cls()
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
 
 
 # --------------------------------------------------------------- the ``fp8`` checkpoint format

@@ -12,7 +12,9 @@ which is the convention of the CUDA W4A16 kernel (:mod:`.triton_w4a16`) and of
 (scale, zero)``, both in the activation dtype, bfloat16 here). GGUF's Q4_0, Q4_1 and Q4_K
 blocks map onto it exactly (:mod:`.gguf`), up to the bfloat16 rounding of the scales.
 
-The module imports torch only inside functions that need it.
+:class:`Int4CpuMethod` runs such a weight in a bfloat16 CPU layer (packed kernel for few
+rows, a dense copy or the dequantization scratch for more); on a GPU the Triton W4A16
+kernel runs it (:class:`.triton_w4a16.W4A16Method`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+import torch
+
+from . import dequant
+from .base import CpuPackedMethod, register
 
 #: Group sizes the CPU kernel accepts (``_weight_int4pack_mm_for_cpu``'s check).
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
@@ -117,8 +123,6 @@ class Int4Weight:
                 bfloat16 (the CPU int4 kernel; W4A16 in bfloat16); False: from the float32
                 scales and zeros (the checkpoint's own values).
         """
-        import torch
-
         n, k = self.q.shape
         g = self.group_size
         scale = torch.from_numpy(self.scale)
@@ -149,8 +153,6 @@ def pack(w: Int4Weight, dtype):
     Raises:
         ValueError: shapes the kernel cannot run (:func:`kernel_supports`).
     """
-    import torch
-
     if not kernel_supports(w):
         raise ValueError(f"int4 weight {w.shape} with group size {w.group_size} is not supported by the CPU kernel")
     q = torch.from_numpy(np.ascontiguousarray(w.q, dtype=np.int32))
@@ -161,6 +163,85 @@ def pack(w: Int4Weight, dtype):
 
 def matmul(x, packed, scales_and_zeros, group_size: int):
     """``x @ W.T`` with the packed weight: ``x [M, K]`` bfloat16 -> ``[M, N]`` bfloat16."""
-    import torch
-
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
+
+
+#: Devices whose 4-bit layers run the Triton W4A16 kernel (:mod:`.triton_w4a16`; float16 /
+#: bfloat16) for every call. Tests add ``"cpu"`` to run the kernel under Triton's
+#: interpreter through the layer.
+W4A16_DEVICES = ("cuda",)
+
+
+@register(Int4Weight)
+class _W4A16:
+    """Registration of :class:`.triton_w4a16.W4A16Method` (imported on first use: it
+    imports Triton, which a CPU server need not load). On a W4A16 device a weight the
+    kernel does not take stays dense."""
+
+    @staticmethod
+    def create(whole: Int4Weight, layer):
+        if layer.weight.device.type not in W4A16_DEVICES or layer.weight.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        from . import triton_w4a16
+
+        return triton_w4a16.W4A16Method.create(whole, layer)
+
+
+@register(Int4Weight)
+class Int4CpuMethod(CpuPackedMethod):
+    """A 4-bit weight on the CPU: ``_weight_int4pack_mm_for_cpu`` (:func:`matmul`) for
+    calls of at most ``INT4_MAX_ROWS`` rows, and for more the layer's dense copy or the
+    weight dequantized into the scratch (:func:`.dequant.int4_dense_linear`), which reads
+    PyTorch's packed weight itself where its layout is the one checked
+    (:func:`.dequant.int4pack_block`), else a second copy of the integers
+    (:func:`.dequant.pack_nibbles`, 0.5 bytes a weight).
+
+    Buffers: ``packed [N, K / 2] uint8`` (PyTorch's layout), ``scales_and_zeros [K / g, N,
+    2]`` (layer dtype), ``perm [K] int64`` or None (act-order: ``x``'s columns gathered
+    first), ``nibbles [N, K / 2] uint8`` or None.
+    """
+
+    kind = "int4"
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                 perm: Optional[torch.Tensor]):
+        super().__init__()
+        self.register_buffer("packed", packed, persistent=False)
+        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
+        self.register_buffer("perm", perm, persistent=False)
+        self.register_buffer("nibbles", None, persistent=False)
+        self.group_size = group_size
+        #: row block of :attr:`packed`'s layout the scratch kernel reads (64 or 32), or 0
+        #: where it reads :attr:`nibbles` (or the layer keeps its dense copy)
+        self.block = 0
+
+    @classmethod
+    def create(cls, whole: Int4Weight, layer) -> Optional["Int4CpuMethod"]:
+        dev = layer.weight.device
+        if dev.type != "cpu" or not kernel_supports(whole):
+            return None
+        packed, sz = pack(whole, layer.weight.dtype)
+        perm = None if whole.perm is None else torch.as_tensor(whole.perm, dtype=torch.int64, device=dev)
+        m = cls(packed.to(dev), sz.to(dev), whole.group_size, perm)
+        m.finish(layer)
+        if m.dense_on_demand:
+            m.block = dequant.int4pack_block()
+            if not m.block:
+                m.nibbles = dequant.pack_nibbles(whole.q)
+        return m
+
+    def small(self, x: torch.Tensor) -> torch.Tensor:
+        xp = x if self.perm is None else x.index_select(1, self.perm)
+        return matmul(xp, self.packed, self.scales_and_zeros, self.group_size)
+
+    def scratch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.ops.argosy.int4_dense_linear(x, self.packed if self.block else self.nibbles,
+                                                  self.scales_and_zeros, self.group_size, self.block, self.perm, bias)
+
+    def dequantize(self) -> torch.Tensor:
+        w = (dequant.int4pack_dequantize(self.packed, self.scales_and_zeros, self.group_size, self.block).contiguous()
+             if self.block else dequant.int4_dequantize(self.nibbles, self.scales_and_zeros, self.group_size))
+        return w if self.perm is None else torch.empty_like(w).index_copy_(1, self.perm, w)
+
+    def signature(self) -> tuple:
+        return (self.dense_on_demand, self.block, self.nibbles is not None, self.group_size, self.perm is not None)

@@ -22,8 +22,10 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
-from .base import RowScaledWeight
+from . import dequant
+from .base import CpuPackedMethod, LinearMethod, RowScaledWeight, register
 
 
 @dataclass
@@ -85,3 +87,80 @@ def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Opt
     y = (torch._int_mm(xq, q.t()).to(torch.float32) * xs * scale).to(x.dtype)
     return y if bias is None else y + bias
 
+
+
+@register(Int8Weight)
+class W8A8Method(LinearMethod):
+    """An int8 weight with dynamic per-token int8 activations (a W8A8 checkpoint). In a
+    bfloat16 CPU layer every call runs :func:`w8a8_linear` (``torch._int_mm``) and the
+    layer holds no dense weight at all (buffers ``weight [N, K] int8``, ``scales [N]
+    float32``); elsewhere (float32, off the CPU) the layer keeps its dense weight (the
+    int8 values times the scales) and multiplies the input after
+    :func:`fake_quantize_per_token`: the scheme's values, no speed-up."""
+
+    kind = "int8"
+
+    def __init__(self, weight: Optional[torch.Tensor], scales: Optional[torch.Tensor]):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+
+    @classmethod
+    def create(cls, whole: Int8Weight, layer) -> Optional["W8A8Method"]:
+        if not whole.dynamic_activations:
+            return None
+        w = layer.weight
+        if w.dtype != torch.bfloat16 or w.device.type != "cpu":
+            return cls(None, None)
+        m = cls(whole.q.contiguous().to(w.device), whole.scale.to(w.device, torch.float32).contiguous())
+        layer.free_dense_weight()
+        return m
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None:
+            return w8a8_linear(x, self.weight, self.scales, layer.bias)
+        return F.linear(fake_quantize_per_token(x), layer.weight, layer.bias)
+
+    def dense_weight(self, layer) -> torch.Tensor:
+        if self.weight is None:
+            return layer.weight
+        return Int8Weight(self.weight, self.scales, True).dequantize(layer.weight.dtype)
+
+    def signature(self) -> tuple:
+        return (self.weight is not None,)
+
+
+@register(Int8Weight)
+class Int8CpuMethod(CpuPackedMethod):
+    """A weight-only int8 weight (per-row scales) in a bfloat16 CPU layer:
+    ``_weight_int8pack_mm`` for calls of at most ``INT4_MAX_ROWS`` rows (one 3072 x 576
+    weight: 1 row 67 vs 184 us dense, 8 rows 246 vs 206 us), and for more the layer's
+    dense copy or the scratch (:func:`.dequant.int8_dense_linear`).
+
+    Buffers: ``weight [N, K] int8``, ``scales [N] bfloat16`` (the kernel's dtype).
+    """
+
+    kind = "int8"
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+
+    @classmethod
+    def create(cls, whole: Int8Weight, layer) -> Optional["Int8CpuMethod"]:
+        w = layer.weight
+        if whole.dynamic_activations or w.dtype != torch.bfloat16 or w.device.type != "cpu":
+            return None
+        m = cls(whole.q.contiguous().to(w.device), whole.scale.to(torch.bfloat16).to(w.device))
+        m.finish(layer)
+        return m
+
+    def small(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scales)
+
+    def scratch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.ops.argosy.int8_dense_linear(x, self.weight, self.scales, bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequant.int8_dequantize(self.weight, self.scales)

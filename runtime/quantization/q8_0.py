@@ -55,6 +55,8 @@ import numpy as np
 import torch
 
 from .. import cpu_kernels
+from . import dequant
+from .base import CpuPackedMethod, register
 
 #: GGUF block types read as :class:`Q8Weight`.
 TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
@@ -352,3 +354,43 @@ _LIBRARY.impl("q8_linear", q8_linear, "CPU")
 @torch.library.register_fake("argosy::q8_linear")
 def _(x, w, scales, mins, group_size, n, out_dtype=None):
     return x.new_empty(x.shape[0], n, dtype=out_dtype or torch.float32)
+
+
+@register(Q8Weight)
+class Q8Method(CpuPackedMethod):
+    """A grouped int8 weight (GGUF Q8_0 / Q5_x / Q6_K, 8-bit GPTQ) in a bfloat16 CPU layer
+    where the kernel builds: :func:`q8_linear` (float32 math, output rounded to ``x``'s
+    dtype) for calls of at most ``INT4_MAX_ROWS`` rows, and for more the layer's dense copy
+    or the scratch (:func:`.dequant.q8_dense_linear`).
+
+    Buffers: :class:`PackedQ8`'s ``w``, ``scales``, ``mins`` (or None).
+    """
+
+    kind = "grouped int8"
+
+    def __init__(self, p: PackedQ8):
+        super().__init__()
+        self.register_buffer("w", p.w, persistent=False)
+        self.register_buffer("scales", p.scales, persistent=False)
+        self.register_buffer("mins", p.mins, persistent=False)
+        self.group_size, self.n = p.group_size, p.n
+
+    @classmethod
+    def create(cls, whole: Q8Weight, layer) -> Optional["Q8Method"]:
+        if layer.weight.dtype != torch.bfloat16 or layer.weight.device.type != "cpu" or kernel() is None:
+            return None
+        m = cls(PackedQ8.pack(whole))
+        m.finish(layer)
+        return m
+
+    def small(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.argosy.q8_linear(x, self.w, self.scales, self.mins, self.group_size, self.n, x.dtype)
+
+    def scratch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return torch.ops.argosy.q8_dense_linear(x, self.w, self.scales, self.mins, self.group_size, self.n, bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequant.q8_dequantize(self.w, self.scales, self.mins, self.group_size, self.n)
+
+    def signature(self) -> tuple:
+        return (self.dense_on_demand, self.mins is not None, self.group_size)

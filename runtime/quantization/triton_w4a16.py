@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .int4 import Int4Weight
+from .base import LinearMethod
 
 try:  # Triton is optional on CPU-only installs
     import triton
@@ -56,15 +56,17 @@ def _interpreting() -> bool:
     return interp()
 
 
-def supports(w: Int4Weight) -> bool:
-    """Whether :func:`pack` takes ``w``: K a multiple of 32 and a group size that is a
+def supports(w) -> bool:
+    """Whether :func:`pack` takes ``w`` (an :class:`~.int4.Int4Weight`; this module does
+    not import :mod:`.int4`, which imports it when a layer runs it): K a multiple of 32 and a group size that is a
     multiple of 32 dividing K (every format Argosy reads yields such weights)."""
     n, k = w.shape
     return k % 32 == 0 and w.group_size % 32 == 0 and k % w.group_size == 0
 
 
-def pack(w: Int4Weight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``w`` in the kernel's layout (module doc), on the CPU.
+def pack(w, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w`` (an :class:`~.int4.Int4Weight` ``[N, K]``) in the kernel's layout (module
+    doc), on the CPU.
 
     Returns:
         ``(qweight [K / 8, N] int32, scales [K / g, N] dtype, zeros [K / g, N] dtype)``.
@@ -84,20 +86,26 @@ def pack(w: Int4Weight, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor,
     return qweight, scales, zeros
 
 
-def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              group_size: int, round_weight: bool = True) -> torch.Tensor:
-    """The kernel's function in PyTorch: ``x [M, K] @ W.T`` -> ``[M, N]`` float32, ``W``
-    unpacked from the kernel's layout and dequantized in float32, then (``round_weight``)
-    rounded to ``x``'s dtype as the GPU kernel rounds its tile for the 16-bit product;
-    float32 accumulation. Under Triton's interpreter the kernel multiplies the unrounded
-    tile (``round_weight=False``): the interpreter's bfloat16 casts truncate instead of
-    rounding to nearest, so rounding there would not be the GPU's."""
+def unpack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``W.T [K, N] float32`` from the kernel's layout (:func:`pack`'s outputs), in the
+    stored column order: ``(q - 8) * scale + zero`` per group of ``group_size`` rows of K."""
     kw, n = qweight.shape
     shifts = torch.arange(8, dtype=torch.int32, device=qweight.device) * 4
     q = ((qweight[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(kw * 8, n).float()  # [K, N]
     s = scales.float().repeat_interleave(group_size, dim=0)
     z = zeros.float().repeat_interleave(group_size, dim=0)
-    w = (q - 8.0) * s + z
+    return (q - 8.0) * s + z
+
+
+def reference(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              group_size: int, round_weight: bool = True) -> torch.Tensor:
+    """The kernel's function in PyTorch: ``x [M, K] @ W.T`` -> ``[M, N]`` float32, ``W``
+    unpacked from the kernel's layout and dequantized in float32 (:func:`unpack`), then
+    (``round_weight``) rounded to ``x``'s dtype as the GPU kernel rounds its tile for the
+    16-bit product; float32 accumulation. Under Triton's interpreter the kernel multiplies
+    the unrounded tile (``round_weight=False``): the interpreter's bfloat16 casts truncate
+    instead of rounding to nearest, so rounding there would not be the GPU's."""
+    w = unpack(qweight, scales, zeros, group_size)
     return x.float() @ (w.to(x.dtype).float() if round_weight else w)
 
 
@@ -174,3 +182,47 @@ def matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
                              GROUP_SIZE=group_size, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                              DOT_FP32=x.dtype == torch.float32 or _interpreting(), num_warps=warps)
     return y
+
+
+class W4A16Method(LinearMethod):
+    """A 4-bit layer on the Triton kernel (:func:`matmul`) for every call, on a GPU in
+    float16 / bfloat16 (:data:`~.int4.W4A16_DEVICES`); the layer's dense weight is freed:
+    on a GPU the point of a 4-bit checkpoint is the memory (0.5 + 4/g bytes a weight
+    instead of 2). Chosen by :mod:`.int4`'s registration (this module imports Triton).
+
+    Buffers: ``qweight [K / 8, N] int32``, ``scales`` / ``zeros [K / g, N]`` (layer dtype),
+    ``perm [K] int64`` or None (act-order: ``x``'s columns gathered first).
+    """
+
+    kind = "int4"
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 perm: Optional[torch.Tensor]):
+        super().__init__()
+        self.register_buffer("qweight", qweight, persistent=False)
+        self.register_buffer("scales", scales, persistent=False)
+        self.register_buffer("zeros", zeros, persistent=False)
+        self.register_buffer("perm", perm, persistent=False)
+        self.group_size = group_size
+
+    @classmethod
+    def create(cls, whole, layer) -> Optional["W4A16Method"]:
+        if not supports(whole):
+            return None
+        dev = layer.weight.device
+        qw, sc, zr = pack(whole, layer.weight.dtype)
+        perm = None if whole.perm is None else torch.as_tensor(whole.perm, dtype=torch.int64, device=dev)
+        m = cls(qw.to(dev), sc.to(dev), zr.to(dev), whole.group_size, perm)
+        layer.free_dense_weight()
+        return m
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        y = matmul(x, self.qweight, self.scales, self.zeros, self.group_size, self.perm)
+        return y if layer.bias is None else y + layer.bias
+
+    def dense_weight(self, layer) -> torch.Tensor:
+        w = unpack(self.qweight, self.scales, self.zeros, self.group_size).t().to(layer.weight.dtype)
+        return w if self.perm is None else torch.empty_like(w).index_copy_(1, self.perm, w)
+
+    def signature(self) -> tuple:
+        return (self.group_size, self.perm is not None)

@@ -135,9 +135,10 @@ def _post_attention(layer, x, o):
 
 def layer_signature(layer) -> tuple:
     """What a decoder layer's stages branch on besides its tensors: for each linear layer,
-    the kernel its large calls take and the non-tensor arguments of that kernel (whether
-    it keeps a dense copy, the quantized form, group sizes, an offset or a column
-    permutation present, a bias). A layer stage graph is traced on one layer and, its
+    its quantization method and that method's
+    :meth:`~argosy.runtime.quantization.base.LinearMethod.signature` (whether it keeps a
+    dense copy, group sizes, an offset or a column permutation present), a bias, and the
+    dense weight's shape (empty where it was freed). A layer stage graph is traced on one layer and, its
     module guards skipped (:func:`_compile`), runs every layer of the same signature; a
     GGUF whose layers mix quantization types (or an ``auto`` choice per layer) gets one
     graph per signature."""
@@ -146,10 +147,9 @@ def layer_signature(layer) -> tuple:
     sig = []
     for name, m in layer.named_modules():
         if isinstance(m, Linear):
-            sig.append((name, m.dense_on_demand, m.int4_nibbles is not None, m.int4_block, m.q8_weight is not None,
-                        m.int8_weight is not None, m.int8_activations, m.q8_mins is not None, m.q8_group, m.group_size,
-                        m.input_perm is not None, m.bias is not None, m.fp8_weight is not None, m.fp8_dense,
-                        m.w4_qweight is not None, tuple(m.weight.shape)))
+            method = m.quant_method
+            sig.append((name, None if method is None else (type(method).__name__, method.signature()),
+                        m.bias is not None, tuple(m.weight.shape)))
     return tuple(sig)
 
 

@@ -84,24 +84,18 @@ def rank_threads(args: EngineArgs) -> int:
     return args.num_threads or max(1, default_num_threads() // args.tensor_parallel_size)
 
 
-#: Buffer names of :class:`~argosy.runtime.layers.linear.Linear` -> the format they hold.
-_QUANTIZED_BUFFERS = {"int4_packed": "int4", "int4_scales_zeros": "int4", "input_perm": "int4", "int4_nibbles": "int4",
-                      "q8_weight": "grouped int8", "q8_scales": "grouped int8", "q8_mins": "grouped int8",
-                      "int8_weight": "int8", "int8_scales": "int8",
-                      "w4_qweight": "int4", "w4_scales": "int4", "w4_zeros": "int4",
-                      "fp8_weight": "fp8", "fp8_scales": "fp8"}
-
-
 def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
     """Bytes of ``model``'s parameters and buffers by the format they are held in
-    (this rank's shard): ``int4`` (packed weights, scales and zeros, act-order permutations, and
+    (this rank's shard): a linear layer's quantization method's buffers count as its
+    :attr:`~argosy.runtime.quantization.base.LinearMethod.kind`: ``int4`` (packed weights, scales and zeros, act-order permutations, and
     where the CPU dequantization kernel cannot read PyTorch's packed layout the second copy
     of the integers it reads), ``grouped int8`` (with its scales and offsets, including the LM head's
     ``logits_q8``), ``int8``, ``fp8`` (FP8 weights on ``_scaled_mm`` and their scales),
     ``<dtype> dense copies`` (dense weights kept beside a quantized one for large batches:
     ``ARGOSY_CPU_DENSE_COPIES=auto`` for a model whose copies are small next to the memory
     limit, ``keep``, or where the CPU dequantization kernel is not built; or holding an FP8
-    layer's values where ``_scaled_mm`` does not run,
+    layer's values where ``_scaled_mm`` does not run, or a W8A8 layer's off the CPU's
+    bfloat16 path,
     :mod:`argosy.runtime.layers.linear`) and ``<dtype>``
     for everything else (embeddings, norms, dense layers, rotary tables). Tied tensors
     count once."""
@@ -118,11 +112,12 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
 
     for m in model.modules():
         if isinstance(m, Linear):
-            quantized = m.is_int4 or m.is_q8 or m.is_int8 or m.is_w4a16 or m.is_fp8 or m.fp8_dense
-            for name, b in m.named_buffers(recurse=False):
-                add(_QUANTIZED_BUFFERS.get(name, str(b.dtype).removeprefix("torch.")), b)
+            method = m.quant_method
+            if method is not None:
+                for b in method.buffers():
+                    add(method.kind, b)
             dtype = str(m.weight.dtype).removeprefix("torch.")
-            add(f"{dtype} dense copies" if quantized else dtype, m.weight)
+            add(f"{dtype} dense copies" if method is not None else dtype, m.weight)
             add(dtype, m.bias)
     for t in (*model.parameters(), *model.buffers()):
         add(str(t.dtype).removeprefix("torch."), t)
