@@ -196,7 +196,7 @@ def test_compiled_graphs_with_grouped_int8_layers_and_an_fp8_cache(model_path, t
     graph and the prefill layer stages), and an FP8 KV cache (clamp, cast and
     ``index_put_`` of the KV write, the FP8-reading decode kernel, all traced): every
     decode step of batches 1, 4 and 10 runs compiled, and greedy tokens agree with the
-    eager engine of the same configuration up to its first near tie."""
+    eager engine of the same configuration up to the first near tie of either."""
     from argosy.runtime.layers import linear
     from argosy.runtime.config import EngineArgs
     from argosy.runtime.core.engine import LLMEngine
@@ -220,20 +220,29 @@ def test_compiled_graphs_with_grouped_int8_layers_and_an_fp8_cache(model_path, t
     compiled = runner.compiled
     tok = eager_eng.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS]
-    for n in (1, 4, 10):
-        batch = [prompts[i % len(prompts)] for i in range(n)]
-        params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2) for _ in batch]
+
+    def greedy(engine, batch):
+        """Each request's greedy tokens and top-2 log-probability margins."""
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
         for i, ids in enumerate(batch):
-            eager_eng.add_request(str(i), ids, params[i])
-        want, margins = {}, {}
-        while eager_eng.has_unfinished_requests():
-            for out in eager_eng.step():
+            engine.add_request(str(i), ids, params)
+        tokens, margins = {}, {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
                 margins.setdefault(out.request_id, []).append(out.logprobs[-1][2][0][1] - out.logprobs[-1][2][1][1])
                 if out.finished:
-                    want[out.request_id] = list(out.output_token_ids)
-        got = run_to_completion(compiled_eng, batch, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+                    tokens[out.request_id] = list(out.output_token_ids)
+        return tokens, margins
+
+    for n in (1, 4, 10):
+        batch = [prompts[i % len(prompts)] for i in range(n)]
+        want, margins = greedy(eager_eng, batch)
+        got, got_margins = greedy(compiled_eng, batch)
         for rid, tokens in want.items():
-            clear = next((i for i, m in enumerate(margins[rid]) if m < MARGIN), len(tokens))
+            # up to the first near tie of either (the Q8_0 head's float32 logits resolve
+            # margins finely: a 0.59 one was seen to flip under the graphs' bfloat16 noise)
+            clear = next((i for i, (a, b) in enumerate(zip(margins[rid], got_margins[rid]))
+                          if min(a, b) < MARGIN), len(tokens))
             assert got[rid][:clear] == tokens[:clear], (n, rid)
     assert compiled.steps.eager == 0 and compiled.steps.compiled > 0
 

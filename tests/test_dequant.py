@@ -357,7 +357,8 @@ def test_the_bundled_model_without_dense_copies(make_engine, monkeypatch, caplog
     """The bundled model without dense copies (``ARGOSY_CPU_DENSE_COPIES=auto`` under a 1 GiB
     memory limit) against ``keep``: its 120
     4-bit layers hold no dense copy (the weight bytes drop by the copies, 2 bytes a weight,
-    and nothing else: the dequantization reads PyTorch's packed weight), and greedy output is identical token for token
+    and by the tied Q8_0 embedding's bfloat16 copy, and nothing else: the dequantization
+    reads PyTorch's packed weight), and greedy output is identical token for token
     (prompts of more than ``INT4_MAX_ROWS`` tokens: their prefill runs on the scratch
     matrix, the same values as the dense copies)."""
     from argosy.runtime import SamplingParams
@@ -382,7 +383,11 @@ def test_the_bundled_model_without_dense_copies(make_engine, monkeypatch, caplog
     by = {mode: weight_bytes_by_format(e.executor.runner.model) for mode, e in engines.items()}
     weights = sum(m.out_features * m.in_features for m in layers["scratch"])
     assert "bfloat16 dense copies" not in by["scratch"] and by["keep"]["bfloat16 dense copies"] == 2 * weights
-    assert sum(by["keep"].values()) - sum(by["scratch"].values()) == 2 * weights
+    # and the tied Q8_0 embedding / LM head is held once, in the file's form
+    models = {mode: e.executor.runner.model for mode, e in engines.items()}
+    assert models["scratch"].embed_q8 is not None and models["keep"].embed_q8 is None
+    embedding = 2 * models["keep"].embed_tokens.numel()
+    assert sum(by["keep"].values()) - sum(by["scratch"].values()) == 2 * weights + embedding
     tok = engines["keep"].tokenizer
     prompts = [ids for ids in (tok.encode(p) for p in PROMPTS) if len(ids) > INT4_MAX_ROWS]
     prompts.append(tok.encode(" ".join(PROMPTS)))

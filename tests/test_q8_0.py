@@ -254,3 +254,67 @@ def test_the_portable_build_handles_offsets_and_group_16(type_name, tmp_path, mo
     assert lib.argosy_q8_linear(packed.w.data_ptr(), packed.scales.data_ptr(), mins, 0, packed.group_size,
                                 x.data_ptr(), 0, out.data_ptr(), 0, 3, n, k) == 0
     torch.testing.assert_close(out.double(), x.double() @ _reference(raw, type_name, n, k).T, atol=1e-4, rtol=0)
+
+
+def test_embedding_rows_from_the_packed_form_equal_the_dequantized_rows(embed):
+    """``q8_0.embedding`` reads rows straight from the tiled layout: bit for bit the rows
+    of ``Q8Weight.dequantize`` (float32 product, one rounding), for the bundled Q8_0
+    embedding (ids across tiles, the last row, repeats) and a Q5_1 weight with offsets
+    and a partial last tile."""
+    w, _ = embed
+    p = q8_0.PackedQ8.pack(w)
+    ids = torch.tensor([0, 1, 15, 16, 17, 12345, 49151, 1, 0])
+    for dtype in (torch.bfloat16, torch.float32):
+        got = q8_0.embedding(ids, p.w, p.scales, p.mins, p.group_size, dtype)
+        assert got.dtype == dtype and torch.equal(got, w.dequantize(dtype)[ids])
+    w5 = q8_0.Q8Weight.from_gguf(_raw("Q5_1", 40, 64), (40, 64), "Q5_1")
+    p5 = q8_0.PackedQ8.pack(w5)
+    assert p5.mins is not None
+    ids = torch.arange(40).flip(0)
+    assert torch.equal(q8_0.embedding(ids, p5.w, p5.scales, p5.mins, p5.group_size, torch.bfloat16),
+                       w5.dequantize(torch.bfloat16)[ids])
+
+
+def test_without_dense_copies_the_embedding_and_head_stay_q8_0(checkpoint, embed, monkeypatch):
+    """With ``ARGOSY_CPU_DENSE_COPIES=scratch`` the tied Q8_0 embedding / LM head is held
+    once, in the file's form (no bfloat16 copy, 54 MiB on this model): lookups equal the
+    dense copy's rows bit for bit, logits of up to ``LEAN_MAX_ROWS`` rows are the kernel's
+    (within 1e-4 of float64), more rows run on the dequantization scratch in row blocks
+    and equal the dense copy's product within bfloat16 rounding; under TP=3 each rank's
+    lookups are its vocabulary slice."""
+    from argosy.runtime.distributed import TPGroup
+    from argosy.runtime.layers import linear
+    from argosy.runtime.models import LlamaForCausalLM
+    from argosy.runtime.quantization import dequant
+    from argosy.runtime.worker.executor import weight_bytes_by_format
+
+    if dequant.kernel() is None:
+        pytest.skip("needs a C++ compiler")
+    w, ref = embed
+    dense = w.dequantize(torch.bfloat16)
+    monkeypatch.setattr(linear, "DENSE_COPIES", "scratch")
+    model = LlamaForCausalLM(checkpoint.config, torch.bfloat16, torch.device("cpu"), 256)
+    model.load_weights(checkpoint.weights(model.shard_for, int4=True))
+    assert model.embed_tokens.numel() == 0 and model.embed_q8 is not None
+    fmt = weight_bytes_by_format(model)
+    assert fmt["bfloat16"] < 1 << 20, fmt  # norms and rotary tables only
+    assert fmt["grouped int8"] == model.logits_q8.nbytes  # the head and the embedding share it
+    ids = torch.tensor([5, 49151, 0, 1234])
+    assert torch.equal(model._embed(ids), dense[ids])
+    g = torch.Generator().manual_seed(5)
+    for rows in (1, q8_0.LEAN_MAX_ROWS):
+        x = torch.randn(rows, 576, generator=g).to(torch.bfloat16)
+        torch.testing.assert_close(model.compute_logits(x).double(), x.double() @ ref.T, atol=1e-4, rtol=0)
+    calls = []
+    real = dequant._dense_linear
+    monkeypatch.setattr(dequant, "_dense_linear", lambda *a, **k: (calls.append(k), real(*a, **k))[1])
+    x = torch.randn(q8_0.LEAN_MAX_ROWS + 1, 576, generator=g).to(torch.bfloat16)
+    want = torch.nn.functional.linear(x, dense).float()
+    torch.testing.assert_close(model.compute_logits(x), want, atol=0.02 * want.abs().max().item(), rtol=0)
+    assert calls and calls[0]["max_elements"] == q8_0.LOGITS_SCRATCH_ELEMENTS
+    for rank in range(3):
+        part = LlamaForCausalLM(checkpoint.config, torch.bfloat16, torch.device("cpu"), 256, TPGroup(rank, 3))
+        part.load_weights(checkpoint.weights(part.shard_for, int4=True))
+        assert part.embed_tokens.numel() == 0
+        lo = part.vocab_start
+        assert torch.equal(part._embed(torch.tensor([0, 16383])), dense[[lo, lo + 16383]])

@@ -33,12 +33,12 @@ from ..attention import AttentionMetadata, DecodeMetadata, resolve_backend, torc
 from ..config import ModelConfig
 from ..distributed import TPGroup
 from ..layers import INT4_MAX_ROWS, Linear
-from ..quantization import q8_0
+from ..quantization import dequant, q8_0
 from ..quantization.base import CpuPackedMethod
 from ..quantization.fp8 import Fp8Weight
 from ..quantization.int8 import Int8Weight
 from ..quantization.int4 import Int4Weight
-from ..quantization.q8_0 import PackedQ8, Q8Weight
+from ..quantization.q8_0 import PackedQ8, Q8Embedding, Q8Weight
 
 logger = logging.getLogger("argosy.model")
 
@@ -368,6 +368,15 @@ class LlamaForCausalLM(nn.Module):
         #: the LM head in the file's grouped int8 form (Q8_0, Q5_x, Q6_K), for logits of at most ``q8_0.MAX_ROWS``
         #: rows (decode at low batch); None: the dense matrix only
         self.logits_q8: Optional[PackedQ8] = None
+        #: the embedding held only in its grouped int8 form (its dense :attr:`embed_tokens`
+        #: then empty): a Q8_0 / Q5_x / Q6_K embedding on the CPU in bfloat16 when the
+        #: model keeps no dense copies of quantized weights (:meth:`_decide_dense_copies`),
+        #: which also drops a Q8 LM head's dense copy (logits of more rows then run on the
+        #: kernel or the dequantization scratch, :meth:`compute_logits`); None: dense
+        self.embed_q8: Optional[Q8Embedding] = None
+        #: whether quantized embeddings / LM heads keep a dense copy (False: decided by
+        #: :meth:`_decide_dense_copies`, as for the linear layers)
+        self.dense_embedding_copy = True
         #: ``--quantization`` applied at load to a float checkpoint's linear layers (``"fp8"``:
         #: :meth:`~argosy.runtime.quantization.fp8.Fp8Weight.quantize`; the embeddings and
         #: LM head stay as they are, as in vLLM), None: none
@@ -406,10 +415,10 @@ class LlamaForCausalLM(nn.Module):
         if self.tp.is_parallel:
             local = input_ids - self.vocab_start
             mine = (local >= 0) & (local < self.vocab_per_rank)
-            x = F.embedding(torch.where(mine, local, 0), self.embed_tokens)
+            x = self._embed(torch.where(mine, local, 0))
             x = self.tp.all_reduce(x * mine.unsqueeze(-1).to(x.dtype))
         else:
-            x = F.embedding(input_ids, self.embed_tokens)
+            x = self._embed(input_ids)
         rope_cs = self.rope.cos_sin(positions)
         stages = None
         if self.layer_stages is not None and not isinstance(meta, DecodeMetadata) \
@@ -419,16 +428,31 @@ class LlamaForCausalLM(nn.Module):
             x = layer(rope_cs, x, cache, meta, stages)
         return self.norm(x)
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embedding rows ``ids [T] int64`` (this rank's vocabulary slice) -> ``[T, hidden_size]``."""
+        if self.embed_q8 is not None:
+            return self.embed_q8(ids)
+        return F.embedding(ids, self.embed_tokens)
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
-        """``[N, hidden_size]`` -> logits ``[N, vocab_size] float32`` on rank 0.
+        """``[N, hidden_size]`` -> logits ``[N, vocab_size] float32`` on rank 0. A grouped
+        int8 LM head (:attr:`logits_q8`) runs its kernel for at most ``q8_0.MAX_ROWS``
+        rows, more rows the dense copy; without a dense copy (:attr:`embed_q8`), the kernel
+        up to ``q8_0.LEAN_MAX_ROWS`` rows and the dequantization scratch in row blocks of
+        ``q8_0.LOGITS_SCRATCH_ELEMENTS`` beyond.
 
         Under tensor parallelism every rank must call this (the vocab slices are
         gathered to rank 0); the other ranks get None.
         """
-        if self.logits_q8 is not None and hidden.shape[0] <= q8_0.MAX_ROWS:
-            p = self.logits_q8  # the file's int8 values and scales, float32 math (see q8_0)
+        p = self.logits_q8  # the file's int8 values and scales, float32 math (see q8_0)
+        dense = self.embed_tokens if self.lm_head is None else self.lm_head.weight
+        rows = hidden.shape[0]
+        if p is not None and (rows <= q8_0.MAX_ROWS or (not dense.numel() and rows <= q8_0.LEAN_MAX_ROWS)):
             local = torch.ops.argosy.q8_linear(hidden, p.w, p.scales, p.mins, p.group_size, p.n)
+        elif p is not None and not dense.numel():
+            local = dequant.q8_dense_linear(hidden, p.w, p.scales, p.mins, p.group_size, p.n, None,
+                                            max_elements=q8_0.LOGITS_SCRATCH_ELEMENTS)
         else:
             local = F.linear(hidden, self.embed_tokens) if self.lm_head is None else self.lm_head(hidden)
         logits = self.tp.gather_to_first(local)
@@ -477,6 +501,7 @@ class LlamaForCausalLM(nn.Module):
         keep = linear.keep_dense_copies(dense)
         for m in layers:
             m.keep_dense_copy = keep
+        self.dense_embedding_copy = keep
         self._dense_copies_note = (f"ARGOSY_CPU_DENSE_COPIES={linear.DENSE_COPIES}, {dense >> 20} MiB if all were "
                                    f"dense, memory limit {linear.memory_limit_bytes() >> 20} MiB")
 
@@ -521,10 +546,21 @@ class LlamaForCausalLM(nn.Module):
             if tuple(dst.shape) != tuple(w.shape):
                 raise ValueError(f"weight {name}: shape {tuple(w.shape)} does not match model {tuple(dst.shape)}")
             if isinstance(w, Q8Weight) and name in ("model.embed_tokens.weight", "lm_head.weight"):
-                dst.copy_(w.dequantize(dst.dtype))  # lookups, and logits of many rows
-                if (name == "lm_head.weight" or cfg.tie_word_embeddings) and dst.device.type == "cpu" \
-                        and q8_0.kernel() is not None:
-                    self.logits_q8 = PackedQ8.pack(w, self.vocab_per_rank)
+                head = name == "lm_head.weight" or cfg.tie_word_embeddings
+                packed = dst.device.type == "cpu" and q8_0.kernel() is not None
+                lean = (packed and not self.dense_embedding_copy and self.dtype == torch.bfloat16
+                        and dequant.kernel() is not None)
+                p = PackedQ8.pack(w, self.vocab_per_rank) if packed and (head or lean) else None
+                if head and p is not None:
+                    self.logits_q8 = p
+                if not lean:
+                    dst.copy_(w.dequantize(dst.dtype))  # lookups, and logits of many rows
+                elif name == "model.embed_tokens.weight":
+                    self.embed_q8 = Q8Embedding(p, self.dtype)
+                    self.embed_tokens = nn.Parameter(torch.empty(0, cfg.hidden_size, dtype=self.dtype,
+                                                                 device=dst.device), requires_grad=False)
+                else:
+                    self.lm_head.free_dense_weight()
             elif self.online_quantization == "fp8" and owner is not None and owner is not self.lm_head \
                     and isinstance(w, torch.Tensor) and name.endswith("_proj.weight"):
                 owner.load_quantized(rows[0] if rows else 0, Fp8Weight.quantize(w))
@@ -547,6 +583,10 @@ class LlamaForCausalLM(nn.Module):
         self.process_weights_after_loading()
         note = getattr(self, "_dense_copies_note", None)
         quantized = [m for m in self.modules() if isinstance(m, Linear) and isinstance(m.quant_method, CpuPackedMethod)]
+        if self.embed_q8 is not None:
+            logger.info("the grouped int8 embedding%s is held in that form only (lookups dequantize their rows; "
+                        "logits of more than %d rows run on the dequantization scratch)",
+                        " / LM head" if self.cfg.tie_word_embeddings else "", q8_0.LEAN_MAX_ROWS)
         if note and quantized:
             lean = sum(m.dense_on_demand for m in quantized)
             logger.info("%d of %d quantized linear layers keep a dense copy for steps of more than %d rows, the "

@@ -292,16 +292,17 @@ _LIBRARY.define("q8_dense_linear(Tensor x, Tensor w, Tensor scales, Tensor? mins
 
 
 def _dense_linear(x: torch.Tensor, n: int, k: int, bias: Optional[torch.Tensor], fill, align: int = 16,
-                  transposed: bool = False) -> torch.Tensor:
+                  transposed: bool = False, max_elements: int = 0) -> torch.Tensor:
     """``y [M, n] = x @ W.T (+ bias)`` with ``fill(n0, n1, out)`` returning rows ``[n0,
     n1)`` of ``W`` written into the scratch ``out``: ``[n1 - n0, k]``, or ``[k, n1 - n0]``
     (``transposed``, ``fill`` returning its transposed view); the whole weight, or row
-    blocks of at most :data:`SCRATCH_MAX_ELEMENTS` (multiples of ``align`` rows, a multiple
-    of 16), each product written into its columns of ``y``."""
+    blocks of at most ``max_elements`` (default :data:`SCRATCH_MAX_ELEMENTS`; multiples of
+    ``align`` rows, a multiple of 16), each product written into its columns of ``y``."""
+    max_elements = max_elements or SCRATCH_MAX_ELEMENTS
     buf = (lambda rows: scratch(k, rows)) if transposed else (lambda rows: scratch(rows, k))
-    if n * k <= SCRATCH_MAX_ELEMENTS:
+    if n * k <= max_elements:
         return F.linear(x, fill(0, n, buf(n)), bias)
-    step = max(align, SCRATCH_MAX_ELEMENTS // k // align * align)
+    step = max(align, max_elements // k // align * align)
     y = x.new_empty(x.shape[0], n)
     for n0 in range(0, n, step):
         n1 = min(n, n0 + step)
@@ -333,15 +334,16 @@ def int8_dense_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
 
 
 def q8_dense_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
-                    group_size: int, n: int, bias: Optional[torch.Tensor]) -> torch.Tensor:
+                    group_size: int, n: int, bias: Optional[torch.Tensor], max_elements: int = 0) -> torch.Tensor:
     """``y [M, n] = x @ W.T (+ bias)``, ``W`` the grouped int8 weight dequantized into the
-    scratch; ``x [M, K]`` bfloat16 (row blocks start on the layout's 16-row tiles)."""
+    scratch (row blocks of at most ``max_elements``, :func:`_dense_linear`, starting on the
+    layout's 16-row tiles); ``x [M, K]`` bfloat16."""
     def fill(n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
         t0, t1 = n0 // 16, -(-n1 // 16)
         return q8_dequantize(w[t0:t1], scales[t0:t1], None if mins is None else mins[t0:t1], group_size, n1 - n0,
                              out)
 
-    return _dense_linear(x, n, w.shape[1], bias, fill)
+    return _dense_linear(x, n, w.shape[1], bias, fill, max_elements=max_elements)
 
 
 _LIBRARY.impl("int4_dense_linear", int4_dense_linear, "CPU")

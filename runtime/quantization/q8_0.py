@@ -40,6 +40,9 @@ rounded, so it is also closer to the file than a bfloat16 copy. It serves:
   the limit). The dense copy's bfloat16 rounding moves logits by up to ~0.05, so a greedy
   choice between two nearly tied tokens can depend on how many rows a step computes
   logits for (see :meth:`argosy.runtime.models.llama.LlamaForCausalLM.compute_logits`).
+  A model that keeps no dense copies holds it in this form only (:class:`Q8Embedding`:
+  lookups dequantize their rows; logits of up to :data:`LEAN_MAX_ROWS` rows on the kernel,
+  more on the dequantization scratch).
 
 The library is built like the other C++ kernels (:mod:`argosy.runtime.cpu_kernels`).
 """
@@ -53,6 +56,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 from .. import cpu_kernels
 from . import dequant
@@ -66,6 +70,12 @@ BLOCKS = {"Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q5_K": (256, 17
 GROUP_SIZES = (16, 32)
 #: Most rows of ``x`` per call that take the kernel for the logits (more: the dense copy).
 MAX_ROWS = 4
+#: Where the LM head keeps no dense copy (:attr:`~argosy.runtime.models.llama.LlamaForCausalLM.embed_q8`):
+#: most rows that take the kernel for the logits; more rows run on the dequantization
+#: scratch (:func:`.dequant.q8_dense_linear`) in row blocks of at most
+#: ``LOGITS_SCRATCH_ELEMENTS`` weights (the scratch stays near the linear layers' size).
+LEAN_MAX_ROWS = 24
+LOGITS_SCRATCH_ELEMENTS = 2 << 20
 #: Output rows per tile of the packed layout.
 TILE = 16
 
@@ -354,6 +364,47 @@ _LIBRARY.impl("q8_linear", q8_linear, "CPU")
 @torch.library.register_fake("argosy::q8_linear")
 def _(x, w, scales, mins, group_size, n, out_dtype=None):
     return x.new_empty(x.shape[0], n, dtype=out_dtype or torch.float32)
+
+
+def embedding(ids: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
+              group_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``ids [T] int64`` of a :class:`PackedQ8` weight (``w``, ``scales``, ``mins``,
+    ``group_size`` its fields) dequantized: ``[T, K]`` in ``dtype``, the values of
+    :meth:`Q8Weight.dequantize` (float32 product and offset, one rounding), bit for bit.
+    The embedding lookup of a model that keeps its quantized embedding only."""
+    tile, r = ids // TILE, ids % TILE
+    q = w[tile, :, r].to(torch.float32)  # [T, K]
+    t, k = q.shape
+
+    def per_group(a: torch.Tensor) -> torch.Tensor:
+        a = a[tile, :, r]  # [T, K // G]
+        return (a.view(torch.float16) if a.dtype == torch.int16 else a).to(torch.float32).unsqueeze(-1)
+
+    out = q.view(t, k // group_size, group_size) * per_group(scales)
+    if mins is not None:
+        out = out + per_group(mins)
+    return out.view(t, k).to(dtype)
+
+
+class Q8Embedding(nn.Module):
+    """An embedding table held only in its grouped int8 form (a GGUF Q8_0 / Q5_x / Q6_K
+    ``token_embd``, :class:`PackedQ8`'s layout, no dense copy): ``ids [T] int64 -> [T, K]``
+    in ``dtype`` through :func:`embedding`.
+
+    Buffers: ``w``, ``scales``, ``mins`` (or None), :class:`PackedQ8`'s tensors (shared
+    with the LM head's :attr:`~argosy.runtime.models.llama.LlamaForCausalLM.logits_q8`
+    when tied).
+    """
+
+    def __init__(self, p: PackedQ8, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("w", p.w, persistent=False)
+        self.register_buffer("scales", p.scales, persistent=False)
+        self.register_buffer("mins", p.mins, persistent=False)
+        self.group_size, self.dtype = p.group_size, dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return embedding(ids, self.w, self.scales, self.mins, self.group_size, self.dtype)
 
 
 @register(Q8Weight)

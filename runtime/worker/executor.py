@@ -90,7 +90,7 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
     :attr:`~argosy.runtime.quantization.base.LinearMethod.kind`: ``int4`` (packed weights, scales and zeros, act-order permutations, and
     where the CPU dequantization kernel cannot read PyTorch's packed layout the second copy
     of the integers it reads), ``grouped int8`` (with its scales and offsets, including the LM head's
-    ``logits_q8``), ``int8``, ``fp8`` (FP8 weights on ``_scaled_mm`` and their scales),
+    ``logits_q8`` and an embedding held only in that form), ``int8``, ``fp8`` (FP8 weights on ``_scaled_mm`` and their scales),
     ``<dtype> dense copies`` (dense weights kept beside a quantized one for large batches:
     ``ARGOSY_CPU_DENSE_COPIES=auto`` for a model whose copies are small next to the memory
     limit, ``keep``, or where the CPU dequantization kernel is not built; or holding an FP8
@@ -100,6 +100,7 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
     for everything else (embeddings, norms, dense layers, rotary tables). Tied tensors
     count once."""
     from ..layers.linear import Linear
+    from ..quantization.q8_0 import Q8Embedding
 
     out: dict[str, int] = {}
     seen: set[int] = set()
@@ -119,10 +120,15 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
             dtype = str(m.weight.dtype).removeprefix("torch.")
             add(f"{dtype} dense copies" if method is not None else dtype, m.weight)
             add(dtype, m.bias)
+        elif isinstance(m, Q8Embedding):
+            for b in m.buffers():
+                add("grouped int8", b)
+    p = getattr(model, "logits_q8", None)
+    if p is not None:  # (a tied one shares its tensors with the Q8Embedding)
+        for t in (p.w, p.scales, p.mins):
+            add("grouped int8", t)
     for t in (*model.parameters(), *model.buffers()):
         add(str(t.dtype).removeprefix("torch."), t)
-    if getattr(model, "logits_q8", None) is not None:
-        out["grouped int8"] = out.get("grouped int8", 0) + model.logits_q8.nbytes
     return out
 
 
