@@ -37,7 +37,8 @@ rounded, so it is also closer to the file than a bfloat16 copy. It serves:
   row against bfloat16 ``F.linear``'s 2.1 ms, 1.1 ms for four, parity at eight; at 16
   rows and more oneDNN's AMX bfloat16 GEMM wins, 2.4 vs 3.7 ms. Whole decode steps:
   batch 1 16.0 -> 12.6-13.4 ms, batch 4 18.8 -> 17.6 ms, batch 8 27.4 -> 28.2 ms, hence
-  the limit). The dense copy's bfloat16 rounding moves logits by up to ~0.05, so a greedy
+  4 rows on a CPU with AMX; without AMX the kernel wins up to ~24 rows and the limit is
+  16, :func:`_head_kernel_rows`). The dense copy's bfloat16 rounding moves logits by up to ~0.05, so a greedy
   choice between two nearly tied tokens can depend on how many rows a step computes
   logits for (see :meth:`argosy.runtime.models.llama.LlamaForCausalLM.compute_logits`).
   A model that keeps no dense copies holds it in this form only (:class:`Q8Embedding`:
@@ -68,13 +69,30 @@ TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
 BLOCKS = {"Q8_0": (32, 34), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q5_K": (256, 176), "Q6_K": (256, 210)}
 #: Group sizes the kernel takes.
 GROUP_SIZES = (16, 32)
-#: Most rows of ``x`` per call that take the kernel for the logits (more: the dense copy).
-MAX_ROWS = 4
+
+
+def _head_kernel_rows() -> int:
+    """:data:`MAX_ROWS` for this CPU: 4 where oneDNN's bfloat16 GEMM has AMX tiles
+    (measured on such a machine, the bundled model's head alone: parity at 8 rows, AMX ahead
+    from 16; whole decode steps batch 8 27.4 dense vs 28.2 ms kernel), 16 on AVX-512 without
+    AMX (this project's 2-vCPU EPYC VM, head alone 8 / 16 / 24 / 32 rows 2.2 / 4.4 / 6.6 /
+    8.7 ms kernel vs 5.5 / 6.4 / 7.6 / 8.0 dense; decoding 8 sequences 297-316 -> 393-404
+    tok/s, 16 325-414 -> 403-424, two runs each), 4 elsewhere (not measured)."""
+    try:
+        avx512, amx = torch.cpu._is_avx512_supported(), torch.cpu._is_amx_tile_supported()
+    except (AttributeError, RuntimeError):
+        return 4
+    return 16 if avx512 and not amx else 4
+
+
+#: Most rows of ``x`` per call that take the kernel for the logits (more: the dense copy);
+#: by CPU, :func:`_head_kernel_rows`.
+MAX_ROWS = _head_kernel_rows()
 #: Where the LM head keeps no dense copy (:attr:`~argosy.runtime.models.llama.LlamaForCausalLM.embed_q8`):
-#: most rows that take the kernel for the logits; more rows run on the dequantization
+#: most rows that take the kernel for the logits (at least :data:`MAX_ROWS`); more rows run on the dequantization
 #: scratch (:func:`.dequant.q8_dense_linear`) in row blocks of at most
 #: ``LOGITS_SCRATCH_ELEMENTS`` weights (the scratch stays near the linear layers' size).
-LEAN_MAX_ROWS = 24
+LEAN_MAX_ROWS = max(24, MAX_ROWS)
 LOGITS_SCRATCH_ELEMENTS = 2 << 20
 #: Output rows per tile of the packed layout.
 TILE = 16
