@@ -322,10 +322,13 @@ def test_without_dense_copies_the_embedding_and_head_stay_q8_0(checkpoint, embed
 
 def test_the_head_kernel_row_limit_follows_the_cpu(monkeypatch):
     """4 rows where oneDNN's GEMM has AMX tiles, 16 on AVX-512 without them (measured:
-    ``q8_0._head_kernel_rows``), 4 elsewhere or when PyTorch cannot say."""
-    for avx512, amx, rows in ((True, True, 4), (True, False, 16), (False, False, 4)):
+    ``q8_0._head_kernel_rows``), 4 elsewhere, where PyTorch runs below AVX-512, or when
+    PyTorch cannot say."""
+    for avx512, amx, capability, rows in ((True, True, "AVX512", 4), (True, False, "AVX512", 16),
+                                          (True, False, "AVX2", 4), (False, False, "AVX2", 4)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda v=avx512: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda v=capability: v)
         assert q8_0._head_kernel_rows() == rows
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert q8_0._head_kernel_rows() == 4

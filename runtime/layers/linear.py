@@ -198,7 +198,8 @@ class Linear(nn.Module):
 
     def free_dense_weight(self) -> None:
         """Replace the dense weight by an empty ``[0, in_features]`` one (its memory freed;
-        on the CPU its pages were never touched when every row came quantized)."""
+        on the CPU a layer's pages were never touched when every row came quantized: the
+        allocation is lazy)."""
         self.weight = nn.Parameter(torch.empty(0, self.in_features, dtype=self.weight.dtype,
                                                device=self.weight.device), requires_grad=False)
 

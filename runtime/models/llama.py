@@ -365,8 +365,8 @@ class LlamaForCausalLM(nn.Module):
         dev_type = torch.device(device).type
         self.uses_int4 = (dev_type == "cpu" and dtype == torch.bfloat16) or (
             dev_type == "cuda" and dtype in (torch.float16, torch.bfloat16))
-        #: the LM head in the file's grouped int8 form (Q8_0, Q5_x, Q6_K), for logits of at most ``q8_0.MAX_ROWS``
-        #: rows (decode at low batch); None: the dense matrix only
+        #: the LM head in the file's grouped int8 form (Q8_0, Q5_x, Q6_K), for logits of few rows
+        #: (decode at low batch: :meth:`compute_logits`); None: the dense matrix only
         self.logits_q8: Optional[PackedQ8] = None
         #: the embedding held only in its grouped int8 form (its dense :attr:`embed_tokens`
         #: then empty): a Q8_0 / Q5_x / Q6_K embedding on the CPU in bfloat16 when the
@@ -438,9 +438,10 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> Optional[torch.Tensor]:
         """``[N, hidden_size]`` -> logits ``[N, vocab_size] float32`` on rank 0. A grouped
         int8 LM head (:attr:`logits_q8`) runs its kernel for at most ``q8_0.MAX_ROWS``
-        rows, more rows the dense copy; without a dense copy (:attr:`embed_q8`), the kernel
-        up to ``q8_0.LEAN_MAX_ROWS`` rows and the dequantization scratch in row blocks of
-        ``q8_0.LOGITS_SCRATCH_ELEMENTS`` beyond.
+        rows, more rows the dense copy; where the head's dense weight was dropped (no
+        dense copies: the tied :attr:`embed_q8`, or an untied head's empty weight), the
+        kernel up to ``q8_0.LEAN_MAX_ROWS`` rows and the dequantization scratch in row
+        blocks of ``q8_0.LOGITS_SCRATCH_ELEMENTS`` beyond.
 
         Under tensor parallelism every rank must call this (the vocab slices are
         gathered to rank 0); the other ranks get None.
@@ -514,7 +515,8 @@ class LlamaForCausalLM(nn.Module):
         :attr:`uses_int4`), which its :class:`~argosy.runtime.layers.Linear` keeps packed,
         a :class:`~argosy.runtime.quantization.q8_0.Q8Weight` (grouped int8: GGUF Q8_0,
         Q5_x, Q6_K): an embedding / LM head is kept dense and, where the C++ kernel
-        builds, also as :attr:`logits_q8`, a linear layer's goes to its ``Linear``, or a
+        builds, also as :attr:`logits_q8` (without dense copies, only in that form:
+        :attr:`embed_q8`), a linear layer's goes to its ``Linear``, or a
         :class:`~argosy.runtime.quantization.int8.Int8Weight` (int8 with
         per-row scales), which its ``Linear`` keeps for the int8 kernel, or an
         :class:`~argosy.runtime.quantization.fp8.Fp8Weight` (FP8 with per-row scales). With

@@ -107,8 +107,9 @@ class LinearMethod(nn.Module):
 
 
 class CpuPackedMethod(LinearMethod):
-    """A CPU layer in bfloat16 with a packed quantized weight and a kernel for few rows
-    (:meth:`small`); the rule by rows, in one place: at most :data:`INT4_MAX_ROWS` rows run
+    """A CPU layer with a packed quantized weight and a kernel for few rows (:meth:`small`;
+    bfloat16, and for the 4-bit kernel also float16 / float32 layers, which always keep
+    their dense copy); the rule by rows, in one place: at most :data:`INT4_MAX_ROWS` rows run
     :meth:`small`; more run a bfloat16 GEMM on the layer's dense copy, or, where the layer
     keeps none (:attr:`dense_on_demand`), on the weight dequantized into a per-thread
     scratch (:meth:`scratch`, :mod:`.dequant`)."""

@@ -176,7 +176,8 @@ W4A16_DEVICES = ("cuda",)
 class _W4A16:
     """Registration of :class:`.triton_w4a16.W4A16Method` (imported on first use: it
     imports Triton, which a CPU server need not load). On a W4A16 device a weight the
-    kernel does not take stays dense."""
+    kernel does not take goes to the next method, :class:`Int4CpuMethod`, which runs on
+    the CPU only: on a GPU it stays dense."""
 
     @staticmethod
     def create(whole: Int4Weight, layer):

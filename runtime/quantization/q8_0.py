@@ -77,12 +77,15 @@ def _head_kernel_rows() -> int:
     from 16; whole decode steps batch 8 27.4 dense vs 28.2 ms kernel), 16 on AVX-512 without
     AMX (this project's 2-vCPU EPYC VM, head alone 8 / 16 / 24 / 32 rows 2.2 / 4.4 / 6.6 /
     8.7 ms kernel vs 5.5 / 6.4 / 7.6 / 8.0 dense; decoding 8 sequences 297-316 -> 393-404
-    tok/s, 16 325-414 -> 403-424, two runs each), 4 elsewhere (not measured)."""
+    tok/s, 16 325-414 -> 403-424, two runs each), 4 elsewhere (not measured), and 4 where
+    PyTorch runs below AVX-512 (``ATEN_CPU_CAPABILITY``; the kernels then build their
+    portable loop, :mod:`argosy.runtime.cpu_kernels`)."""
     try:
         avx512, amx = torch.cpu._is_avx512_supported(), torch.cpu._is_amx_tile_supported()
+        capability = torch.backends.cpu.get_cpu_capability()
     except (AttributeError, RuntimeError):
         return 4
-    return 16 if avx512 and not amx else 4
+    return 16 if avx512 and not amx and capability.startswith("AVX512") else 4
 
 
 #: Most rows of ``x`` per call that take the kernel for the logits (more: the dense copy);
