@@ -56,6 +56,14 @@ class RowScaledWeight:
 INT4_MAX_ROWS = 8
 
 
+def hold_buffers(module: nn.Module, **tensors: Optional[torch.Tensor]) -> None:
+    """Register ``tensors`` as ``module``'s non-persistent buffers (None: an optional one
+    absent), so the compiled graphs take them as the module's inputs and ``.to()`` moves
+    them; a quantization method's packed weight, scales and the like."""
+    for name, t in tensors.items():
+        module.register_buffer(name, t, persistent=False)
+
+
 class LinearMethod(nn.Module):
     """How a :class:`~argosy.runtime.layers.Linear` holds and runs a quantized weight: the
     interface of vLLM's ``QuantizeMethodBase`` (``create_weights``,

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import LinearMethod, RowScaledWeight, register
+from .base import LinearMethod, RowScaledWeight, hold_buffers, register
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +161,7 @@ class Fp8ScaledMMMethod(LinearMethod):
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
-        self.register_buffer("weight", weight, persistent=False)
-        self.register_buffer("scales", scales, persistent=False)
+        hold_buffers(self, weight=weight, scales=scales)
 
     @classmethod
     def create(cls, whole: Fp8Weight, layer) -> Optional["Fp8ScaledMMMethod"]:

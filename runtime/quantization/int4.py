@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import dequant
-from .base import CpuPackedMethod, register
+from .base import CpuPackedMethod, hold_buffers, register
 
 #: Group sizes the CPU kernel accepts (``_weight_int4pack_mm_for_cpu``'s check).
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)
@@ -207,10 +207,7 @@ class Int4CpuMethod(CpuPackedMethod):
     def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
                  perm: Optional[torch.Tensor]):
         super().__init__()
-        self.register_buffer("packed", packed, persistent=False)
-        self.register_buffer("scales_and_zeros", scales_and_zeros, persistent=False)
-        self.register_buffer("perm", perm, persistent=False)
-        self.register_buffer("nibbles", None, persistent=False)
+        hold_buffers(self, packed=packed, scales_and_zeros=scales_and_zeros, perm=perm, nibbles=None)
         self.group_size = group_size
         #: row block of :attr:`packed`'s layout the scratch kernel reads (64 or 32), or 0
         #: where it reads :attr:`nibbles` (or the layer keeps its dense copy)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dequant
-from .base import CpuPackedMethod, LinearMethod, RowScaledWeight, register
+from .base import CpuPackedMethod, LinearMethod, RowScaledWeight, hold_buffers, register
 
 
 @dataclass
@@ -102,8 +102,7 @@ class W8A8Method(LinearMethod):
 
     def __init__(self, weight: Optional[torch.Tensor], scales: Optional[torch.Tensor]):
         super().__init__()
-        self.register_buffer("weight", weight, persistent=False)
-        self.register_buffer("scales", scales, persistent=False)
+        hold_buffers(self, weight=weight, scales=scales)
 
     @classmethod
     def create(cls, whole: Int8Weight, layer) -> Optional["W8A8Method"]:
@@ -144,8 +143,7 @@ class Int8CpuMethod(CpuPackedMethod):
 
     def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
         super().__init__()
-        self.register_buffer("weight", weight, persistent=False)
-        self.register_buffer("scales", scales, persistent=False)
+        hold_buffers(self, weight=weight, scales=scales)
 
     @classmethod
     def create(cls, whole: Int8Weight, layer) -> Optional["Int8CpuMethod"]:

@@ -61,7 +61,7 @@ from torch import nn
 
 from .. import cpu_kernels
 from . import dequant
-from .base import CpuPackedMethod, register
+from .base import CpuPackedMethod, hold_buffers, register
 
 #: GGUF block types read as :class:`Q8Weight`.
 TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
@@ -419,9 +419,7 @@ class Q8Embedding(nn.Module):
 
     def __init__(self, p: PackedQ8, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("w", p.w, persistent=False)
-        self.register_buffer("scales", p.scales, persistent=False)
-        self.register_buffer("mins", p.mins, persistent=False)
+        hold_buffers(self, w=p.w, scales=p.scales, mins=p.mins)
         self.group_size, self.dtype = p.group_size, dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -442,9 +440,7 @@ class Q8Method(CpuPackedMethod):
 
     def __init__(self, p: PackedQ8):
         super().__init__()
-        self.register_buffer("w", p.w, persistent=False)
-        self.register_buffer("scales", p.scales, persistent=False)
-        self.register_buffer("mins", p.mins, persistent=False)
+        hold_buffers(self, w=p.w, scales=p.scales, mins=p.mins)
         self.group_size, self.n = p.group_size, p.n
 
     @classmethod

@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import LinearMethod
+from .base import LinearMethod, hold_buffers
 
 try:  # Triton is optional on CPU-only installs
     import triton
@@ -199,10 +199,7 @@ class W4A16Method(LinearMethod):
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                  perm: Optional[torch.Tensor]):
         super().__init__()
-        self.register_buffer("qweight", qweight, persistent=False)
-        self.register_buffer("scales", scales, persistent=False)
-        self.register_buffer("zeros", zeros, persistent=False)
-        self.register_buffer("perm", perm, persistent=False)
+        hold_buffers(self, qweight=qweight, scales=scales, zeros=zeros, perm=perm)
         self.group_size = group_size
 
     @classmethod
