@@ -41,8 +41,13 @@ def inductor_vec_isa():
     directory first either), restored afterwards.
 
     Unless ``TORCHINDUCTOR_CACHE_DIR`` is set, it also points inductor's on-disk cache at
-    ``$ARGOSY_CACHE_DIR/inductor/<ISA>`` (default ``~/.cache/argosy/inductor/...``), so that
-    graphs built without a vector ISA are never served to a process that has one. Like
+    ``$ARGOSY_CACHE_DIR/inductor/<ISA>-rows<INT4_MAX_ROWS>`` (default
+    ``~/.cache/argosy/inductor/...``), so that graphs built without a vector ISA are never
+    served to a process that has one, nor graphs built under another packed-kernel row
+    limit (:data:`argosy.runtime.quantization.base.INT4_MAX_ROWS`, by CPU and
+    ``ATEN_CPU_CAPABILITY``): inductor's cache hands such a graph back with the batch-size
+    guards of the bucket it was compiled for (seen: a 2-8 graph served for 2-16, so
+    batches of 9-16 ran eagerly). Like
     inductor's own default, the variable is set in this process's environment (child
     processes inherit it).
     """
@@ -65,6 +70,11 @@ def inductor_vec_isa():
         else:
             os.environ["PYTHONSAFEPATH"] = safe_path
     if own_cache:
+        from .quantization.base import INT4_MAX_ROWS
+
         name = str(isa).replace(" ", "-") if isa else "scalar"
+        # the row limit by CPU bounds the compiled graphs' batch buckets; a graph cached under
+        # another limit is the same FX graph and would come back with its old bucket's guards
+        name += f"-rows{INT4_MAX_ROWS}"
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(argosy_cache_root() / "inductor" / name)
     return isa

@@ -221,7 +221,7 @@ class EngineArgs:
                             "3 (default) or 0, "
                             "or JSON like '{\"mode\": 3}'; -O0 / -O3 for short. The default can also be set with "
                             "$ARGOSY_COMPILATION_MODE. Compiling takes ~2.5-3 min on 2 cores the first time, ~25-35 s "
-                            "from inductor's cache ($ARGOSY_CACHE_DIR/inductor/<vector ISA>)")
+                            "from inductor's cache ($ARGOSY_CACHE_DIR/inductor/<vector ISA>-rows<N>)")
         g.add_argument("--structured-outputs-config.backend", "--guided-decoding-backend",
                        dest="structured_outputs_backend", default=d.structured_outputs_backend,
                        choices=["auto", "xgrammar"],

@@ -17,6 +17,7 @@ import torch
 from argosy.runtime import SamplingParams
 from argosy.runtime.attention import AttentionMetadata, DecodeMetadata, torch_paged
 from argosy.runtime.config import EngineArgs
+from argosy.runtime.layers import INT4_MAX_ROWS
 from argosy.runtime.quantization.q8_0 import Q8Method
 from argosy.runtime.worker.cpu_compile import MODE_ENV, resolve_mode, should_compile
 
@@ -156,18 +157,19 @@ def test_compiled_layer_stages_pass_the_accuracy_gate(compiled_engine, ref_engin
 
 @pytest.mark.slow
 def test_all_graphs_cover_every_decode_batch(make_engine):
-    """The three graphs (batch 1, 2-8 int4, 9+ dense) run decode batches of every size from
-    1 to 12 with contexts crossing block boundaries, without a fallback to eager, and
-    every row's greedy tokens agree with the eager bfloat16 engine's up to the first
-    near tie of the eager run."""
-    compiled_eng = make_engine(dtype="bfloat16", compilation_config="3", max_num_seqs=16)
-    eager_eng = make_engine(dtype="bfloat16", compilation_config="0", max_num_seqs=16)
+    """The three graphs (batch 1, 2 to INT4_MAX_ROWS packed kernels, more dense; 8 or 16
+    by CPU) run decode batches of every size from 1 to INT4_MAX_ROWS + 4 with contexts
+    crossing block boundaries, without a fallback to eager, and every row's greedy tokens
+    agree with the eager bfloat16 engine's up to the first near tie of the eager run."""
+    compiled_eng = make_engine(dtype="bfloat16", compilation_config="3", max_num_seqs=INT4_MAX_ROWS + 8)
+    eager_eng = make_engine(dtype="bfloat16", compilation_config="0", max_num_seqs=INT4_MAX_ROWS + 8)
     compiled = compiled_eng.executor.runner.compiled
-    assert compiled.warm_sizes() == [1, 2, 9]
+    assert compiled.warm_sizes() == [1, 2, INT4_MAX_ROWS + 1]
     tok = eager_eng.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS]
-    for n in range(1, 13):
-        batch = prompts[:n]
+    # each batch's rows finish one by one, so every size below n runs too
+    for n in sorted({1, 2, 5, INT4_MAX_ROWS, INT4_MAX_ROWS + 4}):
+        batch = [prompts[i % len(prompts)] for i in range(n)]
         lengths = [3 + 3 * i for i in range(n)]  # rows finish one by one: every batch size below n runs
         params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True, logprobs=2) for m in lengths]
         want = {}
@@ -195,7 +197,7 @@ def test_compiled_graphs_with_grouped_int8_layers_and_an_fp8_cache(model_path, t
     (``ARGOSY_CPU_DENSE_COPIES=scratch``: the dequantize-and-multiply op inside the 9+
     graph and the prefill layer stages), and an FP8 KV cache (clamp, cast and
     ``index_put_`` of the KV write, the FP8-reading decode kernel, all traced): every
-    decode step of batches 1, 4 and 10 runs compiled, and greedy tokens agree with the
+    decode step of batches 1, 4 and INT4_MAX_ROWS + 2 runs compiled, and greedy tokens agree with the
     eager engine of the same configuration up to the first near tie of either."""
     from argosy.runtime.layers import linear
     from argosy.runtime.config import EngineArgs
@@ -210,7 +212,8 @@ def test_compiled_graphs_with_grouped_int8_layers_and_an_fp8_cache(model_path, t
 
     def make(mode):
         return LLMEngine(EngineArgs(model=path, dtype="bfloat16", kv_cache_dtype="fp8", compilation_config=mode,
-                                    max_num_seqs=16, max_model_len=1024, kv_cache_memory=64 << 20), checkpoint=ckpt)
+                                    max_num_seqs=INT4_MAX_ROWS + 8, max_model_len=1024, kv_cache_memory=64 << 20),
+                         checkpoint=ckpt)
 
     monkeypatch.setattr(linear, "DENSE_COPIES", "scratch")
     compiled_eng, eager_eng = make("3"), make("0")
@@ -234,7 +237,7 @@ def test_compiled_graphs_with_grouped_int8_layers_and_an_fp8_cache(model_path, t
                     tokens[out.request_id] = list(out.output_token_ids)
         return tokens, margins
 
-    for n in (1, 4, 10):
+    for n in (1, 4, INT4_MAX_ROWS + 2):
         batch = [prompts[i % len(prompts)] for i in range(n)]
         want, margins = greedy(eager_eng, batch)
         got, got_margins = greedy(compiled_eng, batch)
@@ -331,7 +334,7 @@ def test_inductor_finds_the_vector_isa_when_started_from_the_repository_root(tmp
     ``python -m`` do), inductor's ISA probe child used to import our ``operator/`` package
     instead of the standard library's, die, and make every compiled kernel scalar; and
     inductor's cache (whose key ignores the ISA) then served that scalar code to every
-    later process. The cache is now per ISA."""
+    later process. The cache is now per ISA (and per packed-kernel row limit)."""
     import os
     import subprocess
     import sys
@@ -354,4 +357,5 @@ def test_inductor_finds_the_vector_isa_when_started_from_the_repository_root(tmp
     isa, cache, safe_path = out.stdout.split("\n")[:3]
     assert safe_path == "None", "PYTHONSAFEPATH is set for the probe only, not for later children"
     assert "avx" in isa and "INVALID" not in isa, out.stdout
-    assert cache == str(tmp_path / "inductor" / isa.replace(" ", "-")), out.stdout
+    # per row limit too: a graph cached under another INT4_MAX_ROWS comes back with its old bucket's guards
+    assert cache == str(tmp_path / "inductor" / f"{isa.replace(' ', '-')}-rows{INT4_MAX_ROWS}"), out.stdout

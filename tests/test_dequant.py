@@ -260,10 +260,10 @@ def test_a_partly_dense_layer_keeps_its_dense_weight(monkeypatch):
 
 def test_the_ops_trace_under_torch_compile(monkeypatch):
     """``torch.compile`` traces through the opaque ops (their fake implementations give
-    the shapes), as the compiled decode graphs of 9+ rows do."""
+    the shapes), as the compiled decode graphs of more than ``INT4_MAX_ROWS`` rows do."""
     w, _ = _int4("Q4_1", 64, 128)
     lin = _layer([(0, w)], monkeypatch, keep=False)
-    x = torch.randn(16, 128).to(torch.bfloat16)
+    x = torch.randn(INT4_MAX_ROWS + 8, 128).to(torch.bfloat16)
     compiled = torch.compile(lambda t: lin(t) * 2, backend="aot_eager", fullgraph=True, dynamic=True)
     assert torch.equal(compiled(x), lin(x) * 2)
 

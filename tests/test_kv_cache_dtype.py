@@ -156,20 +156,29 @@ def test_the_flag_parses_as_vllm_spells_it():
         p.parse_args(["--kv-cache-dtype", "int8"])
 
 
-@pytest.mark.parametrize("cache_dtype", FP8)
-def test_the_decode_kernels_portable_build_widens_fp8_the_same_way(cache_dtype, tmp_path, monkeypatch):
-    """Without AVX-512 flags the kernel compiles its scalar FP8 widening (a CPU without
-    AVX-512): same attention as the torch path, which widens with PyTorch's own FP8
-    conversion; the values cover normals, subnormals (below 2^-6 for E4M3) and zeros."""
+@pytest.fixture(scope="module")
+def portable_decode_kernel(tmp_path_factory):
+    """The decode kernel built without AVX-512 flags (as on a CPU without AVX-512), once
+    for the module (~11 s of compiling): a ``ctypes.CDLL``."""
     import ctypes
 
     from argosy.runtime import cpu_kernels
 
     if cpu_kernels.compiler() is None and not os.environ.get("CI"):  # under CI a missing compiler fails
         pytest.skip("no C++ compiler")
-    monkeypatch.setattr(cpu_kernels, "isa_flags", lambda: [])
-    lib = ctypes.CDLL(str(cpu_decode.KERNEL.build(tmp_path)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cpu_kernels, "isa_flags", lambda: [])
+        lib = ctypes.CDLL(str(cpu_decode.KERNEL.build(tmp_path_factory.mktemp("portable"))))
     cpu_decode._declare(lib)
+    return lib
+
+
+@pytest.mark.parametrize("cache_dtype", FP8)
+def test_the_decode_kernels_portable_build_widens_fp8_the_same_way(cache_dtype, portable_decode_kernel):
+    """Without AVX-512 flags the kernel compiles its scalar FP8 widening (a CPU without
+    AVX-512): same attention as the torch path, which widens with PyTorch's own FP8
+    conversion; the values cover normals, subnormals (below 2^-6 for E4M3) and zeros."""
+    lib = portable_decode_kernel
     g = torch.Generator().manual_seed(5)
     b, h, kvh, d, bs, nb = 3, 9, 3, 64, 16, 12
     vals = torch.randn(2, nb, bs, kvh, d, generator=g) * torch.logspace(-4, 1, d)  # tiny to large

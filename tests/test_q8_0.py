@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from argosy.runtime import cpu_kernels
-from argosy.runtime.quantization import q8_0
+from argosy.runtime.quantization import base, q8_0
 
 # Skipped only on a developer machine without a C++ compiler (where one exists, a kernel
 # that fails to build fails test_the_kernel_builds_and_loads); under CI (``CI`` set) a
@@ -194,7 +194,7 @@ SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (320, 576), (576, 19
 
 @pytest.mark.parametrize("type_name", q8_0.TYPES)
 def test_kernel_equals_x_times_dequantized_w_for_every_type(type_name):
-    """Group 16 and 32, float16 and float32 scales, with and without offsets; 1 to 9 rows
+    """Group 16 and 32, float16 and float32 scales, with and without offsets; 1 to 17 rows
     of x: float32 math over the file's values, within 2e-5 relative of float64."""
     values = q8_0.BLOCKS[type_name][0]
     g = torch.Generator().manual_seed(2)
@@ -202,7 +202,7 @@ def test_kernel_equals_x_times_dequantized_w_for_every_type(type_name):
         raw = _raw(type_name, n, k, seed=n + k)
         ref = _reference(raw, type_name, n, k)
         packed = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(raw, (n, k), type_name))
-        for m in (1, 3, 8, 9):
+        for m in (1, 3, 8, 9, 16, 17):
             x = torch.randn(m, k, generator=g).to(torch.bfloat16)
             got = torch.ops.argosy.q8_linear(x, packed.w, packed.scales, packed.mins, packed.group_size, packed.n)
             want = x.double() @ ref.T
@@ -323,12 +323,15 @@ def test_without_dense_copies_the_embedding_and_head_stay_q8_0(checkpoint, embed
 def test_the_head_kernel_row_limit_follows_the_cpu(monkeypatch):
     """4 rows where oneDNN's GEMM has AMX tiles, 16 on AVX-512 without them (measured:
     ``q8_0._head_kernel_rows``), 4 elsewhere, where PyTorch runs below AVX-512, or when
-    PyTorch cannot say."""
+    PyTorch cannot say; the linear layers' ``INT4_MAX_ROWS`` likewise 8 or 16."""
     for avx512, amx, capability, rows in ((True, True, "AVX512", 4), (True, False, "AVX512", 16),
                                           (True, False, "AVX2", 4), (False, False, "AVX2", 4)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda v=avx512: v)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda v=capability: v)
         assert q8_0._head_kernel_rows() == rows
+        # the linear layers' packed kernels: 8 with AMX (and where unmeasured), 16 on AVX-512 without
+        assert base._packed_kernel_rows() == (16 if rows == 16 else 8)
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert q8_0._head_kernel_rows() == 4
+    assert base._packed_kernel_rows() == 8

@@ -60,7 +60,8 @@ on whole decode steps of the bundled model (2 cores, AVX-512 + AMX, torch 2.13),
 the weights stream from memory: batch 2 int4 23 ms vs dense 46 ms per step, batch 8
 33 vs 46 ms, batch 16 51 vs 51 ms. (In isolation, with the weight warm in cache, the int4
 kernel loses already at 8 rows: one 3072 x 576 weight, 8 rows 214 vs 229 us, 32 rows 792
-vs 244 us.)
+vs 244 us.) On AVX-512 CPUs without AMX the limit is 16
+(:func:`..quantization.base._packed_kernel_rows`, measured there).
 
 Loading: a layer whose rows all arrive quantized (:meth:`Linear.load_quantized`) is
 processed as soon as the last part arrives, so its dense weight is never written (the

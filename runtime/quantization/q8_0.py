@@ -61,7 +61,7 @@ from torch import nn
 
 from .. import cpu_kernels
 from . import dequant
-from .base import CpuPackedMethod, hold_buffers, register
+from .base import CpuPackedMethod, avx512_without_amx, hold_buffers, register
 
 #: GGUF block types read as :class:`Q8Weight`.
 TYPES = ("Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K")
@@ -80,12 +80,7 @@ def _head_kernel_rows() -> int:
     tok/s, 16 325-414 -> 403-424, two runs each), 4 elsewhere (not measured), and 4 where
     PyTorch runs below AVX-512 (``ATEN_CPU_CAPABILITY``; the kernels then build their
     portable loop, :mod:`argosy.runtime.cpu_kernels`)."""
-    try:
-        avx512, amx = torch.cpu._is_avx512_supported(), torch.cpu._is_amx_tile_supported()
-        capability = torch.backends.cpu.get_cpu_capability()
-    except (AttributeError, RuntimeError):
-        return 4
-    return 16 if avx512 and not amx and capability.startswith("AVX512") else 4
+    return 16 if avx512_without_amx() else 4
 
 
 #: Most rows of ``x`` per call that take the kernel for the logits (more: the dense copy);

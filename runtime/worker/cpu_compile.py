@@ -23,7 +23,7 @@ ones run eagerly.
 
 Cost. Compiling all of it takes ~2.5-3 minutes on 2 cores with an empty cache (mostly
 C++ compilation), ~25-35 s when inductor's on-disk cache holds the graphs (kept under
-``$ARGOSY_CACHE_DIR/inductor/<vector ISA>`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set, see
+``$ARGOSY_CACHE_DIR/inductor/<vector ISA>-rows<INT4_MAX_ROWS>`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set, see
 :func:`argosy.runtime.cache_dirs.inductor_vec_isa`). After
 warm-up nothing compiles: a call whose shapes would need a new graph runs eagerly
 (counted; see :meth:`CompiledDecodeRunner.run`).
@@ -175,10 +175,11 @@ class CompiledLayerStages:
         self.calls = _CompiledOrEager("a layer stage", "tokens")
 
     def warmup(self) -> None:
-        """Compile both halves on the first layer of each signature with a dummy 16-token
-        input (no KV cache involved)."""
+        """Compile both halves on the first layer of each signature with a dummy input of
+        ``2 * INT4_MAX_ROWS`` tokens (no KV cache involved; above ``INT4_MAX_ROWS``, the
+        dense matmuls' side, as every call of :data:`LAYER_STAGES_MIN_TOKENS` tokens or more)."""
         model = self.model
-        t = 16
+        t = 2 * INT4_MAX_ROWS
         by_sig: dict[tuple, tuple] = {}
         for i, layer in enumerate(model.layers):
             sig = layer_signature(layer)
