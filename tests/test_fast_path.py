@@ -88,6 +88,17 @@ def assert_greedy_agrees_where_decisive(engine, ref_engine, max_tokens: int = 16
     assert compared >= 32, f"only {compared} decisive tokens compared"
 
 
+def test_pytorchs_module_walk_reaches_every_module(fast_engine):
+    """``model.apply(fn)`` (PyTorch's walk, calling each submodule's ``apply``) runs over
+    the loaded model, quantization methods and rotary embedding included: none of our
+    modules names a method ``apply`` (vLLM's ``apply`` is the methods' ``forward``)."""
+    model = fast_engine.executor.runner.model
+    seen = []
+    model.apply(lambda m: seen.append(m))
+    assert len(seen) == len(list(model.modules()))
+    assert sum(isinstance(m, Int4CpuMethod) for m in seen) == 4 * model.cfg.num_hidden_layers
+
+
 def test_greedy_agrees_with_float32_where_float32_is_decisive(fast_engine, ref_engine):
     """See :func:`assert_greedy_agrees_where_decisive`."""
     assert_greedy_agrees_where_decisive(fast_engine, ref_engine)

@@ -5,7 +5,7 @@ its checkpoint weight is quantized and a kernel runs it without one. A quantized
 run by its quantization method (:class:`~..quantization.base.LinearMethod`, vLLM's
 ``QuantizeMethodBase``: one per weight form and device, in that form's module, chosen by
 :func:`~..quantization.base.choose_linear_method`); the layer only collects the rows,
-holds the dense-copy policy and calls ``method.apply(layer, x)``. What the methods do:
+holds the dense-copy policy and calls ``method.forward(layer, x)``. What the methods do:
 
 When the weight is 4-bit (GGUF Q4_0/Q4_1/Q4_K, :mod:`..quantization.gguf`;
 compressed-tensors W4A16, AWQ, GPTQ) and the model runs in bfloat16 on the CPU, it is
@@ -259,4 +259,4 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is None:
             return F.linear(x, self.weight, self.bias)
-        return self.quant_method.apply(self, x)
+        return self.quant_method.forward(self, x)

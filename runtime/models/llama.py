@@ -116,14 +116,14 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1), self.sin_signed[positions].unsqueeze(1)
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate ``x [T, heads, head_dim]`` (q and k heads may be stacked in one call):
         HF's ``x * cos + rotate_half(x) * sin`` (the reference form)."""
         return x * cos + _rotate_half(x) * sin
 
     @staticmethod
     def apply_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-        """:meth:`apply` with ``sin_signed`` from :meth:`cos_sin`: the same values, bit for
+        """:meth:`rotate` with ``sin_signed`` from :meth:`cos_sin`: the same values, bit for
         bit, with ``roll`` in place of rotate-half's slice/negate/concatenate."""
         return x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin_signed
 

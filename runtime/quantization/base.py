@@ -94,7 +94,10 @@ def hold_buffers(module: nn.Module, **tensors: Optional[torch.Tensor]) -> None:
 class LinearMethod(nn.Module):
     """How a :class:`~argosy.runtime.layers.Linear` holds and runs a quantized weight: the
     interface of vLLM's ``QuantizeMethodBase`` (``create_weights``,
-    ``process_weights_after_loading``, ``apply``), one object per layer.
+    ``process_weights_after_loading``, ``apply``), one object per layer. vLLM's ``apply``
+    is :meth:`forward` here: a method is a module (it holds buffers), and a module's
+    ``apply(fn)`` is PyTorch's walk over the module tree, which ``model.apply(fn)`` calls
+    on every submodule.
 
     Every checkpoint format decodes its tensors into one of a few weight forms
     (:class:`~.int4.Int4Weight`, :class:`~.int8.Int8Weight`, :class:`~.q8_0.Q8Weight`,
@@ -124,21 +127,32 @@ class LinearMethod(nn.Module):
         May free the layer's dense weight (:meth:`~argosy.runtime.layers.Linear.free_dense_weight`)."""
         raise NotImplementedError
 
-    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         """``x [M, in_features] -> x W^T (+ bias) [M, out_features]`` in ``x.dtype``."""
         raise NotImplementedError
 
     def dense_weight(self, layer) -> torch.Tensor:
         """``W [out_features, in_features]`` in the layer's dtype and input-column order:
-        the values :meth:`apply` multiplies (quantized weights dequantized into a new tensor
+        the values :meth:`forward` multiplies (quantized weights dequantized into a new tensor
         where the layer keeps no dense copy)."""
         return layer.weight
 
     def signature(self) -> tuple:
-        """What :meth:`apply` branches on besides its tensors' values (flags, group sizes,
+        """What :meth:`forward` branches on besides its tensors' values (flags, group sizes,
         which optional buffers exist): compiled graphs traced on one layer run every layer
         of the same signature (:func:`argosy.runtime.worker.cpu_compile.layer_signature`)."""
         return ()
+
+
+class RowScaledMethod:
+    """Mixin (before :class:`LinearMethod` or :class:`CpuPackedMethod` in the bases) of a
+    method that holds a :class:`RowScaledWeight` as it is: buffers ``weight [N, K]``
+    (int8 or float8_e4m3fn; None where the method runs the layer's dense weight) and
+    ``scales`` (one per output row, in the shape and dtype its kernel takes)."""
+
+    def __init__(self, weight: Optional[torch.Tensor], scales: Optional[torch.Tensor]):
+        super().__init__()
+        hold_buffers(self, weight=weight, scales=scales)
 
 
 class CpuPackedMethod(LinearMethod):
@@ -174,7 +188,7 @@ class CpuPackedMethod(LinearMethod):
         """The packed weight as a new ``[N, K] bfloat16`` tensor in the layer's column order."""
         raise NotImplementedError
 
-    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= INT4_MAX_ROWS:
             y = self.small(x)
             return y if layer.bias is None else y + layer.bias

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .base import LinearMethod, RowScaledWeight, hold_buffers, register
+from .base import LinearMethod, RowScaledMethod, RowScaledWeight, register
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def scaled_mm_supported(device: torch.device) -> bool:
 
 
 @register(Fp8Weight)
-class Fp8ScaledMMMethod(LinearMethod):
+class Fp8ScaledMMMethod(RowScaledMethod, LinearMethod):
     """An FP8 weight on ``torch._scaled_mm`` with per-token FP8 activations
     (:func:`fp8_linear`) for every call, where the GPU takes it (:func:`scaled_mm_supported`,
     :func:`shape_supported`, a checkpoint with dynamic activations); the layer's dense
@@ -158,10 +158,6 @@ class Fp8ScaledMMMethod(LinearMethod):
     """
 
     kind = "fp8"
-
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
-        super().__init__()
-        hold_buffers(self, weight=weight, scales=scales)
 
     @classmethod
     def create(cls, whole: Fp8Weight, layer) -> Optional["Fp8ScaledMMMethod"]:
@@ -173,7 +169,7 @@ class Fp8ScaledMMMethod(LinearMethod):
         layer.free_dense_weight()
         return m
 
-    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.scales, layer.bias)
 
     def dense_weight(self, layer) -> torch.Tensor:
@@ -192,7 +188,7 @@ class Fp8DenseMethod(LinearMethod):
     def create(cls, whole: Fp8Weight, layer) -> "Fp8DenseMethod":
         return cls()
 
-    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, layer.weight, layer.bias)
 
 

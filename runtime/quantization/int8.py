@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dequant
-from .base import CpuPackedMethod, LinearMethod, RowScaledWeight, hold_buffers, register
+from .base import CpuPackedMethod, LinearMethod, RowScaledMethod, RowScaledWeight, register
 
 
 @dataclass
@@ -90,7 +90,7 @@ def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Opt
 
 
 @register(Int8Weight)
-class W8A8Method(LinearMethod):
+class W8A8Method(RowScaledMethod, LinearMethod):
     """An int8 weight with dynamic per-token int8 activations (a W8A8 checkpoint). In a
     bfloat16 CPU layer every call runs :func:`w8a8_linear` (``torch._int_mm``) and the
     layer holds no dense weight at all (buffers ``weight [N, K] int8``, ``scales [N]
@@ -99,10 +99,6 @@ class W8A8Method(LinearMethod):
     :func:`fake_quantize_per_token`: the scheme's values, no speed-up."""
 
     kind = "int8"
-
-    def __init__(self, weight: Optional[torch.Tensor], scales: Optional[torch.Tensor]):
-        super().__init__()
-        hold_buffers(self, weight=weight, scales=scales)
 
     @classmethod
     def create(cls, whole: Int8Weight, layer) -> Optional["W8A8Method"]:
@@ -115,7 +111,7 @@ class W8A8Method(LinearMethod):
         layer.free_dense_weight()
         return m
 
-    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         if self.weight is not None:
             return w8a8_linear(x, self.weight, self.scales, layer.bias)
         return F.linear(fake_quantize_per_token(x), layer.weight, layer.bias)
@@ -130,7 +126,7 @@ class W8A8Method(LinearMethod):
 
 
 @register(Int8Weight)
-class Int8CpuMethod(CpuPackedMethod):
+class Int8CpuMethod(RowScaledMethod, CpuPackedMethod):
     """A weight-only int8 weight (per-row scales) in a bfloat16 CPU layer:
     ``_weight_int8pack_mm`` for calls of at most ``INT4_MAX_ROWS`` rows (one 3072 x 576
     weight: 1 row 67 vs 184 us dense, 8 rows 246 vs 206 us), and for more the layer's
@@ -140,10 +136,6 @@ class Int8CpuMethod(CpuPackedMethod):
     """
 
     kind = "int8"
-
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor):
-        super().__init__()
-        hold_buffers(self, weight=weight, scales=scales)
 
     @classmethod
     def create(cls, whole: Int8Weight, layer) -> Optional["Int8CpuMethod"]:

@@ -213,7 +213,7 @@ class W4A16Method(LinearMethod):
         layer.free_dense_weight()
         return m
 
-    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer, x: torch.Tensor) -> torch.Tensor:
         y = matmul(x, self.qweight, self.scales, self.zeros, self.group_size, self.perm)
         return y if layer.bias is None else y + layer.bias
 
