@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -47,8 +47,11 @@ def isa_flags() -> list[str]:
     return isa.build_arch_flags().split() if isa else []
 
 
-def build(source: Path, name: str, cache_dir: Optional[Path] = None) -> Path:
+def build(source: Path, name: str, cache_dir: Optional[Path] = None, extra_flags: Sequence[str] = (),
+          link_flags: Sequence[str] = ()) -> Path:
     """Compile ``source`` (or find it already compiled) and return the shared library's path.
+    ``extra_flags`` go with the compiler flags, ``link_flags`` after the source (libraries);
+    both are part of the cache key.
 
     Libraries of other sources, compilers or flags are left in place (a cache directory
     may be shared by machines with different CPUs or compilers). The library is written
@@ -63,12 +66,12 @@ def build(source: Path, name: str, cache_dir: Optional[Path] = None) -> Path:
     cxx = compiler()
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    flags = [*BASE_FLAGS, *isa_flags()]
+    flags = [*BASE_FLAGS, *isa_flags(), *extra_flags]
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except OSError as e:
         raise RuntimeError(f"C++ compiler {cxx!r} cannot run: {e}") from None
-    key = hashlib.sha256("\0".join([source.read_text(), cxx, version, *flags]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([source.read_text(), cxx, version, *flags, *link_flags]).encode()).hexdigest()[:16]
     out_dir = Path(cache_dir) if cache_dir else argosy_cache_root() / "kernels"
     lib = out_dir / f"{name}-{key}.so"
     if lib.exists():
@@ -78,7 +81,8 @@ def build(source: Path, name: str, cache_dir: Optional[Path] = None) -> Path:
     os.close(fd)
     try:
         try:
-            res = subprocess.run([cxx, *flags, "-o", tmp, str(source)], capture_output=True, text=True, timeout=300)
+            res = subprocess.run([cxx, *flags, "-o", tmp, str(source), *link_flags], capture_output=True, text=True,
+                                 timeout=300)
         except subprocess.TimeoutExpired:
             raise RuntimeError(f"{cxx} took more than 300 s") from None
         if res.returncode != 0:
@@ -100,15 +104,20 @@ class Kernel:
         what: what the caller falls back to, for the warning line.
         disabled: when it returns True, :meth:`library` answers None (the caller's
             switch to its torch path, e.g. ``ARGOSY_ATTENTION_BACKEND=torch``).
+        on_load: called once with the library after it loaded (the kernel's torch op
+            taking its C++ implementation, :func:`argosy.runtime.torch_ops.install`); an
+            exception there is logged and leaves the library in use.
     """
 
     def __init__(self, source: Path, name: str, declare: Callable[[ctypes.CDLL], None], what: str,
-                 disabled: Callable[[], bool] = lambda: False):
+                 disabled: Callable[[], bool] = lambda: False,
+                 on_load: Optional[Callable[[ctypes.CDLL], None]] = None):
         self.source = source
         self.name = name
         self.declare = declare
         self.what = what
         self.disabled = disabled
+        self.on_load = on_load
         self._lib: Optional[ctypes.CDLL] = None
         self._tried = False
         self._lock = threading.Lock()
@@ -140,4 +149,9 @@ class Kernel:
                 except Exception as e:  # noqa: BLE001 - any build/load problem means: keep the torch path
                     logger.warning("CPU kernel %s unavailable, using %s: %s", self.name, self.what,
                                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+                if self._lib is not None and self.on_load is not None:
+                    try:
+                        self.on_load(self._lib)
+                    except Exception as e:  # noqa: BLE001 - the library works without it
+                        logger.warning("CPU kernel %s: %s", self.name, e)
         return self._lib

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .. import cpu_kernels
+from .. import cpu_kernels, torch_ops
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode.cpp"
 #: Query heads per KV head, head sizes and block sizes the kernel supports (else the torch path).
@@ -51,8 +51,19 @@ def _declare(lib: ctypes.CDLL) -> None:
             fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7 + [ctypes.c_float]
 
 
+def _install_op(lib: ctypes.CDLL) -> None:
+    """The op's C++ implementation (:mod:`argosy.runtime.torch_ops`) calls this library's
+    entry points (query float32 / bfloat16 x cache of the query's dtype / E4M3 / E5M2)."""
+    def set_pointers(ops: ctypes.CDLL) -> None:
+        for qi, q in enumerate((torch.float32, torch.bfloat16)):
+            for ci, c in enumerate((q, *_CACHE_DTYPES)):
+                ops.argosy_set_paged_decode_attention(qi, ci, torch_ops.function_pointer(getattr(lib, _symbol(q, c))))
+
+    torch_ops.install("paged_decode_attention", set_pointers)
+
+
 KERNEL = cpu_kernels.Kernel(SOURCE, "paged_decode", _declare, "the torch path", disabled=lambda: os.environ.get(
-    "ARGOSY_ATTENTION_BACKEND", "auto").strip().lower() == "torch")
+    "ARGOSY_ATTENTION_BACKEND", "auto").strip().lower() == "torch", on_load=_install_op)
 
 
 def build(cache_dir: Optional[Path] = None) -> Path:
@@ -90,8 +101,10 @@ def supports(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
 
 
 # Defined with ``torch.library.Library`` rather than ``torch.library.custom_op``: the latter
-# wraps the call in autograd and dynamo-disable layers, ~38 us a call against ~4 us here
-# (measured), and a decode step makes one call per layer.
+# wraps the call in autograd and dynamo-disable layers, ~38 us a call (measured), and a
+# decode step makes one call per layer. Its CPU implementation is the C++ one of
+# :mod:`argosy.runtime.torch_ops` once the kernel loads (~8 us a call less than the Python
+# function below, which is the fallback and the reference of tests/test_torch_ops.py).
 _LIBRARY = torch.library.Library("argosy", "FRAGMENT")
 _LIBRARY.define("paged_decode_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, "
                 "float scale) -> Tensor")
@@ -101,7 +114,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                            seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """Decode attention read in place from the paged cache (same semantics as
     :func:`.torch_paged.decode_attention`; check :func:`supports` and :func:`kernel` first).
-    The CPU implementation of the op ``torch.ops.argosy.paged_decode_attention``.
+    The Python implementation of the op ``torch.ops.argosy.paged_decode_attention``, in
+    place where the C++ one (:mod:`argosy.runtime.torch_ops`, same checks) is not.
 
     Args:
         query: ``[B, H, D]`` float32 or bfloat16.
@@ -143,7 +157,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     return out
 
 
-_LIBRARY.impl("paged_decode_attention", paged_decode_attention, "CPU")
+torch_ops.python_impl("paged_decode_attention", paged_decode_attention)
 
 
 @torch.library.register_fake("argosy::paged_decode_attention")

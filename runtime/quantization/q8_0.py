@@ -59,7 +59,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import cpu_kernels
+from .. import cpu_kernels, torch_ops
 from . import dequant
 from .base import CpuPackedMethod, avx512_without_amx, hold_buffers, register
 
@@ -318,7 +318,13 @@ def _declare(lib: ctypes.CDLL) -> None:
                    + [ctypes.c_int64] * 3)
 
 
-KERNEL = cpu_kernels.Kernel(SOURCE, "q8_0_gemm", _declare, "dense bfloat16 weights")
+def _install_op(lib: ctypes.CDLL) -> None:
+    """The op's C++ implementation (:mod:`argosy.runtime.torch_ops`) calls this library."""
+    torch_ops.install("q8_linear",
+                      lambda ops: ops.argosy_set_q8_linear(torch_ops.function_pointer(lib.argosy_q8_linear)))
+
+
+KERNEL = cpu_kernels.Kernel(SOURCE, "q8_0_gemm", _declare, "dense bfloat16 weights", on_load=_install_op)
 
 
 def kernel():
@@ -334,8 +340,9 @@ _LIBRARY.define("q8_linear(Tensor x, Tensor w, Tensor scales, Tensor? mins, int 
 
 def q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
               group_size: int, n: int, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """``x @ W.T`` over a :class:`PackedQ8` weight: the CPU implementation of
-    ``torch.ops.argosy.q8_linear``.
+    """``x @ W.T`` over a :class:`PackedQ8` weight: the Python implementation of
+    ``torch.ops.argosy.q8_linear``, in place where the C++ one
+    (:mod:`argosy.runtime.torch_ops`, same checks) is not.
 
     Args:
         x: ``[M, K]`` float32 or bfloat16 (widened to float32 in the kernel; exact).
@@ -374,7 +381,7 @@ def q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: Opti
     return out
 
 
-_LIBRARY.impl("q8_linear", q8_linear, "CPU")
+torch_ops.python_impl("q8_linear", q8_linear)
 
 
 @torch.library.register_fake("argosy::q8_linear")
