@@ -27,7 +27,10 @@ _LISTEN_RE = re.compile(r"on http://127\.0\.0\.1:(\d+)")
 class ServerProcess:
     """An ``argosy serve`` subprocess on a free loopback port (logs in ``log_path``)."""
 
-    def __init__(self, tmp_dir: Path, name: str, extra_args: list[str], api_key: str | None = None):
+    def __init__(self, tmp_dir: Path, name: str, extra_args: list[str], api_key: str | None = None,
+                 wait: bool = True):
+        """Start the server; with ``wait`` (default) return once it answers ``/health``,
+        else right away (call :meth:`wait_ready` later: several servers start in parallel)."""
         self.log_path = tmp_dir / f"{name}.log"
         self.api_key = api_key
         args = [sys.executable, "-m", "argosy.runtime.cli", "serve", "--host", "127.0.0.1", "--port", "0",
@@ -37,9 +40,16 @@ class ServerProcess:
         env = {k: v for k, v in os.environ.items() if k not in ("ARGOSY_API_KEY", "VLLM_API_KEY")}
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> "ServerProcess":
+        """Wait until the server listens and answers ``/health`` (raises RuntimeError with
+        its log's tail if it exits or takes too long)."""
         self.port = self._wait_for_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._wait_healthy()
+        return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -167,8 +167,10 @@ def engines(tmp_path_factory):
     d = tmp_path_factory.mktemp("router-engines")
     procs = []
     try:
-        for i in range(3):
-            procs.append(ServerProcess(d, f"engine{i}", ENGINE_FLAGS))
+        for i in range(3):  # started in parallel, then waited for
+            procs.append(ServerProcess(d, f"engine{i}", ENGINE_FLAGS, wait=False))
+        for p in procs:
+            p.wait_ready()
         yield procs
     finally:
         for p in procs:
@@ -357,7 +359,8 @@ def test_an_upstream_killed_mid_stream_ends_the_stream_visibly_and_the_others_ta
 
     from .serving import open_stream
 
-    procs = [ServerProcess(tmp_path, f"victim{i}", ENGINE_FLAGS) for i in range(2)]
+    procs = [p.wait_ready() for p in [ServerProcess(tmp_path, f"victim{i}", ENGINE_FLAGS, wait=False)
+                                      for i in range(2)]]
     router = RouterProcess(tmp_path, "router-kill", [p.base_url for p in procs], ["--routing", "least-load"])
     try:
         router.api_key = "unused"  # open_stream sends a bearer token; the engines have no key
