@@ -11,12 +11,15 @@ from typing import Callable, Optional
 _LINEAR = re.compile(r"^blk\.(\d+)\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$")
 
 
-def requantize_gguf(src: str, dst: str, type_for_layer: Callable[[int, str], Optional[str]]) -> None:
+def requantize_gguf(src: str, dst: str, type_for_layer: Callable[[int, str], Optional[str]],
+                    embedding: Optional[str] = None, untie: bool = False) -> None:
     """Write a copy of GGUF file ``src`` to ``dst`` in which linear weight
     ``blk.<i>.<kind>.weight`` is re-encoded as GGUF type ``type_for_layer(i, kind)``
     (from its ``gguf.quants.dequantize`` float32 values), or copied as it is for None.
-    Everything else (metadata, tokenizer, norms, embedding) is copied byte for byte.
-    About 3 s for the bundled model."""
+    ``embedding``: ``token_embd.weight`` re-encoded as that type too; ``untie``: an
+    ``output.weight`` (LM head) added, a byte copy of the source's ``token_embd.weight``
+    (the model is then untied). Everything else (metadata, tokenizer, norms, embedding)
+    is copied byte for byte. About 3 s for the bundled model."""
     import gguf
     from gguf.quants import dequantize, quantize
 
@@ -30,6 +33,10 @@ def requantize_gguf(src: str, dst: str, type_for_layer: Callable[[int, str], Opt
     for t in reader.tensors:
         m = _LINEAR.match(t.name)
         type_name = type_for_layer(int(m.group(1)), m.group(2)) if m else None
+        if t.name == "token_embd.weight":
+            type_name = embedding
+            if untie:
+                writer.add_tensor("output.weight", t.data, raw_dtype=t.tensor_type)
         if type_name is None:
             writer.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
         else:

@@ -198,3 +198,81 @@ def test_each_weight_form_gets_the_method_its_device_and_dtype_run():
         assert (w8a8.weight.numel() == 0) == (dtype == torch.bfloat16)
         sigs = {layer_signature(torch.nn.ModuleDict({"proj": lin})) for lin in layers.values()}
         assert len(sigs) == len(set(methods.values()))  # (float32: int8 and q8 both dense)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q4_K"])
+def test_int4_embedding_rows_equal_the_dequantized_table(type_name):
+    """A 4-bit embedding held packed (``int4.Int4Embedding``): lookups equal the weight's
+    own float32-scale dequantization rounded to bfloat16 bit for bit, and the ``gguf``
+    package's dequantizer (the format's own tool) within one bfloat16 rounding; rows past
+    the weight's (a vocabulary-parallel rank's short slice) are zero; traced by torch.compile."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from argosy.runtime.quantization.int4 import Int4Embedding
+
+    n, k = 300, 512
+    raw = _raw_blocks(type_name, n, k, seed=7)
+    w = decode_int4(raw, type_name, (n, k))
+    emb = Int4Embedding(w, n + 20, torch.bfloat16)
+    assert emb.packed.shape == (n + 20, k // 2) and emb.packed.dtype == torch.uint8
+    ids = torch.tensor([0, 299, 17, 17, 150, 310])
+    got = emb(ids)
+    want = w.dequantize(torch.bfloat16, kernel_rounding=False)
+    assert got.dtype == torch.bfloat16 and torch.equal(got[:5], want[ids[:5]])
+    assert torch.equal(got[5], torch.zeros(k, dtype=torch.bfloat16))
+    tool = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]).reshape(n, k).copy())
+    torch.testing.assert_close(got[:5].float(), tool[ids[:5]].to(torch.bfloat16).float(), atol=1e-6, rtol=2 ** -8)
+    compiled = torch.compile(emb, backend="aot_eager", fullgraph=True, dynamic=True)
+    assert torch.equal(compiled(ids), got)
+    with pytest.raises(ValueError, match="cannot be held"):
+        Int4Embedding(w, n - 1, torch.bfloat16)
+
+
+def test_an_untied_4bit_embedding_is_held_packed_without_dense_copies(model_path, tmp_path, monkeypatch):
+    """A GGUF with a Q4_0 ``token_embd`` and its own ``output.weight``: without dense
+    copies the model holds the embedding 4-bit only (0.75 bytes a weight against
+    bfloat16's 2), its lookups equal the dense model's bit for bit and its logits equal
+    them (same weights otherwise); with dense copies it is a dense bfloat16 table of the
+    same values; under TP=3 each rank looks up its own vocabulary slice."""
+    from argosy.runtime.distributed import TPGroup
+    from argosy.runtime.layers import linear
+    from argosy.runtime.loader import load_checkpoint
+    from argosy.runtime.models import LlamaForCausalLM
+    from argosy.runtime.quantization import dequant
+    from argosy.runtime.quantization.int4 import Int4Embedding
+    from argosy.runtime.worker.executor import weight_bytes_by_format
+
+    from .gguf_files import requantize_gguf
+
+    if dequant.kernel() is None:
+        pytest.skip("needs a C++ compiler")
+    path = str(tmp_path / "q4-embd.gguf")
+    requantize_gguf(model_path, path, lambda i, kind: None, embedding="Q4_0", untie=True)
+    ckpt = load_checkpoint(path)
+    assert not ckpt.config.tie_word_embeddings
+
+    def build(copies, tp=None):
+        monkeypatch.setattr(linear, "DENSE_COPIES", copies)
+        m = LlamaForCausalLM(ckpt.config, torch.bfloat16, torch.device("cpu"), 256, *([tp] if tp else []))
+        m.load_weights(ckpt.weights(m.shard_for, int4=True))
+        return m
+
+    dense, lean = build("keep"), build("scratch")
+    assert dense.embed_int4 is None and dense.embed_tokens.shape == (49152, 576)
+    assert isinstance(lean.embed_int4, Int4Embedding) and lean.embed_tokens.numel() == 0
+    fmt = weight_bytes_by_format(lean)
+    assert fmt["bfloat16"] < 1 << 20, fmt  # norms and rotary tables only: no dense table
+    held, lean.embed_int4 = lean.embed_int4, None
+    without = weight_bytes_by_format(lean)
+    lean.embed_int4 = held
+    assert fmt["int4"] - without["int4"] == 49152 * 576 * 3 // 4  # nibbles + float32 scale and zero per 32
+    ids = torch.tensor([0, 1, 5000, 49151, 5000])
+    assert torch.equal(lean._embed(ids), dense._embed(ids))
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    assert torch.equal(lean.compute_logits(x), dense.compute_logits(x))  # (the Q8_0 head: the kernel, both)
+    for rank in range(3):
+        part = build("scratch", TPGroup(rank, 3))
+        assert part.embed_int4 is not None
+        lo = part.vocab_start
+        assert torch.equal(part._embed(torch.tensor([0, 16383])), dense._embed(torch.tensor([lo, lo + 16383])))

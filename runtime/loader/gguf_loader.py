@@ -195,7 +195,6 @@ def _quantized_weight(t, shard, full_shape: tuple[int, ...], cfg: ModelConfig, g
 
 #: Never handed over as 4-bit (it is looked up); as grouped int8 the model keeps it for
 #: the logits too (tied LM head).
-_EMBEDDING = "model.embed_tokens.weight"
 
 
 def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardFn] = None,
@@ -204,7 +203,8 @@ def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardF
 
     A weight is a float32 tensor, or, with ``int4`` (the packed fast path): for a 2-D
     linear weight stored as Q4_0/Q4_1/Q4_K, an
-    :class:`~argosy.runtime.quantization.int4.Int4Weight` decoded without loss; for a
+    :class:`~argosy.runtime.quantization.int4.Int4Weight` decoded without loss (the
+    embedding too: the model holds it packed or dequantizes it); for a
     linear weight, the embedding or the LM head stored as Q8_0, Q5_0, Q5_1, Q5_K or Q6_K,
     a :class:`~argosy.runtime.quantization.q8_0.Q8Weight` (grouped int8, also without
     loss). Other types (Q2_K, Q3_K, the IQ types, floats) come dequantized.
@@ -226,7 +226,7 @@ def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardF
         shard = shard_for(name) if shard_for else None
         full_shape = tuple(int(x) for x in reversed(t.shape.tolist()))
         kind = t.tensor_type.name
-        if int4 and len(full_shape) == 2 and (kind in Q8_TYPES or (kind in INT4_TYPES and name != _EMBEDDING)):
+        if int4 and len(full_shape) == 2 and (kind in Q8_TYPES or kind in INT4_TYPES):
             try:
                 w = _quantized_weight(t, shard, full_shape, cfg, kind in Q8_TYPES)
             except ValueError as e:

@@ -37,7 +37,7 @@ from ..quantization import dequant, q8_0
 from ..quantization.base import CpuPackedMethod
 from ..quantization.fp8 import Fp8Weight
 from ..quantization.int8 import Int8Weight
-from ..quantization.int4 import Int4Weight
+from ..quantization.int4 import Int4Embedding, Int4Weight
 from ..quantization.q8_0 import PackedQ8, Q8Embedding, Q8Weight
 
 logger = logging.getLogger("argosy.model")
@@ -374,6 +374,10 @@ class LlamaForCausalLM(nn.Module):
         #: which also drops a Q8 LM head's dense copy (logits of more rows then run on the
         #: kernel or the dequantization scratch, :meth:`compute_logits`); None: dense
         self.embed_q8: Optional[Q8Embedding] = None
+        #: the embedding held only in its 4-bit form (GGUF Q4_0 / Q4_1 / Q4_K ``token_embd``),
+        #: under the same conditions, for a model whose LM head is a separate tensor (a tied
+        #: 4-bit one keeps its dense matrix for the logits); None: dense
+        self.embed_int4: Optional[Int4Embedding] = None
         #: whether quantized embeddings / LM heads keep a dense copy (False: decided by
         #: :meth:`_decide_dense_copies`, as for the linear layers)
         self.dense_embedding_copy = True
@@ -432,6 +436,8 @@ class LlamaForCausalLM(nn.Module):
         """Embedding rows ``ids [T] int64`` (this rank's vocabulary slice) -> ``[T, hidden_size]``."""
         if self.embed_q8 is not None:
             return self.embed_q8(ids)
+        if self.embed_int4 is not None:
+            return self.embed_int4(ids)
         return F.embedding(ids, self.embed_tokens)
 
     @torch.inference_mode()
@@ -563,6 +569,14 @@ class LlamaForCausalLM(nn.Module):
                                                                  device=dst.device), requires_grad=False)
                 else:
                     self.lm_head.free_dense_weight()
+            elif isinstance(w, Int4Weight) and name == "model.embed_tokens.weight":
+                if (dst.device.type == "cpu" and not self.dense_embedding_copy and self.dtype == torch.bfloat16
+                        and not cfg.tie_word_embeddings and w.perm is None and w.shape[1] % 2 == 0):
+                    self.embed_int4 = Int4Embedding(w, self.vocab_per_rank, self.dtype)
+                    self.embed_tokens = nn.Parameter(torch.empty(0, cfg.hidden_size, dtype=self.dtype,
+                                                                 device=dst.device), requires_grad=False)
+                else:  # the file's values (float32 scales), as the other types' lookups
+                    dst.copy_(w.dequantize(dst.dtype, kernel_rounding=False))
             elif self.online_quantization == "fp8" and owner is not None and owner is not self.lm_head \
                     and isinstance(w, torch.Tensor) and name.endswith("_proj.weight"):
                 owner.load_quantized(rows[0] if rows else 0, Fp8Weight.quantize(w))
@@ -585,6 +599,8 @@ class LlamaForCausalLM(nn.Module):
         self.process_weights_after_loading()
         note = getattr(self, "_dense_copies_note", None)
         quantized = [m for m in self.modules() if isinstance(m, Linear) and isinstance(m.quant_method, CpuPackedMethod)]
+        if self.embed_int4 is not None:
+            logger.info("the 4-bit embedding is held in that form only (lookups dequantize their rows)")
         if self.embed_q8 is not None:
             logger.info("the grouped int8 embedding%s is held in that form only (lookups dequantize their rows; "
                         "logits of more than %d rows run on the dequantization scratch)",

@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from torch import nn
 
 from . import dequant
 from .base import CpuPackedMethod, hold_buffers, register
@@ -243,3 +244,55 @@ class Int4CpuMethod(CpuPackedMethod):
 
     def signature(self) -> tuple:
         return (self.dense_on_demand, self.block, self.nibbles is not None, self.group_size, self.perm is not None)
+
+
+class Int4Embedding(nn.Module):
+    """An embedding table held in its 4-bit form (a GGUF Q4_0 / Q4_1 / Q4_K ``token_embd``
+    of a model whose LM head is a separate tensor, kept without dense copies): lookups
+    dequantize their rows, ``(q - 8) * scale + zero`` in float32 rounded once to the model
+    dtype, the values of :meth:`Int4Weight.dequantize` with ``kernel_rounding=False`` bit
+    for bit. Traceable (gathers, shifts, one multiply-add), so it runs inside the compiled
+    decode graphs. 0.5 byte a weight plus 8 bytes a group (float32 scale and zero, exact
+    for every 4-bit GGUF type; Q4_K's are products of 6-bit sub-scales and float16 ones):
+    in groups of 32, 0.75 bytes a weight, so a 128,256 x 4,096 table holds 394 MB instead
+    of bfloat16's 1,051 MB.
+
+    Buffers: ``packed [V, K / 2] uint8`` (column ``2j`` in the low nibble, ``2j + 1`` in
+    the high one), ``scales`` and ``zeros [V, K / g] float32``; rows past the weight's own
+    (the short last slice of a vocabulary-parallel rank) are zero.
+
+    Args:
+        w: the weight ``[N, K]`` (no column permutation, ``K`` even), ``N <= rows``.
+        rows: the table's rows (this rank's vocabulary slice).
+        dtype: the lookups' dtype.
+    Raises:
+        ValueError: a permuted or odd-width weight, or more rows than ``rows``.
+    """
+
+    def __init__(self, w: Int4Weight, rows: int, dtype: torch.dtype):
+        super().__init__()
+        n, k = w.shape
+        if w.perm is not None or k % 2 or n > rows:
+            raise ValueError(f"an int4 embedding of {n} x {k} (permuted: {w.perm is not None}) cannot be held "
+                             f"packed in {rows} rows")
+        q = np.zeros((rows, k), dtype=np.uint8)
+        q[:n] = w.q
+        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8)
+
+        def groups(a: np.ndarray) -> torch.Tensor:
+            full = np.zeros((rows, k // w.group_size), dtype=np.float32)
+            full[:n] = a
+            return torch.from_numpy(full)
+
+        hold_buffers(self, packed=torch.from_numpy(np.ascontiguousarray(packed)), scales=groups(w.scale),
+                     zeros=groups(w.zero))
+        self.group_size = w.group_size
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids [T] int64`` -> rows ``[T, K]`` in :attr:`dtype`."""
+        p = self.packed[ids]  # [T, K / 2]
+        t = p.shape[0]
+        q = torch.stack((p & 15, p >> 4), dim=-1).view(t, -1, self.group_size).to(torch.float32)
+        w = (q - 8.0) * self.scales[ids].unsqueeze(-1) + self.zeros[ids].unsqueeze(-1)
+        return w.view(t, -1).to(self.dtype)

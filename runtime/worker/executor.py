@@ -87,7 +87,8 @@ def rank_threads(args: EngineArgs) -> int:
 def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
     """Bytes of ``model``'s parameters and buffers by the format they are held in
     (this rank's shard): a linear layer's quantization method's buffers count as its
-    :attr:`~argosy.runtime.quantization.base.LinearMethod.kind`: ``int4`` (packed weights, scales and zeros, act-order permutations, and
+    :attr:`~argosy.runtime.quantization.base.LinearMethod.kind`: ``int4`` (packed weights, scales and zeros, act-order permutations, a
+    4-bit embedding held only in that form, and
     where the CPU dequantization kernel cannot read PyTorch's packed layout the second copy
     of the integers it reads), ``grouped int8`` (with its scales and offsets, including the LM head's
     ``logits_q8`` and an embedding held only in that form), ``int8``, ``fp8`` (FP8 weights on ``_scaled_mm`` and their scales),
@@ -100,6 +101,7 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
     for everything else (embeddings, norms, dense layers, rotary tables). Tied tensors
     count once."""
     from ..layers.linear import Linear
+    from ..quantization.int4 import Int4Embedding
     from ..quantization.q8_0 import Q8Embedding
 
     out: dict[str, int] = {}
@@ -123,6 +125,9 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
         elif isinstance(m, Q8Embedding):
             for b in m.buffers():
                 add("grouped int8", b)
+        elif isinstance(m, Int4Embedding):
+            for b in m.buffers():
+                add("int4", b)
     p = getattr(model, "logits_q8", None)
     if p is not None:  # (a tied one shares its tensors with the Q8Embedding)
         for t in (p.w, p.scales, p.mins):
