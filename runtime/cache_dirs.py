@@ -24,7 +24,12 @@ def _shadows_stdlib(entry: str) -> bool:
         os.path.join(root, "operator.py"))
 
 
-def inductor_vec_isa():
+#: whether Argosy chooses inductor's cache directory: decided on the first
+#: :func:`inductor_vec_isa` call (``TORCHINDUCTOR_CACHE_DIR`` not set by the user then)
+_OWN_INDUCTOR_CACHE: list[bool] = []
+
+
+def inductor_vec_isa(graph_tag: str = ""):
     """The vector ISA inductor generates C++ for on this CPU (``avx512``, ``avx2`` ...; falsy
     when none), or None when this torch has no such probe.
 
@@ -40,19 +45,23 @@ def inductor_vec_isa():
     ``PYTHONSAFEPATH=1`` for the probe alone (so that the child does not put its working
     directory first either), restored afterwards.
 
-    Unless ``TORCHINDUCTOR_CACHE_DIR`` is set, it also points inductor's on-disk cache at
-    ``$ARGOSY_CACHE_DIR/inductor/<ISA>-rows<INT4_MAX_ROWS>`` (default
-    ``~/.cache/argosy/inductor/...``), so that graphs built without a vector ISA are never
-    served to a process that has one, nor graphs built under another packed-kernel row
-    limit (:data:`argosy.runtime.quantization.base.INT4_MAX_ROWS`, by CPU and
-    ``ATEN_CPU_CAPABILITY``): inductor's cache hands such a graph back with the batch-size
-    guards of the bucket it was compiled for (seen: a 2-8 graph served for 2-16, so
-    batches of 9-16 ran eagerly). Like
-    inductor's own default, the variable is set in this process's environment (child
-    processes inherit it).
+    Unless the user set ``TORCHINDUCTOR_CACHE_DIR``, the probe writes under
+    ``$ARGOSY_CACHE_DIR/inductor/probe`` (default ``~/.cache/argosy/inductor/...``), and a
+    call with ``graph_tag`` (the compiled steps', :mod:`argosy.runtime.worker.cpu_compile`:
+    ``rows<INT4_MAX_ROWS>``) points inductor's on-disk cache at
+    ``$ARGOSY_CACHE_DIR/inductor/<ISA>-<graph_tag>``, so that graphs built without a vector
+    ISA are never served to a process that has one, nor graphs built under another
+    packed-kernel row limit (:data:`argosy.runtime.quantization.base.INT4_MAX_ROWS`, by CPU
+    and ``ATEN_CPU_CAPABILITY``): inductor's cache hands such a graph back with the
+    batch-size guards of the bucket it was compiled for (seen: a 2-8 graph served for 2-16,
+    so batches of 9-16 ran eagerly). Like inductor's own default, the variable is set in
+    this process's environment (child processes inherit it).
     """
-    own_cache = "TORCHINDUCTOR_CACHE_DIR" not in os.environ
-    if own_cache:  # the probe itself writes there (else inductor picks a /tmp default)
+    if not _OWN_INDUCTOR_CACHE:
+        _OWN_INDUCTOR_CACHE.append("TORCHINDUCTOR_CACHE_DIR" not in os.environ)
+    own_cache = _OWN_INDUCTOR_CACHE[0]
+    if own_cache and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # the probe itself writes there (else inductor picks a /tmp default)
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(argosy_cache_root() / "inductor" / "probe")
     if "TORCH_CUSTOM_PYTHONPATH" not in os.environ:
         os.environ["TORCH_CUSTOM_PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and not _shadows_stdlib(p))
@@ -69,12 +78,8 @@ def inductor_vec_isa():
             del os.environ["PYTHONSAFEPATH"]
         else:
             os.environ["PYTHONSAFEPATH"] = safe_path
-    if own_cache:
-        from .quantization.base import INT4_MAX_ROWS
-
+    if own_cache and graph_tag:
         name = str(isa).replace(" ", "-") if isa else "scalar"
-        # the row limit by CPU bounds the compiled graphs' batch buckets; a graph cached under
-        # another limit is the same FX graph and would come back with its old bucket's guards
-        name += f"-rows{INT4_MAX_ROWS}"
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(argosy_cache_root() / "inductor" / name)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(argosy_cache_root() / "inductor" / f"{name}-{graph_tag}")
     return isa
+

@@ -346,16 +346,20 @@ def test_inductor_finds_the_vector_isa_when_started_from_the_repository_root(tmp
     root = Path(__file__).resolve().parents[1]
     code = ("import sys; sys.path.insert(0, sys.argv[1]); "
             "import os; from argosy.runtime.cache_dirs import inductor_vec_isa; "
-            "print(inductor_vec_isa()); print(os.environ['TORCHINDUCTOR_CACHE_DIR']); "
-            "print(os.environ.get('PYTHONSAFEPATH'))")
+            "inductor_vec_isa(); probe = os.environ['TORCHINDUCTOR_CACHE_DIR']; "
+            f"print(inductor_vec_isa(graph_tag='rows{INT4_MAX_ROWS}')); print(os.environ['TORCHINDUCTOR_CACHE_DIR']); "
+            "print(os.environ.get('PYTHONSAFEPATH')); print(probe)")
     env = {k: v for k, v in os.environ.items()
            if k not in ("TORCH_CUSTOM_PYTHONPATH", "PYTHONSAFEPATH", "TORCHINDUCTOR_CACHE_DIR")}
     env["ARGOSY_CACHE_DIR"] = str(tmp_path)
     out = subprocess.run([sys.executable, "-c", code, str(root)], cwd=root, env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    isa, cache, safe_path = out.stdout.split("\n")[:3]
+    isa, cache, safe_path, probe = out.stdout.split("\n")[:4]
     assert safe_path == "None", "PYTHONSAFEPATH is set for the probe only, not for later children"
     assert "avx" in isa and "INVALID" not in isa, out.stdout
-    # per row limit too: a graph cached under another INT4_MAX_ROWS comes back with its old bucket's guards
+    # per row limit too (the compiled steps' tag): a graph cached under another INT4_MAX_ROWS
+    # comes back with its old bucket's guards; a call without the tag (the C++ kernels' ISA
+    # flags) leaves the graphs' directory to the compiled steps
     assert cache == str(tmp_path / "inductor" / f"{isa.replace(' ', '-')}-rows{INT4_MAX_ROWS}"), out.stdout
+    assert probe == str(tmp_path / "inductor" / "probe"), out.stdout

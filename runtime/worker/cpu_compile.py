@@ -227,7 +227,8 @@ class CompiledDecodeRunner:
     """
 
     def __init__(self, model, kv_caches: list[torch.Tensor], max_num_seqs: int, decode_kernel: bool = False):
-        if not inductor_vec_isa():  # also sets inductor's cache directory (see there)
+        # also sets inductor's cache directory, per vector ISA and row limit (see there)
+        if not inductor_vec_isa(graph_tag=f"rows{INT4_MAX_ROWS}"):
             logger.warning("inductor found no vector instruction set on this CPU (or could not probe it): "
                            "compiled steps will run scalar C++ and gain little")
         self.model = model
