@@ -25,8 +25,10 @@ def _shadows_stdlib(entry: str) -> bool:
 
 
 #: whether Argosy chooses inductor's cache directory: decided on the first
-#: :func:`inductor_vec_isa` call (``TORCHINDUCTOR_CACHE_DIR`` not set by the user then)
+#: :func:`inductor_vec_isa` call (``TORCHINDUCTOR_CACHE_DIR`` not set by the user then, or
+#: set by Argosy in a parent process, which marks it with :data:`_OWN_ENV`)
 _OWN_INDUCTOR_CACHE: list[bool] = []
+_OWN_ENV = "ARGOSY_SET_TORCHINDUCTOR_CACHE_DIR"
 
 
 def inductor_vec_isa(graph_tag: str = ""):
@@ -57,12 +59,14 @@ def inductor_vec_isa(graph_tag: str = ""):
     so batches of 9-16 ran eagerly). Like inductor's own default, the variable is set in
     this process's environment (child processes inherit it).
     """
-    if not _OWN_INDUCTOR_CACHE:
-        _OWN_INDUCTOR_CACHE.append("TORCHINDUCTOR_CACHE_DIR" not in os.environ)
+    first = not _OWN_INDUCTOR_CACHE
+    if first:
+        inherited = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        _OWN_INDUCTOR_CACHE.append(inherited is None or inherited == os.environ.get(_OWN_ENV))
     own_cache = _OWN_INDUCTOR_CACHE[0]
-    if own_cache and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    if own_cache and first:
         # the probe itself writes there (else inductor picks a /tmp default)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(argosy_cache_root() / "inductor" / "probe")
+        _set_inductor_cache(str(argosy_cache_root() / "inductor" / "probe"))
     if "TORCH_CUSTOM_PYTHONPATH" not in os.environ:
         os.environ["TORCH_CUSTOM_PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and not _shadows_stdlib(p))
     safe_path = os.environ.get("PYTHONSAFEPATH")
@@ -80,6 +84,14 @@ def inductor_vec_isa(graph_tag: str = ""):
             os.environ["PYTHONSAFEPATH"] = safe_path
     if own_cache and graph_tag:
         name = str(isa).replace(" ", "-") if isa else "scalar"
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(argosy_cache_root() / "inductor" / f"{name}-{graph_tag}")
+        _set_inductor_cache(str(argosy_cache_root() / "inductor" / f"{name}-{graph_tag}"))
     return isa
+
+
+def _set_inductor_cache(path: str) -> None:
+    """Point ``TORCHINDUCTOR_CACHE_DIR`` at ``path`` and mark it as Argosy's choice (so a
+    child process that inherits it chooses its own directory again rather than compiling
+    into this one, which may be the probe's or another row limit's)."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path
+    os.environ[_OWN_ENV] = path
 

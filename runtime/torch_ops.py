@@ -116,6 +116,10 @@ def install(op: str, set_pointers: Callable[[ctypes.CDLL], None]) -> bool:
     if lib is None:
         return False
     set_pointers(lib)
+    # Python registration out, C++ in: for this moment the op has no CPU kernel (a call
+    # from another thread would fail); installs run when the kernel library loads, at
+    # engine startup before any request (or inside the op's own first Python call, which
+    # touches nothing of its registration after the kernel returns)
     old = _python.pop(op, None)
     if old is not None:
         old[0]._destroy()

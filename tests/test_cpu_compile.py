@@ -329,6 +329,30 @@ def test_a_call_without_a_graph_runs_eagerly_and_is_counted(caplog):
         guard(lambda: (_ for _ in ()).throw(RuntimeError("boom")), lambda: None, 1)
 
 
+def test_inductor_cache_dir_is_chosen_again_by_a_child_unless_the_user_set_it(monkeypatch, tmp_path):
+    """A process that inherits ``TORCHINDUCTOR_CACHE_DIR`` as Argosy set it in its parent
+    (marked) chooses its own tagged directory again (the parent's may be the probe's or
+    another row limit's); a directory the user set is kept."""
+    import os
+
+    from argosy.runtime import cache_dirs
+
+    monkeypatch.setenv("ARGOSY_CACHE_DIR", str(tmp_path))
+    isa = cache_dirs.inductor_vec_isa()  # (the probe's answer is cached for the process)
+    name = str(isa).replace(" ", "-") if isa else "scalar"
+    monkeypatch.setattr(cache_dirs, "_OWN_INDUCTOR_CACHE", [])
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/parent/inductor/probe")
+    monkeypatch.setenv(cache_dirs._OWN_ENV, "/parent/inductor/probe")
+    cache_dirs.inductor_vec_isa()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor" / "probe")
+    cache_dirs.inductor_vec_isa(graph_tag="rows7")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor" / f"{name}-rows7")
+    monkeypatch.setattr(cache_dirs, "_OWN_INDUCTOR_CACHE", [])
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    cache_dirs.inductor_vec_isa(graph_tag="rows7")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")
+
+
 def test_inductor_finds_the_vector_isa_when_started_from_the_repository_root(tmp_path):
     """Started in the repository root with the root on ``sys.path`` (as pytest and
     ``python -m`` do), inductor's ISA probe child used to import our ``operator/`` package

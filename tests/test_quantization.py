@@ -234,8 +234,9 @@ def test_an_untied_4bit_embedding_is_held_packed_without_dense_copies(model_path
     copies the model holds the embedding 4-bit only (0.75 bytes a weight against
     bfloat16's 2), its lookups equal the dense model's bit for bit and its logits equal
     them (same weights otherwise); with dense copies it is a dense bfloat16 table of the
-    same values; under TP=3 each rank looks up its own vocabulary slice."""
+    same values (filled in row blocks); under TP=3 a rank looks up its own vocabulary slice."""
     from argosy.runtime.distributed import TPGroup
+    from argosy.runtime.models import llama
     from argosy.runtime.layers import linear
     from argosy.runtime.loader import load_checkpoint
     from argosy.runtime.models import LlamaForCausalLM
@@ -271,8 +272,10 @@ def test_an_untied_4bit_embedding_is_held_packed_without_dense_copies(model_path
     assert torch.equal(lean._embed(ids), dense._embed(ids))
     x = torch.randn(3, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     assert torch.equal(lean.compute_logits(x), dense.compute_logits(x))  # (the Q8_0 head: the kernel, both)
-    for rank in range(3):
-        part = build("scratch", TPGroup(rank, 3))
-        assert part.embed_int4 is not None
-        lo = part.vocab_start
-        assert torch.equal(part._embed(torch.tensor([0, 16383])), dense._embed(torch.tensor([lo, lo + 16383])))
+    part = build("scratch", TPGroup(1, 3))  # rank 1 of 3: rows 16,384-32,767
+    assert part.embed_int4 is not None and part.embed_int4.packed.shape[0] == 16384
+    assert torch.equal(part._embed(torch.tensor([0, 16383])), dense._embed(torch.tensor([16384, 32767])))
+    assert lean._embed(torch.zeros(0, dtype=torch.int64)).shape == (0, 576)  # an empty lookup
+    # a dense table is filled in row blocks: a block size that does not divide the vocabulary
+    monkeypatch.setattr(llama, "EMBEDDING_DEQUANT_ROWS", 5000)
+    assert torch.equal(build("keep").embed_tokens, dense.embed_tokens)

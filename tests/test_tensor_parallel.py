@@ -134,6 +134,7 @@ def test_each_rank_loads_exactly_its_slice(which, model_path, tiny_llama):
 
 
 # ------------------------------------------------------------- offline API
+@pytest.mark.slow  # (~17 s; test_tp3_server_matches_tp1 covers TP=3 end to end in the default run)
 def test_tp3_bundled_model_matches_tp1(make_engine, model_path, tokenizer):
     prompts = prompt_ids(tokenizer)
     ref = make_engine(max_model_len=512)

@@ -136,7 +136,9 @@ int argosy_set_paged_decode_attention(int query_bf16, int cache_kind, void* fn) 
 }
 
 // Registers the C++ implementation of argosy::<op> for CPU: 0 done, 1 unknown op, 2 the
-// dispatcher refused (e.g. a CPU kernel is still registered for it).
+// registration threw (e.g. no schema defined for the op). (A CPU kernel still registered
+// would not make it fail: the dispatcher would warn and override, which is why
+// torch_ops.py removes the Python registration first.)
 int argosy_register(const char* op) {
   try {
     if (std::strcmp(op, "q8_linear") == 0) {

@@ -193,10 +193,6 @@ def _quantized_weight(t, shard, full_shape: tuple[int, ...], cfg: ModelConfig, g
     return w
 
 
-#: Never handed over as 4-bit (it is looked up); as grouped int8 the model keeps it for
-#: the logits too (tied LM head).
-
-
 def iter_weights(reader, cfg: ModelConfig, path: str, shard_for: Optional[ShardFn] = None,
                  int4: bool = False) -> Iterator[tuple[str, object]]:
     """Yield ``(hf_name, weight)`` for every tensor the Llama model uses.

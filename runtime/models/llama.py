@@ -42,6 +42,10 @@ from ..quantization.q8_0 import PackedQ8, Q8Embedding, Q8Weight
 
 logger = logging.getLogger("argosy.model")
 
+#: Rows of a 4-bit embedding dequantized at a time into its dense table (the float32
+#: temporaries then take ~3 x 8,192 x hidden x 4 bytes, not three times the whole table's)
+EMBEDDING_DEQUANT_ROWS = 8192
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square layer norm, computed in float32 as in HF ``LlamaRMSNorm``.
@@ -575,8 +579,10 @@ class LlamaForCausalLM(nn.Module):
                     self.embed_int4 = Int4Embedding(w, self.vocab_per_rank, self.dtype)
                     self.embed_tokens = nn.Parameter(torch.empty(0, cfg.hidden_size, dtype=self.dtype,
                                                                  device=dst.device), requires_grad=False)
-                else:  # the file's values (float32 scales), as the other types' lookups
-                    dst.copy_(w.dequantize(dst.dtype, kernel_rounding=False))
+                else:  # the file's values (float32 scales), in row blocks (float32 temporaries stay small)
+                    for r0 in range(0, w.shape[0], EMBEDDING_DEQUANT_ROWS):
+                        r1 = min(w.shape[0], r0 + EMBEDDING_DEQUANT_ROWS)
+                        dst[r0:r1].copy_(w.rows(r0, r1).dequantize(dst.dtype, kernel_rounding=False))
             elif self.online_quantization == "fp8" and owner is not None and owner is not self.lm_head \
                     and isinstance(w, torch.Tensor) and name.endswith("_proj.weight"):
                 owner.load_quantized(rows[0] if rows else 0, Fp8Weight.quantize(w))

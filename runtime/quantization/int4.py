@@ -287,12 +287,13 @@ class Int4Embedding(nn.Module):
         hold_buffers(self, packed=torch.from_numpy(np.ascontiguousarray(packed)), scales=groups(w.scale),
                      zeros=groups(w.zero))
         self.group_size = w.group_size
+        self.width = k
         self.dtype = dtype
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """``ids [T] int64`` -> rows ``[T, K]`` in :attr:`dtype`."""
+        """``ids [T] int64`` -> rows ``[T, K]`` in :attr:`dtype` (``T`` may be 0)."""
         p = self.packed[ids]  # [T, K / 2]
-        t = p.shape[0]
-        q = torch.stack((p & 15, p >> 4), dim=-1).view(t, -1, self.group_size).to(torch.float32)
+        t, k, g = p.shape[0], self.width, self.group_size
+        q = torch.stack((p & 15, p >> 4), dim=-1).view(t, k // g, g).to(torch.float32)
         w = (q - 8.0) * self.scales[ids].unsqueeze(-1) + self.zeros[ids].unsqueeze(-1)
-        return w.view(t, -1).to(self.dtype)
+        return w.view(t, k).to(self.dtype)
