@@ -235,6 +235,9 @@ def test_an_untied_4bit_embedding_is_held_packed_without_dense_copies(model_path
     bfloat16's 2), its lookups equal the dense model's bit for bit and its logits equal
     them (same weights otherwise); with dense copies it is a dense bfloat16 table of the
     same values (filled in row blocks); under TP=3 a rank looks up its own vocabulary slice."""
+    import os
+
+    from argosy.runtime import cpu_kernels
     from argosy.runtime.distributed import TPGroup
     from argosy.runtime.models import llama
     from argosy.runtime.layers import linear
@@ -246,8 +249,9 @@ def test_an_untied_4bit_embedding_is_held_packed_without_dense_copies(model_path
 
     from .gguf_files import requantize_gguf
 
-    if dequant.kernel() is None:
-        pytest.skip("needs a C++ compiler")
+    if cpu_kernels.compiler() is None and not os.environ.get("CI"):  # under CI a missing kernel fails
+        pytest.skip("no C++ compiler to build the dequantization kernel")
+    assert dequant.kernel() is not None
     path = str(tmp_path / "q4-embd.gguf")
     requantize_gguf(model_path, path, lambda i, kind: None, embedding="Q4_0", untie=True)
     ckpt = load_checkpoint(path)
