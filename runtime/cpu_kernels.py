@@ -107,24 +107,30 @@ class Kernel:
         on_load: called once with the library after it loaded (the kernel's torch op
             taking its C++ implementation, :func:`argosy.runtime.torch_ops.install`); an
             exception there is logged and leaves the library in use.
+        flags: returns ``(compile flags, link flags)`` added to :func:`build`'s (e.g.
+            PyTorch's headers and libraries, :func:`argosy.runtime.torch_ops.torch_build_flags`);
+            called at build time.
     """
 
     def __init__(self, source: Path, name: str, declare: Callable[[ctypes.CDLL], None], what: str,
                  disabled: Callable[[], bool] = lambda: False,
-                 on_load: Optional[Callable[[ctypes.CDLL], None]] = None):
+                 on_load: Optional[Callable[[ctypes.CDLL], None]] = None,
+                 flags: Optional[Callable[[], tuple[Sequence[str], Sequence[str]]]] = None):
         self.source = source
         self.name = name
         self.declare = declare
         self.what = what
         self.disabled = disabled
         self.on_load = on_load
+        self.flags = flags
         self._lib: Optional[ctypes.CDLL] = None
         self._tried = False
         self._lock = threading.Lock()
 
     def build(self, cache_dir: Optional[Path] = None) -> Path:
-        """:func:`build` of this kernel's source."""
-        return build(self.source, self.name, cache_dir)
+        """:func:`build` of this kernel's source (with its ``flags``)."""
+        extra, link = self.flags() if self.flags else ((), ())
+        return build(self.source, self.name, cache_dir, extra_flags=extra, link_flags=link)
 
     @property
     def loaded(self) -> Optional[ctypes.CDLL]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -41,8 +40,6 @@ SOURCE = Path(__file__).parent / "csrc" / "torch_ops.cpp"
 #: ``python`` keeps the Python implementations of the ops (the C++ library is not built)
 ENV = "ARGOSY_TORCH_OPS"
 
-_lock = threading.Lock()
-_state: dict[str, object] = {"tried": False, "lib": None}
 #: op name -> (its Python CPU registration, the Python function), while it is in place
 _python: dict[str, tuple[torch.library.Library, Callable]] = {}
 #: ops whose CPU implementation is the C++ one
@@ -62,6 +59,22 @@ def torch_build_flags() -> tuple[list[str], list[str]]:
     return cflags, [f"-L{lib}", f"-Wl,-rpath,{lib}", "-lc10", "-ltorch_cpu"]
 
 
+def _declare(lib: ctypes.CDLL) -> None:
+    lib.argosy_set_q8_linear.argtypes = [ctypes.c_void_p]
+    lib.argosy_set_q8_linear.restype = None
+    lib.argosy_set_paged_decode_attention.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.argosy_set_paged_decode_attention.restype = ctypes.c_int
+    lib.argosy_register.argtypes = [ctypes.c_char_p]
+    lib.argosy_register.restype = ctypes.c_int
+
+
+#: The library, built and loaded like the kernels (one try per process, one warning line
+#: where it cannot be built); ``ARGOSY_TORCH_OPS=python`` keeps it unbuilt.
+KERNEL = cpu_kernels.Kernel(SOURCE, "torch_ops", _declare, "the ops' Python implementations (~10 us more a call)",
+                            disabled=lambda: os.environ.get(ENV, "auto").strip().lower() == "python",
+                            flags=torch_build_flags)
+
+
 def build(cache_dir: Optional[Path] = None) -> Path:
     """Compile ``csrc/torch_ops.cpp`` (or find it compiled) and return the library's path.
 
@@ -70,31 +83,13 @@ def build(cache_dir: Optional[Path] = None) -> Path:
             or took more than 300 s.
         OSError: the cache directory cannot be written.
     """
-    cflags, lflags = torch_build_flags()
-    return cpu_kernels.build(SOURCE, "torch_ops", cache_dir, extra_flags=cflags, link_flags=lflags)
+    return KERNEL.build(cache_dir)
 
 
 def library() -> Optional[ctypes.CDLL]:
     """The loaded library (built on first call), or None where it cannot be built or
     loaded (logged once) or ``ARGOSY_TORCH_OPS=python``."""
-    if os.environ.get(ENV, "auto").strip().lower() == "python":
-        return None
-    with _lock:
-        if not _state["tried"]:
-            _state["tried"] = True
-            try:
-                lib = ctypes.CDLL(str(build()))
-                lib.argosy_set_q8_linear.argtypes = [ctypes.c_void_p]
-                lib.argosy_set_q8_linear.restype = None
-                lib.argosy_set_paged_decode_attention.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
-                lib.argosy_set_paged_decode_attention.restype = ctypes.c_int
-                lib.argosy_register.argtypes = [ctypes.c_char_p]
-                lib.argosy_register.restype = ctypes.c_int
-                _state["lib"] = lib
-            except Exception as e:  # noqa: BLE001 - any build/load problem means: keep the Python implementations
-                logger.warning("C++ op implementations unavailable, the ops stay in Python (~10 us more a call): %s",
-                               str(e).splitlines()[0] if str(e) else type(e).__name__)
-    return _state["lib"]
+    return KERNEL.library()
 
 
 def python_impl(op: str, fn: Callable) -> None:
