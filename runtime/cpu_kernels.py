@@ -2,8 +2,8 @@
 
 A kernel source is compiled on first use with the C++ compiler inductor uses (``$CXX``,
 else ``g++``, else ``c++``), ``-O3 -fopenmp`` and the vector ISA flags inductor picked for
-this CPU, into ``$ARGOSY_CACHE_DIR/kernels/<name>-<key>.so`` (the key hashes the source,
-compiler, its version and the flags), and loaded with ``ctypes`` (which releases the GIL
+this CPU, into ``$ARGOSY_CACHE_DIR/kernels/<name>-<key>.so`` (the key hashes the source and the
+headers next to it, compiler, its version and the flags), and loaded with ``ctypes`` (which releases the GIL
 during calls). Its OpenMP calls bind to the runtime torch already loaded: one thread
 pool in the process. If there is no compiler or the build fails, :meth:`Kernel.library`
 returns None (one warning line) and the caller keeps its torch path.
@@ -71,7 +71,10 @@ def build(source: Path, name: str, cache_dir: Optional[Path] = None, extra_flags
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except OSError as e:
         raise RuntimeError(f"C++ compiler {cxx!r} cannot run: {e}") from None
-    key = hashlib.sha256("\0".join([source.read_text(), cxx, version, *flags, *link_flags]).encode()).hexdigest()[:16]
+    # the headers next to the source (its local #includes) are part of the key too
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, cxx, version, *flags, *link_flags]).encode()
+                         ).hexdigest()[:16]
     out_dir = Path(cache_dir) if cache_dir else argosy_cache_root() / "kernels"
     lib = out_dir / f"{name}-{key}.so"
     if lib.exists():

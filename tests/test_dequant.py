@@ -80,18 +80,24 @@ def test_pytorchs_packed_int4_weight_is_read_directly(n):
         assert torch.equal(_bits(part), _bits(want[n0:n1]))
 
 
+@pytest.mark.parametrize("low_bits", [False, True], ids=["int8", "5-6bit"])
 @pytest.mark.parametrize("type_name", q8_0.TYPES)
-def test_grouped_int8_dequantization_equals_the_gguf_dequantizer(type_name):
+def test_grouped_int8_dequantization_equals_the_gguf_dequantizer(type_name, low_bits):
     """Q8_0, Q5_0, Q5_1, Q5_K, Q6_K (group 16, float32 scales, offsets) from the tiled
-    layout: the ``gguf`` package's float32 dequantization rounded once to bfloat16, bit for
-    bit, for 40 rows (a partial tile of 16)."""
+    layout (int8, or the 5/6-bit one of the linear layers): the ``gguf`` package's float32
+    dequantization rounded once to bfloat16, bit for bit, for 40 rows (a partial tile of
+    16); and the scratch product over it, blocks of rows starting on tiles."""
     n, k = 40, 512
     raw = _raw(type_name, n, k, seed=5)
     w = q8_0.Q8Weight.from_gguf(raw, (n, k), type_name)
-    p = q8_0.PackedQ8.pack(w)
-    got = dequant.q8_dequantize(p.w, p.scales, p.mins, p.group_size, p.n)
+    p = q8_0.PackedQ8.pack(w, low_bits=low_bits)
+    got = dequant.q8_dequantize(p.w, p.scales, p.mins, p.group_size, p.n, hbits=p.hbits, is_signed=p.is_signed)
     want = _reference(raw, type_name, n, k).float().to(torch.bfloat16)
     assert torch.equal(_bits(got), _bits(want))
+    x = torch.randn(24, k).to(torch.bfloat16)
+    y = dequant.q8_dense_linear(x, p.w, p.scales, p.mins, p.group_size, p.n, None, p.hbits, p.is_signed,
+                                max_elements=16 * k)
+    assert torch.equal(y, torch.nn.functional.linear(x, want))
 
 
 def test_int8_dequantization():
@@ -123,14 +129,17 @@ def test_the_portable_build_gives_the_same_bits(tmp_path, monkeypatch):
         assert lib.argosy_int4pack_dequant(packed.data_ptr(), sz.data_ptr(), w.group_size, n, 256, block, 0, n,
                                            out.data_ptr()) == 0
         assert torch.equal(_bits(out.t()), _bits(w.dequantize(torch.bfloat16))), (n, block)
-    for type_name in ("Q5_K", "Q6_K", "Q8_0"):
+    for type_name, low_bits in (("Q5_K", False), ("Q6_K", False), ("Q8_0", False), ("Q5_K", True), ("Q6_K", True),
+                                ("Q5_0", True)):
         n, k = 24, 512
         qw = q8_0.Q8Weight.from_gguf(_raw(type_name, n, k, seed=3), (n, k), type_name)
-        p = q8_0.PackedQ8.pack(qw)
+        p = q8_0.PackedQ8.pack(qw, low_bits=low_bits)
+        assert (p.hbits is not None) == low_bits
         out = torch.empty(n, k, dtype=torch.bfloat16)
-        assert lib.argosy_q8_dequant(p.w.data_ptr(), p.scales.data_ptr(), None if p.mins is None else p.mins.data_ptr(),
+        assert lib.argosy_q8_dequant(p.w.data_ptr(), None if p.hbits is None else p.hbits.data_ptr(), p.planes,
+                                     p.is_signed, p.scales.data_ptr(), None if p.mins is None else p.mins.data_ptr(),
                                      p.scales.dtype == torch.int16, p.group_size, n, k, out.data_ptr()) == 0
-        assert torch.equal(_bits(out), _bits(qw.dequantize(torch.bfloat16))), type_name
+        assert torch.equal(_bits(out), _bits(qw.dequantize(torch.bfloat16))), (type_name, low_bits)
     q = torch.randint(-128, 128, (8, 40), dtype=torch.int8)
     s = torch.rand(8).to(torch.bfloat16)
     out = torch.empty(8, 40, dtype=torch.bfloat16)

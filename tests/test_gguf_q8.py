@@ -93,6 +93,14 @@ def test_every_linear_layer_runs_on_the_grouped_int8_kernel(engines):
     model = fast.executor.runner.model
     assert sum(isinstance(getattr(m, "quant_method", None), Q8Method) for m in model.modules()) == 4 * model.cfg.num_hidden_layers
     assert model.logits_q8 is not None  # the Q8_0 tied head, as in the bundled file
+    # Q5_1 / Q5_0 layers hold their integers in 5 bits (nibbles + one high-bit plane, unsigned / two's
+    # complement), Q8_0 in 8
+    form = {"Q8_0": (None, False), "Q5_1": (1, False), "Q5_0": (1, True)}
+    for i, layer in enumerate(model.layers):
+        methods = [m.quant_method for m in layer.modules() if isinstance(getattr(m, "quant_method", None), Q8Method)]
+        assert len(methods) == 4
+        for m in methods:
+            assert (None if m.hbits is None else m.hbits.shape[1], m.is_signed) == form[KINDS[i % 3]], i
     assert not any(isinstance(getattr(m, "quant_method", None), Q8Method) for m in ref.executor.runner.model.modules())
 
 

@@ -123,9 +123,16 @@ def test_the_portable_build_gives_the_same_answer(embed, tmp_path, monkeypatch):
     packed = q8_0.PackedQ8.pack(part)
     x = torch.randn(3, 576)
     out = torch.empty(3, 200)
-    assert lib.argosy_q8_linear(packed.w.data_ptr(), packed.scales.data_ptr(), None, 1, 32, x.data_ptr(), 0,
-                                out.data_ptr(), 0, 3, 200, 576) == 0
+    assert _call(lib, packed, x, out) == 0
     torch.testing.assert_close(out.double(), x.double() @ ref[:200].T, atol=2e-5, rtol=0)
+
+
+def _call(lib, p: q8_0.PackedQ8, x: torch.Tensor, out: torch.Tensor) -> int:
+    """``argosy_q8_linear`` of a library loaded by hand, float32 ``x [M, K]`` -> ``out [M, n]``."""
+    return lib.argosy_q8_linear(p.w.data_ptr(), None if p.hbits is None else p.hbits.data_ptr(), p.planes, p.is_signed,
+                                p.scales.data_ptr(), None if p.mins is None else p.mins.data_ptr(),
+                                p.scales.dtype == torch.int16, p.group_size, x.data_ptr(), 0, out.data_ptr(), 0,
+                                x.shape[0], p.n, x.shape[1])
 
 
 def test_each_tensor_parallel_rank_keeps_its_vocabulary_slice(checkpoint, embed):
@@ -192,25 +199,30 @@ SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (320, 576), (576, 19
           (40, 512)]
 
 
+@pytest.mark.parametrize("low_bits", [False, True], ids=["int8", "5-6bit"])
 @pytest.mark.parametrize("type_name", q8_0.TYPES)
-def test_kernel_equals_x_times_dequantized_w_for_every_type(type_name):
-    """Group 16 and 32, float16 and float32 scales, with and without offsets; 1 to 17 rows
+def test_kernel_equals_x_times_dequantized_w_for_every_type(type_name, low_bits):
+    """Group 16 and 32, float16 and float32 scales, with and without offsets, both
+    layouts (int8, and the 5/6-bit one the linear layers hold for Q5_x / Q6_K); 1 to 17 rows
     of x: float32 math over the file's values, within 2e-5 relative of float64."""
     values = q8_0.BLOCKS[type_name][0]
     g = torch.Generator().manual_seed(2)
     for n, k in (s for s in SHAPES if s[1] % values == 0):
         raw = _raw(type_name, n, k, seed=n + k)
         ref = _reference(raw, type_name, n, k)
-        packed = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(raw, (n, k), type_name))
+        packed = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(raw, (n, k), type_name), low_bits=low_bits)
+        assert (packed.hbits is not None) == (low_bits and type_name != "Q8_0")
+        extra = (packed.hbits, packed.is_signed)
         for m in (1, 3, 8, 9, 16, 17):
             x = torch.randn(m, k, generator=g).to(torch.bfloat16)
-            got = torch.ops.argosy.q8_linear(x, packed.w, packed.scales, packed.mins, packed.group_size, packed.n)
+            got = torch.ops.argosy.q8_linear(x, packed.w, packed.scales, packed.mins, packed.group_size, packed.n,
+                                             None, *extra)
             want = x.double() @ ref.T
             torch.testing.assert_close(got.double(), want, atol=2e-5 * max(1.0, want.abs().max().item()), rtol=0,
                                        msg=lambda e: f"{type_name} {n}x{k} m={m}: {e}")
             # a linear layer's bfloat16 output: the float32 result rounded as torch rounds it
             bf = torch.ops.argosy.q8_linear(x, packed.w, packed.scales, packed.mins, packed.group_size, packed.n,
-                                            torch.bfloat16)
+                                            torch.bfloat16, *extra)
             assert bf.dtype == torch.bfloat16 and torch.equal(bf, got.to(torch.bfloat16)), (type_name, n, k, m)
 
 
@@ -238,8 +250,8 @@ def test_column_shards_split_on_group_boundaries_only():
         w.cols(8, 264)
 
 
-@pytest.mark.parametrize("type_name", ["Q5_K", "Q6_K"])
-def test_the_portable_build_handles_offsets_and_group_16(type_name, tmp_path, monkeypatch):
+@pytest.mark.parametrize("type_name", ["Q5_K", "Q6_K", "Q5_0"])
+def test_the_portable_build_handles_offsets_group_16_and_the_5_6_bit_layout(type_name, tmp_path, monkeypatch):
     import ctypes
 
     monkeypatch.setattr(cpu_kernels, "isa_flags", lambda: [])
@@ -247,13 +259,17 @@ def test_the_portable_build_handles_offsets_and_group_16(type_name, tmp_path, mo
     q8_0._declare(lib)
     n, k = 24, 512
     raw = _raw(type_name, n, k, seed=3)
-    packed = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(raw, (n, k), type_name))
+    w = q8_0.Q8Weight.from_gguf(raw, (n, k), type_name)
     x = torch.randn(3, k)
-    out = torch.empty(3, n)
-    mins = None if packed.mins is None else packed.mins.data_ptr()
-    assert lib.argosy_q8_linear(packed.w.data_ptr(), packed.scales.data_ptr(), mins, 0, packed.group_size,
-                                x.data_ptr(), 0, out.data_ptr(), 0, 3, n, k) == 0
-    torch.testing.assert_close(out.double(), x.double() @ _reference(raw, type_name, n, k).T, atol=1e-4, rtol=0)
+    outs = []
+    for low_bits in (False, True):
+        packed = q8_0.PackedQ8.pack(w, low_bits=low_bits)
+        assert packed.planes == (0 if not low_bits else 2 if type_name == "Q6_K" else 1)
+        out = torch.empty(3, n)
+        assert _call(lib, packed, x, out) == 0
+        torch.testing.assert_close(out.double(), x.double() @ _reference(raw, type_name, n, k).T, atol=1e-4, rtol=0)
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])  # the same values summed in the same order
 
 
 def test_embedding_rows_from_the_packed_form_equal_the_dequantized_rows(embed):
@@ -335,3 +351,45 @@ def test_the_head_kernel_row_limit_follows_the_cpu(monkeypatch):
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
     assert q8_0._head_kernel_rows() == 4
     assert base._packed_kernel_rows() == 8
+
+
+@pytest.mark.parametrize("type_name,form,bytes_per_weight", [("Q5_0", (1, True), 0.6875), ("Q5_1", (1, False), 0.75),
+                                                             ("Q5_K", (1, False), 0.875), ("Q6_K", (2, True), 1.0),
+                                                             ("Q8_0", None, 1.0625)])
+def test_the_5_6_bit_layout_holds_the_same_values_in_fewer_bytes(type_name, form, bytes_per_weight):
+    """The narrowest layout is picked from the values themselves (Q5_x: 5 bits, Q6_K: 6,
+    Q8_0: 8), it takes the bytes a weight the file's own blocks take or close to it
+    (nibbles + high-bit planes + scales; the K-quants' per-group scales are float32), and
+    it gives the int8 layout's results bit for bit (the same sums in the same order) for
+    every row count the kernel's variants cover."""
+    n, k = 64, 1536
+    w = q8_0.Q8Weight.from_gguf(_raw(type_name, n, k, seed=7), (n, k), type_name)
+    assert q8_0.low_bit_form(w.q) == form
+    a, b = q8_0.PackedQ8.pack(w), q8_0.PackedQ8.pack(w, low_bits=True)
+    assert b.nbytes == pytest.approx(bytes_per_weight * n * k)
+    if form is None:
+        assert b.hbits is None and torch.equal(a.w, b.w)
+        return
+    assert b.w.dtype == torch.uint8 and b.w.shape == (n // 16, k // 2, 16) and b.hbits.shape == (n // 16, form[0], k)
+    g = torch.Generator().manual_seed(1)
+    for m in range(1, 18):
+        x = torch.randn(m, k, generator=g)
+        want = torch.ops.argosy.q8_linear(x, a.w, a.scales, a.mins, a.group_size, a.n)
+        got = torch.ops.argosy.q8_linear(x, b.w, b.scales, b.mins, b.group_size, b.n, None, b.hbits, b.is_signed)
+        assert torch.equal(got, want), m
+    with pytest.raises(ValueError, match="does not match"):  # high bits without the nibble layout
+        torch.ops.argosy.q8_linear(x, a.w, a.scales, a.mins, a.group_size, a.n, None, b.hbits, b.is_signed)
+    with pytest.raises(ValueError, match="does not match"):  # the nibble layout without its high bits
+        torch.ops.argosy.q8_linear(x, b.w, b.scales, b.mins, b.group_size, b.n)
+    with pytest.raises(ValueError, match="does not match"):  # high bits of another layout
+        torch.ops.argosy.q8_linear(x, b.w, b.scales, b.mins, b.group_size, b.n, None, b.hbits.transpose(1, 2))
+
+
+def test_low_bit_form_picks_the_narrowest_range():
+    def form(lo, hi):
+        return q8_0.low_bit_form(np.array([lo, hi], dtype=np.int8))
+
+    assert form(0, 31) == (1, False) and form(-16, 15) == (1, True) and form(0, 63) == (2, False)
+    assert form(-32, 31) == (2, True) and form(-17, 15) == (2, True) and form(-33, 0) is None
+    assert form(0, 64) is None and form(-128, 127) is None
+    assert q8_0.low_bit_form(np.zeros((0, 4), dtype=np.int8)) is None

@@ -42,22 +42,25 @@ def test_both_ops_run_their_cpp_implementation_only():
     assert "torch_ops.cpp" not in torch._C._dispatch_dump("argosy::q8_dense_linear")  # untouched
 
 
-@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_1", "Q6_K"])
-def test_q8_linear_equals_the_python_implementation(type_name):
-    """float16 / float32 scales, with and without offsets (Q5_1), group 32 and 16 (Q6_K);
-    1 to 17 rows; float32 and bfloat16 inputs and outputs; a non-contiguous x."""
+@pytest.mark.parametrize("low_bits", [False, True], ids=["int8", "5-6bit"])
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q5_1", "Q5_0", "Q6_K"])
+def test_q8_linear_equals_the_python_implementation(type_name, low_bits):
+    """float16 / float32 scales, with and without offsets (Q5_1), group 32 and 16 (Q6_K),
+    the int8 and the 5/6-bit layouts (one or two high-bit planes, unsigned or signed); 1 to
+    17 rows; float32 and bfloat16 inputs and outputs; a non-contiguous x."""
     g = torch.Generator().manual_seed(0)
     n, k = 320, 512  # (K-quants come in blocks of 256)
-    packed = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(_raw(type_name, n, k, seed=3), (n, k), type_name))
+    packed = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(_raw(type_name, n, k, seed=3), (n, k), type_name),
+                                low_bits=low_bits)
     args = (packed.w, packed.scales, packed.mins, packed.group_size, packed.n)
     for m in (1, 5, 17):
         for x in (torch.randn(m, k, generator=g), torch.randn(m, k, generator=g).to(torch.bfloat16),
                   torch.randn(k, m, generator=g).t()):
             for out_dtype in (None, torch.bfloat16):
-                got = torch.ops.argosy.q8_linear(x, *args, out_dtype)
-                want = q8_0.q8_linear(x, *args, out_dtype)
+                got = torch.ops.argosy.q8_linear(x, *args, out_dtype, packed.hbits, packed.is_signed)
+                want = q8_0.q8_linear(x, *args, out_dtype, packed.hbits, packed.is_signed)
                 assert got.dtype == want.dtype and torch.equal(got, want), (type_name, m, x.dtype, out_dtype)
-    empty = torch.ops.argosy.q8_linear(torch.zeros(0, k), *args)
+    empty = torch.ops.argosy.q8_linear(torch.zeros(0, k), *args, None, packed.hbits, packed.is_signed)
     assert empty.shape == (0, n)
 
 
@@ -71,6 +74,14 @@ def test_q8_linear_refuses_what_the_python_implementation_refuses():
            (x.double(), packed.w, packed.scales, None, 32, n),  # input dtype
            (x, packed.w.float(), packed.scales, None, 32, n),  # weight dtype
            (x, packed.w, packed.scales, packed.scales[:, :1], 32, n)]  # offsets of another shape
+    five = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(_raw("Q5_1", n, k), (n, k), "Q5_1"), low_bits=True)
+    low = (five.w, five.scales, five.mins, 32, n)
+    bad += [(x, *low),  # the 5-bit layout without its high bits
+            (x, packed.w, packed.scales, None, 32, n, None, five.hbits),  # high bits with the int8 layout
+            (x, *low, None, five.hbits[:, :, :32]),  # high bits of another shape
+            (x, *low, None, five.hbits.float()),  # high bits of another dtype
+            (x, *low, None, torch.cat([five.hbits] * 3, 1)),  # three planes
+            (x, packed.w, packed.scales, None, 32, n, None, None, True)]  # signed with the int8 layout
     for a in bad:
         for fn in (torch.ops.argosy.q8_linear, q8_0.q8_linear):
             with pytest.raises(ValueError, match="does not match packed weight"):

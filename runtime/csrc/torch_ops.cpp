@@ -23,8 +23,9 @@
 namespace {
 
 // argosy_q8_linear in q8_0_gemm.cpp
-using Q8LinearFn = int (*)(const int8_t* w, const void* scales, const void* mins, int scales_f16, int64_t group,
-                           const void* x, int x_bf16, void* out, int out_bf16, int64_t M, int64_t N, int64_t K);
+using Q8LinearFn = int (*)(const void* w, const uint16_t* hbits, int planes, int is_signed, const void* scales,
+                           const void* mins, int scales_f16, int64_t group, const void* x, int x_bf16, void* out,
+                           int out_bf16, int64_t M, int64_t N, int64_t K);
 // argosy_paged_decode_attention_<q>[_<cache>] in paged_decode.cpp
 using DecodeFn = int (*)(const void* q, const void* kv, const int32_t* bt, const int32_t* sl, void* out, int64_t B,
                          int64_t H, int64_t KVH, int64_t D, int64_t NB, int64_t BS, int64_t W, float scale);
@@ -36,30 +37,44 @@ constexpr int64_t kTile = 16;  // q8_0.TILE: output rows per tile of the packed 
 // cpu_decode.SUPPORTED_GROUPS / SUPPORTED_HEAD_DIMS / MAX_BLOCK_SIZE
 constexpr int64_t kMaxGroup = 8, kMaxBlockSize = 64;
 
+// dequant.q8_layout_ok: the int8 layout, or the 5/6-bit one (lowbit.h) with its high-bit planes
+bool q8_layout_ok(const at::Tensor& w, const std::optional<at::Tensor>& hbits, bool is_signed, int64_t k) {
+  if (w.dim() != 3 || w.size(2) != kTile || !w.is_contiguous()) return false;
+  if (!hbits.has_value()) return w.scalar_type() == at::kChar && w.size(1) == k && !is_signed;
+  const at::Tensor& h = *hbits;
+  return w.scalar_type() == at::kByte && 2 * w.size(1) == k && k % 4 == 0 && h.scalar_type() == at::kShort &&
+         h.dim() == 3 && h.size(0) == w.size(0) && (h.size(1) == 1 || h.size(1) == 2) && h.size(2) == k &&
+         h.is_contiguous();
+}
+
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
                      const std::optional<at::Tensor>& mins, int64_t group_size, int64_t n,
-                     std::optional<at::ScalarType> out_dtype) {
+                     std::optional<at::ScalarType> out_dtype, const std::optional<at::Tensor>& hbits, bool is_signed) {
   TORCH_CHECK(g_q8_linear != nullptr, "the CPU grouped int8 linear kernel is not available");
   const at::ScalarType od = out_dtype.value_or(at::kFloat);
   const int64_t g = group_size;
   const int64_t k = x.dim() >= 1 ? x.size(-1) : 0;
-  bool ok = x.dim() == 2 && w.dim() == 3 && w.size(2) == kTile && w.size(1) == k && (g == 16 || g == 32) &&
+  bool ok = x.dim() == 2 && q8_layout_ok(w, hbits, is_signed, k) && (g == 16 || g == 32) &&
             k % g == 0 && scales.dim() == 3 && scales.size(0) == w.size(0) && scales.size(1) == k / g &&
-            scales.size(2) == kTile && n > 0 && n <= w.size(0) * kTile && w.scalar_type() == at::kChar &&
+            scales.size(2) == kTile && n > 0 && n <= w.size(0) * kTile &&
             (scales.scalar_type() == at::kShort || scales.scalar_type() == at::kFloat) &&
             (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) &&
-            (od == at::kFloat || od == at::kBFloat16) && w.is_contiguous() && scales.is_contiguous();
+            (od == at::kFloat || od == at::kBFloat16) && scales.is_contiguous();
   if (ok && mins.has_value()) {
     const at::Tensor& m = *mins;
     ok = m.sizes() == scales.sizes() && m.scalar_type() == scales.scalar_type() && m.is_contiguous();
   }
   TORCH_CHECK_VALUE(ok, "q8_linear: x ", x.sizes(), " ", x.scalar_type(), " does not match packed weight ",
                     w.sizes(), " ", w.scalar_type(), " / scales ", scales.sizes(), " ", scales.scalar_type(),
-                    " / group ", g, " for ", n, " outputs (or out_dtype ", od, " is not float32/bfloat16)");
+                    " / group ", g, " for ", n, " outputs / high bits ",
+                    hbits.has_value() ? hbits->sizes() : at::IntArrayRef{}, " signed ", is_signed, " (or out_dtype ", od,
+                    " is not float32/bfloat16)");
   const at::Tensor xc = x.contiguous();
   at::Tensor out = at::empty({xc.size(0), n}, xc.options().dtype(od));
   if (xc.size(0) > 0) {
-    const int rc = g_q8_linear(w.data_ptr<int8_t>(), scales.data_ptr(), mins.has_value() ? mins->data_ptr() : nullptr,
+    const int planes = hbits.has_value() ? (int)hbits->size(1) : 0;
+    const int rc = g_q8_linear(w.data_ptr(), hbits.has_value() ? (const uint16_t*)hbits->data_ptr() : nullptr, planes,
+                               (int)is_signed, scales.data_ptr(), mins.has_value() ? mins->data_ptr() : nullptr,
                                scales.scalar_type() == at::kShort, g, xc.data_ptr(),
                                xc.scalar_type() == at::kBFloat16, out.data_ptr(), od == at::kBFloat16, xc.size(0),
                                n, k);

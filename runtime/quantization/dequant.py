@@ -53,8 +53,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.argosy_gather_columns.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                           ctypes.c_void_p]
     lib.argosy_q8_dequant.restype = ctypes.c_int
-    lib.argosy_q8_dequant.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 3
-                                      + [ctypes.c_void_p])
+    lib.argosy_q8_dequant.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2
+                                      + [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_void_p])
 
 
 KERNEL = cpu_kernels.Kernel(SOURCE, "dequant", _declare, "dense bfloat16 copies of quantized layers")
@@ -258,27 +258,48 @@ def int8_dequantize(q: torch.Tensor, scales: torch.Tensor, out: Optional[torch.T
     return out
 
 
+def q8_layout_ok(w: torch.Tensor, hbits: Optional[torch.Tensor], is_signed: bool, k: int) -> bool:
+    """Whether ``w`` (and ``hbits``, ``is_signed``) are a :class:`~.q8_0.PackedQ8` layout for
+    ``k`` input columns: int8 ``[T, k, 16]`` with no ``hbits`` and not signed, or uint8
+    ``[T, k / 2, 16]`` with int16 ``hbits [T, 1 or 2, k]`` (``k`` a multiple of 4), all
+    contiguous."""
+    shape = w.shape
+    if len(shape) != 3 or shape[2] != 16 or not w.is_contiguous():
+        return False
+    if hbits is None:
+        return w.dtype == torch.int8 and shape[1] == k and not is_signed
+    return (w.dtype == torch.uint8 and 2 * shape[1] == k and k % 4 == 0 and hbits.dtype == torch.int16
+            and hbits.dim() == 3 and hbits.shape[0] == shape[0] and hbits.shape[1] in (1, 2) and hbits.shape[2] == k
+            and hbits.is_contiguous())
+
+
 def q8_dequantize(w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor], group_size: int, n: int,
-                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  out: Optional[torch.Tensor] = None, hbits: Optional[torch.Tensor] = None,
+                  is_signed: bool = False) -> torch.Tensor:
     """``W [n, K] bfloat16`` from a :class:`~.q8_0.PackedQ8`'s ``w [ceil(n / 16), K, 16]
-    int8``, ``scales`` / ``mins`` ``[ceil(n / 16), K // G, 16]`` (int16 float16 bits or
-    float32), into ``out``.
+    int8`` (or, with ``hbits [ceil(n / 16), P, K] int16`` and ``is_signed``, the 5/6-bit layout's
+    ``w [ceil(n / 16), K // 2, 16] uint8``), ``scales`` / ``mins`` ``[ceil(n / 16), K // G,
+    16]`` (int16 float16 bits or float32), into ``out``.
 
     Raises:
         ValueError: shapes or dtypes that do not match. RuntimeError: the kernel is not built.
     """
-    tiles, k, t = w.shape
+    tiles = w.shape[0] if w.dim() == 3 else 0
+    k = (w.shape[1] if hbits is None else 2 * w.shape[1]) if w.dim() == 3 else 0
     g = group_size
-    if (w.dtype != torch.int8 or t != 16 or g <= 0 or g % 16 or k % g
+    if (not q8_layout_ok(w, hbits, is_signed, k) or g <= 0 or g % 16 or g > 32 or k % g
             or tuple(scales.shape) != (tiles, k // g, 16)
             or scales.dtype not in (torch.int16, torch.float32) or not 0 < n <= tiles * 16
             or (mins is not None and (mins.shape != scales.shape or mins.dtype != scales.dtype))
-            or not w.is_contiguous() or not scales.is_contiguous() or (mins is not None and not mins.is_contiguous())):
+            or not scales.is_contiguous() or (mins is not None and not mins.is_contiguous())):
         raise ValueError(f"q8_dequantize: w {tuple(w.shape)} {w.dtype}, scales {tuple(scales.shape)} {scales.dtype}, "
-                         f"group {g}, n {n} do not match")
-    out = _out(out, n, k, w, scales, mins)
-    _lib().argosy_q8_dequant(w.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(),
-                             scales.dtype == torch.int16, g, n, k, out.data_ptr())
+                         f"group {g}, n {n}, high bits {None if hbits is None else tuple(hbits.shape)} signed {is_signed} "
+                         "do not match")
+    out = _out(out, n, k, w, scales, mins, hbits)
+    _lib().argosy_q8_dequant(w.data_ptr(), None if hbits is None else hbits.data_ptr(),
+                             0 if hbits is None else hbits.shape[1], bool(is_signed), scales.data_ptr(),
+                             None if mins is None else mins.data_ptr(), scales.dtype == torch.int16, g, n, k,
+                             out.data_ptr())
     return out
 
 
@@ -288,7 +309,7 @@ _LIBRARY.define("int4_dense_linear(Tensor x, Tensor q, Tensor scales_and_zeros, 
                 "Tensor? perm, Tensor? bias) -> Tensor")
 _LIBRARY.define("int8_dense_linear(Tensor x, Tensor q, Tensor scales, Tensor? bias) -> Tensor")
 _LIBRARY.define("q8_dense_linear(Tensor x, Tensor w, Tensor scales, Tensor? mins, int group_size, int n, "
-                "Tensor? bias) -> Tensor")
+                "Tensor? bias, Tensor? hbits=None, bool is_signed=False) -> Tensor")
 
 
 def _dense_linear(x: torch.Tensor, n: int, k: int, bias: Optional[torch.Tensor], fill, align: int = 16,
@@ -334,16 +355,18 @@ def int8_dense_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor,
 
 
 def q8_dense_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
-                    group_size: int, n: int, bias: Optional[torch.Tensor], max_elements: int = 0) -> torch.Tensor:
-    """``y [M, n] = x @ W.T (+ bias)``, ``W`` the grouped int8 weight dequantized into the
-    scratch (row blocks of at most ``max_elements``, :func:`_dense_linear`, starting on the
-    layout's 16-row tiles); ``x [M, K]`` bfloat16."""
+                    group_size: int, n: int, bias: Optional[torch.Tensor], hbits: Optional[torch.Tensor] = None,
+                    is_signed: bool = False, max_elements: int = 0) -> torch.Tensor:
+    """``y [M, n] = x @ W.T (+ bias)``, ``W`` the grouped int8 weight (either layout of
+    :func:`q8_dequantize`) dequantized into the scratch (row blocks of at most
+    ``max_elements``, :func:`_dense_linear`, starting on the layout's 16-row tiles);
+    ``x [M, K]`` bfloat16."""
     def fill(n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
         t0, t1 = n0 // 16, -(-n1 // 16)
         return q8_dequantize(w[t0:t1], scales[t0:t1], None if mins is None else mins[t0:t1], group_size, n1 - n0,
-                             out)
+                             out, None if hbits is None else hbits[t0:t1], is_signed)
 
-    return _dense_linear(x, n, w.shape[1], bias, fill, max_elements=max_elements)
+    return _dense_linear(x, n, x.shape[1], bias, fill, max_elements=max_elements)
 
 
 _LIBRARY.impl("int4_dense_linear", int4_dense_linear, "CPU")
@@ -362,5 +385,5 @@ def _(x, q, scales, bias):
 
 
 @torch.library.register_fake("argosy::q8_dense_linear")
-def _(x, w, scales, mins, group_size, n, bias):
+def _(x, w, scales, mins, group_size, n, bias, hbits=None, is_signed=False):
     return x.new_empty(x.shape[0], n)

@@ -22,7 +22,11 @@ exactly); the scales and offsets are read from the block headers (``Q4_K.get_sca
 for the K-quants' packed 6-bit ones).
 
 The kernel computes ``x @ W.T`` from those integers and scales in float32, nothing
-rounded, so it is also closer to the file than a bfloat16 copy. It serves:
+rounded, so it is also closer to the file than a bfloat16 copy. A linear layer whose
+integers fit 5 or 6 bits (Q5_0, Q5_1, Q5_K: 5; Q6_K: 6) holds them so (``csrc/lowbit.h``:
+a nibble plane and one or two high-bit planes, as the file does), decoded in registers to
+the same int8 values: the same results bit for bit, 0.625 / 0.75 bytes a weight instead of
+1 (plus the scales: Q5_1 0.75 + 0.125, as llama.cpp reads it). It serves:
 
 - linear layers stored in these types, for steps of at most ``INT4_MAX_ROWS`` rows
   (:mod:`argosy.runtime.layers.linear`; larger steps multiply a dense bfloat16 copy or,
@@ -264,12 +268,20 @@ class PackedQ8:
     """A :class:`Q8Weight` in the kernel's tiled layout (see the source's header).
 
     Attributes:
-        w: ``[ceil(N / 16), K, 16] int8``.
+        w: ``[ceil(N / 16), K, 16] int8``; or, in the 5/6-bit layout (``hbits`` set;
+            ``csrc/lowbit.h``), ``[ceil(N / 16), K // 2, 16] uint8`` low nibbles, four columns
+            in 32 bytes (byte ``j`` of half ``h`` of columns ``4c..4c+3``: row ``j``'s column
+            ``4c + h`` in bits 0-3, ``4c + 2 + h`` in bits 4-7).
         scales: ``[ceil(N / 16), K // G, 16]`` int16 (float16 bit patterns) or float32.
         mins: like ``scales``, or None.
         group_size: ``G``.
         n: output features (``pack``'s ``rows``; rows past the weight's own are zero, so
             their outputs are 0; tile padding past ``n`` is never written out).
+        hbits: None (int8 layout), or ``[ceil(N / 16), P, K] int16``: ``P`` = 1 or 2 bit
+            planes, bit ``j`` of ``hbits[t, p, k]`` being bit ``4 + p`` of row ``16 t + j``'s
+            stored value in column ``k``.
+        is_signed: the 5/6-bit layout's stored bits are two's complement (Q5_0: -16..15,
+            Q6_K: -32..31) rather than unsigned (Q5_1 / Q5_K: 0..31); False for int8.
     """
 
     w: torch.Tensor
@@ -277,11 +289,15 @@ class PackedQ8:
     mins: Optional[torch.Tensor]
     group_size: int
     n: int
+    hbits: Optional[torch.Tensor] = None
+    is_signed: bool = False
 
     @staticmethod
-    def pack(weight: Q8Weight, rows: Optional[int] = None) -> "PackedQ8":
+    def pack(weight: Q8Weight, rows: Optional[int] = None, low_bits: bool = False) -> "PackedQ8":
         """Tile ``weight``; ``rows`` (>= N) pads it with zero rows first (a tensor-parallel
         vocabulary slice shorter than the others). About 31 MB for a 49,152 x 576 Q8_0.
+        ``low_bits``: where every integer fits 5 or 6 bits (:func:`low_bit_form`), the
+        5/6-bit layout (what :class:`Q8Method` holds; :func:`embedding` reads the int8 one).
 
         Raises:
             ValueError: ``rows < N``, or a group size the kernel does not take.
@@ -294,6 +310,7 @@ class PackedQ8:
         if g not in GROUP_SIZES or k % g:
             raise ValueError(f"grouped int8 weight {weight.shape} with group size {g} is not supported")
         padded = -(-rows // TILE) * TILE
+        form = low_bit_form(weight.q) if low_bits else None
 
         def tiles(a: np.ndarray, width: int) -> torch.Tensor:
             full = np.zeros((padded, width), dtype=a.dtype)
@@ -304,18 +321,55 @@ class PackedQ8:
 
         scale_dtype = np.float16 if weight.scale.dtype == np.float16 else np.float32
         mins = None if weight.min is None else tiles(weight.min.astype(scale_dtype), k // g)
-        return PackedQ8(tiles(weight.q, k), tiles(weight.scale.astype(scale_dtype), k // g), mins, g, rows)
+        scales = tiles(weight.scale.astype(scale_dtype), k // g)
+        if form is None:
+            return PackedQ8(tiles(weight.q, k), scales, mins, g, rows)
+        planes, is_signed = form
+        u = np.zeros((padded, k), dtype=np.uint8)  # stored bits (two's complement when signed); padding 0
+        u[:n] = (weight.q.astype(np.int16) & ((1 << (4 + planes)) - 1)).astype(np.uint8)
+        tiles_n = padded // TILE
+        ut = u.reshape(tiles_n, TILE, k).transpose(0, 2, 1)  # [tiles, K, 16]
+        nib = (ut & 0x0F).reshape(tiles_n, k // 4, 4, TILE)
+        w = np.stack([nib[:, :, h] | (nib[:, :, 2 + h] << 4) for h in (0, 1)], axis=2)  # [tiles, K / 4, 2, 16]
+        weights = (1 << np.arange(TILE, dtype=np.uint32)).astype(np.uint32)
+        hb = np.stack([(((ut >> (4 + p)) & 1).astype(np.uint32) * weights).sum(axis=2, dtype=np.uint32)
+                       for p in range(planes)], axis=1).astype(np.uint16)  # [tiles, P, K]
+        return PackedQ8(torch.from_numpy(np.ascontiguousarray(w).reshape(tiles_n, k // 2, TILE)), scales, mins, g,
+                        rows, torch.from_numpy(np.ascontiguousarray(hb).view(np.int16)), is_signed)
+
+    @property
+    def planes(self) -> int:
+        """High-bit planes: 0 (int8 layout), 1 (5 bits), 2 (6 bits)."""
+        return 0 if self.hbits is None else self.hbits.shape[1]
 
     @property
     def nbytes(self) -> int:
-        return self.w.numel() + self.scales.nbytes + (0 if self.mins is None else self.mins.nbytes)
+        return (self.w.numel() + self.scales.nbytes + (0 if self.mins is None else self.mins.nbytes)
+                + (0 if self.hbits is None else self.hbits.nbytes))
+
+
+def low_bit_form(q: np.ndarray) -> Optional[tuple[int, bool]]:
+    """``(planes, is_signed)`` of the narrowest 5/6-bit layout that holds every value of
+    ``q`` (int8): ``bits = 4 + planes`` bits, unsigned (``[0, 2**bits)``) or two's
+    complement (``[-2**(bits - 1), 2**(bits - 1))``). Q5_1 / Q5_K integers (0..31) give
+    ``(1, False)``, Q5_0's (-16..15) ``(1, True)``, Q6_K's (-32..31) ``(2, True)``; None
+    where 8 bits are needed (Q8_0, 8-bit GPTQ) or ``q`` is empty."""
+    if not q.size:
+        return None
+    lo, hi = int(q.min()), int(q.max())
+    for bits in (5, 6):
+        if lo >= 0 and hi < 1 << bits:
+            return bits - 4, False
+        if lo >= -(1 << (bits - 1)) and hi < 1 << (bits - 1):
+            return bits - 4, True
+    return None
 
 
 def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.argosy_q8_linear
     fn.restype = ctypes.c_int
-    fn.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64] + [ctypes.c_void_p, ctypes.c_int] * 2
-                   + [ctypes.c_int64] * 3)
+    fn.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int, ctypes.c_int64]
+                   + [ctypes.c_void_p, ctypes.c_int] * 2 + [ctypes.c_int64] * 3)
 
 
 def _install_op(lib: ctypes.CDLL) -> None:
@@ -335,11 +389,12 @@ def kernel():
 
 _LIBRARY = torch.library.Library("argosy", "FRAGMENT")
 _LIBRARY.define("q8_linear(Tensor x, Tensor w, Tensor scales, Tensor? mins, int group_size, int n, "
-                "ScalarType? out_dtype=None) -> Tensor")
+                "ScalarType? out_dtype=None, Tensor? hbits=None, bool is_signed=False) -> Tensor")
 
 
 def q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
-              group_size: int, n: int, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+              group_size: int, n: int, out_dtype: Optional[torch.dtype] = None,
+              hbits: Optional[torch.Tensor] = None, is_signed: bool = False) -> torch.Tensor:
     """``x @ W.T`` over a :class:`PackedQ8` weight: the Python implementation of
     ``torch.ops.argosy.q8_linear``, in place where the C++ one
     (:mod:`argosy.runtime.torch_ops`, same checks) is not.
@@ -350,6 +405,8 @@ def q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: Opti
         n: :attr:`PackedQ8.n`.
         out_dtype: float32 (default) or bfloat16 (the float32 result rounded to nearest
             even, as ``.to(torch.bfloat16)`` rounds; a linear layer's output).
+        hbits, is_signed: :attr:`PackedQ8.hbits` and ``.is_signed`` (the 5/6-bit layout), or
+            None and False.
     Returns:
         ``[M, n]`` of ``out_dtype``.
     Raises:
@@ -363,18 +420,22 @@ def q8_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: Opti
     g = group_size
     k = x.shape[-1]
     shape, sshape = w.shape, scales.shape
-    if (x.dim() != 2 or len(shape) != 3 or shape[2] != TILE or shape[1] != k or g not in GROUP_SIZES or k % g
+    if (x.dim() != 2 or not dequant.q8_layout_ok(w, hbits, is_signed, k) or g not in GROUP_SIZES or k % g
             or sshape != (shape[0], k // g, TILE) or not 0 < n <= shape[0] * TILE
-            or w.dtype != torch.int8 or scales.dtype not in (torch.int16, torch.float32)
+            or scales.dtype not in (torch.int16, torch.float32)
             or x.dtype not in (torch.float32, torch.bfloat16) or out_dtype not in (torch.float32, torch.bfloat16)
-            or not (w.is_contiguous() and scales.is_contiguous())
+            or not scales.is_contiguous()
             or (mins is not None and (mins.shape != sshape or mins.dtype != scales.dtype or not mins.is_contiguous()))):
         raise ValueError(f"q8_linear: x {tuple(x.shape)} {x.dtype} does not match packed weight {tuple(shape)} "
                          f"{w.dtype} / scales {tuple(sshape)} {scales.dtype} / group {g} for {n} outputs "
+                         f"/ high bits {None if hbits is None else tuple(hbits.shape)} signed {is_signed} "
                          f"(or out_dtype {out_dtype} is not float32/bfloat16)")
     x = x.contiguous()
     out = torch.empty(x.shape[0], n, dtype=out_dtype)
-    if x.shape[0] and lib.argosy_q8_linear(w.data_ptr(), scales.data_ptr(), None if mins is None else mins.data_ptr(),
+    planes = 0 if hbits is None else hbits.shape[1]
+    if x.shape[0] and lib.argosy_q8_linear(w.data_ptr(), None if hbits is None else hbits.data_ptr(), planes,
+                                           bool(is_signed),
+                                           scales.data_ptr(), None if mins is None else mins.data_ptr(),
                                            scales.dtype == torch.int16, g, x.data_ptr(), x.dtype == torch.bfloat16,
                                            out.data_ptr(), out_dtype == torch.bfloat16, x.shape[0], n, k) != 0:
         raise ValueError(f"q8_linear: K={k} is not a multiple of the group size {g}")
@@ -385,14 +446,14 @@ torch_ops.python_impl("q8_linear", q8_linear)
 
 
 @torch.library.register_fake("argosy::q8_linear")
-def _(x, w, scales, mins, group_size, n, out_dtype=None):
+def _(x, w, scales, mins, group_size, n, out_dtype=None, hbits=None, is_signed=False):
     return x.new_empty(x.shape[0], n, dtype=out_dtype or torch.float32)
 
 
 def embedding(ids: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Tensor],
               group_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``ids [T] int64`` of a :class:`PackedQ8` weight (``w``, ``scales``, ``mins``,
-    ``group_size`` its fields) dequantized: ``[T, K]`` in ``dtype``, the values of
+    """Rows ``ids [T] int64`` of a :class:`PackedQ8` weight in the int8 layout (``w``,
+    ``scales``, ``mins``, ``group_size`` its fields) dequantized: ``[T, K]`` in ``dtype``, the values of
     :meth:`Q8Weight.dequantize` (float32 product and offset, one rounding), bit for bit.
     The embedding lookup of a model that keeps its quantized embedding only."""
     tile, r = ids // TILE, ids % TILE
@@ -435,32 +496,38 @@ class Q8Method(CpuPackedMethod):
     dtype) for calls of at most ``INT4_MAX_ROWS`` rows, and for more the layer's dense copy
     or the scratch (:func:`.dequant.q8_dense_linear`).
 
-    Buffers: :class:`PackedQ8`'s ``w``, ``scales``, ``mins`` (or None).
+    Buffers: :class:`PackedQ8`'s ``w``, ``scales``, ``mins`` (or None), ``hbits`` (or None:
+    integers that need 8 bits). Integers that fit 5 or 6 bits (Q5_x, Q6_K) are held in the
+    5/6-bit layout (:func:`low_bit_form`).
     """
 
     kind = "grouped int8"
 
     def __init__(self, p: PackedQ8):
         super().__init__()
-        hold_buffers(self, w=p.w, scales=p.scales, mins=p.mins)
-        self.group_size, self.n = p.group_size, p.n
+        hold_buffers(self, w=p.w, scales=p.scales, mins=p.mins, hbits=p.hbits)
+        self.group_size, self.n, self.is_signed = p.group_size, p.n, p.is_signed
 
     @classmethod
     def create(cls, whole: Q8Weight, layer) -> Optional["Q8Method"]:
         if layer.weight.dtype != torch.bfloat16 or layer.weight.device.type != "cpu" or kernel() is None:
             return None
-        m = cls(PackedQ8.pack(whole))
+        m = cls(PackedQ8.pack(whole, low_bits=True))
         m.finish(layer)
         return m
 
     def small(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.argosy.q8_linear(x, self.w, self.scales, self.mins, self.group_size, self.n, x.dtype)
+        return torch.ops.argosy.q8_linear(x, self.w, self.scales, self.mins, self.group_size, self.n, x.dtype,
+                                          self.hbits, self.is_signed)
 
     def scratch(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return torch.ops.argosy.q8_dense_linear(x, self.w, self.scales, self.mins, self.group_size, self.n, bias)
+        return torch.ops.argosy.q8_dense_linear(x, self.w, self.scales, self.mins, self.group_size, self.n, bias,
+                                                self.hbits, self.is_signed)
 
     def dequantize(self) -> torch.Tensor:
-        return dequant.q8_dequantize(self.w, self.scales, self.mins, self.group_size, self.n)
+        return dequant.q8_dequantize(self.w, self.scales, self.mins, self.group_size, self.n, hbits=self.hbits,
+                                     is_signed=self.is_signed)
 
     def signature(self) -> tuple:
-        return (self.dense_on_demand, self.mins is not None, self.group_size)
+        return (self.dense_on_demand, self.mins is not None, self.group_size,
+                0 if self.hbits is None else self.hbits.shape[1], self.is_signed)

@@ -36,7 +36,10 @@
 //   argosy_q8_dequant     W[n, k] = q[n, k] * d (+ m), the grouped int8 tiled layout of
 //                         q8_0_gemm.cpp (w [N16/16][K][16], scales and mins [N16/16][K/G]
 //                         [16] float16 bits or float32): product, then sum, each rounded in
-//                         float32 (no contraction into a fused multiply-add).
+//                         float32 (no contraction into a fused multiply-add). Or the same
+//                         values in the 5/6-bit layout (lowbit.h: w [N16/16][K/4][32] nibbles,
+//                         hb [N16/16][P][K] high-bit planes, unsigned or two's complement),
+//                         decoded per group.
 //
 //   argosy_gather_columns out[m][j] = x[m][perm[j]] for x [M][K] 16-bit values: a GPTQ
 //                         act-order layer's input in the order of its stored columns.
@@ -49,6 +52,8 @@
 
 #include <stdint.h>
 #include <string.h>
+
+#include "lowbit.h"
 
 static inline uint16_t to_bf16(float f) {
   uint32_t u;
@@ -245,14 +250,23 @@ extern "C" int argosy_int8_dequant(const int8_t* q, const uint16_t* s, int64_t N
 }
 
 template <bool F16, bool MIN>
-__attribute__((optimize("fp-contract=off"))) static void q8_rows(const int8_t* w, const void* sc, const void* mn,
-                                                                 int64_t G, int64_t N, int64_t K, uint16_t* out) {
+__attribute__((optimize("fp-contract=off"))) static void q8_rows(const uint8_t* w, const uint16_t* hb, int P, int is_signed,
+                                                                 const void* sc, const void* mn, int64_t G, int64_t N,
+                                                                 int64_t K, uint16_t* out) {
   const int64_t tiles = (N + 15) / 16, groups = K / G;
 #pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < tiles; t++) {
     const int rows = (int)(N - t * 16 < 16 ? N - t * 16 : 16);
-    const int8_t* wt = w + t * K * 16;
+    int8_t buf[32 * 16];  // a group of the 5/6-bit layout decoded (G <= 32)
     for (int64_t g = 0; g < groups; g++) {
+      const int64_t k_start = g * G;
+      const int8_t* wg;  // the group's columns as [G][16] int8
+      if (P) {
+        lowbit_decode(w + t * K * 8, hb + t * K * P, P, is_signed, K, k_start, G, buf);
+        wg = buf;
+      } else {
+        wg = (const int8_t*)w + (t * K + k_start) * 16;
+      }
       float d[16], m[16];
       for (int r = 0; r < 16; r++) {
         const int64_t i = (t * groups + g) * 16 + r;
@@ -262,7 +276,7 @@ __attribute__((optimize("fp-contract=off"))) static void q8_rows(const int8_t* w
 #ifdef ARGOSY_DEQUANT_AVX512
       for (int64_t k0 = g * G; k0 < (g + 1) * G; k0 += 16) {  // G is 16 or 32: whole 16-column blocks
         __m128i cols[16], rws[16];
-        for (int i = 0; i < 16; i++) cols[i] = _mm_loadu_si128((const __m128i*)(wt + (k0 + i) * 16));
+        for (int i = 0; i < 16; i++) cols[i] = _mm_loadu_si128((const __m128i*)(wg + (k0 - k_start + i) * 16));
         transpose16x16(cols, rws);
         for (int r = 0; r < rows; r++) {
           __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(rws[r])), _mm512_set1_ps(d[r]));
@@ -275,7 +289,7 @@ __attribute__((optimize("fp-contract=off"))) static void q8_rows(const int8_t* w
       for (int r = 0; r < rows; r++) {
         uint16_t* o = out + (t * 16 + r) * K;
         for (int64_t k = g * G; k < (g + 1) * G; k++) {
-          float v = (float)wt[k * 16 + r] * d[r];
+          float v = (float)wg[(k - k_start) * 16 + r] * d[r];
           if (MIN) v = v + m[r];
           o[k] = to_bf16(v);
         }
@@ -284,15 +298,17 @@ __attribute__((optimize("fp-contract=off"))) static void q8_rows(const int8_t* w
   }
 }
 
-extern "C" int argosy_q8_dequant(const int8_t* w, const void* scales, const void* mins, int f16, int64_t G, int64_t N,
-                                 int64_t K, uint16_t* out) {
+extern "C" int argosy_q8_dequant(const void* w_in, const uint16_t* hbits, int planes, int is_signed, const void* scales,
+                                 const void* mins, int f16, int64_t G, int64_t N, int64_t K, uint16_t* out) {
   if (G <= 0 || G % 16 || K % G) return 1;  // the layout's groups: 16 or 32 (q8_0_gemm.cpp)
+  if (planes < 0 || planes > 2 || (planes && G > 32)) return 1;
+  const uint8_t* w = (const uint8_t*)w_in;
   if (f16) {
-    if (mins) q8_rows<true, true>(w, scales, mins, G, N, K, out);
-    else q8_rows<true, false>(w, scales, mins, G, N, K, out);
+    if (mins) q8_rows<true, true>(w, hbits, planes, is_signed, scales, mins, G, N, K, out);
+    else q8_rows<true, false>(w, hbits, planes, is_signed, scales, mins, G, N, K, out);
   } else {
-    if (mins) q8_rows<false, true>(w, scales, mins, G, N, K, out);
-    else q8_rows<false, false>(w, scales, mins, G, N, K, out);
+    if (mins) q8_rows<false, true>(w, hbits, planes, is_signed, scales, mins, G, N, K, out);
+    else q8_rows<false, false>(w, hbits, planes, is_signed, scales, mins, G, N, K, out);
   }
   return 0;
 }

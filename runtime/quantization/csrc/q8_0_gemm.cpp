@@ -19,15 +19,23 @@
 // the group's x, computed once per call). OpenMP over tiles; up to 8 rows of x share each
 // converted weight vector.
 //
-// Returns 0, 1 when K is not a multiple of G, 2 when G is neither 16 nor 32.
+// Or, for the 5/6-bit integers of Q5_x / Q6_K (lowbit.h), w is [N16 / 16][K / 4][32] uint8
+// nibbles with hb [N16 / 16][P][K] uint16 high-bit planes (P = 1 or 2), unsigned or two's
+// complement: the kernel decodes four columns at a time in registers to the same int8
+// values, so both layouts give the same results bit for bit (the same sums in the same
+// order), while a step streams 5/8 or 6/8 of the bytes.
+//
+// Returns 0, 1 when K is not a multiple of G, 2 when G is neither 16 nor 32, 3 when P is not
+// 0 (the int8 layout), 1 or 2.
 
 #include <stdint.h>
 #include <string.h>
 
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#include "lowbit.h"
+
+#if defined(ARGOSY_LOWBIT_AVX512)
 
 #ifndef PREFETCH
 #define PREFETCH 4096
@@ -41,30 +49,49 @@ static inline __m512 load16(const void* p, int64_t i) {
 
 // U independent partial sums per row of x (columns kk, kk + 1, ... taken in turn), so that
 // with few rows the FMA latency chain does not bound the loop: one row alone measured 7.8
-// GB/s of weights per core with a single chain.
-template <int MB, int G, bool F16, bool MIN>
-static inline void tile_rows(const int8_t* w, const void* sc, const void* mn, const float* x, const float* xs,
-                             int64_t K, float* out, int64_t ldo, __mmask16 keep) {
+// GB/s of weights per core with a single chain. P = 0: int8 layout; 1, 2: the 5/6-bit one
+// (columns decoded two at a time, summed in the same order as the int8 layout's).
+template <int MB, int G, bool F16, bool MIN, int P>
+static inline void tile_rows(const uint8_t* w, const uint16_t* hb, int is_signed, const void* sc, const void* mn,
+                             const float* x, const float* xs, int64_t K, float* out, int64_t ldo, __mmask16 keep) {
   constexpr int U = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
+  constexpr int STEP = P == 0 ? U : 4;            // columns per inner iteration (U divides 4)
+  constexpr int64_t COL_BYTES = P == 0 ? 16 : 8;  // weight bytes per input column
   const int64_t groups = K / G;
+  __m256i add[2];
+  if (P) lowbit_adds(P, is_signed, add);
   __m512 acc[MB];
   for (int i = 0; i < MB; i++) acc[i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; g++) {
     __m512 t[MB * U];
     for (int i = 0; i < MB * U; i++) t[i] = _mm512_setzero_ps();
-    const int8_t* wg = w + g * G * 16;
+    const uint8_t* wg = w + g * G * COL_BYTES;
     const float* xg = x + g * G;
     // A hint only: on x86 a prefetch never faults, so running past the weight's end on the
     // last tiles is harmless (the address is formed as an integer, not a pointer).
-    for (int l = 0; l < G * 16; l += 64)
+    for (int l = 0; l < G * COL_BYTES; l += 64)
       _mm_prefetch((const char*)((uintptr_t)wg + PREFETCH + l), _MM_HINT_T0);
+    for (int p = 0; p < P; p++)  // the planes advance 2 bytes a column against the nibbles' 8
+      _mm_prefetch((const char*)((uintptr_t)(hb + p * K + g * G) + PREFETCH / 4), _MM_HINT_T0);
 #pragma GCC unroll 4
-    for (int kk = 0; kk < G; kk += U) {
-      for (int u = 0; u < U; u++) {
-        __m512 wv =
-            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wg + (kk + u) * 16))));
-        for (int i = 0; i < MB; i++)
-          t[i * U + u] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xg[i * K + kk + u]), t[i * U + u]);
+    for (int kk = 0; kk < G; kk += STEP) {
+      if (P == 0) {
+        for (int u = 0; u < U; u++) {
+          __m512 wv = _mm512_cvtepi32_ps(
+              _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(wg + (kk + u) * 16))));
+          for (int i = 0; i < MB; i++)
+            t[i * U + u] = _mm512_fmadd_ps(wv, _mm512_set1_ps(xg[i * K + kk + u]), t[i * U + u]);
+        }
+      } else {
+        __m256i a8, b8;  // columns kk, kk + 1 | kk + 2, kk + 3
+        lowbit_quad<P ? P : 1>(wg + kk * 8, hb, K, g * G + kk, add, a8, b8);
+        const __m512 wv[4] = {_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(a8))),
+                              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(a8, 1))),
+                              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b8))),
+                              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b8, 1)))};
+        for (int c = 0; c < 4; c++)
+          for (int i = 0; i < MB; i++)
+            t[i * U + c % U] = _mm512_fmadd_ps(wv[c], _mm512_set1_ps(xg[i * K + kk + c]), t[i * U + c % U]);
       }
     }
     const __m512 d = load16<F16>(sc, g * 16);
@@ -81,39 +108,51 @@ static inline void tile_rows(const int8_t* w, const void* sc, const void* mn, co
   for (int i = 0; i < MB; i++) _mm512_mask_storeu_ps(out + i * ldo, keep, acc[i]);
 }
 
-template <int G, bool F16, bool MIN>
-static void tile_t(const int8_t* w, const void* sc, const void* mn, const float* x, const float* xs, int64_t M,
-                   int64_t K, float* out, int64_t ldo, int64_t cols) {
+template <int G, bool F16, bool MIN, int P>
+static void tile_t(const uint8_t* w, const uint16_t* hb, int is_signed, const void* sc, const void* mn, const float* x,
+                   const float* xs, int64_t M, int64_t K, float* out, int64_t ldo, int64_t cols) {
+  if (P && M > 8) {
+    // more than one pass of 8 rows over the tile: decode it once into the int8 layout (K x 16
+    // bytes, cache-resident) instead of in registers on every pass (measured, 120 layers of
+    // 5-bit weights, 16 rows: ~11% slower with a decode per pass than the int8 layout)
+    thread_local std::vector<int8_t> buf;
+    buf.resize(K * 16);
+    lowbit_decode(w, hb, P, is_signed, K, 0, K, buf.data());
+    tile_t<G, F16, MIN, 0>((const uint8_t*)buf.data(), nullptr, 0, sc, mn, x, xs, M, K, out, ldo, cols);
+    return;
+  }
   const __mmask16 keep = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
   const int64_t groups = K / G;
   int64_t m = 0;
   for (; m + 8 <= M; m += 8)
-    tile_rows<8, G, F16, MIN>(w, sc, mn, x + m * K, xs + m * groups, K, out + m * ldo, ldo, keep);
+    tile_rows<8, G, F16, MIN, P>(w, hb, is_signed, sc, mn, x + m * K, xs + m * groups, K, out + m * ldo, ldo, keep);
   const float* xm = x + m * K;
   const float* xsm = xs + m * groups;
   float* om = out + m * ldo;
   switch (M - m) {
-    case 1: tile_rows<1, G, F16, MIN>(w, sc, mn, xm, xsm, K, om, ldo, keep); break;
-    case 2: tile_rows<2, G, F16, MIN>(w, sc, mn, xm, xsm, K, om, ldo, keep); break;
-    case 3: tile_rows<3, G, F16, MIN>(w, sc, mn, xm, xsm, K, om, ldo, keep); break;
-    case 4: tile_rows<4, G, F16, MIN>(w, sc, mn, xm, xsm, K, om, ldo, keep); break;
-    case 5: tile_rows<5, G, F16, MIN>(w, sc, mn, xm, xsm, K, om, ldo, keep); break;
-    case 6: tile_rows<6, G, F16, MIN>(w, sc, mn, xm, xsm, K, om, ldo, keep); break;
-    case 7: tile_rows<7, G, F16, MIN>(w, sc, mn, xm, xsm, K, om, ldo, keep); break;
+#define ARGOSY_ROWS(R) \
+  case R: tile_rows<R, G, F16, MIN, P>(w, hb, is_signed, sc, mn, xm, xsm, K, om, ldo, keep); break;
+    ARGOSY_ROWS(1) ARGOSY_ROWS(2) ARGOSY_ROWS(3) ARGOSY_ROWS(4) ARGOSY_ROWS(5) ARGOSY_ROWS(6) ARGOSY_ROWS(7)
+#undef ARGOSY_ROWS
     default: break;
   }
 }
 
-typedef void (*tile_fn)(const int8_t*, const void*, const void*, const float*, const float*, int64_t, int64_t,
-                        float*, int64_t, int64_t);
+typedef void (*tile_fn)(const uint8_t*, const uint16_t*, int, const void*, const void*, const float*,
+                        const float*, int64_t, int64_t, float*, int64_t, int64_t);
 
-static tile_fn pick(int64_t G, bool f16, bool has_min) {
+template <int G, bool F16, bool MIN>
+static tile_fn pick_p(int P) {
+  return P == 0 ? tile_t<G, F16, MIN, 0> : (P == 1 ? tile_t<G, F16, MIN, 1> : tile_t<G, F16, MIN, 2>);
+}
+
+static tile_fn pick(int64_t G, bool f16, bool has_min, int P) {
   if (G == 16) {
-    if (f16) return has_min ? tile_t<16, true, true> : tile_t<16, true, false>;
-    return has_min ? tile_t<16, false, true> : tile_t<16, false, false>;
+    if (f16) return has_min ? pick_p<16, true, true>(P) : pick_p<16, true, false>(P);
+    return has_min ? pick_p<16, false, true>(P) : pick_p<16, false, false>(P);
   }
-  if (f16) return has_min ? tile_t<32, true, true> : tile_t<32, true, false>;
-  return has_min ? tile_t<32, false, true> : tile_t<32, false, false>;
+  if (f16) return has_min ? pick_p<32, true, true>(P) : pick_p<32, true, false>(P);
+  return has_min ? pick_p<32, false, true>(P) : pick_p<32, false, false>(P);
 }
 
 #else  // portable code (the compiler vectorizes what it can)
@@ -144,8 +183,9 @@ static inline float value(const void* p, int64_t i, bool f16) {
 
 // The group size, scale type and offsets come as arguments (no globals: calls from
 // several threads at once stay independent).
-static void tile_any(const int8_t* w, const void* sc, const void* mn, const float* x, const float* xs, int64_t M,
-                     int64_t K, float* out, int64_t ldo, int64_t cols, int64_t G, bool f16) {
+static void tile_any(const uint8_t* w, const uint16_t* hb, int P, int is_signed, const void* sc, const void* mn,
+                     const float* x, const float* xs, int64_t M, int64_t K, float* out, int64_t ldo, int64_t cols,
+                     int64_t G, bool f16) {
   const int64_t groups = K / G;
   for (int64_t m = 0; m < M; m++) {
     float acc[16] = {0};
@@ -153,8 +193,9 @@ static void tile_any(const int8_t* w, const void* sc, const void* mn, const floa
       float t[16] = {0};
       for (int64_t kk = 0; kk < G; kk++) {
         const float xv = x[m * K + g * G + kk];
-        const int8_t* wr = w + (g * G + kk) * 16;
-        for (int j = 0; j < 16; j++) t[j] += (float)wr[j] * xv;
+        const int64_t k = g * G + kk;
+        for (int j = 0; j < 16; j++)
+          t[j] += (float)(P ? lowbit_value(w, hb, P, is_signed, K, k, j) : ((const int8_t*)w)[k * 16 + j]) * xv;
       }
       for (int j = 0; j < 16; j++) {
         acc[j] += t[j] * value(sc, g * 16 + j, f16);
@@ -184,11 +225,16 @@ static inline uint16_t float_to_bf16(float f) {  // round to nearest even, as to
 
 // x: [M, K] float32, or bfloat16 when x_bf16 (widened exactly); out: [M, N] float32, or
 // bfloat16 when out_bf16 (rounded to nearest even at the end, as torch rounds).
-extern "C" int argosy_q8_linear(const int8_t* w, const void* scales, const void* mins, int scales_f16,
-                                int64_t group, const void* x_in, int x_bf16, void* out_p, int out_bf16, int64_t M,
-                                int64_t N, int64_t K) {
+// w: int8 [N16 / 16][K][16] (planes 0, hbits unused) or the 5/6-bit layout (planes 1 or 2,
+// lowbit.h) with hbits, unsigned or (is_signed) two's complement.
+extern "C" int argosy_q8_linear(const void* w_in, const uint16_t* hbits, int planes, int is_signed, const void* scales,
+                                const void* mins, int scales_f16, int64_t group, const void* x_in, int x_bf16,
+                                void* out_p, int out_bf16, int64_t M, int64_t N, int64_t K) {
   if (group != 16 && group != 32) return 2;
   if (K % group) return 1;
+  if (planes < 0 || planes > 2) return 3;
+  const uint8_t* w = (const uint8_t*)w_in;
+  const int64_t tile_bytes = planes ? K * 8 : K * 16;
   const int64_t groups = K / group;
   std::vector<float> xbuf, obuf;
   const float* x = (const float*)x_in;
@@ -213,7 +259,7 @@ extern "C" int argosy_q8_linear(const int8_t* w, const void* scales, const void*
       }
   }
 #if defined(__AVX512F__)
-  const tile_fn fn = pick(group, scales_f16 != 0, mins != nullptr);
+  const tile_fn fn = pick(group, scales_f16 != 0, mins != nullptr, planes);
 #endif
   const float* xsp = mins ? xs.data() : nullptr;
   const int64_t tiles = (N + 15) / 16;
@@ -223,9 +269,10 @@ extern "C" int argosy_q8_linear(const int8_t* w, const void* scales, const void*
     const char* sc = (const char*)scales + t * sstride;
     const char* mn = mins ? (const char*)mins + t * sstride : nullptr;
 #if defined(__AVX512F__)
-    fn(w + t * K * 16, sc, mn, x, xsp, M, K, out + t * 16, N, N - t * 16);
+    fn(w + t * tile_bytes, hbits + t * K * planes, is_signed, sc, mn, x, xsp, M, K, out + t * 16, N, N - t * 16);
 #else
-    tile_any(w + t * K * 16, sc, mn, x, xsp, M, K, out + t * 16, N, N - t * 16, group, scales_f16 != 0);
+    tile_any(w + t * tile_bytes, hbits + t * K * planes, planes, is_signed, sc, mn, x, xsp, M, K, out + t * 16, N,
+             N - t * 16, group, scales_f16 != 0);
 #endif
   }
   if (out_bf16)
