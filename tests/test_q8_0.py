@@ -393,3 +393,24 @@ def test_low_bit_form_picks_the_narrowest_range():
     assert form(-32, 31) == (2, True) and form(-17, 15) == (2, True) and form(-33, 0) is None
     assert form(0, 64) is None and form(-128, 127) is None
     assert q8_0.low_bit_form(np.zeros((0, 4), dtype=np.int8)) is None
+
+
+def test_a_q5_layer_holds_5_bits_unless_switched_off(monkeypatch):
+    """``Linear`` with a Q5_1 weight in bfloat16 holds the 5-bit layout (``hbits`` set, 0.75
+    bytes a weight), with ``ARGOSY_Q8_LOW_BITS=0`` the int8 one; both compute the same
+    outputs bit for bit, small calls (the kernel) and large ones (the dense copy) alike."""
+    from argosy.runtime.layers import Linear
+
+    n, k = 64, 256
+    w = q8_0.Q8Weight.from_gguf(_raw("Q5_1", n, k, seed=4), (n, k), "Q5_1")
+    outs = []
+    for env in ("1", "0"):
+        monkeypatch.setenv(q8_0.LOW_BITS_ENV, env)
+        lin = Linear(n, k, False, torch.bfloat16, torch.device("cpu"))
+        lin.load_quantized(0, w)
+        m = lin.quant_method
+        assert isinstance(m, q8_0.Q8Method) and (m.hbits is not None) == (env == "1")
+        g = torch.Generator().manual_seed(0)
+        outs.append([lin(torch.randn(rows, k, generator=g).to(torch.bfloat16)) for rows in (1, 5, 12, 40)])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
