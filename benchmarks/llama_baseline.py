@@ -19,7 +19,8 @@ Lookup order of ``find_or_build()``:
    into the cache and build with CMake. That takes ~10 minutes on 2 cores.
 
 Build flags (from issue 17): ``GGML_NATIVE=ON`` crashes on this CPU with gcc 12, so the
-ISA extensions are switched on explicitly (:data:`GGML_CPU_FLAGS`). ``llama-server``
+ISA extensions are switched on explicitly, each where ``/proc/cpuinfo`` lists it
+(:data:`GGML_CPU_FLAGS`). ``llama-server``
 embeds a Web UI that is normally downloaded prebuilt or built with npm; neither is
 possible offline, so the build turns that off and puts small non-empty placeholder files
 in ``tools/ui/dist`` (the asset check only wants them to exist and be non-empty).
@@ -31,6 +32,7 @@ purpose: that would shadow the ``llama_cpp`` package of llama-cpp-python.)
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -43,20 +45,28 @@ from pathlib import Path
 #: llama-cpp-python release whose vendored llama.cpp is the baseline.
 LLAMA_CPP_PYTHON_VERSION = os.environ.get("ARGOSY_LLAMA_CPP_PYTHON_VERSION", "0.3.36")
 
-#: Explicit CPU features: GGML_NATIVE=ON crashes on this CPU with gcc 12 (issue 17).
-GGML_CPU_FLAGS = [
-    "-DGGML_NATIVE=OFF",
-    "-DGGML_AVX=ON",
-    "-DGGML_AVX2=ON",
-    "-DGGML_FMA=ON",
-    "-DGGML_F16C=ON",
-    "-DGGML_BMI2=ON",
-    "-DGGML_AVX512=ON",
-    "-DGGML_AVX512_VBMI=ON",
-    "-DGGML_AVX512_VNNI=ON",
-    "-DGGML_AVX512_BF16=ON",
-    "-DGGML_AVX_VNNI=ON",
-]
+#: ggml's CPU extensions and the ``/proc/cpuinfo`` flag each needs.
+_GGML_ISA = [("AVX", "avx"), ("AVX2", "avx2"), ("FMA", "fma"), ("F16C", "f16c"), ("BMI2", "bmi2"),
+             ("AVX512", "avx512f"), ("AVX512_VBMI", "avx512vbmi"), ("AVX512_VNNI", "avx512_vnni"),
+             ("AVX512_BF16", "avx512_bf16"), ("AVX_VNNI", "avx_vnni"), ("AMX_TILE", "amx_tile"),
+             ("AMX_INT8", "amx_int8"), ("AMX_BF16", "amx_bf16")]
+
+
+def ggml_cpu_flags(cpuinfo: str | None = None) -> list[str]:
+    """Explicit CPU features for ggml's CMake build: GGML_NATIVE=ON crashes on one of this
+    project's VMs with gcc 12 (issue 17), so each extension is switched on where
+    ``/proc/cpuinfo`` lists it and off otherwise (a fixed list once had AVX-VNNI on, which
+    AMD EPYC Zen 4 lacks: the library then died of SIGILL)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    have = set(cpuinfo.split())
+    return ["-DGGML_NATIVE=OFF"] + [f"-DGGML_{name}={'ON' if flag in have else 'OFF'}" for name, flag in _GGML_ISA]
+
+
+GGML_CPU_FLAGS = ggml_cpu_flags()
 
 #: Extra flags for the standalone llama-server / llama-bench build (no network at build time).
 SERVER_FLAGS = [
@@ -94,7 +104,10 @@ def source_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
 
 
 def build_dir(version: str = LLAMA_CPP_PYTHON_VERSION) -> Path:
-    return cache_dir() / f"llama.cpp-{version}" / "build"
+    """The build directory, one per version and CPU feature set (a cache shared by two
+    machines never hands one the other's binaries)."""
+    key = hashlib.sha256(" ".join(GGML_CPU_FLAGS).encode()).hexdigest()[:8]
+    return cache_dir() / f"llama.cpp-{version}-{key}" / "build"
 
 
 @dataclass
@@ -223,7 +236,7 @@ def pip_install(venv: str | Path, version: str = LLAMA_CPP_PYTHON_VERSION, jobs:
     env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs or os.cpu_count() or 2)
     t0 = time.time()
     _log(f"pip installing {tgz.name} into {venv} with CMAKE_ARGS={env['CMAKE_ARGS']!r}")
-    subprocess.run([str(py), "-m", "pip", "install", "-v", "--no-cache-dir", str(tgz), "numpy"], check=True, env=env,
+    subprocess.run([str(py), "-m", "pip", "install", "-v", "--no-cache-dir", "--force-reinstall", str(tgz), "numpy"], check=True, env=env,
                    cwd=cache_dir())  # not the repo root: its operator/ would shadow the stdlib module
     _log(f"pip install done in {time.time() - t0:.0f} s")
 

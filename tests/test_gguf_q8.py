@@ -21,6 +21,7 @@ from argosy.runtime import cpu_kernels
 from argosy.runtime.layers import INT4_MAX_ROWS
 from argosy.runtime.quantization.accuracy import distribution_agreement
 from argosy.runtime.quantization.q8_0 import Q8Method
+from argosy.runtime.worker.executor import weight_bytes_by_format
 
 from .gguf_files import requantize_gguf
 from .test_fast_path import SLICE, SLICE_POSITIONS, TOP1_RESOLUTION, assert_greedy_agrees_where_decisive
@@ -101,6 +102,10 @@ def test_every_linear_layer_runs_on_the_grouped_int8_kernel(engines):
         assert len(methods) == 4
         for m in methods:
             assert (None if m.hbits is None else m.hbits.shape[1], m.is_signed) == form[KINDS[i % 3]], i
+    fmt = weight_bytes_by_format(model)  # the startup summary's weight bytes by format
+    five = [m.quant_method for m in model.modules() if getattr(getattr(m, "quant_method", None), "hbits", None) is not None]
+    assert fmt["grouped 5-bit"] == sum(b.nbytes for m in five for b in m.buffers())
+    assert fmt["grouped int8"] > model.logits_q8.nbytes  # the head and the Q8_0 layers
     assert not any(isinstance(getattr(m, "quant_method", None), Q8Method) for m in ref.executor.runner.model.modules())
 
 

@@ -336,9 +336,9 @@ class PackedQ8:
         ut = u.reshape(tiles_n, TILE, k).transpose(0, 2, 1)  # [tiles, K, 16]
         nib = (ut & 0x0F).reshape(tiles_n, k // 4, 4, TILE)
         w = np.stack([nib[:, :, h] | (nib[:, :, 2 + h] << 4) for h in (0, 1)], axis=2)  # [tiles, K / 4, 2, 16]
-        weights = (1 << np.arange(TILE, dtype=np.uint32)).astype(np.uint32)
-        hb = np.stack([(((ut >> (4 + p)) & 1).astype(np.uint32) * weights).sum(axis=2, dtype=np.uint32)
-                       for p in range(planes)], axis=1).astype(np.uint16)  # [tiles, P, K]
+        # bit j of each plane's 16-bit word is row j's bit: little-endian bit and byte order
+        hb = np.stack([np.packbits((ut >> (4 + p)) & 1, axis=2, bitorder="little").view("<u2")[..., 0]
+                       for p in range(planes)], axis=1)  # [tiles, P, K] uint16
         return PackedQ8(torch.from_numpy(np.ascontiguousarray(w).reshape(tiles_n, k // 2, TILE)), scales, mins, g,
                         rows, torch.from_numpy(np.ascontiguousarray(hb).view(np.int16)), is_signed)
 
@@ -512,6 +512,8 @@ class Q8Method(CpuPackedMethod):
         super().__init__()
         hold_buffers(self, w=p.w, scales=p.scales, mins=p.mins, hbits=p.hbits)
         self.group_size, self.n, self.is_signed = p.group_size, p.n, p.is_signed
+        if p.planes:  # the startup summary's format name
+            self.kind = f"grouped {4 + p.planes}-bit"
 
     @classmethod
     def create(cls, whole: Q8Weight, layer) -> Optional["Q8Method"]:

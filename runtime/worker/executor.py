@@ -91,7 +91,8 @@ def weight_bytes_by_format(model: torch.nn.Module) -> dict[str, int]:
     4-bit embedding held only in that form, and
     where the CPU dequantization kernel cannot read PyTorch's packed layout the second copy
     of the integers it reads), ``grouped int8`` (with its scales and offsets, including the LM head's
-    ``logits_q8`` and an embedding held only in that form), ``int8``, ``fp8`` (FP8 weights on ``_scaled_mm`` and their scales),
+    ``logits_q8`` and an embedding held only in that form), ``grouped 5-bit`` / ``grouped 6-bit``
+    (Q5_x / Q6_K layers in the 5/6-bit layout, :mod:`argosy.runtime.quantization.q8_0`), ``int8``, ``fp8`` (FP8 weights on ``_scaled_mm`` and their scales),
     ``<dtype> dense copies`` (dense weights kept beside a quantized one for large batches:
     ``ARGOSY_CPU_DENSE_COPIES=auto`` for a model whose copies are small next to the memory
     limit, ``keep``, or where the CPU dequantization kernel is not built; or holding an FP8
