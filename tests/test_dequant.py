@@ -90,7 +90,7 @@ def test_grouped_int8_dequantization_equals_the_gguf_dequantizer(type_name, low_
     n, k = 40, 512
     raw = _raw(type_name, n, k, seed=5)
     w = q8_0.Q8Weight.from_gguf(raw, (n, k), type_name)
-    p = q8_0.PackedQ8.pack(w, low_bits=low_bits)
+    p = q8_0.PackedQ8.pack(w, max_bits=6 * low_bits)
     got = dequant.q8_dequantize(p.w, p.scales, p.mins, p.group_size, p.n, hbits=p.hbits, is_signed=p.is_signed)
     want = _reference(raw, type_name, n, k).float().to(torch.bfloat16)
     assert torch.equal(_bits(got), _bits(want))
@@ -133,7 +133,7 @@ def test_the_portable_build_gives_the_same_bits(tmp_path, monkeypatch):
                                 ("Q5_0", True)):
         n, k = 24, 512
         qw = q8_0.Q8Weight.from_gguf(_raw(type_name, n, k, seed=3), (n, k), type_name)
-        p = q8_0.PackedQ8.pack(qw, low_bits=low_bits)
+        p = q8_0.PackedQ8.pack(qw, max_bits=6 * low_bits)
         assert (p.hbits is not None) == low_bits
         out = torch.empty(n, k, dtype=torch.bfloat16)
         assert lib.argosy_q8_dequant(p.w.data_ptr(), None if p.hbits is None else p.hbits.data_ptr(), p.planes,

@@ -210,7 +210,7 @@ def test_kernel_equals_x_times_dequantized_w_for_every_type(type_name, low_bits)
     for n, k in (s for s in SHAPES if s[1] % values == 0):
         raw = _raw(type_name, n, k, seed=n + k)
         ref = _reference(raw, type_name, n, k)
-        packed = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(raw, (n, k), type_name), low_bits=low_bits)
+        packed = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(raw, (n, k), type_name), max_bits=6 * low_bits)
         assert (packed.hbits is not None) == (low_bits and type_name != "Q8_0")
         extra = (packed.hbits, packed.is_signed)
         for m in (1, 3, 8, 9, 16, 17):
@@ -263,7 +263,7 @@ def test_the_portable_build_handles_offsets_group_16_and_the_5_6_bit_layout(type
     x = torch.randn(3, k)
     outs = []
     for low_bits in (False, True):
-        packed = q8_0.PackedQ8.pack(w, low_bits=low_bits)
+        packed = q8_0.PackedQ8.pack(w, max_bits=6 * low_bits)
         assert packed.planes == (0 if not low_bits else 2 if type_name == "Q6_K" else 1)
         out = torch.empty(3, n)
         assert _call(lib, packed, x, out) == 0
@@ -365,7 +365,7 @@ def test_the_5_6_bit_layout_holds_the_same_values_in_fewer_bytes(type_name, form
     n, k = 64, 1536
     w = q8_0.Q8Weight.from_gguf(_raw(type_name, n, k, seed=7), (n, k), type_name)
     assert q8_0.low_bit_form(w.q) == form
-    a, b = q8_0.PackedQ8.pack(w), q8_0.PackedQ8.pack(w, low_bits=True)
+    a, b = q8_0.PackedQ8.pack(w), q8_0.PackedQ8.pack(w, max_bits=6)
     assert b.nbytes == pytest.approx(bytes_per_weight * n * k)
     if form is None:
         assert b.hbits is None and torch.equal(a.w, b.w)
@@ -395,22 +395,34 @@ def test_low_bit_form_picks_the_narrowest_range():
     assert q8_0.low_bit_form(np.zeros((0, 4), dtype=np.int8)) is None
 
 
-def test_a_q5_layer_holds_5_bits_unless_switched_off(monkeypatch):
-    """``Linear`` with a Q5_1 weight in bfloat16 holds the 5-bit layout (``hbits`` set, 0.75
-    bytes a weight), with ``ARGOSY_Q8_LOW_BITS=0`` the int8 one; both compute the same
-    outputs bit for bit, small calls (the kernel) and large ones (the dense copy) alike."""
+def test_a_q5_layer_holds_5_bits_a_q6_k_layer_8_unless_set(monkeypatch):
+    """``Linear`` in bfloat16 holds a Q5_1 weight in the 5-bit layout (``hbits`` set) and a
+    Q6_K one in the int8 layout by default (``ARGOSY_Q8_LOW_BITS=5``; 6 bits measured slower
+    from 2 rows), both low with ``6``, both int8 with ``0``; every layout computes the same
+    outputs bit for bit, small calls (the kernel) and large ones (the dense copy) alike; any
+    other value is one clear error."""
     from argosy.runtime.layers import Linear
 
-    n, k = 64, 256
-    w = q8_0.Q8Weight.from_gguf(_raw("Q5_1", n, k, seed=4), (n, k), "Q5_1")
-    outs = []
-    for env in ("1", "0"):
-        monkeypatch.setenv(q8_0.LOW_BITS_ENV, env)
-        lin = Linear(n, k, False, torch.bfloat16, torch.device("cpu"))
-        lin.load_quantized(0, w)
-        m = lin.quant_method
-        assert isinstance(m, q8_0.Q8Method) and (m.hbits is not None) == (env == "1")
-        g = torch.Generator().manual_seed(0)
-        outs.append([lin(torch.randn(rows, k, generator=g).to(torch.bfloat16)) for rows in (1, 5, 12, 40)])
-    for a, b in zip(*outs):
-        assert torch.equal(a, b)
+    n, k = 64, 512
+    weights = {t: q8_0.Q8Weight.from_gguf(_raw(t, n, k, seed=4), (n, k), t) for t in ("Q5_1", "Q6_K")}
+    planes = {None: {"Q5_1": 1, "Q6_K": 0}, "5": {"Q5_1": 1, "Q6_K": 0}, "6": {"Q5_1": 1, "Q6_K": 2},
+              "0": {"Q5_1": 0, "Q6_K": 0}}
+    outs = {t: [] for t in weights}
+    for env, want in planes.items():
+        if env is None:
+            monkeypatch.delenv(q8_0.LOW_BITS_ENV, raising=False)
+        else:
+            monkeypatch.setenv(q8_0.LOW_BITS_ENV, env)
+        for t, w in weights.items():
+            lin = Linear(n, k, False, torch.bfloat16, torch.device("cpu"))
+            lin.load_quantized(0, w)
+            m = lin.quant_method
+            assert isinstance(m, q8_0.Q8Method) and (0 if m.hbits is None else m.hbits.shape[1]) == want[t], (env, t)
+            g = torch.Generator().manual_seed(0)
+            outs[t].append([lin(torch.randn(rows, k, generator=g).to(torch.bfloat16)) for rows in (1, 5, 12, 40)])
+    for t, runs in outs.items():
+        for run in runs[1:]:
+            assert all(torch.equal(a, b) for a, b in zip(runs[0], run)), t
+    monkeypatch.setenv(q8_0.LOW_BITS_ENV, "4")
+    with pytest.raises(ValueError, match="ARGOSY_Q8_LOW_BITS='4': expected 5"):
+        q8_0.low_bits_setting()

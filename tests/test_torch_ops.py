@@ -51,7 +51,7 @@ def test_q8_linear_equals_the_python_implementation(type_name, low_bits):
     g = torch.Generator().manual_seed(0)
     n, k = 320, 512  # (K-quants come in blocks of 256)
     packed = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(_raw(type_name, n, k, seed=3), (n, k), type_name),
-                                low_bits=low_bits)
+                                max_bits=6 * low_bits)
     args = (packed.w, packed.scales, packed.mins, packed.group_size, packed.n)
     for m in (1, 5, 17):
         for x in (torch.randn(m, k, generator=g), torch.randn(m, k, generator=g).to(torch.bfloat16),
@@ -74,7 +74,7 @@ def test_q8_linear_refuses_what_the_python_implementation_refuses():
            (x.double(), packed.w, packed.scales, None, 32, n),  # input dtype
            (x, packed.w.float(), packed.scales, None, 32, n),  # weight dtype
            (x, packed.w, packed.scales, packed.scales[:, :1], 32, n)]  # offsets of another shape
-    five = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(_raw("Q5_1", n, k), (n, k), "Q5_1"), low_bits=True)
+    five = q8_0.PackedQ8.pack(q8_0.Q8Weight.from_gguf(_raw("Q5_1", n, k), (n, k), "Q5_1"), max_bits=6)
     low = (five.w, five.scales, five.mins, 32, n)
     bad += [(x, *low),  # the 5-bit layout without its high bits
             (x, packed.w, packed.scales, None, 32, n, None, five.hbits),  # high bits with the int8 layout

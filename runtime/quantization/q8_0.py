@@ -99,9 +99,13 @@ LEAN_MAX_ROWS = max(24, MAX_ROWS)
 LOGITS_SCRATCH_ELEMENTS = 2 << 20
 #: Output rows per tile of the packed layout.
 TILE = 16
-#: ``0`` keeps Q5_x / Q6_K linear layers in the int8 layout (1 byte a weight instead of
-#: 0.625 / 0.75): batch-1 decode streams more bytes, but steps of 9-16 rows skip the decode
-#: (measured ~14% faster in those layers at 16 rows; see the README).
+#: The widest integers a grouped linear layer holds below 8 bits: ``5`` (default: Q5_0 / Q5_1 /
+#: Q5_K layers in 5 bits), ``6`` (Q6_K layers in 6 bits too), ``0`` (all in the int8 layout).
+#: Measured on this project's VM (AVX-512, no AMX), 120 layers streamed from memory, ms,
+#: int8 layout vs 5-bit at 1 / 2 / 4 / 8 / 16 rows: 4.80 / 4.94 / 6.19 / 10.29 / 18.29 vs
+#: 3.62 / 4.10 / 5.97 / 11.58 / 21.19 (the decode in registers costs compute, which the
+#: rows share less as they grow); 6-bit (two planes) 4.87 / 5.11 / 6.03 / 9.38 / 17.33 vs
+#: 4.54 / 5.29 / 6.92 / 11.00 / 20.69: a loss from 2 rows, hence not by default.
 LOW_BITS_ENV = "ARGOSY_Q8_LOW_BITS"
 
 SOURCE = Path(__file__).parent / "csrc" / "q8_0_gemm.cpp"
@@ -298,11 +302,12 @@ class PackedQ8:
     is_signed: bool = False
 
     @staticmethod
-    def pack(weight: Q8Weight, rows: Optional[int] = None, low_bits: bool = False) -> "PackedQ8":
+    def pack(weight: Q8Weight, rows: Optional[int] = None, max_bits: int = 0) -> "PackedQ8":
         """Tile ``weight``; ``rows`` (>= N) pads it with zero rows first (a tensor-parallel
         vocabulary slice shorter than the others). About 31 MB for a 49,152 x 576 Q8_0.
-        ``low_bits``: where every integer fits 5 or 6 bits (:func:`low_bit_form`), the
-        5/6-bit layout (what :class:`Q8Method` holds; :func:`embedding` reads the int8 one).
+        ``max_bits`` (5 or 6; 0: never): where every integer fits that many bits or fewer
+        (:func:`low_bit_form`), the 5/6-bit layout (what :class:`Q8Method` holds;
+        :func:`embedding` reads the int8 one).
 
         Raises:
             ValueError: ``rows < N``, or a group size the kernel does not take.
@@ -315,7 +320,9 @@ class PackedQ8:
         if g not in GROUP_SIZES or k % g:
             raise ValueError(f"grouped int8 weight {weight.shape} with group size {g} is not supported")
         padded = -(-rows // TILE) * TILE
-        form = low_bit_form(weight.q) if low_bits else None
+        form = low_bit_form(weight.q) if max_bits else None
+        if form is not None and 4 + form[0] > max_bits:
+            form = None
 
         def tiles(a: np.ndarray, width: int) -> torch.Tensor:
             full = np.zeros((padded, width), dtype=a.dtype)
@@ -368,6 +375,19 @@ def low_bit_form(q: np.ndarray) -> Optional[tuple[int, bool]]:
         if lo >= -(1 << (bits - 1)) and hi < 1 << (bits - 1):
             return bits - 4, True
     return None
+
+
+def low_bits_setting() -> int:
+    """``ARGOSY_Q8_LOW_BITS`` (:data:`LOW_BITS_ENV`): 5 (default), 6 or 0.
+
+    Raises:
+        ValueError: another value (one line naming the variable and the values it takes).
+    """
+    raw = os.environ.get(LOW_BITS_ENV, "5").strip()
+    if raw not in ("0", "5", "6"):
+        raise ValueError(f"{LOW_BITS_ENV}={raw!r}: expected 5 (5-bit layers held in 5 bits, the default), "
+                         "6 (also 6-bit ones) or 0 (all in 8 bits)")
+    return int(raw)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -503,7 +523,8 @@ class Q8Method(CpuPackedMethod):
 
     Buffers: :class:`PackedQ8`'s ``w``, ``scales``, ``mins`` (or None), ``hbits`` (or None:
     integers that need 8 bits). Integers that fit 5 or 6 bits (Q5_x, Q6_K) are held in the
-    5/6-bit layout (:func:`low_bit_form`) unless ``ARGOSY_Q8_LOW_BITS=0``.
+    5/6-bit layout (:func:`low_bit_form`) up to the bits :func:`low_bits_setting` allows (5 by
+    default).
     """
 
     kind = "grouped int8"
@@ -519,7 +540,7 @@ class Q8Method(CpuPackedMethod):
     def create(cls, whole: Q8Weight, layer) -> Optional["Q8Method"]:
         if layer.weight.dtype != torch.bfloat16 or layer.weight.device.type != "cpu" or kernel() is None:
             return None
-        m = cls(PackedQ8.pack(whole, low_bits=os.environ.get(LOW_BITS_ENV, "1").strip() != "0"))
+        m = cls(PackedQ8.pack(whole, max_bits=low_bits_setting()))
         m.finish(layer)
         return m
 

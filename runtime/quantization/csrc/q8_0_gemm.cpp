@@ -41,6 +41,7 @@
 #define PREFETCH 4096
 #endif
 
+
 template <bool F16>
 static inline __m512 load16(const void* p, int64_t i) {
   if (F16) return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i)));
@@ -111,16 +112,6 @@ static inline void tile_rows(const uint8_t* w, const uint16_t* hb, int is_signed
 template <int G, bool F16, bool MIN, int P>
 static void tile_t(const uint8_t* w, const uint16_t* hb, int is_signed, const void* sc, const void* mn, const float* x,
                    const float* xs, int64_t M, int64_t K, float* out, int64_t ldo, int64_t cols) {
-  if (P && M > 8) {
-    // more than one pass of 8 rows over the tile: decode it once into the int8 layout (K x 16
-    // bytes, cache-resident) instead of in registers on every pass (measured, 120 layers of
-    // 5-bit weights, 16 rows: ~11% slower with a decode per pass than the int8 layout)
-    thread_local std::vector<int8_t> buf;
-    buf.resize(K * 16);
-    lowbit_decode(w, hb, P, is_signed, K, 0, K, buf.data());
-    tile_t<G, F16, MIN, 0>((const uint8_t*)buf.data(), nullptr, 0, sc, mn, x, xs, M, K, out, ldo, cols);
-    return;
-  }
   const __mmask16 keep = cols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << cols) - 1u);
   const int64_t groups = K / G;
   int64_t m = 0;
