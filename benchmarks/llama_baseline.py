@@ -236,8 +236,12 @@ def pip_install(venv: str | Path, version: str = LLAMA_CPP_PYTHON_VERSION, jobs:
     env["CMAKE_BUILD_PARALLEL_LEVEL"] = str(jobs or os.cpu_count() or 2)
     t0 = time.time()
     _log(f"pip installing {tgz.name} into {venv} with CMAKE_ARGS={env['CMAKE_ARGS']!r}")
-    subprocess.run([str(py), "-m", "pip", "install", "-v", "--no-cache-dir", "--force-reinstall", str(tgz), "numpy"], check=True, env=env,
-                   cwd=cache_dir())  # not the repo root: its operator/ would shadow the stdlib module
+    # not the repo root: its operator/ would shadow the stdlib module. The package is rebuilt
+    # even when installed (it may hold another CPU's flags); the second call, finding it
+    # installed, only adds the dependencies it lacks.
+    subprocess.run([str(py), "-m", "pip", "install", "-v", "--no-cache-dir", "--force-reinstall", "--no-deps",
+                    str(tgz)], check=True, env=env, cwd=cache_dir())
+    subprocess.run([str(py), "-m", "pip", "install", str(tgz), "numpy"], check=True, env=env, cwd=cache_dir())
     _log(f"pip install done in {time.time() - t0:.0f} s")
 
 

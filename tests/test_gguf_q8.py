@@ -53,12 +53,15 @@ def mixed(model_path, tmp_path_factory):
 def engines(mixed):
     from argosy.runtime.config import EngineArgs
     from argosy.runtime.core.engine import LLMEngine
+    from argosy.runtime.quantization import q8_0
 
     def make(dtype):
         return LLMEngine(EngineArgs(model=mixed.path, dtype=dtype, max_model_len=1024, kv_cache_memory=128 << 20),
                          checkpoint=mixed)
 
-    return make("bfloat16"), make("float32")
+    with pytest.MonkeyPatch.context() as mp:  # the layouts asserted below are the default setting's
+        mp.delenv(q8_0.LOW_BITS_ENV, raising=False)
+        return make("bfloat16"), make("float32")
 
 
 def test_tensor_parallel_shards_equal_slicing_the_whole(mixed):

@@ -399,8 +399,9 @@ def test_a_q5_layer_holds_5_bits_a_q6_k_layer_8_unless_set(monkeypatch):
     """``Linear`` in bfloat16 holds a Q5_1 weight in the 5-bit layout (``hbits`` set) and a
     Q6_K one in the int8 layout by default (``ARGOSY_Q8_LOW_BITS=5``; 6 bits measured slower
     from 2 rows), both low with ``6``, both int8 with ``0``; every layout computes the same
-    outputs bit for bit, small calls (the kernel) and large ones (the dense copy) alike; any
-    other value is one clear error."""
+    outputs bit for bit, small calls (the kernel) and large ones (the dense copy or the
+    dequantization scratch, whichever the layer keeps) alike; any other value is one clear
+    error."""
     from argosy.runtime.layers import Linear
 
     n, k = 64, 512

@@ -562,7 +562,8 @@ class LlamaForCausalLM(nn.Module):
                 packed = dst.device.type == "cpu" and q8_0.kernel() is not None
                 lean = (packed and not self.dense_embedding_copy and self.dtype == torch.bfloat16
                         and dequant.kernel() is not None)
-                p = PackedQ8.pack(w, self.vocab_per_rank) if packed and (head or lean) else None
+                # the int8 layout: the head's kernel call and the lookups below read no high-bit planes
+                p = PackedQ8.pack(w, self.vocab_per_rank, max_bits=0) if packed and (head or lean) else None
                 if head and p is not None:
                     self.logits_q8 = p
                 if not lean:

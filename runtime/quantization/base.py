@@ -116,7 +116,8 @@ class LinearMethod(nn.Module):
     """
 
     #: what :func:`~argosy.runtime.worker.executor.weight_bytes_by_format` counts this
-    #: method's buffers as (``int4``, ``int8``, ``grouped int8``, ``fp8``); a layer with a
+    #: method's buffers as (``int4``, ``int8``, ``grouped int8``, ``grouped 5-bit`` / ``grouped
+    #: 6-bit``, ``fp8``); a layer with a
     #: method counts a dense weight it keeps as ``<dtype> dense copies``
     kind: str = ""
 

@@ -287,7 +287,7 @@ def q8_dequantize(w: torch.Tensor, scales: torch.Tensor, mins: Optional[torch.Te
     tiles = w.shape[0] if w.dim() == 3 else 0
     k = (w.shape[1] if hbits is None else 2 * w.shape[1]) if w.dim() == 3 else 0
     g = group_size
-    if (not q8_layout_ok(w, hbits, is_signed, k) or g <= 0 or g % 16 or g > 32 or k % g
+    if (not q8_layout_ok(w, hbits, is_signed, k) or g not in (16, 32) or k % g
             or tuple(scales.shape) != (tiles, k // g, 16)
             or scales.dtype not in (torch.int16, torch.float32) or not 0 < n <= tiles * 16
             or (mins is not None and (mins.shape != scales.shape or mins.dtype != scales.dtype))
@@ -366,7 +366,8 @@ def q8_dense_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, mins
         return q8_dequantize(w[t0:t1], scales[t0:t1], None if mins is None else mins[t0:t1], group_size, n1 - n0,
                              out, None if hbits is None else hbits[t0:t1], is_signed)
 
-    return _dense_linear(x, n, x.shape[1], bias, fill, max_elements=max_elements)
+    k = w.shape[1] * (1 if hbits is None else 2)
+    return _dense_linear(x, n, k, bias, fill, max_elements=max_elements)
 
 
 _LIBRARY.impl("int4_dense_linear", int4_dense_linear, "CPU")

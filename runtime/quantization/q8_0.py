@@ -23,10 +23,11 @@ for the K-quants' packed 6-bit ones).
 
 The kernel computes ``x @ W.T`` from those integers and scales in float32, nothing
 rounded, so it is also closer to the file than a bfloat16 copy. A linear layer whose
-integers fit 5 or 6 bits (Q5_0, Q5_1, Q5_K: 5; Q6_K: 6) holds them so (``csrc/lowbit.h``:
-a nibble plane and one or two high-bit planes, as the file does), decoded in registers to
-the same int8 values: the same results bit for bit, 0.625 / 0.75 bytes a weight instead of
-1 (plus the scales: Q5_1 0.75 + 0.125, as llama.cpp reads it). It serves:
+integers fit 5 bits (Q5_0, Q5_1, Q5_K) holds them so (``csrc/lowbit.h``: a nibble plane
+and a high-bit plane, as the file does; Q6_K's 6 bits, two planes, only with
+``ARGOSY_Q8_LOW_BITS=6``, :func:`low_bits_setting`), decoded in registers to the same int8
+values: the same results bit for bit, 0.625 bytes a weight instead of 1 plus the scales
+(Q5_1: 0.625 + 0.125 = 0.75, as llama.cpp reads it). It serves:
 
 - linear layers stored in these types, for steps of at most ``INT4_MAX_ROWS`` rows
   (:mod:`argosy.runtime.layers.linear`; larger steps multiply a dense bfloat16 copy or,
@@ -507,6 +508,8 @@ class Q8Embedding(nn.Module):
 
     def __init__(self, p: PackedQ8, dtype: torch.dtype):
         super().__init__()
+        if p.hbits is not None:
+            raise ValueError("an embedding is read from the int8 layout only (pack it with max_bits=0)")
         hold_buffers(self, w=p.w, scales=p.scales, mins=p.mins)
         self.group_size, self.dtype = p.group_size, dtype
 

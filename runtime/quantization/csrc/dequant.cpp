@@ -300,8 +300,8 @@ __attribute__((optimize("fp-contract=off"))) static void q8_rows(const uint8_t* 
 
 extern "C" int argosy_q8_dequant(const void* w_in, const uint16_t* hbits, int planes, int is_signed, const void* scales,
                                  const void* mins, int f16, int64_t G, int64_t N, int64_t K, uint16_t* out) {
-  if (G <= 0 || G % 16 || K % G) return 1;  // the layout's groups: 16 or 32 (q8_0_gemm.cpp)
-  if (planes < 0 || planes > 2 || (planes && G > 32)) return 1;
+  if ((G != 16 && G != 32) || K % G) return 1;  // the layout's groups (q8_0_gemm.cpp)
+  if (planes < 0 || planes > 2) return 1;
   const uint8_t* w = (const uint8_t*)w_in;
   if (f16) {
     if (mins) q8_rows<true, true>(w, hbits, planes, is_signed, scales, mins, G, N, K, out);

@@ -249,7 +249,7 @@ extern "C" int argosy_q8_linear(const void* w_in, const uint16_t* hbits, int pla
         xs[m * groups + g] = s;
       }
   }
-#if defined(__AVX512F__)
+#if defined(ARGOSY_LOWBIT_AVX512)
   const tile_fn fn = pick(group, scales_f16 != 0, mins != nullptr, planes);
 #endif
   const float* xsp = mins ? xs.data() : nullptr;
@@ -259,7 +259,7 @@ extern "C" int argosy_q8_linear(const void* w_in, const uint16_t* hbits, int pla
   for (int64_t t = 0; t < tiles; t++) {
     const char* sc = (const char*)scales + t * sstride;
     const char* mn = mins ? (const char*)mins + t * sstride : nullptr;
-#if defined(__AVX512F__)
+#if defined(ARGOSY_LOWBIT_AVX512)
     fn(w + t * tile_bytes, hbits + t * K * planes, is_signed, sc, mn, x, xsp, M, K, out + t * 16, N, N - t * 16);
 #else
     tile_any(w + t * tile_bytes, hbits + t * K * planes, planes, is_signed, sc, mn, x, xsp, M, K, out + t * 16, N,
