@@ -102,7 +102,42 @@ def compiled_engine(make_engine):
 def test_compiled_step_equals_the_eager_step(compiled_engine):
     """One decode step after a prefill, through the compiled graph and through the eager
     model on the same KV cache: final hidden states equal to bfloat16 rounding."""
-    eng = compiled_engine
+    _assert_step_equals_eager(compiled_engine)
+
+
+def test_the_cpp_wrapper_is_opt_in(monkeypatch):
+    """``ARGOSY_INDUCTOR_CPP_WRAPPER=1`` asks inductor for its C++ wrapper; unset or 0, not."""
+    from argosy.runtime.worker import cpu_compile
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)
+    for env, want in ((None, False), ("0", False), ("1", True)):
+        if env is None:
+            monkeypatch.delenv(cpu_compile.CPP_WRAPPER_ENV, raising=False)
+        else:
+            monkeypatch.setenv(cpu_compile.CPP_WRAPPER_ENV, env)
+        cpu_compile._compile(lambda x: x)
+        assert seen[-1].get("cpp_wrapper", False) is want, env
+        assert "guard_filter_fn" in seen[-1]
+
+
+@pytest.mark.slow
+def test_the_cpp_wrapper_step_equals_the_eager_step(make_engine, monkeypatch):
+    """The batch-1 graph compiled with inductor's C++ wrapper (opt-in) computes the eager
+    step's hidden states too (its calls to the argosy:: ops go through the dispatcher from
+    C++)."""
+    from argosy.runtime.worker import cpu_compile
+
+    monkeypatch.setenv(cpu_compile.CPP_WRAPPER_ENV, "1")
+    eng = make_engine(dtype="bfloat16", compilation_config="3", max_num_seqs=1)
+    compiled = eng.executor.runner.compiled
+    assert compiled is not None
+    before = compiled.steps.compiled
+    _assert_step_equals_eager(eng)
+    assert compiled.steps.compiled > before and compiled.steps.eager == 0  # the compiled graph ran
+
+
+def _assert_step_equals_eager(eng):
     runner = eng.executor.runner
     ids = eng.tokenizer.encode(PROMPTS[0] * 4)  # > 16 tokens: several blocks
     seen = {}

@@ -68,12 +68,25 @@ def _own_code(fn):
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
 
 
+#: ``1`` compiles the graphs with inductor's C++ wrapper (``cpp_wrapper``) instead of its
+#: Python one: the graph's calls (its kernels, the ``argosy::`` ops, allocations) then run from
+#: generated C++. Measured (2026-12-05, this project's 2-vCPU VM, the Q6_K GGUF file whose
+#: batch-1 step makes 122 op calls): the wrapper's own time 1.6 -> 0.9 ms a step (torch
+#: profiler), decode tok/s in alternating processes, batch 1 113 / 122 -> 128 / 147, batch 8
+#: 349 / 431 -> 367 / 459, batch 16 396 / 406 -> 416 / 501. Off by default: compiling takes
+#: ~3x as long on 2 cores (the test suite's batch-1 graph 34 -> 110 s, all graphs of the
+#: grouped int8 test ~2 -> 6.4 min, empty cache), a cost every first start would pay.
+CPP_WRAPPER_ENV = "ARGOSY_INDUCTOR_CPP_WRAPPER"
+
+
 def _compile(fn):
     # No guards on the model's modules and parameters: the model object and its weights
     # never change after loading, and checking ~300 tensors cost ~1 ms a step. The guards
     # on the call's own inputs (token count, block-table width, KV caches) stay.
-    return torch.compile(_own_code(fn), dynamic=False, fullgraph=True,
-                         options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    if os.environ.get(CPP_WRAPPER_ENV, "0").strip() == "1":
+        options["cpp_wrapper"] = True
+    return torch.compile(_own_code(fn), dynamic=False, fullgraph=True, options=options)
 
 
 #: Most padding (``B x max(seq_lens) - sum(seq_lens)`` tokens) a decode step of more than
