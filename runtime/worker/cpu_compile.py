@@ -74,8 +74,8 @@ def _own_code(fn):
 #: batch-1 step makes 122 op calls): the wrapper's own time 1.6 -> 0.9 ms a step (torch
 #: profiler), decode tok/s in alternating processes, batch 1 113 / 122 -> 128 / 147, batch 8
 #: 349 / 431 -> 367 / 459, batch 16 396 / 406 -> 416 / 501. Off by default: compiling takes
-#: ~3x as long on 2 cores (the test suite's batch-1 graph 34 -> 110 s, all graphs of the
-#: grouped int8 test ~2 -> 6.4 min, empty cache), a cost every first start would pay.
+#: ~2-3x as long on 2 cores (the test suite's batch-1 graph 34-64 -> 56-110 s, CI's two slow
+#: compile tests 3:11 -> 8:23, empty cache), a cost every first start would pay.
 CPP_WRAPPER_ENV = "ARGOSY_INDUCTOR_CPP_WRAPPER"
 
 
