@@ -105,30 +105,50 @@ def test_compiled_step_equals_the_eager_step(compiled_engine):
     _assert_step_equals_eager(compiled_engine)
 
 
-def test_the_cpp_wrapper_is_opt_in(monkeypatch):
-    """``ARGOSY_INDUCTOR_CPP_WRAPPER=1`` asks inductor for its C++ wrapper; unset or 0, not."""
+def test_the_cpp_wrapper_is_the_default(monkeypatch):
+    """Inductor's C++ wrapper, its entry built apart from the kernels, unless
+    ``ARGOSY_INDUCTOR_CPP_WRAPPER=0``; any other value is refused (before the weights load:
+    :func:`should_compile` checks it)."""
     from argosy.runtime.worker import cpu_compile
 
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw["options"]) or fn)
-    for env, want in ((None, False), ("0", False), ("1", True)):
+    for env, want in ((None, True), ("1", True), (" 0 ", False)):
         if env is None:
             monkeypatch.delenv(cpu_compile.CPP_WRAPPER_ENV, raising=False)
         else:
             monkeypatch.setenv(cpu_compile.CPP_WRAPPER_ENV, env)
         cpu_compile._compile(lambda x: x)
         assert seen[-1].get("cpp_wrapper", False) is want, env
+        assert seen[-1].get("cpp_wrapper_build_separate", False) is want, env
         assert "guard_filter_fn" in seen[-1]
+        assert should_compile(3, torch.device("cpu"), torch.bfloat16, 1) is None
+    monkeypatch.setenv(cpu_compile.CPP_WRAPPER_ENV, "yes")
+    with pytest.raises(ValueError, match="ARGOSY_INDUCTOR_CPP_WRAPPER='yes': expected 1"):
+        should_compile(3, torch.device("cpu"), torch.bfloat16, 1)
+    with pytest.raises(ValueError, match="ARGOSY_INDUCTOR_CPP_WRAPPER"):
+        cpu_compile._compile(lambda x: x)
+    assert "mode 0" in should_compile(0, torch.device("cpu"), torch.bfloat16, 1), "not read when nothing compiles"
+
+
+def test_a_bad_wrapper_setting_is_refused_before_loading(make_engine, monkeypatch):
+    """The engine refuses the bad value with its one-line error instead of logging a failed
+    compile and serving eagerly."""
+    from argosy.runtime.worker import cpu_compile, executor
+
+    monkeypatch.setenv(cpu_compile.CPP_WRAPPER_ENV, "2")
+    monkeypatch.setattr(executor, "build_shard", lambda *a, **k: pytest.fail("weights loaded before the check"))
+    with pytest.raises(ValueError, match="ARGOSY_INDUCTOR_CPP_WRAPPER='2'"):
+        make_engine(dtype="bfloat16", compilation_config="3", max_num_seqs=1)
 
 
 @pytest.mark.slow
-def test_the_cpp_wrapper_step_equals_the_eager_step(make_engine, monkeypatch):
-    """The batch-1 graph compiled with inductor's C++ wrapper (opt-in) computes the eager
-    step's hidden states too (its calls to the argosy:: ops go through the dispatcher from
-    C++)."""
+def test_the_python_wrapper_step_equals_the_eager_step(make_engine, monkeypatch):
+    """The batch-1 graph compiled with inductor's Python wrapper (``ARGOSY_INDUCTOR_CPP_WRAPPER=0``;
+    the default run checks the default C++ one) computes the eager step's hidden states too."""
     from argosy.runtime.worker import cpu_compile
 
-    monkeypatch.setenv(cpu_compile.CPP_WRAPPER_ENV, "1")
+    monkeypatch.setenv(cpu_compile.CPP_WRAPPER_ENV, "0")
     eng = make_engine(dtype="bfloat16", compilation_config="3", max_num_seqs=1)
     compiled = eng.executor.runner.compiled
     assert compiled is not None

@@ -21,8 +21,13 @@ layer's attention-free halves compiled (:class:`CompiledLayerStages`, one graph 
 for all layers, symbolic token count) with the attention eager between them; smaller
 ones run eagerly.
 
-Cost. Compiling all of it takes ~2.5-3 minutes on 2 cores with an empty cache (mostly
-C++ compilation), ~25-35 s when inductor's on-disk cache holds the graphs (kept under
+Wrapper. The code that runs a graph (calls its kernels and the ``argosy::`` ops, allocates
+its buffers) is generated C++ by default (inductor's ``cpp_wrapper``), not generated
+Python: see :data:`CPP_WRAPPER_ENV` for the measurements and the switch.
+
+Cost. Compiling all of it takes ~1.5-2 minutes on 2 cores with an empty cache (mostly
+C++ compilation; measured 2026-12-05: the engine's whole start 109 s on the bundled model
+with either wrapper), ~20 s when inductor's on-disk cache holds the graphs (kept under
 ``$ARGOSY_CACHE_DIR/inductor/<vector ISA>-rows<INT4_MAX_ROWS>`` unless ``TORCHINDUCTOR_CACHE_DIR`` is set, see
 :func:`argosy.runtime.cache_dirs.inductor_vec_isa`). After
 warm-up nothing compiles: a call whose shapes would need a new graph runs eagerly
@@ -68,15 +73,34 @@ def _own_code(fn):
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
 
 
-#: ``1`` compiles the graphs with inductor's C++ wrapper (``cpp_wrapper``) instead of its
-#: Python one: the graph's calls (its kernels, the ``argosy::`` ops, allocations) then run from
-#: generated C++. Measured (2026-12-05, this project's 2-vCPU VM, the Q6_K GGUF file whose
-#: batch-1 step makes 122 op calls): the wrapper's own time 1.6 -> 0.9 ms a step (torch
-#: profiler), decode tok/s in alternating processes, batch 1 113 / 122 -> 128 / 147, batch 8
-#: 349 / 431 -> 367 / 459, batch 16 396 / 406 -> 416 / 501. Off by default: compiling takes
-#: ~2-3x as long on 2 cores (the test suite's batch-1 graph 34-64 -> 56-110 s, CI's two slow
-#: compile tests 3:11 -> 8:23, empty cache), a cost every first start would pay.
+#: Inductor's wrapper: ``1`` (the default) compiles the graphs with inductor's C++ wrapper,
+#: its entry code built at ``-O1`` apart from the generated kernels (inductor's
+#: ``cpp_wrapper_build_separate``); ``0`` with its Python wrapper. The wrapper is the code
+#: that calls the graph's kernels, the ``argosy::`` ops and allocates the buffers: at batch 1
+#: it was ~1.6 ms of a ~8 ms step on the Q6_K GGUF file in Python (122 op calls a step) and
+#: ~0.9 ms in C++ (torch profiler). Measured 2026-12-05 on this project's 2-vCPU VM (Q6_K
+#: file, batch 1, 128 tokens, alternating processes, medians of 6 runs each, four processes
+#: per variant): Python 131 / 130 / 123 / 120 tok/s, C++ built apart 131 / 138 / 152 / 153,
+#: C++ in one file 134 / 145 / 151 / 140; the engine's start with an empty cache: Python
+#: 95 s, C++ built apart 114 s, C++ in one file 228 s (inductor compiles the one file at
+#: ``-O3``), hence the separate build. On the bundled Q4_1 model (packed int4 matmuls, aten
+#: ops) the two wrappers measured alike: batch 1 138 / 144 (C++) vs 139 / 146 / 144 tok/s,
+#: empty-cache start 109 s each.
 CPP_WRAPPER_ENV = "ARGOSY_INDUCTOR_CPP_WRAPPER"
+
+
+def cpp_wrapper_setting() -> bool:
+    """``ARGOSY_INDUCTOR_CPP_WRAPPER`` (:data:`CPP_WRAPPER_ENV`): True for ``1`` or unset
+    (inductor's C++ wrapper, the default), False for ``0`` (its Python wrapper).
+
+    Raises:
+        ValueError: another value (one line naming the variable and the values it takes).
+    """
+    raw = os.environ.get(CPP_WRAPPER_ENV, "1").strip()
+    if raw not in ("0", "1"):
+        raise ValueError(f"{CPP_WRAPPER_ENV}={raw!r}: expected 1 (inductor's C++ wrapper, the default) or 0 "
+                         "(its Python wrapper)")
+    return raw == "1"
 
 
 def _compile(fn):
@@ -84,8 +108,9 @@ def _compile(fn):
     # never change after loading, and checking ~300 tensors cost ~1 ms a step. The guards
     # on the call's own inputs (token count, block-table width, KV caches) stay.
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    if os.environ.get(CPP_WRAPPER_ENV, "0").strip() == "1":
+    if cpp_wrapper_setting():
         options["cpp_wrapper"] = True
+        options["cpp_wrapper_build_separate"] = True
     return torch.compile(_own_code(fn), dynamic=False, fullgraph=True, options=options)
 
 
@@ -302,9 +327,9 @@ class CompiledDecodeRunner:
                        torch.ones(b, dtype=torch.int32), mark=True)
         self.stages.warmup()
         self.compile_seconds = time.monotonic() - t0
-        logger.info("torch.compile: decode step graphs for batch sizes %s and the layer stages for steps of "
-                    "%d+ tokens in %.1f s (cache: %s)", self.warm_sizes(), LAYER_STAGES_MIN_TOKENS,
-                    self.compile_seconds,
+        logger.info("torch.compile (%s wrapper): decode step graphs for batch sizes %s and the layer stages for "
+                    "steps of %d+ tokens in %.1f s (cache: %s)", "C++" if cpp_wrapper_setting() else "Python",
+                    self.warm_sizes(), LAYER_STAGES_MIN_TOKENS, self.compile_seconds,
                     os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
         return self.compile_seconds
 
@@ -357,7 +382,12 @@ def resolve_mode(value, enforce_eager: bool) -> int:
 
 
 def should_compile(mode: int, device: torch.device, dtype: torch.dtype, world_size: int) -> Optional[str]:
-    """None when decode steps are compiled, else why not (for the startup log)."""
+    """None when decode steps are compiled, else why not (for the startup log).
+
+    Raises:
+        ValueError: steps would be compiled and ``ARGOSY_INDUCTOR_CPP_WRAPPER`` has a value
+            other than 0 or 1 (:func:`cpp_wrapper_setting`).
+    """
     if mode == 0:
         return "compilation mode 0 (--enforce-eager or -O0)"
     if device.type != "cpu":
@@ -366,4 +396,5 @@ def should_compile(mode: int, device: torch.device, dtype: torch.dtype, world_si
         return "tensor parallelism (collectives inside compiled graphs are not enabled)"
     if dtype == torch.float32:
         return "float32 is the exact path (compiled loops round differently)"
+    cpp_wrapper_setting()
     return None

@@ -198,12 +198,13 @@ class UniprocExecutor:
     world_size = 1
 
     def __init__(self, spec: ModelSpec, checkpoint: Checkpoint, device: torch.device):
+        # settings first: a bad flag or variable is refused before the weights load
+        why_not = should_compile(resolve_mode(spec.args.compilation_config, spec.args.enforce_eager), device,
+                                 spec.dtype, 1)
         model, self.weight_bytes, self.num_blocks = build_shard(spec, checkpoint, TPGroup(), device)
         self.runner = ModelRunner(model, self.num_blocks, spec.cache.block_size, device, spec.kv_cache_dtype)
         if device.type == "cuda" and not spec.args.enforce_eager:
             self.runner.enable_cuda_graphs(spec.max_num_seqs, spec.max_model_len)
-        mode = resolve_mode(spec.args.compilation_config, spec.args.enforce_eager)
-        why_not = should_compile(mode, device, spec.dtype, 1)
         if why_not is None:
             try:
                 self.runner.enable_compiled_decode(spec.max_num_seqs)
