@@ -322,6 +322,37 @@ def test_a_failed_compile_leaves_an_eager_engine(make_engine, monkeypatch, caplo
     assert len(out["0"]) == 4
 
 
+def test_a_failed_cpp_wrapper_compile_falls_back_to_the_python_wrapper(make_engine, monkeypatch, caplog):
+    """If compiling with inductor's C++ wrapper fails, the engine tries its Python wrapper
+    (one warning line saying so) and serves through those graphs, not eagerly. (``torch.compile``
+    is replaced by the identity here: the fallback is under test, not inductor.)"""
+    from argosy.runtime.worker import cpu_compile
+
+    monkeypatch.delenv(cpu_compile.CPP_WRAPPER_ENV, raising=False)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    real_warmup = cpu_compile.CompiledDecodeRunner.warmup
+    tried = []
+
+    def warmup(self):
+        tried.append(self.cpp_wrapper)
+        if self.cpp_wrapper:
+            raise RuntimeError("CppCompileError: C++ compile error\n...")
+        return real_warmup(self)
+
+    monkeypatch.setattr(cpu_compile.CompiledDecodeRunner, "warmup", warmup)
+    with caplog.at_level("WARNING", logger="argosy.executor"):
+        eng = make_engine(dtype="bfloat16", compilation_config="3", max_num_seqs=1)
+    assert tried == [True, False]
+    compiled = eng.executor.runner.compiled
+    assert compiled is not None and compiled.cpp_wrapper is False and compiled.stages.cpp_wrapper is False
+    assert eng.executor.runner.model.layer_stages is not None
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("C++ wrapper failed, trying its Python wrapper" in m and "CppCompileError" in m for m in msgs), msgs
+    assert not any("eagerly" in m for m in msgs), msgs
+    out = run_to_completion(eng, [eng.tokenizer.encode(PROMPTS[0])], SamplingParams(temperature=0, max_tokens=4))
+    assert len(out["0"]) == 4 and compiled.steps.compiled == 3
+
+
 def test_large_decode_batches_with_very_different_lengths_skip_the_graph():
     """Above INT4_MAX_ROWS sequences the graph's attention reads batch x longest context;
     a step whose padding would exceed MAX_PADDED_CONTEXT_TOKENS takes the eager grouped

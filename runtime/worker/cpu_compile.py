@@ -103,12 +103,13 @@ def cpp_wrapper_setting() -> bool:
     return raw == "1"
 
 
-def _compile(fn):
+def _compile(fn, cpp_wrapper: Optional[bool] = None):
+    # cpp_wrapper: None = ARGOSY_INDUCTOR_CPP_WRAPPER (cpp_wrapper_setting)
     # No guards on the model's modules and parameters: the model object and its weights
     # never change after loading, and checking ~300 tensors cost ~1 ms a step. The guards
     # on the call's own inputs (token count, block-table width, KV caches) stay.
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    if cpp_wrapper_setting():
+    if cpp_wrapper_setting() if cpp_wrapper is None else cpp_wrapper:
         options["cpp_wrapper"] = True
         options["cpp_wrapper_build_separate"] = True
     return torch.compile(_own_code(fn), dynamic=False, fullgraph=True, options=options)
@@ -202,10 +203,12 @@ class CompiledLayerStages:
 
     Args:
         model: the model (one rank).
+        cpp_wrapper: inductor's C++ wrapper (else its Python one); None: :func:`cpp_wrapper_setting`.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, cpp_wrapper: Optional[bool] = None):
         self.model = model
+        self.cpp_wrapper = cpp_wrapper
         #: ``id(layer)`` -> its signature's ``(pre, post)`` compiled functions
         self.fns: dict[int, tuple] = {}
         #: stage calls run compiled (``calls.compiled``) or eagerly because their shapes
@@ -222,7 +225,7 @@ class CompiledLayerStages:
         for i, layer in enumerate(model.layers):
             sig = layer_signature(layer)
             if sig not in by_sig:
-                fns = by_sig[sig] = (_compile(_pre_attention), _compile(_post_attention))
+                fns = by_sig[sig] = (_compile(_pre_attention, self.cpp_wrapper), _compile(_post_attention, self.cpp_wrapper))
                 x = torch.zeros(t, model.cfg.hidden_size, dtype=model.dtype)
                 cos, sin = model.rope.cos_sin(torch.arange(t))
                 for v in (x, cos, sin):
@@ -262,9 +265,16 @@ class CompiledDecodeRunner:
         max_num_seqs: the largest decode batch (``--max-num-seqs``).
         decode_kernel: whether the model's decode attention is the C++ kernel
             (:func:`argosy.runtime.attention.torch_paged.use_decode_kernel`).
+        cpp_wrapper: inductor's C++ wrapper (else its Python one); None:
+            :func:`cpp_wrapper_setting`.
+    Raises:
+        ValueError: ``cpp_wrapper`` None and a bad ``ARGOSY_INDUCTOR_CPP_WRAPPER``.
     """
 
-    def __init__(self, model, kv_caches: list[torch.Tensor], max_num_seqs: int, decode_kernel: bool = False):
+    def __init__(self, model, kv_caches: list[torch.Tensor], max_num_seqs: int, decode_kernel: bool = False,
+                 cpp_wrapper: Optional[bool] = None):
+        #: the graphs are built with inductor's C++ wrapper (else its Python one)
+        self.cpp_wrapper = cpp_wrapper_setting() if cpp_wrapper is None else cpp_wrapper
         # also sets inductor's cache directory, per vector ISA and row limit (see there)
         if not inductor_vec_isa(graph_tag=f"rows{INT4_MAX_ROWS}"):
             logger.warning("inductor found no vector instruction set on this CPU (or could not probe it): "
@@ -274,8 +284,8 @@ class CompiledDecodeRunner:
         self.max_num_seqs = max_num_seqs
         #: the graphs' attention is the C++ decode kernel (no padding) rather than the torch one
         self.decode_kernel = decode_kernel
-        self.fn = _compile(_decode_step)
-        self.stages = CompiledLayerStages(model)
+        self.fn = _compile(_decode_step, self.cpp_wrapper)
+        self.stages = CompiledLayerStages(model, self.cpp_wrapper)
         self.compile_seconds = 0.0
         #: decode steps run through a compiled graph since warm-up (``steps.compiled``) or
         #: eagerly for want of a graph built at warm-up (``steps.eager``)
@@ -328,7 +338,7 @@ class CompiledDecodeRunner:
         self.stages.warmup()
         self.compile_seconds = time.monotonic() - t0
         logger.info("torch.compile (%s wrapper): decode step graphs for batch sizes %s and the layer stages for "
-                    "steps of %d+ tokens in %.1f s (cache: %s)", "C++" if cpp_wrapper_setting() else "Python",
+                    "steps of %d+ tokens in %.1f s (cache: %s)", "C++" if self.cpp_wrapper else "Python",
                     self.warm_sizes(), LAYER_STAGES_MIN_TOKENS, self.compile_seconds,
                     os.environ.get("TORCHINDUCTOR_CACHE_DIR"))
         return self.compile_seconds

@@ -186,6 +186,32 @@ def build_shard(spec: ModelSpec, checkpoint: Checkpoint, tp: TPGroup, device: to
     return model, weight_bytes, blocks
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _compile_or_eager(runner: ModelRunner, max_num_seqs: int) -> None:
+    """Build the compiled CPU steps (:meth:`ModelRunner.enable_compiled_decode`); if that
+    fails with inductor's C++ wrapper (the default), once more with its Python wrapper; if
+    that fails too (say, no C++ compiler), serve eagerly rather than not at all. Each
+    failure is one warning line."""
+    from .cpu_compile import CPP_WRAPPER_ENV, cpp_wrapper_setting
+
+    for cpp_wrapper in ([True, False] if cpp_wrapper_setting() else [False]):
+        try:
+            runner.enable_compiled_decode(max_num_seqs, cpp_wrapper=cpp_wrapper)
+            return
+        except Exception as e:
+            runner.disable_compiled()
+            if cpp_wrapper:
+                logger.warning("torch.compile with inductor's C++ wrapper failed, trying its Python wrapper "
+                               "(%s=0 skips the attempt): %s", CPP_WRAPPER_ENV, _first_line(e))
+            else:
+                logger.warning("torch.compile failed, decode steps run eagerly (-O0 skips the attempt): %s",
+                               _first_line(e))
+
+
 class UniprocExecutor:
     """The model in this process (``--tensor-parallel-size 1``).
 
@@ -206,12 +232,7 @@ class UniprocExecutor:
         if device.type == "cuda" and not spec.args.enforce_eager:
             self.runner.enable_cuda_graphs(spec.max_num_seqs, spec.max_model_len)
         if why_not is None:
-            try:
-                self.runner.enable_compiled_decode(spec.max_num_seqs)
-            except Exception as e:  # e.g. no C++ compiler: serve eagerly rather than not at all
-                self.runner.disable_compiled()
-                logger.warning("torch.compile failed, decode steps run eagerly (-O0 skips the attempt): %s",
-                               str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+            _compile_or_eager(self.runner, spec.max_num_seqs)
         elif device.type == "cpu":
             logger.info("decode steps run eagerly: %s", why_not)
         self.failure: Optional[str] = None

@@ -252,13 +252,15 @@ class ModelRunner:
         self.graphs = DecodeGraphRunner(self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size,
                                         self.device, capture=capture)
 
-    def enable_compiled_decode(self, max_num_seqs: int, warmup: bool = True) -> float:
+    def enable_compiled_decode(self, max_num_seqs: int, warmup: bool = True, cpp_wrapper: Optional[bool] = None) -> float:
         """Compile decode steps with ``torch.compile`` (CPU; see :mod:`.cpu_compile`) and,
         with ``warmup``, build every graph now. Call before any request runs. Returns the
-        compile time in seconds."""
+        compile time in seconds. ``cpp_wrapper``: inductor's C++ wrapper or its Python one
+        (None: ``ARGOSY_INDUCTOR_CPP_WRAPPER``, :func:`.cpu_compile.cpp_wrapper_setting`)."""
         from .cpu_compile import CompiledDecodeRunner
 
-        self.compiled = CompiledDecodeRunner(self.model, self.kv_caches, max_num_seqs, self.decode_kernel)
+        self.compiled = CompiledDecodeRunner(self.model, self.kv_caches, max_num_seqs, self.decode_kernel,
+                                             cpp_wrapper)
         return self.compiled.warmup() if warmup else 0.0
 
     def disable_compiled(self) -> None:
