@@ -21,6 +21,15 @@ SPEC_HASH_ANNOTATION = f"{api.GROUP}/spec-hash"
 MODEL_MOUNT = "/models"
 #: Scratch emptyDir (HF_HOME of downloads, HOME of the prefetch Job).
 SCRATCH_MOUNT = "/scratch"
+#: Server pods' emptyDir for what the runtime compiles at startup (``ARGOSY_CACHE_DIR``:
+#: inductor's CPU graphs, the C++ kernels, the tokenizer cache; ``TRITON_CACHE_DIR``: Triton's
+#: kernels). An emptyDir outlives the container, so a restarted container (liveness failure,
+#: OOM kill, crash) loads its compiled graphs instead of compiling them again; a new pod
+#: starts empty.
+COMPILE_CACHE_MOUNT = "/var/cache/argosy"
+#: Environment variables pointing the runtime's caches into :data:`COMPILE_CACHE_MOUNT`.
+COMPILE_CACHE_ENV = {"ARGOSY_CACHE_DIR": f"{COMPILE_CACHE_MOUNT}/argosy",
+                     "TRITON_CACHE_DIR": f"{COMPILE_CACHE_MOUNT}/triton"}
 
 # Component label values (app.kubernetes.io/component).
 SERVER = "server"

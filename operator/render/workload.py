@@ -80,7 +80,8 @@ def pod_spec_hash(isvc: api.InferenceService, settings: OperatorSettings) -> str
 
 
 def pod_template(isvc: api.InferenceService, settings: OperatorSettings) -> dict:
-    """The server pod template: runtime container, GPU resources, probes, drain, restricted security."""
+    """The server pod template: runtime container, GPU resources, probes, drain, restricted
+    security, and an emptyDir for the runtime's compile caches (:data:`common.COMPILE_CACHE_MOUNT`)."""
     spec = isvc.spec
     env, mounts, volumes = model_access(isvc)  # the cache claim, or a hub download into an emptyDir
     if spec.parallelism.tensor > 1:  # tensor-parallel ranks exchange tensors through shared memory
@@ -89,7 +90,14 @@ def pod_template(isvc: api.InferenceService, settings: OperatorSettings) -> dict
             shm["sizeLimit"] = spec.resources.shared_memory_size
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": shm})
-    env += [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in spec.runtime.env]
+    # compiled graphs and kernels survive a container restart (an emptyDir lives as long as the pod);
+    # a variable the user sets in spec.runtime.env wins (no duplicate names in the container's env)
+    user_env = [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in spec.runtime.env]
+    user_names = {e["name"] for e in user_env}
+    env += [{"name": k, "value": v} for k, v in c.COMPILE_CACHE_ENV.items() if k not in user_names]
+    mounts.append({"name": "compile-cache", "mountPath": c.COMPILE_CACHE_MOUNT})
+    volumes.append({"name": "compile-cache", "emptyDir": {}})
+    env += user_env
 
     container = {
         "name": "server",

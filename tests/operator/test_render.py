@@ -131,6 +131,23 @@ def test_server_container(name):
             vol = next(v for v in pod["volumes"] if v["name"] == m["name"])
             assert vol["persistentVolumeClaim"]["readOnly"] is True
     assert c["args"][c["args"].index("--served-model-name") + 1]
+    # the compile caches sit in a pod-lifetime emptyDir, and no variable is set twice
+    names = [e["name"] for e in c["env"]]
+    assert len(names) == len(set(names))
+    assert {"name": "compile-cache", "mountPath": common.COMPILE_CACHE_MOUNT} in c["volumeMounts"]
+    assert {"name": "compile-cache", "emptyDir": {}} in pod["volumes"]
+
+
+def test_compile_cache_survives_container_restarts_and_user_env_wins():
+    c = server(_spec_isvc())
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["ARGOSY_CACHE_DIR"] == "/var/cache/argosy/argosy"
+    assert env["TRITON_CACHE_DIR"] == "/var/cache/argosy/triton"
+    # a user's own cache location replaces ours instead of appearing twice
+    c = server(_spec_isvc(runtime={"env": [{"name": "ARGOSY_CACHE_DIR", "value": "/models/.argosy"}]}))
+    assert [e for e in c["env"] if e["name"] == "ARGOSY_CACHE_DIR"] == [
+        {"name": "ARGOSY_CACHE_DIR", "value": "/models/.argosy"}]
+    assert {"name": "TRITON_CACHE_DIR", "value": "/var/cache/argosy/triton"} in c["env"]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -208,7 +225,8 @@ def test_minimal_children():
     assert c["args"][1] == target
     assert c["args"][c["args"].index("--served-model-name") + 1] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert kids["deployment"]["spec"]["template"]["spec"]["volumes"] == [
-        {"name": "model", "persistentVolumeClaim": {"claimName": "smol-model-cache", "readOnly": True}}]
+        {"name": "model", "persistentVolumeClaim": {"claimName": "smol-model-cache", "readOnly": True}},
+        {"name": "compile-cache", "emptyDir": {}}]
     svc = kids["service"]
     assert svc["spec"]["ports"][0]["port"] == 8000 and svc["spec"]["type"] == "ClusterIP"
     assert kids["pdb"]["spec"]["maxUnavailable"] == 1
@@ -316,7 +334,8 @@ def test_pvc_model():
     c = server(make_isvc(SPECS["pvc-model"]))
     assert c["args"][1] == "/models/llama/8b"
     vols = kids["deployment"]["spec"]["template"]["spec"]["volumes"]
-    assert vols == [{"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}]
+    assert vols == [{"name": "model", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}},
+                    {"name": "compile-cache", "emptyDir": {}}]
 
 
 def test_cache_disabled_downloads_in_the_server():
