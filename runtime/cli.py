@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from .server.tool_parsers import TOOL_PARSERS
+
 logger = logging.getLogger("argosy.server")
 
 #: Exit code for bad input (unknown model, inconsistent flags), as argparse uses.
@@ -73,7 +75,7 @@ def _add_serve(sub, engine_flags: bool = True) -> None:
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='let the model decide to call tools (tool_choice "auto", the default with tools); '
                         "needs --tool-call-parser")
-    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+    p.add_argument("--tool-call-parser", default=None, choices=list(TOOL_PARSERS),
                    help="how tool calls are found in the model's text for tool_choice auto: hermes "
                         "(<tool_call>{...}</tool_call>, Hermes 2 Pro / Qwen 2.5) or llama3_json (Llama 3.x JSON)")
     if EngineArgs is None:
@@ -100,7 +102,7 @@ def _cmd_serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if ns.shutdown_timeout < 0:
         return _fail("--shutdown-timeout must be non-negative")
     if ns.enable_auto_tool_choice and not ns.tool_call_parser:
-        return _fail("--enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)")
+        return _fail(f"--enable-auto-tool-choice needs --tool-call-parser ({' or '.join(TOOL_PARSERS)})")
 
     from .config import EngineArgs
     from .core.engine import LLMEngine

@@ -10,10 +10,8 @@ import random
 import jsonschema
 import pytest
 
-from argosy.runtime.server.tools import (
-    HermesToolParser, Llama3JsonToolParser, ToolCalls, ToolMode, complete_array_items, get_parser, named_schema,
-    required_schema,
-)
+from argosy.runtime.server.tool_parsers import HermesToolParser, Llama3JsonToolParser, get_parser
+from argosy.runtime.server.tools import ToolCalls, ToolMode, complete_array_items, named_schema, required_schema
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}}, "required": ["city"]}}}

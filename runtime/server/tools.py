@@ -24,20 +24,12 @@ call keeps ``stop`` as OpenAI does.
 
 from __future__ import annotations
 
-import abc
-import json
-import re
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
-#: ``--tool-call-parser`` names (vLLM's).
-TOOL_PARSERS = ("hermes", "llama3_json")
+from .tool_parsers import ToolCall, ToolParser, call_from_obj, get_parser, json_values, tool_call_id
 
-
-def tool_call_id() -> str:
-    """A fresh tool call id (``chatcmpl-tool-`` + 32 hex digits, vLLM's form)."""
-    return f"chatcmpl-tool-{uuid.uuid4().hex}"
+__all__ = ["ToolCalls", "ToolMode", "complete_array_items", "get_parser", "named_schema", "required_schema"]
 
 
 def _parameters(tool: dict) -> dict:
@@ -97,178 +89,14 @@ def required_schema(tools: list[dict], parallel: bool) -> dict:
     return schema
 
 
-@dataclass
-class ToolCall:
-    """One call: ``name`` and ``arguments`` (a JSON string)."""
-
-    name: str
-    arguments: str
-    id: str = field(default_factory=tool_call_id)
-
-    def to_message(self) -> dict:
-        """The ``tool_calls`` entry of a response message."""
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-
-    def to_delta(self, index: int) -> dict:
-        """The ``tool_calls`` entry of a stream delta (the whole call at once)."""
-        return {"index": index, **self.to_message()}
-
-
-def _call_from_obj(obj, args_keys: tuple[str, ...]) -> Optional[ToolCall]:
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-        return None
-    for k in args_keys:
-        if k in obj:
-            args = obj[k]
-            return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
-    return ToolCall(obj["name"], "{}")
-
-
-def _json_values(text: str, i: int, separators: str, stop: Optional[str] = None) -> tuple[list, str]:
-    """The complete JSON values in ``text[i:]``, separated by any of ``separators``, and how
-    the scan ended: ``"end"`` (text exhausted), ``"stop"`` (the ``stop`` character met) or
-    ``"partial"`` (a value that does not parse, e.g. still being generated)."""
-    dec, items = json.JSONDecoder(), []
-    while True:
-        while i < len(text) and text[i] in separators:
-            i += 1
-        if i >= len(text):
-            return items, "end"
-        if stop is not None and text[i] == stop:
-            return items, "stop"
-        try:
-            obj, i = dec.raw_decode(text, i)
-        except ValueError:
-            return items, "partial"
-        items.append(obj)
-
-
 def complete_array_items(text: str) -> tuple[list, bool]:
     """The complete elements of a (possibly unfinished) JSON array text, and whether the
     array itself is closed. ``'[{"a": 1}, {"b"'`` -> ``([{"a": 1}], False)``."""
     i = len(text) - len(text.lstrip())
     if i >= len(text) or text[i] != "[":
         return [], False
-    items, how = _json_values(text, i + 1, " \t\r\n,", stop="]")
+    items, how = json_values(text, i + 1, " \t\r\n,", stop="]")
     return items, how == "stop"
-
-
-class ToolParser(abc.ABC):
-    """Finds tool calls in a model's free text (``tool_choice: "auto"``)."""
-
-    name = ""
-
-    @abc.abstractmethod
-    def extract(self, text: str) -> tuple[Optional[str], list[ToolCall]]:
-        """``(content, calls)``: the text outside calls (None when empty) and the calls."""
-
-    @abc.abstractmethod
-    def content_end(self, text: str) -> int:
-        """How much of a stream's text so far is certainly content (cannot be the start
-        of a call): characters from the start."""
-
-    @abc.abstractmethod
-    def complete_calls(self, text: str) -> list[ToolCall]:
-        """The calls whose text is complete so far (a prefix of ``extract``'s calls)."""
-
-
-class HermesToolParser(ToolParser):
-    """``<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`` blocks (Hermes 2
-    Pro's and Qwen 2.5's chat templates); content is the text outside the blocks."""
-
-    name = "hermes"
-    START, END = "<tool_call>", "</tool_call>"
-    _BLOCK = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)$", re.S)
-
-    @staticmethod
-    def _block_call(body: str) -> Optional[ToolCall]:
-        try:
-            return _call_from_obj(json.loads(body.strip()), ("arguments", "parameters"))
-        except ValueError:
-            return None
-
-    def extract(self, text):
-        calls = []
-        for m in self._BLOCK.finditer(text):
-            call = self._block_call(m.group(1) if m.group(1) is not None else m.group(2))
-            if call is None:  # not a call after all: the whole text is content
-                return text, []
-            calls.append(call)
-        if not calls:
-            return text, []
-        content = self._BLOCK.sub("", text).strip()
-        return content or None, calls
-
-    def content_end(self, text):
-        k = text.find(self.START)
-        if k >= 0:
-            return k
-        for n in range(min(len(self.START) - 1, len(text)), 0, -1):  # a partial "<tool_call"
-            if self.START.startswith(text[-n:]):
-                return len(text) - n
-        return len(text)
-
-    def complete_calls(self, text):
-        out = []
-        for m in re.finditer(r"<tool_call>(.*?)</tool_call>", text, re.S):
-            call = self._block_call(m.group(1))
-            if call is None:
-                break
-            out.append(call)
-        return out
-
-
-class Llama3JsonToolParser(ToolParser):
-    """Llama 3.x JSON tool calls: optional ``<|python_tag|>``, then one or more
-    ``{"name": ..., "parameters": {...}}`` objects separated by ``;``. Text that does not
-    start that way is content."""
-
-    name = "llama3_json"
-    TAG = "<|python_tag|>"
-
-    def _body(self, text: str) -> Optional[str]:
-        s = text.lstrip()
-        if s.startswith(self.TAG):
-            s = s[len(self.TAG):].lstrip()
-        return s if s.startswith("{") else None
-
-    def _objects(self, text: str) -> tuple[list, bool]:
-        body = self._body(text)
-        if body is None:
-            return [], False
-        objs, how = _json_values(body, 0, " \t\r\n;")
-        return objs, how == "end"
-
-    def extract(self, text):
-        objs, whole = self._objects(text)
-        calls = [_call_from_obj(o, ("parameters", "arguments")) for o in objs]
-        if not whole or not calls or any(c is None for c in calls):
-            return text, []
-        return None, calls
-
-    def content_end(self, text):
-        s = text.lstrip()
-        if not s:
-            return 0
-        if s.startswith("{") or s.startswith(self.TAG) or self.TAG.startswith(s):
-            return 0
-        return len(text)
-
-    def complete_calls(self, text):
-        # text after the objects ("... thanks") makes it all content: decided at the end only
-        return []
-
-
-def get_parser(name: str) -> ToolParser:
-    """The parser for ``--tool-call-parser NAME``.
-
-    Raises:
-        ValueError: an unknown name (the message lists the known ones).
-    """
-    for cls in (HermesToolParser, Llama3JsonToolParser):
-        if cls.name == name:
-            return cls()
-    raise ValueError(f"unknown tool call parser {name!r} (known: {', '.join(TOOL_PARSERS)})")
 
 
 @dataclass
@@ -306,7 +134,7 @@ class ToolCalls:
         if mode.kind == "required":
             items, closed = complete_array_items(text)
             if closed and items:
-                calls = [_call_from_obj(o, ("parameters",)) for o in items]
+                calls = [call_from_obj(o, ("parameters",)) for o in items]
                 return ({"role": "assistant", "content": None, "tool_calls": [c.to_message() for c in calls]},
                         "tool_calls" if finish_reason == "stop" else finish_reason)
             return {"role": "assistant", "content": text, "tool_calls": []}, finish_reason
@@ -340,7 +168,7 @@ class ToolCalls:
         delta: dict = {}
         if mode.kind == "required":
             items, _ = complete_array_items(text)
-            calls = [_call_from_obj(o, ("parameters",)) for o in items]
+            calls = [call_from_obj(o, ("parameters",)) for o in items]
         else:
             if finished:  # the whole text decides: calls (even an unclosed last block) or content
                 content, calls = self._auto_extract(text)
