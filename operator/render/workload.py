@@ -90,14 +90,16 @@ def pod_template(isvc: api.InferenceService, settings: OperatorSettings) -> dict
             shm["sizeLimit"] = spec.resources.shared_memory_size
         mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
         volumes.append({"name": "dshm", "emptyDir": shm})
-    # compiled graphs and kernels survive a container restart (an emptyDir lives as long as the pod);
-    # a variable the user sets in spec.runtime.env wins (no duplicate names in the container's env)
-    user_env = [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in spec.runtime.env]
-    user_names = {e["name"] for e in user_env}
-    env += [{"name": k, "value": v} for k, v in c.COMPILE_CACHE_ENV.items() if k not in user_names]
+    # compiled graphs and kernels survive a container restart (an emptyDir lives as long as the pod)
+    env += [{"name": k, "value": v} for k, v in c.COMPILE_CACHE_ENV.items()]
     mounts.append({"name": "compile-cache", "mountPath": c.COMPILE_CACHE_MOUNT})
     volumes.append({"name": "compile-cache", "emptyDir": {}})
-    env += user_env
+    # a variable the user sets in spec.runtime.env replaces the operator's (HF_HOME, HF_TOKEN, the
+    # cache directories): a name twice in a container's env is refused by server-side apply
+    # (env is a list keyed by name)
+    user_env = [e.model_dump(mode="json", by_alias=True, exclude_none=True) for e in spec.runtime.env]
+    user_names = {e["name"] for e in user_env}
+    env = [e for e in env if e["name"] not in user_names] + user_env
 
     container = {
         "name": "server",

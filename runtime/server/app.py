@@ -3,10 +3,10 @@
 ``build_app(async_llm, args)`` returns the application; ``argosy serve`` (see
 ``runtime/cli.py``) runs it and owns graceful shutdown through :func:`drain`.
 
-Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``,
-``GET /health``, ``GET /metrics``, ``GET /version``, ``POST /tokenize``,
-``POST /detokenize``. Errors use OpenAI's body ``{"error": {"message", "type",
-"param", "code"}}``.
+Routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``POST /v1/embeddings``,
+``GET /v1/models``, ``GET /health``, ``GET /metrics``, ``GET /version``,
+``GET /openapi.json``, ``GET /kv_events``, ``POST /tokenize``, ``POST /detokenize``.
+Errors use OpenAI's body ``{"error": {"message", "type", "param", "code"}}``.
 
 A request with ``n`` choices (times the number of prompts, for completions) becomes
 that many engine requests, merged back into one response or one SSE stream. When the
@@ -15,9 +15,10 @@ engine requests are aborted and their KV blocks freed.
 
 This module is the wiring (routes, authentication, errors, health, metrics, tokenize);
 the endpoints live by themselves, as vLLM's do: :mod:`.chat`, :mod:`.completions`,
-:mod:`.embeddings`, on :mod:`.common` (state, parsing, admission, the response formats'
-base), :mod:`.choices` (fan-out and merge), :mod:`.sse` (streaming), :mod:`.errors`,
-:mod:`.protocol` (request models, the source of ``/openapi.json``) and :mod:`.tools`.
+:mod:`.embeddings`, on :mod:`.common` (state, parsing, admission, answering),
+:mod:`.choices` (fan-out and merge), :mod:`.formats` (rendering, logprobs), :mod:`.sse`
+(streaming), :mod:`.errors`, :mod:`.protocol` (request models, the source of
+``/openapi.json``) and :mod:`.tools` (with :mod:`.tool_parsers`).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from .metrics import ServerMetrics
 from .protocol import SamplingRequest
 from .sse import stream
 
+
 @dataclass
 class ServerState:
     """Everything the handlers share (one per app)."""

@@ -10,12 +10,7 @@ from typing import Optional
 from aiohttp import web
 from pydantic import ValidationError
 
-
-#: Largest request body accepted (bytes).
-MAX_BODY_BYTES = 32 << 20
-#: Floor for log-probabilities in responses (JSON has no -inf).
-MIN_LOGPROB = -9999.0
-
+#: OpenAI's error ``type`` by HTTP status.
 ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",

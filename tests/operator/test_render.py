@@ -148,6 +148,11 @@ def test_compile_cache_survives_container_restarts_and_user_env_wins():
     assert [e for e in c["env"] if e["name"] == "ARGOSY_CACHE_DIR"] == [
         {"name": "ARGOSY_CACHE_DIR", "value": "/models/.argosy"}]
     assert {"name": "TRITON_CACHE_DIR", "value": "/var/cache/argosy/triton"} in c["env"]
+    # so does one the operator sets for hub downloads (HF_HOME of a pod without a cache claim)
+    spec = {"model": {"uri": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"}, "cache": {"enabled": False},
+            "runtime": {"env": [{"name": "HF_HOME", "value": "/models/hf"}]}}
+    c = server(make_isvc(spec))
+    assert [e for e in c["env"] if e["name"] == "HF_HOME"] == [{"name": "HF_HOME", "value": "/models/hf"}]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
