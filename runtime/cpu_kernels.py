@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -47,6 +48,27 @@ def isa_flags() -> list[str]:
     return isa.build_arch_flags().split() if isa else []
 
 
+#: File-name prefix of a library being written (renamed into place when complete).
+PARTIAL_PREFIX = ".building-"
+#: A partial library older than this (seconds) belongs to a builder that died (killed, OOM):
+#: a live one gives up after 300 s. Such files would otherwise pile up in a cache directory
+#: that outlives the process (the operator's emptyDir survives container restarts).
+STALE_PARTIAL_S = 3600
+
+
+def _remove_stale_partial_builds(out_dir: Path) -> None:
+    """Delete ``PARTIAL_PREFIX*`` files in ``out_dir`` last modified more than
+    :data:`STALE_PARTIAL_S` seconds ago (best effort: a file another process removes first,
+    or one that cannot be removed, is left alone)."""
+    now = time.time()
+    for f in out_dir.glob(PARTIAL_PREFIX + "*"):
+        try:
+            if now - f.stat().st_mtime > STALE_PARTIAL_S:
+                f.unlink()
+        except OSError:
+            pass
+
+
 def build(source: Path, name: str, cache_dir: Optional[Path] = None, extra_flags: Sequence[str] = (),
           link_flags: Sequence[str] = ()) -> Path:
     """Compile ``source`` (or find it already compiled) and return the shared library's path.
@@ -55,8 +77,9 @@ def build(source: Path, name: str, cache_dir: Optional[Path] = None, extra_flags
 
     Libraries of other sources, compilers or flags are left in place (a cache directory
     may be shared by machines with different CPUs or compilers). The library is written
-    to a temporary file and renamed into place, so concurrent builders never load a
-    half-written file.
+    to a temporary file (``PARTIAL_PREFIX*``) and renamed into place, so concurrent
+    builders never load a half-written file; partial files of builders that died more than
+    :data:`STALE_PARTIAL_S` seconds ago are removed first.
 
     Raises:
         RuntimeError: no C++ compiler, or the compiler failed or took more than 300 s
@@ -80,7 +103,8 @@ def build(source: Path, name: str, cache_dir: Optional[Path] = None, extra_flags
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    _remove_stale_partial_builds(out_dir)
+    fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=".so", dir=out_dir)
     os.close(fd)
     try:
         try:

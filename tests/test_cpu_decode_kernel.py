@@ -7,6 +7,7 @@ before anything is read; without a compiler the torch path is kept."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -131,8 +132,16 @@ def test_without_a_compiler_the_build_fails_clearly(tmp_path, monkeypatch):
 def test_build_is_cached_and_leaves_other_builds(tmp_path):
     other = tmp_path / "paged_decode-0123456789abcdef.so"  # another machine's compiler, sharing the directory
     other.write_bytes(b"other")
+    # a partial library of a builder killed two hours ago goes; one being written now stays
+    stale, live = tmp_path / f"{cpu_kernels.PARTIAL_PREFIX}dead.so", tmp_path / f"{cpu_kernels.PARTIAL_PREFIX}live.so"
+    stale.write_bytes(b"half")
+    live.write_bytes(b"half")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
     lib = cpu_decode.build(tmp_path)
     assert lib.exists() and lib.parent == tmp_path and other.exists()
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([lib.name, other.name, live.name])
     mtime = lib.stat().st_mtime_ns
     assert cpu_decode.build(tmp_path) == lib and lib.stat().st_mtime_ns == mtime  # not rebuilt
 
