@@ -17,7 +17,8 @@ from .common import (STATE, ServerState, admit, chat_prompt, check_model, parse_
 from .errors import ApiError
 from .formats import MIN_LOGPROB, ResponseFormat, TokenText
 from .protocol import ChatCompletionRequest
-from .tools import ToolCalls, ToolMode, get_parser, named_schema, required_schema
+from .tool_parsers import get_parser
+from .tools import ToolCalls, ToolMode, named_schema, required_schema
 
 
 def tool_mode(state: ServerState, req: ChatCompletionRequest, params: SamplingParams

@@ -18,7 +18,7 @@ from ..core.async_llm import AsyncLLM, EngineDeadError
 from ..core.sampling_params import SamplingParams
 from ..loader.tokenizer import chat_prompt_ids
 from .choices import Choice, generate_choices
-from .errors import ApiError, params_error, validation_error
+from .errors import ApiError, engine_stopped, params_error, validation_error
 from .formats import ResponseFormat, TokenText
 from .metrics import ServerMetrics
 from .protocol import SamplingRequest
@@ -171,7 +171,7 @@ async def collect(state: ServerState, choices: list[Choice], fmt: ResponseFormat
             async for ch, out in outs:
                 ch.update(out)
     except EngineDeadError as e:
-        raise ApiError(503, f"the engine stopped before the request finished ({e})") from None
+        raise ApiError(503, engine_stopped(e)) from None
     except ValueError as e:
         raise ApiError(400, str(e)) from None
     return web.json_response(fmt.body(header, choices), dumps=lambda o: json.dumps(o, ensure_ascii=False))

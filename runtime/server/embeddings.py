@@ -14,7 +14,7 @@ from ..core.async_llm import EngineDeadError
 from ..core.sampling_params import PoolingParams
 from .choices import Choice, generate_choices
 from .common import STATE, admit, check_model, parse_body, request_id
-from .errors import ApiError
+from .errors import ApiError, engine_stopped
 from .protocol import EmbeddingRequest
 
 
@@ -52,7 +52,7 @@ async def embeddings(request: web.Request) -> web.Response:
                                             f"({out.finish_reason})")
                     vectors[ch.index] = out.embedding
     except EngineDeadError as e:
-        raise ApiError(503, f"the engine stopped before the request finished ({e})") from None
+        raise ApiError(503, engine_stopped(e)) from None
     finally:
         state.inflight.discard(task)
     data = []

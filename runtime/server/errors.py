@@ -76,3 +76,8 @@ def params_error(e: ValueError) -> ApiError:
     msg = str(e)
     word = msg.split(" ", 1)[0].rstrip(":").split(".")[0]
     return ApiError(400, msg, word if re.fullmatch(r"[a-z_]+", word) else None)
+
+
+def engine_stopped(e: BaseException) -> str:
+    """The 503 message for a request the engine stopped under (``EngineDeadError`` ``e``)."""
+    return f"the engine stopped before the request finished ({e})"

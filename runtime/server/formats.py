@@ -4,6 +4,7 @@ text and bytes of single tokens for log-probability responses."""
 
 from __future__ import annotations
 
+import abc
 from typing import Optional
 
 from ..core.engine import RequestOutput
@@ -53,7 +54,7 @@ class TokenText:
         return hit
 
 
-class ResponseFormat:
+class ResponseFormat(abc.ABC):
     """How one endpoint renders choices (full response and stream chunks)."""
 
     prefix = ""
@@ -97,13 +98,13 @@ class ResponseFormat:
         """A choice sent before any output (stream only), or None."""
         return None
 
+    @abc.abstractmethod
     def delta(self, ch: Choice, out: RequestOutput) -> Optional[dict]:
         """The stream choice for one output, or None when there is nothing to send."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def final(self, ch: Choice) -> dict:
         """The choice of the full (non-streamed) response."""
-        raise NotImplementedError
 
     def body(self, header: dict, choices: list[Choice]) -> dict:
         """The full (non-streamed) response: ``header``, the choices and ``usage``; each

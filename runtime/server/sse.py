@@ -11,7 +11,7 @@ from aiohttp import web
 
 from ..core.async_llm import AsyncLLM, EngineDeadError
 from .choices import Choice, generate_choices, usage
-from .errors import error_body
+from .errors import engine_stopped, error_body
 from .formats import ResponseFormat
 
 logger = logging.getLogger("argosy.server")
@@ -63,7 +63,7 @@ async def stream(request: web.Request, async_llm: AsyncLLM, choices: list[Choice
         except ConnectionError:
             raise
         except EngineDeadError as e:
-            await send(error_body(503, f"the engine stopped before the request finished ({e})"))
+            await send(error_body(503, engine_stopped(e)))
         except ValueError as e:
             await send(error_body(400, str(e)))
         except Exception as e:  # headers are sent: report in the stream, keep serving

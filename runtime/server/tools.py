@@ -27,9 +27,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .tool_parsers import ToolCall, ToolParser, call_from_obj, get_parser, json_values, tool_call_id
+from .tool_parsers import ToolCall, ToolParser, call_from_obj, json_values, tool_call_id
 
-__all__ = ["ToolCalls", "ToolMode", "complete_array_items", "get_parser", "named_schema", "required_schema"]
+__all__ = ["ToolCalls", "ToolMode", "complete_array_items", "named_schema", "required_schema"]
 
 
 def _parameters(tool: dict) -> dict:
