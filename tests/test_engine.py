@@ -22,6 +22,7 @@ def _prompts(tok, n=16):
     return out
 
 
+@pytest.mark.slow  # ~30 s; the prefix-caching variant below covers chunked prefill and preemption by default
 def test_batch_invariance_with_chunked_prefill_and_preemption(make_engine):
     greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     alone_engine = make_engine(max_model_len=256)
