@@ -35,6 +35,10 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
     return code
 
 
+#: aiohttp's access-log format: client address, request line, status, response bytes, seconds.
+ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tf'
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
@@ -72,6 +76,18 @@ def _add_serve(sub, engine_flags: bool = True) -> None:
                    help="on SIGTERM, seconds to let in-flight requests finish before aborting them (default 30)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"],
                    help="log level (default info)")
+    p.add_argument("--enable-log-requests", action="store_true",
+                   help="log each request as it arrives: id, prompt (cut to --max-log-len), sampling parameters "
+                        "(default off, as vLLM)")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="no per-request log lines (the default; accepted for vLLM manifests that pass it)")
+    p.add_argument("--max-log-len", type=int, default=None, metavar="N",
+                   help="with --enable-log-requests: at most N prompt characters and N prompt token ids per line "
+                        "(default: all)")
+    p.add_argument("--disable-uvicorn-access-log", "--disable-access-log", dest="disable_access_log",
+                   action="store_true",
+                   help="no access log line per HTTP request (logger argosy.access: client, request line, status, "
+                        "bytes, seconds; vLLM's flag name is kept)")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help='let the model decide to call tools (tool_choice "auto", the default with tools); '
                         "needs --tool-call-parser")
@@ -101,6 +117,10 @@ def _cmd_serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     ns.model = ns.model or ns.model_tag
     if ns.shutdown_timeout < 0:
         return _fail("--shutdown-timeout must be non-negative")
+    if ns.enable_log_requests and ns.disable_log_requests:
+        return _fail("--enable-log-requests and --disable-log-requests contradict each other")
+    if ns.max_log_len is not None and ns.max_log_len < 0:
+        return _fail("--max-log-len must be non-negative")
     if ns.enable_auto_tool_choice and not ns.tool_call_parser:
         return _fail(f"--enable-auto-tool-choice needs --tool-call-parser ({' or '.join(TOOL_PARSERS)})")
 
@@ -142,7 +162,10 @@ async def _serve(async_llm, ns: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     engine = async_llm.engine
     app = build_app(async_llm, ns)
-    runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=5.0)
+    access = {} if ns.disable_access_log else {"access_log": logging.getLogger("argosy.access"),
+                                                  "access_log_format": ACCESS_LOG_FORMAT}
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=5.0,
+                           **({"access_log": None} | access))
     await runner.setup()
     site = web.TCPSite(runner, ns.host, ns.port)
     try:

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -142,7 +142,9 @@ class EngineArgs:
     model: Optional[str] = None
     tokenizer: Optional[str] = None
     revision: Optional[str] = None
-    served_model_name: Optional[str] = None
+    #: Names clients may send as ``model`` (the first is the one responses report); one
+    #: string or a list. None: the MODEL argument as given, else the bundled model's name.
+    served_model_name: Union[None, str, list[str]] = None
     dtype: str = "auto"
     quantization: Optional[str] = None
     device: str = "auto"
@@ -164,6 +166,9 @@ class EngineArgs:
     compilation_config: Optional[str] = None
     num_threads: Optional[int] = None
     structured_outputs_backend: str = "auto"
+    #: vLLM's ``--swap-space`` (GiB of CPU memory for swapped-out KV blocks): accepted, no
+    #: effect: a preempted request is recomputed, as in vLLM V1.
+    swap_space: Optional[float] = None
 
     @staticmethod
     def add_cli_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -172,7 +177,10 @@ class EngineArgs:
         g = parser.add_argument_group("engine")
         g.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
         g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) for hub ids")
-        g.add_argument("--served-model-name", default=None, help="model name reported by the API (default: the model's)")
+        g.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                       help="model names the API accepts in requests' model field; the first is the one responses "
+                            "and /metrics report (default: MODEL exactly as given, as vLLM; the bundled model's "
+                            "name when no MODEL is given)")
         g.add_argument("--dtype", default=d.dtype, help="auto | float32 | bfloat16 | float16 (auto: bfloat16; 4-bit GGUF weights run packed in bfloat16 "
                             "on CPU; float32 = dense dequantized weights, exact against HF)")
         g.add_argument("--quantization", "-q", default=None,
@@ -198,6 +206,9 @@ class EngineArgs:
                             "checkpoint's per-tensor KV-cache scales (fp8 / fp8_e4m3, when it has them; else "
                             "unscaled, as vLLM) and widened to the model dtype on read (CPU, and "
                             "CUDA through the Triton kernels)")
+        g.add_argument("--swap-space", type=float, default=None, metavar="GIB",
+                       help="accepted for vLLM manifests, no effect: preempted requests are recomputed (vLLM V1's "
+                            "only preemption mode), never swapped to CPU memory")
         g.add_argument("--num-gpu-blocks-override", type=int, default=None, help="force the number of KV blocks (testing)")
         g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=d.enable_prefix_caching,
                        help="reuse KV blocks of shared prompt prefixes (default on)")

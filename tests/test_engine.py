@@ -43,11 +43,12 @@ def test_batch_invariance_with_chunked_prefill_and_preemption(make_engine):
     assert small.kv.num_free_blocks == small.kv.num_blocks
 
 
-def test_batch_invariance_with_prefix_caching_and_preemption(make_engine):
+def test_batch_invariance_with_prefix_caching_and_preemption(make_engine, caplog):
     """The same check with prefix caching ON: prompts share a 3-block prefix (and pairs
     share more), the cache is too small for all of them, so requests are preempted,
     freed and recomputed, picking up blocks cached by others or by their own earlier
-    run. Greedy outputs must equal those of each prompt run alone on a cache-less engine."""
+    run. Greedy outputs must equal those of each prompt run alone on a cache-less engine.
+    The first preemption is logged as a warning (vLLM's "check for preemptions in logs")."""
     greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     alone_engine = make_engine(max_model_len=128, enable_prefix_caching=False)
     tok = alone_engine.tokenizer
@@ -64,6 +65,8 @@ def test_batch_invariance_with_prefix_caching_and_preemption(make_engine):
     batch = run_to_completion(small, prompts, greedy)
     assert small.scheduler.num_preemptions > 0, "the small cache was meant to force preemptions"
     assert small.kv.prefix_cache_hits > 0, "the shared prefix was meant to hit the prefix cache"
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "was preempted" in r.getMessage()]
+    assert warned and "Preemptions so far: 1" in warned[0].getMessage()
     for k in alone:
         assert batch[k] == alone[k], f"prompt {k}: batched output (prefix caching, preemption) differs from alone"
     small.kv.check_invariants()

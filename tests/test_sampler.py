@@ -291,3 +291,27 @@ def test_sampling_from_a_wide_nucleus_follows_the_distribution(monkeypatch):
     for hi in (edges.clamp(max=vocab - 1) + 1).tolist():
         assert abs(counts[lo:hi].sum() - probs[lo:hi].sum()) < 0.02, (lo, hi)
         lo = hi
+
+
+def test_allowed_token_ids_and_bad_words():
+    """allowed_token_ids keeps only those tokens; a bad word's last token is banned only
+    after the rest of it (a one-token word always); bans that would leave no allowed
+    token are dropped for that row instead of sampling from nothing."""
+    s = Sampler(V)
+    logits = torch.arange(V, dtype=torch.float32).repeat(4, 1)  # argmax 7, then 6, 5...
+    reqs = [
+        _req(SamplingParams(temperature=0, allowed_token_ids=[1, 3])),
+        _req(SamplingParams(temperature=0, ignore_eos=True, bad_words_token_ids=[[6], [2, 5]]), out=(4,)),
+        _req(SamplingParams(temperature=0, ignore_eos=True, bad_words_token_ids=[[2, 6], [7]]), out=(2,)),
+        _req(SamplingParams(temperature=0, min_tokens=2, allowed_token_ids=[7])),
+    ]
+    assert s(logits, reqs).token_ids == [3, 7, 5, 7]
+    reqs[1].append_output_token(2)  # now ends with 2: the word [2, 5] bans 5 too
+    assert s(logits[1:2], reqs[1:2]).token_ids == [7]
+    assert s(logits[1:2], [_req(SamplingParams(temperature=0, ignore_eos=True, bad_words_token_ids=[[7], [6]]),
+                                out=(2,))]).token_ids == [5]
+    for _ in range(10):  # sampled rows respect the mask too
+        sampled = s(torch.randn(1, V), [_req(SamplingParams(temperature=1.0, allowed_token_ids=[0, 2]))])
+        assert sampled.token_ids[0] in (0, 2)
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[])

@@ -397,6 +397,26 @@ BAD_REQUESTS = [
     ("message-without-content", "/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages.0.content"),
     ("message-null-content", "/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400,
      "messages.0.content"),
+    # vLLM's request extras: implemented ones checked, the others refused (never a 200 ignoring them)
+    ("allowed-token-out-of-vocab", "/v1/completions", {"prompt": "x", "allowed_token_ids": [10**9]}, 400,
+     "allowed_token_ids"),
+    ("allowed-tokens-empty", "/v1/completions", {"prompt": "x", "allowed_token_ids": []}, 400, "allowed_token_ids"),
+    ("priority", "/v1/chat/completions", {**_CHAT_OK, "priority": 5}, 400, "priority"),
+    ("best-of", "/v1/completions", {"prompt": "x", "best_of": 3}, 400, None),
+    ("beam-search", "/v1/chat/completions", {**_CHAT_OK, "use_beam_search": True}, 400, None),
+    ("cache-salt", "/v1/chat/completions", {**_CHAT_OK, "cache_salt": "tenant-a"}, 400, None),
+    ("continuous-usage-stats", "/v1/completions",
+     {"prompt": "x", "stream": True, "stream_options": {"continuous_usage_stats": True}}, 400, None),
+    ("truncate-zero", "/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
+    ("template-kwargs-reserved", "/v1/chat/completions", {**_CHAT_OK, "chat_template_kwargs": {"tokenize": False}},
+     400, "chat_template_kwargs"),
+    ("continue-and-generate", "/v1/chat/completions",
+     {"messages": [*CHAT, {"role": "assistant", "content": "The sea"}], "continue_final_message": True}, 400, None),
+    ("continue-after-user", "/v1/chat/completions",
+     {**_CHAT_OK, "continue_final_message": True, "add_generation_prompt": False}, 400, None),
+    ("chat-echo", "/v1/chat/completions", {**_CHAT_OK, "echo": True}, 400, None),
+    ("template-kwargs-on-completions", "/v1/completions", {"prompt": "x", "chat_template_kwargs": {"a": 1}}, 400,
+     None),
 ]
 
 
@@ -430,6 +450,66 @@ def test_sdk_maps_errors(server_client, server_model):
 def test_server_still_serves_after_bad_requests(server_client, server_model):
     r = server_client.chat.completions.create(model=server_model, messages=CHAT, max_tokens=2)
     assert r.usage.completion_tokens >= 1
+
+
+# ------------------------------------------------------------- vLLM request extras
+def _token_id(server: ServerProcess, text: str) -> int:
+    status, out = http_request(server, "POST", "/tokenize", {"prompt": text, "add_special_tokens": False})
+    assert status == 200 and len(out["tokens"]) == 1, out
+    return out["tokens"][0]
+
+
+def test_allowed_token_ids_restrict_what_is_sampled(server_main):
+    yes, no = _token_id(server_main, " yes"), _token_id(server_main, " no")
+    status, out = http_request(server_main, "POST", "/v1/completions", {
+        "prompt": "Is the sea blue? Answer:", "max_tokens": 8, "temperature": 1.0, "seed": 3, "ignore_eos": True,
+        "allowed_token_ids": [yes, no]})
+    assert status == 200, out
+    assert out["usage"]["completion_tokens"] == 8
+    words = out["choices"][0]["text"].split()
+    assert len(words) == 8 and set(words) <= {"yes", "no"}, out["choices"][0]["text"]
+
+
+def test_bad_words_are_never_generated(server_main):
+    body = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
+    status, plain = http_request(server_main, "POST", "/v1/completions", body)
+    assert status == 200 and "Paris" in plain["choices"][0]["text"], plain  # the greedy answer names it
+    status, out = http_request(server_main, "POST", "/v1/completions", {**body, "bad_words": ["Paris"]})
+    assert status == 200, out
+    assert "Paris" not in out["choices"][0]["text"], out["choices"][0]["text"]
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens(server_main):
+    long = "one two three four five six seven eight nine ten " * 4
+    status, out = http_request(server_main, "POST", "/v1/completions",
+                               {"prompt": long, "max_tokens": 1, "truncate_prompt_tokens": 7})
+    assert status == 200 and out["usage"]["prompt_tokens"] == 7, out
+    status, out = http_request(server_main, "POST", "/v1/chat/completions",
+                               {**_CHAT_OK, "max_tokens": 1, "truncate_prompt_tokens": 5})
+    assert status == 200 and out["usage"]["prompt_tokens"] == 5, out
+    status, out = http_request(server_main, "POST", "/v1/completions",
+                               {"prompt": "hello " * 1500, "max_tokens": 1, "truncate_prompt_tokens": 100})
+    assert status == 200 and out["usage"]["prompt_tokens"] == 100, out  # too long untruncated (a 400 above)
+
+
+def test_chat_template_controls(server_main):
+    """continue_final_message leaves the assistant's message open (no end-of-turn token
+    after it, no new assistant header), so the prompt is shorter than the same
+    conversation closed with a generation prompt; chat_template_kwargs reach the template
+    (an unused variable changes nothing)."""
+    conv = [*CHAT, {"role": "assistant", "content": "The sea is"}]
+    closed = tokenize_count(server_main, messages=conv, add_generation_prompt=True)
+    status, out = http_request(server_main, "POST", "/v1/chat/completions", {
+        "messages": conv, "max_tokens": 3, "continue_final_message": True, "add_generation_prompt": False,
+        "temperature": 0})
+    assert status == 200, out
+    assert out["usage"]["prompt_tokens"] < closed - 1, (out["usage"], closed)
+    status, plain = http_request(server_main, "POST", "/v1/chat/completions", {**_CHAT_OK, "temperature": 0})
+    status2, kw = http_request(server_main, "POST", "/v1/chat/completions",
+                               {**_CHAT_OK, "temperature": 0, "chat_template_kwargs": {"enable_thinking": False}})
+    assert status == status2 == 200
+    assert kw["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    assert kw["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
 
 
 def test_api_key_required_on_v1_only(server_main, server_model):
@@ -543,10 +623,33 @@ def test_unexpected_exception_is_500_and_server_keeps_serving():
 @pytest.fixture(scope="module")
 def server_single_seq(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("argosy_server_small"), "single",
-                        ["--max-num-seqs", "1", "--max-waiting-requests", "1", "--shutdown-timeout", "15"],
+                        ["--max-num-seqs", "1", "--max-waiting-requests", "1", "--shutdown-timeout", "15",
+                         "--served-model-name", "smol", "smollm2", "--enable-log-requests", "--max-log-len", "12",
+                         "--swap-space", "4"],
                         api_key=API_KEY)
     yield srv
     srv.stop()
+
+
+def test_served_model_names_request_and_access_logs(server_single_seq):
+    """Several --served-model-name values: /v1/models lists each, requests may name any,
+    responses report the first; --enable-log-requests logs each request under the id the
+    response carries, prompt cut to --max-log-len; the access log has a line per request;
+    a field this API does not read is named in a warning; --swap-space is accepted."""
+    srv = server_single_seq
+    status, models = http_request(srv, "GET", "/v1/models")
+    assert status == 200 and [m["id"] for m in models["data"]] == ["smol", "smollm2"]
+    status, out = http_request(srv, "POST", "/v1/completions",
+                               {"model": "smollm2", "prompt": "Hello there, tell me a story", "max_tokens": 2,
+                                "some_future_field": 1})
+    assert status == 200 and out["model"] == "smol", out
+    status, err = http_request(srv, "POST", "/v1/completions", {"model": "smol2", "prompt": "x", "max_tokens": 1})
+    assert status == 404
+    wait_for(lambda: '"POST /v1/completions HTTP/1.1" 404' in srv.log(), 5, "the access log line of the 404")
+    log = srv.log()
+    assert f"Received request {out['id']}: prompt: 'Hello there,'" in log, log[-3000:]
+    assert '"POST /v1/completions HTTP/1.1" 200' in log
+    assert "some_future_field" in log and "--swap-space 4.0 has no effect" in log
 
 
 def test_max_waiting_requests_503(server_single_seq):
@@ -724,3 +827,19 @@ def test_serve_missing_model_exits_with_one_error_line():
     assert len(errors) == 1, p.stderr
     assert "/nonexistent/model.gguf" in errors[0]
     assert "Traceback" not in p.stderr
+
+
+def test_served_model_names_default_to_the_model_argument_as_given():
+    """vLLM's default: the MODEL argument as typed (a hub id, not the snapshot directory it
+    resolves to; a path as written); the bundled model (no argument) keeps its own name."""
+    from argosy.runtime.core.engine import served_model_names
+
+    assert served_model_names(None, "HuggingFaceTB/SmolLM2-135M-Instruct", "3f2a9c") == \
+        ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert served_model_names(None, "./models/llama", "llama") == ["./models/llama"]
+    assert served_model_names(None, None, "SmolLM2-135M-Instruct-Q4_1") == ["SmolLM2-135M-Instruct-Q4_1"]
+    assert served_model_names("smol", "x", "y") == ["smol"]
+    assert served_model_names(["a", "b"], "x", "y") == ["a", "b"]
+    for bad in (["a", "a"], [""], ["  "]):
+        with pytest.raises(ValueError, match="--served-model-name"):
+            served_model_names(bad, "x", "y")

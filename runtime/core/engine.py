@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -115,6 +115,28 @@ def check_quantization(requested: Optional[str], checkpoint: Checkpoint) -> None
                          f"--quantization {' or '.join(ONLINE_METHODS)})")
 
 
+def served_model_names(flag: Union[None, str, Sequence[str]], model: Optional[str], checkpoint_name: str
+                       ) -> list[str]:
+    """The names the API answers to, first one reported (``--served-model-name``).
+
+    Without the flag, vLLM's default: the model argument exactly as given (a hub id such
+    as ``meta-llama/Llama-3.1-8B-Instruct`` stays that, not the snapshot directory it
+    resolved to; a path stays the path as typed); with no model argument (the bundled
+    model), the checkpoint's own name.
+
+    Raises:
+        ValueError: an empty name, or the same name twice.
+    """
+    names = [flag] if isinstance(flag, str) else list(flag or [])
+    if not names:
+        names = [model if model else checkpoint_name]
+    if any(not n or not n.strip() for n in names):
+        raise ValueError("--served-model-name: a name must not be empty")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--served-model-name: a name is given twice ({' '.join(names)})")
+    return names
+
+
 class LLMEngine:
     """Owns scheduler, KV cache, model runner, sampler and detokenizers.
 
@@ -142,7 +164,11 @@ class LLMEngine:
         self.model_config: ModelConfig = self.checkpoint.config
         self.tokenizer = self.checkpoint.tokenizer
         self._fast_tokenizer = getattr(self.tokenizer, "backend_tokenizer", None) or self.tokenizer
-        self.served_model_name = args.served_model_name or self.checkpoint.name
+        if args.swap_space is not None:
+            logger.info("--swap-space %s has no effect: preempted requests are recomputed, not swapped",
+                        args.swap_space)
+        self.served_model_names = served_model_names(args.served_model_name, args.model, self.checkpoint.name)
+        self.served_model_name = self.served_model_names[0]
         self.dtype = resolve_dtype(args.dtype, self.device)
         self.scheduler_config: SchedulerConfig = args.scheduler_config(self.model_config.max_position_embeddings)
         cache_cfg = args.cache_config()

@@ -5,7 +5,8 @@ building small parameter tensors and, for requests with a ``seed``, drawing thei
 from their own generator (so their tokens do not depend on the batch they are in).
 
 Order of operations (vLLM's): penalties (repetition as in CTRL, Keskar et al. 2019;
-OpenAI presence/frequency), OpenAI's ``logit_bias``, min_tokens EOS suppression, temperature, min_p
+OpenAI presence/frequency), OpenAI's ``logit_bias``, vLLM's ``allowed_token_ids`` mask,
+min_tokens EOS suppression and ``bad_words`` bans, temperature, min_p
 (Nguyen et al. 2024), top-k, top-p (nucleus, Holtzman et al. 2020), then one uniform
 draw per row and inverse-CDF sampling over the kept tokens. Greedy rows take ``argmax``
 only; top-k / top-p rows work on a truncated candidate set (``topk``), not a sort of the
@@ -40,6 +41,18 @@ class SamplerOutput:
 
     token_ids: list[int]
     logprobs: list[Optional[tuple[float, list[tuple[int, float]]]]]
+
+
+def _bad_word_bans(sequences: list[list[int]], output: list[int]) -> list[int]:
+    """Token ids that would complete one of ``sequences`` after ``output`` (vLLM's
+    ``bad_words`` rule: a sequence's last id is banned when the output ends with the rest
+    of it; a one-id sequence is always banned)."""
+    out = []
+    for seq in sequences:
+        k = len(seq) - 1
+        if k == 0 or (k <= len(output) and output[len(output) - k:] == seq[:-1]):
+            out.append(seq[-1])
+    return out
 
 
 class Sampler:
@@ -79,11 +92,28 @@ class Sampler:
             logits[list(rows), list(cols)] += torch.tensor(vals, dtype=logits.dtype, device=logits.device)
         ban = [(i, t) for i, r in enumerate(reqs) if r.num_output_tokens < r.sampling_params.min_tokens
                for t in (*(() if r.sampling_params.ignore_eos else r.eos_token_ids), *r.sampling_params.stop_token_ids)]
+        ban += [(i, t) for i, r in enumerate(reqs) if r.sampling_params.bad_words_token_ids
+                for t in _bad_word_bans(r.sampling_params.bad_words_token_ids, r.output_token_ids)]
+        allowed = [(i, p.allowed_token_ids) for i, p in enumerate(params) if p.allowed_token_ids]
+        if allowed:
+            if logits is orig:
+                logits = logits.clone()
+            for i, ids in allowed:
+                idx = torch.tensor(ids, dtype=torch.int64, device=logits.device)
+                kept = logits[i].index_select(0, idx)
+                logits[i] = float("-inf")
+                logits[i].index_copy_(0, idx, kept)
         if ban:
             if logits is orig:
                 logits = logits.clone()
             rows, cols = zip(*ban)
+            banned_rows = set(rows)
+            saved = {i: logits[i].index_select(0, torch.tensor(ids, device=logits.device)) for i, ids in allowed
+                     if i in banned_rows}
             logits[list(rows), list(cols)] = float("-inf")
+            for i, ids in allowed:  # bans that leave no allowed token are dropped for that row
+                if i in saved and not torch.isfinite(logits[i]).any():
+                    logits[i].index_copy_(0, torch.tensor(ids, device=logits.device), saved[i])
 
         greedy = [p.greedy for p in params]
         if all(greedy):

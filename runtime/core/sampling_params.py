@@ -101,6 +101,11 @@ class SamplingParams:
             forces it); None = none.
         structured_outputs: a constraint on the output (JSON schema, regex, choice,
             grammar) enforced with a token mask each step; None = free text.
+        allowed_token_ids: only these token ids may be sampled (vLLM's
+            ``allowed_token_ids``); None = all.
+        bad_words_token_ids: token-id sequences that must not appear in the output
+            (vLLM's ``bad_words`` after tokenization): the last id of a sequence is banned
+            whenever the output ends with the rest of it (a one-id sequence always).
     """
 
     n: int = 1
@@ -123,6 +128,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: Optional[dict[int, float]] = None
     structured_outputs: Optional[StructuredOutputsParams] = None
+    allowed_token_ids: Optional[list[int]] = None
+    bad_words_token_ids: Optional[list[list[int]]] = None
     stop_strings: list[str] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -176,6 +183,14 @@ class SamplingParams:
                 raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {tok!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {tok}")
+        if self.allowed_token_ids is not None:
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty")
+            if any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids):
+                raise ValueError("allowed_token_ids must be token ids (non-negative integers)")
+        for seq in self.bad_words_token_ids or []:
+            if not seq or any(not isinstance(t, int) or t < 0 for t in seq):
+                raise ValueError("bad_words must tokenize to non-empty token-id sequences")
 
     @property
     def greedy(self) -> bool:

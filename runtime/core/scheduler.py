@@ -18,6 +18,7 @@ bookkeeping: no tensors.
 from __future__ import annotations
 
 import bisect
+import logging
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -25,6 +26,12 @@ from typing import Iterable, Optional
 from ..config import SchedulerConfig
 from .kv_cache_manager import KVCacheManager
 from .request import Request, RequestStatus
+
+logger = logging.getLogger("argosy.engine")
+
+#: A warning on the first preemption and on every 50th after it (vLLM V0's cadence); the
+#: running total is ``vllm:num_preemptions_total``.
+PREEMPTION_LOG_EVERY = 50
 
 
 #: A waiting request whose next prompt blocks are being computed by a running prefill
@@ -195,6 +202,12 @@ class Scheduler:
         req.num_computed_tokens = 0
         req.num_preemptions += 1
         self.num_preemptions += 1
+        if self.num_preemptions % PREEMPTION_LOG_EVERY == 1:
+            logger.warning(
+                "Request %s was preempted (recompute): the KV cache has no room for every running request. This "
+                "slows requests down; give the cache more memory (--kv-cache-memory, --gpu-memory-utilization) or "
+                "admit fewer sequences (--max-num-seqs). Preemptions so far: %d",
+                req.request_id, self.num_preemptions)
         self._insert_waiting(req)
 
     def _remove_running(self, req: Request) -> None:

@@ -88,19 +88,41 @@ def load_model_tokenizer(model: Optional[str] = None, tokenizer: Optional[str] =
     return load_gguf_tokenizer(path) if kind == "gguf" else load_hf_tokenizer(path)
 
 
+#: ``apply_chat_template``'s own keyword arguments (``transformers``' signature): not
+#: template variables, so ``chat_template_kwargs`` may not set them.
+_TEMPLATE_ARGS = frozenset({
+    "add_generation_prompt", "continue_final_message", "tokenize", "return_dict", "chat_template", "documents",
+    "padding", "truncation", "max_length", "return_tensors", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    "processor_kwargs",
+})
+
+
 def chat_prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                    tools: Optional[list[dict]] = None) -> list[int]:
+                    tools: Optional[list[dict]] = None, continue_final_message: bool = False,
+                    template_kwargs: Optional[dict] = None) -> list[int]:
     """Token ids of a conversation through the model's chat template (what the engine runs).
 
     Args:
         tools: OpenAI-format tool definitions, handed to the template as ``tools`` (a
             template without tool support ignores them).
+        continue_final_message: leave the last (assistant) message open so the model
+            continues it (``transformers``' ``apply_chat_template`` argument).
+        template_kwargs: extra variables for the template (vLLM's ``chat_template_kwargs``,
+            e.g. ``{"enable_thinking": false}``); keys that are ``apply_chat_template``'s
+            own arguments are refused.
     Raises:
-        ValueError: the template cannot render these messages (the message says why).
+        ValueError: the template cannot render these messages, or a reserved
+            ``template_kwargs`` key (the message says why).
     """
+    extra = dict(template_kwargs or {})
+    reserved = sorted(set(extra) & (_TEMPLATE_ARGS | {"messages", "conversation", "tools"}))
+    if reserved:
+        raise ValueError(f"chat_template_kwargs must not set {', '.join(reserved)} (a request field or the "
+                         "server sets it)")
     try:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                            **({"tools": tools} if tools else {}))
+                                            continue_final_message=continue_final_message,
+                                            **({"tools": tools} if tools else {}), **extra)
     except Exception as e:  # jinja errors, missing template, ...
         raise ValueError(f"cannot apply the chat template: {e}") from None
     if not isinstance(ids, list):

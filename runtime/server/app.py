@@ -50,12 +50,14 @@ MAX_BODY_BYTES = 32 << 20
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the one served model."""
+    """``GET /v1/models``: one card per served name (``--served-model-name``), the same
+    model behind each, as vLLM lists them."""
     state = request.app[STATE]
-    card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "argosy",
-            "root": str(getattr(state.engine.checkpoint, "path", state.model_name)), "parent": None,
-            "max_model_len": state.max_model_len, "permission": []}
-    return web.json_response({"object": "list", "data": [card]})
+    root = str(getattr(state.engine.checkpoint, "path", state.model_name))
+    cards = [{"id": name, "object": "model", "created": state.created, "owned_by": "argosy", "root": root,
+              "parent": None, "max_model_len": state.max_model_len, "permission": []}
+             for name in (state.model_names or (state.model_name,))]
+    return web.json_response({"object": "list", "data": cards})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -167,6 +169,7 @@ def build_app(async_llm: AsyncLLM, args=None) -> web.Application:
     state = ServerState(
         async_llm=async_llm,
         model_name=engine.served_model_name,
+        model_names=tuple(getattr(engine, "served_model_names", (engine.served_model_name,))),
         max_model_len=engine.max_model_len,
         vocab_size=engine.model_config.vocab_size,
         api_key=getattr(args, "api_key", None) or None,
@@ -175,6 +178,8 @@ def build_app(async_llm: AsyncLLM, args=None) -> web.Application:
         tokens=TokenText(engine.tokenizer),
         enable_auto_tool_choice=bool(getattr(args, "enable_auto_tool_choice", False)),
         tool_call_parser=getattr(args, "tool_call_parser", None),
+        log_requests=bool(getattr(args, "enable_log_requests", False)),
+        max_log_len=getattr(args, "max_log_len", None),
     )
     async_llm.output_observers.append(state.metrics.observe)
     if getattr(engine, "structured", None) is not None:

@@ -12,8 +12,8 @@ from aiohttp import web
 from ..core.engine import RequestOutput
 from ..core.sampling_params import SamplingParams, StructuredOutputsParams
 from .choices import Choice, fan_out, usage
-from .common import (STATE, ServerState, admit, chat_prompt, check_model, parse_body, request_id, respond,
-                     sampling_params)
+from .common import (STATE, ServerState, admit, chat_prompt, check_model, log_request, parse_body, request_id,
+                     respond, sampling_params)
 from .errors import ApiError
 from .formats import MIN_LOGPROB, ResponseFormat, TokenText
 from .protocol import ChatCompletionRequest
@@ -121,9 +121,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     check_model(state, req.model)
     params = sampling_params(state, req, None)
     mode, params = tool_mode(state, req, params)
-    prompt = chat_prompt(state, req.template_messages(), tools=req.template_tools())
+    prompt = chat_prompt(state, req.template_messages(), add_generation_prompt=req.add_generation_prompt is not False,
+                         tools=req.template_tools(), continue_final_message=bool(req.continue_final_message),
+                         template_kwargs=req.chat_template_kwargs)
+    prompt = req.truncate(prompt, state.max_model_len)
     admit(state)
-    choices = fan_out(state.async_llm, request_id("chatcmpl"), [prompt], params)
+    rid = request_id("chatcmpl")
+    log_request(state, rid, [prompt], params)
+    choices = fan_out(state.async_llm, rid, [prompt], params)
     fmt = ChatFormat(state.tokens, bool(req.logprobs), ToolCalls(mode) if mode else None,
                      req.prompt_logprobs is not None)
-    return await respond(request, state, choices, fmt, bool(req.stream), req.include_usage)
+    return await respond(request, state, choices, fmt, bool(req.stream), req.include_usage, rid)

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from ..core.engine import RequestOutput
 from .choices import Choice, fan_out
-from .common import STATE, admit, check_model, parse_body, request_id, respond, sampling_params
+from .common import STATE, admit, check_model, log_request, parse_body, request_id, respond, sampling_params
 from .formats import MIN_LOGPROB, ResponseFormat, TokenText
 from .protocol import CompletionRequest
 
@@ -104,13 +104,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompts: list[list[int]] = []
     for p in req.prompt_list():
         if isinstance(p, str):
-            texts.append(p)
-            prompts.append(list(state.tokenizer.encode(p)))
+            ids = list(state.tokenizer.encode(p, add_special_tokens=req.add_special_tokens is not False))
+            cut = req.truncate(ids, state.max_model_len)
+            texts.append(p if len(cut) == len(ids) else None)  # echo decodes a truncated prompt from its ids
+            prompts.append(cut)
         else:
             texts.append(None)
-            prompts.append(list(p))
+            prompts.append(req.truncate(list(p), state.max_model_len))
     admit(state)
-    choices = fan_out(state.async_llm, request_id("cmpl"), prompts, params, texts)
+    rid = request_id("cmpl")
+    log_request(state, rid, prompts, params, texts)
+    choices = fan_out(state.async_llm, rid, prompts, params, texts)
     fmt = CompletionFormat(state.tokens, req.logprobs is not None, bool(req.echo), req.prompt_logprobs is not None,
                            req.logprobs or 0)
-    return await respond(request, state, choices, fmt, bool(req.stream), req.include_usage)
+    return await respond(request, state, choices, fmt, bool(req.stream), req.include_usage, rid)

@@ -3,18 +3,15 @@ Embeddings API), computed by the serving engine alongside generation."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import contextlib
 import struct
 
 from aiohttp import web
 
-from ..core.async_llm import EngineDeadError
 from ..core.sampling_params import PoolingParams
-from .choices import Choice, generate_choices
-from .common import STATE, admit, check_model, parse_body, request_id
-from .errors import ApiError, engine_stopped
+from .choices import Choice
+from .common import STATE, admit, check_model, engine_outputs, in_flight, log_request, parse_body, request_id
+from .errors import ApiError
 from .protocol import EmbeddingRequest
 
 
@@ -29,7 +26,8 @@ async def embeddings(request: web.Request) -> web.Response:
     if req.dimensions is not None and req.dimensions != hidden:
         raise ApiError(400, f"dimensions {req.dimensions} is not supported: this model's embeddings have {hidden} "
                             "dimensions (no truncation)", "dimensions")
-    prompts = [list(state.tokenizer.encode(p)) if isinstance(p, str) else p for p in req.inputs()]
+    prompts = [req.truncate(list(state.tokenizer.encode(p)) if isinstance(p, str) else list(p), state.max_model_len)
+               for p in req.inputs()]
     pp = PoolingParams()
     rid = request_id("embd")
     choices = []
@@ -40,21 +38,16 @@ async def embeddings(request: web.Request) -> web.Response:
             raise ApiError(400, f"input {i}: {e}" if len(prompts) > 1 else str(e), "input") from None
         choices.append(Choice(i, i, f"{rid}-{i}", ids, pp))
     admit(state)
+    log_request(state, rid, prompts, pp)
     vectors: dict[int, list[float]] = {}
-    task = asyncio.current_task()
-    state.inflight.add(task)
-    try:
-        async with contextlib.aclosing(generate_choices(state.async_llm, choices)) as outs:
+    with in_flight(state):
+        async with engine_outputs(state, choices) as outs:
             async for ch, out in outs:
                 if out.finished:
                     if out.embedding is None:
                         raise ApiError(500, f"the engine finished input {ch.index} without an embedding "
                                             f"({out.finish_reason})")
                     vectors[ch.index] = out.embedding
-    except EngineDeadError as e:
-        raise ApiError(503, engine_stopped(e)) from None
-    finally:
-        state.inflight.discard(task)
     data = []
     for i in range(len(prompts)):
         v = vectors[i]

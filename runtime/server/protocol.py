@@ -31,9 +31,11 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    """``stream_options``: ``include_usage`` adds a last chunk carrying ``usage``."""
+    """``stream_options``: ``include_usage`` adds a last chunk carrying ``usage``
+    (vLLM's ``continuous_usage_stats``, usage in every chunk, is refused)."""
 
     include_usage: Optional[bool] = False
+    continuous_usage_stats: Optional[Literal[False]] = False
 
 
 class TextContentPart(_Strict):
@@ -160,6 +162,20 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "function_call": ("none",),
     "guided_whitespace_pattern": (), "structural_tag": (),
     "logits_processors": (), "audio": (), "prediction": (),
+    # vLLM's sampling and serving extras beyond what SamplingRequest implements
+    "best_of": (1,), "use_beam_search": (False,), "length_penalty": (1.0,),
+    "spaces_between_special_tokens": (True,), "return_tokens_as_token_ids": (False,),
+    "return_token_ids": (False,), "chat_template": (), "documents": ([],), "mm_processor_kwargs": ({},),
+    "cache_salt": (), "kv_transfer_params": (), "prompt_embeds": (), "vllm_xargs": ({},),
+    "reasoning_effort": (), "modalities": (["text"],), "thinking_token_budget": (),
+}
+
+#: Why some of them are refused (default: "is not supported by this server").
+UNSUPPORTED_REASONS = {
+    "priority": "priority is not supported: this server schedules first come, first served (vLLM's "
+                "--scheduling-policy fcfs); send priority 0 or leave it out",
+    "best_of": "best_of is not supported (vLLM V1 dropped it too): use n and pick on the client",
+    "use_beam_search": "beam search is not supported",
 }
 
 
@@ -204,7 +220,30 @@ class StructuredOutputsRequest(_Forbid):
     disable_any_whitespace: Optional[bool] = None
 
 
-class SamplingRequest(_Strict):
+class _Truncation(_Strict):
+    """vLLM's ``truncate_prompt_tokens``: keep only the last k prompt tokens (-1: the
+    last ``max_model_len``); absent = no truncation (a prompt too long is a 400)."""
+
+    truncate_prompt_tokens: Optional[Annotated[int, Field(ge=-1)]] = None
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate_not_zero(cls, v):
+        if v == 0:
+            raise ValueError("truncate_prompt_tokens must be at least 1 (or -1 for max_model_len)")
+        return v
+
+    def truncate(self, ids: list[int], max_model_len: int) -> list[int]:
+        """``ids`` cut to their last ``truncate_prompt_tokens`` tokens (left truncation,
+        as vLLM), unchanged without the field."""
+        k = self.truncate_prompt_tokens
+        if k is None:
+            return ids
+        k = max_model_len if k == -1 else k
+        return ids[-k:] if len(ids) > k else ids
+
+
+class SamplingRequest(_Truncation):
     """Sampling fields shared by chat and completions (OpenAI's plus vLLM's extras).
 
     Unknown fields are ignored (clients send ``metadata``, ``store`` and the like), except
@@ -234,6 +273,9 @@ class SamplingRequest(_Strict):
     include_stop_str_in_output: Optional[bool] = False
     logit_bias: Optional[dict[str, float]] = None
     prompt_logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]] = None
+    allowed_token_ids: Optional[Annotated[list[_TOKEN_ID], Field(min_length=1)]] = None
+    bad_words: Optional[list[Annotated[str, Field(min_length=1)]]] = None
+    priority: Optional[int] = 0
     # structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs
     response_format: Optional[ResponseFormat] = None
     guided_json: Union[dict, str, None] = None
@@ -249,8 +291,16 @@ class SamplingRequest(_Strict):
         if isinstance(data, dict):
             for name, harmless in UNSUPPORTED_FIELDS.items():
                 if name in data and data[name] is not None and data[name] not in harmless:
-                    raise ValueError(f"{name} is not supported by this server")
+                    raise ValueError(UNSUPPORTED_REASONS.get(name, f"{name} is not supported by this server"))
         return data
+
+    @field_validator("priority")
+    @classmethod
+    def _fcfs_only(cls, v):
+        if v not in (None, 0):
+            raise ValueError(UNSUPPORTED_REASONS["priority"])
+        return v
+
 
     @field_validator("logit_bias", mode="before")
     @classmethod
@@ -364,6 +414,7 @@ class SamplingRequest(_Strict):
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
             logit_bias=self.logit_bias_ids(),
             structured_outputs=self.structured_outputs_params(),
+            allowed_token_ids=list(self.allowed_token_ids) if self.allowed_token_ids else None,
             **{k: v for k, v in opt.items() if v is not None},
         )
 
@@ -378,6 +429,31 @@ class ChatCompletionRequest(SamplingRequest):
     tools: Optional[list[ChatTool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     parallel_tool_calls: Optional[bool] = True
+    # vLLM's chat-template extras
+    add_generation_prompt: Optional[bool] = True
+    continue_final_message: Optional[bool] = False
+    chat_template_kwargs: Optional[dict] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _completions_only_fields(cls, data):
+        if isinstance(data, dict):
+            if data.get("echo") not in (None, False):
+                raise ValueError("echo is not supported on /v1/chat/completions")
+            if data.get("add_special_tokens") not in (None, False):
+                raise ValueError("add_special_tokens is not supported on /v1/chat/completions (the chat template "
+                                 "places the special tokens)")
+        return data
+
+    @model_validator(mode="after")
+    def _continue_or_generate(self):
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt cannot both be true: set "
+                                 "add_generation_prompt to false to continue the last message")
+            if self.messages[-1].role != "assistant":
+                raise ValueError("continue_final_message needs the last message to be the assistant's")
+        return self
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self):
@@ -435,13 +511,15 @@ class CompletionRequest(SamplingRequest):
     echo: Optional[bool] = False
     logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]] = None
     suffix: Optional[str] = None
+    add_special_tokens: Optional[bool] = True
 
     @model_validator(mode="before")
     @classmethod
     def _chat_only_fields(cls, data):
         if isinstance(data, dict):
-            for name in ("tools", "tool_choice", "parallel_tool_calls"):
-                if data.get(name) not in (None, [], "none"):
+            for name in ("tools", "tool_choice", "parallel_tool_calls", "continue_final_message",
+                         "chat_template_kwargs", "add_generation_prompt"):
+                if data.get(name) not in (None, [], "none", False, {}) or data.get(name) is True:
                     raise ValueError(f"{name} is a chat completions field; /v1/completions does not take it")
         return data
 
@@ -471,7 +549,7 @@ class CompletionRequest(SamplingRequest):
         return list(p)
 
 
-class EmbeddingRequest(_Strict):
+class EmbeddingRequest(_Truncation):
     """``POST /v1/embeddings`` body (OpenAI's): ``input`` is a string, a list of strings,
     a token-id list or a list of token-id lists (each one embedding, at most
     :data:`MAX_EMBEDDING_INPUTS`); ``encoding_format`` ``float`` or ``base64`` (little-endian
