@@ -175,15 +175,24 @@ def prompt_token_ids(tokenizer, path: str, body: dict) -> list[int]:
         from ..server.protocol import ChatCompletionRequest
 
         req = ChatCompletionRequest.model_validate(body)
-        return chat_prompt_ids(tokenizer, req.template_messages(), tools=req.template_tools())
+        ids = chat_prompt_ids(tokenizer, req.template_messages(), req.add_generation_prompt is not False,
+                              req.template_tools(), bool(req.continue_final_message), req.chat_template_kwargs)
+        return _truncated(ids, req.truncate_prompt_tokens)
     prompt = body["prompt"]
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        return list(tokenizer.encode(prompt))
+        return _truncated(list(tokenizer.encode(prompt, add_special_tokens=body.get("add_special_tokens") is not False)),
+                          body.get("truncate_prompt_tokens"))
     if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        return list(prompt)
+        return _truncated(list(prompt), body.get("truncate_prompt_tokens"))
     raise ValueError("prompt is neither text nor token ids")
+
+
+def _truncated(ids: list[int], k) -> list[int]:
+    """The server's ``truncate_prompt_tokens`` cut (last k tokens); -1 (the engine's
+    ``max_model_len``, unknown here) and absent leave the ids whole."""
+    return ids[-k:] if isinstance(k, int) and not isinstance(k, bool) and 0 < k < len(ids) else ids
 
 
 async def _pick(state: RouterState, hashes: list[bytes], exclude: set, tenant: Optional[str] = None
