@@ -128,7 +128,8 @@ class ModelSource(_Model):
     uri: str = Field(
         max_length=1024, pattern=_URI_PATTERN,
         description="Model location: hf://ORG/NAME (a Hugging Face hub repository; hf://ORG/NAME/FILE.gguf picks one "
-                    "file of it), s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, or pvc://CLAIM/PATH (a model already on a "
+                    "file of it), s3://BUCKET/PREFIX or gs://BUCKET/PREFIX (not downloaded by the operator yet: "
+                    "with cache.existingClaimName and cache.prefetch false only), or pvc://CLAIM/PATH (a model already on a "
                     "PersistentVolumeClaim in this namespace).")
     revision: Optional[str] = Field(None, max_length=255,
                                     description="Hub revision (branch, tag or commit) for hf:// models; default main.")
@@ -324,7 +325,8 @@ class ScalingSpec(_Model):
 
     min_replicas: int = Field(
         1, ge=0, le=1000,
-        description="Replicas without an autoscaler; the lower bound with one. `kubectl scale` sets this field.")
+        description="Replicas without an autoscaler; the lower bound with one (0 with keda or builtin scales to "
+                    "zero and needs router.enabled). `kubectl scale` sets this field.")
     max_replicas: Optional[int] = Field(None, ge=1, le=1000,
                                         description="Upper bound for the autoscaler (required with keda or hpa).")
     autoscaler: Literal["keda", "hpa", "none", "builtin"] = Field(
@@ -341,7 +343,7 @@ class ScalingSpec(_Model):
     idle_replica_count: Optional[int] = Field(
         None, ge=0, le=0,
         description="Scale to zero: replicas while idle (only 0 is supported; keda only; minReplicas must be "
-                    "at least 1).")
+                    "at least 1; needs router.enabled, whose held requests bring a replica back).")
 
     CEL_RULES: ClassVar[list[Rule]] = [
         Rule("!has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
@@ -441,6 +443,15 @@ class RouterSpec(_Model):
     memory: Quantity = Field("1Gi", description="Memory request and limit per router pod.")
 
 
+#: Why an s3:// or gs:// model needs a claim filled outside the operator (no downloader yet).
+OBJECT_STORE_MESSAGE = ("s3:// and gs:// models are not downloaded by the operator yet: copy the model into a claim, "
+                        "then set cache.existingClaimName and cache.prefetch: false (or use hf:// or pvc://)")
+#: Why scaling to zero needs the router (KEDA and the builtin autoscaler read the servers'
+#: own gauges, which vanish with the last pod).
+SCALE_FROM_ZERO_MESSAGE = ("scaling to zero (minReplicas 0 or idleReplicaCount) needs router.enabled: at zero replicas "
+                           "no server exports metrics, and only the router's held requests bring a replica back")
+
+
 class InferenceServiceSpec(_Model):
     """Desired state of an InferenceService: one model served by an autoscaled fleet of `argosy serve` pods."""
 
@@ -465,6 +476,11 @@ class InferenceServiceSpec(_Model):
              "self.model.uri.matches('^hf://[^/]+/[^/]+$')",
              "with the cache disabled the server downloads the model itself, which works only for hf://ORG/NAME "
              "(s3://, gs:// and single-file URIs need the cache)", ".cache.enabled"),
+        Rule("!(self.model.uri.startsWith('s3://') || self.model.uri.startsWith('gs://')) || "
+             "(self.cache.enabled && !self.cache.prefetch)", OBJECT_STORE_MESSAGE, ".model.uri"),
+        Rule("self.router.enabled || !(self.scaling.autoscaler in ['keda', 'builtin'] && "
+             "(self.scaling.minReplicas == 0 || has(self.scaling.idleReplicaCount)))",
+             SCALE_FROM_ZERO_MESSAGE, ".router.enabled"),
     ]
 
     @model_validator(mode="after")
@@ -477,6 +493,12 @@ class InferenceServiceSpec(_Model):
         if not (self.cache.enabled or uri.startswith("pvc://") or re.match(r"^hf://[^/]+/[^/]+$", uri)):
             raise ValueError("with the cache disabled the server downloads the model itself, which works only for "
                              "hf://ORG/NAME (s3://, gs:// and single-file URIs need the cache)")
+        if uri.startswith(("s3://", "gs://")) and not (self.cache.enabled and not self.cache.prefetch):
+            raise ValueError(OBJECT_STORE_MESSAGE)
+        s = self.scaling
+        if s.autoscaler in ("keda", "builtin") and (s.min_replicas == 0 or s.idle_replica_count is not None) \
+                and not self.router.enabled:
+            raise ValueError(SCALE_FROM_ZERO_MESSAGE)
         return self
 
 

@@ -60,12 +60,14 @@ CHILD_KINDS = (
     ("rbac.authorization.k8s.io/v1", "Role"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
 )
-#: Condition reasons reported as Warning events.
 #: Seconds one Prometheus query of the builtin autoscaler may take.
 PROMETHEUS_TIMEOUT_S = 10
 
+#: Condition reasons reported as Warning events (``QuotaExceeded``: a GPU quota holds the
+#: service's replicas back; a new service goes from ``WaitingForModel`` to it while still
+#: False, which only a warning reason turns into an event for ``kubectl describe``).
 WARNING_REASONS = frozenset({"DownloadFailed", "ProgressDeadlineExceeded", "InvalidSpec", "ApplyFailed",
-                             "KindNotServed", "ProvisioningFailed"})
+                             "KindNotServed", "ProvisioningFailed", "QuotaExceeded"})
 #: HTTP codes worth retrying soon (Kubernetes API conventions: 409 is an optimistic-lock conflict).
 TRANSIENT_CODES = frozenset({404, 408, 409, 429, 500, 502, 503, 504})
 

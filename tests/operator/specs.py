@@ -17,6 +17,7 @@ SPECS: dict[str, dict] = {
         "model": {"uri": SMOL},
         "scaling": {"autoscaler": "keda", "minReplicas": 1, "maxReplicas": 2, "idleReplicaCount": 0,
                     "prometheus": {"serverAddress": "http://prom.monitoring:9090"}},
+        "router": {"enabled": True},
     },
     "existing-claim": {
         "model": {"uri": SMOL, "revision": "refs/pr/1"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from argosy.operator import api, autoscale
@@ -132,8 +133,11 @@ def test_router_pending_requests_wake_the_builtin_autoscaler_from_zero():
     d = autoscale.decide(autoscale.inputs_for(isvc, 0, waiting, kv, now=0, history=[]))
     assert d.desired == 1 and d.reason == "ScaleUp"
     no_router = api.parse(make_isvc({"model": {"uri": "hf://a/b"},
-                                     "scaling": {"autoscaler": "builtin", "minReplicas": 0, "maxReplicas": 4}}))
+                                     "scaling": {"autoscaler": "builtin", "minReplicas": 1, "maxReplicas": 4}}))
     assert autoscale.query_metrics(AtZero(), no_router, s) == (None, None)
+    with pytest.raises(ValueError, match="needs router.enabled"):  # nothing would wake it: refused
+        api.parse(make_isvc({"model": {"uri": "hf://a/b"},
+                             "scaling": {"autoscaler": "builtin", "minReplicas": 0, "maxReplicas": 4}}))
 
 
 def test_prometheus_adapter_rules_serve_the_hpa_metric_names():

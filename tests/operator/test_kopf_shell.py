@@ -329,7 +329,9 @@ def test_router_from_zero_is_created_and_removed(cluster, tmp_path):
     assert "argosy_router_pending_requests" in so["spec"]["triggers"][-1]["metadata"]["query"]
     assert so["spec"]["minReplicaCount"] == 0
     assert isvc(s)["status"]["url"].startswith("http://llm-router.")
-    patch_isvc(s, {"spec": {"router": {"enabled": False}}})
+    code, out = s.http("PATCH", f"{ISVCS}/llm", {"spec": {"router": {"enabled": False}}}, content_type=MERGE_PATCH)
+    assert code == 422 and "needs router.enabled" in json.dumps(out), out  # nothing would wake it from zero
+    patch_isvc(s, {"spec": {"router": {"enabled": False}, "scaling": {"minReplicas": 1}}})
     converge(ctx, NS, "llm")
     kids = children(s)
     assert {d["metadata"]["name"] for d in kids["Deployment"]} == {"llm"}
@@ -477,6 +479,9 @@ def test_transition_events():
            cond("ScalingReady", "Unknown", "WaitingForModel")]
     assert transition_events(None, new) == [("Normal", "WaitingForModel", "WorkloadReady is False: m"),
                                             ("Normal", "WaitingForModel", "ScalingReady is Unknown: m")]
+    # a new service held back by a GPU quota: still False, the refusal is a Warning kubectl describe shows
+    quota = [cond("WorkloadReady", "False", "QuotaExceeded")]
+    assert transition_events(new, quota) == [("Warning", "QuotaExceeded", "WorkloadReady is False: m")]
 
 
 def _free_port() -> int:
@@ -646,7 +651,7 @@ def test_hpa_to_keda_and_back_at_zero(cluster, tmp_path):
     s.http("POST", ISVCS, _new_isvc("llm", spec))
     converge(ctx, NS, "llm")
     assert "HorizontalPodAutoscaler" in children(s)
-    patch_isvc(s, {"spec": {"scaling": {"autoscaler": "keda", "minReplicas": 0}}})
+    patch_isvc(s, {"spec": {"scaling": {"autoscaler": "keda", "minReplicas": 0}, "router": {"enabled": True}}})
     converge(ctx, NS, "llm")
     kids = children(s)
     assert "ScaledObject" in kids and "HorizontalPodAutoscaler" not in kids

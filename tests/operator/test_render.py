@@ -478,10 +478,10 @@ def test_router_children():
 
 
 def test_no_router_by_default():
-    kids = children(CASES["scale-to-zero"])
+    kids = children(CASES["keda"])
     assert not any(role.startswith("router") for role in kids)
     assert all("argosy_router" not in t["metadata"]["query"] for t in kids["autoscaler"]["spec"]["triggers"])
-    assert render.url(api.parse(CASES["scale-to-zero"]), SETTINGS) == "http://llm.ml.svc.cluster.local:8000/v1"
+    assert render.url(api.parse(CASES["keda"]), SETTINGS) == "http://llm.ml.svc.cluster.local:8000/v1"
 
 
 def test_service_monitor_labels_setting():
