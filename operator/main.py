@@ -70,6 +70,7 @@ def run(args: argparse.Namespace, parser: Optional[argparse.ArgumentParser] = No
     try:
         settings = OperatorSettings.from_env()
         settings.service_monitor_label_map()  # a malformed label list fails here, not in every pass
+        settings.runtime_image_pull_secret_names()
     except ValueError as e:
         return _fail(str(e))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -48,6 +49,22 @@ class OperatorSettings:
                 raise ValueError(f"ARGOSY_SERVICE_MONITOR_LABELS: {part!r} is not key=value")
             out[key.strip()] = value.strip()
         return out
+    #: Secrets the runtime, prefetch and router pods pull their images with (their
+    #: ``imagePullSecrets``), names separated by commas; each must exist in the namespace of
+    #: every InferenceService (a private ``runtimeImage`` or ``spec.runtime.image``).
+    runtime_image_pull_secrets: str = ""
+
+    def runtime_image_pull_secret_names(self) -> list[str]:
+        """:attr:`runtime_image_pull_secrets` as a list of Secret names.
+
+        Raises:
+            ValueError: a name that is not a DNS-1123 subdomain (what a Secret name must be).
+        """
+        names = [n.strip() for n in self.runtime_image_pull_secrets.split(",") if n.strip()]
+        for n in names:
+            if len(n) > 253 or not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*", n):
+                raise ValueError(f"ARGOSY_RUNTIME_IMAGE_PULL_SECRETS: {n!r} is not a Secret name")
+        return names
     #: Pod metric names under which Prometheus Adapter serves the runtime's gauges to an
     #: HPA (custom.metrics.k8s.io names cannot contain the colon of the Prometheus names).
     hpa_waiting_metric: str = "vllm_num_requests_waiting"

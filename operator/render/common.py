@@ -250,3 +250,12 @@ def promql_selector(isvc: api.InferenceService, settings: OperatorSettings) -> s
     its Service (labels a ServiceMonitor scrape adds)."""
     m = isvc.metadata
     return f'{{{settings.prometheus_namespace_label}="{m.namespace}",{settings.prometheus_service_label}="{m.name}"}}'
+
+
+def image_pull_secrets(pod: dict, settings: OperatorSettings) -> dict:
+    """``pod`` with ``imagePullSecrets`` from the operator's ``runtimeImagePullSecrets``
+    setting (none: unchanged), for every pod the operator renders."""
+    names = settings.runtime_image_pull_secret_names()
+    if names:
+        pod["imagePullSecrets"] = [{"name": n} for n in names]
+    return pod

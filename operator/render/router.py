@@ -98,7 +98,7 @@ def deployment(isvc: api.InferenceService, settings: OperatorSettings) -> dict:
         "securityContext": c.restricted_container_security(),
     }
     c.finish_container(container, env, mounts, settings)
-    pod = {
+    pod = c.image_pull_secrets({
         "serviceAccountName": router_name(isvc),
         "automountServiceAccountToken": True,
         "enableServiceLinks": False,
@@ -107,7 +107,7 @@ def deployment(isvc: api.InferenceService, settings: OperatorSettings) -> dict:
         "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                                        "whenUnsatisfiable": "ScheduleAnyway",
                                        "labelSelector": {"matchLabels": router_selector_labels(isvc)}}],
-    }
+    }, settings)
     if volumes:
         pod["volumes"] = volumes
     return {

@@ -93,7 +93,7 @@ def prefetch_job(isvc: api.InferenceService, settings: OperatorSettings) -> Opti
     }
     if settings.image_pull_policy:
         container["imagePullPolicy"] = settings.image_pull_policy
-    pod_spec = {
+    pod_spec = c.image_pull_secrets({
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
@@ -103,7 +103,7 @@ def prefetch_job(isvc: api.InferenceService, settings: OperatorSettings) -> Opti
             {"name": "model-cache", "persistentVolumeClaim": {"claimName": plan.claim}},
             {"name": "scratch", "emptyDir": {}},
         ],
-    }
+    }, settings)
     spec = {
         "backoffLimit": settings.prefetch_backoff_limit,
         "podFailurePolicy": {"rules": [{

@@ -119,13 +119,13 @@ def pod_template(isvc: api.InferenceService, settings: OperatorSettings) -> dict
     node_selector = dict(spec.scheduling.node_selector)
     if spec.resources.gpu_product:
         node_selector["nvidia.com/gpu.product"] = spec.resources.gpu_product
-    pod = {
+    pod = c.image_pull_secrets({
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": termination_grace_seconds(isvc, settings),
         "securityContext": c.restricted_pod_security(settings),
         "containers": [container],
-    }
+    }, settings)
     if volumes:
         pod["volumes"] = volumes
     if node_selector:

@@ -484,6 +484,23 @@ def test_no_router_by_default():
     assert render.url(api.parse(CASES["keda"]), SETTINGS) == "http://llm.ml.svc.cluster.local:8000/v1"
 
 
+def test_runtime_image_pull_secrets_setting():
+    """A private runtime image: every pod the operator renders (server, prefetch Job,
+    router) pulls with the Secrets of the setting; none without it; a bad name is refused."""
+    settings = OperatorSettings(runtime_image_pull_secrets="regcred, mirror.example")
+    obj = make_isvc({"model": {"uri": SPECS["minimal"]["model"]["uri"]}, "router": {"enabled": True}})
+    kids = render.render_children(api.parse(obj), settings).values()
+    specs = [k["spec"]["template"]["spec"] for k in kids if k["kind"] in ("Deployment", "Job")]
+    assert sorted(k["kind"] for k in kids if k["kind"] in ("Deployment", "Job")) == ["Deployment", "Deployment", "Job"]
+    for pod in specs:
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror.example"}]
+    plain = [k["spec"]["template"]["spec"] for k in render.render_children(api.parse(obj), SETTINGS).values()
+             if k["kind"] in ("Deployment", "Job")]
+    assert all("imagePullSecrets" not in pod for pod in plain)
+    with pytest.raises(ValueError, match="not a Secret name"):
+        OperatorSettings(runtime_image_pull_secrets="Reg_Cred").runtime_image_pull_secret_names()
+
+
 def test_service_monitor_labels_setting():
     """kube-prometheus-stack selects ServiceMonitors by its release label: the setting puts
     it on the server's and the router's ServiceMonitors (the children's own labels win)."""
