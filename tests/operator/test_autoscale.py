@@ -149,3 +149,18 @@ def test_prometheus_adapter_rules_serve_the_hpa_metric_names():
     assert {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"]} <= {r["name"]["as"] for r in rules}
     q = scaling.expand_adapter_query(rules[0], "ml", ["a-1", "a-2"], s)
     assert q == 'sum(vllm:num_requests_waiting{namespace="ml",pod=~"a-1|a-2"}) by (pod)'
+
+
+def test_chart_readme_gives_the_prometheus_adapter_rules_the_hpas_need():
+    """The chart README's prometheus-adapter values are the rules the operator's HPAs need
+    (a rule renamed in code but not in the README fails here)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "charts" / "argosy-operator" / "README.md").read_text()
+    block = re.search(r"<!-- prometheus-adapter-values -->\n```yaml\n(.*?)```", readme, re.S)
+    assert block, "the README's prometheus-adapter block is missing"
+    values = yaml.safe_load(block.group(1))
+    assert values["rules"]["custom"] == scaling.prometheus_adapter_rules(OperatorSettings())
