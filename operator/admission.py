@@ -1,7 +1,8 @@
 """The validating admission webhook's logic, as a pure function over AdmissionReview dicts.
 
 The API server POSTs an ``AdmissionReview`` (``admission.k8s.io/v1``) for every CREATE and
-UPDATE of an InferenceService; :func:`review` answers with an ``AdmissionReview`` whose
+UPDATE of an InferenceService, and for every UPDATE of its ``scale`` subresource (``kubectl
+scale``: an ``autoscaling/v1`` Scale whose ``spec.replicas`` is ``spec.scaling.minReplicas``); :func:`review` answers with an ``AdmissionReview`` whose
 ``response`` carries the request's ``uid``, ``allowed`` and, on a denial, a meta/v1 Status
 (``code`` 403, ``reason`` Forbidden, the message :func:`argosy.operator.quota.admit` wrote).
 That message is what ``kubectl apply`` prints (Kubernetes "Dynamic Admission Control").
@@ -101,6 +102,10 @@ def review(body: Union[bytes, str, Mapping[str, Any]], *, quotas: Sequence[dict]
     uid = request["uid"]
     operation = request.get("operation")
     kind = request.get("kind") or {}
+    resource = request.get("resource") or {}
+    if (operation == "UPDATE" and request.get("subResource") == "scale" and resource.get("group") == api.GROUP
+            and resource.get("resource") == api.PLURAL):
+        return _review_scale(uid, request, quotas, services, namespace_labels, cluster)
     if operation not in ("CREATE", "UPDATE") or kind.get("kind") != api.KIND or kind.get("group") != api.GROUP:
         return _answer(uid, True)  # not ours to judge
     namespace = request.get("namespace") or ""
@@ -121,6 +126,11 @@ def review(body: Union[bytes, str, Mapping[str, Any]], *, quotas: Sequence[dict]
 
     if cluster is not None:
         quotas, services, namespace_labels = cluster()
+    return _decide(uid, svc, quotas, services, namespace_labels)
+
+
+def _decide(uid: str, svc: quota.ServiceUsage, quotas: Sequence[dict], services: Iterable[dict],
+            namespace_labels: Optional[Mapping[str, Mapping[str, str]]]) -> tuple[int, dict]:
     parsed_quotas = []
     for obj in quotas:
         try:
@@ -131,3 +141,35 @@ def review(body: Union[bytes, str, Mapping[str, Any]], *, quotas: Sequence[dict]
     if decision.allowed:
         return _answer(uid, True)
     return _answer(uid, False, 403, "Forbidden", decision.message)
+
+
+def _review_scale(uid: str, request: Mapping[str, Any], quotas: Sequence[dict], services: Iterable[dict],
+                  namespace_labels: Optional[Mapping[str, Mapping[str, str]]],
+                  cluster: Optional[Callable[[], tuple]]) -> tuple[int, dict]:
+    """``kubectl scale`` of an InferenceService: an ``autoscaling/v1`` Scale whose
+    ``spec.replicas`` becomes ``spec.scaling.minReplicas`` (the CRD's ``specReplicasPath``).
+    Lowering it is always allowed; raising it is judged as the update it makes to the
+    stored service (found in the cluster view by namespace and name)."""
+    new = ((request.get("object") or {}).get("spec") or {}).get("replicas")
+    old = ((request.get("oldObject") or {}).get("spec") or {}).get("replicas")
+    if not isinstance(new, int) or isinstance(new, bool) or new < 0:
+        return _answer(uid, False, 422, "Invalid", f"spec.replicas must be a non-negative integer, got {new!r}")
+    if isinstance(old, int) and new <= old:
+        return _answer(uid, True)
+    if cluster is not None:
+        quotas, services, namespace_labels = cluster()
+    services = list(services)
+    namespace, name = request.get("namespace") or "", request.get("name") or ""
+    stored = next((s for s in services if (s.get("metadata") or {}).get("namespace") == namespace
+                   and (s.get("metadata") or {}).get("name") == name), None)
+    if stored is None:  # not in the operator's view yet: judging blind could let a reservation through
+        return _answer(uid, False, 403, "Forbidden", f"InferenceService {namespace}/{name} is not in the operator's "
+                                                     "view of the cluster yet; retry in a few seconds")
+    try:
+        spec = dict(stored.get("spec") or {})
+        spec["scaling"] = {**(spec.get("scaling") or {}), "minReplicas": new}
+        svc = quota.usage_of(api.parse({**stored, "spec": spec}))
+    except pydantic.ValidationError as e:
+        return _answer(uid, False, 422, "Invalid", f"invalid InferenceService at minReplicas {new}: "
+                                                   f"{_first_error(e)}")
+    return _decide(uid, svc, quotas, services, namespace_labels)

@@ -32,6 +32,10 @@ rely on, as the Kubernetes API conventions and "API concepts" pages describe the
   change only ``status``; writes to the object ignore ``status``; ``status`` is dropped on
   create. ``metadata.generation`` starts at 1 and grows only when something other than
   ``metadata`` and ``status`` changes (or when deletion starts).
+- **scale subresource of CRDs that declare it** (what ``kubectl scale`` uses): GET, PUT and
+  merge PATCH of an ``autoscaling/v1`` Scale mapped onto ``specReplicasPath``; the object
+  is then validated whole, and validating webhooks whose rules name ``<plural>/scale`` see
+  the old and new Scale.
 - **Deletion**: ``metadata.finalizers`` hold an object in ``deletionTimestamp`` until they
   are removed; ``ownerReferences`` garbage collection deletes, right away and recursively,
   every dependent whose owners are all gone (``propagationPolicy=Orphan`` removes the
@@ -95,8 +99,8 @@ are always pruned); defaulting of built-in kinds and their validation beyond the
 schema (a Deployment gets no default ``replicas``, a Job no selector; a selector that does
 not match the template's labels is accepted); controllers of any kind (no ReplicaSets, Pods, Job runs,
 endpoints, PVC binding: tests play the controllers by writing ``status``); conversion
-between versions (a CRD's versions share the stored object); the ``scale`` and other
-subresources; server-side apply's merging of associative lists by key and ownership
+between versions (a CRD's versions share the stored object); the ``scale`` subresource of
+built-in kinds and subresources other than ``status`` and a CRD's ``scale``; server-side apply's merging of associative lists by key and ownership
 inside lists (lists are atomic here) and ``managedFields`` sent by clients (ignored: the
 server's are kept); ``Foreground`` deletion (treated as ``Background``), asynchronous
 garbage collection (it is synchronous here) and GC of objects whose owners never
@@ -189,6 +193,9 @@ class ResourceType:
     short_names: tuple[str, ...] = ()
     categories: tuple[str, ...] = ()
     crd: bool = False
+    #: A CRD's ``scale`` subresource: (specReplicasPath, statusReplicasPath,
+    #: labelSelectorPath), JSON paths like ``.spec.replicas``; () without one.
+    scale: tuple[str, ...] = ()
 
     def api_version(self, version: Optional[str] = None) -> str:
         """``group/version`` (just ``version`` for the core group)."""
@@ -266,6 +273,40 @@ def _not_found(rt: ResourceType, name: str) -> ApiError:
 
 
 # ------------------------------------------------------------------ pure helpers
+def _user_info(user: Optional[Authorizer]) -> dict:
+    """An AdmissionReview's ``userInfo``: the token's service account, or the admin."""
+    return {"username": user.user if user else "kubernetes-admin",
+            "groups": ["system:serviceaccounts", "system:authenticated"] if user
+            else ["system:masters", "system:authenticated"]}
+
+
+def _path_get(obj: Any, path: str) -> Any:
+    for part in path.lstrip(".").split("."):
+        obj = obj.get(part) if isinstance(obj, dict) else None
+    return obj
+
+
+def _set_path(obj: dict, path: str, value: Any) -> None:
+    *parents, leaf = path.lstrip(".").split(".")
+    for part in parents:
+        obj = obj.setdefault(part, {})
+    obj[leaf] = value
+
+
+def _scale_view(rt: ResourceType, obj: dict) -> dict:
+    """The ``autoscaling/v1`` Scale of a custom resource (its CRD's scale paths)."""
+    spec_path, status_path, selector_path = rt.scale
+    meta = obj.get("metadata") or {}
+    status = {"replicas": _path_get(obj, status_path) or 0} if status_path else {"replicas": 0}
+    selector = _path_get(obj, selector_path) if selector_path else None
+    if selector:
+        status["selector"] = selector
+    return {"apiVersion": "autoscaling/v1", "kind": "Scale",
+            "metadata": {k: meta[k] for k in ("name", "namespace", "uid", "resourceVersion", "creationTimestamp")
+                         if k in meta},
+            "spec": {"replicas": _path_get(obj, spec_path) or 0}, "status": status}
+
+
 def merge_patch(target: Any, patch: Any) -> Any:
     """RFC 7386 JSON merge patch: maps merge recursively, ``null`` deletes, anything else replaces."""
     if not isinstance(patch, dict):
@@ -1225,7 +1266,9 @@ class Store:
             kind=names["kind"], namespaced=spec["scope"] == "Namespaced",
             status=any((v.get("subresources") or {}).get("status") is not None for v in versions),
             short_names=tuple(names.get("shortNames") or ()), categories=tuple(names.get("categories") or ()),
-            crd=True)
+            crd=True, scale=next(((sc.get("specReplicasPath", ""), sc.get("statusReplicasPath", ""),
+                                   sc.get("labelSelectorPath", ""))
+                                  for v in versions for sc in [(v.get("subresources") or {}).get("scale")] if sc), ()))
         self.types[(rt.group, rt.plural)] = rt
         storage = next((v for v in spec["versions"] if v.get("storage")), versions[0] if versions else None)
         schema = ((storage or {}).get("schema") or {}).get("openAPIV3Schema")
@@ -1567,7 +1610,8 @@ class StandIn:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         plural, name, sub = rest[0], (rest[1] if len(rest) > 1 else None), (rest[2] if len(rest) > 2 else None)
         rt = self.store.resolve(group, version, plural)
-        if (namespace is not None and not rt.namespaced) or (sub is not None and (sub != "status" or not rt.status)):
+        if (namespace is not None and not rt.namespaced) or (
+                sub is not None and not ((sub == "status" and rt.status) or (sub == "scale" and rt.scale))):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         if rt.namespaced and namespace is None and not (name is None and request.method == "GET"):
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
@@ -1597,6 +1641,8 @@ class StandIn:
         CALLER.set(user)  # this request's task: the store's admission checks read it
         manager = q.get("fieldManager") or request.headers.get("User-Agent", "unknown").split("/")[0] or "unknown"
         store = self.store
+        if sub == "scale":
+            return await self._scale(request, rt, version, namespace, name, verb, manager, user)
         if verb == "watch":
             return await self._watch(request, rt, version, namespace)
         if verb == "list":
@@ -1627,6 +1673,82 @@ class StandIn:
             propagation = "Orphan"
         return web.json_response(store.delete(rt, namespace, name, propagation=propagation,
                                               preconditions=options.get("preconditions"), version=version))
+
+    # -- the scale subresource of custom resources
+    async def _scale(self, request: web.Request, rt: ResourceType, version: str, namespace: Optional[str], name: str,
+                     verb: str, manager: str, user: Optional[Authorizer]) -> web.Response:
+        """``/scale`` of a CRD that declares it: an ``autoscaling/v1`` Scale whose
+        ``spec.replicas`` is the object's ``specReplicasPath``. GET reads it; PUT and
+        merge PATCH write that one field of the object, which is validated whole (schema,
+        CEL, transition rules) as any update, after the validating webhooks whose rules
+        name ``<plural>/scale`` reviewed the Scale (``kind`` ``autoscaling/v1`` Scale,
+        ``subResource`` ``scale``, the old and new Scale as objects)."""
+        current = self.store.get(rt, namespace, name, version)
+        old_scale = _scale_view(rt, current)
+        if verb == "get":
+            return web.json_response(old_scale)
+        if verb not in ("update", "patch"):
+            raise ApiError(405, "MethodNotAllowed", f"{verb} is not supported on the scale subresource")
+        body = await self._body(request)
+        if verb == "patch":
+            ctype = request.headers.get("Content-Type", "").split(";")[0].strip()
+            if ctype not in (MERGE_PATCH, STRATEGIC_PATCH):
+                raise ApiError(415, "UnsupportedMediaType", f"the stand-in's scale subresource takes merge patches, "
+                                                            f"not {ctype}")
+            new_scale = merge_patch(copy.deepcopy(old_scale), body)
+        else:
+            new_scale = body
+            want_rv = ((body or {}).get("metadata") or {}).get("resourceVersion") if isinstance(body, dict) else None
+            if want_rv and want_rv != current["metadata"]["resourceVersion"]:
+                raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {rt.plural}.{rt.group} "{name}": '
+                                                "the object has been modified; please apply your changes to the "
+                                                "latest version and try again")
+        replicas = ((new_scale or {}).get("spec") or {}).get("replicas") if isinstance(new_scale, dict) else None
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 0:
+            raise ApiError(422, "Invalid", f'Scale.autoscaling "{name}" is invalid: spec.replicas: Invalid value: '
+                                           f"{replicas!r}: must be greater than or equal to 0")
+        new_scale = {**old_scale, "spec": {"replicas": replicas}}
+        obj = copy.deepcopy(current)
+        _set_path(obj, rt.scale[0], replicas)
+        configs = self._webhook_configurations()
+        if configs and replicas != old_scale["spec"]["replicas"]:
+            token = _DRY_RUN.set(True)  # validated first, as the real server validates before admission
+            try:
+                self.store.replace(rt, namespace, name, obj, manager=manager, version=version)
+            except _Candidate:
+                pass
+            finally:
+                _DRY_RUN.reset(token)
+            await self._scale_webhooks(configs, rt, version, namespace, name, old_scale, new_scale, user)
+        stored = self.store.replace(rt, namespace, name, obj, manager=manager, version=version)
+        return web.json_response(_scale_view(rt, stored))
+
+    async def _scale_webhooks(self, configs: list[dict], rt: ResourceType, version: str, namespace: Optional[str],
+                              name: str, old_scale: dict, new_scale: dict, user: Optional[Authorizer]) -> None:
+        req = {"uid": str(uuid.uuid4()),
+               "kind": {"group": "autoscaling", "version": "v1", "kind": "Scale"},
+               "resource": {"group": rt.group, "version": version, "resource": rt.plural},
+               "subResource": "scale",
+               "requestKind": {"group": "autoscaling", "version": "v1", "kind": "Scale"},
+               "requestResource": {"group": rt.group, "version": version, "resource": rt.plural},
+               "requestSubResource": "scale",
+               "name": name, "namespace": namespace, "operation": "UPDATE", "userInfo": _user_info(user),
+               "object": new_scale, "oldObject": old_scale, "dryRun": False,
+               "options": {"kind": "UpdateOptions", "apiVersion": "meta.k8s.io/v1"}}
+        ns_labels = self._namespace_labels(namespace)
+        for config in configs:
+            for hook in config.get("webhooks") or []:
+                if self._selects(hook, rt, version, "scale", "UPDATE", ns_labels, old_scale, new_scale, req):
+                    await self._call_webhook(hook, req)
+
+    def _namespace_labels(self, ns: Optional[str]) -> dict:
+        """A namespace's labels with ``kubernetes.io/metadata.name`` (what namespaceSelector reads)."""
+        with self.store.lock:
+            ns_obj = self.store.objects.get(("", "namespaces", "", ns)) if ns else None
+        labels = dict(((ns_obj or {}).get("metadata") or {}).get("labels") or {})
+        if ns:
+            labels.setdefault("kubernetes.io/metadata.name", ns)
+        return labels
 
     # -- validating admission webhooks
     def _webhook_configurations(self) -> list[dict]:
@@ -1686,11 +1808,7 @@ class StandIn:
         old, new = candidate.old, candidate.new
         operation = "CREATE" if old is None else "UPDATE"
         ns = new["metadata"].get("namespace")
-        with self.store.lock:
-            ns_obj = self.store.objects.get(("", "namespaces", "", ns)) if ns else None
-        ns_labels = dict(((ns_obj or {}).get("metadata") or {}).get("labels") or {})
-        if ns:
-            ns_labels.setdefault("kubernetes.io/metadata.name", ns)
+        ns_labels = self._namespace_labels(ns)
         obj_view = self.store._view(rt, new, version)
         old_view = self.store._view(rt, old, version) if old is not None else None
         req = {"uid": str(uuid.uuid4()),
@@ -1699,9 +1817,7 @@ class StandIn:
                "requestKind": {"group": rt.group, "version": version, "kind": rt.kind},
                "requestResource": {"group": rt.group, "version": version, "resource": rt.plural},
                "name": new["metadata"].get("name"), "namespace": ns, "operation": operation,
-               "userInfo": {"username": user.user if user else "kubernetes-admin",
-                            "groups": ["system:serviceaccounts", "system:authenticated"] if user
-                            else ["system:masters", "system:authenticated"]},
+               "userInfo": _user_info(user),
                "object": obj_view, "oldObject": old_view, "dryRun": False,
                "options": {"kind": "CreateOptions" if operation == "CREATE" else "UpdateOptions",
                            "apiVersion": "meta.k8s.io/v1"}}

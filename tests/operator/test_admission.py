@@ -147,3 +147,40 @@ def test_malformed_review_is_a_clean_400(body):
     code, out = call(body)
     assert code == 400
     assert out["kind"] == "Status" and out["code"] == 400 and out["reason"] == "BadRequest" and out["message"]
+
+
+def _scale_review(old: int, new, name="llm") -> dict:
+    """What kube-apiserver sends for ``kubectl scale ais/NAME --replicas=N``."""
+    scale = {"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": name, "namespace": "ml"}}
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "u-scale", "kind": {"group": "autoscaling", "version": "v1", "kind": "Scale"},
+        "resource": {"group": api.GROUP, "version": api.VERSION, "resource": api.PLURAL}, "subResource": "scale",
+        "name": name, "namespace": "ml", "operation": "UPDATE",
+        "object": {**scale, "spec": {"replicas": new}}, "oldObject": {**scale, "spec": {"replicas": old}}}}
+
+
+def test_kubectl_scale_is_judged_as_the_minreplicas_it_writes():
+    stored = isvc("llm", gpus=2, min_r=1, max_r=8, namespace="ml")
+    other = isvc("other", gpus=2, min_r=2, namespace="ml")  # 4 of the 8 GPUs
+    seen = []
+
+    def cluster():
+        seen.append(1)
+        return [QUOTA], [stored, other], {"ml": {}}
+
+    def answer(body):
+        code, out = admission.review(body, cluster=cluster)
+        assert code == 200 and out["response"]["uid"] == "u-scale"
+        return out["response"]
+
+    assert answer(_scale_review(1, 2))["allowed"]  # 4 + 4 GPUs: fits
+    denied = answer(_scale_review(1, 3))  # 6 + 4 > 8
+    assert not denied["allowed"] and denied["status"]["code"] == 403 and "GPUQuota team-a" in denied["status"]["message"]
+    calls = len(seen)
+    assert answer(_scale_review(3, 1))["allowed"] and len(seen) == calls  # lowering: no cluster read
+    unknown = answer(_scale_review(1, 2, name="ghost"))
+    assert not unknown["allowed"] and "not in the operator's view" in unknown["status"]["message"]
+    bad = answer(_scale_review(1, -1))
+    assert not bad["allowed"] and bad["status"]["code"] == 422
+    over_max = answer(_scale_review(1, 9))
+    assert not over_max["allowed"] and over_max["status"]["code"] == 422

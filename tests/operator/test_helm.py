@@ -534,7 +534,8 @@ def test_webhook_with_operator_issued_certificate(helm_env, tmp):
     assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
     assert hook["admissionReviewVersions"] == ["v1"]
     assert hook["rules"] == [{"apiGroups": ["serving.argosy.dev"], "apiVersions": ["v1alpha1"],
-                              "operations": ["CREATE", "UPDATE"], "resources": ["inferenceservices"],
+                              "operations": ["CREATE", "UPDATE"],
+                              "resources": ["inferenceservices", "inferenceservices/scale"],
                               "scope": "Namespaced"}]
     assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["ml"]
     assert "caBundle" not in hook["clientConfig"]
@@ -601,6 +602,9 @@ def test_webhook_match_conditions_select_what_can_change_a_reservation(helm_env,
     assert sent("UPDATE", grown, base)
     assert not sent("UPDATE", relabeled, base)
     assert not sent("UPDATE", deleting, base)
+    # kubectl scale: the scale subresource's Scale objects
+    scale = {"apiVersion": "autoscaling/v1", "kind": "Scale", "metadata": {"name": "llm"}, "spec": {"replicas": 1}}
+    assert sent("UPDATE", {**scale, "spec": {"replicas": 3}}, scale)
 
 
 def test_webhook_with_cert_manager(helm_env, tmp):

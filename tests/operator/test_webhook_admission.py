@@ -111,6 +111,25 @@ def test_the_chart_webhook_is_called_over_tls_as_configured(chart_webhook, crd, 
             code, body = s.http("PATCH", f"{ISVCS}/a", {"spec": {"resources": {"gpus": 5}}},
                                 content_type=MERGE_PATCH)
             assert code == 403, body
+            # kubectl scale (the scale subresource writes spec.scaling.minReplicas): reviewed too
+            assert s.http("PATCH", f"{ISVCS}/a", {"spec": {"scaling": {"maxReplicas": 8}}},
+                          content_type=MERGE_PATCH)[0] == 200  # a higher bound reserves nothing
+            code, scale = s.http("GET", f"{ISVCS}/a/scale")
+            assert code == 200 and scale["kind"] == "Scale" and scale["spec"]["replicas"] == 2, scale
+            calls = len(s.webhook_calls)
+            code, body = s.http("PATCH", f"{ISVCS}/a/scale", {"spec": {"replicas": 5}}, content_type=MERGE_PATCH)
+            assert code == 403 and "GPUQuota team-a" in body["message"], body  # 10 of 8 GPUs
+            assert s.webhook_calls[calls:] == [(hook["name"], "UPDATE", api.PLURAL, "a")]
+            assert s.http("GET", f"{ISVCS}/a")[1]["spec"]["scaling"]["minReplicas"] == 2
+            code, body = s.http("PATCH", f"{ISVCS}/a/scale", {"spec": {"replicas": 3}}, content_type=MERGE_PATCH)
+            assert code == 200 and body["spec"]["replicas"] == 3, body  # 6 of 8
+            assert s.http("GET", f"{ISVCS}/a")[1]["spec"]["scaling"]["minReplicas"] == 3
+            code, body = s.http("PATCH", f"{ISVCS}/a/scale", {"spec": {"replicas": 9}}, content_type=MERGE_PATCH)
+            assert code == 422 and "minReplicas must not exceed maxReplicas" in body["message"], body
+            code, body = s.http("PUT", f"{ISVCS}/a/scale", {**scale, "spec": {"replicas": 1}})
+            assert code == 409, body  # the Scale read before the writes above is stale
+            scale = s.http("GET", f"{ISVCS}/a/scale")[1]
+            assert s.http("PUT", f"{ISVCS}/a/scale", {**scale, "spec": {"replicas": 1}})[0] == 200
             # a caBundle that does not sign what the webhook serves (the chart's old failure
             # after an upgrade): with failurePolicy Fail every write is refused
             other_ca = certs.generate(certs.service_dns_names(svc["name"], svc["namespace"]), 30).ca
