@@ -20,6 +20,12 @@ from .sampling_params import SamplingParams
 logger = logging.getLogger("argosy.engine")
 
 
+def _put_all(items: list) -> None:
+    """Put each ``(queue, item)`` (on the queues' event loop)."""
+    for q, item in items:
+        q.put_nowait(item)
+
+
 class EngineDeadError(RuntimeError):
     """The engine loop has stopped (crashed or shut down); no request can complete."""
 
@@ -244,13 +250,21 @@ class AsyncLLM:
                 outputs = eng.step()
                 now = time.monotonic()
                 self.last_progress = now
+                batches: dict = {}  # one wake-up of each event loop per step, not one per output
                 for out in outputs:
                     for obs in self.output_observers:
                         obs(out, now)
-                    self._deliver(out.request_id, out)
+                    entry = self._streams.get(out.request_id)
+                    if entry is not None:
+                        batches.setdefault(entry[0], []).append((entry[1], out))
                     if out.finished:
                         with self._lock:
                             self._streams.pop(out.request_id, None)
+                for loop, items in batches.items():
+                    try:
+                        loop.call_soon_threadsafe(_put_all, items)
+                    except RuntimeError:  # event loop closed
+                        pass
                 if now - last_log >= self.log_interval_s:
                     dt = now - last_log
                     st = eng.stats
