@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -105,6 +106,12 @@ def _add_serve(sub, engine_flags: bool = True) -> None:
 _missing_runtime: list[str] = []
 
 
+def _looks_like_model(arg: str) -> bool:
+    """True for what reads as a model argument (an existing path, a ``.gguf`` file, a hub
+    id ``ORG/NAME``): ``--served-model-name a b MODEL`` takes MODEL as a name."""
+    return os.path.exists(arg) or arg.endswith(".gguf") or re.fullmatch(r"[\w.-]+/[\w.-]+", arg) is not None
+
+
 def _cmd_serve_unavailable(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     detail = f" ({_missing_runtime[-1]})" if _missing_runtime else ""
     return _fail(f"`argosy serve` needs the runtime extra: pip install 'argosy[runtime]'{detail}")
@@ -115,6 +122,10 @@ def _cmd_serve(ns: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if ns.model_tag and ns.model and ns.model_tag != ns.model:
         return _fail(f"two different models given: {ns.model_tag!r} and --model {ns.model!r}")
     ns.model = ns.model or ns.model_tag
+    names = ns.served_model_name or []
+    if ns.model is None and any(_looks_like_model(n) for n in names[1:]):
+        return _fail(f"--served-model-name took {' '.join(names)} and no MODEL is given: put MODEL before "
+                     "--served-model-name (its names run to the next flag), or pass --model")
     if ns.shutdown_timeout < 0:
         return _fail("--shutdown-timeout must be non-negative")
     if ns.enable_log_requests and ns.disable_log_requests:

@@ -412,8 +412,9 @@ BAD_REQUESTS = [
      400, "chat_template_kwargs"),
     ("continue-and-generate", "/v1/chat/completions",
      {"messages": [*CHAT, {"role": "assistant", "content": "The sea"}], "continue_final_message": True}, 400, None),
-    ("continue-after-user", "/v1/chat/completions",
-     {**_CHAT_OK, "continue_final_message": True, "add_generation_prompt": False}, 400, None),
+    ("truncate-above-context", "/v1/completions", {"prompt": "x", "truncate_prompt_tokens": 5000}, 400,
+     "truncate_prompt_tokens"),
+    ("bad-word-blank", "/v1/completions", {"prompt": "x", "bad_words": ["  "]}, 400, "bad_words.0"),
     ("chat-echo", "/v1/chat/completions", {**_CHAT_OK, "echo": True}, 400, None),
     ("template-kwargs-on-completions", "/v1/completions", {"prompt": "x", "chat_template_kwargs": {"a": 1}}, 400,
      None),
@@ -490,13 +491,21 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens(server_main):
     status, out = http_request(server_main, "POST", "/v1/completions",
                                {"prompt": "hello " * 1500, "max_tokens": 1, "truncate_prompt_tokens": 100})
     assert status == 200 and out["usage"]["prompt_tokens"] == 100, out  # too long untruncated (a 400 above)
+    # -1: as much of the prompt as fits beside max_tokens (max_model_len is 1024 here)
+    status, out = http_request(server_main, "POST", "/v1/completions",
+                               {"prompt": "hello " * 1500, "max_tokens": 4, "truncate_prompt_tokens": -1})
+    assert status == 200 and out["usage"]["prompt_tokens"] == 1020, out
+    status, out = http_request(server_main, "POST", "/v1/embeddings", {"input": "hello " * 1500,
+                                                                       "truncate_prompt_tokens": -1})
+    assert status == 200 and out["usage"]["prompt_tokens"] == 1023, out
 
 
 def test_chat_template_controls(server_main):
     """continue_final_message leaves the assistant's message open (no end-of-turn token
     after it, no new assistant header), so the prompt is shorter than the same
-    conversation closed with a generation prompt; chat_template_kwargs reach the template
-    (an unused variable changes nothing)."""
+    conversation closed with a generation prompt; a chat_template_kwargs variable the
+    bundled template does not use changes nothing (that the kwargs reach the template is
+    tested below with a template that prints one)."""
     conv = [*CHAT, {"role": "assistant", "content": "The sea is"}]
     closed = tokenize_count(server_main, messages=conv, add_generation_prompt=True)
     status, out = http_request(server_main, "POST", "/v1/chat/completions", {
@@ -645,6 +654,9 @@ def test_served_model_names_request_and_access_logs(server_single_seq):
     assert status == 200 and out["model"] == "smol", out
     status, err = http_request(srv, "POST", "/v1/completions", {"model": "smol2", "prompt": "x", "max_tokens": 1})
     assert status == 404
+    # a prompt the engine refuses is refused before it is logged (decoding it would fail)
+    status, err = http_request(srv, "POST", "/v1/completions", {"prompt": [2**40], "max_tokens": 1})
+    assert status == 400, err
     wait_for(lambda: '"POST /v1/completions HTTP/1.1" 404' in srv.log(), 5, "the access log line of the 404")
     log = srv.log()
     assert f"Received request {out['id']}: prompt: 'Hello there,'" in log, log[-3000:]
@@ -843,3 +855,46 @@ def test_served_model_names_default_to_the_model_argument_as_given():
     for bad in (["a", "a"], [""], ["  "]):
         with pytest.raises(ValueError, match="--served-model-name"):
             served_model_names(bad, "x", "y")
+
+
+
+def test_served_model_aliases_keep_the_old_default_name():
+    from argosy.runtime.core.engine import served_model_aliases
+
+    assert served_model_aliases(None, ["./models/llama"], "llama") == ("llama",)
+    assert served_model_aliases(None, ["SmolLM2-135M-Instruct-Q4_1"], "SmolLM2-135M-Instruct-Q4_1") == ()
+    assert served_model_aliases(["smol"], ["smol"], "llama") == ()  # explicit names only
+
+
+def test_served_model_name_swallowing_the_model_is_one_error_line(tmp_path):
+    """``argosy serve --served-model-name a ./model.gguf``: nargs takes the model as a
+    second name; without a MODEL that would serve the bundled model under both names."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"")
+    proc = subprocess.run([sys.executable, "-m", "argosy.runtime.cli", "serve", "--served-model-name", "a", str(model)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "put MODEL before --served-model-name" in lines[0], proc.stderr
+
+
+def test_chat_template_kwargs_reach_the_template():
+    """The kwargs are the template's variables (a template that prints one), the
+    server's own arguments are refused, and continue_final_message leaves the last
+    message open (transformers' apply_chat_template is the oracle of both)."""
+    import copy
+
+    from argosy.runtime.loader import load_checkpoint
+    from argosy.runtime.loader.tokenizer import chat_prompt_ids
+
+    tok = copy.deepcopy(load_checkpoint(None).tokenizer)
+    tok.chat_template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% if not (loop.last and "
+                         "continue_final_message) %}</{{ m.role }}>{% endif %}{% endfor %}{{ suffix | default('') }}")
+    msgs = [{"role": "user", "content": "Hi"}]
+    plain = chat_prompt_ids(tok, msgs, add_generation_prompt=False)
+    with_kw = chat_prompt_ids(tok, msgs, add_generation_prompt=False, template_kwargs={"suffix": " THE END"})
+    assert tok.decode(with_kw) == tok.decode(plain) + " THE END"
+    opened = chat_prompt_ids(tok, msgs, add_generation_prompt=False, continue_final_message=True)
+    assert tok.decode(opened) == "<user>Hi"
+    with pytest.raises(ValueError, match="chat_template_kwargs must not set tokenize"):
+        chat_prompt_ids(tok, msgs, template_kwargs={"tokenize": False})

@@ -115,6 +115,14 @@ def check_quantization(requested: Optional[str], checkpoint: Checkpoint) -> None
                          f"--quantization {' or '.join(ONLINE_METHODS)})")
 
 
+def served_model_aliases(flag: Union[None, str, Sequence[str]], names: Sequence[str], checkpoint_name: str
+                         ) -> tuple[str, ...]:
+    """Names also accepted in requests but never listed by ``/v1/models``: without
+    ``--served-model-name``, the checkpoint's file or directory name, which was the default
+    before the MODEL-as-given one (clients configured with it keep working)."""
+    return () if flag or checkpoint_name in names else (checkpoint_name,)
+
+
 def served_model_names(flag: Union[None, str, Sequence[str]], model: Optional[str], checkpoint_name: str
                        ) -> list[str]:
     """The names the API answers to, first one reported (``--served-model-name``).
@@ -169,6 +177,8 @@ class LLMEngine:
                         args.swap_space)
         self.served_model_names = served_model_names(args.served_model_name, args.model, self.checkpoint.name)
         self.served_model_name = self.served_model_names[0]
+        self.served_model_aliases = served_model_aliases(args.served_model_name, self.served_model_names,
+                                                         self.checkpoint.name)
         self.dtype = resolve_dtype(args.dtype, self.device)
         self.scheduler_config: SchedulerConfig = args.scheduler_config(self.model_config.max_position_embeddings)
         cache_cfg = args.cache_config()
@@ -260,9 +270,11 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        bad = [t for t in params.stop_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"stop_token_ids must be in [0, {vocab}), got {bad[0]}")
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids),
+                          ("bad_words token ids", [t for seq in params.bad_words_token_ids or [] for t in seq])):
+            bad = [t for t in ids or [] if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"{name} must be in [0, {vocab}), got {bad[0]}")
         if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
             raise ValueError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "

@@ -170,6 +170,7 @@ def build_app(async_llm: AsyncLLM, args=None) -> web.Application:
         async_llm=async_llm,
         model_name=engine.served_model_name,
         model_names=tuple(getattr(engine, "served_model_names", (engine.served_model_name,))),
+        model_aliases=tuple(getattr(engine, "served_model_aliases", ())),
         max_model_len=engine.max_model_len,
         vocab_size=engine.model_config.vocab_size,
         api_key=getattr(args, "api_key", None) or None,

@@ -13,7 +13,7 @@ from ..core.engine import RequestOutput
 from ..core.sampling_params import SamplingParams, StructuredOutputsParams
 from .choices import Choice, fan_out, usage
 from .common import (STATE, ServerState, admit, chat_prompt, check_model, log_request, parse_body, request_id,
-                     respond, sampling_params)
+                     respond, sampling_params, truncated)
 from .errors import ApiError
 from .formats import MIN_LOGPROB, ResponseFormat, TokenText
 from .protocol import ChatCompletionRequest
@@ -124,11 +124,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     prompt = chat_prompt(state, req.template_messages(), add_generation_prompt=req.add_generation_prompt is not False,
                          tools=req.template_tools(), continue_final_message=bool(req.continue_final_message),
                          template_kwargs=req.chat_template_kwargs)
-    prompt = req.truncate(prompt, state.max_model_len)
+    prompt = truncated(state, req, prompt, params.max_tokens)
     admit(state)
     rid = request_id("chatcmpl")
-    log_request(state, rid, [prompt], params)
     choices = fan_out(state.async_llm, rid, [prompt], params)
+    log_request(state, rid, [prompt], params)
     fmt = ChatFormat(state.tokens, bool(req.logprobs), ToolCalls(mode) if mode else None,
                      req.prompt_logprobs is not None)
     return await respond(request, state, choices, fmt, bool(req.stream), req.include_usage, rid)

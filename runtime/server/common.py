@@ -43,6 +43,8 @@ class ServerState:
     tokens: TokenText
     #: every name ``model`` may carry (``--served-model-name``; ``model_name`` is the first)
     model_names: tuple = ()
+    #: also accepted, not listed by /v1/models (see ``LLMEngine.served_model_aliases``)
+    model_aliases: tuple = ()
     draining: bool = False
     inflight: set = field(default_factory=set)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -130,7 +132,8 @@ def _lone_surrogate_path(obj, path: str = "") -> Optional[str]:
 
 def check_model(state: ServerState, model: Optional[str]) -> None:
     """Raises ApiError(404) when ``model`` is given and is none of the served names."""
-    if model is not None and model != state.model_name and model not in state.model_names:
+    if model is not None and model != state.model_name and model not in state.model_names \
+            and model not in state.model_aliases:
         raise ApiError(404, f"The model `{model}` does not exist.", "model")
 
 
@@ -167,15 +170,27 @@ def sampling_params(state: ServerState, req: SamplingRequest, default_max_tokens
 
 
 def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:
-    """vLLM's tokenization of ``bad_words``: each word as written and with one leading
-    space (its mid-sentence form), without special tokens, duplicates dropped."""
+    """``bad_words`` as token-id sequences, by vLLM's rule: each word (leading spaces
+    stripped) tokenized without special tokens, plus its form with one leading space (its
+    mid-sentence spelling) when that starts with another token and has as many tokens."""
     out: list[list[int]] = []
     for word in words:
-        for text in (word.lstrip(), " " + word.lstrip()):
-            ids = list(tokenizer.encode(text, add_special_tokens=False))
-            if ids and ids not in out:
-                out.append(ids)
+        bare = list(tokenizer.encode(word.lstrip(), add_special_tokens=False))
+        spaced = list(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+        if bare and bare not in out:
+            out.append(bare)
+        if bare and spaced and spaced[0] != bare[0] and len(spaced) == len(bare) and spaced not in out:
+            out.append(spaced)
     return out
+
+
+def truncated(state: ServerState, req, ids: list[int], max_tokens: Optional[int] = None) -> list[int]:
+    """``req.truncate`` (``truncate_prompt_tokens``) with the server's context length.
+    Raises ApiError(400) naming the field."""
+    try:
+        return req.truncate(ids, state.max_model_len, max_tokens)
+    except ValueError as e:
+        raise ApiError(400, str(e), "truncate_prompt_tokens") from None
 
 
 def chat_prompt(state: ServerState, messages: list[dict], add_generation_prompt: bool = True,

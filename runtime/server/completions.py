@@ -9,7 +9,8 @@ from aiohttp import web
 
 from ..core.engine import RequestOutput
 from .choices import Choice, fan_out
-from .common import STATE, admit, check_model, log_request, parse_body, request_id, respond, sampling_params
+from .common import (STATE, admit, check_model, log_request, parse_body, request_id, respond, sampling_params,
+                     truncated)
 from .formats import MIN_LOGPROB, ResponseFormat, TokenText
 from .protocol import CompletionRequest
 
@@ -105,16 +106,16 @@ async def completions(request: web.Request) -> web.StreamResponse:
     for p in req.prompt_list():
         if isinstance(p, str):
             ids = list(state.tokenizer.encode(p, add_special_tokens=req.add_special_tokens is not False))
-            cut = req.truncate(ids, state.max_model_len)
+            cut = truncated(state, req, ids, params.max_tokens)
             texts.append(p if len(cut) == len(ids) else None)  # echo decodes a truncated prompt from its ids
             prompts.append(cut)
         else:
             texts.append(None)
-            prompts.append(req.truncate(list(p), state.max_model_len))
+            prompts.append(truncated(state, req, list(p), params.max_tokens))
     admit(state)
     rid = request_id("cmpl")
-    log_request(state, rid, prompts, params, texts)
     choices = fan_out(state.async_llm, rid, prompts, params, texts)
+    log_request(state, rid, prompts, params, texts)
     fmt = CompletionFormat(state.tokens, req.logprobs is not None, bool(req.echo), req.prompt_logprobs is not None,
                            req.logprobs or 0)
     return await respond(request, state, choices, fmt, bool(req.stream), req.include_usage, rid)

@@ -10,7 +10,8 @@ from aiohttp import web
 
 from ..core.sampling_params import PoolingParams
 from .choices import Choice
-from .common import STATE, admit, check_model, engine_outputs, in_flight, log_request, parse_body, request_id
+from .common import (STATE, admit, check_model, engine_outputs, in_flight, log_request, parse_body, request_id,
+                     truncated)
 from .errors import ApiError
 from .protocol import EmbeddingRequest
 
@@ -26,7 +27,7 @@ async def embeddings(request: web.Request) -> web.Response:
     if req.dimensions is not None and req.dimensions != hidden:
         raise ApiError(400, f"dimensions {req.dimensions} is not supported: this model's embeddings have {hidden} "
                             "dimensions (no truncation)", "dimensions")
-    prompts = [req.truncate(list(state.tokenizer.encode(p)) if isinstance(p, str) else list(p), state.max_model_len)
+    prompts = [truncated(state, req, list(state.tokenizer.encode(p)) if isinstance(p, str) else list(p))
                for p in req.inputs()]
     pp = PoolingParams()
     rid = request_id("embd")

@@ -221,8 +221,10 @@ class StructuredOutputsRequest(_Forbid):
 
 
 class _Truncation(_Strict):
-    """vLLM's ``truncate_prompt_tokens``: keep only the last k prompt tokens (-1: the
-    last ``max_model_len``); absent = no truncation (a prompt too long is a 400)."""
+    """vLLM's ``truncate_prompt_tokens``: keep only the last k prompt tokens (-1: as many
+    as fit the context with the request's ``max_tokens``, i.e. ``max_model_len -
+    max_tokens``, at least one output token); absent = no truncation (a prompt too long
+    is a 400); k above ``max_model_len`` is a 400."""
 
     truncate_prompt_tokens: Optional[Annotated[int, Field(ge=-1)]] = None
 
@@ -233,13 +235,23 @@ class _Truncation(_Strict):
             raise ValueError("truncate_prompt_tokens must be at least 1 (or -1 for max_model_len)")
         return v
 
-    def truncate(self, ids: list[int], max_model_len: int) -> list[int]:
+    def truncate(self, ids: list[int], max_model_len: int, max_tokens: Optional[int] = None) -> list[int]:
         """``ids`` cut to their last ``truncate_prompt_tokens`` tokens (left truncation,
-        as vLLM), unchanged without the field."""
+        as vLLM), unchanged without the field.
+
+        Args:
+            max_model_len: the engine's context length (tokens).
+            max_tokens: the request's output budget (tokens; None: one), what -1 leaves room for.
+        Raises:
+            ValueError: ``truncate_prompt_tokens`` above ``max_model_len``.
+        """
         k = self.truncate_prompt_tokens
         if k is None:
             return ids
-        k = max_model_len if k == -1 else k
+        if k > max_model_len:
+            raise ValueError(f"truncate_prompt_tokens ({k}) must not exceed max_model_len ({max_model_len})")
+        if k == -1:
+            k = max(1, max_model_len - max(1, max_tokens or 1))
         return ids[-k:] if len(ids) > k else ids
 
 
@@ -274,7 +286,7 @@ class SamplingRequest(_Truncation):
     logit_bias: Optional[dict[str, float]] = None
     prompt_logprobs: Optional[Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]] = None
     allowed_token_ids: Optional[Annotated[list[_TOKEN_ID], Field(min_length=1)]] = None
-    bad_words: Optional[list[Annotated[str, Field(min_length=1)]]] = None
+    bad_words: Optional[list[Annotated[str, Field(min_length=1, pattern=r"\S")]]] = None
     priority: Optional[int] = 0
     # structured outputs: OpenAI's response_format, vLLM's guided_* and structured_outputs
     response_format: Optional[ResponseFormat] = None
@@ -447,12 +459,9 @@ class ChatCompletionRequest(SamplingRequest):
 
     @model_validator(mode="after")
     def _continue_or_generate(self):
-        if self.continue_final_message:
-            if self.add_generation_prompt:
-                raise ValueError("continue_final_message and add_generation_prompt cannot both be true: set "
-                                 "add_generation_prompt to false to continue the last message")
-            if self.messages[-1].role != "assistant":
-                raise ValueError("continue_final_message needs the last message to be the assistant's")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true: set "
+                             "add_generation_prompt to false to continue the last message")
         return self
 
     @model_validator(mode="after")
