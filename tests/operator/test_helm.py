@@ -136,6 +136,15 @@ def by_kind(objs: list[dict], kind: str) -> list[dict]:
     return [o for o in objs if o["kind"] == kind]
 
 
+def aggregated(role: dict) -> bool:
+    """A ClusterRole for users (joins the default admin/edit/view roles), not the operator's."""
+    return any(k.startswith("rbac.authorization.k8s.io/aggregate-to-") for k in role["metadata"].get("labels", {}))
+
+
+def operator_cluster_roles(objs: list[dict]) -> list[dict]:
+    return [o for o in by_kind(objs, "ClusterRole") if not aggregated(o)]
+
+
 def operator_container(objs: list[dict]) -> dict:
     (dep,) = by_kind(objs, "Deployment")
     (container,) = dep["spec"]["template"]["spec"]["containers"]
@@ -406,7 +415,7 @@ def test_rbac_covers_every_child_kind_and_nothing_else(helm_env, tmp):
     assert {("keda.sh", "scaledobjects"), ("autoscaling", "horizontalpodautoscalers"),
             ("monitoring.coreos.com", "servicemonitors"), ("batch", "jobs"), ("apps", "deployments")} <= children
     expected = {res: CHILD_VERBS for res in children} | OWN_RESOURCES
-    (role,) = by_kind(template(helm_env, tmp, "default"), "ClusterRole")
+    (role,) = operator_cluster_roles(template(helm_env, tmp, "default"))
     want = dict(expected)
     for res, verbs in DISCOVERY.items():
         want[res] = set(want.get(res, set())) | verbs
@@ -417,7 +426,7 @@ def test_rbac_covers_every_child_kind_and_nothing_else(helm_env, tmp):
         assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(VALUE_SETS[name]["watchNamespaces"])
         for r in roles:
             assert grants(r) == expected
-        cluster_roles = by_kind(objs, "ClusterRole")
+        cluster_roles = operator_cluster_roles(objs)
         if VALUE_SETS[name].get("rbac", {}).get("clusterDiscovery") is False:
             assert not cluster_roles and not by_kind(objs, "ClusterRoleBinding")
         else:
@@ -430,11 +439,37 @@ def test_rbac_covers_the_kinds_the_shell_lists(helm_env, tmp):
     pytest.importorskip("kopf", reason="the kopf shell needs the operator extra")
     from argosy.operator import handlers
 
-    (role,) = by_kind(template(helm_env, tmp, "default"), "ClusterRole")
+    (role,) = operator_cluster_roles(template(helm_env, tmp, "default"))
     granted = grants(role)
     for api_version, kind in handlers.CHILD_KINDS:
         group = api_version.rsplit("/", 1)[0] if "/" in api_version else ""
         assert granted.get((group, plural(kind)), set()) >= CHILD_VERBS, f"{kind} ({api_version})"
+
+
+def test_user_roles_join_the_default_admin_edit_and_view_roles(helm_env, tmp):
+    """KServe-style aggregated ClusterRoles: editors manage and scale InferenceServices,
+    viewers read them and GPUQuotas; nothing binds them (they join admin/edit/view)."""
+    objs = template(helm_env, tmp, "default")
+    users = {o["metadata"]["name"].rsplit("-", 1)[-1]: o for o in by_kind(objs, "ClusterRole") if aggregated(o)}
+    assert set(users) == {"edit", "view"}
+    labels = {k: v for k, v in users["edit"]["metadata"]["labels"].items() if "aggregate" in k}
+    assert labels == {"rbac.authorization.k8s.io/aggregate-to-admin": "true",
+                      "rbac.authorization.k8s.io/aggregate-to-edit": "true"}
+    g = "serving.argosy.dev"
+    assert grants(users["edit"]) == {(g, "inferenceservices"): WRITE_AND_READ, (g, "inferenceservices/scale"): WRITE_AND_READ,
+                                     (g, "inferenceservices/status"): {"get", "list", "watch"}}
+    assert [k for k in users["view"]["metadata"]["labels"] if "aggregate" in k] == [
+        "rbac.authorization.k8s.io/aggregate-to-view"]
+    assert all(v == {"get", "list", "watch"} for v in grants(users["view"]).values())
+    assert {r for _, r in grants(users["view"])} == {"inferenceservices", "inferenceservices/status",
+                                                     "inferenceservices/scale", "gpuquotas", "gpuquotas/status"}
+    bound = {b["roleRef"]["name"] for b in objs if b["kind"] in ("RoleBinding", "ClusterRoleBinding")}
+    assert not bound & {o["metadata"]["name"] for o in users.values()}
+    off = template(helm_env, tmp, {"rbac": {"aggregateToDefaultRoles": False}})
+    assert not [o for o in by_kind(off, "ClusterRole") if aggregated(o)]
+
+
+WRITE_AND_READ = {"get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"}
 
 
 @pytest.mark.parametrize("name", sorted(VALUE_SETS))
