@@ -302,6 +302,14 @@ def test_streams_pass_through_the_router(engines, tmp_path):
         models = router.client().models.list()
         assert models.data and models.data[0].id
         assert http_request(router, "GET", "/health", auth=False)[0] == 200
+        # the engines' tokenizer endpoints and version, through the router
+        status, tok = http_request(router, "POST", "/tokenize", {"prompt": "Hello there"})
+        assert status == 200 and tok["count"] == len(tok["tokens"]) > 0, tok
+        assert http_request(engines[0], "POST", "/tokenize", {"prompt": "Hello there"})[1]["tokens"] == tok["tokens"]
+        status, detok = http_request(router, "POST", "/detokenize", {"tokens": tok["tokens"]})
+        assert status == 200 and detok["prompt"] == "Hello there", detok
+        status, ver = http_request(router, "GET", "/version")
+        assert status == 200 and ver["version"], ver
     finally:
         router.stop()
 

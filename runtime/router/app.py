@@ -17,7 +17,8 @@ waiting (``argosy_router_fallback_requests_total``).
 With no ready upstream a request waits (``--pending-timeout`` seconds, at most
 ``--max-pending`` waiting; beyond either: 503 with ``Retry-After``). The number waiting
 is ``argosy_router_pending_requests{service}``, the metric a scale-from-zero trigger
-reads. ``GET /v1/models`` is answered by a ready upstream; ``GET /health`` is 200 while
+reads. ``GET /v1/models``, ``POST /tokenize``, ``POST /detokenize`` and ``GET /version``
+are answered by a ready upstream; ``GET /health`` is 200 while
 the router runs (it holds requests even with no upstream); ``GET /metrics`` is the
 router's own Prometheus exposition.
 """
@@ -444,6 +445,17 @@ async def models(request: web.Request) -> web.StreamResponse:
     return await _forward(request, state, "GET", b"", _upstream_headers(request, state), [])
 
 
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    """``POST /tokenize``, ``POST /detokenize``, ``GET /version``: the engine's own answer,
+    from the least-loaded ready upstream (held like any request while none is ready); the
+    tenant's API key is required as on ``/v1``, not charged (no tokens are generated)."""
+    state = request.app[STATE]
+    if state.tenants is not None and state.tenants.tenant_for(request.headers.get("Authorization")) is None:
+        return _error(401, "Invalid or missing API key (send 'Authorization: Bearer <key>').")
+    raw = await request.read() if request.method == "POST" else b""
+    return await _forward(request, state, request.method, raw, _upstream_headers(request, state), [])
+
+
 async def health(request: web.Request) -> web.Response:
     """``GET /health``: 200 while the router runs; the body counts ready upstreams."""
     pool = request.app[STATE].pool
@@ -511,6 +523,9 @@ def build_router_app(config: RouterConfig, tokenizer) -> web.Application:
     app.router.add_post("/v1/completions", proxy)
     app.router.add_post("/v1/embeddings", proxy)  # routed on load (no prefix to reuse), tenants charged
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/tokenize", passthrough)
+    app.router.add_post("/detokenize", passthrough)
+    app.router.add_get("/version", passthrough)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     return app
