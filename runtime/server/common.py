@@ -54,6 +54,8 @@ class ServerState:
     #: ``--enable-log-requests`` / ``--max-log-len``: a log line per request as it arrives
     log_requests: bool = False
     max_log_len: Optional[int] = None
+    #: (endpoint model, field names) already warned about as ignored
+    warned_fields: set = field(default_factory=set)
 
     @property
     def engine(self):
@@ -85,25 +87,26 @@ async def parse_body(request: web.Request, model_cls):
         parsed = model_cls.model_validate(data)
     except ValidationError as e:
         raise validation_error(e) from None
-    _warn_ignored_fields(model_cls, data)
+    _warn_ignored_fields(request.app[STATE].warned_fields, model_cls, data)
     return parsed
 
 
 #: Top-level fields clients send that change nothing here and are ignored without a warning
 #: (OpenAI's bookkeeping; ``UNSUPPORTED_FIELDS`` at their harmless values neither).
 QUIETLY_IGNORED = frozenset({"metadata", "store", "service_tier"})
-_warned: set = set()
+#: Most distinct (endpoint, names) pairs warned about (the rest are not logged).
+MAX_WARNED_FIELD_SETS = 256
 
 
-def _warn_ignored_fields(model_cls, data: dict) -> None:
-    """Log (once per endpoint and set of names, at WARNING) the top-level fields that no
-    model field reads, as vLLM does: the request ran without them."""
+def _warn_ignored_fields(warned: set, model_cls, data: dict) -> None:
+    """Log (once per endpoint and set of names, at WARNING; ``warned`` remembers them) the
+    top-level fields that no model field reads, as vLLM does: the request ran without them."""
     known = set(model_cls.model_fields) | {f.alias for f in model_cls.model_fields.values() if f.alias}
     unknown = tuple(sorted(k for k in data if k not in known and k not in QUIETLY_IGNORED
                            and k not in UNSUPPORTED_FIELDS))
-    if not unknown or (model_cls.__name__, unknown) in _warned or len(_warned) >= 256:
+    if not unknown or (model_cls.__name__, unknown) in warned or len(warned) >= MAX_WARNED_FIELD_SETS:
         return
-    _warned.add((model_cls.__name__, unknown))
+    warned.add((model_cls.__name__, unknown))
     logger.warning("%s: fields %s are not part of this API and were ignored", model_cls.__name__,
                    ", ".join(unknown))
 
