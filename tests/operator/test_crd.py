@@ -95,8 +95,17 @@ def test_subresources_and_columns(crd, schema):
             node = node["properties"][part]
         assert node["type"] in ("integer", "string")
     columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
-    assert set(columns) >= {"Model", "Ready", "Replicas", "URL", "Age"}
+    assert set(columns) >= {"Model", "Ready", "Replicas", "Available", "URL", "Age"}
     assert columns["Age"]["type"] == "date"
+    # kubectl get -o wide: what the service is and who owns it
+    assert {n for n, c in columns.items() if c.get("priority") == 1} == {"Reason", "Autoscaler", "GPUs", "Tenant"}
+    for c in columns.values():  # every column reads a declared field
+        if c["jsonPath"].startswith((".spec", ".status")):
+            node = schema
+            for part in c["jsonPath"].strip(".").split("."):
+                if part.startswith("conditions["):
+                    break
+                node = node["properties"][part]
     assert crd["spec"]["names"]["shortNames"] == ["ais"] and "isvc" not in crd["spec"]["names"]["shortNames"]
     assert crd["spec"]["scope"] == "Namespaced"
 
