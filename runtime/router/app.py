@@ -176,8 +176,7 @@ def prompt_token_ids(tokenizer, path: str, body: dict) -> list[int]:
         from ..server.protocol import ChatCompletionRequest
 
         req = ChatCompletionRequest.model_validate(body)
-        ids = chat_prompt_ids(tokenizer, req.template_messages(), req.add_generation_prompt is not False,
-                              req.template_tools(), bool(req.continue_final_message), req.chat_template_kwargs)
+        ids = chat_prompt_ids(tokenizer, req.template_messages(), **req.template_args())
         return _truncated(ids, req.truncate_prompt_tokens)
     prompt = body["prompt"]
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):

@@ -121,9 +121,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     check_model(state, req.model)
     params = sampling_params(state, req, None)
     mode, params = tool_mode(state, req, params)
-    prompt = chat_prompt(state, req.template_messages(), add_generation_prompt=req.add_generation_prompt is not False,
-                         tools=req.template_tools(), continue_final_message=bool(req.continue_final_message),
-                         template_kwargs=req.chat_template_kwargs)
+    prompt = chat_prompt(state, req.template_messages(), **req.template_args())
     prompt = truncated(state, req, prompt, params.max_tokens)
     admit(state)
     rid = request_id("chatcmpl")

@@ -11,7 +11,7 @@ to it; the few checks here protect the engine thread from values it cannot survi
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -170,6 +170,26 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "reasoning_effort": (), "modalities": (["text"],), "thinking_token_budget": (),
 }
 
+#: Chat fields that a completions request may carry only at a value that means "not used".
+CHAT_ONLY_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "continue_final_message", "chat_template_kwargs",
+                    "add_generation_prompt")
+
+
+def refuse_fields(data, harmless: dict[str, tuple], reason: Callable[[str], str]):
+    """``data`` (a raw request body) unchanged, unless it sets one of ``harmless``' fields
+    to a value other than null or the ones listed for it.
+
+    Raises:
+        ValueError: ``reason(name)`` for the first such field.
+    """
+    if isinstance(data, dict):
+        for name, ok in harmless.items():
+            value = data.get(name)
+            if value is not None and value not in ok:
+                raise ValueError(reason(name))
+    return data
+
+
 #: Why some of them are refused (default: "is not supported by this server").
 UNSUPPORTED_REASONS = {
     "priority": "priority is not supported: this server schedules first come, first served (vLLM's "
@@ -300,11 +320,8 @@ class SamplingRequest(_Truncation):
     @model_validator(mode="before")
     @classmethod
     def _refuse_unsupported(cls, data):
-        if isinstance(data, dict):
-            for name, harmless in UNSUPPORTED_FIELDS.items():
-                if name in data and data[name] is not None and data[name] not in harmless:
-                    raise ValueError(UNSUPPORTED_REASONS.get(name, f"{name} is not supported by this server"))
-        return data
+        return refuse_fields(data, UNSUPPORTED_FIELDS,
+                             lambda name: UNSUPPORTED_REASONS.get(name, f"{name} is not supported by this server"))
 
     @field_validator("priority")
     @classmethod
@@ -449,13 +466,9 @@ class ChatCompletionRequest(SamplingRequest):
     @model_validator(mode="before")
     @classmethod
     def _completions_only_fields(cls, data):
-        if isinstance(data, dict):
-            if data.get("echo") not in (None, False):
-                raise ValueError("echo is not supported on /v1/chat/completions")
-            if data.get("add_special_tokens") not in (None, False):
-                raise ValueError("add_special_tokens is not supported on /v1/chat/completions (the chat template "
-                                 "places the special tokens)")
-        return data
+        return refuse_fields(data, {"echo": (False,), "add_special_tokens": (False,)}, lambda name: (
+            f"{name} is not supported on /v1/chat/completions"
+            + (" (the chat template places the special tokens)" if name == "add_special_tokens" else "")))
 
     @model_validator(mode="after")
     def _continue_or_generate(self):
@@ -483,6 +496,14 @@ class ChatCompletionRequest(SamplingRequest):
     def template_tools(self) -> Optional[list[dict]]:
         """``tools`` in the form chat templates expect (None without tools)."""
         return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
+
+    def template_args(self) -> dict:
+        """The keyword arguments of :func:`~argosy.runtime.loader.tokenizer.chat_prompt_ids`
+        besides the messages (generation prompt, tools, continuation, template variables):
+        what the server renders and the router hashes."""
+        return {"add_generation_prompt": self.add_generation_prompt is not False, "tools": self.template_tools(),
+                "continue_final_message": bool(self.continue_final_message),
+                "template_kwargs": self.chat_template_kwargs}
 
     @model_validator(mode="after")
     def _tool_choice_needs_tools(self):
@@ -525,12 +546,9 @@ class CompletionRequest(SamplingRequest):
     @model_validator(mode="before")
     @classmethod
     def _chat_only_fields(cls, data):
-        if isinstance(data, dict):
-            for name in ("tools", "tool_choice", "parallel_tool_calls", "continue_final_message",
-                         "chat_template_kwargs", "add_generation_prompt"):
-                if data.get(name) not in (None, [], "none", False, {}) or data.get(name) is True:
-                    raise ValueError(f"{name} is a chat completions field; /v1/completions does not take it")
-        return data
+        harmless = ([], "none", False, {})
+        return refuse_fields(data, dict.fromkeys(CHAT_ONLY_FIELDS, harmless),
+                             lambda name: f"{name} is a chat completions field; /v1/completions does not take it")
 
     @model_validator(mode="after")
     def _unsupported(self):
