@@ -55,6 +55,16 @@ def _bad_word_bans(sequences: list[list[int]], output: list[int]) -> list[int]:
     return out
 
 
+def _allowed_index(params, device: torch.device) -> torch.Tensor:
+    """``params.allowed_token_ids`` as an ``int64`` index tensor on ``device``, built once
+    per request and kept on its parameters (not rebuilt every step)."""
+    idx = getattr(params, "_allowed_index", None)
+    if idx is None or idx.device != device:
+        idx = torch.tensor(params.allowed_token_ids, dtype=torch.int64, device=device)
+        params._allowed_index = idx
+    return idx
+
+
 class Sampler:
     """Turns logits into tokens for a batch of requests.
 
@@ -94,12 +104,11 @@ class Sampler:
                for t in (*(() if r.sampling_params.ignore_eos else r.eos_token_ids), *r.sampling_params.stop_token_ids)]
         ban += [(i, t) for i, r in enumerate(reqs) if r.sampling_params.bad_words_token_ids
                 for t in _bad_word_bans(r.sampling_params.bad_words_token_ids, r.output_token_ids)]
-        allowed = [(i, p.allowed_token_ids) for i, p in enumerate(params) if p.allowed_token_ids]
+        allowed = [(i, _allowed_index(p, logits.device)) for i, p in enumerate(params) if p.allowed_token_ids]
         if allowed:
             if logits is orig:
                 logits = logits.clone()
-            for i, ids in allowed:
-                idx = torch.tensor(ids, dtype=torch.int64, device=logits.device)
+            for i, idx in allowed:
                 kept = logits[i].index_select(0, idx)
                 logits[i] = float("-inf")
                 logits[i].index_copy_(0, idx, kept)
@@ -108,12 +117,11 @@ class Sampler:
                 logits = logits.clone()
             rows, cols = zip(*ban)
             banned_rows = set(rows)
-            saved = {i: logits[i].index_select(0, torch.tensor(ids, device=logits.device)) for i, ids in allowed
-                     if i in banned_rows}
+            saved = {i: logits[i].index_select(0, idx) for i, idx in allowed if i in banned_rows}
             logits[list(rows), list(cols)] = float("-inf")
-            for i, ids in allowed:  # bans that leave no allowed token are dropped for that row
+            for i, idx in allowed:  # bans that leave no allowed token are dropped for that row
                 if i in saved and not torch.isfinite(logits[i]).any():
-                    logits[i].index_copy_(0, torch.tensor(ids, device=logits.device), saved[i])
+                    logits[i].index_copy_(0, idx, saved[i])
 
         greedy = [p.greedy for p in params]
         if all(greedy):
